@@ -1,0 +1,40 @@
+"""lowbit: make trained PyTorch networks smaller and faster by quantization, and measure the cost.
+
+The public face::
+
+    import lowbit
+    model = lowbit.quantize(model, "w4g64")            # RTN, weight-only, in place; returns model
+    lowbit.save(model, "out/")                         # safetensors + lowbit.json, atomic
+    model = lowbit.load("out/")                        # HF models rebuilt from config.json
+    model = lowbit.load("out/", model=skeleton)        # any other nn.Module
+    lowbit.size_of(model)                              # bytes, bits/weight, per layer
+    lowbit.estimate(params=70e9, scheme="w4g128")      # memory calculator
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .driver import QuantizeError, UnsupportedModuleError, quantize  # noqa: E402
+from .estimate import estimate  # noqa: E402
+from .evaluate.size import size_of  # noqa: E402
+from .io import LowbitFormatError, load, save  # noqa: E402
+from .recipe import Recipe, RecipeError  # noqa: E402
+from .scheme import Scheme, SchemeError, parse_scheme  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "quantize",
+    "save",
+    "load",
+    "size_of",
+    "estimate",
+    "Recipe",
+    "Scheme",
+    "parse_scheme",
+    "SchemeError",
+    "RecipeError",
+    "QuantizeError",
+    "UnsupportedModuleError",
+    "LowbitFormatError",
+]

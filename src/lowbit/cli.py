@@ -1,0 +1,310 @@
+"""The ``lowbit`` command. Its choices (schemes, methods, kernels, zoo) come from lowbit's tables.
+
+    lowbit quantize smollm2-135m --scheme w4g64 -o out/
+    lowbit eval out/                      # perplexity / accuracy vs the FP32 original, size, speed
+    lowbit inspect out/                   # per-layer table: scheme, method, kernel, bytes, bpw
+    lowbit estimate --params 70e9 --scheme w4g128
+    lowbit bench                          # kernel speed vs FP32/BF16
+    lowbit formats                        # the format table and scheme presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _err(msg: str) -> int:
+    print(f"lowbit: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+# ---- quantize ---------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    import lowbit
+    from lowbit.models.source import load_source
+
+    _threads(args)
+    if (args.scheme is None) == (args.recipe is None):
+        return _err("give exactly one of --scheme or --recipe")
+    spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
+    options = {"clip": args.clip} if args.clip else {}
+    t0 = time.perf_counter()
+    zm = load_source(args.model)
+    t1 = time.perf_counter()
+    model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet, **options)
+    t2 = time.perf_counter()
+    out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model)
+    size = lowbit.size_of(model)
+    print(
+        f"quantized {args.model} with {spec} ({args.method}) in {t2 - t1:.1f}s (load {t1 - t0:.1f}s): "
+        f"{size.quantized_bits_per_weight:.3f} bits/weight over {len(size.quantized)} layers, "
+        f"{size.quantized_compression:.2f}x smaller than FP32; model {size.total_bytes / 1e6:.1f} MB -> {out}"
+    )
+    return 0
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from lowbit.evaluate.compare import measure
+    from lowbit.evaluate.table import text_table
+    from lowbit.models.source import load_source
+    from lowbit.models.zoo import ZOO, load_model
+
+    _threads(args)
+    zm = load_source(args.model)
+    base_name = args.baseline or (zm.source if zm.source in ZOO else None)
+    rows = []
+    opts = dict(max_tokens=args.max_tokens, seqlen=args.seqlen, speed=not args.no_speed, progress=not args.quiet)
+    if base_name and base_name != args.model:
+        base = load_model(base_name)
+        zm.task = zm.task or base.task
+        zm.tokenizer = zm.tokenizer or base.tokenizer
+        rows.append(measure(base.model, base, label=f"{base_name} fp32", **opts))
+    rows.append(measure(zm.model, zm, label=str(args.model), **opts))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    ref = rows[0]
+    table = []
+    for r in rows:
+        cells = [r["variant"], f"{r['bytes'] / 1e6:.1f}", f"{r['linear_bpw']:.3f}", f"{r['compression']:.2f}x"]
+        if "ppl" in r:
+            cells += [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%"]
+        if "accuracy" in r:
+            cells += [f"{100 * r['accuracy']:.2f}%", f"{100 * (r['accuracy'] - ref['accuracy']):+.2f}"]
+        if "tok_s" in r:
+            cells += [f"{r['tok_s']:.1f}"]
+        table.append(cells)
+    headers = ["variant", "MB", "bits/w", "vs fp32"]
+    if "ppl" in ref:
+        headers += ["ppl", "Δppl"]
+    if "accuracy" in ref:
+        headers += ["accuracy", "Δpts"]
+    if "tok_s" in ref:
+        headers += ["decode tok/s"]
+    print(text_table(headers, table))
+    if "ppl" in ref:
+        print(f"perplexity: {ref['ppl_tokens']} tokens of held-out {ref['text']} text, seqlen {args.seqlen}")
+    for r in rows:
+        if "completion" in r:
+            print(f"{r['variant']}: {r['completion']!r}")
+    return 0
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    import lowbit
+    from lowbit.evaluate.table import text_table
+    from lowbit.io import read_manifest
+    from lowbit.models.source import load_source
+    from lowbit.nn import QuantModule
+
+    manifest = read_manifest(args.model)
+    zm = load_source(args.model)
+    model = zm.model
+    records = getattr(model, "lowbit_layers", {}) or {}
+    size = {r.name: r for r in lowbit.size_of(model).layers}
+    ref = None
+    if args.error:
+        from lowbit.models.zoo import ZOO, load_model
+
+        src = manifest["model"].get("source")
+        if src not in ZOO:
+            return _err(f"--error needs the float original; source {src!r} is not a zoo model")
+        ref = dict(load_model(src).model.named_modules())
+    rows = []
+    for name, rec in records.items():
+        mod = model.get_submodule(name)
+        sz = size.get(name)
+        kernel = mod.kernel if isinstance(mod, QuantModule) else "-"
+        note = mod.kernel_note if isinstance(mod, QuantModule) else ""
+        cells = [
+            name,
+            rec.type,
+            rec.status,
+            rec.scheme or (sz.scheme if sz else "-"),
+            rec.method or "-",
+            kernel,
+            f"{sz.bytes:,}" if sz else "-",
+            f"{sz.bits_per_weight:.3f}" if sz else "-",
+        ]
+        if ref is not None:
+            if isinstance(mod, QuantModule) and name in ref:
+                import torch
+
+                from lowbit.nn import _linear_weight
+
+                fm = ref[name]
+                w = _linear_weight(fm) if mod.op == "linear" else fm.weight
+                with torch.no_grad():
+                    d = mod.qw.dequantize().reshape(w.shape)
+                    cells.append(f"{float((d - w).norm() / w.norm()):.4f}")
+            else:
+                cells.append("-")
+        cells.append(rec.reason + (f"; {note}" if note else ""))
+        rows.append(cells)
+    headers = ["layer", "type", "status", "scheme", "method", "kernel", "bytes", "bits/w"]
+    headers += ["rel.err"] if ref is not None else []
+    headers += ["why"]
+    print(text_table(headers, rows))
+    s = lowbit.size_of(model)
+    print(
+        f"\n{len(s.quantized)} quantized layers: {s.quantized_bytes:,} bytes, {s.quantized_bits_per_weight:.3f} bits/weight, "
+        f"{s.quantized_compression:.2f}x smaller than FP32; whole model {s.total_bytes:,} bytes; "
+        f"format_version {manifest['format_version']}, written by lowbit {manifest.get('lowbit_version')}"
+    )
+    return 0
+
+
+# ---- estimate -----------------------------------------------------------------------------------
+def cmd_estimate(args) -> int:
+    import lowbit
+
+    if args.model:
+        from lowbit.models.source import load_source
+
+        est = lowbit.estimate(model=load_source(args.model).model, scheme=args.scheme)
+    else:
+        if args.params is None:
+            return _err("give --params (e.g. 70e9) or --model")
+        est = lowbit.estimate(params=args.params, scheme=args.scheme)
+    print(est.table())
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    import torch
+
+    from lowbit.evaluate.kernel_bench import SHAPES, machine_info, run_kernel_bench
+    from lowbit.evaluate.table import text_table
+
+    torch.set_num_threads(args.threads)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    log = None if args.quiet else (lambda s: print(f"  timing {s}", file=sys.stderr))
+    rows = run_kernel_bench(tuple(args.schemes), shapes=shapes, reps=args.reps, progress=log)
+    info = machine_info()
+    base = {r.shape: r.seconds for r in rows if r.variant == "torch fp32"}
+    table = [[r.label, r.variant, f"{r.seconds * 1e3:.3f}", f"{base[r.shape] / r.seconds:.2f}x"] for r in rows]
+    print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; medians")
+    print(text_table(["shape", "variant", "ms", "speed vs fp32"], table))
+    return 0
+
+
+# ---- formats ------------------------------------------------------------------------------------
+def cmd_formats(args) -> int:
+    from lowbit.estimate import bits_per_weight
+    from lowbit.evaluate.table import text_table
+    from lowbit.formats import FORMATS
+    from lowbit.scheme import GRAMMAR, PRESETS
+
+    print(text_table(["format", "kind", "bits", "storage", "about"],
+                     [[f.name, f.kind, f.bits, f.storage, f.doc] for f in FORMATS.values()]))  # fmt: skip
+    print()
+    print(text_table(["scheme", "bits/weight (K=4096)"], [[p, f"{bits_per_weight(p, 4096):.3f}"] for p in PRESETS]))
+    print(f"\n{GRAMMAR}")
+    return 0
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from lowbit.demo import run_demo
+
+    run_demo(max_tokens=args.max_tokens, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
+    from lowbit.algorithms import ALGORITHMS
+    from lowbit.algorithms.rtn import CLIP_CHOICES
+    from lowbit.kernels import KERNELS
+    from lowbit.models.zoo import ZOO
+
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch models and measure the cost.")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    zoo = ", ".join(ZOO)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help=f"zoo model ({zoo}) or a transformers model directory")
+    q.add_argument("--scheme", help="scheme string, e.g. int8, w4g64, w4g64-asym (see `lowbit formats`)")
+    q.add_argument("--recipe", help="a recipe JSON file (per-layer schemes)")
+    q.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
+    q.add_argument("--clip", choices=CLIP_CHOICES, help="rtn: how scales are chosen (default minmax)")
+    q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))
+    q.add_argument("-o", "--output", required=True, help="output directory")
+    q.add_argument("--threads", type=int)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="measure a model against its FP32 original")
+    e.add_argument("model", help="a lowbit model directory or a zoo model")
+    e.add_argument("--baseline", help="zoo model to compare with (default: the model's source)")
+    e.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--threads", type=int)
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer table of a saved model")
+    i.add_argument("model", help="a lowbit model directory")
+    i.add_argument("--error", action="store_true", help="relative weight error vs the zoo original")
+    i.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("estimate", help="weight memory in each format")
+    s.add_argument("--params", type=float, help="parameter count, e.g. 70e9")
+    s.add_argument("--model", help="a zoo model or model directory instead of --params")
+    s.add_argument("--scheme", default="w4g128")
+    s.set_defaults(fn=cmd_estimate)
+
+    b = sub.add_parser("bench", help="kernel speed vs torch FP32/BF16")
+    b.add_argument("--schemes", nargs="+", default=["int8", "w4g128", "w4g64"])
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--reps", type=int, default=30)
+    b.add_argument("--quick", action="store_true", help="only the 4096x4096 GEMV")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("demo", help="quantize smollm2-135m to BF16/INT8/INT4 and compare with FP32")
+    d.add_argument("--max-tokens", type=int, default=8192)
+    d.add_argument("--threads", type=int, default=2)
+    d.set_defaults(fn=cmd_demo)
+
+    f = sub.add_parser("formats", help="the format table and scheme presets")
+    f.set_defaults(fn=cmd_formats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lowbit.driver import QuantizeError, UnsupportedModuleError
+    from lowbit.io import LowbitFormatError
+    from lowbit.models.source import SourceError
+    from lowbit.models.zoo import ZooError
+    from lowbit.recipe import RecipeError
+    from lowbit.scheme import SchemeError
+
+    try:
+        return args.fn(args)
+    except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
+            UnsupportedModuleError, FileNotFoundError) as e:  # fmt: skip
+        return _err(str(e))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

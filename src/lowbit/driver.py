@@ -1,0 +1,206 @@
+"""The quantization driver: walk a model, resolve each layer's scheme, quantize, swap modules.
+
+Plumbing lives here; math lives in :mod:`lowbit.algorithms`. Every module that owns a weight is
+accounted for in ``model.lowbit_layers`` (name -> :class:`LayerRecord`): quantized, kept in float
+(and why), or unsupported. Nothing is skipped silently: a rule that names a module lowbit cannot
+quantize raises :class:`UnsupportedModuleError`, and unsupported modules reached only by the
+default scheme are listed in a warning and in ``lowbit inspect``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import __version__, kernels
+from .algorithms import ALGORITHMS, get_algorithm
+from .nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from .recipe import Recipe
+from .scheme import Scheme
+
+__all__ = ["quantize", "LayerRecord", "UnsupportedModuleError", "layer_records", "QuantizeError"]
+
+
+class UnsupportedModuleError(TypeError):
+    """A recipe rule asked for a scheme on modules lowbit cannot quantize."""
+
+
+class QuantizeError(ValueError):
+    """Bad arguments to :func:`quantize`."""
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one weight-owning module (shown by ``lowbit inspect``)."""
+
+    name: str
+    type: str
+    status: str  # "quantized" | "kept" | "unsupported"
+    scheme: str | None = None
+    method: str | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_conv1d_hf(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+
+
+def _kind(mod: nn.Module) -> str | None:
+    """The quantized module kind this float module maps to, or None."""
+    if isinstance(mod, QuantModule):
+        return None
+    if isinstance(mod, nn.Linear) or _is_conv1d_hf(mod):
+        return "linear"
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
+        return "conv2d"
+    if isinstance(mod, nn.Embedding) and mod.max_norm is None:
+        return "embedding"
+    return None
+
+
+def _own_weights(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters of ``mod`` itself (not its children) with 2 or more dimensions."""
+    return [(n, p) for n, p in mod.named_parameters(recurse=False) if p is not None and p.dim() >= 2]
+
+
+def _head_and_embedding_names(model: nn.Module) -> set[str]:
+    """Names of embeddings, the output head, and any linear tied to an embedding's weight."""
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    emb_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = getattr(model, "get_output_embeddings", None)
+    head = out() if callable(out) else None
+    for n, m in model.named_modules():
+        if m is head and head is not None:
+            names.add(n)
+        elif isinstance(m, nn.Linear) and m.weight.data_ptr() in emb_ptrs:
+            names.add(n)
+        elif n.split(".")[-1] == "lm_head":
+            names.add(n)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _swap(mod: nn.Module, kind: str, qw, method: str) -> QuantModule:
+    if kind == "linear":
+        return QuantLinear(qw, mod.bias, method=method)
+    if kind == "conv2d":
+        return QuantConv2d(qw, mod.bias, QuantConv2d.conv_args(mod), method=method)
+    return QuantEmbedding(qw, mod.padding_idx, method=method)
+
+
+def _float_weight(mod: nn.Module, kind: str) -> torch.Tensor:
+    if kind == "linear" and _is_conv1d_hf(mod):
+        return mod.weight.detach().t()
+    return mod.weight.detach()
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    spec: str | Scheme | Recipe,
+    *,
+    method: str = "rtn",
+    calibration: Iterable | None = None,
+    kernel: str = "auto",
+    progress: bool = False,
+    **options,
+) -> nn.Module:
+    """Quantize ``model`` in place (module swap) and return it. See :func:`lowbit.quantize`."""
+    if not isinstance(model, nn.Module):
+        raise QuantizeError(f"quantize() takes an nn.Module, got {type(model).__name__}")
+    recipe = Recipe.coerce(spec)
+    algo = get_algorithm(method)  # data-free methods ignore ``calibration``, as documented
+    algo_options = algo.check_options(options)
+    if algo.uses_calibration:
+        raise QuantizeError(f"method {method!r} needs the calibration driver (not in this build)")
+
+    heads = _head_and_embedding_names(model)
+    records: dict[str, LayerRecord] = dict(getattr(model, "lowbit_layers", {}) or {})
+    todo: list[tuple[str, nn.Module, str, Scheme, str]] = []
+    unsupported_named: list[str] = []
+    unsupported_default: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule) or not name:
+            continue
+        own = _own_weights(mod)
+        kind = _kind(mod)
+        if kind is None and not own:
+            continue
+        scheme, why = recipe.resolve(name, embedding_or_head=name in heads)
+        tname = type(mod).__name__
+        if kind is None:
+            if scheme is not None and why != "default":
+                unsupported_named.append(f"{name} ({tname})")
+            elif scheme is not None:
+                unsupported_default.append(f"{name} ({tname})")
+            records[name] = LayerRecord(name, tname, "unsupported", reason=f"no quantized {tname} in lowbit; kept float")
+            continue
+        if scheme is None:
+            records[name] = LayerRecord(name, tname, "kept", reason=why)
+            continue
+        todo.append((name, mod, kind, scheme, why))
+    acts = sorted({str(t[3]) for t in todo if t[3].act_bits})
+    if acts:
+        raise QuantizeError(
+            f"activation quantization ({', '.join(acts)}) is not available in lowbit {__version__}: "
+            "it needs the calibration driver; use a weight-only scheme (e.g. int8, w4g64)"
+        )
+    if unsupported_named:
+        raise UnsupportedModuleError(
+            "recipe rules name modules lowbit cannot quantize: "
+            + ", ".join(unsupported_named)
+            + ". Supported: nn.Linear, transformers Conv1D, nn.Conv2d (zero padding), nn.Embedding."
+        )
+    if unsupported_default:
+        warnings.warn(
+            "lowbit keeps these modules in float (no quantized version of their type): "
+            + ", ".join(unsupported_default),
+            stacklevel=2,
+        )
+
+    it = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc=f"quantize ({method})", unit="layer")
+    # Tied weights (an embedding and its LM head) quantized with one scheme share one QWeight.
+    done: dict[tuple, object] = {}
+    head_quantized = False
+    for name, mod, kind, scheme, why in it:
+        w = _float_weight(mod, kind)
+        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), str(scheme))
+        qw = done.get(key)
+        if qw is None:
+            qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
+        new = _swap(mod, kind, qw, method)
+        kernels.assign(new, kernel)
+        _set_module(model, name, new)
+        records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(scheme), method, why)
+        head_quantized |= name in heads
+    model.lowbit_layers = records
+    if head_quantized:
+        # A quantized head or embedding no longer shares a float tensor with its twin.
+        cfg = getattr(model, "config", None)
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    return model
+
+
+def layer_records(model: nn.Module) -> dict[str, LayerRecord]:
+    """The per-layer records of a quantized (or loaded) model; empty for a float model."""
+    return dict(getattr(model, "lowbit_layers", {}) or {})
+
+
+__all__ += ["ALGORITHMS"]

@@ -1,0 +1,59 @@
+"""Measure one model variant against its float original: size, accuracy, speed.
+
+One function per task kind; each returns a flat dict of figures so the CLI, the demo and the
+benchmark scripts print the same numbers from the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .classification import accuracy
+from .perplexity import perplexity
+from .size import size_of
+from .speed import decode_speed
+
+__all__ = ["measure", "DEMO_PROMPT"]
+
+DEMO_PROMPT = "The Python programming language is"
+
+
+def measure(
+    model,
+    zoo,
+    *,
+    label: str,
+    max_tokens: int = 8192,
+    seqlen: int = 512,
+    speed: bool = True,
+    new_tokens: int = 32,
+    reps: int = 3,
+    progress: bool = False,
+) -> dict:
+    """Figures for ``model`` (a variant of zoo model ``zoo``): size, quality, and decode speed.
+
+    Causal LMs: perplexity on the held-out text, decode tokens/s and a greedy completion of
+    :data:`DEMO_PROMPT`. Classifiers (digits-cnn): test accuracy.
+    """
+    size = size_of(model)
+    row: dict = {
+        "variant": label,
+        "bytes": size.total_bytes,
+        "linear_bpw": size.quantized_bits_per_weight if size.quantized else 32.0,
+        "quantized_bytes": size.quantized_bytes,
+        "quantized_numel": size.quantized_numel,
+        "compression": size.quantized_compression if size.quantized else 1.0,
+    }
+    if zoo.task == "causal-lm":
+        r = perplexity(model, zoo.tokenizer, max_tokens=max_tokens, seqlen=seqlen, progress=progress)
+        row.update(ppl=r.ppl, ppl_tokens=r.tokens, text=r.source)
+        if speed:
+            d = decode_speed(model, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=reps)
+            row.update(tok_s=d.tokens_per_s, completion=d.text)
+    elif zoo.task == "classifier":
+        from ..models.zoo import digits_data
+
+        data = digits_data()
+        row.update(accuracy=accuracy(model, data["x_test"], data["y_test"]))
+    row["threads"] = torch.get_num_threads()
+    return row

@@ -1,0 +1,74 @@
+"""Offline text for perplexity and calibration, split into disjoint parts.
+
+Source: Debian's ``python3.11-doc`` reST sources (``/usr/share/doc/python3.11/html/_sources``,
+about 11 MB of English technical prose); where that package is absent, the stdlib's
+``pydoc_data.topics`` (about 0.8 MB, the same kind of text). Results always name the source they
+used, since perplexities on the two differ.
+
+Splits are by document, fixed and disjoint: a document goes to ``eval`` when the CRC-32 of its
+name is 0 mod 10, to ``calib`` when it is 1 mod 10, and to ``train`` otherwise. Documents are
+joined in sorted-name order with blank lines between them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["text_split", "text_source", "token_ids", "SPLITS", "DataError"]
+
+DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+SPLITS = ("eval", "calib", "train")
+
+
+class DataError(ValueError):
+    """Not enough text for what was asked."""
+
+
+def _split_of(name: str) -> str:
+    r = zlib.crc32(name.encode()) % 10
+    return "eval" if r == 0 else "calib" if r == 1 else "train"
+
+
+@lru_cache(maxsize=1)
+def _documents() -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(source name, sorted (doc name, text) pairs)."""
+    files = sorted(DOC_ROOT.rglob("*.rst.txt")) if DOC_ROOT.is_dir() else []
+    if files:
+        docs = tuple((str(f.relative_to(DOC_ROOT)), f.read_text(errors="replace")) for f in files)
+        return "python3.11-doc", docs
+    from pydoc_data.topics import topics
+
+    return "pydoc_data.topics", tuple(sorted(topics.items()))
+
+
+def text_source() -> str:
+    """Which text is in use: ``python3.11-doc`` or ``pydoc_data.topics``."""
+    return _documents()[0]
+
+
+@lru_cache(maxsize=4)
+def text_split(split: str) -> str:
+    """The concatenated text of one split (``eval``, ``calib`` or ``train``)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    _, docs = _documents()
+    return "\n\n".join(text for name, text in docs if _split_of(name) == split)
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def token_ids(tokenizer, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``(n,)`` long of a split's text (first ``max_tokens`` tokens if given)."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), split, max_tokens or -1)
+    if key not in _TOKEN_CACHE:
+        text = text_split(split)
+        if max_tokens:
+            text = text[: max_tokens * 8]  # ~4 characters per token here; 2x margin
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        _TOKEN_CACHE[key] = ids[:max_tokens] if max_tokens else ids
+    return _TOKEN_CACHE[key]

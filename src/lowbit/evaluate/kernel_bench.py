@@ -1,0 +1,134 @@
+"""Kernel benchmark: lowbit's quantized linear layers against torch FP32/BF16 (and peers).
+
+Shapes (``M x K`` activations times ``K x N`` weights): batch-1 GEMV ``1x4096x4096`` and
+``1x4096x11008`` (decode), and a ``512x4096x4096`` GEMM (prefill).
+
+Honest-measurement rules (DESIGN.md, "Measuring"):
+
+* every variant is timed in the same process, interleaved shape by shape, median of ``reps``;
+* batch-1 runs rotate through enough distinct weight copies (>= 160 MiB per variant) that no
+  variant is served from the 32 MiB L3 cache;
+* ``torch.set_num_threads`` is fixed and reported.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..kernels import assign
+from ..nn import QuantLinear
+from ..qweight import QWeight
+from ..scheme import parse_scheme
+from .speed import median_time
+
+__all__ = ["SHAPES", "run_kernel_bench", "KernelRow", "machine_info"]
+
+SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (512, 4096, 4096))
+ROTATE_BYTES = 160 * 2**20
+
+Adapter = Callable[[torch.nn.Linear], Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class KernelRow:
+    shape: tuple[int, int, int]
+    variant: str
+    seconds: float
+    weight_bytes: int
+    copies: int
+
+    @property
+    def label(self) -> str:
+        m, k, n = self.shape
+        return f"{'GEMV' if m == 1 else 'GEMM'} {m}x{k}x{n}"
+
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _copies(nbytes: int, m: int) -> int:
+    return 2 if m > 1 else max(2, math.ceil(ROTATE_BYTES / nbytes) + 1)
+
+
+def _rotating(fns: list[Callable], x: torch.Tensor) -> Callable[[], object]:
+    state = {"i": 0}
+
+    def call() -> object:
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]](x)
+
+    return call
+
+
+def _lowbit_layers(linear: torch.nn.Linear, scheme: str, copies: int) -> tuple[list[QuantLinear], int]:
+    qw = QWeight.from_float(linear.weight, parse_scheme(scheme))
+    mods = []
+    for _ in range(copies):
+        q = QWeight(qw.scheme, qw.shape, qw.data.clone(), None if qw.scale is None else qw.scale.clone(),
+                    None if qw.zero is None else qw.zero.clone())  # fmt: skip
+        mod = QuantLinear(q, None)
+        assign(mod, "auto")
+        mods.append(mod)
+    return mods, qw.nbytes
+
+
+@torch.no_grad()
+def run_kernel_bench(
+    schemes: tuple[str, ...] = ("int8", "w4g128", "w4g64"),
+    *,
+    shapes: tuple[tuple[int, int, int], ...] = SHAPES,
+    reps: int = 30,
+    peers: dict[str, Adapter] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[KernelRow]:
+    """Time FP32, BF16, lowbit ``schemes`` and ``peers`` on each shape; see the module docstring."""
+    rows: list[KernelRow] = []
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        linear = torch.nn.Linear(k, n, bias=False)
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+        x = torch.randn(m, k, generator=gen)
+        r = max(5, reps // (8 if m > 1 else 1))
+        fp_bytes = n * k * 4
+        c = _copies(fp_bytes, m)
+        fp = [linear.weight.clone() for _ in range(c)]
+        variants: list[tuple[str, Callable, int, int]] = [
+            ("torch fp32", _rotating([lambda x, w=w: x @ w.t() for w in fp], x), fp_bytes, c)
+        ]
+        cb = _copies(fp_bytes // 2, m)
+        bf = [linear.weight.to(torch.bfloat16) for _ in range(cb)]
+        xb = x.to(torch.bfloat16)
+        variants.append(("torch bf16", _rotating([lambda _x, w=w: (xb @ w.t()).float() for w in bf], x), fp_bytes // 2, cb))
+        for s in schemes:
+            mods, qbytes = _lowbit_layers(linear, s, _copies(int(n * k * parse_scheme(s).bits / 8), m))
+            variants.append((f"lowbit {s} ({mods[0].kernel})", _rotating(mods, x), qbytes, len(mods)))
+        for name, adapter in (peers or {}).items():
+            try:
+                probe = adapter(linear)
+                cp = _copies(n * k, m) if m == 1 else 2
+                fns = [probe] + [adapter(linear) for _ in range(cp - 1)]
+            except Exception as e:  # a peer that fails here is reported, not fatal
+                if progress:
+                    progress(f"peer {name} failed on {m}x{k}x{n}: {e}")
+                continue
+            variants.append((name, _rotating(fns, x), -1, len(fns)))
+        for label, fn, nbytes, copies in variants:
+            if progress:
+                progress(f"{m}x{k}x{n} {label}")
+            rows.append(KernelRow((m, k, n), label, median_time(fn, reps=r), nbytes, copies))
+        del fp, bf, variants
+    return rows

@@ -1,0 +1,68 @@
+"""Perplexity of a causal LM on the held-out text split.
+
+The split's first ``max_tokens`` tokens are cut into non-overlapping windows of ``seqlen``; each
+window is scored independently (no context carried across windows), and perplexity is
+``exp(mean negative log-likelihood)`` over every predicted token (``seqlen - 1`` per window).
+Same windows, same model code for every variant: differences are the quantization's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .data import DataError, text_source, token_ids
+
+__all__ = ["perplexity", "PerplexityResult"]
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens: int  # predicted tokens scored
+    windows: int
+    seqlen: int
+    source: str
+
+    def __str__(self) -> str:
+        return f"ppl {self.ppl:.3f} ({self.tokens} tokens, {self.windows}x{self.seqlen}, {self.source})"
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    *,
+    split: str = "eval",
+    seqlen: int = 512,
+    max_tokens: int = 16384,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``split`` (see the module docstring)."""
+    ids = token_ids(tokenizer, split, max_tokens)
+    n_windows = len(ids) // seqlen
+    if n_windows == 0:
+        raise DataError(f"the {split} split has {len(ids)} tokens, fewer than one window of {seqlen}")
+    windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
+    total_nll = 0.0
+    count = 0
+    batches = range(0, n_windows, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch")
+    model.eval()
+    for i in batches:
+        x = windows[i : i + batch_size]
+        logits = model(input_ids=x, use_cache=False).logits.float()  # (b, seqlen, vocab)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        count += x[:, 1:].numel()
+    mean = total_nll / count
+    return PerplexityResult(math.exp(mean), mean, count, n_windows, seqlen, text_source())

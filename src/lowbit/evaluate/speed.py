@@ -1,0 +1,70 @@
+"""Speed measurements: batch-1 greedy decode tokens/s, and a timing helper for kernels.
+
+Figures are medians over repetitions, measured in-process; compare ratios taken in one run,
+never absolute times across runs (DESIGN.md, "Measuring").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["median_time", "decode_speed", "DecodeResult", "greedy_generate"]
+
+
+def median_time(fn: Callable[[], object], *, reps: int = 20, warmup: int = 3) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@dataclass
+class DecodeResult:
+    tokens_per_s: float  # median over repetitions
+    all_tokens_per_s: list[float]
+    new_tokens: int
+    prompt_tokens: int
+    text: str
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """Greedy batch-1 decoding with the KV cache: (generated ids ``(new_tokens,)``, decode seconds).
+
+    The prompt's forward pass is excluded from the time; each later step feeds one token.
+    """
+    out = model(input_ids=input_ids, use_cache=True)
+    past = out.past_key_values
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    ids = [nxt]
+    t = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids.append(nxt)
+    return torch.cat(ids, dim=1)[0], time.perf_counter() - t
+
+
+def decode_speed(model, tokenizer, prompt: str, *, new_tokens: int = 32, reps: int = 3) -> DecodeResult:
+    """Batch-1 greedy decode speed (tokens/s, median of ``reps``) and the completion text."""
+    model.eval()
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    greedy_generate(model, input_ids, 4)  # warm-up
+    rates = []
+    text = ""
+    for _ in range(reps):
+        ids, secs = greedy_generate(model, input_ids, new_tokens)
+        rates.append((new_tokens - 1) / secs)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return DecodeResult(statistics.median(rates), rates, new_tokens, input_ids.shape[1], text)

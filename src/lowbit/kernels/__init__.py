@@ -1,0 +1,115 @@
+"""Kernel registry: for each op, the implementations that can run a quantized module.
+
+The reference implementation of every op comes first and always works (DESIGN principle 3);
+fast paths follow. Choice is explicit and inspectable: :func:`assign` records on each module the
+kernel it runs (``module.kernel``) and, when a preferred fast path could not take it, why
+(``module.kernel_note``); ``lowbit inspect`` prints both.
+
+=============  ==========  ==============================================================
+op             kernel      what it does
+=============  ==========  ==============================================================
+linear         reference   dequantize to float32, ``F.linear``
+linear         cpu-vnni    packed int2/int4/int8 codes x int16 activations, AVX-512 VNNI
+linear         cast        bf16/fp16 weights: the matmul runs in that dtype
+conv2d         reference   dequantize to float32, ``F.conv2d``
+embedding      reference   dequantize the gathered rows only
+=============  ==========  ==============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from . import cpu, reference
+
+__all__ = ["Kernel", "KERNELS", "kernels_for", "assign", "use_kernel", "KernelError"]
+
+
+class KernelError(ValueError):
+    """An unknown kernel name, or a kernel asked for a module it cannot run."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of an op. ``supports(module)`` is ``None`` or the reason it cannot."""
+
+    name: str
+    op: str
+    run: Callable
+    supports: Callable
+    doc: str
+
+
+def _always(mod) -> str | None:
+    return None
+
+
+def _cast_only(mod) -> str | None:
+    return None if mod.scheme.is_cast else "not a bf16/fp16 cast"
+
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("reference", "linear", reference.linear, _always, "dequantize, then float32 F.linear"),
+    Kernel("cpu-vnni", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations, AVX-512 VNNI"),
+    Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
+    Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
+    Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
+)
+
+# "auto" tries these in order and takes the first that supports the module.
+_AUTO_ORDER = ("cpu-vnni", "cast", "reference")
+
+
+def kernels_for(op: str) -> list[Kernel]:
+    """The kernels registered for ``op``, reference first."""
+    return [k for k in KERNELS if k.op == op]
+
+
+def _find(op: str, name: str) -> Kernel:
+    for k in kernels_for(op):
+        if k.name == name:
+            return k
+    names = sorted({k.name for k in KERNELS})
+    raise KernelError(f"unknown kernel {name!r} for {op}; kernels: {', '.join(names)} or 'auto'")
+
+
+def assign(mod, prefer: str = "auto") -> None:
+    """Choose and record the kernel for one quantized module.
+
+    ``prefer="auto"`` takes the fastest supporting kernel; a name insists on that kernel and
+    raises :class:`KernelError` if it cannot run the module.
+    """
+    if prefer != "auto":
+        k = _find(mod.op, prefer)
+        reason = k.supports(mod)
+        if reason is not None:
+            raise KernelError(f"kernel {prefer!r} cannot run this {mod.op} ({mod.scheme}): {reason}")
+        mod.kernel, mod.kernel_note, mod._kernel_impl = k.name, "", k.run
+        return
+    notes = []
+    for name in _AUTO_ORDER:
+        try:
+            k = _find(mod.op, name)
+        except KernelError:
+            continue
+        reason = k.supports(mod)
+        if reason is None:
+            mod.kernel, mod._kernel_impl = k.name, k.run
+            mod.kernel_note = "; ".join(notes)
+            return
+        if name == "cpu-vnni" and not mod.scheme.is_cast:
+            notes.append(f"{name}: {reason}")
+    raise KernelError(f"no kernel for {mod.op}")  # pragma: no cover - reference always supports
+
+
+def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
+    """(Re)assign kernels for every quantized module of ``model``; returns ``model``."""
+    from ..nn import QuantModule
+
+    for mod in model.modules():
+        if isinstance(mod, QuantModule):
+            assign(mod, prefer)
+    return model

@@ -1,0 +1,179 @@
+"""The AVX-512 VNNI CPU kernel (``csrc/lowbit_cpu.c``): build, load, and call it.
+
+The C library is compiled on first use with the system C compiler into the cache directory
+(named by a hash of its source and flags, so an edited source rebuilds) and opened with ctypes.
+It reads lowbit's packed storage as it is: no second copy of the weights exists at run time.
+
+``supports(module)`` returns ``None`` when this kernel can run the module, else the reason it
+cannot (shown by ``lowbit inspect``); the registry then falls back to the reference kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_dir
+
+__all__ = ["supports", "linear", "load_library", "unavailable_reason", "CFLAGS"]
+
+CFLAGS = (
+    "-O3",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512vnni",
+    "-mavx512dq",
+    "-mf16c",
+    "-mfma",
+)
+# /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
+_REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
+_ZCONST, _ZPACKED = 0, 1
+_ABI = 2  # lb_abi_version() of the C source this wrapper calls
+
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+
+
+def _cpu_missing() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ["/proc/cpuinfo (not Linux)"]
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return [f for f in _REQUIRED_CPU if f not in flags]
+
+
+def _source() -> bytes:
+    return resources.files("lowbit.kernels").joinpath("csrc/lowbit_cpu.c").read_bytes()
+
+
+def build(force: bool = False) -> Path:
+    """Compile the library if needed; return its path. Raises ``RuntimeError`` on failure."""
+    src = _source()
+    cc = os.environ.get("CC", "cc")
+    tag = hashlib.sha256(src + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
+    out = cache_dir("kernels") / f"lowbit_cpu-{tag}.so"
+    if out.exists() and not force:
+        return out
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r}) to build the CPU kernel; install gcc or set CC")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        c = Path(tmp, "lowbit_cpu.c")
+        c.write_bytes(src)
+        so = Path(tmp, out.name)
+        proc = subprocess.run([cc, *CFLAGS, "-o", str(so), str(c), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the CPU kernel failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(so, out)  # atomic: a concurrent builder writes the same bytes
+    return out
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The loaded library, or ``None`` (then :func:`unavailable_reason` says why)."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    missing = _cpu_missing()
+    if os.environ.get("LOWBIT_DISABLE_CPU_KERNEL"):
+        _lib_error = "disabled by LOWBIT_DISABLE_CPU_KERNEL"
+    elif missing:
+        _lib_error = f"CPU lacks {', '.join(missing)}"
+    else:
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (RuntimeError, OSError) as e:
+            _lib_error = str(e)
+        else:
+            if lib.lb_abi_version() != _ABI:
+                _lib_error = f"kernel library ABI {lib.lb_abi_version()} != {_ABI}"
+                return None
+            i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+            lib.lb_linear.restype = cint
+            lib.lb_linear.argtypes = [
+                ptr, i64, i64, ptr, i64, i64, cint, ptr, i64, i64,
+                cint, cint, ptr, i64, ptr, cint, ptr, cint,
+            ]  # fmt: skip
+            _lib = lib
+    return _lib
+
+
+def unavailable_reason() -> str | None:
+    load_library()
+    return _lib_error
+
+
+def _block(mod) -> int | None:
+    """Activation block (32 or 64 columns) for this module's grouping, or None if none fits."""
+    k = mod.qw.cols
+    g = k if (mod.scheme.group_size is None or mod.scheme.per_tensor) else mod.scheme.group_size
+    bits = mod.scheme.bits
+    if g >= k or g % 64 == 0:
+        return 64
+    if g % 32 == 0 and bits in (4, 8):
+        return 32
+    return None
+
+
+def supports(mod) -> str | None:
+    s = mod.scheme
+    if s.fmt.kind != "affine" or s.bits not in (2, 4, 8):
+        return f"{s.fmt.name} weights (the VNNI kernel runs int2/int4/int8 codes)"
+    if s.act_bits is not None:
+        return "activation-quantized scheme (weight-only kernel)"
+    if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
+        return "fractional zero points (the VNNI kernel subtracts integer zeros)"
+    if _block(mod) is None:
+        return f"group size {s.group_size} (needs a multiple of 64, or of 32 for int4/int8)"
+    reason = unavailable_reason()
+    return None if reason is None else f"VNNI kernel unavailable: {reason}"
+
+
+def linear(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations on VNNI (see the C file)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        from . import reference
+
+        return reference.linear(mod, x)  # the C kernel has no backward
+    lib = load_library()
+    n, k = mod.out_features, mod.in_features
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    s = mod.scheme
+    per_tensor = s.per_tensor
+    g = k if (s.group_size is None or per_tensor) else s.group_size
+    scales = mod.scales
+    zeros = mod.zeros
+    if zeros is None:
+        zmode, zptr, ldz = _ZCONST, None, 0
+    else:
+        zmode, zptr, ldz = _ZPACKED, zeros.data_ptr(), (0 if per_tensor else zeros.shape[1])
+    rc = lib.lb_linear(
+        x2.data_ptr(), m, k, mod.qweight.data_ptr(), n, mod.qweight.shape[1], s.bits,
+        scales.data_ptr(), 0 if per_tensor else scales.shape[1], g,
+        zmode, s.fmt.sym_zero, zptr, ldz,
+        None if mod.bias is None else mod.bias.data_ptr(), _block(mod), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
+    return out.reshape(*x.shape[:-1], n).to(x.dtype)

@@ -1,0 +1,39 @@
+"""Reference kernels: dequantize the stored weight, then run the float op (any CPU, any format).
+
+These define what every fast path must compute; tests compare each fast kernel against them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype, computed in float32."""
+    w = mod.qw.dequantize(torch.float32)
+    return F.linear(x.float(), w, mod.bias).to(x.dtype)
+
+
+def conv2d(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (B, C, H, W)`` -> conv2d output, computed in float32."""
+    return mod.conv(x.float(), mod.qw.dequantize(torch.float32)).to(x.dtype)
+
+
+def embedding(mod, idx: torch.Tensor) -> torch.Tensor:
+    """``idx (...)`` long -> ``(..., dim)`` float32; dequantizes only the gathered rows."""
+    flat = idx.reshape(-1)
+    return mod.rows(flat).dequantize(torch.float32).reshape(*idx.shape, mod.embedding_dim)
+
+
+def linear_cast(mod, x: torch.Tensor) -> torch.Tensor:
+    """Plain-cast formats (bf16/fp16): the matmul runs in the stored dtype, output back in ``x``'s.
+
+    Float32 accumulation is torch's choice for these dtypes on CPU; ``bias`` is added in float32.
+    """
+    w = mod.qweight  # (N, K) in bf16/fp16
+    y = F.linear(x.to(w.dtype), w)
+    y = y.float()
+    if mod.bias is not None:
+        y = y + mod.bias
+    return y.to(x.dtype)

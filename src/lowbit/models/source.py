@@ -1,0 +1,68 @@
+"""Resolve what the CLI is pointed at: a zoo name, a lowbit directory, or a local HF directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .zoo import ZOO, ZooError, ZooModel, load_model
+
+__all__ = ["load_source", "SourceError"]
+
+
+class SourceError(ValueError):
+    """Neither a zoo model nor a readable model directory."""
+
+
+def _hf_dir(path: Path) -> ZooModel:
+    import json
+
+    from .zoo import _offline
+
+    _offline()
+    import torch
+    import transformers
+
+    cfg = json.loads((path / "config.json").read_text())
+    arch = (cfg.get("architectures") or [""])[0]
+    cls = transformers.AutoModelForCausalLM if arch.endswith("ForCausalLM") else transformers.AutoModel
+    model = cls.from_pretrained(str(path), dtype=torch.float32).eval()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        tok = None
+    task = "causal-lm" if arch.endswith("ForCausalLM") else "encoder"
+    model.lowbit_source = str(path)
+    return ZooModel(path.name, model, tok, task, str(path))
+
+
+def load_source(spec: str) -> ZooModel:
+    """A zoo model by name, a lowbit model directory, or a local transformers model directory."""
+    if spec in ZOO:
+        return load_model(spec)
+    path = Path(spec)
+    if (path / "lowbit.json").is_file():
+        from .. import io
+        from .zoo import SKELETONS
+
+        manifest = io.read_manifest(path)
+        src = manifest["model"].get("source")
+        skeleton = SKELETONS[src]() if manifest["model"].get("hf_auto_class") is None and src in SKELETONS else None
+        model = io.load(path, model=skeleton)
+        tok = None
+        task = "classifier" if src == "digits-cnn" else ""
+        if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path))
+        if hasattr(model, "generation_config") or (path / "generation_config.json").is_file():
+            task = "causal-lm" if type(model).__name__.endswith("ForCausalLM") else "encoder"
+        return ZooModel(path.name, model, tok, task, src or str(path))
+    if (path / "config.json").is_file():
+        return _hf_dir(path)
+    raise SourceError(
+        f"{spec!r} is not a zoo model ({', '.join(ZOO)}), a lowbit model directory, "
+        "or a transformers model directory"
+    )
+
+
+__all__ += ["ZooError"]

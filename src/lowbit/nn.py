@@ -1,0 +1,164 @@
+"""Quantized modules that replace float ones by module swap.
+
+Each holds one :class:`~lowbit.qweight.QWeight` as buffers named ``qweight``, ``scales`` and
+``zeros`` (so ``state_dict`` keys are ``<module path>.qweight`` etc.), a float ``bias`` when the
+original had one, and the name of the kernel that runs it (``kernel``; see :mod:`lowbit.kernels`).
+
+* :class:`QuantLinear`: ``y (..., N) = x (..., K) @ W^T + b`` for ``nn.Linear`` and for
+  transformers' ``Conv1D`` (whose stored weight is ``(K, N)``; it is transposed once here).
+* :class:`QuantConv2d`: ``nn.Conv2d``; the weight ``(out, in/groups, kh, kw)`` is quantized as
+  ``(out, in/groups*kh*kw)`` rows.
+* :class:`QuantEmbedding`: ``nn.Embedding``; rows ``(num, dim)``, groups along ``dim``; a lookup
+  dequantizes only the rows it gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .qweight import QWeight
+from .scheme import Scheme, parse_scheme
+
+__all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES"]
+
+
+class QuantModule(nn.Module):
+    """Common storage of the quantized modules; subclasses define ``forward``."""
+
+    op: str = ""  # the kernel registry's op name
+
+    def __init__(self, qw: QWeight, bias: torch.Tensor | None, method: str = "rtn") -> None:
+        super().__init__()
+        self.scheme: Scheme = qw.scheme
+        self.weight_shape: tuple[int, ...] = tuple(qw.shape)
+        self.method = method
+        self.register_buffer("qweight", qw.data)
+        self.register_buffer("scales", qw.scale)
+        self.register_buffer("zeros", qw.zero)
+        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
+        self.kernel = "reference"
+        self.kernel_note = ""
+        self._kernel_impl = None  # set by lowbit.kernels.assign()
+
+    @property
+    def qw(self) -> QWeight:
+        """The stored weight as a :class:`QWeight` view (no copy)."""
+        return QWeight(self.scheme, self.weight_shape, self.qweight, self.scales, self.zeros)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the weight (codes + scales + zeros); the bias is counted apart."""
+        return self.qw.nbytes
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_impl is None:
+            from . import kernels
+
+            kernels.assign(self)
+        return self._kernel_impl(self, x)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.weight_shape}, scheme={self.scheme}, method={self.method}, kernel={self.kernel}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        # Loading replaces the buffers; a kernel may have cached a layout derived from them.
+        self._kernel_impl = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class QuantLinear(QuantModule):
+    """Quantized ``nn.Linear``: weight ``(out_features, in_features)``."""
+
+    op = "linear"
+
+    def __init__(self, qw: QWeight, bias: torch.Tensor | None = None, method: str = "rtn") -> None:
+        super().__init__(qw, bias, method)
+        self.out_features, self.in_features = qw.shape
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, scheme: Scheme | str, *, name: str = "weight") -> "QuantLinear":
+        w = _linear_weight(mod)
+        return cls(QWeight.from_float(w, parse_scheme(scheme), name=name), mod.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+
+def _linear_weight(mod: nn.Module) -> torch.Tensor:
+    """``(out, in)`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (stored ``(in, out)``)."""
+    if isinstance(mod, nn.Linear):
+        return mod.weight
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return mod.weight.t()
+    raise TypeError(f"not a linear layer: {type(mod).__name__}")
+
+
+class QuantConv2d(QuantModule):
+    """Quantized ``nn.Conv2d`` (zero padding mode); runs the dequantized weight through conv2d."""
+
+    op = "conv2d"
+
+    def __init__(self, qw: QWeight, bias: torch.Tensor | None, conv: dict, method: str = "rtn") -> None:
+        super().__init__(qw, bias, method)
+        self.stride = tuple(conv["stride"])
+        self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
+        self.dilation = tuple(conv["dilation"])
+        self.groups = int(conv["groups"])
+
+    @staticmethod
+    def conv_args(mod: nn.Conv2d) -> dict:
+        if mod.padding_mode != "zeros":
+            raise TypeError(f"Conv2d with padding_mode={mod.padding_mode!r} is not supported")
+        return {
+            "stride": list(mod.stride),
+            "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
+            "dilation": list(mod.dilation),
+            "groups": mod.groups,
+        }
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, scheme: Scheme | str, *, name: str = "weight") -> "QuantConv2d":
+        qw = QWeight.from_float(mod.weight, parse_scheme(scheme), name=name)
+        return cls(qw, mod.bias, cls.conv_args(mod))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+    def conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantEmbedding(QuantModule):
+    """Quantized ``nn.Embedding``: weight ``(num_embeddings, embedding_dim)``, groups along dim."""
+
+    op = "embedding"
+
+    def __init__(self, qw: QWeight, padding_idx: int | None = None, method: str = "rtn") -> None:
+        super().__init__(qw, None, method)
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.padding_idx = padding_idx
+
+    @classmethod
+    def from_float(cls, mod: nn.Embedding, scheme: Scheme | str, *, name: str = "weight") -> "QuantEmbedding":
+        if mod.max_norm is not None:
+            raise TypeError("Embedding with max_norm renormalises its weight at lookup; not supported")
+        return cls(QWeight.from_float(mod.weight, parse_scheme(scheme), name=name), mod.padding_idx)
+
+    def rows(self, idx: torch.Tensor) -> QWeight:
+        """A QWeight of only the rows ``idx`` (1-D long), shape ``(len(idx), dim)``."""
+        per_row = not self.scheme.per_tensor
+        return QWeight(
+            self.scheme,
+            (idx.numel(), self.embedding_dim),
+            self.qweight[idx],
+            None if self.scales is None else (self.scales[idx] if per_row else self.scales),
+            None if self.zeros is None else (self.zeros[idx] if per_row else self.zeros),
+        )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._run(idx)
+
+
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)

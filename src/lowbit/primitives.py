@@ -1,0 +1,230 @@
+"""Quantization primitives: choose scales and zero points, quantize, dequantize, fake-quantize.
+
+All functions work on a 2-D weight ``w`` of shape ``(N, K)`` (output channels x input columns;
+convolutions are flattened to ``(out, in*kh*kw)`` by the caller) and a :class:`Scheme`.
+Groups run along ``K``: ``G = scheme.group_size`` (``K`` for per-channel), ``ng = ceil(K / G)``.
+A short last group behaves as if zero-padded; zero is exactly representable in every format, so
+padding changes neither the chosen parameters nor the error.
+
+Affine formats map ``x ≈ s * (q - z)`` with unsigned codes ``q`` in ``[0, 2**b - 1]``:
+
+* symmetric: ``z = 2**(b-1)`` and ``s = m / -2**(b-1)`` where ``m`` is the group's value of
+  largest magnitude, sign included, so that ``m`` itself is exact and all ``2**b`` levels are
+  used (the choice ggml makes for Q4_0, ``d = max / -8``). ``s`` may be negative.
+* asymmetric: ``s = (hi - lo) / (2**b - 1)`` over ``[lo, hi] = [min(x, 0), max(x, 0)]`` and an
+  integer ``z = round(-lo / s)``.
+
+Scales are rounded to the format's ``scale_dtype`` *before* codes are computed, so what is
+stored dequantizes exactly as computed here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .formats import Format
+from .scheme import Scheme
+
+__all__ = [
+    "QParams",
+    "grouped",
+    "choose_qparams",
+    "quantize_codes",
+    "dequantize_codes",
+    "quantize_float",
+    "dequantize_float",
+    "mse_clip_search",
+    "fake_quantize",
+    "check_finite",
+    "NonFiniteError",
+]
+
+# A clip ratio grid for the MSE search: 1.00, 0.98, ..., 0.60.
+DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(21))
+
+
+class NonFiniteError(ValueError):
+    """A weight holds NaN or Inf."""
+
+
+class QParams(NamedTuple):
+    """Scales ``(R, ng)`` and zero points ``(R, ng)`` or ``None``, float32, ``R`` in ``{1, N}``."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+def check_finite(w: torch.Tensor, what: str = "weight") -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` if ``w`` holds NaN or Inf."""
+    w = w.detach()
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise NonFiniteError(f"{what} has {bad} NaN/Inf value(s); lowbit quantizes finite weights only")
+
+
+def _flat(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, int]:
+    """The 2-D view groups are taken along, and the group size: per-tensor schemes see one row."""
+    flat = w.reshape(1, -1) if scheme.per_tensor else w
+    return flat, flat.shape[1] if scheme.group_size is None else scheme.group_size
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N, K)`` -> ``(N, ng, G)`` float32, the last group zero-padded."""
+    n, k = w.shape
+    pad = -k % group_size
+    w = w.float()
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(n, -1, group_size)
+
+
+def _round_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Round scales to their storage dtype, keeping non-zero scales non-zero."""
+    stored = s.to(fmt.scale_dtype)
+    tiny = torch.finfo(fmt.scale_dtype).smallest_normal * torch.finfo(fmt.scale_dtype).eps
+    fix = (stored == 0) & (s != 0)
+    if fix.any():
+        stored = torch.where(fix, torch.copysign(torch.tensor(tiny, dtype=s.dtype), s).to(stored.dtype), stored)
+    if not torch.isfinite(stored).all():
+        raise NonFiniteError(f"a scale overflows {fmt.scale_dtype}; the weight's range is too large")
+    return stored.float()
+
+
+def choose_qparams(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | float = 1.0) -> QParams:
+    """Min/max scales (and zeros) for ``w`` ``(N, K)``; ``clip`` shrinks the range, scalar or ``(R, ng)``.
+
+    Per-tensor schemes return ``(1, 1)`` parameters; others ``(N, ng)``.
+    """
+    fmt = scheme.fmt
+    if scheme.is_cast:
+        raise TypeError(f"{scheme} is a cast and has no quantization parameters")
+    g = grouped(*_flat(w, scheme))
+    if fmt.kind == "float":  # scaled float (fp8): absmax onto the format's largest value
+        s = g.abs().amax(-1) * clip / fmt.max_value
+        return QParams(_round_scale(s, fmt), None)
+    if fmt.kind == "codebook":  # codebook levels span [-1, 1]
+        return QParams(_round_scale(g.abs().amax(-1) * clip, fmt), None)
+    if scheme.symmetric:
+        idx = g.abs().argmax(-1, keepdim=True)
+        m = g.gather(-1, idx).squeeze(-1)  # signed value of largest magnitude
+        return QParams(_round_scale(m * clip / -fmt.sym_zero, fmt), None)
+    lo = g.amin(-1).clamp(max=0) * clip
+    hi = g.amax(-1).clamp(min=0) * clip
+    s = _round_scale((hi - lo) / fmt.qmax, fmt)
+    z = torch.round(-lo / torch.where(s == 0, 1.0, s)).clamp(0, fmt.qmax)
+    return QParams(s, z)
+
+
+def _codebook(fmt: Format) -> torch.Tensor:
+    return torch.tensor(fmt.codebook, dtype=torch.float32)
+
+
+def quantize_codes(w: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
+    """Codes ``(N, K)`` uint8 for an affine or codebook scheme, given its parameters."""
+    fmt = scheme.fmt
+    flat, gs = _flat(w, scheme)
+    g = grouped(flat, gs)
+    s = qp.scale.unsqueeze(-1)
+    safe = torch.where(s == 0, 1.0, s)
+    if fmt.kind == "codebook":
+        cb = _codebook(fmt)
+        mids = (cb[1:] + cb[:-1]) / 2
+        q = torch.bucketize((g / safe).contiguous(), mids)
+    elif fmt.kind == "affine":
+        z = qp.zero.unsqueeze(-1) if qp.zero is not None else fmt.sym_zero
+        q = (torch.round(g / safe) + z).clamp(0, fmt.qmax)
+    else:
+        raise TypeError(f"{fmt.name} is not an integer-code format")
+    return q.to(torch.uint8).reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(w.shape)
+
+
+def dequantize_codes(codes: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
+    """``(N, K)`` uint8 codes -> ``(N, K)`` float32."""
+    fmt = scheme.fmt
+    flat, gs = _flat(codes, scheme)
+    pad = -flat.shape[1] % gs
+    c = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
+    c = c.reshape(flat.shape[0], -1, gs)
+    s = qp.scale.unsqueeze(-1)
+    if fmt.kind == "codebook":
+        v = _codebook(fmt)[c.long()] * s
+    else:
+        z = qp.zero.unsqueeze(-1) if qp.zero is not None else float(fmt.sym_zero)
+        v = (c.float() - z) * s
+    return v.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(codes.shape)
+
+
+def quantize_float(w: torch.Tensor, qp: QParams | None, scheme: Scheme) -> torch.Tensor:
+    """Float formats: ``w / scale`` (scaled) or ``w`` cast to the storage dtype, shape kept."""
+    fmt = scheme.fmt
+    if qp is None:
+        return w.to(fmt.torch_dtype)
+    s = qp.scale if qp.scale.shape[1] == 1 else None
+    if s is None:
+        raise ValueError("scaled float formats use one scale per channel")
+    x = w.float() / torch.where(s == 0, 1.0, s)
+    return x.clamp(-fmt.max_value, fmt.max_value).to(fmt.torch_dtype)
+
+
+def dequantize_float(data: torch.Tensor, qp: QParams | None) -> torch.Tensor:
+    """Inverse of :func:`quantize_float`, float32."""
+    x = data.float()
+    return x if qp is None else x * qp.scale
+
+
+def _roundtrip(w: torch.Tensor, scheme: Scheme, qp: QParams) -> torch.Tensor:
+    if scheme.fmt.kind == "float":
+        return dequantize_float(quantize_float(w, qp, scheme), qp)
+    return dequantize_codes(quantize_codes(w, qp, scheme), qp, scheme)
+
+
+def mse_clip_search(
+    w: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = DEFAULT_CLIP_GRID
+) -> QParams:
+    """Per-group clip ratio from ``grid`` that minimises ``||w - deq(q(w))||^2`` in each group.
+
+    Returns the parameters of the best ratio per group (same shapes as :func:`choose_qparams`).
+    """
+    flat, gs = _flat(w, scheme)
+    ref = grouped(flat, gs)
+    best_err = None
+    best: QParams | None = None
+    for ratio in grid:
+        qp = choose_qparams(w, scheme, clip=ratio)
+        deq = _roundtrip(w, scheme, qp)
+        err = ((grouped(deq.reshape(flat.shape), gs) - ref) ** 2).sum(-1)  # (R, ng)
+        if best is None:
+            best_err, best = err, qp
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = QParams(
+            torch.where(better, qp.scale, best.scale),
+            None if qp.zero is None else torch.where(better, qp.zero, best.zero),
+        )
+    assert best is not None
+    return best
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Round trip forward; the incoming gradient passes to ``w`` unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, w, deq):  # type: ignore[override]
+        return deq
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def fake_quantize(w: torch.Tensor, scheme: Scheme, qp: QParams | None = None) -> torch.Tensor:
+    """``deq(q(w))`` with a straight-through gradient to ``w``; shape ``(N, K)`` kept."""
+    if scheme.is_cast:
+        deq = w.detach().to(scheme.fmt.torch_dtype).float()
+    else:
+        qp = qp if qp is not None else choose_qparams(w.detach(), scheme)
+        deq = _roundtrip(w.detach(), scheme, qp)
+    return _FakeQuantSTE.apply(w, deq)
