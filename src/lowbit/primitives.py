@@ -14,8 +14,9 @@ Affine formats map ``x ≈ s * (q - z)`` with unsigned codes ``q`` in ``[0, 2**b
 * asymmetric: ``s = (hi - lo) / (2**b - 1)`` over ``[lo, hi] = [min(x, 0), max(x, 0)]`` and an
   integer ``z = round(-lo / s)``.
 
-Scales are rounded to the format's ``scale_dtype`` *before* codes are computed, so what is
-stored dequantizes exactly as computed here.
+Scales are rounded to the format's ``scale_dtype`` (away from zero, so the stored range still
+covers the group's) *before* codes are computed, so what is stored dequantizes exactly as
+computed here.
 """
 
 from __future__ import annotations
@@ -81,12 +82,13 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _round_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Round scales to their storage dtype, keeping non-zero scales non-zero."""
+    """Round scales to their storage dtype away from zero (never shrinking the covered range),
+    keeping non-zero scales non-zero."""
     stored = s.to(fmt.scale_dtype)
-    tiny = torch.finfo(fmt.scale_dtype).smallest_normal * torch.finfo(fmt.scale_dtype).eps
-    fix = (stored == 0) & (s != 0)
-    if fix.any():
-        stored = torch.where(fix, torch.copysign(torch.tensor(tiny, dtype=s.dtype), s).to(stored.dtype), stored)
+    shrunk = stored.float().abs() < s.abs()
+    if shrunk.any():
+        away = torch.copysign(torch.full_like(s, float("inf")), s).to(stored.dtype)
+        stored = torch.where(shrunk, torch.nextafter(stored, away), stored)
     if not torch.isfinite(stored).all():
         raise NonFiniteError(f"a scale overflows {fmt.scale_dtype}; the weight's range is too large")
     return stored.float()

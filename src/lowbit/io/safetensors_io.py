@@ -114,6 +114,15 @@ def _exchange(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old)
 
 
+def _permissions(d: Path) -> None:
+    """Give the temp directory and its files the modes a plain mkdir/open would have (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    d.chmod(0o777 & ~umask)
+    for f in d.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: str | None = None) -> Path:
     """Write ``model`` to directory ``path`` atomically; returns the path. See the module docstring."""
     from safetensors.torch import save_file
@@ -168,6 +177,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: s
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _permissions(tmp)
         _exchange(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

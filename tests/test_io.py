@@ -1,0 +1,189 @@
+"""Native save/load: identical outputs, atomic saves, and one clear error per kind of bad file."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.io import LowbitFormatError, read_manifest
+from lowbit.recipe import Recipe
+
+from .conftest import Toy
+
+GOLDEN = Path(__file__).parent / "golden" / "toy-v1"
+
+
+def _quantized_toy() -> Toy:
+    torch.manual_seed(0)
+    m = Toy().eval()
+    r = Recipe.from_scheme("w4g8-asym").add("emb", "w8g8").add("conv", "int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lowbit.quantize(m, r)
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, toy_inputs):
+    m = _quantized_toy()
+    with torch.no_grad():
+        ref = m(*toy_inputs)
+    lowbit.save(m, tmp_path / "out")
+    back = lowbit.load(tmp_path / "out", model=Toy())
+    with torch.no_grad():
+        assert torch.equal(back(*toy_inputs), ref)
+    assert back.lowbit_layers["fc1"].scheme == "w4g8-asym"
+    assert back.lowbit_layers["conv1d"].status == "unsupported"
+    assert back.fc1.kernel == m.fc1.kernel
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["format_version"] == 1
+    assert manifest["modules"]["fc1"] == {"type": "QuantLinear", "scheme": "w4g8-asym", "method": "rtn",
+                                          "shape": [72, 40], "orig_dtype": "float32"}  # fmt: skip
+
+
+def test_tensor_file_holds_packed_codes_scales_zeros(tmp_path):
+    from safetensors.torch import load_file
+
+    m = _quantized_toy()
+    lowbit.save(m, tmp_path / "out")
+    t = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert t["fc1.qweight"].dtype == torch.uint8 and t["fc1.qweight"].shape == (72, 20)
+    assert t["fc1.scales"].dtype == torch.float16 and t["fc1.scales"].shape == (72, 5)
+    assert t["fc1.zeros"].shape == (72, 3)  # 5 packed 4-bit zero points per row
+    assert "fc1.weight" not in t and t["norm.weight"].dtype == torch.float32
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size - sum(
+        v.numel() * v.element_size() for v in t.values()
+    ) < 4096  # only the safetensors header beyond the tensors
+
+
+def test_hf_model_rebuilds_from_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    lowbit.quantize(m, "w4g32")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        ref = m(ids).logits
+    lowbit.save(m, tmp_path / "llama")
+    back = lowbit.load(tmp_path / "llama")
+    assert type(back).__name__ == "LlamaForCausalLM"
+    assert back.lm_head.weight is back.model.embed_tokens.weight  # tie restored, stored once
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref)
+
+
+def test_overwrite_replaces_old_output(tmp_path, toy_inputs):
+    m = _quantized_toy()
+    lowbit.save(m, tmp_path / "out")
+    m2 = _quantized_toy()
+    with torch.no_grad():
+        m2.fc1.bias.add_(1.0)
+    lowbit.save(m2, tmp_path / "out")
+    back = lowbit.load(tmp_path / "out", model=Toy())
+    assert torch.equal(back.fc1.bias, m2.fc1.bias)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old directories left
+
+
+def test_interrupted_save_leaves_old_output_intact(tmp_path, monkeypatch, toy_inputs):
+    m = _quantized_toy()
+    lowbit.save(m, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("interrupted mid-write")
+
+    monkeypatch.setattr("lowbit.io.safetensors_io._sha256", boom)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.save(_quantized_toy(), tmp_path / "out")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    lowbit.load(tmp_path / "out", model=Toy())
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(LowbitFormatError, match="not a lowbit model"):
+        lowbit.save(_quantized_toy(), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    lowbit.save(_quantized_toy(), tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_truncated_file(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(LowbitFormatError, match="truncated"):
+        lowbit.load(saved, model=Toy())
+
+
+def test_corrupted_bytes_fail_the_checksum(saved):
+    f = saved / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(LowbitFormatError, match="SHA-256"):
+        lowbit.load(saved, model=Toy())
+
+
+def test_garbage_tensor_file(saved):
+    f = saved / "model.safetensors"
+    size = f.stat().st_size
+    f.write_bytes(b"\xff" * size)
+    with pytest.raises(LowbitFormatError):
+        lowbit.load(saved, model=Toy(), verify=False)
+
+
+def test_unknown_format_version(saved):
+    mf = saved / "lowbit.json"
+    d = json.loads(mf.read_text())
+    d["format_version"] = 99
+    mf.write_text(json.dumps(d))
+    with pytest.raises(LowbitFormatError, match="format_version 99"):
+        lowbit.load(saved, model=Toy())
+
+
+def test_not_a_lowbit_directory(tmp_path):
+    with pytest.raises(LowbitFormatError, match="no lowbit.json"):
+        lowbit.load(tmp_path, model=Toy())
+    with pytest.raises(LowbitFormatError, match="not a directory"):
+        lowbit.load(tmp_path / "missing", model=Toy())
+    (tmp_path / "lowbit.json").write_text("{not json")
+    with pytest.raises(LowbitFormatError, match="not valid JSON"):
+        lowbit.load(tmp_path, model=Toy())
+    (tmp_path / "lowbit.json").write_text('{"format": "something-else"}')
+    with pytest.raises(LowbitFormatError, match="not a lowbit manifest"):
+        lowbit.load(tmp_path, model=Toy())
+
+
+def test_generic_model_needs_a_skeleton_and_the_right_one(saved):
+    with pytest.raises(LowbitFormatError, match="pass its float skeleton"):
+        lowbit.load(saved)
+
+    class Other(Toy):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(40, 16)
+
+    with pytest.raises(LowbitFormatError, match="wrong skeleton"):
+        lowbit.load(saved, model=Other())
+
+
+def test_golden_v1_file_keeps_loading(toy_inputs):
+    """A file written by the first format version (tests/golden/make_golden.py) must load forever."""
+    from safetensors.torch import load_file
+
+    m = lowbit.load(GOLDEN, model=Toy())
+    expected = load_file(str(GOLDEN.parent / "toy-v1-expected.safetensors"))
+    with torch.no_grad():
+        out = m(expected["idx"], expected["img"])
+    assert torch.allclose(out, expected["out"], atol=1e-5)

@@ -1,0 +1,134 @@
+"""Every fast path against the reference, on random inputs with odd shapes."""
+
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit.kernels import KernelError, cpu
+from lowbit.nn import QuantLinear
+from lowbit.scheme import parse_scheme
+
+needs_vnni = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"{cpu.unavailable_reason()}")
+
+VNNI_SCHEMES = ["int8", "w8g128", "w8-tensor", "w8-asym", "w4g32", "w4g64", "w4g128", "w4g64-asym", "w4g32-asym",
+                "w4-tensor", "w2g64-asym", "w2g128", "w2-asym"]  # fmt: skip
+SHAPES = [(1, 64, 1), (3, 96, 5), (5, 130, 7), (17, 576, 33), (1, 1000, 13), (67, 256, 9), (2, 8, 3)]
+
+
+def _layer(scheme: str, k: int, n: int, seed: int, bias: bool = True) -> QuantLinear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(0.2, 3.0, k))  # uneven columns, as in real layers
+    return QuantLinear.from_float(lin, scheme)
+
+
+def _activation_bound(mod: QuantLinear, x: torch.Tensor, block: int) -> torch.Tensor:
+    """Worst-case effect of the kernel's int16 activation rounding: per block, half a step
+    (absmax/32767/2) times the sum of |dequantized weights| in that block; shape (M, N)."""
+    w = mod.qw.dequantize().abs()  # (N, K)
+    k = x.shape[1]
+    pad = -k % block
+    xa = torch.nn.functional.pad(x.abs(), (0, pad)).reshape(x.shape[0], -1, block).amax(-1)  # (M, nb)
+    wa = torch.nn.functional.pad(w, (0, pad)).reshape(w.shape[0], -1, block).sum(-1)  # (N, nb)
+    return (xa / 32767 / 2) @ wa.t()
+
+
+@needs_vnni
+@pytest.mark.parametrize("scheme", VNNI_SCHEMES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_vnni_matches_reference(scheme, m, k, n):
+    s = parse_scheme(scheme)
+    g = s.group_size
+    if g is not None and g > k and g % 64:
+        pytest.skip("group wider than the row")
+    mod = _layer(scheme, k, n, seed=m * 7 + k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 2
+    x[:, 0] = 40.0  # an activation outlier channel
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod, "cpu-vnni")
+    assert mod.kernel == "cpu-vnni"
+    got = mod(x)
+    block = cpu._block(mod)
+    bound = _activation_bound(mod, x, block)
+    tol = bound * 1.001 + 1e-5 * ref.abs().amax() + 1e-6
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert bool(((got - ref).abs() <= tol).all()), float(((got - ref).abs() - tol).max())
+
+
+@needs_vnni
+def test_vnni_keeps_leading_dims_dtype_and_bias():
+    mod = _layer("w4g64", 128, 20, seed=3)
+    x = torch.randn(2, 3, 128)
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod, "cpu-vnni")
+    got = mod(x)
+    assert got.shape == (2, 3, 20)
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3)
+    xb = x.to(torch.bfloat16)
+    assert mod(xb).dtype == torch.bfloat16
+    nobias = _layer("int8", 64, 6, seed=4, bias=False)
+    kernels.assign(nobias, "cpu-vnni")
+    y = nobias(torch.zeros(1, 64))
+    assert torch.equal(y, torch.zeros(1, 6))
+
+
+@needs_vnni
+def test_vnni_falls_back_to_reference_for_gradients():
+    mod = _layer("w4g64", 64, 4, seed=5)
+    kernels.assign(mod, "cpu-vnni")
+    x = torch.randn(2, 64, requires_grad=True)
+    mod(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "scheme, why",
+    [("w3g64", "int3"), ("nf4g64", "nf4"), ("fp8", "fp8"), ("w4g16", "group size 16"), ("w2g32", "group size 32")],
+)
+def test_auto_falls_back_with_a_visible_reason(scheme, why):
+    mod = _layer(scheme, 128, 8, seed=6)
+    kernels.assign(mod, "auto")
+    assert mod.kernel == "reference"
+    assert why in mod.kernel_note
+    with pytest.raises(KernelError, match="cannot run"):
+        kernels.assign(mod, "cpu-vnni")
+
+
+def test_casts_run_in_their_dtype():
+    for scheme in ("bf16", "fp16"):
+        mod = _layer(scheme, 64, 8, seed=7)
+        kernels.assign(mod, "auto")
+        assert mod.kernel == "cast"
+        x = torch.randn(3, 64)
+        ref = torch.nn.functional.linear(x, mod.qw.dequantize(), mod.bias)
+        assert torch.allclose(mod(x), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_unknown_kernel_name():
+    mod = _layer("int8", 64, 4, seed=8)
+    with pytest.raises(KernelError, match="unknown kernel"):
+        kernels.assign(mod, "cuda-magic")
+
+
+@needs_vnni
+def test_auto_prefers_vnni_for_int4_int8():
+    for scheme in ("int8", "w4g64", "w4g128-asym"):
+        mod = _layer(scheme, 576, 8, seed=9)
+        kernels.assign(mod, "auto")
+        assert mod.kernel == "cpu-vnni", mod.kernel_note
+
+
+def test_reference_kernels_of_every_op():
+    from lowbit.nn import QuantConv2d, QuantEmbedding
+
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, groups=1)
+    qc = QuantConv2d.from_float(conv, "int8")
+    x = torch.randn(2, 3, 7, 7)
+    assert torch.allclose(qc(x), torch.nn.functional.conv2d(x, qc.qw.dequantize(), conv.bias, padding=1), atol=1e-6)
+    emb = torch.nn.Embedding(30, 24)
+    qe = QuantEmbedding.from_float(emb, "w4g8")
+    idx = torch.tensor([[1, 29, 3], [0, 0, 7]])
+    assert torch.allclose(qe(idx), qe.qw.dequantize()[idx], atol=0)
