@@ -16,28 +16,35 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .packing import packed_row_bytes
 from .scheme import Scheme, parse_scheme
 
 __all__ = ["estimate", "bits_per_weight", "Estimate"]
 
 
 def bits_per_weight(scheme: str | Scheme, in_features: int | None = None) -> float:
-    """Stored bits per weight of ``scheme`` for rows of ``in_features`` columns (None: asymptotic)."""
+    """Stored bits per weight of ``scheme`` for rows of ``in_features`` columns.
+
+    With ``in_features`` the figure is byte-exact per row (bit-packing units included), as a
+    :class:`~lowbit.qweight.QWeight` stores it; without, the asymptotic formula of the docstring.
+    """
     s = parse_scheme(scheme)
     fmt = s.fmt
-    if s.is_cast:
+    if s.is_cast or s.per_tensor:
         return float(fmt.bits)
-    scale_bits = 8 * (fmt.scale_dtype.itemsize if fmt.scale_dtype is not None else 0)
-    if s.per_tensor:
-        return float(fmt.bits)
-    if s.group_size is None:
-        groups_per_col = 0.0 if in_features is None else 1.0 / in_features
-    elif in_features is None:
-        groups_per_col = 1.0 / s.group_size
-    else:
-        groups_per_col = math.ceil(in_features / s.group_size) / in_features
+    scale_bytes = fmt.scale_dtype.itemsize
     zero_bits = 0 if s.symmetric else fmt.bits
-    return fmt.bits + groups_per_col * (scale_bits + zero_bits)
+    if in_features is None:
+        per_col = 0.0 if s.group_size is None else 1.0 / s.group_size
+        return fmt.bits + per_col * (8 * scale_bytes + zero_bits)
+    k = in_features
+    ng = 1 if s.group_size is None else math.ceil(k / s.group_size)
+    if fmt.kind == "float":
+        row = k * fmt.bits // 8 + ng * scale_bytes
+    else:
+        row = packed_row_bytes(k, fmt.bits) + ng * scale_bytes
+        row += 0 if s.symmetric else packed_row_bytes(ng, fmt.bits)
+    return 8.0 * row / k
 
 
 @dataclass
@@ -97,9 +104,10 @@ def estimate(
         if total <= 0:
             raise ValueError(f"params must be positive, got {params}")
     rows: list[tuple[str, float, float]] = [("fp32", 32.0, 4.0 * total), ("fp16/bf16", 16.0, 2.0 * total)]
-    for label, sch in (("int8", "int8"), ("int4 (w4g128)", "w4g128"), (str(s), s)):
-        if label == str(s) and str(s) in ("int8", "w4g128"):
-            continue
+    wanted = [("int8", "int8"), ("int4 (w4g128)", "w4g128")]
+    if str(s) not in ("int8", "w4g128"):
+        wanted.append((str(s), str(s)))
+    for label, sch in wanted:
         bpw = bits_per_weight(sch, in_features)
         nbytes = quantizable * bpw / 8 + rest * 2.0
         rows.append((label, nbytes * 8 / total, nbytes))

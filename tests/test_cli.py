@@ -1,0 +1,88 @@
+"""The `lowbit` command end to end, in a subprocess, on the digits CNN of the zoo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, ok=True):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("cli") / "digits-w4"
+    p = run("quantize", "digits-cnn", "--scheme", "w4g16-asym", "-o", str(out), "-q")
+    assert "quantized digits-cnn with w4g16-asym" in p.stdout
+    return out
+
+
+def test_quantize_then_inspect_lists_every_layer(quantized):
+    p = run("inspect", str(quantized), "--error")
+    for layer in ("conv1", "conv2", "fc1", "fc2"):
+        assert layer in p.stdout
+    assert "w4g16-asym" in p.stdout and "rel.err" in p.stdout
+    assert "reference" in p.stdout  # g16 has no VNNI path; inspect says which kernel runs and why
+    assert "format_version 1" in p.stdout
+
+
+def test_eval_compares_with_the_fp32_original(quantized):
+    p = run("eval", str(quantized), "--json")
+    rows = json.loads(p.stdout)
+    assert [r["variant"] for r in rows] == ["digits-cnn fp32", str(quantized)]
+    assert rows[0]["accuracy"] > 0.95
+    assert abs(rows[1]["accuracy"] - rows[0]["accuracy"]) < 0.05
+    assert rows[1]["bytes"] < rows[0]["bytes"] / 3
+    table = run("eval", str(quantized)).stdout
+    assert "accuracy" in table and "Δpts" in table
+
+
+def test_estimate_and_formats():
+    p = run("estimate", "--params", "70e9", "--scheme", "w4g128")
+    assert "280.00" in p.stdout and "140.00" in p.stdout and "36.09" in p.stdout
+    p = run("formats")
+    assert "nf4" in p.stdout and "w4g64-asym" in p.stdout and "scheme :=" in p.stdout
+
+
+def test_bench_quick_runs_and_reports_ratios():
+    p = run("bench", "--quick", "--reps", "3", "-q", "--schemes", "int8", "w4g64")
+    assert "torch fp32" in p.stdout and "lowbit w4g64" in p.stdout and "speed vs fp32" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("quantize", "digits-cnn", "--scheme", "w4g65", "-o", "x"), "scheme :="),
+        (("quantize", "no-such-model", "--scheme", "int8", "-o", "x"), "not a zoo model"),
+        (("inspect", "/nonexistent"), "not a directory"),
+        (("quantize", "digits-cnn", "-o", "x"), "exactly one of --scheme or --recipe"),
+        (("estimate",), "give --params"),
+    ],
+)
+def test_bad_input_one_clear_error(args, message, tmp_path):
+    p = run(*args, ok=False)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_recipe_file(tmp_path, digits):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"format": "lowbit-recipe", "version": 1, "default": "int8",
+                                  "rules": [{"pattern": "fc2", "scheme": "skip"}]}))  # fmt: skip
+    out = tmp_path / "m"
+    run("quantize", "digits-cnn", "--recipe", str(recipe), "-o", str(out), "-q")
+    p = run("inspect", str(out))
+    line = next(x for x in p.stdout.splitlines() if x.startswith("fc2 "))
+    assert "kept" in line and "rule 'fc2'" in line
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "lowbit-recipe", "version": 7}')
+    p = run("quantize", "digits-cnn", "--recipe", str(bad), "-o", str(out), ok=False)
+    assert p.returncode == 2 and "unknown recipe version" in p.stderr
