@@ -41,6 +41,7 @@ class QuantModule(nn.Module):
         self.kernel = "reference"
         self.kernel_note = ""
         self._kernel_impl = None  # set by lowbit.kernels.assign()
+        self._kernel_state = None  # what a kernel derived from the buffers (it checks validity)
 
     @property
     def qw(self) -> QWeight:
@@ -65,6 +66,7 @@ class QuantModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         # Loading replaces the buffers; a kernel may have cached a layout derived from them.
         self._kernel_impl = None
+        self._kernel_state = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

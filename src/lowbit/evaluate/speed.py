@@ -6,6 +6,7 @@ never absolute times across runs (DESIGN.md, "Measuring").
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,20 +38,30 @@ class DecodeResult:
     text: str
 
 
+def _cache_kw(model) -> str:
+    """The forward() keyword of the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
     """Greedy batch-1 decoding with the KV cache: (generated ids ``(new_tokens,)``, decode seconds).
 
     The prompt's forward pass is excluded from the time; each later step feeds one token.
     """
+    kw = _cache_kw(model)
     out = model(input_ids=input_ids, use_cache=True)
-    past = out.past_key_values
+    past = _cache_of(out)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     ids = [nxt]
     t = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{kw: past})
+        past = _cache_of(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         ids.append(nxt)
     return torch.cat(ids, dim=1)[0], time.perf_counter() - t

@@ -87,7 +87,7 @@ def assign(mod, prefer: str = "auto") -> None:
         reason = k.supports(mod)
         if reason is not None:
             raise KernelError(f"kernel {prefer!r} cannot run this {mod.op} ({mod.scheme}): {reason}")
-        mod.kernel, mod.kernel_note, mod._kernel_impl = k.name, "", k.run
+        mod.kernel, mod.kernel_note, mod._kernel_impl, mod._kernel_state = k.name, "", k.run, None
         return
     notes = []
     for name in _AUTO_ORDER:
@@ -97,7 +97,7 @@ def assign(mod, prefer: str = "auto") -> None:
             continue
         reason = k.supports(mod)
         if reason is None:
-            mod.kernel, mod._kernel_impl = k.name, k.run
+            mod.kernel, mod._kernel_impl, mod._kernel_state = k.name, k.run, None
             mod.kernel_note = "; ".join(notes)
             return
         if name == "cpu-vnni" and not mod.scheme.is_cast:

@@ -41,7 +41,21 @@ CFLAGS = (
 # /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
 _REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
 _ZCONST, _ZPACKED = 0, 1
-_ABI = 2  # lb_abi_version() of the C source this wrapper calls
+_ABI = 3  # lb_abi_version() of the C source this wrapper calls
+
+
+class _Weights(ctypes.Structure):
+    """The C ``wdesc`` (same field order): one layer's packed weight as the kernel reads it."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64),
+        ("sw", ctypes.c_void_p), ("ldsw", ctypes.c_int64),
+        ("zmode", ctypes.c_int32), ("zconst", ctypes.c_int32),
+        ("zw", ctypes.c_void_p), ("ldz", ctypes.c_int64),
+        ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
+        ("bits", ctypes.c_int32), ("B", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
+    ]  # fmt: skip
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -104,12 +118,10 @@ def load_library() -> ctypes.CDLL | None:
             if lib.lb_abi_version() != _ABI:
                 _lib_error = f"kernel library ABI {lib.lb_abi_version()} != {_ABI}"
                 return None
-            i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-            lib.lb_linear.restype = cint
+            lib.lb_linear.restype = ctypes.c_int
             lib.lb_linear.argtypes = [
-                ptr, i64, i64, ptr, i64, i64, cint, ptr, i64, i64,
-                cint, cint, ptr, i64, ptr, cint, ptr, cint,
-            ]  # fmt: skip
+                ctypes.POINTER(_Weights), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+            ]
             _lib = lib
     return _lib
 
@@ -121,7 +133,7 @@ def unavailable_reason() -> str | None:
 
 def _block(mod) -> int | None:
     """Activation block (32 or 64 columns) for this module's grouping, or None if none fits."""
-    k = mod.qw.cols
+    k = mod.in_features
     g = k if (mod.scheme.group_size is None or mod.scheme.per_tensor) else mod.scheme.group_size
     bits = mod.scheme.bits
     if g >= k or g % 64 == 0:
@@ -145,35 +157,48 @@ def supports(mod) -> str | None:
     return None if reason is None else f"VNNI kernel unavailable: {reason}"
 
 
+def _tensors(mod) -> tuple:
+    return (mod.qweight, mod.scales, mod.zeros, mod.bias)
+
+
+def _describe(mod) -> _Weights:
+    """Build the C descriptor of ``mod``'s stored weight (pointers into its buffers, no copy)."""
+    s = mod.scheme
+    qweight, scales, zeros, bias = _tensors(mod)
+    for t in (qweight, scales, zeros, bias):
+        if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
+            raise RuntimeError("the CPU kernel needs contiguous CPU buffers")
+    k = mod.in_features
+    whole = s.group_size is None or s.per_tensor
+    zw = None if zeros is None else zeros.data_ptr()
+    return _Weights(
+        qweight.data_ptr(), qweight.shape[1],
+        scales.data_ptr(), 0 if s.per_tensor else scales.shape[1],
+        _ZCONST if zeros is None else _ZPACKED, s.fmt.sym_zero,
+        zw, 0 if (zeros is None or s.per_tensor) else zeros.shape[1],
+        mod.out_features, k, k if whole else s.group_size,
+        s.bits, _block(mod),
+        None if bias is None else bias.data_ptr(),
+    )  # fmt: skip
+
+
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations on VNNI (see the C file)."""
     if torch.is_grad_enabled() and x.requires_grad:
         from . import reference
 
         return reference.linear(mod, x)  # the C kernel has no backward
-    lib = load_library()
-    n, k = mod.out_features, mod.in_features
+    # The descriptor holds raw pointers: rebuild it whenever a buffer was replaced (.to(), load).
+    key = tuple(0 if t is None else t.data_ptr() for t in _tensors(mod))
+    state = mod._kernel_state
+    if state is None or state[0] != key:
+        state = mod._kernel_state = (key, _describe(mod))
+    k = mod.in_features
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
-    s = mod.scheme
-    per_tensor = s.per_tensor
-    g = k if (s.group_size is None or per_tensor) else s.group_size
-    scales = mod.scales
-    zeros = mod.zeros
-    if zeros is None:
-        zmode, zptr, ldz = _ZCONST, None, 0
-    else:
-        zmode, zptr, ldz = _ZPACKED, zeros.data_ptr(), (0 if per_tensor else zeros.shape[1])
-    rc = lib.lb_linear(
-        x2.data_ptr(), m, k, mod.qweight.data_ptr(), n, mod.qweight.shape[1], s.bits,
-        scales.data_ptr(), 0 if per_tensor else scales.shape[1], g,
-        zmode, s.fmt.sym_zero, zptr, ldz,
-        None if mod.bias is None else mod.bias.data_ptr(), _block(mod), out.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
+    out = torch.empty(x2.shape[0], mod.out_features, dtype=torch.float32)
+    rc = _lib.lb_linear(ctypes.byref(state[1]), x2.data_ptr(), x2.shape[0], out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
-    return out.reshape(*x.shape[:-1], n).to(x.dtype)
+    return out.reshape(*x.shape[:-1], mod.out_features).to(x.dtype)

@@ -37,7 +37,7 @@
 
 enum { ZCONST = 0, ZPACKED = 1 };
 
-int lb_abi_version(void) { return 2; }
+int lb_abi_version(void) { return 3; }
 
 /* Position, within a block of B activation columns, where column c of the block goes: the
  * weight unpacking below lays out a block's codes as [all sub-codes 0 of each byte, all
@@ -113,14 +113,16 @@ INLINE void unpack_b32(const uint8_t* p, int bits, uint64_t mask, __m512i zv, __
     }
 }
 
+/* One quantized weight as the kernel reads it; built once per layer by the Python wrapper
+ * (kernels/cpu.py, class _Weights: keep the two in the same field order). */
 typedef struct {
     const uint8_t* w; int64_t ldw;       /* packed codes, row stride in bytes */
     const uint16_t* sw; int64_t ldsw;    /* fp16 scales, row stride in elements (0: per tensor) */
-    int zmode; int zconst;               /* zero point mode, constant zero */
+    int32_t zmode; int32_t zconst;       /* zero point mode (ZCONST/ZPACKED), constant zero */
     const uint8_t* zw; int64_t ldz;      /* packed zero codes, row stride in bytes (0: per tensor) */
-    int64_t N, K, G;
-    int bits;
-    const float* bias;
+    int64_t N, K, G;                     /* rows, columns, group size (>= K: one group) */
+    int32_t bits, B;                     /* code width; activation block (32 or 64) */
+    const float* bias;                   /* (N,) float32 or NULL */
 } wdesc;
 
 INLINE float load_scale(const wdesc* d, int64_t n, int64_t g) { return _cvtsh_ss(d->sw[n * d->ldsw + g]); }
@@ -193,24 +195,23 @@ typedef void (*tile_fn)(const wdesc*, int64_t, int64_t, const int16_t*, int64_t,
 /* Rows of activations handled per pass over the weights (qx of MC rows stays in L2). */
 #define MC 64
 
-/* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias.  Returns 0, -1 on a bad argument,
- * -2 when out of memory. zmode: 0 = constant zconst, 1 = packed zero codes zw (row stride ldz
- * bytes, 0 = per tensor). B must be 32 or 64 (64 takes bits 2, 4 or 8; 32 takes 4 or 8);
- * G % B == 0 or G >= K. */
-int lb_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t ldw, int bits,
-              const uint16_t* sw, int64_t ldsw, int64_t G, int zmode, int zconst, const uint8_t* zw,
-              int64_t ldz, const float* bias, int B, float* out, int nthreads) {
+/* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias.  Returns 0, -1 on a bad
+ * descriptor, -2 when out of memory. B must be 32 or 64 (64 takes bits 2, 4 or 8; 32 takes 4 or
+ * 8); G % B == 0 or G >= K. */
+int lb_linear(const wdesc* W, const float* x, int64_t M, float* out, int nthreads) {
+    const int B = W->B, bits = W->bits;
+    const int64_t K = W->K, N = W->N, G = W->G;
     if (!(B == 32 || B == 64) || !(bits == 2 || bits == 4 || bits == 8)) return -1;
     if (B == 32 && bits == 2) return -1;
     if (G < K && G % B) return -1;
-    if (zmode != ZCONST && zmode != ZPACKED) return -1;
+    if (W->zmode != ZCONST && W->zmode != ZPACKED) return -1;
     const int64_t nb = (K + B - 1) / B;
     const int64_t ldq = nb * B;
     int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)((M * ldq * 2 + 63) / 64 * 64));
     float* sx = (float*)malloc(sizeof(float) * (size_t)(M * nb));
     if (!qx || !sx) { free(qx); free(sx); return -2; }
     quant_act(x, M, K, B, bits, qx, sx, nthreads);
-    wdesc d = {w, ldw, sw, ldsw, zmode, zconst, zw, ldz, N, K, G, bits, bias};
+    const wdesc* d = W;
     tile_fn t44 = B == 64 ? tile64_4x4 : tile32_4x4, t41 = B == 64 ? tile64_4x1 : tile32_4x1;
     tile_fn t14 = B == 64 ? tile64_1x4 : tile32_1x4, t11 = B == 64 ? tile64_1x1 : tile32_1x1;
     const int64_t ntile = (N + 3) / 4;
@@ -223,12 +224,12 @@ int lb_linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
             const int full = n + 4 <= N;
             for (int64_t m = m0; m < m1;) {
                 if (m + 4 <= m1) {
-                    if (full) t44(&d, n, m, qx, ldq, sx, nb, out);
-                    else for (int64_t j = n; j < N; j++) t14(&d, j, m, qx, ldq, sx, nb, out);
+                    if (full) t44(d, n, m, qx, ldq, sx, nb, out);
+                    else for (int64_t j = n; j < N; j++) t14(d, j, m, qx, ldq, sx, nb, out);
                     m += 4;
                 } else {
-                    if (full) t41(&d, n, m, qx, ldq, sx, nb, out);
-                    else for (int64_t j = n; j < N; j++) t11(&d, j, m, qx, ldq, sx, nb, out);
+                    if (full) t41(d, n, m, qx, ldq, sx, nb, out);
+                    else for (int64_t j = n; j < N; j++) t11(d, j, m, qx, ldq, sx, nb, out);
                     m += 1;
                 }
             }
