@@ -52,8 +52,10 @@ $(PEERS_STAMP): $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
 	touch $(PEERS_STAMP)
 
+# Large mmap/trim thresholds keep glibc from returning memory to the OS after every call:
+# peers that dequantize a whole weight per call otherwise spend most of their time in page faults.
 bench: $(PEERS_STAMP)
-	$(PY) benchmarks/run_all.py
+	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

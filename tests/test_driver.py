@@ -143,3 +143,16 @@ def test_hf_conv1d_is_quantized_as_linear():
     assert m.lowbit_layers["lm_head"].status == "kept"
     with torch.no_grad():
         assert torch.allclose(m(ids).logits, ref, atol=0.05 * float(ref.abs().max()))
+
+
+def test_casting_a_quantized_model_keeps_its_stored_format(toy, toy_inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(toy, "w4g8")
+    with torch.no_grad():
+        ref = toy(*toy_inputs)
+        toy.to(torch.bfloat16)
+        assert toy.fc1.scales.dtype == torch.float16 and toy.fc1.qweight.dtype == torch.uint8
+        assert toy.fc1.bias.dtype == torch.bfloat16  # float parameters do follow the cast
+        out = toy(toy_inputs[0], toy_inputs[1].to(torch.bfloat16)).float()
+    assert torch.allclose(out, ref, atol=0.05 * float(ref.abs().max()))

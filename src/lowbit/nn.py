@@ -63,6 +63,18 @@ class QuantModule(nn.Module):
     def extra_repr(self) -> str:
         return f"shape={self.weight_shape}, scheme={self.scheme}, method={self.method}, kernel={self.kernel}"
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() cast every floating buffer; the stored codes, scales and zero
+        # points are a format, not a dtype preference, so they keep their dtypes (devices move).
+        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros")}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = getattr(self, n)
+            if old is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        self._kernel_state = None
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         # Loading replaces the buffers; a kernel may have cached a layout derived from them.
         self._kernel_impl = None
@@ -128,8 +140,8 @@ class QuantConv2d(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
 
-    def conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class QuantEmbedding(QuantModule):

@@ -161,17 +161,20 @@ def _tensors(mod) -> tuple:
     return (mod.qweight, mod.scales, mod.zeros, mod.bias)
 
 
-def _describe(mod) -> _Weights:
-    """Build the C descriptor of ``mod``'s stored weight (pointers into its buffers, no copy)."""
+def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
+    """The C descriptor of ``mod``'s stored weight (pointers into its buffers, no copy), and the
+    float32 bias it points to (a copy only if the model was cast to another dtype)."""
     s = mod.scheme
     qweight, scales, zeros, bias = _tensors(mod)
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
     for t in (qweight, scales, zeros, bias):
         if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
             raise RuntimeError("the CPU kernel needs contiguous CPU buffers")
     k = mod.in_features
     whole = s.group_size is None or s.per_tensor
     zw = None if zeros is None else zeros.data_ptr()
-    return _Weights(
+    desc = _Weights(
         qweight.data_ptr(), qweight.shape[1],
         scales.data_ptr(), 0 if s.per_tensor else scales.shape[1],
         _ZCONST if zeros is None else _ZPACKED, s.fmt.sym_zero,
@@ -180,6 +183,7 @@ def _describe(mod) -> _Weights:
         s.bits, _block(mod),
         None if bias is None else bias.data_ptr(),
     )  # fmt: skip
+    return desc, bias
 
 
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +196,7 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
     key = tuple(0 if t is None else t.data_ptr() for t in _tensors(mod))
     state = mod._kernel_state
     if state is None or state[0] != key:
-        state = mod._kernel_state = (key, _describe(mod))
+        state = mod._kernel_state = (key, *_describe(mod))  # (key, descriptor, bias it points to)
     k = mod.in_features
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous():

@@ -9,15 +9,19 @@ import torch
 import torch.nn.functional as F
 
 
+def _bias(mod) -> torch.Tensor | None:
+    return None if mod.bias is None else mod.bias.float()
+
+
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype, computed in float32."""
     w = mod.qw.dequantize(torch.float32)
-    return F.linear(x.float(), w, mod.bias).to(x.dtype)
+    return F.linear(x.float(), w, _bias(mod)).to(x.dtype)
 
 
 def conv2d(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (B, C, H, W)`` -> conv2d output, computed in float32."""
-    return mod.conv(x.float(), mod.qw.dequantize(torch.float32)).to(x.dtype)
+    return mod.conv(x.float(), mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
 
 
 def embedding(mod, idx: torch.Tensor) -> torch.Tensor:
@@ -35,5 +39,5 @@ def linear_cast(mod, x: torch.Tensor) -> torch.Tensor:
     y = F.linear(x.to(w.dtype), w)
     y = y.float()
     if mod.bias is not None:
-        y = y + mod.bias
+        y = y + mod.bias.float()
     return y.to(x.dtype)
