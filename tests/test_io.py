@@ -187,3 +187,27 @@ def test_golden_v1_file_keeps_loading(toy_inputs):
     with torch.no_grad():
         out = m(expected["idx"], expected["img"])
     assert torch.allclose(out, expected["out"], atol=1e-5)
+
+
+def test_files_hold_the_row_layout_whatever_the_kernel(tmp_path, toy_inputs):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = lowbit.quantize(Toy().eval(), "w4g32-asym")
+    if m.fc1.layout != "tiled":
+        pytest.skip("no VNNI kernel here: modules keep the row layout")
+    with torch.no_grad():
+        ref = m(*toy_inputs)
+    lowbit.save(m, tmp_path / "out")
+    t = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert t["fc1.qweight"].shape == (72, 20) and t["fc1.scales"].shape == (72, 2)
+    back = lowbit.load(tmp_path / "out", model=Toy())
+    with torch.no_grad():
+        assert torch.equal(back(*toy_inputs), ref)
+    # load_state_dict into a module running the tiled layout goes back to rows first
+    m.load_state_dict({k: v for k, v in t.items()}, strict=False)
+    with torch.no_grad():
+        m(*toy_inputs)
+    assert m.fc1.layout == "tiled"

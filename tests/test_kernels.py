@@ -11,7 +11,7 @@ from lowbit.scheme import parse_scheme
 needs_vnni = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"{cpu.unavailable_reason()}")
 
 VNNI_SCHEMES = ["int8", "w8g128", "w8-tensor", "w8-asym", "w4g32", "w4g64", "w4g128", "w4g64-asym", "w4g32-asym",
-                "w4-tensor", "w2g64-asym", "w2g128", "w2-asym"]  # fmt: skip
+                "w4-tensor", "w4-asym-tensor", "w2g64-asym", "w2g128", "w2-asym", "w2g32", "w8g32-asym"]  # fmt: skip
 SHAPES = [(1, 64, 1), (3, 96, 5), (5, 130, 7), (17, 576, 33), (1, 1000, 13), (67, 256, 9), (2, 8, 3)]
 
 
@@ -86,7 +86,7 @@ def test_vnni_falls_back_to_reference_for_gradients():
 
 @pytest.mark.parametrize(
     "scheme, why",
-    [("w3g64", "int3"), ("nf4g64", "nf4"), ("fp8", "fp8"), ("w4g16", "group size 16"), ("w2g32", "group size 32")],
+    [("w3g64", "int3"), ("nf4g64", "nf4"), ("fp8", "fp8"), ("w4g16", "group size 16"), ("w2g16-asym", "group size 16")],
 )
 def test_auto_falls_back_with_a_visible_reason(scheme, why):
     mod = _layer(scheme, 128, 8, seed=6)

@@ -46,3 +46,28 @@ def test_errors():
         pack(torch.zeros(1, 4, dtype=torch.uint8), 5)
     with pytest.raises(ValueError):
         unpack(torch.zeros(1, 3, dtype=torch.uint8), 4, 7)  # 7 codes need 4 bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from((2, 4, 8)), n=st.integers(1, 40), k=st.integers(1, 150), seed=st.integers(0, 2**16))
+def test_tiled_layout_round_trip(bits, n, k, seed):
+    from lowbit.packing import tile, untile, untile_rows
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    t = tile(codes, bits)
+    per = 8 // bits
+    assert t.shape == (-(-n // 16), -(-k // (2 * per)) * 32)
+    assert torch.equal(untile(t, bits, n, k), codes)
+    rows = torch.randint(0, n, (5,), generator=g)
+    assert torch.equal(untile_rows(t, bits, k, rows), codes[rows])
+
+
+def test_documented_tiled_layout():
+    from lowbit.packing import tile
+
+    codes = (torch.arange(16 * 4).reshape(16, 4) % 16).to(torch.uint8)
+    t = tile(codes, 4)  # one block, one chunk of 16 rows x 4 columns
+    for p in range(32):
+        r, kk = p // 2, p % 2
+        assert int(t[0, p]) & 15 == codes[r, kk] and int(t[0, p]) >> 4 == codes[r, 2 + kk]

@@ -169,3 +169,27 @@ def test_format_table_lookup():
     with pytest.raises(KeyError, match="known formats"):
         get_format("int5")
     assert all(f.name == name for name, f in FORMATS.items())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w8g32-asym", "w4g64", "w4g128-asym", "w4-asym-tensor", "w2g32-asym", "w2g64"])
+@pytest.mark.parametrize("n,k", [(16, 64), (17, 130), (5, 576)])
+def test_tiled_layout_is_exact_and_counts_the_stored_bytes(scheme, n, k):
+    w = torch.randn(n, k)
+    rows = QWeight.from_float(w, parse_scheme(scheme))
+    tiled = rows.to_layout("tiled")
+    assert tiled.layout == "tiled" and tiled.can_tile()
+    assert torch.equal(tiled.dequantize(), rows.dequantize())
+    assert tiled.nbytes == rows.nbytes  # what a file stores, whatever the layout in memory
+    back = tiled.to_layout("rows")
+    for name, t in rows.tensors().items():
+        assert torch.equal(back.tensors()[name], t), name
+    idx = torch.tensor([n - 1, 0, n // 2])
+    assert torch.equal(tiled.rows_subset(idx).dequantize(), rows.dequantize()[idx])
+
+
+@pytest.mark.parametrize("scheme", ["w3g64", "nf4g64", "fp8", "bf16"])
+def test_formats_without_a_tiled_layout_say_so(scheme):
+    qw = QWeight.from_float(torch.randn(4, 64), parse_scheme(scheme))
+    assert not qw.can_tile()
+    with pytest.raises(ValueError, match="no tiled layout"):
+        qw.to_layout("tiled")

@@ -185,10 +185,10 @@ def quantize(
         if qw is None:
             qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
         new = _swap(mod, kind, qw, method)
-        kernels.assign(new, kernel)
         _set_module(model, name, new)
         records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(scheme), method, why)
         head_quantized |= name in heads
+    kernels.use_kernel(model, kernel)  # after all swaps, so shared weights convert once
     model.lowbit_layers = records
     if head_quantized:
         # A quantized head or embedding no longer shares a float tensor with its twin.

@@ -34,6 +34,7 @@ class QuantModule(nn.Module):
         self.scheme: Scheme = qw.scheme
         self.weight_shape: tuple[int, ...] = tuple(qw.shape)
         self.method = method
+        self.layout = qw.layout  # "rows" as stored, or "tiled" for the CPU kernel (lowbit.packing)
         self.register_buffer("qweight", qw.data)
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero)
@@ -45,8 +46,16 @@ class QuantModule(nn.Module):
 
     @property
     def qw(self) -> QWeight:
-        """The stored weight as a :class:`QWeight` view (no copy)."""
-        return QWeight(self.scheme, self.weight_shape, self.qweight, self.scales, self.zeros)
+        """The weight as a :class:`QWeight` view of the buffers (no copy), in their layout."""
+        return QWeight(self.scheme, self.weight_shape, self.qweight, self.scales, self.zeros, self.layout)
+
+    def set_qweight(self, qw: QWeight) -> None:
+        """Replace the stored weight (same scheme and shape; any layout)."""
+        if qw.scheme != self.scheme or tuple(qw.shape) != self.weight_shape:
+            raise ValueError("set_qweight keeps the scheme and shape")
+        self._buffers["qweight"], self._buffers["scales"], self._buffers["zeros"] = qw.data, qw.scale, qw.zero
+        self.layout = qw.layout
+        self._kernel_state = None
 
     @property
     def nbytes(self) -> int:
@@ -76,7 +85,10 @@ class QuantModule(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
-        # Loading replaces the buffers; a kernel may have cached a layout derived from them.
+        # State dicts (and files) hold the row layout; come back to it, load, and let the kernel
+        # derive its layout again on the next call.
+        if self.layout != "rows":
+            self.set_qweight(self.qw.to_layout("rows"))
         self._kernel_impl = None
         self._kernel_state = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -162,14 +174,7 @@ class QuantEmbedding(QuantModule):
 
     def rows(self, idx: torch.Tensor) -> QWeight:
         """A QWeight of only the rows ``idx`` (1-D long), shape ``(len(idx), dim)``."""
-        per_row = not self.scheme.per_tensor
-        return QWeight(
-            self.scheme,
-            (idx.numel(), self.embedding_dim),
-            self.qweight[idx],
-            None if self.scales is None else (self.scales[idx] if per_row else self.scales),
-            None if self.zeros is None else (self.zeros[idx] if per_row else self.zeros),
-        )
+        return self.qw.rows_subset(idx)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._run(idx)

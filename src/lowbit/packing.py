@@ -12,13 +12,21 @@ Layouts (``codes`` is ``(rows, n)`` uint8 with every value ``< 2**bits``):
 
 Rows are padded with zero codes up to the packing unit; :func:`unpack` drops the padding given
 the true ``n``. So a row of ``n`` codes takes exactly :func:`packed_row_bytes` bytes.
+
+The **tiled** layout (:func:`tile`) is what the CPU kernel reads; lowbit keeps it in memory
+only, and always stores the row layout above. Rows go in blocks of ``TILE_ROWS = 16`` (the last
+block zero-padded); each block is a sequence of 32-byte chunks, each chunk holding 16 rows x
+``16 // bits`` columns: byte ``p`` belongs to row ``p // 2`` and its sub-code ``i`` (bits
+``i*bits ..``) is column ``2*i + p % 2`` of the chunk. Columns are zero-padded to whole chunks.
+Shape: ``(ceil(N/16), ceil(K / (16//bits)) * 32)`` uint8 for 2, 4 and 8 bits.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["pack", "unpack", "packed_row_bytes", "PACKABLE_BITS"]
+__all__ = ["pack", "unpack", "packed_row_bytes", "PACKABLE_BITS", "TILE_ROWS", "TILEABLE_BITS", "tile", "untile",
+           "untile_rows"]  # fmt: skip
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -82,3 +90,48 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32) * bits
     codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, n/per, per)
     return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
+
+
+TILE_ROWS = 16
+TILEABLE_BITS = (2, 4, 8)
+
+
+def _tile_geometry(n: int, k: int, bits: int) -> tuple[int, int, int, int]:
+    """(row blocks, chunks per row block, columns per chunk, sub-codes per byte)."""
+    if bits not in TILEABLE_BITS:
+        raise ValueError(f"the tiled layout takes {TILEABLE_BITS}-bit codes, not {bits}")
+    per = 8 // bits
+    ck = 2 * per
+    return -(-n // TILE_ROWS), -(-k // ck), ck, per
+
+
+def tile(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Row-layout codes ``(N, K)`` uint8 -> tiled ``(ceil(N/16), chunks * 32)`` uint8 (module docstring)."""
+    n, k = codes.shape
+    nb, nc, ck, per = _tile_geometry(n, k, bits)
+    c = torch.nn.functional.pad(codes, (0, nc * ck - k, 0, nb * TILE_ROWS - n))
+    # column j of chunk c = 2*i + kk  ->  (block, row, chunk, i, kk)
+    c = c.reshape(nb, TILE_ROWS, nc, per, 2).permute(0, 2, 1, 4, 3)  # (block, chunk, row, kk, i)
+    out = c[..., 0].clone()
+    for i in range(1, per):
+        out |= c[..., i] << (i * bits)
+    return out.reshape(nb, nc * 32)
+
+
+def untile_rows(tiled: torch.Tensor, bits: int, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """Codes ``(len(rows), K)`` uint8 of the given rows (1-D long) of a tiled weight."""
+    nb, width = tiled.shape
+    nc = width // 32
+    per = 8 // bits
+    t = tiled.reshape(nb, nc, TILE_ROWS, 2)[rows // TILE_ROWS, :, rows % TILE_ROWS]  # (R, chunk, kk)
+    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    sub = (t.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (R, chunk, kk, i)
+    return sub.permute(0, 1, 3, 2).reshape(len(rows), nc * 2 * per)[:, :k].contiguous()
+
+
+def untile(tiled: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`tile`: tiled codes -> row-layout ``(N, K)`` uint8."""
+    nb, nc, _, _ = _tile_geometry(n, k, bits)
+    if tiled.dtype != torch.uint8 or tuple(tiled.shape) != (nb, nc * 32):
+        raise ValueError(f"tiled {bits}-bit codes of {n}x{k} must be uint8 {(nb, nc * 32)}, got {tuple(tiled.shape)}")
+    return untile_rows(tiled, bits, k, torch.arange(n))

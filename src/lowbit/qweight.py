@@ -11,6 +11,12 @@ Tensors (``N`` output channels, ``K`` input columns after flattening, ``ng = cei
   uint8, or fractional ones (e.g. from HQQ) as ``(R, ng)`` float16.
 
 ``nbytes`` counts exactly these tensors' bytes: what the safetensors file stores for the weight.
+
+In memory a QWeight may instead be in the ``tiled`` layout the CPU kernel reads
+(:func:`lowbit.packing.tile`): ``data`` tiled, ``scale`` group-major ``(ng, ceil(N/16)*16)``
+and integer zero points packed along rows ``(ng, packed_row_bytes(ceil(N/16)*16, bits))``,
+padding rows zero; per-tensor parameters stay ``(1, 1)``. ``nbytes`` always counts the row
+layout, which is what is stored; :meth:`to_layout` converts both ways exactly.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _padded_rows(n: int) -> int:
+    return -(-n // packing.TILE_ROWS) * packing.TILE_ROWS
+
+
 @dataclass
 class QWeight:
     """A quantized weight; see the module docstring for the tensors' layouts."""
@@ -48,6 +58,7 @@ class QWeight:
     data: torch.Tensor
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
+    layout: str = "rows"
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -71,8 +82,14 @@ class QWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored for this weight: codes + scales + zero points."""
-        return _nbytes(self.data) + _nbytes(self.scale) + _nbytes(self.zero)
+        """Bytes stored for this weight (row layout): codes + scales + zero points."""
+        if self.layout == "rows":
+            return _nbytes(self.data) + _nbytes(self.scale) + _nbytes(self.zero)
+        fmt = self.scheme.fmt
+        r = 1 if self.scheme.per_tensor else self.rows
+        zero = 0 if self.zero is None else r * packing.packed_row_bytes(self.n_groups, fmt.bits)
+        scale = r * self.n_groups * self.scale.element_size()
+        return self.rows * packing.packed_row_bytes(self.cols, fmt.bits) + scale + zero
 
     @property
     def bits_per_weight(self) -> float:
@@ -109,18 +126,83 @@ class QWeight:
     # ---- reading back -------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """Unpacked codes ``(N, K)`` uint8 (affine and codebook formats)."""
+        if self.layout == "tiled":
+            return packing.untile(self.data, self.scheme.bits, self.rows, self.cols)
         return packing.unpack(self.data, self.scheme.bits, self.cols)
+
+    def _tiled_params(self) -> bool:
+        return self.layout == "tiled" and not self.scheme.per_tensor
 
     def zero_points(self) -> torch.Tensor | None:
         """Zero points ``(R, ng)`` float32, or ``None`` for symmetric schemes."""
         if self.zero is None:
             return None
+        if self._tiled_params():
+            padded = packing.unpack(self.zero, self.scheme.bits, _padded_rows(self.rows))
+            return padded[:, : self.rows].t().float()
         if self.zero.dtype == torch.uint8:
             return packing.unpack(self.zero, self.scheme.bits, self.n_groups).float()
         return self.zero.float()
 
+    def scales(self) -> torch.Tensor:
+        """Scales ``(R, ng)`` float32."""
+        return self.scale[:, : self.rows].t().float() if self._tiled_params() else self.scale.float()
+
     def qparams(self) -> QParams:
-        return QParams(self.scale.float(), self.zero_points())
+        return QParams(self.scales(), self.zero_points())
+
+    # ---- layouts ------------------------------------------------------------------------------
+    def can_tile(self) -> bool:
+        """Whether the tiled layout applies: affine 2/4/8-bit codes with integer (or no) zeros."""
+        s = self.scheme
+        return (
+            s.fmt.kind == "affine"
+            and s.bits in packing.TILEABLE_BITS
+            and (self.zero is None or self.zero.dtype == torch.uint8)
+        )
+
+    def to_layout(self, layout: str) -> "QWeight":
+        """This weight in ``layout`` ("rows" or "tiled"): new tensors, same values."""
+        if layout == self.layout:
+            return self
+        if layout not in ("rows", "tiled"):
+            raise ValueError(f"unknown layout {layout!r}")
+        if layout == "tiled" and not self.can_tile():
+            raise ValueError(f"{self.scheme} weights have no tiled layout")
+        bits = self.scheme.bits
+        qp = self.qparams()
+        codes = self.codes()
+        if layout == "rows":
+            scale = qp.scale.to(self.scale.dtype).contiguous()
+            zero = None if qp.zero is None else packing.pack(qp.zero.to(torch.uint8), bits)
+            return QWeight(self.scheme, self.shape, packing.pack(codes, bits), scale, zero, "rows")
+        n = self.rows
+        pad = _padded_rows(n) - n
+        if self.scheme.per_tensor:
+            scale, zero = self.scale, self.zero
+        else:
+            scale = torch.nn.functional.pad(qp.scale.t(), (0, pad)).to(self.scale.dtype).contiguous()
+            zero = None
+            if qp.zero is not None:
+                zero = packing.pack(torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(torch.uint8).contiguous(), bits)
+        return QWeight(self.scheme, self.shape, packing.tile(codes, bits), scale, zero, "tiled")
+
+    def rows_subset(self, idx: torch.Tensor) -> "QWeight":
+        """A row-layout QWeight of only the rows ``idx`` (1-D long), shape ``(len(idx), ...)``."""
+        shape = (idx.numel(), *self.shape[1:])
+        if self.layout == "rows":
+            per_row = not self.scheme.per_tensor
+            pick = (lambda t: None if t is None else (t[idx] if per_row else t))  # noqa: E731
+            return QWeight(self.scheme, shape, self.data[idx], pick(self.scale), pick(self.zero))
+        bits = self.scheme.bits
+        codes = packing.untile_rows(self.data, bits, self.cols, idx)
+        if self.scheme.per_tensor:
+            scale, zero = self.scale, self.zero
+        else:
+            scale = self.scale[:, idx].t().contiguous()
+            zp = self.zero_points()
+            zero = None if zp is None else packing.pack(zp[idx].to(torch.uint8), bits)
+        return QWeight(self.scheme, shape, packing.pack(codes, bits), scale, zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight this QWeight stands for, in its original shape."""
@@ -134,7 +216,7 @@ class QWeight:
 
     # ---- storage ------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors to store, by suffix: ``qweight``, ``scales``, ``zeros`` (present ones)."""
+        """This layout's tensors by suffix: ``qweight``, ``scales``, ``zeros`` (present ones)."""
         out = {"qweight": self.data}
         if self.scale is not None:
             out["scales"] = self.scale

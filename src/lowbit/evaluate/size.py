@@ -105,7 +105,7 @@ def size_of(model: nn.Module) -> SizeReport:
     for name, mod in model.named_modules():
         if isinstance(mod, QuantModule):
             qw = mod.qw
-            stored = sum(t.numel() * t.element_size() for t in qw.tensors().values() if once(t))
+            stored = qw.nbytes if once(mod.qweight) else 0  # row-layout bytes, as saved
             bias = mod.bias.numel() * mod.bias.element_size() if mod.bias is not None and once(mod.bias) else 0
             rep.layers.append(
                 LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, qw.nbytes, bias)

@@ -135,6 +135,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: s
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     state = model.state_dict()
+    # Files hold the row layout; modules running the tiled one are converted (once per shared
+    # weight, so a tied embedding and head still store one copy).
+    converted: dict[int, dict[str, torch.Tensor]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule) and mod.layout != "rows":
+            key = mod.qweight.data_ptr()
+            if key not in converted:
+                converted[key] = mod.qw.to_layout("rows").tensors()
+            for suffix, t in converted[key].items():
+                state[f"{name}.{suffix}"] = t
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_ptr: dict[tuple, str] = {}

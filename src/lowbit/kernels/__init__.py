@@ -34,13 +34,16 @@ class KernelError(ValueError):
 
 @dataclass(frozen=True)
 class Kernel:
-    """One implementation of an op. ``supports(module)`` is ``None`` or the reason it cannot."""
+    """One implementation of an op. ``supports(module)`` is ``None`` or the reason it cannot;
+    ``layout`` is the weight layout the kernel reads ("rows" as stored, or "tiled"), and
+    ``None`` means either (the reference kernels dequantize any layout)."""
 
     name: str
     op: str
     run: Callable
     supports: Callable
     doc: str
+    layout: str | None = None
 
 
 def _always(mod) -> str | None:
@@ -53,7 +56,7 @@ def _cast_only(mod) -> str | None:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("reference", "linear", reference.linear, _always, "dequantize, then float32 F.linear"),
-    Kernel("cpu-vnni", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations, AVX-512 VNNI"),
+    Kernel("cpu-vnni", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations, AVX-512 VNNI", "tiled"),
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
     Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
@@ -76,7 +79,24 @@ def _find(op: str, name: str) -> Kernel:
     raise KernelError(f"unknown kernel {name!r} for {op}; kernels: {', '.join(names)} or 'auto'")
 
 
-def assign(mod, prefer: str = "auto") -> None:
+def _bind(mod, k: Kernel, note: str, memo: dict | None) -> None:
+    """Record kernel ``k`` on ``mod`` and give it the weight layout ``k`` reads.
+
+    ``memo`` maps an original qweight tensor to its converted weight, so weights shared by
+    several modules (a tied embedding and LM head) are converted once and stay shared.
+    """
+    if k.layout is not None and mod.layout != k.layout:
+        key = (mod.qweight.data_ptr(), k.layout)
+        qw = memo.get(key) if memo is not None else None
+        if qw is None:
+            qw = mod.qw.to_layout(k.layout)
+            if memo is not None:
+                memo[key] = qw
+        mod.set_qweight(qw)
+    mod.kernel, mod.kernel_note, mod._kernel_impl, mod._kernel_state = k.name, note, k.run, None
+
+
+def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
     """Choose and record the kernel for one quantized module.
 
     ``prefer="auto"`` takes the fastest supporting kernel; a name insists on that kernel and
@@ -87,7 +107,7 @@ def assign(mod, prefer: str = "auto") -> None:
         reason = k.supports(mod)
         if reason is not None:
             raise KernelError(f"kernel {prefer!r} cannot run this {mod.op} ({mod.scheme}): {reason}")
-        mod.kernel, mod.kernel_note, mod._kernel_impl, mod._kernel_state = k.name, "", k.run, None
+        _bind(mod, k, "", memo)
         return
     notes = []
     for name in _AUTO_ORDER:
@@ -97,8 +117,7 @@ def assign(mod, prefer: str = "auto") -> None:
             continue
         reason = k.supports(mod)
         if reason is None:
-            mod.kernel, mod._kernel_impl, mod._kernel_state = k.name, k.run, None
-            mod.kernel_note = "; ".join(notes)
+            _bind(mod, k, "; ".join(notes), memo)
             return
         if name == "cpu-vnni" and not mod.scheme.is_cast:
             notes.append(f"{name}: {reason}")
@@ -106,10 +125,26 @@ def assign(mod, prefer: str = "auto") -> None:
 
 
 def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
-    """(Re)assign kernels for every quantized module of ``model``; returns ``model``."""
-    from ..nn import QuantModule
+    """(Re)assign kernels for every quantized module of ``model``; returns ``model``.
 
-    for mod in model.modules():
-        if isinstance(mod, QuantModule):
-            assign(mod, prefer)
+    Embeddings that share their weight with a module whose kernel changed its layout adopt the
+    converted weight, so the pair stays stored once.
+    """
+    from ..nn import QuantEmbedding, QuantModule
+
+    memo: dict = {}
+    mods = [m for m in model.modules() if isinstance(m, QuantModule)]
+    originals = {id(m): m.qweight.data_ptr() for m in mods}
+    def pick(mod) -> str:  # a named kernel applies to the ops that have it
+        return prefer if any(k.name == prefer for k in kernels_for(mod.op)) else "auto"
+
+    for mod in mods:
+        if not isinstance(mod, QuantEmbedding):
+            assign(mod, pick(mod), memo)
+    for mod in mods:
+        if isinstance(mod, QuantEmbedding):
+            assign(mod, pick(mod), memo)
+            shared = [qw for (ptr, _), qw in memo.items() if ptr == originals[id(mod)]]
+            if shared:
+                mod.set_qweight(shared[0])
     return model

@@ -40,22 +40,22 @@ CFLAGS = (
 )
 # /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
 _REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
-_ZCONST, _ZPACKED = 0, 1
-_ABI = 3  # lb_abi_version() of the C source this wrapper calls
+_ABI = 4  # lb_abi_version() of the C source this wrapper calls
 
 
 class _Weights(ctypes.Structure):
-    """The C ``wdesc`` (same field order): one layer's packed weight as the kernel reads it."""
+    """The C ``wdesc`` (same field order): one layer's tiled weight as the kernel reads it."""
 
     _fields_ = [
-        ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
         ("sw", ctypes.c_void_p), ("ldsw", ctypes.c_int64),
-        ("zmode", ctypes.c_int32), ("zconst", ctypes.c_int32),
         ("zw", ctypes.c_void_p), ("ldz", ctypes.c_int64),
+        ("zconst", ctypes.c_int32), ("bits", ctypes.c_int32),
         ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
-        ("bits", ctypes.c_int32), ("B", ctypes.c_int32),
+        ("B", ctypes.c_int32), ("pad_", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
     ]  # fmt: skip
+
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -135,12 +135,9 @@ def _block(mod) -> int | None:
     """Activation block (32 or 64 columns) for this module's grouping, or None if none fits."""
     k = mod.in_features
     g = k if (mod.scheme.group_size is None or mod.scheme.per_tensor) else mod.scheme.group_size
-    bits = mod.scheme.bits
     if g >= k or g % 64 == 0:
         return 64
-    if g % 32 == 0 and bits in (4, 8):
-        return 32
-    return None
+    return 32 if g % 32 == 0 else None
 
 
 def supports(mod) -> str | None:
@@ -150,9 +147,9 @@ def supports(mod) -> str | None:
     if s.act_bits is not None:
         return "activation-quantized scheme (weight-only kernel)"
     if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
-        return "fractional zero points (the VNNI kernel subtracts integer zeros)"
+        return "fractional zero points (the VNNI kernel takes integer zeros)"
     if _block(mod) is None:
-        return f"group size {s.group_size} (needs a multiple of 64, or of 32 for int4/int8)"
+        return f"group size {s.group_size} (needs a multiple of 32)"
     reason = unavailable_reason()
     return None if reason is None else f"VNNI kernel unavailable: {reason}"
 
@@ -162,25 +159,33 @@ def _tensors(mod) -> tuple:
 
 
 def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
-    """The C descriptor of ``mod``'s stored weight (pointers into its buffers, no copy), and the
+    """The C descriptor of ``mod``'s tiled weight (pointers into its buffers, no copy), and the
     float32 bias it points to (a copy only if the model was cast to another dtype)."""
+    if mod.layout != "tiled":
+        raise RuntimeError("the VNNI kernel reads the tiled layout; assign it with lowbit.kernels.assign()")
     s = mod.scheme
     qweight, scales, zeros, bias = _tensors(mod)
     if bias is not None:
         bias = bias.detach().float().contiguous()
-    for t in (qweight, scales, zeros, bias):
+    for t in (qweight, scales, zeros):
         if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
             raise RuntimeError("the CPU kernel needs contiguous CPU buffers")
+    if scales.dtype != torch.float16:
+        raise RuntimeError(f"the CPU kernel reads float16 scales, got {scales.dtype}")
     k = mod.in_features
     whole = s.group_size is None or s.per_tensor
-    zw = None if zeros is None else zeros.data_ptr()
+    if zeros is None:
+        zw, ldz, zconst = None, 0, s.fmt.sym_zero
+    elif s.per_tensor:  # one integer zero point for the whole tensor
+        zw, ldz, zconst = None, 0, int(mod.qw.zero_points().item())
+    else:
+        zw, ldz, zconst = zeros.data_ptr(), zeros.shape[1], 0
     desc = _Weights(
-        qweight.data_ptr(), qweight.shape[1],
+        qweight.data_ptr(),
         scales.data_ptr(), 0 if s.per_tensor else scales.shape[1],
-        _ZCONST if zeros is None else _ZPACKED, s.fmt.sym_zero,
-        zw, 0 if (zeros is None or s.per_tensor) else zeros.shape[1],
+        zw, ldz, zconst, s.bits,
         mod.out_features, k, k if whole else s.group_size,
-        s.bits, _block(mod),
+        _block(mod), 0,
         None if bias is None else bias.data_ptr(),
     )  # fmt: skip
     return desc, bias

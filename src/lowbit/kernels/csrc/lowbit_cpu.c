@@ -1,29 +1,32 @@
-/* lowbit CPU kernels: packed 2/4/8-bit weights x int16 activations on AVX-512 VNNI.
+/* lowbit CPU kernel: packed 2/4/8-bit weights x int16 activations on AVX-512 VNNI.
  *
- * out[m, n] = sum_b  sw[n, g(b)] * sx[m, b] * dot(u[n, b] - z[n, g(b)], qx[m, b])  + bias[n]
+ *   y[m, n] = bias[n] + sum_b sx[m, b] * ( sw[g(b), n] * sum_{k in b} u[n, k] * qx[m, k]
+ *                                        - sw[g(b), n] * z[g(b), n] * sumx[m, b] )
  *
- *   u      unsigned weight codes of row n, read straight from lowbit's packed storage
- *          (packing.py: 4-bit = two per byte, code 2j in the low nibble; 2-bit = four per byte;
- *          8-bit = one per byte), row stride ldw bytes.
- *   z      integer zero point: a constant (symmetric: 2^(bits-1)) or packed codes like u.
- *          It is subtracted from the codes in 16-bit lanes, so (u - z) is exact.
- *   sw     float16 scales (N or 1 rows, ng per row, row stride ldsw elements: 0 = per tensor).
- *   g(b)   group of activation block b: (b * B) / G. G is a multiple of B or >= K; the last group
- *          may be short (K % G columns), as lowbit's grouping defines.
- *   qx,sx  the activations quantized here, per block of B in {32, 64} columns, symmetric int16:
- *          sx = absmax / 32767, so the activation error is at most 1/65534 of the block's
- *          largest value: the kernel adds no accuracy loss worth measuring to the weight's own.
- *          Within each block, columns are permuted so that vector loads of qx line up with the
- *          in-register unpacking of the packed weight bytes (see permute_index()).
+ * Weights come in lowbit's "tiled" layout (packing.py: tile()): rows in blocks of 16; each
+ * 32-byte chunk of a row block holds 16 rows x CK columns (CK = 2, 4, 8 for 8, 4, 2 bits). Byte p
+ * of a chunk belongs to row p/2 and holds, in its sub-code i, column 2i + p%2 of the chunk. So a
+ * zero-extension of the chunk to 32 int16 lanes, then one shift-and-mask per sub-code, gives
+ * vectors whose 32-bit lane r holds row r's codes of two adjacent columns: exactly what
+ * vpdpwssd multiplies against a broadcast pair of int16 activations, accumulating 16 rows'
+ * dot products in 16 int32 lanes. No horizontal sums, and scales are applied to 16 rows at once.
  *
- * Why this shape: VNNI's vpdpwssd multiplies 32 pairs of int16 and accumulates into 16 int32
- * lanes in one instruction, so an unpacked weight block meets its activations without being
- * widened to float; a 64-column block costs two vpdpwssd, one int->float conversion and two
- * float ops per (activation row, weight row). Per-block int32 sums cannot overflow: 4 products
- * of |u - z| <= 255 and |qx| <= 32767 per lane.
+ *   u        unsigned codes; z the zero point (symmetric, or one zero for the whole tensor: the
+ *            constant zconst; asymmetric per group: codes packed along rows, zeros[g, n]); the
+ *            zero term uses sumx, the sum of the block's quantized activations, so the codes go
+ *            into vpdpwssd as they are stored.
+ *   sw       float16 scales, group-major (ng, ld) so 16 rows' scales are one load; ld = 0: one
+ *            scale for the whole tensor.
+ *   qx, sx   activations quantized here per block of B (64, or 32 when G = 32) columns: symmetric
+ *            int16 with sx = absmax / 32767, so rounding is at most 1/65534 of the block's largest
+ *            value: negligible next to any weight format's own error.
+ *   g(b)     (b * B) / G: groups are multiples of B or span the row; the last may be short.
  *
- * Threads: OpenMP, sharing torch's libgomp when torch is loaded first; the caller passes the
- * thread count it wants (torch.get_num_threads()).
+ * Overflow: per block, each int32 lane adds B/2 products of a code < 256 and |qx| <= 32767:
+ * at most 32 * 255 * 32767 < 2^28.
+ * Threads: OpenMP (torch's libgomp when torch is loaded first); the caller passes the count.
+ * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512dq -mf16c -mfma; the loader
+ * checks the CPU flags before it opens the library.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -31,27 +34,27 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512dq -mf16c -mfma; the
- * loader checks the CPU flags before it opens the library. */
 #define INLINE static inline __attribute__((always_inline))
 
-enum { ZCONST = 0, ZPACKED = 1 };
+int lb_abi_version(void) { return 4; }
 
-int lb_abi_version(void) { return 3; }
+/* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
+typedef struct {
+    const uint8_t* w;     /* (ceil(N/16), nchunks * 32) tiled codes */
+    const uint16_t* sw;   /* fp16 scales (ng, ldsw); ldsw = 0: per tensor */
+    int64_t ldsw;
+    const uint8_t* zw;    /* packed zero codes (ng, ldz bytes), or NULL: constant zconst */
+    int64_t ldz;
+    int32_t zconst, bits;
+    int64_t N, K, G;      /* rows, columns, group size (>= K: one group) */
+    int32_t B, pad_;      /* activation block: 32 or 64 */
+    const float* bias;    /* (N,) or NULL */
+} wdesc;
 
-/* Position, within a block of B activation columns, where column c of the block goes: the
- * weight unpacking below lays out a block's codes as [all sub-codes 0 of each byte, all
- * sub-codes 1, ...], so column j*per + i (byte j, sub-code i) lands at i*(B/per) + j. */
-INLINE int permute_index(int c, int B, int per) {
-    int j = c / per, i = c % per;
-    return i * (B / per) + j;
-}
-
-/* Quantize rows of x (M, K) into qx (M, nb*B) int16 (zero-padded) and sx (M, nb). */
-static void quant_act(const float* x, int64_t M, int64_t K, int B, int bits, int16_t* qx, float* sx,
+/* Quantize rows of x (M, K) to int16 qx (M, nb*B) zero-padded, sx and sumx (M, nb). */
+static void quant_act(const float* x, int64_t M, int64_t K, int B, int16_t* qx, float* sx, int32_t* sumx,
                       int nthreads) {
     const int64_t nb = (K + B - 1) / B;
-    const int per = 8 / bits;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
     for (int64_t m = 0; m < M; m++) {
         const float* xr = x + m * K;
@@ -59,182 +62,167 @@ static void quant_act(const float* x, int64_t M, int64_t K, int B, int bits, int
         for (int64_t b = 0; b < nb; b++) {
             const int64_t c0 = b * B;
             const int n = (int)((K - c0) < B ? (K - c0) : B);
+            const __mmask16 full = 0xFFFF;
             __m512 vmax = _mm512_setzero_ps();
-            int c = 0;
-            for (; c + 16 <= n; c += 16)
-                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + c0 + c)));
-            float amax = _mm512_reduce_max_ps(vmax);
-            for (; c < n; c++) amax = fmaxf(amax, fabsf(xr[c0 + c]));
-            const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-            int16_t* qb = qr + b * B;
-            if (per == 1) {
-                for (c = 0; c < n; c++) qb[c] = (int16_t)lrintf(xr[c0 + c] * inv);
-                for (; c < B; c++) qb[c] = 0;
-            } else {
-                memset(qb, 0, sizeof(int16_t) * (size_t)B);
-                for (c = 0; c < n; c++) qb[permute_index(c, B, per)] = (int16_t)lrintf(xr[c0 + c] * inv);
+            for (int c = 0; c < n; c += 16) {
+                const __mmask16 mk = n - c >= 16 ? full : (__mmask16)((1u << (n - c)) - 1);
+                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xr + c0 + c)));
+            }
+            const float amax = _mm512_reduce_max_ps(vmax);
+            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            __m512i vsum = _mm512_setzero_si512();
+            for (int c = 0; c < B; c += 16) {
+                const int left = n - c;
+                const __mmask16 mk = left >= 16 ? full : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + c0 + c), inv));
+                vsum = _mm512_add_epi32(vsum, q);
+                _mm256_storeu_si256((__m256i*)(qr + b * B + c), _mm512_cvtsepi32_epi16(q));
             }
             sx[m * nb + b] = amax / 32767.0f;
+            sumx[m * nb + b] = _mm512_reduce_add_epi32(vsum);
         }
     }
 }
 
-/* ---- weight block unpacking: B columns of one row -> (u - z) in B/32 vectors of 32 int16 ----
- * 4-bit: one zero-extension of the packed bytes to 16-bit lanes, then low nibble = AND 15 and
- * high nibble = shift right 4 (the byte is < 256, so no mask is needed), giving [codes of even
- * columns | codes of odd columns] as permute_index() expects. 8-bit: zero-extend. 2-bit: four
- * 2-bit fields of 16 bytes, combined as [sub-code 0 | 1 | 2 | 3]. */
-INLINE void unpack_b64(const uint8_t* p, int bits, uint64_t mask, __m512i zv, __m512i out[2]) {
-    if (bits == 4) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)mask, p));
-        out[0] = _mm512_sub_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x0F)), zv);
-        out[1] = _mm512_sub_epi16(_mm512_srli_epi16(v, 4), zv);
-    } else if (bits == 8) {
-        out[0] = _mm512_sub_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)mask, p)), zv);
-        out[1] = _mm512_sub_epi16(
-            _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)(mask >> 32), p + 32)), zv);
-    } else { /* bits == 2 */
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)mask, p));
-        const __m256i m2 = _mm256_set1_epi16(0x03);
-        const __m256i c0 = _mm256_and_si256(v, m2), c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
-        const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2), c3 = _mm256_srli_epi16(v, 6);
-        out[0] = _mm512_sub_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1), zv);
-        out[1] = _mm512_sub_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(c2), c3, 1), zv);
+/* 16 rows' zero points of group g as floats. */
+INLINE __m512 load_zeros(const wdesc* d, int64_t g, int64_t rb) {
+    if (!d->zw) return _mm512_set1_ps((float)d->zconst);
+    const uint8_t* p = d->zw + g * d->ldz;
+    if (d->bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + rb * 16))));
+    if (d->bits == 4) {
+        /* 8 bytes: row 2j in the low nibble of byte j, row 2j+1 in the high one */
+        const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + rb * 8)));
+        const __m128i lo = _mm_and_si128(v, _mm_set1_epi16(15)), hi = _mm_srli_epi16(v, 4);
+        const __m256i z16 = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+        return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(z16));
     }
+    /* bits == 2: 4 bytes, row 4j + i at bits 2i of byte j */
+    uint32_t word;
+    memcpy(&word, p + rb * 4, 4);
+    float z[16];
+    for (int r = 0; r < 16; r++) z[r] = (float)((word >> (2 * r)) & 3);
+    return _mm512_loadu_ps(z);
 }
 
-INLINE void unpack_b32(const uint8_t* p, int bits, uint64_t mask, __m512i zv, __m512i out[1]) {
-    if (bits == 8) {
-        out[0] = _mm512_sub_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)mask, p)), zv);
-    } else { /* bits == 4 */
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8((__mmask16)mask, p));
-        const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F)), hi = _mm256_srli_epi16(v, 4);
-        out[0] = _mm512_sub_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), zv);
-    }
+INLINE __m512 load_scales(const wdesc* d, int64_t g, int64_t rb) {
+    if (d->ldsw == 0) return _mm512_set1_ps(_cvtsh_ss(d->sw[0]));
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d->sw + g * d->ldsw + rb * 16)));
 }
 
-/* One quantized weight as the kernel reads it; built once per layer by the Python wrapper
- * (kernels/cpu.py, class _Weights: keep the two in the same field order). */
-typedef struct {
-    const uint8_t* w; int64_t ldw;       /* packed codes, row stride in bytes */
-    const uint16_t* sw; int64_t ldsw;    /* fp16 scales, row stride in elements (0: per tensor) */
-    int32_t zmode; int32_t zconst;       /* zero point mode (ZCONST/ZPACKED), constant zero */
-    const uint8_t* zw; int64_t ldz;      /* packed zero codes, row stride in bytes (0: per tensor) */
-    int64_t N, K, G;                     /* rows, columns, group size (>= K: one group) */
-    int32_t bits, B;                     /* code width; activation block (32 or 64) */
-    const float* bias;                   /* (N,) float32 or NULL */
-} wdesc;
-
-INLINE float load_scale(const wdesc* d, int64_t n, int64_t g) { return _cvtsh_ss(d->sw[n * d->ldsw + g]); }
-
-INLINE int load_zero(const wdesc* d, int64_t n, int64_t g) {
-    if (d->zmode == ZCONST) return d->zconst;
-    const uint8_t* zr = d->zw + n * d->ldz;
-    const int per = 8 / d->bits;
-    const int sh = (int)(g % per) * d->bits;
-    return (zr[g / per] >> sh) & ((1 << d->bits) - 1);
+INLINE __m512i bcast_pair(const int16_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
 }
 
-/* One tile: NT weight rows from n, MT activation rows from m; B-column blocks. */
-#define DEFINE_TILE(NAME, NT_, MT_, B_)                                                        \
-    static void NAME(const wdesc* d, int64_t n, int64_t m, const int16_t* qx, int64_t ldq,      \
-                     const float* sx, int64_t nb, float* out) {                                 \
-        enum { NT = NT_, MT = MT_, B = B_, NV = B_ / 32 };                                      \
-        __m512 acc[MT][NT];                                                                     \
-        for (int i = 0; i < MT; i++)                                                            \
-            for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();                        \
-        const int per = 8 / d->bits;                                                            \
-        const int bbytes = B / per;                                                             \
-        for (int64_t b = 0; b < nb; b++) {                                                      \
-            const int64_t g = (b * B) / d->G;                                                   \
-            const int64_t rem = d->K - b * B;                                                   \
-            const int64_t cols = rem < B ? rem : B;                                             \
-            const int nbytes = (int)((cols * d->bits + 7) / 8);                                 \
-            const uint64_t mask = nbytes >= 64 ? ~0ull : ((1ull << nbytes) - 1);                 \
-            __m512i wv[NT][NV];                                                                 \
-            float swj[NT];                                                                      \
-            for (int j = 0; j < NT; j++) {                                                      \
-                const uint8_t* p = d->w + (n + j) * d->ldw + b * bbytes;                        \
-                const __m512i zv = _mm512_set1_epi16((short)load_zero(d, n + j, g));            \
-                if (B == 64) unpack_b64(p, d->bits, mask, zv, wv[j]);                           \
-                else unpack_b32(p, d->bits, mask, zv, wv[j]);                                   \
-                swj[j] = load_scale(d, n + j, g);                                               \
-            }                                                                                   \
+/* Accumulate one chunk (16 rows x CK columns starting at activation column k) into acc[MT]. */
+#define CHUNK_BODY(MT)                                                                          \
+    do {                                                                                        \
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)wp));         \
+        if (bits == 8) {                                                                        \
+            for (int i = 0; i < MT; i++) acc[i] = _mm512_dpwssd_epi32(acc[i], v, bcast_pair(xr[i] + k)); \
+        } else if (bits == 4) {                                                                 \
+            const __m512i w0 = _mm512_and_si512(v, _mm512_set1_epi16(15));                       \
+            const __m512i w1 = _mm512_srli_epi16(v, 4);                                         \
             for (int i = 0; i < MT; i++) {                                                      \
-                const int16_t* xp = qx + (m + i) * ldq + b * B;                                 \
-                __m512i xv[NV];                                                                 \
-                for (int v = 0; v < NV; v++) xv[v] = _mm512_loadu_si512((const void*)(xp + 32 * v)); \
-                const float sxi = sx[(m + i) * nb + b];                                         \
-                for (int j = 0; j < NT; j++) {                                                  \
-                    __m512i t = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv[j][0], xv[0]);    \
-                    for (int v = 1; v < NV; v++) t = _mm512_dpwssd_epi32(t, wv[j][v], xv[v]);   \
-                    acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(sxi * swj[j]), acc[i][j]); \
-                }                                                                               \
+                acc[i] = _mm512_dpwssd_epi32(acc[i], w0, bcast_pair(xr[i] + k));                \
+                acc[i] = _mm512_dpwssd_epi32(acc[i], w1, bcast_pair(xr[i] + k + 2));            \
+            }                                                                                   \
+        } else {                                                                                \
+            const __m512i m3 = _mm512_set1_epi16(3);                                            \
+            const __m512i w0 = _mm512_and_si512(v, m3), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3); \
+            const __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), w3 = _mm512_srli_epi16(v, 6); \
+            for (int i = 0; i < MT; i++) {                                                      \
+                acc[i] = _mm512_dpwssd_epi32(acc[i], w0, bcast_pair(xr[i] + k));                \
+                acc[i] = _mm512_dpwssd_epi32(acc[i], w1, bcast_pair(xr[i] + k + 2));            \
+                acc[i] = _mm512_dpwssd_epi32(acc[i], w2, bcast_pair(xr[i] + k + 4));            \
+                acc[i] = _mm512_dpwssd_epi32(acc[i], w3, bcast_pair(xr[i] + k + 6));            \
             }                                                                                   \
         }                                                                                       \
-        for (int i = 0; i < MT; i++)                                                            \
-            for (int j = 0; j < NT; j++) {                                                      \
-                float v = _mm512_reduce_add_ps(acc[i][j]);                                      \
-                if (d->bias) v += d->bias[n + j];                                               \
-                out[(m + i) * d->N + n + j] = v;                                                \
+    } while (0)
+
+/* Rows rb*16 .. +15 of the output for activation rows m .. m+MT-1. */
+#define DEFINE_TILE(NAME, MT_, BITS_)                                                            \
+    static void NAME(const wdesc* d, int64_t rb, int64_t m, const int16_t* qx, int64_t ldq,       \
+                     const float* sx, const int32_t* sumx, int64_t nb, float* y) {                \
+        enum { MT = MT_, bits = BITS_ };                                                        \
+        const int B = d->B;                                                                     \
+        const int ck = 16 / bits;                  /* columns per 32-byte chunk */               \
+        const int64_t nchunks = (d->K + ck - 1) / ck;                                            \
+        const uint8_t* wrow = d->w + rb * nchunks * 32;                                         \
+        const int16_t* xr[MT];                                                                  \
+        __m512 out[MT];                                                                         \
+        for (int i = 0; i < MT; i++) { xr[i] = qx + (m + i) * ldq; out[i] = _mm512_setzero_ps(); } \
+        for (int64_t b = 0; b < nb; b++) {                                                      \
+            const int64_t g = (b * B) / d->G;                                                   \
+            const int64_t c_end = ((b + 1) * B) / ck < nchunks ? ((b + 1) * B) / ck : nchunks;  \
+            __m512i acc[MT];                                                                    \
+            for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_si512();                         \
+            for (int64_t c = (b * B) / ck; c < c_end; c++) {                                    \
+                const uint8_t* wp = wrow + c * 32;                                              \
+                const int64_t k = c * ck;                                                       \
+                CHUNK_BODY(MT);                                                                 \
             }                                                                                   \
+            const __m512 s = load_scales(d, g, rb);                                             \
+            const __m512 zs = _mm512_mul_ps(s, load_zeros(d, g, rb));                           \
+            for (int i = 0; i < MT; i++) {                                                      \
+                const float sxi = sx[(m + i) * nb + b];                                         \
+                const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(sxi));  \
+                out[i] = _mm512_fmadd_ps(t, s, out[i]);                                         \
+                out[i] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(sxi * (float)sumx[(m + i) * nb + b]), out[i]); \
+            }                                                                                   \
+        }                                                                                       \
+        const int64_t n0 = rb * 16;                                                             \
+        const int nr = d->N - n0 < 16 ? (int)(d->N - n0) : 16;                                  \
+        const __mmask16 mk = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);          \
+        const __m512 bias = d->bias ? _mm512_maskz_loadu_ps(mk, d->bias + n0) : _mm512_setzero_ps(); \
+        for (int i = 0; i < MT; i++) _mm512_mask_storeu_ps(y + (m + i) * d->N + n0, mk, _mm512_add_ps(out[i], bias)); \
     }
 
-DEFINE_TILE(tile64_4x4, 4, 4, 64)
-DEFINE_TILE(tile64_4x1, 4, 1, 64)
-DEFINE_TILE(tile64_1x4, 1, 4, 64)
-DEFINE_TILE(tile64_1x1, 1, 1, 64)
-DEFINE_TILE(tile32_4x4, 4, 4, 32)
-DEFINE_TILE(tile32_4x1, 4, 1, 32)
-DEFINE_TILE(tile32_1x4, 1, 4, 32)
-DEFINE_TILE(tile32_1x1, 1, 1, 32)
+#define DEFINE_TILES(BITS)                                                                        \
+    DEFINE_TILE(tile8_b##BITS, 8, BITS)                                                          \
+    DEFINE_TILE(tile4_b##BITS, 4, BITS)                                                          \
+    DEFINE_TILE(tile2_b##BITS, 2, BITS)                                                          \
+    DEFINE_TILE(tile1_b##BITS, 1, BITS)
+DEFINE_TILES(8)
+DEFINE_TILES(4)
+DEFINE_TILES(2)
 
-typedef void (*tile_fn)(const wdesc*, int64_t, int64_t, const int16_t*, int64_t, const float*, int64_t,
-                        float*);
+typedef void (*tile_fn)(const wdesc*, int64_t, int64_t, const int16_t*, int64_t, const float*, const int32_t*,
+                        int64_t, float*);
 
-/* Rows of activations handled per pass over the weights (qx of MC rows stays in L2). */
+/* Activation rows per pass over the weights: their int16 copy (MC x K x 2 bytes) stays in L2. */
 #define MC 64
 
-/* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias.  Returns 0, -1 on a bad
- * descriptor, -2 when out of memory. B must be 32 or 64 (64 takes bits 2, 4 or 8; 32 takes 4 or
- * 8); G % B == 0 or G >= K. */
-int lb_linear(const wdesc* W, const float* x, int64_t M, float* out, int nthreads) {
-    const int B = W->B, bits = W->bits;
-    const int64_t K = W->K, N = W->N, G = W->G;
+/* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias.
+ * Returns 0; -1 for a descriptor the kernel cannot run; -2 when out of memory. */
+int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads) {
+    const int B = d->B, bits = d->bits;
     if (!(B == 32 || B == 64) || !(bits == 2 || bits == 4 || bits == 8)) return -1;
-    if (B == 32 && bits == 2) return -1;
-    if (G < K && G % B) return -1;
-    if (W->zmode != ZCONST && W->zmode != ZPACKED) return -1;
-    const int64_t nb = (K + B - 1) / B;
-    const int64_t ldq = nb * B;
+    if (d->G < d->K && d->G % B) return -1;
+    const int64_t nb = (d->K + B - 1) / B, ldq = nb * B;
     int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)((M * ldq * 2 + 63) / 64 * 64));
     float* sx = (float*)malloc(sizeof(float) * (size_t)(M * nb));
-    if (!qx || !sx) { free(qx); free(sx); return -2; }
-    quant_act(x, M, K, B, bits, qx, sx, nthreads);
-    const wdesc* d = W;
-    tile_fn t44 = B == 64 ? tile64_4x4 : tile32_4x4, t41 = B == 64 ? tile64_4x1 : tile32_4x1;
-    tile_fn t14 = B == 64 ? tile64_1x4 : tile32_1x4, t11 = B == 64 ? tile64_1x1 : tile32_1x1;
-    const int64_t ntile = (N + 3) / 4;
+    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * nb));
+    if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
+    quant_act(x, M, d->K, B, qx, sx, sumx, nthreads);
+    const int64_t nrb = (d->N + 15) / 16;
+    tile_fn t8 = bits == 8 ? tile8_b8 : bits == 4 ? tile8_b4 : tile8_b2;
+    tile_fn t4 = bits == 8 ? tile4_b8 : bits == 4 ? tile4_b4 : tile4_b2;
+    tile_fn t2 = bits == 8 ? tile2_b8 : bits == 4 ? tile2_b4 : tile2_b2;
+    tile_fn t1 = bits == 8 ? tile1_b8 : bits == 4 ? tile1_b4 : tile1_b2;
 #pragma omp parallel num_threads(nthreads)
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t m1 = m0 + MC < M ? m0 + MC : M;
 #pragma omp for schedule(static) nowait
-        for (int64_t t = 0; t < ntile; t++) {
-            const int64_t n = t * 4;
-            const int full = n + 4 <= N;
-            for (int64_t m = m0; m < m1;) {
-                if (m + 4 <= m1) {
-                    if (full) t44(d, n, m, qx, ldq, sx, nb, out);
-                    else for (int64_t j = n; j < N; j++) t14(d, j, m, qx, ldq, sx, nb, out);
-                    m += 4;
-                } else {
-                    if (full) t41(d, n, m, qx, ldq, sx, nb, out);
-                    else for (int64_t j = n; j < N; j++) t11(d, j, m, qx, ldq, sx, nb, out);
-                    m += 1;
-                }
-            }
+        for (int64_t rb = 0; rb < nrb; rb++) {
+            int64_t m = m0;
+            for (; m + 8 <= m1; m += 8) t8(d, rb, m, qx, ldq, sx, sumx, nb, y);
+            if (m + 4 <= m1) { t4(d, rb, m, qx, ldq, sx, sumx, nb, y); m += 4; }
+            if (m + 2 <= m1) { t2(d, rb, m, qx, ldq, sx, sumx, nb, y); m += 2; }
+            if (m < m1) t1(d, rb, m, qx, ldq, sx, sumx, nb, y);
         }
     }
-    free(qx); free(sx);
+    free(qx); free(sx); free(sumx);
     return 0;
 }
