@@ -38,7 +38,9 @@ class QuantModule(nn.Module):
         self.register_buffer("qweight", qw.data)
         self.register_buffer("scales", qw.scale)
         self.register_buffer("zeros", qw.zero)
-        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
+        self.register_parameter(
+            "bias", nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
+        )
         self.kernel = "reference"
         self.kernel_note = ""
         self._kernel_impl = None  # set by lowbit.kernels.assign()

@@ -5,7 +5,8 @@ Shapes (``M x K`` activations times ``K x N`` weights): batch-1 GEMV ``1x4096x40
 
 Honest-measurement rules (DESIGN.md, "Measuring"):
 
-* every variant is timed in the same process, interleaved shape by shape, median of ``reps``;
+* every variant is timed in the same process, round-robin (one call of each variant per round),
+  median of ``reps`` rounds, so drift of the machine's speed hits all variants alike;
 * batch-1 runs rotate through enough distinct weight copies (>= 160 MiB per variant) that no
   variant is served from the 32 MiB L3 cache;
 * ``torch.set_num_threads`` is fixed and reported.
@@ -24,7 +25,7 @@ from ..kernels import assign
 from ..nn import QuantLinear
 from ..qweight import QWeight
 from ..scheme import parse_scheme
-from .speed import median_time
+from .speed import median_times_interleaved
 
 __all__ = ["SHAPES", "run_kernel_bench", "KernelRow", "machine_info"]
 
@@ -126,9 +127,10 @@ def run_kernel_bench(
                     progress(f"peer {name} failed on {m}x{k}x{n}: {e}")
                 continue
             variants.append((name, _rotating(fns, x), -1, len(fns)))
-        for label, fn, nbytes, copies in variants:
-            if progress:
-                progress(f"{m}x{k}x{n} {label}")
-            rows.append(KernelRow((m, k, n), label, median_time(fn, reps=r), nbytes, copies))
+        if progress:
+            progress(f"{m}x{k}x{n}: {', '.join(v[0] for v in variants)}")
+        times = median_times_interleaved([v[1] for v in variants], reps=r)
+        for (label, _, nbytes, copies), t in zip(variants, times):
+            rows.append(KernelRow((m, k, n), label, t, nbytes, copies))
         del fp, bf, variants
     return rows

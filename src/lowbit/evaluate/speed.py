@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["median_time", "decode_speed", "DecodeResult", "greedy_generate"]
+__all__ = ["median_time", "median_times_interleaved", "decode_speed", "DecodeResult", "greedy_generate"]
 
 
 def median_time(fn: Callable[[], object], *, reps: int = 20, warmup: int = 3) -> float:
@@ -27,6 +27,21 @@ def median_time(fn: Callable[[], object], *, reps: int = 20, warmup: int = 3) ->
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def median_times_interleaved(fns: list[Callable[[], object]], *, reps: int = 20, warmup: int = 3) -> list[float]:
+    """Median wall seconds of each ``fns[i]()``, timed round-robin (one call of each per round),
+    so that a machine's drift over the run affects every variant alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 @dataclass

@@ -154,17 +154,13 @@ def supports(mod) -> str | None:
     return None if reason is None else f"VNNI kernel unavailable: {reason}"
 
 
-def _tensors(mod) -> tuple:
-    return (mod.qweight, mod.scales, mod.zeros, mod.bias)
-
-
 def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     """The C descriptor of ``mod``'s tiled weight (pointers into its buffers, no copy), and the
     float32 bias it points to (a copy only if the model was cast to another dtype)."""
     if mod.layout != "tiled":
         raise RuntimeError("the VNNI kernel reads the tiled layout; assign it with lowbit.kernels.assign()")
     s = mod.scheme
-    qweight, scales, zeros, bias = _tensors(mod)
+    qweight, scales, zeros, bias = mod.qweight, mod.scales, mod.zeros, mod.bias
     if bias is not None:
         bias = bias.detach().float().contiguous()
     for t in (qweight, scales, zeros):
@@ -193,21 +189,30 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
 
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations on VNNI (see the C file)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         from . import reference
 
         return reference.linear(mod, x)  # the C kernel has no backward
-    # The descriptor holds raw pointers: rebuild it whenever a buffer was replaced (.to(), load).
-    key = tuple(0 if t is None else t.data_ptr() for t in _tensors(mod))
+    # The descriptor holds raw pointers: rebuild it whenever a buffer was replaced or moved.
+    # (This runs per call and per layer in decoding, hence the plain code.)
+    buffers = mod._buffers  # direct dict access: nn.Module.__getattr__ costs microseconds per call
+    qweight, scales, zeros, bias = buffers["qweight"], buffers["scales"], buffers["zeros"], mod._parameters["bias"]
     state = mod._kernel_state
-    if state is None or state[0] != key:
-        state = mod._kernel_state = (key, *_describe(mod))  # (key, descriptor, bias it points to)
-    k = mod.in_features
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
-    out = torch.empty(x2.shape[0], mod.out_features, dtype=torch.float32)
-    rc = _lib.lb_linear(ctypes.byref(state[1]), x2.data_ptr(), x2.shape[0], out.data_ptr(), torch.get_num_threads())
+    if (
+        state is None
+        or state[0] is not qweight
+        or state[1] != qweight.data_ptr()
+        or state[2] is not scales
+        or state[3] is not zeros
+        or state[4] is not bias
+    ):
+        state = mod._kernel_state = (qweight, qweight.data_ptr(), scales, zeros, bias, *_describe(mod))
+    x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
+    if x2.shape[-1] != mod.in_features:
+        raise ValueError(f"input has {x2.shape[-1]} features, the layer takes {mod.in_features}")
+    out = torch.empty(x2.shape[:-1] + (mod.out_features,), dtype=torch.float32)
+    m = x2.numel() // mod.in_features
+    rc = _lib.lb_linear(ctypes.byref(state[5]), x2.data_ptr(), m, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
-    return out.reshape(*x.shape[:-1], mod.out_features).to(x.dtype)
+    return out if x.dtype is torch.float32 else out.to(x.dtype)

@@ -207,6 +207,8 @@ int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads)
     if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
     quant_act(x, M, d->K, B, qx, sx, sumx, nthreads);
     const int64_t nrb = (d->N + 15) / 16;
+    /* Small products do not pay for waking a second thread (decode-size layers do). */
+    if (M * d->N * d->K < (1 << 16)) nthreads = 1;
     tile_fn t8 = bits == 8 ? tile8_b8 : bits == 4 ? tile8_b4 : tile8_b2;
     tile_fn t4 = bits == 8 ? tile4_b8 : bits == 4 ? tile4_b4 : tile4_b2;
     tile_fn t2 = bits == 8 ? tile2_b8 : bits == 4 ? tile2_b4 : tile2_b2;
