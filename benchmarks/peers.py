@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import importlib.util
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -51,7 +51,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 Adapter = Callable[[torch.nn.Linear], Forward]
 
 # distribution name -> importable top-level module, for the optional peers
-_PEER_DISTS: Dict[str, str] = {
+_PEER_DISTS: dict[str, str] = {
     "torchao": "torchao",
     "optimum-quanto": "optimum.quanto",
     "bitsandbytes": "bitsandbytes",
@@ -152,7 +152,7 @@ def _torchao_int4(group_size: int, algorithm: str = "tinygemm") -> Adapter:
 # optimum-quanto
 # ----------------------------------------------------------------------------
 
-def _quanto(bits: int, group_size: Optional[int], compute_dtype: torch.dtype) -> Adapter:
+def _quanto(bits: int, group_size: int | None, compute_dtype: torch.dtype) -> Adapter:
     def adapter(linear: torch.nn.Linear) -> Forward:
         from optimum.quanto import freeze, qint4, qint8, quantize
 
@@ -256,7 +256,7 @@ def _bnb_4bit(quant_type: str, blocksize: int) -> Adapter:
 # hqq
 # ----------------------------------------------------------------------------
 
-def _hqq(nbits: int, group_size: Optional[int]) -> Adapter:
+def _hqq(nbits: int, group_size: int | None) -> Adapter:
     def adapter(linear: torch.nn.Linear) -> Forward:
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
@@ -283,7 +283,7 @@ def _hqq(nbits: int, group_size: Optional[int]) -> Adapter:
 # registry
 # ----------------------------------------------------------------------------
 
-PEERS: Dict[str, Adapter] = {
+PEERS: dict[str, Adapter] = {
     "torchao-int8": _torchao_int8_eager,
     "torchao-int8-compiled": _torchao_int8_compiled,
     "torchao-int4g64": _torchao_int4(64),
@@ -311,17 +311,17 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def available_peers() -> Dict[str, Adapter]:
+def available_peers() -> dict[str, Adapter]:
     """The entries of :data:`PEERS` whose peer library is importable (checked without importing it)."""
     return {k: v for k, v in PEERS.items() if _installed(_PEER_OF_KEY[k.split("-", 1)[0]])}
 
 
-def peer_versions() -> Dict[str, Optional[str]]:
+def peer_versions() -> dict[str, str | None]:
     """Installed versions of torch and of each peer distribution (None if not installed).
 
     Reads package metadata only; does not import the peer libraries.
     """
-    out: Dict[str, Optional[str]] = {"torch": torch.__version__}
+    out: dict[str, str | None] = {"torch": torch.__version__}
     for dist in _PEER_DISTS:
         try:
             out[dist] = importlib.metadata.version(dist)
@@ -366,7 +366,7 @@ def _sanity_check(names=None, n_iter: int = 20, threads: int = 2, size: int = 40
             continue
         e_max = ((y - ref).abs().max() / ref.abs().max()).item()
         e_l2 = ((y - ref).norm() / ref.norm()).item()
-        print(f"{name:22s} {e_max:14.4f} {e_l2:8.4f} {median_ms(lambda: fn(x)):8.3f}", flush=True)
+        print(f"{name:22s} {e_max:14.4f} {e_l2:8.4f} {median_ms(lambda fn=fn: fn(x)):8.3f}", flush=True)
 
 
 if __name__ == "__main__":

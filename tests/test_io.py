@@ -1,7 +1,6 @@
 """Native save/load: identical outputs, atomic saves, and one clear error per kind of bad file."""
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 

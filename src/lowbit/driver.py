@@ -10,8 +10,8 @@ default scheme are listed in a warning and in ``lowbit inspect``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 from torch import nn

@@ -106,7 +106,7 @@ class QuantLinear(QuantModule):
         self.out_features, self.in_features = qw.shape
 
     @classmethod
-    def from_float(cls, mod: nn.Module, scheme: Scheme | str, *, name: str = "weight") -> "QuantLinear":
+    def from_float(cls, mod: nn.Module, scheme: Scheme | str, *, name: str = "weight") -> QuantLinear:
         w = _linear_weight(mod)
         return cls(QWeight.from_float(w, parse_scheme(scheme), name=name), mod.bias)
 
@@ -147,7 +147,7 @@ class QuantConv2d(QuantModule):
         }
 
     @classmethod
-    def from_float(cls, mod: nn.Conv2d, scheme: Scheme | str, *, name: str = "weight") -> "QuantConv2d":
+    def from_float(cls, mod: nn.Conv2d, scheme: Scheme | str, *, name: str = "weight") -> QuantConv2d:
         qw = QWeight.from_float(mod.weight, parse_scheme(scheme), name=name)
         return cls(qw, mod.bias, cls.conv_args(mod))
 
@@ -169,7 +169,7 @@ class QuantEmbedding(QuantModule):
         self.padding_idx = padding_idx
 
     @classmethod
-    def from_float(cls, mod: nn.Embedding, scheme: Scheme | str, *, name: str = "weight") -> "QuantEmbedding":
+    def from_float(cls, mod: nn.Embedding, scheme: Scheme | str, *, name: str = "weight") -> QuantEmbedding:
         if mod.max_norm is not None:
             raise TypeError("Embedding with max_norm renormalises its weight at lookup; not supported")
         return cls(QWeight.from_float(mod.weight, parse_scheme(scheme), name=name), mod.padding_idx)

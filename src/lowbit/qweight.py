@@ -99,7 +99,7 @@ class QWeight:
     @classmethod
     def from_float(
         cls, w: torch.Tensor, scheme: Scheme, qp: QParams | None = None, *, name: str = "weight", check: bool = True
-    ) -> "QWeight":
+    ) -> QWeight:
         """Quantize ``w`` (any shape ``(N, ...)``; flattened to ``(N, K)``) with ``qp`` or min/max.
 
         ``check=False`` skips the NaN/Inf check for callers that already made it.
@@ -161,7 +161,7 @@ class QWeight:
             and (self.zero is None or self.zero.dtype == torch.uint8)
         )
 
-    def to_layout(self, layout: str) -> "QWeight":
+    def to_layout(self, layout: str) -> QWeight:
         """This weight in ``layout`` ("rows" or "tiled"): new tensors, same values."""
         if layout == self.layout:
             return self
@@ -187,7 +187,7 @@ class QWeight:
                 zero = packing.pack(torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(torch.uint8).contiguous(), bits)
         return QWeight(self.scheme, self.shape, packing.tile(codes, bits), scale, zero, "tiled")
 
-    def rows_subset(self, idx: torch.Tensor) -> "QWeight":
+    def rows_subset(self, idx: torch.Tensor) -> QWeight:
         """A row-layout QWeight of only the rows ``idx`` (1-D long), shape ``(len(idx), ...)``."""
         shape = (idx.numel(), *self.shape[1:])
         if self.layout == "rows":

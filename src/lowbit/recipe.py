@@ -73,18 +73,18 @@ class Recipe:
     rules: list[Rule] = field(default_factory=list)
 
     @classmethod
-    def from_scheme(cls, scheme: str | Scheme) -> "Recipe":
+    def from_scheme(cls, scheme: str | Scheme) -> Recipe:
         """A recipe that applies one scheme to every eligible layer."""
         return cls(default=parse_scheme(scheme))
 
     @classmethod
-    def coerce(cls, spec: "str | Scheme | Recipe") -> "Recipe":
+    def coerce(cls, spec: str | Scheme | Recipe) -> Recipe:
         """Accept what :func:`lowbit.quantize` accepts: a scheme string, a Scheme or a Recipe."""
         if isinstance(spec, Recipe):
             return spec
         return cls.from_scheme(spec)
 
-    def add(self, pattern: str, scheme: str | Scheme | None) -> "Recipe":
+    def add(self, pattern: str, scheme: str | Scheme | None) -> Recipe:
         """Append a rule (``scheme`` may be ``"skip"``); returns self for chaining."""
         self.rules.append(Rule(pattern, _scheme_or_skip(scheme)))
         return self
@@ -111,7 +111,7 @@ class Recipe:
         }
 
     @classmethod
-    def from_dict(cls, d: object) -> "Recipe":
+    def from_dict(cls, d: object) -> Recipe:
         if not isinstance(d, dict) or d.get("format") != "lowbit-recipe":
             raise RecipeError('not a lowbit recipe (expected {"format": "lowbit-recipe", ...})')
         if d.get("version") != RECIPE_VERSION:
@@ -139,7 +139,7 @@ class Recipe:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recipe":
+    def load(cls, path: str | os.PathLike) -> Recipe:
         try:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tests.conftest import Toy
 
 import lowbit
 from lowbit.recipe import Recipe
-
-from tests.conftest import Toy
 
 here = Path(__file__).parent
 torch.manual_seed(0)

@@ -6,8 +6,8 @@ into a :class:`~lowbit.qweight.QWeight`. Hooks, data and module swapping live in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import rtn
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -113,7 +113,7 @@ def run_kernel_bench(
         cb = _copies(fp_bytes // 2, m)
         bf = [linear.weight.to(torch.bfloat16) for _ in range(cb)]
         xb = x.to(torch.bfloat16)
-        variants.append(("torch bf16", _rotating([lambda _x, w=w: (xb @ w.t()).float() for w in bf], x), fp_bytes // 2, cb))
+        variants.append(("torch bf16", _rotating([lambda _x, w=w, xb=xb: (xb @ w.t()).float() for w in bf], x), fp_bytes // 2, cb))
         for s in schemes:
             mods, qbytes = _lowbit_layers(linear, s, _copies(int(n * k * parse_scheme(s).bits / 8), m))
             variants.append((f"lowbit {s} ({mods[0].kernel})", _rotating(mods, x), qbytes, len(mods)))

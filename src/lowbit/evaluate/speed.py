@@ -9,8 +9,8 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -18,8 +18,8 @@ embedding      reference   dequantize the gathered rows only
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
