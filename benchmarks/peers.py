@@ -332,8 +332,6 @@ def peer_versions() -> dict[str, str | None]:
 
 def _sanity_check(names=None, n_iter: int = 20, threads: int = 2, size: int = 4096) -> None:
     """Error and median latency of each adapter on one random size x size layer, batch 1."""
-    import statistics
-    import time
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -344,14 +342,10 @@ def _sanity_check(names=None, n_iter: int = 20, threads: int = 2, size: int = 40
     w = lin.weight.detach()
     ref = x @ w.t()
 
+    from lowbit.evaluate.speed import median_time
+
     def median_ms(f) -> float:
-        f()
-        ts = []
-        for _ in range(n_iter):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
+        return median_time(f, reps=n_iter, warmup=1) * 1e3
 
     print(f"{'name':22s} {'max|dy|/max|y|':>14s} {'rel-L2':>8s} {'ms':>8s}")
     print(f"{'fp32 x @ w.t()':22s} {0.0:14.4f} {0.0:8.4f} {median_ms(lambda: x @ w.t()):8.3f}")
