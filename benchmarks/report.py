@@ -90,7 +90,8 @@ def _decode(res: dict) -> str:
         "",
         f"Greedy decoding of {res['new_tokens']} tokens after a short prompt, KV cache on, tokens/s of the "
         "decode steps (prompt excluded), median of repetitions; llama.cpp through llama-cpp-python with "
-        "its own counters (benchmarks/peer_llamacpp.py).",
+        "its own counters (benchmarks/peer_llamacpp.py), run before and after lowbit's variants, median "
+        "over both runs" + (f" (spread {min(peer['decode_tok_s_all']):.1f}-{max(peer['decode_tok_s_all']):.1f} tok/s)" if peer else "") + ".",
         "",
         markdown_table(["variant", "decode tok/s", "vs fp32", "model MB"], rows),
         "",

@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,18 @@ def _llamacpp_python() -> str | None:
         return str(alt) if alt.exists() else None
 
 
+def _llamacpp_run(py: str, new_tokens: int) -> dict | None:
+    from lowbit.evaluate.compare import DEMO_PROMPT
+
+    print("  decode llama.cpp", file=sys.stderr)
+    p = subprocess.run([py, str(HERE / "peer_llamacpp.py"), "--threads", str(THREADS), "--tokens", str(new_tokens),
+                        "--prompt", DEMO_PROMPT], capture_output=True, text=True)  # fmt: skip
+    if p.returncode != 0:
+        print(p.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def section_decode(quick: bool) -> dict:
     import lowbit
     from lowbit.evaluate.compare import DEMO_PROMPT
@@ -139,6 +152,8 @@ def section_decode(quick: bool) -> dict:
 
     zoo = load_model("smollm2-135m")
     new_tokens = 64
+    py = _llamacpp_python()
+    before = _llamacpp_run(py, new_tokens) if py else None
     rows = []
     for label, spec in (("fp32", None), ("bf16", "bf16"), ("int8", "int8"), ("w4g64", "w4g64"),
                         ("w4g64 + int8 emb/head", "head")):  # fmt: skip
@@ -148,16 +163,16 @@ def section_decode(quick: bool) -> dict:
         d = decode_speed(m, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=3 if quick else 5)
         rows.append({"variant": f"lowbit {label}", "tok_s": d.tokens_per_s, "all": d.all_tokens_per_s,
                      "model_bytes": lowbit.size_of(m).total_bytes, "completion": d.text})  # fmt: skip
-    py = _llamacpp_python()
     peer = None
     if py:
-        print("  decode llama.cpp", file=sys.stderr)
-        p = subprocess.run([py, str(HERE / "peer_llamacpp.py"), "--threads", str(THREADS), "--tokens", str(new_tokens),
-                            "--prompt", DEMO_PROMPT], capture_output=True, text=True)  # fmt: skip
-        if p.returncode == 0:
-            peer = json.loads(p.stdout.strip().splitlines()[-1])
-        else:
-            print(p.stderr[-2000:], file=sys.stderr)
+        # llama.cpp runs in its own process, before and after lowbit's runs; its figure is the
+        # median over both runs' repetitions, so a drift of the machine shows in its spread.
+        runs = [before, _llamacpp_run(py, new_tokens)]
+        runs = [r for r in runs if r]
+        if runs:
+            peer = dict(runs[0])
+            peer["decode_tok_s_all"] = sorted(x for r in runs for x in r["decode_tok_s_all"])
+            peer["decode_tok_s_median"] = statistics.median(peer["decode_tok_s_all"])
     return {"command": "python benchmarks/run_all.py --sections decode", "new_tokens": new_tokens,
             "rows": rows, "llama_cpp": peer}  # fmt: skip
 

@@ -210,3 +210,19 @@ def test_files_hold_the_row_layout_whatever_the_kernel(tmp_path, toy_inputs):
     with torch.no_grad():
         m(*toy_inputs)
     assert m.fc1.layout == "tiled"
+
+
+def test_bf16_model_round_trip_records_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    lowbit.quantize(m, "w4g32")
+    with torch.no_grad():
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    lowbit.save(m, tmp_path / "bf")
+    assert read_manifest(tmp_path / "bf")["modules"]["0"]["orig_dtype"] == "bfloat16"
+    skeleton = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+    back = lowbit.load(tmp_path / "bf", model=skeleton)
+    with torch.no_grad():
+        assert torch.equal(back(x), y)

@@ -93,11 +93,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _swap(mod: nn.Module, kind: str, qw, method: str) -> QuantModule:
+    dtype = str(mod.weight.dtype).replace("torch.", "")
     if kind == "linear":
-        return QuantLinear(qw, mod.bias, method=method)
+        return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype)
     if kind == "conv2d":
-        return QuantConv2d(qw, mod.bias, QuantConv2d.conv_args(mod), method=method)
-    return QuantEmbedding(qw, mod.padding_idx, method=method)
+        return QuantConv2d(qw, mod.bias, QuantConv2d.conv_args(mod), method=method, orig_dtype=dtype)
+    return QuantEmbedding(qw, mod.padding_idx, method=method, orig_dtype=dtype)
 
 
 def _float_weight(mod: nn.Module, kind: str) -> torch.Tensor:

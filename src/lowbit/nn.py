@@ -29,8 +29,9 @@ class QuantModule(nn.Module):
 
     op: str = ""  # the kernel registry's op name
 
-    def __init__(self, qw: QWeight, bias: torch.Tensor | None, method: str = "rtn") -> None:
+    def __init__(self, qw: QWeight, bias: torch.Tensor | None, method: str = "rtn", orig_dtype: str = "float32") -> None:
         super().__init__()
+        self.orig_dtype = orig_dtype  # dtype of the float weight this replaced (recorded in lowbit.json)
         self.scheme: Scheme = qw.scheme
         self.weight_shape: tuple[int, ...] = tuple(qw.shape)
         self.method = method
@@ -101,8 +102,8 @@ class QuantLinear(QuantModule):
 
     op = "linear"
 
-    def __init__(self, qw: QWeight, bias: torch.Tensor | None = None, method: str = "rtn") -> None:
-        super().__init__(qw, bias, method)
+    def __init__(self, qw: QWeight, bias: torch.Tensor | None = None, method: str = "rtn", orig_dtype: str = "float32") -> None:
+        super().__init__(qw, bias, method, orig_dtype)
         self.out_features, self.in_features = qw.shape
 
     @classmethod
@@ -128,8 +129,10 @@ class QuantConv2d(QuantModule):
 
     op = "conv2d"
 
-    def __init__(self, qw: QWeight, bias: torch.Tensor | None, conv: dict, method: str = "rtn") -> None:
-        super().__init__(qw, bias, method)
+    def __init__(
+        self, qw: QWeight, bias: torch.Tensor | None, conv: dict, method: str = "rtn", orig_dtype: str = "float32"
+    ) -> None:
+        super().__init__(qw, bias, method, orig_dtype)
         self.stride = tuple(conv["stride"])
         self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
         self.dilation = tuple(conv["dilation"])
@@ -163,8 +166,10 @@ class QuantEmbedding(QuantModule):
 
     op = "embedding"
 
-    def __init__(self, qw: QWeight, padding_idx: int | None = None, method: str = "rtn") -> None:
-        super().__init__(qw, None, method)
+    def __init__(
+        self, qw: QWeight, padding_idx: int | None = None, method: str = "rtn", orig_dtype: str = "float32"
+    ) -> None:
+        super().__init__(qw, None, method, orig_dtype)
         self.num_embeddings, self.embedding_dim = qw.shape
         self.padding_idx = padding_idx
 

@@ -79,7 +79,7 @@ def _module_entry(mod: QuantModule) -> dict[str, Any]:
         "scheme": str(mod.scheme),
         "method": mod.method,
         "shape": list(mod.weight_shape),
-        "orig_dtype": "float32",
+        "orig_dtype": mod.orig_dtype,
     }
     if isinstance(mod, QuantConv2d):
         entry["conv"] = {
@@ -269,6 +269,7 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         shape = tuple(int(s) for s in entry["shape"])
         kind = entry["type"]
         method = str(entry.get("method", "rtn"))
+        orig = str(entry.get("orig_dtype", "float32"))
     except (KeyError, TypeError, ValueError, SchemeError) as e:
         raise LowbitFormatError(f"module {name!r} has a bad manifest entry: {e}") from None
     try:
@@ -294,11 +295,11 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         )
     bias = tensors.get(f"{name}.bias")
     if kind == "QuantLinear":
-        return QuantLinear(qw, bias, method=method)
+        return QuantLinear(qw, bias, method=method, orig_dtype=orig)
     if kind == "QuantConv2d":
-        return QuantConv2d(qw, bias, entry["conv"], method=method)
+        return QuantConv2d(qw, bias, entry["conv"], method=method, orig_dtype=orig)
     if kind == "QuantEmbedding":
-        return QuantEmbedding(qw, entry.get("padding_idx"), method=method)
+        return QuantEmbedding(qw, entry.get("padding_idx"), method=method, orig_dtype=orig)
     raise LowbitFormatError(f"module {name!r} has unknown type {kind!r}")
 
 
