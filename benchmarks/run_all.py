@@ -144,6 +144,40 @@ def _llamacpp_run(py: str, new_tokens: int) -> dict | None:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _quant_layer_share(model, tokenizer, new_tokens: int) -> float | None:
+    """Fraction of a decode run's time spent inside lowbit's quantized modules (timed by hooks in
+    a separate run, so the hooks' own cost does not touch the speed figure)."""
+    import time
+
+    from lowbit.evaluate.compare import DEMO_PROMPT
+    from lowbit.evaluate.speed import greedy_generate
+    from lowbit.nn import QuantModule
+
+    mods = [m for m in model.modules() if isinstance(m, QuantModule)]
+    if not mods:
+        return None
+    spent = [0.0]
+    start: dict[int, float] = {}
+
+    def pre(mod, args):
+        start[id(mod)] = time.perf_counter()
+
+    def post(mod, args, out):
+        spent[0] += time.perf_counter() - start[id(mod)]
+
+    handles = [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    ids = tokenizer(DEMO_PROMPT, return_tensors="pt")["input_ids"]
+    try:
+        greedy_generate(model, ids, 4)
+        spent[0] = 0.0
+        _, total = greedy_generate(model, ids, new_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    # the first step (prompt) is outside `total`; its layer time is small next to 63 decode steps
+    return min(1.0, spent[0] / total)
+
+
 def section_decode(quick: bool) -> dict:
     import lowbit
     from lowbit.evaluate.compare import DEMO_PROMPT
@@ -162,7 +196,8 @@ def section_decode(quick: bool) -> dict:
             copy.deepcopy(zoo.model), _head_recipe("w4g64") if spec == "head" else spec)
         d = decode_speed(m, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=3 if quick else 5)
         rows.append({"variant": f"lowbit {label}", "tok_s": d.tokens_per_s, "all": d.all_tokens_per_s,
-                     "model_bytes": lowbit.size_of(m).total_bytes, "completion": d.text})  # fmt: skip
+                     "model_bytes": lowbit.size_of(m).total_bytes, "completion": d.text,
+                     "quant_layer_share": _quant_layer_share(m, zoo.tokenizer, new_tokens)})  # fmt: skip
     peer = None
     if py:
         # llama.cpp runs in its own process, before and after lowbit's runs; its figure is the
