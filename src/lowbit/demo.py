@@ -12,6 +12,7 @@ import copy
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -36,6 +37,13 @@ def run_demo(*, max_tokens: int = 8192, new_tokens: int = 32, threads: int = 2, 
     from lowbit.models.zoo import load_model
 
     torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")  # library deprecation chatter would bury the table
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - the zoo model needs transformers anyway
+        pass
     say = lambda s="": print(s, file=out, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     zoo = load_model("smollm2-135m")
