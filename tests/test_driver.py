@@ -111,7 +111,11 @@ def test_tied_embedding_and_head_share_one_quantized_weight():
     r = Recipe.from_scheme("int8").add("embed", "w4g32").add("lm_head", "w4g32")
     lowbit.quantize(m, r)
     assert m.embed.qweight is m.lm_head.qweight  # stored once
-    unique = {t.data_ptr(): t.numel() * t.element_size() for t in m.state_dict().values()}
+    from lowbit.nn import shared_row_conversion
+
+    with shared_row_conversion():  # as lowbit.save sees it: the shared weight converted once
+        state = m.state_dict()
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in state.values()}
     assert lowbit.size_of(m).total_bytes == sum(unique.values())  # the shared weight counts once
     out = m(torch.tensor([[1, 2, 3]]))
     assert out.shape == (1, 3, 64)
@@ -155,3 +159,34 @@ def test_casting_a_quantized_model_keeps_its_stored_format(toy, toy_inputs):
         assert toy.fc1.bias.dtype == torch.bfloat16  # float parameters do follow the cast
         out = toy(toy_inputs[0], toy_inputs[1].to(torch.bfloat16)).float()
     assert torch.allclose(out, ref, atol=0.05 * float(ref.abs().max()))
+
+
+def test_an_error_midway_leaves_the_model_untouched(toy):
+    with torch.no_grad():
+        toy.fc2.weight[3, 3] = float("inf")  # fc1 and conv come first and would quantize fine
+    with pytest.raises(NonFiniteError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lowbit.quantize(toy, "int8")
+    assert isinstance(toy.fc1, torch.nn.Linear) and isinstance(toy.conv, torch.nn.Conv2d)
+    assert not getattr(toy, "lowbit_layers", None)
+
+
+def test_unknown_kernel_name_is_an_error(toy):
+    from lowbit.kernels import KernelError
+
+    with pytest.raises(KernelError, match="unknown kernel 'cuda-magic'"):
+        lowbit.quantize(toy, "int8", kernel="cuda-magic")
+    assert isinstance(toy.fc1, torch.nn.Linear)
+
+
+def test_state_dict_holds_the_row_layout(toy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(toy, "w4g32")
+    sd = toy.state_dict()
+    assert sd["fc1.qweight"].shape == (72, 20)  # rows x packed bytes, whatever the kernel reads
+    assert sd["fc1.scales"].shape == (72, 2)
+    fresh = copy.deepcopy(toy)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.fc1.qw.dequantize(), toy.fc1.qw.dequantize())

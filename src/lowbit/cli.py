@@ -294,15 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lowbit.driver import QuantizeError, UnsupportedModuleError
     from lowbit.io import LowbitFormatError
+    from lowbit.kernels import KernelError
     from lowbit.models.source import SourceError
     from lowbit.models.zoo import ZooError
+    from lowbit.primitives import NonFiniteError
     from lowbit.recipe import RecipeError
     from lowbit.scheme import SchemeError
 
     try:
         return args.fn(args)
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
-            UnsupportedModuleError, FileNotFoundError) as e:  # fmt: skip
+            UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError) as e:  # fmt: skip
         return _err(str(e))
 
 

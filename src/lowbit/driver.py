@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from . import __version__, kernels
-from .algorithms import ALGORITHMS, get_algorithm
+from .algorithms import get_algorithm
 from .nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .recipe import Recipe
 from .scheme import Scheme
 
-__all__ = ["quantize", "LayerRecord", "UnsupportedModuleError", "layer_records", "QuantizeError"]
+__all__ = ["quantize", "LayerRecord", "UnsupportedModuleError", "QuantizeError"]
 
 
 class UnsupportedModuleError(TypeError):
@@ -118,9 +118,28 @@ def quantize(
     progress: bool = False,
     **options,
 ) -> nn.Module:
-    """Quantize ``model`` in place (module swap) and return it. See :func:`lowbit.quantize`."""
+    """Quantize ``model`` in place by module swap and return it.
+
+    Args:
+        model: any ``nn.Module``; Linear, transformers Conv1D, Conv2d and (when a rule names
+            them) Embedding layers are quantized.
+        spec: a scheme string (``"w4g64"``), a :class:`Scheme`, or a :class:`Recipe` of
+            per-layer rules.
+        method: the algorithm (``lowbit.algorithms.ALGORITHMS``); ``"rtn"`` needs no data.
+        calibration: an iterable of model inputs for methods that use data; data-free methods
+            ignore it.
+        kernel: ``"auto"`` (the fastest kernel that supports each layer) or a kernel name that
+            every quantized linear layer must run (``lowbit.kernels.KERNELS``).
+        progress: show a progress bar.
+        **options: the method's options (rtn: ``clip="minmax" | "mse"``).
+
+    Every weight is quantized before any module is swapped, so an error (NaN weights, an
+    unsupported layer named by a rule) leaves the model as it was. ``model.lowbit_layers``
+    records what happened to every weight-owning module.
+    """
     if not isinstance(model, nn.Module):
         raise QuantizeError(f"quantize() takes an nn.Module, got {type(model).__name__}")
+    kernels.check_kernel_name(kernel)
     recipe = Recipe.coerce(spec)
     algo = get_algorithm(method)  # data-free methods ignore ``calibration``, as documented
     algo_options = algo.check_options(options)
@@ -178,17 +197,18 @@ def quantize(
         it = tqdm(todo, desc=f"quantize ({method})", unit="layer")
     # Tied weights (an embedding and its LM head) quantized with one scheme share one QWeight.
     done: dict[tuple, object] = {}
-    head_quantized = False
+    swaps: list[tuple[str, QuantModule]] = []
     for name, mod, kind, scheme, why in it:
         w = _float_weight(mod, kind)
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), str(scheme))
         qw = done.get(key)
         if qw is None:
             qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
-        new = _swap(mod, kind, qw, method)
-        _set_module(model, name, new)
+        swaps.append((name, _swap(mod, kind, qw, method)))
         records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(scheme), method, why)
-        head_quantized |= name in heads
+    for name, new in swaps:  # only now that every weight quantized without error
+        _set_module(model, name, new)
+    head_quantized = any(name in heads for name, _ in swaps)
     kernels.use_kernel(model, kernel)  # after all swaps, so shared weights convert once
     model.lowbit_layers = records
     if head_quantized:
@@ -198,10 +218,3 @@ def quantize(
             cfg.tie_word_embeddings = False
     return model
 
-
-def layer_records(model: nn.Module) -> dict[str, LayerRecord]:
-    """The per-layer records of a quantized (or loaded) model; empty for a float model."""
-    return dict(getattr(model, "lowbit_layers", {}) or {})
-
-
-__all__ += ["ALGORITHMS"]

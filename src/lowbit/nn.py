@@ -14,6 +14,9 @@ original had one, and the name of the kernel that runs it (``kernel``; see :mod:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +24,21 @@ from torch import nn
 from .qweight import QWeight
 from .scheme import Scheme, parse_scheme
 
-__all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES"]
+__all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "shared_row_conversion"]
+
+# While set (see shared_row_conversion), state_dict() converts each tiled weight to the row layout
+# once, so modules sharing one weight (a tied embedding and LM head) emit the same tensors.
+_ROWS_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowbit_rows_memo", default=None)
+
+
+@contextlib.contextmanager
+def shared_row_conversion():
+    """Within this block, ``state_dict()`` converts a weight shared by several modules once."""
+    token = _ROWS_MEMO.set({})
+    try:
+        yield
+    finally:
+        _ROWS_MEMO.reset(token)
 
 
 class QuantModule(nn.Module):
@@ -44,6 +61,7 @@ class QuantModule(nn.Module):
         )
         self.kernel = "reference"
         self.kernel_note = ""
+        self.kernel_pref = "auto"  # what the user asked for; re-applied after a reload
         self._kernel_impl = None  # set by lowbit.kernels.assign()
         self._kernel_state = None  # what a kernel derived from the buffers (it checks validity)
 
@@ -69,7 +87,7 @@ class QuantModule(nn.Module):
         if self._kernel_impl is None:
             from . import kernels
 
-            kernels.assign(self)
+            kernels.assign(self, self.kernel_pref)
         return self._kernel_impl(self, x)
 
     def extra_repr(self) -> str:
@@ -86,6 +104,21 @@ class QuantModule(nn.Module):
                 self._buffers[n] = old.to(new.device)
         self._kernel_state = None
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # State dicts (and so files) always hold the row layout, whatever the kernel reads.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "rows":
+            return
+        memo = _ROWS_MEMO.get()
+        key = self.qweight.data_ptr()
+        qw = memo.get(key) if memo is not None else None
+        if qw is None:
+            qw = self.qw.to_layout("rows")
+            if memo is not None:
+                memo[key] = qw
+        for name, t in qw.tensors().items():
+            destination[prefix + name] = t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         # State dicts (and files) hold the row layout; come back to it, load, and let the kernel

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import __version__, kernels
 from ..driver import LayerRecord
-from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, shared_row_conversion
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
 
@@ -134,17 +134,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: s
         raise LowbitFormatError(f"{dst} is a non-empty directory that is not a lowbit model; not overwriting it")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
-    state = model.state_dict()
-    # Files hold the row layout; modules running the tiled one are converted (once per shared
-    # weight, so a tied embedding and head still store one copy).
-    converted: dict[int, dict[str, torch.Tensor]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantModule) and mod.layout != "rows":
-            key = mod.qweight.data_ptr()
-            if key not in converted:
-                converted[key] = mod.qw.to_layout("rows").tensors()
-            for suffix, t in converted[key].items():
-                state[f"{name}.{suffix}"] = t
+    with shared_row_conversion():  # row layout, a shared weight converted (and stored) once
+        state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_ptr: dict[tuple, str] = {}

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import cpu, reference
 
-__all__ = ["Kernel", "KERNELS", "kernels_for", "assign", "use_kernel", "KernelError"]
+__all__ = ["Kernel", "KERNELS", "kernels_for", "assign", "use_kernel", "check_kernel_name", "KernelError"]
 
 
 class KernelError(ValueError):
@@ -71,6 +71,13 @@ def kernels_for(op: str) -> list[Kernel]:
     return [k for k in KERNELS if k.op == op]
 
 
+def check_kernel_name(name: str) -> None:
+    """Raise :class:`KernelError` unless ``name`` is "auto" or a registered kernel."""
+    if name != "auto" and name not in {k.name for k in KERNELS}:
+        names = sorted({k.name for k in KERNELS})
+        raise KernelError(f"unknown kernel {name!r}; kernels: {', '.join(names)} or 'auto'")
+
+
 def _find(op: str, name: str) -> Kernel:
     for k in kernels_for(op):
         if k.name == name:
@@ -102,6 +109,7 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
     ``prefer="auto"`` takes the fastest supporting kernel; a name insists on that kernel and
     raises :class:`KernelError` if it cannot run the module.
     """
+    mod.kernel_pref = prefer
     if prefer != "auto":
         k = _find(mod.op, prefer)
         reason = k.supports(mod)
@@ -132,6 +140,7 @@ def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
     """
     from ..nn import QuantEmbedding, QuantModule
 
+    check_kernel_name(prefer)
     memo: dict = {}
     mods = [m for m in model.modules() if isinstance(m, QuantModule)]
     originals = {id(m): m.qweight.data_ptr() for m in mods}
