@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -31,19 +32,46 @@ def _threads(args) -> None:
 
 
 # ---- quantize ---------------------------------------------------------------------------------
+def _calibration(args, zm) -> list:
+    """Calibration batches for a calibrated method: windows of the built-in calibration split (or
+    of --calib FILE) for language models; training images for digits-cnn."""
+    if zm.task == "classifier":
+        import torch
+
+        from lowbit.models.zoo import digits_data
+
+        x = digits_data()["x_train"]
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.nsamples]
+        return [x[pick[i : i + 64]] for i in range(0, len(pick), 64)]
+    if zm.tokenizer is None:
+        raise CliError(f"{args.model} has no tokenizer to turn calibration text into inputs")
+    from lowbit.evaluate.data import calibration_batches
+
+    text = Path(args.calib).read_text() if args.calib else None
+    return calibration_batches(zm.tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, text=text)
+
+
+class CliError(ValueError):
+    """A command-line usage problem."""
+
+
 def cmd_quantize(args) -> int:
     import lowbit
+    from lowbit.algorithms import get_algorithm
     from lowbit.models.source import load_source
 
     _threads(args)
     if (args.scheme is None) == (args.recipe is None):
         return _err("give exactly one of --scheme or --recipe")
     spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
-    options = {"clip": args.clip} if args.clip else {}
+    options = {k: v for k, v in (("clip", args.clip), ("damp", args.damp), ("act_order", args.act_order),
+                                 ("alpha", args.alpha)) if v is not None}  # fmt: skip
     t0 = time.perf_counter()
     zm = load_source(args.model)
+    calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration else None
     t1 = time.perf_counter()
-    model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet, **options)
+    model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet,
+                            calibration=calibration, **options)  # fmt: skip
     t2 = time.perf_counter()
     out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model)
     size = lowbit.size_of(model)
@@ -244,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help="a recipe JSON file (per-layer schemes)")
     q.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
     q.add_argument("--clip", choices=CLIP_CHOICES, help="rtn: how scales are chosen (default minmax)")
+    q.add_argument("--calib", help="calibration text file (default: the built-in calibration split)")
+    q.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="which calibration samples are drawn")
+    q.add_argument("--damp", type=float, help="gptq: Hessian damping, fraction of its mean diagonal (0.01)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: quantize columns in order of decreasing activation energy (default on)")
+    q.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (0.5)")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.add_argument("--threads", type=int)
@@ -292,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lowbit.calibrate import CalibrationError
     from lowbit.driver import QuantizeError, UnsupportedModuleError
+    from lowbit.evaluate.data import DataError
     from lowbit.io import LowbitFormatError
     from lowbit.kernels import KernelError
     from lowbit.models.source import SourceError
@@ -304,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
-            UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError) as e:  # fmt: skip
+            UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
+            CliError, ValueError) as e:  # fmt: skip
         return _err(str(e))
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from . import __version__, kernels
 from .algorithms import get_algorithm
 from .nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from .primitives import check_finite
 from .recipe import Recipe
 from .scheme import Scheme
 
@@ -107,6 +108,28 @@ def _float_weight(mod: nn.Module, kind: str) -> torch.Tensor:
     return mod.weight.detach()
 
 
+def _quantize_data_free(model, todo, algo, algo_options, method, records, progress) -> list:
+    it = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc=f"quantize ({method})", unit="layer")
+    # Tied weights (an embedding and its LM head) quantized with one scheme share one QWeight.
+    done: dict[tuple, object] = {}
+    swaps: list[tuple[str, QuantModule]] = []
+    for name, mod, kind, scheme, why in it:
+        w = _float_weight(mod, kind)
+        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), str(scheme))
+        qw = done.get(key)
+        if qw is None:
+            qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
+        swaps.append((name, _swap(mod, kind, qw, method)))
+        records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(scheme), method, why)
+    for name, new in swaps:  # only now that every weight quantized without error
+        _set_module(model, name, new)
+    return swaps
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -143,8 +166,6 @@ def quantize(
     recipe = Recipe.coerce(spec)
     algo = get_algorithm(method)  # data-free methods ignore ``calibration``, as documented
     algo_options = algo.check_options(options)
-    if algo.uses_calibration:
-        raise QuantizeError(f"method {method!r} needs the calibration driver (not in this build)")
 
     heads = _head_and_embedding_names(model)
     records: dict[str, LayerRecord] = dict(getattr(model, "lowbit_layers", {}) or {})
@@ -171,12 +192,19 @@ def quantize(
             records[name] = LayerRecord(name, tname, "kept", reason=why)
             continue
         todo.append((name, mod, kind, scheme, why))
-    acts = sorted({str(t[3]) for t in todo if t[3].act_bits})
-    if acts:
+    for scheme in sorted({t[3] for t in todo}, key=str):
+        problem = algo.serves(scheme)
+        if problem:
+            raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
+    static = sorted({str(t[3]) for t in todo if t[3].act_static})
+    if static:
         raise QuantizeError(
-            f"activation quantization ({', '.join(acts)}) is not available in lowbit {__version__}: "
-            "it needs the calibration driver; use a weight-only scheme (e.g. int8, w4g64)"
+            f"static activation scales ({', '.join(static)}) are not available in lowbit {__version__} yet; "
+            "use dynamic activations (e.g. w8a8) or a weight-only scheme"
         )
+    embedded_acts = sorted({t[0] for t in todo if t[3].act_bits and t[2] != "linear"})
+    if embedded_acts:
+        raise QuantizeError(f"activation quantization applies to linear layers only, not {', '.join(embedded_acts)}")
     if unsupported_named:
         raise UnsupportedModuleError(
             "recipe rules name modules lowbit cannot quantize: "
@@ -190,24 +218,20 @@ def quantize(
             stacklevel=2,
         )
 
-    it = todo
-    if progress:
-        from tqdm.auto import tqdm
+    for name, mod, kind, _scheme, _why in todo:  # before any work, so the error names the layer
+        check_finite(_float_weight(mod, kind), f"{name}.weight")
+    if algo.uses_calibration:
+        from . import calibrate
 
-        it = tqdm(todo, desc=f"quantize ({method})", unit="layer")
-    # Tied weights (an embedding and its LM head) quantized with one scheme share one QWeight.
-    done: dict[tuple, object] = {}
-    swaps: list[tuple[str, QuantModule]] = []
-    for name, mod, kind, scheme, why in it:
-        w = _float_weight(mod, kind)
-        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), str(scheme))
-        qw = done.get(key)
-        if qw is None:
-            qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
-        swaps.append((name, _swap(mod, kind, qw, method)))
-        records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(scheme), method, why)
-    for name, new in swaps:  # only now that every weight quantized without error
-        _set_module(model, name, new)
+        # swaps block by block as it goes, and puts every module back if anything fails
+        swaps = calibrate.run(model, todo, algo, calibration, algo_options, progress=progress, method=method,
+                              make_module=lambda mod, kind, qw, m=method: _swap(mod, kind, qw, m))  # fmt: skip
+        info = {name: (type(mod).__name__, why) for name, mod, _, _, why in todo}
+        for name, new in swaps:
+            tname, why = info[name]
+            records[name] = LayerRecord(name, tname, "quantized", str(new.scheme), new.method, why)
+    else:
+        swaps = _quantize_data_free(model, todo, algo, algo_options, method, records, progress)
     head_quantized = any(name in heads for name, _ in swaps)
     kernels.use_kernel(model, kernel)  # after all swaps, so shared weights convert once
     model.lowbit_layers = records

@@ -19,6 +19,10 @@ block zero-padded); each block is a sequence of 32-byte chunks, each chunk holdi
 ``16 // bits`` columns: byte ``p`` belongs to row ``p // 2`` and its sub-code ``i`` (bits
 ``i*bits ..``) is column ``2*i + p % 2`` of the chunk. Columns are zero-padded to whole chunks.
 Shape: ``(ceil(N/16), ceil(K / (16//bits)) * 32)`` uint8 for 2, 4 and 8 bits.
+
+The **tiled4** layout (:func:`tile4`, 8-bit codes only) is what the int8-activation kernel
+reads: rows in blocks of 16, each 64-byte chunk holding 16 rows x 4 columns, byte ``p`` = row
+``p // 4``, column ``p % 4``. Shape ``(ceil(N/16), ceil(K/4) * 64)``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["pack", "unpack", "packed_row_bytes", "PACKABLE_BITS", "TILE_ROWS", "TILEABLE_BITS", "tile", "untile",
-           "untile_rows"]  # fmt: skip
+           "untile_rows", "tile4", "untile4_rows"]  # fmt: skip
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -135,3 +139,19 @@ def untile(tiled: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     if tiled.dtype != torch.uint8 or tuple(tiled.shape) != (nb, nc * 32):
         raise ValueError(f"tiled {bits}-bit codes of {n}x{k} must be uint8 {(nb, nc * 32)}, got {tuple(tiled.shape)}")
     return untile_rows(tiled, bits, k, torch.arange(n))
+
+
+def tile4(codes: torch.Tensor) -> torch.Tensor:
+    """8-bit row-layout codes ``(N, K)`` -> tiled4 ``(ceil(N/16), ceil(K/4) * 64)`` (module docstring)."""
+    n, k = codes.shape
+    nb, nc = -(-n // TILE_ROWS), -(-k // 4)
+    c = torch.nn.functional.pad(codes, (0, nc * 4 - k, 0, nb * TILE_ROWS - n))
+    return c.reshape(nb, TILE_ROWS, nc, 4).permute(0, 2, 1, 3).reshape(nb, nc * 64).contiguous()
+
+
+def untile4_rows(tiled: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """Codes ``(len(rows), K)`` of the given rows of a tiled4 weight."""
+    nb, width = tiled.shape
+    nc = width // 64
+    t = tiled.reshape(nb, nc, TILE_ROWS, 4)[rows // TILE_ROWS, :, rows % TILE_ROWS]  # (R, chunk, 4)
+    return t.reshape(len(rows), nc * 4)[:, :k].contiguous()

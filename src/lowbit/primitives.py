@@ -34,6 +34,9 @@ __all__ = [
     "choose_qparams",
     "quantize_codes",
     "dequantize_codes",
+    "quantize_values",
+    "dequantize_values",
+    "round_scale",
     "quantize_float",
     "dequantize_float",
     "mse_clip_search",
@@ -81,7 +84,7 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, -1, group_size)
 
 
-def _round_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
+def round_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Round scales to their storage dtype away from zero (never shrinking the covered range),
     keeping non-zero scales non-zero."""
     stored = s.to(fmt.scale_dtype)
@@ -105,16 +108,16 @@ def choose_qparams(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | float =
     g = grouped(*_flat(w, scheme))
     if fmt.kind == "float":  # scaled float (fp8): absmax onto the format's largest value
         s = g.abs().amax(-1) * clip / fmt.max_value
-        return QParams(_round_scale(s, fmt), None)
+        return QParams(round_scale(s, fmt), None)
     if fmt.kind == "codebook":  # codebook levels span [-1, 1]
-        return QParams(_round_scale(g.abs().amax(-1) * clip, fmt), None)
+        return QParams(round_scale(g.abs().amax(-1) * clip, fmt), None)
     if scheme.symmetric:
         idx = g.abs().argmax(-1, keepdim=True)
         m = g.gather(-1, idx).squeeze(-1)  # signed value of largest magnitude
-        return QParams(_round_scale(m * clip / -fmt.sym_zero, fmt), None)
+        return QParams(round_scale(m * clip / -fmt.sym_zero, fmt), None)
     lo = g.amin(-1).clamp(max=0) * clip
     hi = g.amax(-1).clamp(min=0) * clip
-    s = _round_scale((hi - lo) / fmt.qmax, fmt)
+    s = round_scale((hi - lo) / fmt.qmax, fmt)
     z = torch.round(-lo / torch.where(s == 0, 1.0, s)).clamp(0, fmt.qmax)
     return QParams(s, z)
 
@@ -123,38 +126,49 @@ def _codebook(fmt: Format) -> torch.Tensor:
     return torch.tensor(fmt.codebook, dtype=torch.float32)
 
 
-def quantize_codes(w: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
-    """Codes ``(N, K)`` uint8 for an affine or codebook scheme, given its parameters."""
+def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Codes (uint8, ``x``'s shape) of values ``x`` under ``scale``/``zero`` broadcastable to ``x``.
+
+    Affine: ``clamp(round(x / s + z), 0, 2**b - 1)`` (``z`` may be fractional, e.g. from HQQ);
+    codebook: the index of the nearest level of ``x / s``.
+    """
     fmt = scheme.fmt
-    flat, gs = _flat(w, scheme)
-    g = grouped(flat, gs)
-    s = qp.scale.unsqueeze(-1)
-    safe = torch.where(s == 0, 1.0, s)
+    safe = torch.where(scale == 0, 1.0, scale)
     if fmt.kind == "codebook":
         cb = _codebook(fmt)
-        mids = (cb[1:] + cb[:-1]) / 2
-        q = torch.bucketize((g / safe).contiguous(), mids)
-    elif fmt.kind == "affine":
-        z = qp.zero.unsqueeze(-1) if qp.zero is not None else fmt.sym_zero
-        q = (torch.round(g / safe) + z).clamp(0, fmt.qmax)
-    else:
+        return torch.bucketize((x / safe).contiguous(), (cb[1:] + cb[:-1]) / 2).to(torch.uint8)
+    if fmt.kind != "affine":
         raise TypeError(f"{fmt.name} is not an integer-code format")
-    return q.to(torch.uint8).reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(w.shape)
+    z = zero if zero is not None else fmt.sym_zero
+    return (torch.round(x / safe + z)).clamp(0, fmt.qmax).to(torch.uint8)
+
+
+def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """Inverse of :func:`quantize_values`: float32 values of ``codes``."""
+    fmt = scheme.fmt
+    if fmt.kind == "codebook":
+        return _codebook(fmt)[codes.long()] * scale
+    z = zero if zero is not None else float(fmt.sym_zero)
+    return (codes.float() - z) * scale
+
+
+def quantize_codes(w: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
+    """Codes ``(N, K)`` uint8 for an affine or codebook scheme, given its parameters."""
+    flat, gs = _flat(w, scheme)
+    g = grouped(flat, gs)
+    zero = qp.zero.unsqueeze(-1) if qp.zero is not None else None
+    q = quantize_values(g, qp.scale.unsqueeze(-1), zero, scheme)
+    return q.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(w.shape)
 
 
 def dequantize_codes(codes: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
     """``(N, K)`` uint8 codes -> ``(N, K)`` float32."""
-    fmt = scheme.fmt
     flat, gs = _flat(codes, scheme)
     pad = -flat.shape[1] % gs
     c = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
     c = c.reshape(flat.shape[0], -1, gs)
-    s = qp.scale.unsqueeze(-1)
-    if fmt.kind == "codebook":
-        v = _codebook(fmt)[c.long()] * s
-    else:
-        z = qp.zero.unsqueeze(-1) if qp.zero is not None else float(fmt.sym_zero)
-        v = (c.float() - z) * s
+    zero = qp.zero.unsqueeze(-1) if qp.zero is not None else None
+    v = dequantize_values(c, qp.scale.unsqueeze(-1), zero, scheme)
     return v.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(codes.shape)
 
 

@@ -111,27 +111,39 @@ class QWeight:
         if scheme.is_cast:
             return cls(scheme, tuple(w.shape), quantize_float(w2, None, scheme))
         qp = qp if qp is not None else choose_qparams(w2, scheme)
-        scale = qp.scale.to(fmt.scale_dtype)
         if fmt.kind == "float":
-            return cls(scheme, tuple(w.shape), quantize_float(w2, qp, scheme), scale)
-        codes = quantize_codes(w2, qp, scheme)
+            return cls(scheme, tuple(w.shape), quantize_float(w2, qp, scheme), qp.scale.to(fmt.scale_dtype))
+        return cls.from_codes(tuple(w.shape), scheme, quantize_codes(w2, qp, scheme), qp)
+
+    @classmethod
+    def from_codes(cls, shape: tuple[int, ...], scheme: Scheme, codes: torch.Tensor, qp: QParams) -> QWeight:
+        """Pack ``codes`` ``(N, K)`` uint8 computed with ``qp`` (scales already storage-rounded).
+
+        Integer zero points in range are bit-packed like the codes; fractional ones (HQQ) are
+        stored as float16, which the caller must have rounded them to before computing codes.
+        """
+        fmt = scheme.fmt
         zero = None
         if qp.zero is not None:
-            if torch.equal(qp.zero, qp.zero.round()) and bool(((qp.zero >= 0) & (qp.zero <= fmt.qmax)).all()):
-                zero = packing.pack(qp.zero.to(torch.uint8), fmt.bits)
+            z = qp.zero
+            if torch.equal(z, z.round()) and bool(((z >= 0) & (z <= fmt.qmax)).all()):
+                zero = packing.pack(z.to(torch.uint8), fmt.bits)
             else:
-                zero = qp.zero.to(torch.float16)
-        return cls(scheme, tuple(w.shape), packing.pack(codes, fmt.bits), scale, zero)
+                zero = z.to(torch.float16)
+        scale = qp.scale.to(fmt.scale_dtype)
+        return cls(scheme, tuple(shape), packing.pack(codes, fmt.bits), scale, zero)
 
     # ---- reading back -------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """Unpacked codes ``(N, K)`` uint8 (affine and codebook formats)."""
         if self.layout == "tiled":
             return packing.untile(self.data, self.scheme.bits, self.rows, self.cols)
+        if self.layout == "tiled4":
+            return packing.untile4_rows(self.data, self.cols, torch.arange(self.rows))
         return packing.unpack(self.data, self.scheme.bits, self.cols)
 
     def _tiled_params(self) -> bool:
-        return self.layout == "tiled" and not self.scheme.per_tensor
+        return self.layout != "rows" and not self.scheme.per_tensor
 
     def zero_points(self) -> torch.Tensor | None:
         """Zero points ``(R, ng)`` float32, or ``None`` for symmetric schemes."""
@@ -152,23 +164,21 @@ class QWeight:
         return QParams(self.scales(), self.zero_points())
 
     # ---- layouts ------------------------------------------------------------------------------
-    def can_tile(self) -> bool:
-        """Whether the tiled layout applies: affine 2/4/8-bit codes with integer (or no) zeros."""
+    def can_tile(self, layout: str = "tiled") -> bool:
+        """Whether ``layout`` applies: affine codes with integer (or no) zero points, 2/4/8 bits for
+        "tiled", 8 bits for "tiled4"."""
         s = self.scheme
-        return (
-            s.fmt.kind == "affine"
-            and s.bits in packing.TILEABLE_BITS
-            and (self.zero is None or self.zero.dtype == torch.uint8)
-        )
+        bits_ok = s.bits in packing.TILEABLE_BITS if layout == "tiled" else s.bits == 8
+        return s.fmt.kind == "affine" and bits_ok and (self.zero is None or self.zero.dtype == torch.uint8)
 
     def to_layout(self, layout: str) -> QWeight:
         """This weight in ``layout`` ("rows" or "tiled"): new tensors, same values."""
         if layout == self.layout:
             return self
-        if layout not in ("rows", "tiled"):
+        if layout not in ("rows", "tiled", "tiled4"):
             raise ValueError(f"unknown layout {layout!r}")
-        if layout == "tiled" and not self.can_tile():
-            raise ValueError(f"{self.scheme} weights have no tiled layout")
+        if layout != "rows" and not self.can_tile(layout):
+            raise ValueError(f"{self.scheme} weights have no {layout} layout")
         bits = self.scheme.bits
         qp = self.qparams()
         codes = self.codes()
@@ -185,7 +195,8 @@ class QWeight:
             zero = None
             if qp.zero is not None:
                 zero = packing.pack(torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(torch.uint8).contiguous(), bits)
-        return QWeight(self.scheme, self.shape, packing.tile(codes, bits), scale, zero, "tiled")
+        data = packing.tile(codes, bits) if layout == "tiled" else packing.tile4(codes)
+        return QWeight(self.scheme, self.shape, data, scale, zero, layout)
 
     def rows_subset(self, idx: torch.Tensor) -> QWeight:
         """A row-layout QWeight of only the rows ``idx`` (1-D long), shape ``(len(idx), ...)``."""
@@ -195,7 +206,10 @@ class QWeight:
             pick = (lambda t: None if t is None else (t[idx] if per_row else t))  # noqa: E731
             return QWeight(self.scheme, shape, self.data[idx], pick(self.scale), pick(self.zero))
         bits = self.scheme.bits
-        codes = packing.untile_rows(self.data, bits, self.cols, idx)
+        if self.layout == "tiled4":
+            codes = packing.untile4_rows(self.data, self.cols, idx)
+        else:
+            codes = packing.untile_rows(self.data, bits, self.cols, idx)
         if self.scheme.per_tensor:
             scale, zero = self.scale, self.zero
         else:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["text_split", "text_source", "token_ids", "SPLITS", "DataError"]
+__all__ = ["text_split", "text_source", "token_ids", "calibration_batches", "SPLITS", "DataError"]
 
 DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 SPLITS = ("eval", "calib", "train")
@@ -72,3 +72,39 @@ def token_ids(tokenizer, split: str = "eval", max_tokens: int | None = None) -> 
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         _TOKEN_CACHE[key] = ids[:max_tokens] if max_tokens else ids
     return _TOKEN_CACHE[key]
+
+
+def calibration_batches(
+    tokenizer,
+    *,
+    nsamples: int = 64,
+    seqlen: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    split: str = "calib",
+    text: str | None = None,
+) -> list[torch.Tensor]:
+    """``nsamples`` windows of ``seqlen`` tokens drawn (seeded) from the calibration split, or from
+    ``text`` when given, as token-id batches ``(batch_size, seqlen)`` (the last may be smaller).
+
+    Raises :class:`DataError` when the text holds fewer than ``nsamples * seqlen`` tokens.
+    """
+    if nsamples < 1 or seqlen < 2 or batch_size < 1:
+        raise DataError(f"nsamples, batch_size must be >= 1 and seqlen >= 2; got {nsamples}, {batch_size}, {seqlen}")
+    if text is None:
+        ids, what = token_ids(tokenizer, split), f"the {split} split of {text_source()}"
+    else:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        what = "the calibration text"
+    need = nsamples * seqlen
+    if len(ids) < need:
+        raise DataError(
+            f"{what} has {len(ids)} tokens; {nsamples} samples of {seqlen} need at least {need} "
+            "(ask for fewer or shorter samples, or give more text)"
+        )
+    g = torch.Generator().manual_seed(seed)
+    # non-overlapping windows, a seeded choice of them
+    n_windows = len(ids) // seqlen
+    pick = torch.randperm(n_windows, generator=g)[:nsamples]
+    windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)[pick]
+    return [windows[i : i + batch_size] for i in range(0, nsamples, batch_size)]

@@ -10,6 +10,7 @@ op             kernel      what it does
 =============  ==========  ==============================================================
 linear         reference   dequantize to float32, ``F.linear``
 linear         cpu-vnni    packed int2/int4/int8 codes x int16 activations, AVX-512 VNNI
+linear         cpu-vnni-a8 int8 codes x per-token int8 activations (W8A8), AVX-512 VNNI
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
 conv2d         reference   dequantize to float32, ``F.conv2d``
 embedding      reference   dequantize the gathered rows only
@@ -57,13 +58,14 @@ def _cast_only(mod) -> str | None:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("reference", "linear", reference.linear, _always, "dequantize, then float32 F.linear"),
     Kernel("cpu-vnni", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations, AVX-512 VNNI", "tiled"),
+    Kernel("cpu-vnni-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8), VNNI", "tiled4"),
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
     Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
 )
 
 # "auto" tries these in order and takes the first that supports the module.
-_AUTO_ORDER = ("cpu-vnni", "cast", "reference")
+_AUTO_ORDER = ("cpu-vnni", "cpu-vnni-a8", "cast", "reference")
 
 
 def kernels_for(op: str) -> list[Kernel]:
@@ -127,7 +129,8 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
         if reason is None:
             _bind(mod, k, "; ".join(notes), memo)
             return
-        if name == "cpu-vnni" and not mod.scheme.is_cast:
+        relevant = "cpu-vnni-a8" if mod.scheme.act_bits else "cpu-vnni"  # the fast path one would expect
+        if name == relevant and not mod.scheme.is_cast:
             notes.append(f"{name}: {reason}")
     raise KernelError(f"no kernel for {mod.op}")  # pragma: no cover - reference always supports
 

@@ -40,7 +40,7 @@ CFLAGS = (
 )
 # /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
 _REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
-_ABI = 4  # lb_abi_version() of the C source this wrapper calls
+_ABI = 5  # lb_abi_version() of the C source this wrapper calls
 
 
 class _Weights(ctypes.Structure):
@@ -122,6 +122,10 @@ def load_library() -> ctypes.CDLL | None:
             lib.lb_linear.argtypes = [
                 ctypes.POINTER(_Weights), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
             ]
+            lib.lb_linear_a8.restype = ctypes.c_int
+            lib.lb_linear_a8.argtypes = [
+                ctypes.POINTER(_Weights), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+            ]
             _lib = lib
     return _lib
 
@@ -138,6 +142,25 @@ def _block(mod) -> int | None:
     if g >= k or g % 64 == 0:
         return 64
     return 32 if g % 32 == 0 else None
+
+
+def supports_a8(mod) -> str | None:
+    """The int8-activation kernel: 8-bit integer weights (integer zeros), dynamic activations."""
+    s = mod.scheme
+    if s.act_bits != 8:
+        return "weight-only scheme (this kernel quantizes activations to int8)"
+    if s.act_static:
+        return "static activation scales (calibrated ranges) are not supported yet"
+    if s.fmt.kind != "affine" or s.bits != 8:
+        return f"{s.fmt.name} weights (the int8-activation kernel runs int8 codes)"
+    if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
+        return "fractional zero points"
+    k = mod.in_features
+    g = k if (s.group_size is None or s.per_tensor) else s.group_size
+    if min(g, k) > (1 << 14):
+        return f"groups of {min(g, k)} columns (the kernel's int32 sums take up to 16384)"
+    reason = unavailable_reason()
+    return None if reason is None else f"VNNI kernel unavailable: {reason}"
 
 
 def supports(mod) -> str | None:
@@ -157,8 +180,8 @@ def supports(mod) -> str | None:
 def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     """The C descriptor of ``mod``'s tiled weight (pointers into its buffers, no copy), and the
     float32 bias it points to (a copy only if the model was cast to another dtype)."""
-    if mod.layout != "tiled":
-        raise RuntimeError("the VNNI kernel reads the tiled layout; assign it with lowbit.kernels.assign()")
+    if mod.layout not in ("tiled", "tiled4"):
+        raise RuntimeError("the VNNI kernels read a tiled layout; assign them with lowbit.kernels.assign()")
     s = mod.scheme
     qweight, scales, zeros, bias = mod.qweight, mod.scales, mod.zeros, mod.bias
     if bias is not None:
@@ -181,18 +204,14 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
         scales.data_ptr(), 0 if s.per_tensor else scales.shape[1],
         zw, ldz, zconst, s.bits,
         mod.out_features, k, k if whole else s.group_size,
-        _block(mod), 0,
+        _block(mod) or 0, 0,
         None if bias is None else bias.data_ptr(),
     )  # fmt: skip
     return desc, bias
 
 
-def linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations on VNNI (see the C file)."""
-    if x.requires_grad and torch.is_grad_enabled():
-        from . import reference
-
-        return reference.linear(mod, x)  # the C kernel has no backward
+def _call(mod, x: torch.Tensor, fn, *extra) -> torch.Tensor:
+    """Run C entry ``fn`` on ``x (..., K)`` -> ``(..., N)`` float32 (then ``x``'s dtype)."""
     # The descriptor holds raw pointers: rebuild it whenever a buffer was replaced or moved.
     # (This runs per call and per layer in decoding, hence the plain code.)
     buffers = mod._buffers  # direct dict access: nn.Module.__getattr__ costs microseconds per call
@@ -212,7 +231,25 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"input has {x2.shape[-1]} features, the layer takes {mod.in_features}")
     out = torch.empty(x2.shape[:-1] + (mod.out_features,), dtype=torch.float32)
     m = x2.numel() // mod.in_features
-    rc = _lib.lb_linear(ctypes.byref(state[5]), x2.data_ptr(), m, out.data_ptr(), torch.get_num_threads())
+    rc = fn(ctypes.byref(state[5]), x2.data_ptr(), m, out.data_ptr(), *extra, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
     return out if x.dtype is torch.float32 else out.to(x.dtype)
+
+
+def linear(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations on VNNI (see the C file)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from . import reference
+
+        return reference.linear(mod, x)  # the C kernel has no backward
+    return _call(mod, x, _lib.lb_linear)
+
+
+def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` -> ``(..., N)``: int8 weights x per-token int8 activations (W8A8, vpdpbusd)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from . import reference
+
+        return reference.linear(mod, x)
+    return _call(mod, x, _lib.lb_linear_a8, 0.0)

@@ -13,10 +13,23 @@ def _bias(mod) -> torch.Tensor | None:
     return None if mod.bias is None else mod.bias.float()
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activations, the W8A8 schemes' semantics: per row (token) of ``x (..., K)``,
+    ``q = clamp(round(x / s), -127, 127)`` with ``s = absmax / 127``; returns ``q * s``."""
+    s = x.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.round(x / torch.where(s == 0, 1.0, s)).clamp(-127, 127)
+    return q * s
+
+
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype, computed in float32."""
     w = mod.qw.dequantize(torch.float32)
-    return F.linear(x.float(), w, _bias(mod)).to(x.dtype)
+    xf = x.float()
+    if mod.scheme.act_bits:
+        if mod.scheme.act_static:
+            raise NotImplementedError("static activation scales (w*a8-static) need calibrated ranges")
+        xf = quantize_activations(xf)
+    return F.linear(xf, w, _bias(mod)).to(x.dtype)
 
 
 def conv2d(mod, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-int lb_abi_version(void) { return 4; }
+int lb_abi_version(void) { return 5; }
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
@@ -223,6 +223,133 @@ int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads)
             if (m + 4 <= m1) { t4(d, rb, m, qx, ldq, sx, sumx, nb, y); m += 4; }
             if (m + 2 <= m1) { t2(d, rb, m, qx, ldq, sx, sumx, nb, y); m += 2; }
             if (m < m1) t1(d, rb, m, qx, ldq, sx, sumx, nb, y);
+        }
+    }
+    free(qx); free(sx); free(sumx);
+    return 0;
+}
+
+/* ==== W8A8: int8 weights x int8 per-token activations (vpdpbusd) ================================
+ *
+ *   y[m, n] = bias[n] + sx[m] * sum_g sw[g, n] * ( sum_{k in g} u[n, k] * qx[m, k] - z[g, n] * sumx[m, g] )
+ *
+ * Activations: one symmetric int8 scale per row (token), sx = absmax / 127 ("dynamic" W8A8), or
+ * a given static scale. Weights: 8-bit codes in the "tiled4" layout (packing.py: tile4()):
+ * rows in blocks of 16, each 64-byte chunk holding 16 rows x 4 columns, byte p = row p / 4,
+ * column p % 4, so that 32-bit lane r of a chunk is row r's 4 codes: exactly vpdpbusd's operand
+ * (unsigned weight bytes times a broadcast 4-byte group of signed activations). One instruction
+ * does 64 multiply-adds; int32 lanes cannot overflow within a group of up to 2^14 columns
+ * (4 * 255 * 127 per instruction).
+ */
+
+/* Quantize rows of x (M, K) to int8 qx (M, ldq) zero-padded; per-row scale sx (M); per (row,
+ * group) sums sumx (M, ng). static_scale > 0: use it instead of each row's absmax / 127. */
+static void quant_rows_i8(const float* x, int64_t M, int64_t K, int64_t ldq, int64_t G, int64_t ng,
+                          float static_scale, int8_t* qx, float* sx, int32_t* sumx, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * K;
+        int8_t* qr = qx + m * ldq;
+        float scale = static_scale;
+        if (scale <= 0.0f) {
+            __m512 vmax = _mm512_setzero_ps();
+            for (int64_t c = 0; c < K; c += 16) {
+                const int64_t left = K - c;
+                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xr + c)));
+            }
+            scale = _mm512_reduce_max_ps(vmax) / 127.0f;
+        }
+        const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        for (int64_t c = 0; c < ldq; c += 16) {
+            const int64_t left = K - c;
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + c), inv));
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i*)(qr + c), _mm512_cvtepi32_epi8(q));
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c1 = (g + 1) * G < K ? (g + 1) * G : K;
+            int32_t sum = 0;
+            for (int64_t c = g * G; c < c1; c++) sum += qr[c];
+            sumx[m * ng + g] = sum;
+        }
+        sx[m] = scale;
+    }
+}
+
+INLINE __m512i bcast_quad(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+#define DEFINE_TILE_A8(NAME, MT_)                                                                \
+    static void NAME(const wdesc* d, int64_t rb, int64_t m, const int8_t* qx, int64_t ldq,        \
+                     const float* sx, const int32_t* sumx, int64_t ng, float* y) {               \
+        enum { MT = MT_ };                                                                      \
+        const int64_t nchunks = (d->K + 3) / 4;                                                 \
+        const uint8_t* wrow = d->w + rb * nchunks * 64;                                         \
+        const int64_t gch = d->G < d->K ? d->G / 4 : nchunks; /* chunks per group */            \
+        __m512 out[MT];                                                                         \
+        for (int i = 0; i < MT; i++) out[i] = _mm512_setzero_ps();                               \
+        for (int64_t g = 0; g < ng; g++) {                                                      \
+            __m512i acc[MT];                                                                    \
+            for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_si512();                        \
+            const int64_t c1 = (g + 1) * gch < nchunks ? (g + 1) * gch : nchunks;                 \
+            for (int64_t c = g * gch; c < c1; c++) {                                            \
+                const __m512i w = _mm512_loadu_si512((const void*)(wrow + c * 64));             \
+                for (int i = 0; i < MT; i++)                                                    \
+                    acc[i] = _mm512_dpbusd_epi32(acc[i], w, bcast_quad(qx + (m + i) * ldq + c * 4)); \
+            }                                                                                   \
+            const __m512 s = load_scales(d, g, rb);                                             \
+            const __m512 zs = _mm512_mul_ps(s, load_zeros(d, g, rb));                           \
+            for (int i = 0; i < MT; i++) {                                                      \
+                out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), s, out[i]);                 \
+                out[i] = _mm512_fnmadd_ps(zs, _mm512_set1_ps((float)sumx[(m + i) * ng + g]), out[i]); \
+            }                                                                                   \
+        }                                                                                       \
+        const int64_t n0 = rb * 16;                                                             \
+        const int nr = d->N - n0 < 16 ? (int)(d->N - n0) : 16;                                  \
+        const __mmask16 mk = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);          \
+        const __m512 bias = d->bias ? _mm512_maskz_loadu_ps(mk, d->bias + n0) : _mm512_setzero_ps(); \
+        for (int i = 0; i < MT; i++)                                                            \
+            _mm512_mask_storeu_ps(y + (m + i) * d->N + n0, mk,                                   \
+                                  _mm512_fmadd_ps(out[i], _mm512_set1_ps(sx[m + i]), bias));      \
+    }
+
+DEFINE_TILE_A8(tile8_a8, 8)
+DEFINE_TILE_A8(tile4_a8, 4)
+DEFINE_TILE_A8(tile2_a8, 2)
+DEFINE_TILE_A8(tile1_a8, 1)
+
+/* y (M, N) float32 = quant_i8(x) @ dequant(W)^T + bias, for 8-bit weights in the tiled4 layout.
+ * static_scale > 0: the activations' calibrated scale; else per-row dynamic scales.
+ * Returns 0, -1 for a descriptor the kernel cannot run, -2 when out of memory. */
+int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float static_scale, int nthreads) {
+    if (d->bits != 8) return -1;
+    if (d->G < d->K && (d->G % 4 || d->G > (1 << 14))) return -1;
+    if (d->G >= d->K && d->K > (1 << 14)) return -1; /* int32 lanes: keep groups below 2^14 columns */
+    const int64_t ng = d->G < d->K ? (d->K + d->G - 1) / d->G : 1;
+    const int64_t G = d->G < d->K ? d->G : d->K;
+    const int64_t ldq = (d->K + 63) / 64 * 64;
+    int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * ldq));
+    float* sx = (float*)malloc(sizeof(float) * (size_t)M);
+    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * ng));
+    if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
+    quant_rows_i8(x, M, d->K, ldq, G, ng, static_scale, qx, sx, sumx, nthreads);
+    const int64_t nrb = (d->N + 15) / 16;
+    if (M * d->N * d->K < (1 << 16)) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t m1 = m0 + MC < M ? m0 + MC : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t rb = 0; rb < nrb; rb++) {
+            int64_t m = m0;
+            for (; m + 8 <= m1; m += 8) tile8_a8(d, rb, m, qx, ldq, sx, sumx, ng, y);
+            if (m + 4 <= m1) { tile4_a8(d, rb, m, qx, ldq, sx, sumx, ng, y); m += 4; }
+            if (m + 2 <= m1) { tile2_a8(d, rb, m, qx, ldq, sx, sumx, ng, y); m += 2; }
+            if (m < m1) tile1_a8(d, rb, m, qx, ldq, sx, sumx, ng, y);
         }
     }
     free(qx); free(sx); free(sumx);

@@ -1,0 +1,699 @@
+"""Peer quantization *algorithms* (HQQ, GPTQ, AWQ) on SmolLM2-135M, scored by lowbit's harness.
+
+Usage (from the repository root)::
+
+    python benchmarks/peer_algorithms.py --peer hqq|torchao|quanto [--schemes w4g64-asym ...]
+    /work/peers/llmc/bin/python benchmarks/peer_algorithms.py --peer llmc [...]
+        [--tokens 16384] [--calib-samples 64] [--out benchmarks/results/peer_algorithms.json]
+        [--fp32-check]   # also score the unquantized model in this interpreter (harness check)
+
+Every row is one run in a fresh child process (so ``peak_rss_mb`` is that run's own peak):
+
+1. ``lowbit.models.zoo.load_model("smollm2-135m")``: float32 LlamaForCausalLM + tokenizer.
+2. The peer quantizes the 210 ``nn.Linear`` layers inside ``model.model.layers`` (never
+   ``embed_tokens`` or ``lm_head``), with its own API. ``quant_seconds`` is the wall time of
+   the peer's calls only (calibration forward passes included for GPTQ/AWQ).
+3. The peer's quantized weights are turned back into float32 (dequantized, or fake-quantized
+   for llm-compressor) and written into the float model, so the *same* model code scores every
+   row: ``lowbit.evaluate.perplexity.perplexity(model, tok, max_tokens=--tokens, seqlen=512)``
+   on the held-out ``eval`` split (32 windows x 511 predicted = 16,352 tokens at 16384).
+4. Calibration data (GPTQ/AWQ only) is N windows of 512 tokens drawn at random start offsets
+   from ``lowbit.evaluate.data.token_ids(tok, "calib")`` (disjoint from ``eval``) with
+   ``torch.Generator().manual_seed(0)``; N is 64 unless the row's ``calib`` says otherwise.
+5. ``peak_rss_mb``: ``ru_maxrss`` of the child right after quantization (model load included,
+   perplexity not); ``rss_after_load_mb`` is the same counter before quantization started.
+
+lowbit scheme names: ``w4g64`` = 4-bit symmetric, one scale per 64 input columns; ``-asym``
+adds a zero point per group; groups run along the input dimension (SmolLM2's Linear layers
+are 576 or 1536 wide, so every group is whole). For reference, lowbit RTN on this harness:
+FP32 10.490, w4g64 13.322, w4g64-asym 13.859, w3g64 33.843, w3g64-asym 32.273,
+w2g32-asym 36485.
+
+What each peer's rows do
+------------------------
+
+``--peer hqq`` (hqq, the Mobius Labs package)
+    ``HQQLinear(linear, BaseQuantizeConfig(nbits, group_size, axis=1), compute_dtype=float16,
+    device="cpu")`` on every target Linear, then ``HQQLinear.dequantize()`` -> float32.
+    Algorithm: HQQ's default optimizer (``optimize_weights_proximal_legacy``: lp 0.7 shrinkage,
+    beta 10, up to 20 iterations with early stop) which refines the *zero point only*; the
+    scale stays min/max. Always asymmetric: uint codes 0..2^b-1, ``W = (q - zero) * scale``,
+    ``zero`` and ``scale`` stored in the compute dtype (float16) with no rounding of ``zero``
+    after optimization (``round_zero=True`` for 4-bit only rounds the *initial* zero), so the
+    zero point is a fractional float16, not an integer. ``quant_zero``/``quant_scale``
+    (8-bit meta-data quantization) are deprecated and forced off by hqq 0.2.8. Rows exist for
+    the ``-asym`` schemes; symmetric schemes are recorded as unsupported.
+
+``--peer torchao``
+    * HQQ: ``PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm="hqq")``
+      (torchao's vendored copy of the same HQQ optimizer) -> ``Int4OpaqueTensor`` on the
+      float32 model; w4g64-asym only (4-bit, group 32/64/128 only). Zero point is float
+      (tinygemm convention ``W = (q - 8) * scale + zero``), scale/zero in the weight dtype.
+    * RTN: the same config with ``int4_choose_qparams_algorithm="tinygemm"`` (min/max), as a
+      torchao baseline for the HQQ row.
+    * HQQ scale-only: ``IntxWeightOnlyConfig(weight_dtype=int4|int3, granularity=PerGroup(64),
+      mapping_type=SYMMETRIC, intx_choose_qparams_algorithm="hqq_scale_only")``: symmetric
+      signed codes (-8..7 / -4..3), alternating least-squares refinement of the per-group
+      scale, no zero point -> w4g64 and w3g64.
+    * AWQ: ``AWQConfig(PrototypeInt4WeightOnlyConfig(group_size=64), step="prepare")``,
+      calibration forwards, ``step="convert"``. Run on a bfloat16 copy of the model: the CPU
+      int4 kernel it scores candidates with (``_weight_int4pack_mm_for_cpu``) is ~70x slower
+      in float32, and every observer keeps *all* of its layer's inputs in memory, so this row
+      uses 16 calibration windows (8192 tokens). The AWQ scale is stored in the weight
+      (``act_pre_scale``), i.e. the effective weight is ``Q(W * s) / s``; that is what is
+      written back (rounded to bfloat16) into the float32 model.
+    * ``Int4OpaqueTensor`` weights are decoded by reading the packed codes back with the CPU
+      kernel (bfloat16 identity input, scale 1 / zero 0 -> ``q - 8`` exactly) and applying the
+      tensor's own scales/zeros in float32 (checked against the layer's output on an identity
+      input, see the row's notes); intx tensors with ``.dequantize()``.
+    * GPTQ (``torchao.prototype.gptq.GPTQConfig``) is recorded as unsupported with the
+      exception it raises on this machine.
+
+``--peer quanto`` (optimum-quanto)
+    ``quantize(model.model.layers, weights=qint4|qint2, optimizer=...)``, then the group size
+    is set on every QLinear (``weight_group_size``; quanto would otherwise pick 96 for
+    576-wide and 128 for 1536-wide layers), ``freeze()``, ``weight.dequantize()`` -> float32.
+    quanto's qint2/qint4 weights are always affine: ``q = round((W + shift) / scale)`` clamped
+    to 0..2^b-1, ``W = q * scale - shift`` with ``shift = -min`` a *float* (model dtype,
+    float32 here; no integer zero point, the range is not forced to contain 0).
+    Optimizers: ``MaxOptimizer`` (default, min/max RTN) and ``HqqOptimizer`` (HQQ on the
+    shift only). There is no qint3 and no symmetric sub-8-bit mode: those are unsupported rows.
+
+``--peer llmc`` (llm-compressor, run with /work/peers/llmc/bin/python)
+    ``oneshot(model, dataset=DataLoader(64 x 512 calib windows), recipe=...)`` with the
+    default sequential pipeline (each decoder layer calibrated on the outputs of the already
+    quantized previous layers), targets ``Linear``, ignore ``lm_head``, weight args
+    ``QuantizationArgs(num_bits=b, type="int", symmetric=..., strategy="group",
+    group_size=g)`` (compressed-tensors: signed codes -2^(b-1)..2^(b-1)-1; symmetric scale
+    ``absmax / ((2^b - 1) / 2)``; asymmetric ``(max - min) / (2^b - 1)`` with an integer zero
+    point (int8) and the range widened to include 0; scales in the model dtype, float32).
+    * GPTQ: ``GPTQModifier(config_groups=..., ignore=["lm_head"])`` with its defaults
+      (block_size 128, dampening_frac 0.01, actorder "static").
+    * AWQ: ``[AWQModifier(), QuantizationModifier(config_groups=..., ignore=["lm_head"])]``
+      (AWQ defaults: mappings inferred for Llama, duo_scaling=True, n_grid=20; then RTN with
+      the default observer). AWQModifier pins its activation cache with
+      ``Tensor.pin_memory()``, which raises "Cannot access accelerator device when none is
+      available" on a CPU-only torch; ``IntermediatesCache.pin_memory`` is replaced by a no-op
+      when no accelerator is present (pinning only speeds host-to-GPU copies).
+    The fake-quantized weights (``compressed_tensors...fake_quantize`` with the module's
+    ``weight_scale``/``weight_zero_point``) and every other parameter (AWQ rescales the
+    RMSNorm weights, v_proj and up_proj) are copied into a freshly loaded float32 model.
+
+Rows are merged into ``--out`` keyed by (peer, algorithm, scheme); a rerun replaces its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMES: dict[str, tuple[int, int, bool]] = {  # lowbit name -> (bits, group, symmetric)
+    "w4g64": (4, 64, True),
+    "w4g64-asym": (4, 64, False),
+    "w3g64": (3, 64, True),
+    "w3g64-asym": (3, 64, False),
+    "w2g32-asym": (2, 32, False),
+}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "peer_algorithms.json"
+SEQLEN = 512
+SEED = 0
+THREADS = 2
+N_TARGET_LINEARS = 210
+
+
+# ------------------------------------------------------------------------------------------
+# shared helpers (run inside the child process)
+# ------------------------------------------------------------------------------------------
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _load():
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    zoo.model.eval().requires_grad_(False)
+    return zoo.model, zoo.tokenizer
+
+
+def _targets(model) -> dict:
+    """name (relative to the whole model) -> nn.Linear, for the Linear layers in model.model.layers."""
+    import torch
+
+    out = {f"model.layers.{n}": m for n, m in model.model.layers.named_modules()
+           if isinstance(m, torch.nn.Linear)}
+    if len(out) != N_TARGET_LINEARS:
+        raise RuntimeError(f"expected {N_TARGET_LINEARS} Linear layers in model.model.layers, got {len(out)}")
+    return out
+
+
+def _calib(tokenizer, n: int, seqlen: int = SEQLEN):
+    """(n, seqlen) LongTensor: random windows of the calib split, fixed seed."""
+    import torch
+
+    from lowbit.evaluate.data import token_ids
+
+    ids = token_ids(tokenizer, "calib")
+    g = torch.Generator().manual_seed(SEED)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (n,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def _calib_desc(n: int) -> str:
+    return (f"{n}x{SEQLEN} tokens: random windows (torch.Generator seed {SEED}) of lowbit's "
+            f"'calib' split (python3.11-doc; disjoint from 'eval')")
+
+
+def _write_weight(linear, w) -> None:
+    import torch
+
+    with torch.no_grad():
+        linear.weight.data = w.detach().to(torch.float32).reshape(linear.weight.shape).contiguous().clone()
+
+
+def _ppl(model, tokenizer, tokens: int):
+    from lowbit.evaluate.perplexity import perplexity
+
+    t = time.perf_counter()
+    r = perplexity(model, tokenizer, max_tokens=tokens, seqlen=SEQLEN)
+    return r, time.perf_counter() - t
+
+
+class Unsupported(Exception):
+    """The peer cannot run this (scheme, algorithm) here; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------
+# peers. Each job function gets (model, tokenizer, job) and returns
+# (quant_seconds, calib_description_or_None, notes); it leaves dequantized float32 weights
+# in ``model`` (or returns a replacement model as 4th element).
+# ------------------------------------------------------------------------------------------
+
+# ---- hqq ---------------------------------------------------------------------------------
+
+def _hqq_job(model, tokenizer, job):
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    bits, group, sym = SCHEMES[job["scheme"]]
+    if sym:
+        raise Unsupported("hqq has no symmetric mode: every HQQLinear stores a (float) zero point per group")
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=1)
+    layers = _targets(model)
+    deq, metas = {}, []
+    t = time.perf_counter()
+    for name, lin in layers.items():
+        hq = HQQLinear(lin, cfg, compute_dtype=torch.float16, device="cpu", del_orig=False)
+        deq[name] = hq
+    secs = time.perf_counter() - t
+    zs, ss = [], []
+    for name, hq in deq.items():
+        metas.append((hq.meta["scale"].dtype, hq.meta["zero"].dtype, tuple(hq.meta["zero"].shape)))
+        zs.append(hq.meta["zero"].float().flatten())
+        ss.append(hq.meta["scale"].float().flatten())
+        _write_weight(layers[name], hq.dequantize().float())
+    z = torch.cat(zs)
+    int_frac = float((z == z.round()).float().mean())
+    notes = (f"BaseQuantizeConfig(nbits={bits}, group_size={group}, axis=1) (round_zero={cfg['weight_quant_params']['round_zero']}, "
+             f"optimize=True), HQQLinear(compute_dtype=float16, device='cpu'); asymmetric uint{bits} codes "
+             f"0..{2**bits - 1}, W=(q-zero)*scale; scale dtype {metas[0][0]}, zero dtype {metas[0][1]}, "
+             f"one per {group} input columns; {100 * int_frac:.1f}% of zero points are integers "
+             f"(zero range {float(z.min()):.2f}..{float(z.max()):.2f}); quant_zero/quant_scale off (deprecated, "
+             f"forced off by hqq 0.2.8); dequantized with HQQLinear.dequantize() (float16) -> float32")
+    return secs, None, notes
+
+
+def _hqq_jobs(schemes):
+    return [dict(peer="hqq", dist="hqq", algorithm="HQQ (default proximal optimizer)",
+                 peer_scheme=f"BaseQuantizeConfig(nbits={SCHEMES[s][0]}, group_size={SCHEMES[s][1]}, axis=1)",
+                 scheme=s, fn="_hqq_job") for s in schemes]
+
+
+# ---- torchao -----------------------------------------------------------------------------
+
+def _torchao_decode_opaque(lin):
+    """Effective float32 weight ``(out, in)`` of a Linear whose weight is an ``Int4OpaqueTensor``.
+
+    The packed codes are read back with the CPU int4 kernel itself: a bfloat16 identity input
+    and a (scale=1, zero=0) table give ``q - 8`` exactly; then ``W = (q - 8) * scale + zero``
+    per group with the tensor's own scale/zero (tinygemm's formula), times ``act_pre_scale``
+    per input column when AWQ set one.
+    """
+    import torch
+
+    qw = lin.weight
+    n, k = qw.shape
+    g = qw.block_size[1]
+    sz = qw.scale_and_zero  # (k // g, n, 2): [..., 0] scale, [..., 1] zero
+    unit = torch.zeros(sz.shape, dtype=torch.bfloat16)
+    unit[..., 0] = 1
+    with torch.no_grad():
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(k, dtype=torch.bfloat16), qw.qdata, g, unit)
+    q = codes.t().float()  # (n, k) in -8..7
+    scale, zero = sz[..., 0].float().t(), sz[..., 1].float().t()  # (n, k // g)
+    w = (q.view(n, k // g, g) * scale[..., None] + zero[..., None]).view(n, k)
+    if qw.act_pre_scale is not None:
+        w = w * qw.act_pre_scale.float().view(1, k)
+    return w
+
+
+def _torchao_check_decode(lin, w) -> str:
+    """Compare the decoded weight with the layer's own output on an identity input."""
+    import torch
+
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(torch.eye(lin.in_features, dtype=lin.weight.dtype), lin.weight).t().float()
+    return f"decode check on the first layer: max |W_decoded - layer(I)| = {float((w - ref).abs().max()):.2e}"
+
+
+def _torchao_int4(model, tokenizer, job):
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    layers = _targets(model)
+    ids = {id(m) for m in layers.values()}
+    cfg = PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm=job["algo"],
+                                        set_inductor_config=False)
+    t = time.perf_counter()
+    quantize_(model, cfg, filter_fn=lambda m, fqn: id(m) in ids)
+    secs = time.perf_counter() - t
+    w0 = next(iter(layers.values())).weight
+    sz = w0.scale_and_zero
+    decoded = {name: _torchao_decode_opaque(lin) for name, lin in layers.items()}
+    check = _torchao_check_decode(next(iter(layers.values())), next(iter(decoded.values())))
+    for name, lin in layers.items():
+        _write_weight(lin, decoded[name])
+    notes = (f"PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm={job['algo']!r}) on the "
+             f"float32 model -> {type(w0).__name__} (uint4 codes, tinygemm layout W=(q-8)*scale+zero, float zero); "
+             f"scale_and_zero dtype {sz.dtype}, shape {tuple(sz.shape)} for a {tuple(w0.shape)} weight; "
+             f"codes read back with the CPU kernel, W=(q-8)*scale+zero in float32 ({check})")
+    if job["algo"] == "hqq":
+        notes += "; HQQ = torchao's vendored hqq optimize_weights_proximal_legacy (zero-point refinement)"
+    return secs, None, notes
+
+
+def _torchao_intx_hqq(model, tokenizer, job):
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    bits, group, sym = SCHEMES[job["scheme"]]
+    assert sym
+    layers = _targets(model)
+    ids = {id(m) for m in layers.values()}
+    cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group),
+                               mapping_type=MappingType.SYMMETRIC,
+                               intx_choose_qparams_algorithm="hqq_scale_only")
+    t = time.perf_counter()
+    quantize_(model, cfg, filter_fn=lambda m, fqn: id(m) in ids)
+    secs = time.perf_counter() - t
+    w0 = next(iter(layers.values())).weight
+    info = (f"{type(w0).__name__}: qdata {w0.qdata.dtype} in {int(w0.qdata.min())}..{int(w0.qdata.max())}, "
+            f"scale {w0.scale.dtype} {tuple(w0.scale.shape)}, zero_point {w0.zero_point.dtype} (all zero)")
+    for lin in layers.values():
+        _write_weight(lin, lin.weight.dequantize())
+    notes = (f"IntxWeightOnlyConfig(weight_dtype=torch.int{bits}, granularity=PerGroup({group}), "
+             f"mapping_type=SYMMETRIC, intx_choose_qparams_algorithm='hqq_scale_only'): symmetric signed codes "
+             f"{-2**(bits-1)}..{2**(bits-1)-1}, scale initialised at absmax/{2**(bits-1)} then refined by "
+             f"alternating least squares (<=20 iterations), no zero point; {info}; decoded with .dequantize()")
+    return secs, None, notes
+
+
+def _torchao_awq(model, tokenizer, job):
+    import torch
+    from torchao.prototype.awq import AWQConfig
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    n = job["calib_samples"]
+    layers = _targets(model)
+    names = list(layers)
+    # the AWQ run happens on a bfloat16 copy of the model (see the module docstring)
+    import copy
+
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    bl = _targets(bf)
+    ids = {id(m) for m in bl.values()}
+    base = PrototypeInt4WeightOnlyConfig(group_size=64, set_inductor_config=False)
+    calib = _calib(tokenizer, n)
+    t = time.perf_counter()
+    quantize_(bf, AWQConfig(base, step="prepare"), filter_fn=lambda m, fqn: id(m) in ids)
+    with torch.no_grad():
+        for i in range(n):
+            bf(input_ids=calib[i:i + 1], use_cache=False)
+    bl = _targets_any(bf)  # prepare swapped the modules for AWQObservedLinear
+    ids = {id(m) for m in bl.values()}
+    quantize_(bf, AWQConfig(base, step="convert"), filter_fn=lambda m, fqn: id(m) in ids)
+    secs = time.perf_counter() - t
+    bl = _targets(bf)
+    w0 = bl[names[0]].weight
+    decoded = {name: _torchao_decode_opaque(bl[name]) for name in names}
+    check = _torchao_check_decode(bl[names[0]], decoded[names[0]])
+    for name in names:
+        _write_weight(layers[name], decoded[name])
+    notes = (f"AWQConfig(PrototypeInt4WeightOnlyConfig(group_size=64) [tinygemm min/max RTN], "
+             f"scale_search_space_size=20): prepare -> {n} calibration forwards (batch 1) -> convert, on a bfloat16 "
+             f"copy of the model; result {type(w0).__name__} with act_pre_scale "
+             f"{None if w0.act_pre_scale is None else tuple(w0.act_pre_scale.shape)} (= 1/s), scale_and_zero "
+             f"{w0.scale_and_zero.dtype}; effective weights Q(W*s)/s computed in float32 from the bfloat16 "
+             f"codes/scales/zeros/act_pre_scale and written into the float32 model ({check}, bfloat16 kernel "
+             f"output); norms untouched (torchao folds nothing into the previous layer)")
+    return secs, _calib_desc(n), notes
+
+
+def _targets_any(model) -> dict:
+    """Like _targets but accepts nn.Linear subclasses swapped in by a peer (AWQObservedLinear)."""
+    import torch
+
+    out = {f"model.layers.{n}": m for n, m in model.model.layers.named_modules()
+           if isinstance(m, torch.nn.Linear)}
+    if len(out) != N_TARGET_LINEARS:
+        raise RuntimeError(f"expected {N_TARGET_LINEARS} Linear layers, got {len(out)}")
+    return out
+
+
+def _torchao_gptq(model, tokenizer, job):
+    """Record why torchao's GPTQ does not run here (both the int4 and the int8 route)."""
+    import torch
+    from torchao.prototype.gptq import GPTQConfig, gptq_quantize
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    from torchao.quantization.granularity import PerRow
+
+    reasons = []
+    try:
+        GPTQConfig(step="observe", base_config=Int4WeightOnlyConfig(group_size=64))
+        reasons.append("int4 GPTQConfig constructed (unexpected)")
+    except Exception as e:  # noqa: BLE001 -- the message is the point
+        reasons.append(f"GPTQConfig(base_config=Int4WeightOnlyConfig(group_size=64)) -> {type(e).__name__}: {e}")
+    try:
+        cfg = GPTQConfig(step="convert", base_config=Int8WeightOnlyConfig(granularity=PerRow()))
+        w = torch.randn(64, 64)
+        gptq_quantize(w.t() @ w, w.clone(), cfg)
+        reasons.append("int8 gptq_quantize ran on CPU (unexpected)")
+    except Exception as e:  # noqa: BLE001
+        reasons.append(f"gptq_quantize with Int8WeightOnlyConfig(PerRow()) on CPU tensors -> {type(e).__name__}: {e}")
+    raise Unsupported("; ".join(reasons) + " (torchao 0.18 prototype GPTQ: int4 needs the CUDA-only 'mslk' "
+                      "package and gptq_quantize asserts device.type == 'cuda' for every base config)")
+
+
+def _torchao_jobs(schemes):
+    jobs = []
+    for s in schemes:
+        bits, group, sym = SCHEMES[s]
+        if s == "w4g64-asym":
+            jobs.append(dict(peer="torchao", dist="torchao", algorithm="HQQ (PrototypeInt4WeightOnlyConfig hqq)",
+                             peer_scheme="PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm='hqq')",
+                             scheme=s, fn="_torchao_int4", algo="hqq"))
+            jobs.append(dict(peer="torchao", dist="torchao", algorithm="RTN (PrototypeInt4WeightOnlyConfig tinygemm)",
+                             peer_scheme="PrototypeInt4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm='tinygemm')",
+                             scheme=s, fn="_torchao_int4", algo="tinygemm"))
+            jobs.append(dict(peer="torchao", dist="torchao", algorithm="AWQ (AWQConfig + PrototypeInt4WeightOnlyConfig)",
+                             peer_scheme="AWQConfig(PrototypeInt4WeightOnlyConfig(group_size=64))",
+                             scheme=s, fn="_torchao_awq", calib_samples=16))
+            jobs.append(dict(peer="torchao", dist="torchao", algorithm="GPTQ (prototype GPTQConfig)",
+                             peer_scheme="GPTQConfig(base_config=Int4WeightOnlyConfig(group_size=64))",
+                             scheme=s, fn="_torchao_gptq"))
+        if sym and bits in (3, 4):
+            jobs.append(dict(peer="torchao", dist="torchao", algorithm="HQQ scale-only (IntxWeightOnlyConfig hqq_scale_only)",
+                             peer_scheme=f"IntxWeightOnlyConfig(torch.int{bits}, PerGroup({group}), SYMMETRIC, 'hqq_scale_only')",
+                             scheme=s, fn="_torchao_intx_hqq"))
+    return jobs
+
+
+# ---- optimum-quanto ----------------------------------------------------------------------
+
+def _quanto_job(model, tokenizer, job):
+    import torch
+    from optimum.quanto import HqqOptimizer, MaxOptimizer, freeze, qint2, qint4, quantize
+    from optimum.quanto.nn import QLinear
+
+    bits, group, sym = SCHEMES[job["scheme"]]
+    if bits == 3:
+        raise Unsupported("optimum-quanto has no 3-bit weight type (qtypes: qint2, qint4, qint8, qfloat8*)")
+    if sym:
+        raise Unsupported("optimum-quanto's qint2/qint4 weights are always affine (WeightQBitsTensor requires a "
+                          "shift); the symmetric optimizers apply to qint8 only")
+    layers = _targets(model)
+    optimizer = HqqOptimizer() if job["optimizer"] == "hqq" else MaxOptimizer()
+    qtype = {2: qint2, 4: qint4}[bits]
+    t = time.perf_counter()
+    quantize(model.model.layers, weights=qtype, optimizer=optimizer)
+    qmods = {f"model.layers.{n}": m for n, m in model.model.layers.named_modules() if isinstance(m, QLinear)}
+    default_groups = sorted({m.weight_group_size for m in qmods.values()})
+    for m in qmods.values():
+        m.weight_group_size = group  # the weight is only quantized at freeze()
+    freeze(model.model.layers)
+    secs = time.perf_counter() - t
+    if set(qmods) != set(layers):
+        raise RuntimeError("quanto did not quantize exactly the target layers")
+    q0 = next(iter(qmods.values())).weight
+    info = (f"{type(q0).__name__}: scale {q0._scale.dtype} {tuple(q0._scale.shape)}, shift {q0._shift.dtype}")
+    for name, qm in qmods.items():
+        w = qm.weight.dequantize()
+        lin = layers[name]  # quanto cleared the original module's parameters
+        lin.weight = torch.nn.Parameter(w.detach().float().reshape(qm.weight.shape).contiguous(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, lin)
+    notes = (f"quantize(model.model.layers, weights={qtype.name}, optimizer={type(optimizer).__name__}()), "
+             f"weight_group_size set to {group} on every QLinear before freeze() (quanto's own choice here: "
+             f"{default_groups}); affine uint{bits} codes 0..{2**bits - 1}, W=q*scale-shift with a float shift "
+             f"(=-min, range not forced to include 0; no integer zero point); {info}; dequantized with "
+             f"WeightQBitsTensor.dequantize()")
+    if job["optimizer"] == "hqq":
+        notes += "; HqqOptimizer(lp_norm=0.7, beta=10, kappa=1.01, iters=20) refines the shift only"
+    return secs, None, notes
+
+
+def _quanto_jobs(schemes):
+    jobs = []
+    for s in schemes:
+        bits, group, sym = SCHEMES[s]
+        qt = f"qint{bits}"
+        for opt, alg in (("max", "RTN min/max (MaxOptimizer, default)"), ("hqq", "HQQ (HqqOptimizer)")):
+            if (bits == 3 or sym) and opt == "hqq":
+                continue  # one unsupported row per scheme is enough
+            jobs.append(dict(peer="quanto", dist="optimum-quanto", algorithm=alg,
+                             peer_scheme=f"weights={qt}, weight_group_size={group}", scheme=s,
+                             fn="_quanto_job", optimizer=opt))
+    return jobs
+
+
+# ---- llm-compressor ----------------------------------------------------------------------
+
+def _llmc_job(model, tokenizer, job):
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from torch.utils.data import DataLoader
+
+    bits, group, sym = SCHEMES[job["scheme"]]
+    n = job["calib_samples"]
+    patched = ""
+    if not torch.accelerator.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+        patched = "; IntermediatesCache.pin_memory patched to a no-op (CPU-only torch cannot pin)"
+    calib = _calib(tokenizer, n)
+    loader = DataLoader([{"input_ids": c} for c in calib], batch_size=1,
+                        collate_fn=lambda b: {"input_ids": b[0]["input_ids"][None],
+                                              "attention_mask": torch.ones(1, SEQLEN, dtype=torch.long)})
+    wargs = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group)
+    # PEER_ALGOS_DEBUG_ONE_LAYER=1 (plumbing test only): quantize decoder layer 0 alone
+    debug = bool(os.environ.get("PEER_ALGOS_DEBUG_ONE_LAYER"))
+    groups = {"group_0": QuantizationScheme(targets=[r"re:^model\.layers\.0\..*"] if debug else ["Linear"],
+                                            weights=wargs)}
+    if job["algo"] == "gptq":
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"])]
+    else:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    t = time.perf_counter()
+    qmodel = oneshot(model=model, tokenizer=tokenizer, dataset=loader, recipe=recipe,
+                     num_calibration_samples=n, max_seq_length=SEQLEN, shuffle_calibration_samples=False)
+    secs = time.perf_counter() - t
+    if qmodel is None:
+        qmodel = model
+    # fresh float model; copy every parameter, fake-quantizing the target Linear weights
+    fresh, _ = _load()
+    targets = _targets(fresh)
+    qmods = dict(qmodel.named_modules())
+    sd = {k: v for k, v in qmodel.state_dict().items()}
+    wa, n_fq = None, 0
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            mod_name, _, pname = name.rpartition(".")
+            if mod_name in targets and pname == "weight" and hasattr(qmods[mod_name], "weight_scale"):
+                m = qmods[mod_name]
+                wa = m.quantization_scheme.weights
+                if getattr(m, "weight_g_idx", None) is not None and (m.weight_g_idx.diff() < 0).any():
+                    raise RuntimeError("g_idx reordering present; fake_quantize here ignores it")
+                w = fake_quantize(m.weight.data.float(), m.weight_scale.float(), m.weight_zero_point, wa)
+                p.data.copy_(w.to(p.dtype))
+                n_fq += 1
+            else:
+                p.data.copy_(sd[name].to(p.dtype))
+    if n_fq != (7 if debug else N_TARGET_LINEARS):
+        raise RuntimeError(f"llm-compressor quantized {n_fq} target Linear layers")
+    m0 = qmods[next(iter(targets))]
+    info = (f"weight_scale {m0.weight_scale.dtype} {tuple(m0.weight_scale.shape)}, weight_zero_point "
+            f"{m0.weight_zero_point.dtype}{' (all 0)' if bool((m0.weight_zero_point == 0).all()) else ''}; "
+            f"observer {wa.observer!r}, actorder {wa.actorder!r}")
+    alg = ("GPTQModifier(block_size=128, dampening_frac=0.01, actorder=static)" if job["algo"] == "gptq"
+           else "AWQModifier(duo_scaling=True, n_grid=20) + QuantizationModifier")
+    notes = (f"{alg}, QuantizationArgs(num_bits={bits}, type=int, symmetric={sym}, strategy=group, "
+             f"group_size={group}), targets=Linear, ignore=lm_head; oneshot sequential pipeline on CPU, batch 1; "
+             f"signed codes {-2**(bits-1)}..{2**(bits-1)-1}; {info}; fake-quantized weights + all other params "
+             f"copied into a fresh float32 model{patched}")
+    return secs, _calib_desc(n), notes, fresh
+
+
+def _llmc_jobs(schemes, n):
+    jobs = []
+    for algo, name in (("gptq", "GPTQ (GPTQModifier)"), ("awq", "AWQ (AWQModifier + QuantizationModifier)")):
+        for s in schemes:
+            bits, group, sym = SCHEMES[s]
+            jobs.append(dict(peer="llmc", dist="llmcompressor", algorithm=name,
+                             peer_scheme=f"W{bits}A16 int, group_size={group}, symmetric={sym}",
+                             scheme=s, fn="_llmc_job", algo=algo, calib_samples=n))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+
+def _fp32_job(model, tokenizer, job):
+    return 0.0, None, (f"no quantization: harness check in this interpreter (torch {_version('torch')}, "
+                       f"transformers {_version('transformers')})")
+
+
+def run_child(job: dict, tokens: int) -> dict:
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(THREADS)
+    model, tok = _load()
+    rss_load = _rss_mb()
+    row = dict(peer=job["peer"], version=_version(job["dist"]), algorithm=job["algorithm"],
+               peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=tokens,
+               scored_tokens=None, quant_seconds=None, peak_rss_mb=None, rss_after_load_mb=round(rss_load, 1),
+               calib=None, notes="", status="ok",
+               env=f"torch {_version('torch')}, transformers {_version('transformers')}, {THREADS} threads")
+    try:
+        res = globals()[job["fn"]](model, tok, job)
+    except Unsupported as e:
+        row.update(status="unsupported", notes=str(e))
+        return row
+    secs, calib, notes = res[:3]
+    if len(res) > 3:
+        model = res[3]
+    row.update(quant_seconds=round(secs, 2), peak_rss_mb=round(_rss_mb(), 1), calib=calib, notes=notes)
+    r, eval_s = _ppl(model, tok, tokens)
+    row.update(ppl=round(r.ppl, 4), scored_tokens=r.tokens, eval_seconds=round(eval_s, 1))
+    return row
+
+
+def _jobs(peer: str, schemes: list[str], calib_samples: int, fp32: bool) -> list[dict]:
+    if peer == "hqq":
+        jobs = _hqq_jobs(schemes)
+    elif peer == "torchao":
+        jobs = _torchao_jobs(schemes)
+    elif peer == "quanto":
+        jobs = _quanto_jobs(schemes)
+    elif peer == "llmc":
+        jobs = _llmc_jobs(schemes, calib_samples)
+    else:
+        raise SystemExit(f"unknown peer {peer!r}")
+    if fp32:
+        dist = {"hqq": "hqq", "torchao": "torchao", "quanto": "optimum-quanto", "llmc": "llmcompressor"}[peer]
+        jobs.insert(0, dict(peer=peer, dist=dist, algorithm="FP32 reference (no quantization)",
+                            peer_scheme="-", scheme="fp32", fn="_fp32_job"))
+    return jobs
+
+
+def _merge(out: Path, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.is_file() else []
+    key = lambda r: (r["peer"], r["algorithm"], r["scheme"])  # noqa: E731
+    new = {key(r): r for r in rows}
+    merged = [new.pop(key(r)) if key(r) in new else r for r in old] + list(new.values())
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peer", choices=["hqq", "torchao", "quanto", "llmc"], required=False)
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 512 tokens (llmc)")
+    ap.add_argument("--algorithms", nargs="*", default=None,
+                    help="only jobs whose algorithm name starts with one of these (e.g. GPTQ AWQ HQQ)")
+    ap.add_argument("--fp32-check", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:  # one job in this process; the row goes to the file named by --out
+        job = json.loads(args.child)
+        row = run_child(job, args.tokens)
+        args.out.write_text(json.dumps(row))
+        return 0
+
+    if not args.peer:
+        ap.error("--peer is required")
+    jobs = _jobs(args.peer, args.schemes, args.calib_samples, args.fp32_check)
+    if args.algorithms:
+        jobs = [j for j in jobs if j["scheme"] == "fp32" or any(j["algorithm"].startswith(a) for a in args.algorithms)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
+               TOKENIZERS_PARALLELISM="false")
+    rows = []
+    for job in jobs:
+        print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']}", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            tmp = Path(f.name)
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job),
+                               "--tokens", str(args.tokens), "--out", str(tmp)], env=env)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0 or not tmp.stat().st_size:
+            row = dict(peer=job["peer"], version=_version(job["dist"]), algorithm=job["algorithm"],
+                       peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=args.tokens,
+                       quant_seconds=None, peak_rss_mb=None, calib=None, status="error",
+                       notes=f"child process exited with {proc.returncode}; see the console output")
+        else:
+            row = json.loads(tmp.read_text())
+        tmp.unlink(missing_ok=True)
+        row["run_seconds"] = round(wall, 1)
+        print(f"   -> status={row['status']} ppl={row['ppl']} quant_s={row['quant_seconds']} "
+              f"peak_rss_mb={row['peak_rss_mb']} ({wall:.0f}s)", flush=True)
+        rows.append(row)
+        _merge(args.out, [row])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""AWQ: activation-aware weight quantization — per-channel scaling and clipping searched against
+the layer's real inputs.
+
+Lin, Tang, Tang, Yang, Dang, Gan, Han, "AWQ: Activation-aware Weight Quantization for LLM
+Compression and Acceleration", MLSys 2024. Weight channels that meet large activations matter
+most; scaling them up before quantization (``W' = W diag(s)``) and the activations down
+(``x' = x / s``, folded into the previous operation) shrinks their relative rounding error.
+The scale is ``s = mean|x|^alpha`` (normalised by ``sqrt(max s * min s)``), ``alpha`` chosen on a
+grid to minimise the output error ``||Q(W diag(s)) (x / s) - W x||^2``. A second search shrinks
+each group's range (clipping) to minimise the same output error per output channel and group.
+
+Pure math: tensors in, scales or :class:`~lowbit.primitives.QParams` out. Where ``1/s`` is folded
+(a norm's weight, the previous linear's output rows) is the driver's business.
+Shapes: weights ``(N, K)``; activations ``x (T, K)`` (a sample of calibration tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..primitives import QParams, choose_qparams, dequantize_codes, grouped, quantize_codes
+from ..scheme import Scheme
+
+__all__ = ["search_scales", "search_clip", "ALPHA_GRID", "CLIP_GRID"]
+
+ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
+CLIP_GRID = tuple(1.0 - i / 40 for i in range(21))  # 1.0, 0.975, ..., 0.5
+
+
+def _rtn(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    qp = choose_qparams(w, scheme)
+    return dequantize_codes(quantize_codes(w, qp, scheme), qp, scheme)
+
+
+@torch.no_grad()
+def search_scales(
+    weights: list[torch.Tensor], x: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = ALPHA_GRID
+) -> tuple[torch.Tensor, float]:
+    """Best per-input-channel scales ``s (K,)`` for linears ``weights`` sharing the input ``x``.
+
+    Returns ``(s, alpha)``; ``alpha = 0`` (``s = 1``) is in the grid, so the result is never
+    worse than plain quantization on ``x``.
+    """
+    x = x.float()
+    mean_abs = x.abs().mean(0).clamp_min(1e-8)  # (K,)
+    ref = [x @ w.float().t() for w in weights]
+    best = (None, float("inf"), 0.0)
+    for alpha in grid:
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = 0.0
+        for w, r in zip(weights, ref):
+            wq = _rtn(w.float() * s, scheme) / s  # effective weight seen by x
+            loss += float(((x @ wq.t()) - r).pow(2).mean())
+        if loss < best[1]:
+            best = (s, loss, alpha)
+    return best[0], best[2]
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = CLIP_GRID
+) -> QParams:
+    """Per (row, group) range shrink from ``grid`` minimising ``sum_t (x_t,g . (q(w)_g - w_g))^2``.
+
+    Returns parameters shaped like :func:`lowbit.primitives.choose_qparams` (``(N, ng)``).
+    """
+    if scheme.per_tensor:
+        return choose_qparams(w, scheme)
+    w = w.float()
+    n, k = w.shape
+    gs = k if scheme.group_size is None else scheme.group_size
+    xg = grouped(x.float(), gs)  # (T, ng, G)
+    best_err = None
+    best: QParams | None = None
+    for ratio in grid:
+        qp = choose_qparams(w, scheme, clip=ratio)
+        d = grouped(dequantize_codes(quantize_codes(w, qp, scheme), qp, scheme) - w, gs)  # (N, ng, G)
+        err = torch.einsum("tgk,ngk->ntg", xg, d).pow(2).sum(1)  # (N, ng)
+        if best is None:
+            best_err, best = err, qp
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = QParams(
+            torch.where(better, qp.scale, best.scale),
+            None if qp.zero is None else torch.where(better, qp.zero, best.zero),
+        )
+    assert best is not None
+    return best

@@ -1,0 +1,126 @@
+"""GPTQ: quantize a weight column by column, each rounding error compensated by the columns
+not yet quantized, using the inverse Hessian of the layer's inputs.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023 (Algorithm 1). For a linear layer ``y = W x`` the layer-wise
+objective ``||W X - Q X||^2`` has Hessian ``H = 2 X X^T``; quantizing column ``i`` to ``q_i``
+with error ``e = (w_i - q_i) / [H^-1]_ii`` updates the remaining columns by ``-e [H^-1]_i,i:``.
+The paper's implementation choices are kept: the upper Cholesky factor of ``H^-1`` replaces the
+sequential inverse updates, errors are applied lazily per block of 128 columns, ``H`` is damped
+by a fraction of its mean diagonal, and columns whose input is always zero are dropped.
+
+Groups: scales (and zeros) of a group are chosen when its first column is reached, from the
+columns as updated so far. With ``act_order`` (columns in order of decreasing Hessian diagonal,
+the paper's "act-order"), group parameters are computed up front from the original weight
+("static groups"), so groups stay contiguous in storage and no column permutation is stored.
+
+Input ``w (N, K)``, ``h (K, K)``; output a :class:`~lowbit.qweight.QWeight`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..primitives import QParams, check_finite, choose_qparams, dequantize_values, quantize_values
+from ..qweight import QWeight
+from ..scheme import Scheme
+
+__all__ = ["quantize_weight", "HessianError", "DAMP_STEPS"]
+
+# Damping tried in turn (fraction of the mean Hessian diagonal) until H is positive definite.
+DAMP_STEPS = (0.01, 0.1, 1.0)
+
+
+class HessianError(ValueError):
+    """The Hessian stays singular even after the strongest damping."""
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + d I)^-1``, escalating ``d`` through DAMP_STEPS from ``damp``."""
+    mean_diag = float(torch.diag(h).mean())
+    steps = [damp] + [d for d in DAMP_STEPS if d > damp]
+    for d in steps:
+        hd = h + d * mean_diag * torch.eye(h.shape[0], dtype=h.dtype)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise HessianError(
+        f"{name}: the input Hessian is not positive definite even with damping {steps[-1]} x mean diagonal "
+        "(are the calibration inputs degenerate, e.g. all zero or far too few tokens?)"
+    )
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: Scheme,
+    *,
+    name: str = "weight",
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+    qparams: QParams | None = None,
+) -> QWeight:
+    """GPTQ-quantize ``w`` ``(N, K)`` given the input Hessian ``h`` ``(K, K)`` (any positive scale).
+
+    ``qparams`` fixes the group parameters in advance (e.g. from an AWQ clip search); by default
+    they are min/max of the (updated) columns, or of the original weight with ``act_order``.
+    """
+    check_finite(w, name)
+    if scheme.fmt.kind not in ("affine", "codebook"):
+        raise ValueError(f"GPTQ quantizes integer or codebook formats, not {scheme}")
+    if not torch.isfinite(h).all():
+        raise HessianError(f"{name}: the input Hessian has NaN/Inf (non-finite calibration activations?)")
+    n, k = w.shape
+    W = w.detach().float().clone()
+    H = h.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    gs = k if scheme.group_size is None or scheme.per_tensor else scheme.group_size
+
+    static = qparams
+    if static is None and (act_order or scheme.per_tensor):
+        static = choose_qparams(W, scheme)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    hinv = _inverse_cholesky(H, damp, name)
+
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    scale = torch.zeros(n if not scheme.per_tensor else 1, -(-k // gs))
+    zero = None if scheme.symmetric or scheme.fmt.kind != "affine" else torch.zeros_like(scale)
+    if static is not None:
+        scale, zero = static.scale.clone(), (None if static.zero is None else static.zero.clone())
+
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # original column index
+            g = col // gs
+            if static is None and col % gs == 0:
+                # this group's columns, as updated so far (within this block: w1; beyond: W)
+                hi = min(col + gs, k)
+                cur = torch.cat([w1[:, i : min(hi, i2) - i1], W[:, i2:hi]], dim=1) if hi > i2 else w1[:, i : hi - i1]
+                qp = choose_qparams(cur, scheme)  # at most one group's columns: one group
+                scale[:, g] = qp.scale[:, 0]
+                if zero is not None:
+                    zero[:, g] = qp.zero[:, 0]
+            s = scale[:, g] if not scheme.per_tensor else scale[0, 0].expand(n)
+            z = None if zero is None else (zero[:, g] if not scheme.per_tensor else zero[0, 0].expand(n))
+            x = w1[:, i]
+            q = quantize_values(x, s, z, scheme)
+            codes[:, col] = q
+            e = (x - dequantize_values(q, s, z, scheme)) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    return QWeight.from_codes(w.shape, scheme, codes, QParams(scale, zero))
+

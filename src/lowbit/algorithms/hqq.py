@@ -1,0 +1,94 @@
+"""HQQ: calibration-free half-quadratic optimisation of each group's scale and zero point.
+
+Badri and Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023). Instead
+of the squared error, HQQ minimises a sparsity-promoting ``l_p`` norm (``p < 1``) of the weight
+error, so that a few large errors are tolerated in exchange for many small ones; the
+non-convex problem is split with an auxiliary error variable ``W_e`` and solved by alternating:
+
+1. ``W_e = shrink_p(W - deq(q(W)), beta)`` where
+   ``shrink_p(x, beta) = sign(x) * relu(|x| - |x|^(p-1) / beta)`` (the generalised soft threshold);
+2. the format's free parameters in closed form for the quadratic part
+   ``||W - W_e - deq(q(W))||^2`` with the codes fixed: the zero point as the mean of
+   ``q - (W - W_e) / s`` over the group (the paper's update), and, as an extension here, the
+   scale by least squares ``s = <W - W_e, q - z> / <q - z, q - z>``;
+3. ``beta *= kappa``;
+
+keeping the parameters of the iteration with the lowest ``l_p`` error. Symmetric schemes have
+no zero point to move, so only their scale is optimised. Zero points come out fractional and
+are stored as float16 (rounded before the final codes are computed).
+
+Input ``w (N, K)``; output a :class:`~lowbit.qweight.QWeight`. No data needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..primitives import QParams, check_finite, choose_qparams, grouped, quantize_values, round_scale
+from ..qweight import QWeight
+from ..scheme import Scheme
+
+__all__ = ["quantize_weight", "optimize_qparams"]
+
+
+def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(p - 1) / beta)
+
+
+def optimize_qparams(
+    w: torch.Tensor,
+    scheme: Scheme,
+    *,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    optimize_scale: bool = True,
+) -> QParams:
+    """Half-quadratic optimised parameters for ``w`` ``(N, K)``: shapes as :func:`choose_qparams`."""
+    fmt = scheme.fmt
+    if fmt.kind != "affine" or scheme.per_tensor:
+        raise ValueError(f"HQQ optimises per-channel or per-group integer formats, not {scheme}")
+    qp = choose_qparams(w, scheme)
+    gs = w.shape[1] if scheme.group_size is None else scheme.group_size
+    g = grouped(w.float(), gs)  # (N, ng, G), zero-padded
+    real = grouped(torch.ones_like(w, dtype=torch.float32), gs)  # 1 on real columns, 0 on padding
+    count = real.sum(-1, keepdim=True)
+    s = qp.scale.unsqueeze(-1)
+    z = (qp.zero if qp.zero is not None else torch.full_like(qp.scale, float(fmt.sym_zero))).unsqueeze(-1)
+
+    def lp_error(s_: torch.Tensor, z_: torch.Tensor) -> torch.Tensor:
+        q = quantize_values(g, s_, z_, scheme).float()
+        return ((g - (q - z_) * s_).abs().pow(p) * real).sum(-1, keepdim=True)  # (N, ng, 1)
+
+    best_err = lp_error(s, z)
+    best_s, best_z = s.clone(), z.clone()
+    for _ in range(iters):
+        q = quantize_values(g, s, z, scheme).float()
+        we = _shrink(g - (q - z) * s, beta, p) * real
+        target = (g - we) * real  # what deq(q) should reproduce
+        if not scheme.symmetric:
+            safe = torch.where(s == 0, 1.0, s)
+            z = ((q - target / safe) * real).sum(-1, keepdim=True) / count
+        if optimize_scale:
+            d = (q - z) * real
+            denom = (d * d).sum(-1, keepdim=True)
+            s_new = (target * d).sum(-1, keepdim=True) / torch.where(denom == 0, 1.0, denom)
+            s = torch.where(denom == 0, s, s_new)
+        beta *= kappa
+        err = lp_error(s, z)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    scale = round_scale(best_s.squeeze(-1), fmt)
+    if scheme.symmetric:
+        return QParams(scale, None)
+    return QParams(scale, best_z.squeeze(-1).to(torch.float16).float())
+
+
+def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", **options) -> QWeight:
+    """HQQ-quantize ``w`` ``(N, ...)`` (flattened to ``(N, K)``); options as :func:`optimize_qparams`."""
+    check_finite(w, name)
+    w2 = w.detach().reshape(w.shape[0], -1).float()
+    return QWeight.from_float(w, scheme, optimize_qparams(w2, scheme, **options), name=name, check=False)

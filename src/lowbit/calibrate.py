@@ -1,0 +1,436 @@
+"""The sequential calibration driver: feed calibration data block by block, in bounded memory.
+
+For a model made of repeated blocks (a transformers decoder's ``model.layers``, an encoder's
+``encoder.layer``, found as the largest ``nn.ModuleList`` of same-type blocks holding Linear
+layers), the driver
+
+1. runs the model on the calibration batches only up to the first block, keeping that block's
+   inputs (hidden states and keyword arguments such as position embeddings and masks);
+2. for each block: runs it (float) with hooks on its Linear layers that gather what the
+   algorithm needs (input Hessian, a sample of input rows, per-channel maxima); lets the
+   algorithm move per-channel scales between a norm (or the previous linear) and the linears
+   that read it (AWQ, SmoothQuant), checking numerically that the block still computes the same
+   function; quantizes each layer; swaps the quantized modules in; and runs the *quantized*
+   block to produce the next block's inputs, so later blocks see (and compensate) earlier
+   blocks' error;
+3. quantizes layers outside the blocks (or every layer of a model without blocks) from one more
+   full forward pass with hooks.
+
+Memory: one block's inputs and outputs for all batches, plus one block's statistics. On any
+error every swapped module, and every tensor a scale was folded into, is restored.
+Linear layers that read the same input (q/k/v, gate/up) share their statistics and scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["run", "CalibrationError", "as_batches", "find_blocks", "Stats"]
+
+SAMPLE_ROWS = 2048  # input rows kept per layer group for AWQ's searches
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot serve the method (missing, empty, malformed)."""
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass at the first block."""
+
+
+def as_batches(calibration: Iterable | None, method: str) -> list:
+    """Calibration as a list of model inputs: tensors of token ids (``(T,)`` or ``(B, T)``),
+    dicts of tensors as a tokenizer returns, or any positional input of a generic model."""
+    if calibration is None:
+        raise CalibrationError(
+            f"method {method!r} needs calibration data: pass calibration= an iterable of model inputs "
+            "(token-id tensors (B, T), or dicts from a tokenizer); lowbit.calibration_batches() makes them "
+            "from the built-in calibration text"
+        )
+    if isinstance(calibration, (torch.Tensor, dict)):
+        calibration = [calibration]
+    batches = []
+    for b in calibration:
+        if isinstance(b, torch.Tensor) and b.dim() == 1 and not b.is_floating_point():
+            b = b.unsqueeze(0)
+        if not isinstance(b, (torch.Tensor, dict, tuple, list)):
+            raise CalibrationError(f"a calibration batch must be a tensor, a dict or a tuple, got {type(b).__name__}")
+        batches.append(b)
+    if not batches:
+        raise CalibrationError(f"method {method!r} got empty calibration data")
+    return batches
+
+
+def _call(model: nn.Module, batch) -> Any:
+    if isinstance(batch, dict):
+        extra = {"use_cache": False} if _is_hf(model) else {}
+        return model(**batch, **extra)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if _is_hf(model) and not batch.is_floating_point():
+        return model(input_ids=batch, use_cache=False)
+    return model(batch)
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "to_json_string")
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the largest ModuleList of same-type modules holding Linears."""
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        if not any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, mod)
+    return None if best is None else (best[1], best[2])
+
+
+@dataclass
+class Stats:
+    """What the algorithms need about one input tensor (shared by the linears that read it)."""
+
+    k: int
+    need: frozenset
+    seed: int = 0
+    tokens: int = 0
+    h: torch.Tensor | None = None  # (K, K) sum of x x^T
+    absmax: torch.Tensor | None = None  # (K,)
+    sample: list = field(default_factory=list)  # rows (r, K)
+    _rng: random.Random | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.k).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError("calibration activations hold NaN/Inf; check the model and data")
+        self.tokens += x.shape[0]
+        if "hessian" in self.need:
+            xx = x.t() @ x
+            self.h = xx if self.h is None else self.h + xx
+        if "absmax" in self.need:
+            m = x.abs().amax(0)
+            self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        if "sample" in self.need:
+            if self._rng is None:
+                self._rng = random.Random(self.seed)
+            have = sum(s.shape[0] for s in self.sample)
+            take = min(x.shape[0], max(0, SAMPLE_ROWS - have))
+            if take:
+                idx = sorted(self._rng.sample(range(x.shape[0]), take))
+                self.sample.append(x[idx].clone())
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Sampled input rows ``(r, K)``."""
+        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.k)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2 X X^T / n`` (the GPTQ objective's Hessian)."""
+        return 2.0 * self.h / max(self.tokens, 1)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """Statistics of ``x / s`` (after a scale moved into the weights)."""
+        if self.h is not None:
+            self.h = self.h / s.unsqueeze(0) / s.unsqueeze(1)
+        if self.absmax is not None:
+            self.absmax = self.absmax / s
+        self.sample = [x / s for x in self.sample]
+
+
+class _Restore:
+    """Undo log: modules swapped and tensors changed in place, restored on error."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules: list[tuple[str, nn.Module]] = []
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def swap(self, name: str, new: nn.Module) -> None:
+        from .driver import _set_module
+
+        self.modules.append((name, self.model.get_submodule(name)))
+        _set_module(self.model, name, new)
+
+    def save(self, t: torch.Tensor) -> None:
+        self.tensors.append((t, t.detach().clone()))
+
+    def undo(self) -> None:
+        from .driver import _set_module
+
+        with torch.no_grad():
+            for t, old in reversed(self.tensors):
+                t.copy_(old)
+        for name, old in reversed(self.modules):
+            _set_module(self.model, name, old)
+
+
+def _block_outputs(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_block(block: nn.Module, inputs: list) -> list:
+    outs = []
+    for args, kwargs in inputs:
+        outs.append(_block_outputs(block(*args, **kwargs)))
+    return outs
+
+
+def _with_hidden(inp: tuple, hidden: torch.Tensor) -> tuple:
+    args, kwargs = inp
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextlib.contextmanager
+def _hooks(mods: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: fn(n, a[0])) for n, m in mods.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _groups(block: nn.Module, inputs: list, names: dict[str, nn.Module]) -> tuple[list[list[str]], dict[str, str]]:
+    """Linears of ``block`` grouped by the input tensor they read, in call order, and for each
+    group (keyed by its first layer) the module whose output that input is, if any."""
+    first = inputs[0]
+    seen: dict[int, str] = {}
+    order: list[list[str]] = []
+    producers: dict[int, str] = {}
+    alive: list = []  # keeps every tensor seen referenced, so no id is reused during the pass
+    handles = []
+
+    def produced(n: str, out) -> None:
+        alive.append(out)
+        producers.setdefault(id(out), n)
+
+    for n, m in block.named_modules():
+        if n:
+            handles.append(m.register_forward_hook(lambda m, a, o, n=n: produced(n, o)))
+
+    def pre(n: str, x: torch.Tensor) -> None:
+        alive.append(x)
+        key = id(x)
+        if key in seen:
+            next(g for g in order if g[0] == seen[key]).append(n)
+        else:
+            seen[key] = n
+            order.append([n])
+            # the producer of x ran before this call, so its output id is known
+            src[n] = producers.get(key)
+
+    src: dict[str, str | None] = {}
+    try:
+        with _hooks(names, pre):
+            block(*first[0], **first[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order, {g[0]: src.get(g[0]) for g in order}
+
+
+def run(model: nn.Module, todo: list, algo, calibration, options: dict, *, progress: bool, method: str, make_module) -> list:
+    """Quantize the ``todo`` layers ``(name, module, kind, scheme, why)`` with a calibrated
+    ``algo``; swap the quantized modules into ``model`` and return ``[(name, new module)]``."""
+    batches = as_batches(calibration, method)
+    _check_lengths(model, batches)
+    want = {name: (mod, kind, scheme) for name, mod, kind, scheme, _ in todo}
+    restore = _Restore(model)
+    done: list[tuple[str, nn.Module]] = []
+    seed = 0  # AWQ's row sampling; the calibration data itself is the caller's choice
+    try:
+        with torch.no_grad():
+            found = find_blocks(model)
+            remaining = dict(want)
+            # Embeddings read token ids, not activations: no statistics apply; they are rounded.
+            for name in [n for n, (_, kind, _) in want.items() if kind == "embedding"]:
+                mod, kind, scheme = remaining.pop(name)
+                from .algorithms import rtn
+
+                new = make_module(mod, kind, rtn.quantize_weight(mod.weight, scheme, name=f"{name}.weight"))
+                new.method = "rtn"
+                restore.swap(name, new)
+                done.append((name, new))
+            if found is not None:
+                prefix, blocks = found
+                inputs = _capture(model, blocks, batches)
+                it = range(len(blocks))
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    it = tqdm(it, desc=f"calibrate ({method})", unit="block")
+                for i in it:
+                    bname = f"{prefix}.{i}"
+                    block = blocks[i]
+                    layers = {n: remaining.pop(n) for n in list(remaining) if n.startswith(bname + ".")}
+                    if layers:
+                        _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module)
+                    if i + 1 < len(blocks):  # the quantized block's outputs feed the next block
+                        inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs))]
+                del inputs
+            if remaining:
+                _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module)
+    except BaseException:
+        restore.undo()
+        raise
+    return done
+
+
+def _check_lengths(model: nn.Module, batches: list) -> None:
+    """Token batches longer than the model's context are an error, not a silent extrapolation."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        return
+    for b in batches:
+        ids = b.get("input_ids") if isinstance(b, dict) else b
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.shape[-1] > limit:
+            raise CalibrationError(
+                f"calibration sequences of {ids.shape[-1]} tokens exceed the model's context of {limit}; "
+                "use a shorter seqlen"
+            )
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, batches: list) -> list:
+    """(args, kwargs) of the first block's call, for every calibration batch."""
+    captured = []
+
+    def hook(mod, args, kwargs):
+        captured.append((tuple(args), dict(kwargs)))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                _call(model, b)
+            except _Stop:
+                continue
+            raise CalibrationError("the model's forward never reached its first block")
+    finally:
+        h.remove()
+    return captured
+
+
+def _needs(algo) -> frozenset:
+    return frozenset(algo.needs)
+
+
+def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module) -> None:
+    mods = {n: block.get_submodule(n[len(bname) + 1 :]) for n in layers}
+    local = {n[len(bname) + 1 :]: m for n, m in mods.items()}
+    order, producers = _groups(block, inputs, local)
+    stats = {g[0]: Stats(_in_features(local[g[0]]), _needs(algo), seed=seed) for g in order}
+    group_of = {n: g[0] for g in order for n in g}
+
+    def collect(n: str, x: torch.Tensor) -> None:
+        if n in stats:  # the first layer of each group collects for the group
+            stats[n].add(_unfold_input(local[n], x))
+
+    with _hooks(local, collect):
+        ref_out = _run_block(block, inputs)
+
+    if algo.smooth is not None:
+        _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore)
+
+    for full, (_mod, kind, scheme) in layers.items():
+        short = full[len(bname) + 1 :]
+        st = stats[group_of[short]]
+        qw = algo.quantize_weight(_weight_2d(mods[full], kind), scheme, name=f"{full}.weight", stats=st,
+                                  **_algo_opts(options))  # fmt: skip
+        new = make_module(mods[full], kind, qw)
+        restore.swap(full, new)
+        done.append((full, new))
+
+
+def _algo_opts(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in ("seed",)}
+
+
+def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore) -> None:
+    """Move per-channel scales into each group's linears from the module feeding them."""
+    from .models.hf import fold_target
+
+    for group in order:
+        if not all(f"{bname}.{n}" in layers for n in group):
+            continue  # a skipped layer shares this input: scaling would change it
+        if not all(isinstance(local[n], nn.Linear) for n in group):
+            continue  # scales fold into (out, in) Linear weights only
+        target = fold_target(block, group, producers.get(group[0]))
+        if target is None:
+            continue
+        weights = [local[n].weight.detach() for n in group]
+        scheme = layers[f"{bname}.{group[0]}"][2]
+        s = algo.smooth(weights, stats[group[0]], scheme, **_algo_opts(options))
+        if s is None:
+            continue
+        for t in target.tensors():
+            restore.save(t)
+        for n in group:
+            restore.save(local[n].weight)
+            local[n].weight.mul_(s.unsqueeze(0))
+        target.divide(s)
+        stats[group[0]].rescale(s)
+    # the folds must leave the block's function unchanged (they are exact up to rounding)
+    check = _run_block(block, inputs[:1])
+    ref = ref_out[0]
+    err = float((check[0] - ref).norm() / ref.norm().clamp_min(1e-12))
+    if err > 1e-3:
+        raise CalibrationError(
+            f"{bname}: folding activation scales changed the block's output by {err:.2e} (relative); "
+            "this architecture's norms or layers do not fold as lowbit assumes"
+        )
+
+
+def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module) -> None:
+    """Layers outside the blocks (or all layers of a model without blocks): one forward with hooks."""
+    mods = {n: model.get_submodule(n) for n in remaining}
+    stats = {n: Stats(_in_features(m), _needs(algo), seed=seed) for n, m in mods.items()}
+    with _hooks(mods, lambda n, x: stats[n].add(_unfold_input(mods[n], x))):
+        for b in batches:
+            _call(model, b)
+    for n, (_mod, kind, scheme) in remaining.items():
+        w = _weight_2d(mods[n], kind)
+        qw = algo.quantize_weight(w, scheme, name=f"{n}.weight", stats=stats[n], **_algo_opts(options))
+        new = make_module(mods[n], kind, qw)
+        restore.swap(n, new)
+        done.append((n, new))
+
+
+def _in_features(mod: nn.Module) -> int:
+    if isinstance(mod, nn.Conv2d):
+        return mod.weight[0].numel()
+    if isinstance(mod, nn.Linear):
+        return mod.in_features
+    return mod.weight.shape[0]  # transformers Conv1D stores (in, out)
+
+
+def _weight_2d(mod: nn.Module, kind: str) -> torch.Tensor:
+    from .driver import _float_weight
+
+    return _float_weight(mod, kind)
+
+
+def _unfold_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows matching its flattened weight's columns (convolutions unfolded)."""
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1:
+            raise CalibrationError("calibrated methods take grouped/depthwise convolutions only with rtn or hqq")
+        cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C*kh*kw, L)
+        return cols.transpose(1, 2)
+    return x

@@ -1,0 +1,107 @@
+"""GPTQ, AWQ, HQQ, SmoothQuant as math on tensors: each beats round-to-nearest on its own
+objective, and bad inputs get clear errors."""
+
+import pytest
+import torch
+
+from lowbit.algorithms import ALGORITHMS, awq, gptq, hqq, smoothquant
+from lowbit.qweight import QWeight
+from lowbit.scheme import parse_scheme
+
+
+def _problem(n=96, k=256, t=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    mix = torch.randn(k, k, generator=g) * 0.1 + torch.eye(k)
+    x = torch.randn(t, k, generator=g) @ mix
+    x[:, 3] *= 25.0  # an outlier input channel, as real activations have
+    return w, x
+
+
+def _out_err(w, wq, x):
+    return float(((x @ (wq - w).t()) ** 2).mean())
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w4g64-asym", "w3g64", "w2g32-asym", "int8", "nf4g64", "w4-tensor"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_layer_output_error(scheme, act_order):
+    w, x = _problem()
+    s = parse_scheme(scheme)
+    h = 2 * x.t() @ x / len(x)
+    rtn = QWeight.from_float(w, s).dequantize()
+    q = gptq.quantize_weight(w, h, s, act_order=act_order)
+    assert q.scheme == s and q.shape == w.shape and q.nbytes == QWeight.from_float(w, s).nbytes
+    assert _out_err(w, q.dequantize(), x) < 0.7 * _out_err(w, rtn, x)
+
+
+def test_gptq_handles_dead_inputs_and_escalates_damping():
+    w, x = _problem()
+    x[:, 10] = 0.0  # a channel that never fires: H has a zero row
+    h = 2 * x.t() @ x / len(x)
+    q = gptq.quantize_weight(w, h, parse_scheme("w4g64"))
+    assert torch.isfinite(q.dequantize()).all()
+    # a rank-deficient Hessian: the default damping is enough, or escalation is
+    low = torch.randn(4, 256)
+    q2 = gptq.quantize_weight(w, low.t() @ low, parse_scheme("w4g64"))
+    assert torch.isfinite(q2.dequantize()).all()
+
+
+def test_gptq_names_the_layer_when_the_hessian_is_hopeless():
+    w, _ = _problem()
+    with pytest.raises(gptq.HessianError, match="blocks.3.mlp.down_proj"):
+        gptq.quantize_weight(w, torch.full((256, 256), float("nan")), parse_scheme("w4g64"), name="blocks.3.mlp.down_proj")
+    bad = -torch.eye(256)  # negative definite: no damping makes it positive
+    with pytest.raises(gptq.HessianError, match="not positive definite"):
+        gptq.quantize_weight(w, bad * 1e6 - torch.ones(256, 256) * 1e6, parse_scheme("w4g64"), name="x")
+
+
+@pytest.mark.parametrize("scheme", ["w4g64-asym", "w3g64-asym", "w2g32-asym", "w4g32-asym"])
+def test_hqq_lowers_the_weight_lp_error_of_asymmetric_schemes(scheme):
+    w, _ = _problem()
+    s = parse_scheme(scheme)
+    rtn = QWeight.from_float(w, s).dequantize()
+    q = hqq.quantize_weight(w, s)
+    assert q.zero.dtype == torch.float16  # fractional zero points, stored as fp16
+    err = lambda a: float((a - w).abs().pow(0.7).sum())  # noqa: E731
+    assert err(q.dequantize()) < err(rtn)
+
+
+def test_hqq_refuses_what_it_cannot_optimise():
+    w, _ = _problem()
+    for bad in ("nf4g64", "w8-tensor", "fp8"):
+        with pytest.raises(ValueError):
+            hqq.quantize_weight(w, parse_scheme(bad))
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w3g64-asym"])
+def test_awq_scales_and_clipping_lower_the_output_error(scheme):
+    w, x = _problem()
+    s = parse_scheme(scheme)
+    rtn = QWeight.from_float(w, s).dequantize()
+    scales, alpha = awq.search_scales([w], x[:1024], s)
+    assert scales.shape == (256,) and 0 <= alpha <= 1
+    ws = w * scales
+    qp = awq.search_clip(ws, x[:512] / scales, s)
+    eff = QWeight.from_float(ws, s, qp).dequantize() / scales  # what x sees after folding 1/s
+    assert _out_err(w, eff, x) < _out_err(w, rtn, x)
+
+
+def test_smoothquant_balances_activation_and_weight_ranges():
+    w, x = _problem()
+    amax = x.abs().amax(0)
+    s = smoothquant.smooth_scales(amax, [w], alpha=0.5)
+    assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), rtol=1e-4, atol=1e-4)  # exact in float
+    ratio_before = float(amax.max() / amax.median())
+    ratio_after = float((amax / s).max() / (amax / s).median())
+    assert ratio_after < ratio_before / 4
+    with pytest.raises(ValueError, match="alpha"):
+        smoothquant.smooth_scales(amax, [w], alpha=1.5)
+
+
+def test_every_method_states_what_it_serves():
+    assert ALGORITHMS["awq"].serves(parse_scheme("fp16"))
+    assert ALGORITHMS["gptq"].serves(parse_scheme("bf16"))
+    assert ALGORITHMS["smoothquant"].serves(parse_scheme("w4g64"))
+    assert ALGORITHMS["hqq"].serves(parse_scheme("nf4g64"))
+    assert ALGORITHMS["gptq"].serves(parse_scheme("w4g64")) is None
+    assert ALGORITHMS["smoothquant"].serves(parse_scheme("w8a8")) is None

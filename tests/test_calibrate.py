@@ -1,0 +1,183 @@
+"""The calibration driver on small real architectures: block walking, statistics, scale folding,
+restoring on error, and the errors users meet."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.calibrate import CalibrationError, find_blocks
+from lowbit.evaluate.data import DataError, calibration_batches
+from lowbit.primitives import NonFiniteError
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(kv_heads=2):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, as trained models have
+        for layer in m.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 2.0)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+    return m
+
+
+def batches(n=4, t=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (2, t), generator=g) for _ in range(n)]
+
+
+IDS = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(9))
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(input_ids=IDS).logits
+
+
+def test_blocks_are_found():
+    name, blocks = find_blocks(tiny_llama())
+    assert name == "model.layers" and len(blocks) == 3
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_methods_quantize_every_block(method):
+    m = tiny_llama()
+    ref = logits(m)
+    lowbit.quantize(m, "w4g32", method=method, calibration=batches())
+    recs = m.lowbit_layers
+    assert sum(r.status == "quantized" and r.method == method for r in recs.values()) == 3 * 7
+    got = logits(m)
+    assert torch.isfinite(got).all()
+    assert float((got - ref).norm() / ref.norm()) < 0.2
+
+
+def test_awq_folds_scales_exactly_and_v_to_o_only_without_gqa():
+    for kv in (4, 2):  # 4 = one value head per query head (o_proj folds into v_proj)
+        m = tiny_llama(kv_heads=kv)
+        norm_before = m.model.layers[0].input_layernorm.weight.clone()
+        lowbit.quantize(m, "w8g32", method="awq", calibration=batches())
+        assert not torch.equal(m.model.layers[0].input_layernorm.weight, norm_before)  # a scale moved
+
+
+def test_gptq_beats_rtn_on_the_calibration_objective():
+    m = tiny_llama()
+    ref = logits(m)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        q = lowbit.quantize(copy.deepcopy(m), "w3g32", method=method, calibration=batches(n=8))
+        errs[method] = float((logits(q) - ref).pow(2).mean())
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_missing_or_empty_calibration():
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        lowbit.quantize(tiny_llama(), "w4g32", method="gptq")
+    with pytest.raises(CalibrationError, match="empty"):
+        lowbit.quantize(tiny_llama(), "w4g32", method="gptq", calibration=[])
+    with pytest.raises(CalibrationError, match="must be a tensor"):
+        lowbit.quantize(tiny_llama(), "w4g32", method="gptq", calibration=["some text"])
+
+
+def test_sequences_longer_than_the_context():
+    with pytest.raises(CalibrationError, match="exceed the model's context of 64"):
+        lowbit.quantize(tiny_llama(), "w4g32", method="gptq", calibration=[torch.zeros(1, 100, dtype=torch.long)])
+
+
+def test_method_that_cannot_serve_the_scheme():
+    with pytest.raises(lowbit.QuantizeError, match="cannot serve scheme fp16"):
+        lowbit.quantize(tiny_llama(), "fp16", method="awq", calibration=batches())
+    with pytest.raises(lowbit.QuantizeError, match="SmoothQuant is for W8A8"):
+        lowbit.quantize(tiny_llama(), "w4g32", method="smoothquant", calibration=batches())
+
+
+def test_an_error_midway_restores_every_module_and_folded_tensor():
+    m = tiny_llama()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def fail(mod, args):
+        raise RuntimeError("interrupted in block 2")
+
+    h = m.model.layers[2].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="interrupted in block 2"):
+        lowbit.quantize(m, "w4g32", method="awq", calibration=batches())
+    h.remove()
+    assert isinstance(m.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # folded norms and weights put back
+
+
+def test_nan_weights_are_named_before_any_work():
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="model.layers.2.mlp.down_proj"):
+        lowbit.quantize(m, "w4g32", method="awq", calibration=batches())
+    assert isinstance(m.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_unfoldable_norms_are_a_clear_error():
+    class OffsetNorm(torch.nn.Module):  # weight applied as (1 + w): 1/s does not fold into w
+        def __init__(self, k):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(k))
+
+        def forward(self, x):
+            return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + self.weight)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = OffsetNorm(32)
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.fc(self.norm(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    net = Net()
+    with pytest.raises(CalibrationError, match="do not fold"):
+        lowbit.quantize(net, "w4g32", method="awq", calibration=[torch.randn(4, 16, 32)])
+    assert isinstance(net.blocks[0].fc, torch.nn.Linear)
+
+
+def test_generic_model_without_blocks(digits):
+    zoo, data = digits
+    m = copy.deepcopy(zoo.model)
+    cal = [data["x_train"][i : i + 64] for i in range(0, 256, 64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(m, "w4g16", method="gptq", calibration=cal)
+    from lowbit.evaluate.classification import accuracy
+
+    assert accuracy(m, data["x_test"], data["y_test"]) > 0.95
+
+
+def test_calibration_batches_from_the_text(smollm2_tokenizer=None):
+    from lowbit.models.zoo import load_model
+
+    tok = load_model("smollm2-135m").tokenizer
+    b = calibration_batches(tok, nsamples=10, seqlen=64, batch_size=4, seed=1)
+    assert [x.shape for x in b] == [(4, 64), (4, 64), (2, 64)]
+    again = calibration_batches(tok, nsamples=10, seqlen=64, batch_size=4, seed=1)
+    assert all(torch.equal(a, c) for a, c in zip(b, again))
+    other = calibration_batches(tok, nsamples=10, seqlen=64, batch_size=4, seed=2)
+    assert not torch.equal(b[0], other[0])
+    with pytest.raises(DataError, match="need at least"):
+        calibration_batches(tok, nsamples=100000, seqlen=512)
