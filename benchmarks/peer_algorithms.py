@@ -186,8 +186,10 @@ def _calib_desc(n: int) -> str:
 def _write_weight(linear, w) -> None:
     import torch
 
-    with torch.no_grad():
-        linear.weight.data = w.detach().to(torch.float32).reshape(linear.weight.shape).contiguous().clone()
+    # a new plain Parameter: assigning .data would keep a peer's tensor subclass (and its kernel)
+    w = w.detach().to(torch.float32).reshape(tuple(linear.weight.shape)).contiguous().clone()
+    linear.weight = torch.nn.Parameter(w, requires_grad=False)
+    assert type(linear.weight.data) is torch.Tensor
 
 
 def _ppl(model, tokenizer, tokens: int):
@@ -603,6 +605,7 @@ def run_child(job: dict, tokens: int) -> dict:
                scored_tokens=None, quant_seconds=None, peak_rss_mb=None, rss_after_load_mb=round(rss_load, 1),
                calib=None, notes="", status="ok",
                env=f"torch {_version('torch')}, transformers {_version('transformers')}, {THREADS} threads")
+    load0 = os.getloadavg()[0]
     try:
         res = globals()[job["fn"]](model, tok, job)
     except Unsupported as e:
@@ -611,7 +614,8 @@ def run_child(job: dict, tokens: int) -> dict:
     secs, calib, notes = res[:3]
     if len(res) > 3:
         model = res[3]
-    row.update(quant_seconds=round(secs, 2), peak_rss_mb=round(_rss_mb(), 1), calib=calib, notes=notes)
+    row.update(quant_seconds=round(secs, 2), peak_rss_mb=round(_rss_mb(), 1), calib=calib, notes=notes,
+               loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])  # machine shared: see the timings
     r, eval_s = _ppl(model, tok, tokens)
     row.update(ppl=round(r.ppl, 4), scored_tokens=r.tokens, eval_seconds=round(eval_s, 1))
     return row

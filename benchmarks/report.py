@@ -120,6 +120,91 @@ def _digits(res: dict) -> str:
     ])
 
 
+def _loss_kept(ppl: float, rtn: float, fp: float) -> str:
+    return f"{(ppl - fp) / (rtn - fp):.2f}" if rtn > fp else "-"
+
+
+def _algorithms(res: dict) -> str:
+    rows = [r for r in res["rows"] if r["seed"] == 0]
+    fp = next(r for r in rows if r["method"] == "fp32")["ppl"]
+    methods = [m for m in ("rtn", "gptq", "awq", "hqq", "awq+gptq") if any(r["method"] == m for r in rows)]
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows if r["method"] != "fp32"))
+    table = []
+    for sch in schemes:
+        by = {r["method"]: r for r in rows if r["scheme"] == sch}
+        rtn = by["rtn"]["ppl"]
+        best = min((r for m, r in by.items() if m != "rtn"), key=lambda r: r["ppl"])
+        cells = [sch]
+        for m in methods:
+            r = by.get(m)
+            cells.append("-" if r is None else f"{r['ppl']:.2f}" + ("" if m == "rtn" else f" ({_loss_kept(r['ppl'], rtn, fp)})"))
+        cells += [best["method"], _loss_kept(best["ppl"], rtn, fp), f"{best['ppl'] / fp:.2f}x", f"{rtn / best['ppl']:.1f}x"]
+        table.append(cells)
+    cost = []
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        cost.append([m, f"{sorted(r['quant_seconds'] for r in rs)[len(rs) // 2]:.0f}", f"{max(r['peak_rss_mb'] for r in rs):.0f}"])
+    seeds = [r for r in res["rows"] if r["method"] in ("gptq", "awq+gptq") and r["scheme"] in ("w4g64", "w3g64-asym")]
+    spread = []
+    for sch in ("w4g64", "w3g64-asym"):
+        for m in ("gptq", "awq+gptq"):
+            ps = sorted(r["ppl"] for r in seeds if r["scheme"] == sch and r["method"] == m)
+            if len(ps) > 1:
+                spread.append([sch, m, ", ".join(f"{p:.3f}" for p in ps), f"{ps[-1] - ps[0]:.3f}",
+                               f"{100 * (ps[-1] - ps[0]) / ps[0]:.1f}%"])  # fmt: skip
+    cal = res["calibration"]
+    parts = [
+        "## SmolLM2-135M: GPTQ, AWQ, HQQ vs RTN at 4, 3 and 2 bits",
+        "",
+        _header(res),
+        "",
+        f"Perplexity on {rows[0]['tokens']} held-out tokens (FP32 {fp:.3f}); calibrated methods use {cal['nsamples']} "
+        f"samples of {cal['seqlen']} tokens from the disjoint calibration split (seed 0). Each cell: perplexity "
+        "(loss kept = (ppl - FP32) / (ppl_RTN - FP32), RTN of the same scheme). Every run is a fresh process.",
+        "",
+        markdown_table(["scheme", *[m.upper() if m != "awq+gptq" else "AWQ+GPTQ" for m in methods],
+                        "best", "best loss kept", "best vs FP32", "RTN / best"], table),  # fmt: skip
+        "",
+        "Quantization cost on 2 threads (median wall seconds over the schemes; peak resident memory of the "
+        "process, model load included):",
+        "",
+        markdown_table(["method", "seconds", "peak RSS MB"], cost),
+    ]
+    if spread:
+        parts += ["", "Calibration-draw robustness (seeds 0, 1, 2 pick different calibration windows):", "",
+                  markdown_table(["scheme", "method", "ppl per seed", "spread", "spread / ppl"], spread)]  # fmt: skip
+    peers = res.get("peers")
+    if peers:
+        prow = peers if isinstance(peers, list) else peers.get("rows", [])
+        ptab = [[r.get("peer", ""), r.get("version", ""), r.get("algorithm", ""), r.get("scheme", ""),
+                 "-" if r.get("ppl") is None else f"{r['ppl']:.2f}",
+                 "-" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.0f}", (r.get("notes") or "")[:90]]
+                for r in prow]  # fmt: skip
+        parts += ["", "Peers on the same model, text and split (benchmarks/peer_algorithms.py; see its docstring for "
+                  "exactly what each row runs):", "", markdown_table(["peer", "version", "algorithm", "scheme", "ppl",
+                                                                       "seconds", "notes"], ptab)]  # fmt: skip
+    return "\n".join(parts)
+
+
+def _w8a8(res: dict) -> str:
+    fp = res["rows"][0]["ppl"]
+    rows = [[f"{r['scheme']} ({r['method']})", f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%"] for r in res["rows"]]
+    base = {r["label"]: r["seconds"] for r in res["speed"] if r["variant"] == "torch fp32"}
+    speed = [[r["label"], r["variant"], f"{r['seconds'] * 1e3:.2f}", f"{base[r['label']] / r['seconds']:.2f}x"] for r in res["speed"]]
+    return "\n".join([
+        "## W8A8: int8 weights x int8 activations",
+        "",
+        _header(res),
+        "",
+        "Dynamic per-token int8 activations times per-channel int8 weights on the VNNI integer GEMM "
+        "(vpdpbusd); SmoothQuant (alpha 0.5) migrates activation outliers into the weights first.",
+        "",
+        markdown_table(["variant", "ppl", "Δppl"], rows),
+        "",
+        markdown_table(["shape", "variant", "ms", "speed vs fp32"], speed),
+    ])
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -129,7 +214,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
         "Speed figures are medians of repetitions measured side by side in one process; compare ratios, "
         "not absolute times, across machines.",
     ]
-    for name, render in (("kernels", _kernels), ("smollm2", _smollm2), ("decode", _decode), ("digits", _digits)):
+    for name, render in (("kernels", _kernels), ("smollm2", _smollm2), ("decode", _decode), ("digits", _digits),
+                         ("algorithms", _algorithms), ("w8a8", _w8a8)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             parts += ["", render(res)]

@@ -227,14 +227,127 @@ def section_digits(quick: bool) -> dict:
     return {"command": "python benchmarks/run_all.py --sections digits", "test_images": len(data["y_test"]), "rows": rows}
 
 
-SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits}
+ALGO_SCHEMES = ("w4g64", "w4g64-asym", "w3g64", "w3g64-asym", "w2g32-asym")
+ALGO_METHODS = ("rtn", "gptq", "awq", "hqq", "awq+gptq")
+CALIB = {"nsamples": 64, "seqlen": 512}
+
+
+def _child_quantize(job: dict) -> dict:
+    """One (scheme, method, seed) run in a fresh process: quantize, time it, peak RSS, perplexity."""
+    import resource
+    import time
+
+    import lowbit
+    from lowbit.algorithms import get_algorithm
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cal = None
+    if job["method"] != "fp32" and get_algorithm(job["method"]).uses_calibration:
+        cal = calibration_batches(zoo.tokenizer, nsamples=CALIB["nsamples"], seqlen=CALIB["seqlen"], seed=job["seed"])
+    t = time.perf_counter()
+    model = zoo.model if job["method"] == "fp32" else lowbit.quantize(zoo.model, job["scheme"], method=job["method"],
+                                                                      calibration=cal)  # fmt: skip
+    seconds = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r = perplexity(model, zoo.tokenizer, max_tokens=job.get("tokens", PPL_TOKENS))
+    return {**job, "ppl": r.ppl, "tokens": r.tokens, "text": r.source, "quant_seconds": seconds,
+            "peak_rss_mb": rss, "rss_before_mb": rss0,
+            "bits_per_weight": lowbit.size_of(model).quantized_bits_per_weight or 32.0}  # fmt: skip
+
+
+def _source_digest() -> str:
+    """SHA-256 of lowbit's Python sources: a cached job result is reused only for the same code."""
+    import hashlib
+
+    import lowbit
+
+    h = hashlib.sha256()
+    for f in sorted(Path(lowbit.__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+JOB_CACHE = RESULTS / "jobs_cache.json"  # finished child jobs, so an interrupted run resumes
+
+
+def _run_child(job: dict) -> dict:
+    key = json.dumps({**job, "calib": CALIB, "code": _source_digest()}, sort_keys=True)
+    cache = json.loads(JOB_CACHE.read_text()) if JOB_CACHE.exists() else {}
+    if key in cache:
+        return cache[key]
+    print("  ", job, file=sys.stderr, flush=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"child {job} failed:\n{p.stderr[-3000:]}")
+    row = json.loads(p.stdout.strip().splitlines()[-1])
+    cache = json.loads(JOB_CACHE.read_text()) if JOB_CACHE.exists() else {}
+    cache[key] = row
+    RESULTS.mkdir(exist_ok=True)
+    tmp = JOB_CACHE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1) + "\n")
+    tmp.replace(JOB_CACHE)
+    return row
+
+
+def section_algorithms(quick: bool) -> dict:
+    tokens = 4096 if quick else PPL_TOKENS
+    rows = [_run_child({"scheme": "fp32", "method": "fp32", "seed": 0, "tokens": tokens})]
+    for scheme in ALGO_SCHEMES:
+        for method in ALGO_METHODS:
+            rows.append(_run_child({"scheme": scheme, "method": method, "seed": 0, "tokens": tokens}))
+    # robustness: the calibrated methods under two more calibration draws
+    for scheme in ("w4g64", "w3g64-asym"):
+        for method in ("gptq", "awq+gptq"):
+            for seed in (1, 2):
+                rows.append(_run_child({"scheme": scheme, "method": method, "seed": seed, "tokens": tokens}))
+    peers = RESULTS / "peer_algorithms.json"
+    return {
+        "command": "python benchmarks/run_all.py --sections algorithms",
+        "calibration": {**CALIB, "split": "calib"},
+        "rows": rows,
+        "peers": json.loads(peers.read_text()) if peers.exists() else None,
+    }
+
+
+def section_w8a8(quick: bool) -> dict:
+    """W8A8 dynamic (RTN) and SmoothQuant: perplexity, and a 512-token prefill of a 4096x4096
+    layer against FP32 and the int8 weight-only kernel."""
+    from lowbit.evaluate.kernel_bench import run_kernel_bench
+
+    tokens = 4096 if quick else PPL_TOKENS
+    rows = [_run_child({"scheme": "fp32", "method": "fp32", "seed": 0, "tokens": tokens})]
+    rows.append(_run_child({"scheme": "int8", "method": "rtn", "seed": 0, "tokens": tokens}))
+    rows.append(_run_child({"scheme": "w8a8", "method": "rtn", "seed": 0, "tokens": tokens}))
+    rows.append(_run_child({"scheme": "w8a8", "method": "smoothquant", "seed": 0, "tokens": tokens}))
+    speed = run_kernel_bench(("int8", "w8a8"), shapes=((512, 4096, 4096), (1, 4096, 4096)), reps=10 if quick else 30)
+    return {
+        "command": "python benchmarks/run_all.py --sections w8a8",
+        "rows": rows,
+        "speed": [{"label": r.label, "variant": r.variant, "seconds": r.seconds} for r in speed],
+    }
+
+
+SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
+            "algorithms": section_algorithms, "w8a8": section_w8a8}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    # (the default runs every section: about 2 hours on 2 cores, the algorithms table most of it)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and tokens (smoke run)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one quantize-and-evaluate job
     args = ap.parse_args()
+    if args.child:
+        warnings.filterwarnings("ignore")
+        torch.set_num_threads(THREADS)
+        print(json.dumps(_child_quantize(json.loads(args.child))))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(THREADS)

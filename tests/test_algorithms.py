@@ -62,7 +62,22 @@ def test_hqq_lowers_the_weight_lp_error_of_asymmetric_schemes(scheme):
     rtn = QWeight.from_float(w, s).dequantize()
     q = hqq.quantize_weight(w, s)
     assert q.zero.dtype == torch.float16  # fractional zero points, stored as fp16
-    err = lambda a: float((a - w).abs().pow(0.7).sum())  # noqa: E731
+    imp = hqq.default_importance(s)
+    err = lambda a, e: float(((a - w).abs().pow(0.7) * w.abs().pow(e)).sum())  # noqa: E731
+    assert err(q.dequantize(), imp) < err(rtn, imp)  # the objective it optimises
+    q0 = hqq.quantize_weight(w, s, importance=0.0)  # the paper's unweighted objective
+    assert err(q0.dequantize(), 0.0) < err(rtn, 0.0)
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w3g64", "w4g32"])
+def test_hqq_symmetric_lowers_its_weighted_error(scheme):
+    w, _ = _problem()
+    s = parse_scheme(scheme)
+    rtn = QWeight.from_float(w, s).dequantize()
+    q = hqq.quantize_weight(w, s)
+    assert q.zero is None and q.scale.shape == QWeight.from_float(w, s).scale.shape
+    imp = hqq.default_importance(s)
+    err = lambda a: float(((a - w).abs().pow(0.7) * w.abs().pow(imp)).sum())  # noqa: E731
     assert err(q.dequantize()) < err(rtn)
 
 

@@ -132,3 +132,44 @@ def test_reference_kernels_of_every_op():
     qe = QuantEmbedding.from_float(emb, "w4g8")
     idx = torch.tensor([[1, 29, 3], [0, 0, 7]])
     assert torch.allclose(qe(idx), qe.qw.dequantize()[idx], atol=0)
+
+
+A8_SCHEMES = ["w8a8", "w8g64a8", "w8a8-asym", "w8g32a8-asym", "w8a8-tensor"]
+
+
+@needs_vnni
+@pytest.mark.parametrize("scheme", A8_SCHEMES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_w8a8_kernel_matches_reference_exactly(scheme, m, k, n):
+    """Integer arithmetic on both sides: only float summation order may differ."""
+    mod = _layer(scheme, k, n, seed=m + 3 * k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)) * 3
+    x[:, 0] = 40.0
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod, "cpu-vnni-a8")
+    assert mod.kernel == "cpu-vnni-a8" and mod.layout == "tiled4"
+    got = mod(x)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_w8a8_reference_quantizes_activations_per_token():
+    from lowbit.kernels.reference import quantize_activations
+
+    x = torch.tensor([[1.0, -0.5, 0.25], [100.0, 1.0, -3.0]])
+    q = quantize_activations(x)
+    assert torch.allclose(q[0], torch.tensor([1.0, -0.5, 0.25]), atol=1 / 127)  # its own scale: 1/127
+    assert float(q[1, 1]) == pytest.approx(100 / 127, rel=1e-6)  # 1.0 rounds to one step of 100/127
+    mod = _layer("w8a8", 64, 8, seed=1)
+    kernels.assign(mod, "auto")
+    assert mod.kernel in ("cpu-vnni-a8", "reference")
+    with pytest.raises(KernelError):
+        kernels.assign(mod, "cpu-vnni")  # the weight-only kernel would silently drop the a8
+
+
+def test_activation_schemes_run_only_where_activations_are_quantized():
+    for scheme in ("w4g64a8", "w8a8-static"):
+        mod = _layer(scheme, 64, 8, seed=2)
+        kernels.assign(mod, "auto")
+        assert mod.kernel == "reference"
+        assert "cpu-vnni-a8" in mod.kernel_note

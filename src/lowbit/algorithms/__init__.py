@@ -103,7 +103,7 @@ def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=1
 
 # AWQ's searches use a sample of calibration rows (the paper's clip search uses 512 tokens).
 CLIP_ROWS = 512
-SCALE_ROWS = 2048
+SCALE_ROWS = 1024
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -17,6 +17,14 @@ keeping the parameters of the iteration with the lowest ``l_p`` error. Symmetric
 no zero point to move, so only their scale is optimised. Zero points come out fractional and
 are stored as float16 (rounded before the final codes are computed).
 
+Extension: each weight's error is weighted by ``|w|^importance`` (0 is the paper's objective).
+Unweighted, the ``l_p`` optimum clips each group's largest weights, and on SmolLM2 that costs
+more perplexity than it saves. Measured on 2,048 held-out tokens (RTN / importance 0 / 0.5 /
+1.5): w4g64 9.33 / 9.9 / 9.40 / 9.20, w3g64 25.4 / 66.7 / 22.2 / 22.1, w4g64-asym 9.80 / 8.99 /
+9.10 / -, w3g64-asym 23.8 / 26.2 / 21.8 / -, w2g32-asym 56,277 / 18,656 / 15,459 / -. Hence the
+defaults: 1.5 for symmetric schemes (the scale is the only lever; keep the large weights), 0.5
+for asymmetric ones. The weighting needs no data.
+
 Input ``w (N, K)``; output a :class:`~lowbit.qweight.QWeight`. No data needed.
 """
 
@@ -28,11 +36,17 @@ from ..primitives import QParams, check_finite, choose_qparams, grouped, quantiz
 from ..qweight import QWeight
 from ..scheme import Scheme
 
-__all__ = ["quantize_weight", "optimize_qparams"]
+__all__ = ["quantize_weight", "optimize_qparams", "default_importance"]
 
 
-def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(p - 1) / beta)
+def _shrink(x: torch.Tensor, beta: float, p: float, weight: torch.Tensor) -> torch.Tensor:
+    """Proximal step of ``weight * |x|^p`` with quadratic coupling ``beta``: a soft threshold."""
+    return torch.sign(x) * torch.relu(x.abs() - weight * x.abs().clamp_min(1e-12).pow(p - 1) / beta)
+
+
+def default_importance(scheme: Scheme) -> float:
+    """The error weighting exponent used when none is given (see the module docstring)."""
+    return 1.5 if scheme.symmetric else 0.5
 
 
 def optimize_qparams(
@@ -44,36 +58,45 @@ def optimize_qparams(
     kappa: float = 1.01,
     iters: int = 20,
     optimize_scale: bool = True,
+    importance: float | None = None,
 ) -> QParams:
-    """Half-quadratic optimised parameters for ``w`` ``(N, K)``: shapes as :func:`choose_qparams`."""
+    """Half-quadratic optimised parameters for ``w`` ``(N, K)``: shapes as :func:`choose_qparams`.
+
+    ``importance``: each weight's error counts ``|w|^importance`` times (normalised per group);
+    0 gives the paper's unweighted objective; ``None`` picks :func:`default_importance`.
+    """
     fmt = scheme.fmt
     if fmt.kind != "affine" or scheme.per_tensor:
         raise ValueError(f"HQQ optimises per-channel or per-group integer formats, not {scheme}")
+    if importance is None:
+        importance = default_importance(scheme)
     qp = choose_qparams(w, scheme)
     gs = w.shape[1] if scheme.group_size is None else scheme.group_size
     g = grouped(w.float(), gs)  # (N, ng, G), zero-padded
     real = grouped(torch.ones_like(w, dtype=torch.float32), gs)  # 1 on real columns, 0 on padding
     count = real.sum(-1, keepdim=True)
+    omega = g.abs().pow(importance) * real
+    omega = omega / (omega.sum(-1, keepdim=True) / count).clamp_min(1e-12)  # mean 1 per group
     s = qp.scale.unsqueeze(-1)
     z = (qp.zero if qp.zero is not None else torch.full_like(qp.scale, float(fmt.sym_zero))).unsqueeze(-1)
 
     def lp_error(s_: torch.Tensor, z_: torch.Tensor) -> torch.Tensor:
         q = quantize_values(g, s_, z_, scheme).float()
-        return ((g - (q - z_) * s_).abs().pow(p) * real).sum(-1, keepdim=True)  # (N, ng, 1)
+        return ((g - (q - z_) * s_).abs().pow(p) * omega).sum(-1, keepdim=True)  # (N, ng, 1)
 
     best_err = lp_error(s, z)
     best_s, best_z = s.clone(), z.clone()
     for _ in range(iters):
         q = quantize_values(g, s, z, scheme).float()
-        we = _shrink(g - (q - z) * s, beta, p) * real
+        we = _shrink(g - (q - z) * s, beta, p, omega) * real
         target = (g - we) * real  # what deq(q) should reproduce
-        if not scheme.symmetric:
+        if not scheme.symmetric:  # weighted mean of the codes' offsets
             safe = torch.where(s == 0, 1.0, s)
-            z = ((q - target / safe) * real).sum(-1, keepdim=True) / count
-        if optimize_scale:
+            z = ((q - target / safe) * omega).sum(-1, keepdim=True) / omega.sum(-1, keepdim=True).clamp_min(1e-12)
+        if optimize_scale:  # weighted least squares
             d = (q - z) * real
-            denom = (d * d).sum(-1, keepdim=True)
-            s_new = (target * d).sum(-1, keepdim=True) / torch.where(denom == 0, 1.0, denom)
+            denom = (omega * d * d).sum(-1, keepdim=True)
+            s_new = (omega * target * d).sum(-1, keepdim=True) / torch.where(denom == 0, 1.0, denom)
             s = torch.where(denom == 0, s, s_new)
         beta *= kappa
         err = lp_error(s, z)
