@@ -176,13 +176,21 @@ def _algorithms(res: dict) -> str:
     peers = res.get("peers")
     if peers:
         prow = peers if isinstance(peers, list) else peers.get("rows", [])
-        ptab = [[r.get("peer", ""), r.get("version", ""), r.get("algorithm", ""), r.get("scheme", ""),
-                 "-" if r.get("ppl") is None else f"{r['ppl']:.2f}",
-                 "-" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.0f}", (r.get("notes") or "")[:90]]
-                for r in prow]  # fmt: skip
+        ours = {r["scheme"]: r["ppl"] for r in rows if r["method"] == "rtn"}
+        ptab = []
+        for r in prow:
+            p, sch = r.get("ppl"), r.get("scheme", "")
+            kept = _loss_kept(p, ours[sch], fp) if p is not None and sch in ours else "-"
+            status = "" if r.get("status") == "ok" else r.get("status", "")
+            ptab.append([r.get("peer", ""), r.get("version", ""), r.get("algorithm", ""), sch,
+                         "-" if p is None else f"{p:.2f}", kept,
+                         "-" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.0f}",
+                         (status + ": " if status else "") + (r.get("notes") or "")[:100]])  # fmt: skip
         parts += ["", "Peers on the same model, text and split (benchmarks/peer_algorithms.py; see its docstring for "
-                  "exactly what each row runs):", "", markdown_table(["peer", "version", "algorithm", "scheme", "ppl",
-                                                                       "seconds", "notes"], ptab)]  # fmt: skip
+                  "exactly what each row runs). Loss kept is against lowbit's RTN of the same scheme; peer timings "
+                  "were taken while the machine was shared (load average in results/peer_algorithms.json):", "",
+                  markdown_table(["peer", "version", "algorithm", "scheme", "ppl", "loss kept", "seconds", "notes"],
+                                 ptab)]  # fmt: skip
     return "\n".join(parts)
 
 

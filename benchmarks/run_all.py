@@ -301,10 +301,9 @@ def section_algorithms(quick: bool) -> dict:
         for method in ALGO_METHODS:
             rows.append(_run_child({"scheme": scheme, "method": method, "seed": 0, "tokens": tokens}))
     # robustness: the calibrated methods under two more calibration draws
-    for scheme in ("w4g64", "w3g64-asym"):
-        for method in ("gptq", "awq+gptq"):
-            for seed in (1, 2):
-                rows.append(_run_child({"scheme": scheme, "method": method, "seed": seed, "tokens": tokens}))
+    for scheme, method in (("w4g64", "gptq"), ("w4g64", "awq+gptq"), ("w3g64-asym", "awq+gptq")):
+        for seed in (1, 2):
+            rows.append(_run_child({"scheme": scheme, "method": method, "seed": seed, "tokens": tokens}))
     peers = RESULTS / "peer_algorithms.json"
     return {
         "command": "python benchmarks/run_all.py --sections algorithms",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +54,12 @@ def as_batches(calibration: Iterable | None, method: str) -> list:
             "(token-id tensors (B, T), or dicts from a tokenizer); lowbit.calibration_batches() makes them "
             "from the built-in calibration text"
         )
-    if isinstance(calibration, (torch.Tensor, dict)):
+    if isinstance(calibration, (torch.Tensor, Mapping)):
         calibration = [calibration]
     batches = []
     for b in calibration:
+        if isinstance(b, Mapping) and not isinstance(b, dict):  # e.g. a tokenizer's BatchEncoding
+            b = dict(b)
         if isinstance(b, torch.Tensor) and b.dim() == 1 and not b.is_floating_point():
             b = b.unsqueeze(0)
         if not isinstance(b, (torch.Tensor, dict, tuple, list)):
