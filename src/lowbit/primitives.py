@@ -40,6 +40,7 @@ __all__ = [
     "quantize_float",
     "dequantize_float",
     "mse_clip_search",
+    "clip_search",
     "fake_quantize",
     "check_finite",
     "NonFiniteError",
@@ -205,12 +206,20 @@ def mse_clip_search(
     """
     flat, gs = _flat(w, scheme)
     ref = grouped(flat, gs)
+    return clip_search(w, scheme, grid, lambda deq: ((grouped(deq.reshape(flat.shape), gs) - ref) ** 2).sum(-1))
+
+
+def clip_search(w: torch.Tensor, scheme: Scheme, grid: tuple[float, ...], error) -> QParams:
+    """Per-group clip ratio from ``grid`` minimising ``error(deq)``: ``deq`` is ``w``'s round trip
+    (``w``'s shape) under one ratio, ``error`` returns one value per (row, group) ``(R, ng)``.
+
+    Returns the parameters of the best ratio per group (same shapes as :func:`choose_qparams`).
+    """
     best_err = None
     best: QParams | None = None
     for ratio in grid:
         qp = choose_qparams(w, scheme, clip=ratio)
-        deq = _roundtrip(w, scheme, qp)
-        err = ((grouped(deq.reshape(flat.shape), gs) - ref) ** 2).sum(-1)  # (R, ng)
+        err = error(_roundtrip(w, scheme, qp))
         if best is None:
             best_err, best = err, qp
             continue

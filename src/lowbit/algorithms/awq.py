@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives import QParams, choose_qparams, dequantize_codes, grouped, quantize_codes
+from ..primitives import QParams, choose_qparams, clip_search, dequantize_codes, grouped, quantize_codes
 from ..scheme import Scheme
 
 __all__ = ["search_scales", "search_clip", "ALPHA_GRID", "CLIP_GRID"]
@@ -71,20 +71,4 @@ def search_clip(
     n, k = w.shape
     gs = k if scheme.group_size is None else scheme.group_size
     xg = grouped(x.float(), gs)  # (T, ng, G)
-    best_err = None
-    best: QParams | None = None
-    for ratio in grid:
-        qp = choose_qparams(w, scheme, clip=ratio)
-        d = grouped(dequantize_codes(quantize_codes(w, qp, scheme), qp, scheme) - w, gs)  # (N, ng, G)
-        err = torch.einsum("tgk,ngk->ntg", xg, d).pow(2).sum(1)  # (N, ng)
-        if best is None:
-            best_err, best = err, qp
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = QParams(
-            torch.where(better, qp.scale, best.scale),
-            None if qp.zero is None else torch.where(better, qp.zero, best.zero),
-        )
-    assert best is not None
-    return best
+    return clip_search(w, scheme, grid, lambda deq: torch.einsum("tgk,ngk->ntg", xg, grouped(deq - w, gs)).pow(2).sum(1))
