@@ -143,9 +143,10 @@ INLINE __m512i bcast_pair(const int16_t* p) {
 
 /* Rows rb*16 .. +15 of the output for activation rows m .. m+MT-1. */
 #define DEFINE_TILE(NAME, MT_, BITS_)                                                            \
-    static void NAME(const wdesc* d, int64_t rb, int64_t m, const int16_t* qx, int64_t ldq,       \
+    static void NAME(const wdesc* d, int64_t rb, int64_t m, const void* qx_, int64_t ldq,         \
                      const float* sx, const int32_t* sumx, int64_t nb, float* y) {                \
         enum { MT = MT_, bits = BITS_ };                                                        \
+        const int16_t* qx = (const int16_t*)qx_;                                                \
         const int B = d->B;                                                                     \
         const int ck = 16 / bits;                  /* columns per 32-byte chunk */               \
         const int64_t nchunks = (d->K + ck - 1) / ck;                                            \
@@ -188,11 +189,34 @@ DEFINE_TILES(8)
 DEFINE_TILES(4)
 DEFINE_TILES(2)
 
-typedef void (*tile_fn)(const wdesc*, int64_t, int64_t, const int16_t*, int64_t, const float*, const int32_t*,
+/* One output tile: rows rb*16 .. +15 for activation rows m .. m+MT-1; qx is the kernel's
+ * quantized activations (int16 for lb_linear, int8 for lb_linear_a8). */
+typedef void (*tile_fn)(const wdesc*, int64_t, int64_t, const void*, int64_t, const float*, const int32_t*,
                         int64_t, float*);
 
-/* Activation rows per pass over the weights: their int16 copy (MC x K x 2 bytes) stays in L2. */
+/* Activation rows per pass over the weights: their quantized copy (MC x K x 2 bytes at most)
+ * stays in L2. */
 #define MC 64
+
+/* y (M, N) by tiles: t[0..3] handle 8, 4, 2 and 1 activation rows; nb is sx/sumx's row stride. */
+static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void* qx, int64_t ldq, const float* sx,
+                      const int32_t* sumx, int64_t nb, float* y, int nthreads) {
+    const int64_t nrb = (d->N + 15) / 16;
+    /* Small products do not pay for waking a second thread (decode-size layers do). */
+    if (M * d->N * d->K < (1 << 16)) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t m1 = m0 + MC < M ? m0 + MC : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t rb = 0; rb < nrb; rb++) {
+            int64_t m = m0;
+            for (; m + 8 <= m1; m += 8) t[0](d, rb, m, qx, ldq, sx, sumx, nb, y);
+            if (m + 4 <= m1) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, y); m += 4; }
+            if (m + 2 <= m1) { t[2](d, rb, m, qx, ldq, sx, sumx, nb, y); m += 2; }
+            if (m < m1) t[3](d, rb, m, qx, ldq, sx, sumx, nb, y);
+        }
+    }
+}
 
 /* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias.
  * Returns 0; -1 for a descriptor the kernel cannot run; -2 when out of memory. */
@@ -206,25 +230,10 @@ int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads)
     int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * nb));
     if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
     quant_act(x, M, d->K, B, qx, sx, sumx, nthreads);
-    const int64_t nrb = (d->N + 15) / 16;
-    /* Small products do not pay for waking a second thread (decode-size layers do). */
-    if (M * d->N * d->K < (1 << 16)) nthreads = 1;
-    tile_fn t8 = bits == 8 ? tile8_b8 : bits == 4 ? tile8_b4 : tile8_b2;
-    tile_fn t4 = bits == 8 ? tile4_b8 : bits == 4 ? tile4_b4 : tile4_b2;
-    tile_fn t2 = bits == 8 ? tile2_b8 : bits == 4 ? tile2_b4 : tile2_b2;
-    tile_fn t1 = bits == 8 ? tile1_b8 : bits == 4 ? tile1_b4 : tile1_b2;
-#pragma omp parallel num_threads(nthreads)
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t m1 = m0 + MC < M ? m0 + MC : M;
-#pragma omp for schedule(static) nowait
-        for (int64_t rb = 0; rb < nrb; rb++) {
-            int64_t m = m0;
-            for (; m + 8 <= m1; m += 8) t8(d, rb, m, qx, ldq, sx, sumx, nb, y);
-            if (m + 4 <= m1) { t4(d, rb, m, qx, ldq, sx, sumx, nb, y); m += 4; }
-            if (m + 2 <= m1) { t2(d, rb, m, qx, ldq, sx, sumx, nb, y); m += 2; }
-            if (m < m1) t1(d, rb, m, qx, ldq, sx, sumx, nb, y);
-        }
-    }
+    static const tile_fn tiles8[4] = {tile8_b8, tile4_b8, tile2_b8, tile1_b8};
+    static const tile_fn tiles4[4] = {tile8_b4, tile4_b4, tile2_b4, tile1_b4};
+    static const tile_fn tiles2[4] = {tile8_b2, tile4_b2, tile2_b2, tile1_b2};
+    run_tiles(d, M, bits == 8 ? tiles8 : bits == 4 ? tiles4 : tiles2, qx, ldq, sx, sumx, nb, y, nthreads);
     free(qx); free(sx); free(sumx);
     return 0;
 }
@@ -285,9 +294,10 @@ INLINE __m512i bcast_quad(const int8_t* p) {
 }
 
 #define DEFINE_TILE_A8(NAME, MT_)                                                                \
-    static void NAME(const wdesc* d, int64_t rb, int64_t m, const int8_t* qx, int64_t ldq,        \
+    static void NAME(const wdesc* d, int64_t rb, int64_t m, const void* qx_, int64_t ldq,         \
                      const float* sx, const int32_t* sumx, int64_t ng, float* y) {               \
         enum { MT = MT_ };                                                                      \
+        const int8_t* qx = (const int8_t*)qx_;                                                  \
         const int64_t nchunks = (d->K + 3) / 4;                                                 \
         const uint8_t* wrow = d->w + rb * nchunks * 64;                                         \
         const int64_t gch = d->G < d->K ? d->G / 4 : nchunks; /* chunks per group */            \
@@ -338,20 +348,8 @@ int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float stat
     int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * ng));
     if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
     quant_rows_i8(x, M, d->K, ldq, G, ng, static_scale, qx, sx, sumx, nthreads);
-    const int64_t nrb = (d->N + 15) / 16;
-    if (M * d->N * d->K < (1 << 16)) nthreads = 1;
-#pragma omp parallel num_threads(nthreads)
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t m1 = m0 + MC < M ? m0 + MC : M;
-#pragma omp for schedule(static) nowait
-        for (int64_t rb = 0; rb < nrb; rb++) {
-            int64_t m = m0;
-            for (; m + 8 <= m1; m += 8) tile8_a8(d, rb, m, qx, ldq, sx, sumx, ng, y);
-            if (m + 4 <= m1) { tile4_a8(d, rb, m, qx, ldq, sx, sumx, ng, y); m += 4; }
-            if (m + 2 <= m1) { tile2_a8(d, rb, m, qx, ldq, sx, sumx, ng, y); m += 2; }
-            if (m < m1) tile1_a8(d, rb, m, qx, ldq, sx, sumx, ng, y);
-        }
-    }
+    static const tile_fn tiles_a8[4] = {tile8_a8, tile4_a8, tile2_a8, tile1_a8};
+    run_tiles(d, M, tiles_a8, qx, ldq, sx, sumx, ng, y, nthreads);
     free(qx); free(sx); free(sumx);
     return 0;
 }
