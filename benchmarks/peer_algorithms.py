@@ -363,7 +363,7 @@ def _torchao_awq(model, tokenizer, job):
     with torch.no_grad():
         for i in range(n):
             bf(input_ids=calib[i:i + 1], use_cache=False)
-    bl = _targets_any(bf)  # prepare swapped the modules for AWQObservedLinear
+    bl = _targets(bf)  # prepare swapped in AWQObservedLinear, an nn.Linear subclass
     ids = {id(m) for m in bl.values()}
     quantize_(bf, AWQConfig(base, step="convert"), filter_fn=lambda m, fqn: id(m) in ids)
     secs = time.perf_counter() - t
@@ -381,17 +381,6 @@ def _torchao_awq(model, tokenizer, job):
              f"codes/scales/zeros/act_pre_scale and written into the float32 model ({check}, bfloat16 kernel "
              f"output); norms untouched (torchao folds nothing into the previous layer)")
     return secs, _calib_desc(n), notes
-
-
-def _targets_any(model) -> dict:
-    """Like _targets but accepts nn.Linear subclasses swapped in by a peer (AWQObservedLinear)."""
-    import torch
-
-    out = {f"model.layers.{n}": m for n, m in model.model.layers.named_modules()
-           if isinstance(m, torch.nn.Linear)}
-    if len(out) != N_TARGET_LINEARS:
-        raise RuntimeError(f"expected {N_TARGET_LINEARS} Linear layers, got {len(out)}")
-    return out
 
 
 def _torchao_gptq(model, tokenizer, job):
