@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .algorithms import rtn
+from .driver import _float_weight, _set_module
+
 __all__ = ["run", "CalibrationError", "as_batches", "find_blocks", "Stats"]
 
 SAMPLE_ROWS = 2048  # input rows kept per layer group for AWQ's searches
@@ -162,7 +165,6 @@ class _Restore:
         self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def swap(self, name: str, new: nn.Module) -> None:
-        from .driver import _set_module
 
         self.modules.append((name, self.model.get_submodule(name)))
         _set_module(self.model, name, new)
@@ -171,7 +173,6 @@ class _Restore:
         self.tensors.append((t, t.detach().clone()))
 
     def undo(self) -> None:
-        from .driver import _set_module
 
         with torch.no_grad():
             for t, old in reversed(self.tensors):
@@ -263,8 +264,6 @@ def run(model: nn.Module, todo: list, algo, calibration, options: dict, *, progr
             # Embeddings read token ids, not activations: no statistics apply; they are rounded.
             for name in [n for n, (_, kind, _) in want.items() if kind == "embedding"]:
                 mod, kind, scheme = remaining.pop(name)
-                from .algorithms import rtn
-
                 new = make_module(mod, kind, rtn.quantize_weight(mod.weight, scheme, name=f"{name}.weight"))
                 new.method = "rtn"
                 restore.swap(name, new)
@@ -353,15 +352,10 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
     for full, (_mod, kind, scheme) in layers.items():
         short = full[len(bname) + 1 :]
         st = stats[group_of[short]]
-        qw = algo.quantize_weight(_weight_2d(mods[full], kind), scheme, name=f"{full}.weight", stats=st,
-                                  **_algo_opts(options))  # fmt: skip
+        qw = algo.quantize_weight(_float_weight(mods[full], kind), scheme, name=f"{full}.weight", stats=st, **options)
         new = make_module(mods[full], kind, qw)
         restore.swap(full, new)
         done.append((full, new))
-
-
-def _algo_opts(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k not in ("seed",)}
 
 
 def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore) -> None:
@@ -378,7 +372,7 @@ def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers
             continue
         weights = [local[n].weight.detach() for n in group]
         scheme = layers[f"{bname}.{group[0]}"][2]
-        s = algo.smooth(weights, stats[group[0]], scheme, **_algo_opts(options))
+        s = algo.smooth(weights, stats[group[0]], scheme, **options)
         if s is None:
             continue
         for t in target.tensors():
@@ -407,8 +401,7 @@ def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done
         for b in batches:
             _call(model, b)
     for n, (_mod, kind, scheme) in remaining.items():
-        w = _weight_2d(mods[n], kind)
-        qw = algo.quantize_weight(w, scheme, name=f"{n}.weight", stats=stats[n], **_algo_opts(options))
+        qw = algo.quantize_weight(_float_weight(mods[n], kind), scheme, name=f"{n}.weight", stats=stats[n], **options)
         new = make_module(mods[n], kind, qw)
         restore.swap(n, new)
         done.append((n, new))
@@ -420,12 +413,6 @@ def _in_features(mod: nn.Module) -> int:
     if isinstance(mod, nn.Linear):
         return mod.in_features
     return mod.weight.shape[0]  # transformers Conv1D stores (in, out)
-
-
-def _weight_2d(mod: nn.Module, kind: str) -> torch.Tensor:
-    from .driver import _float_weight
-
-    return _float_weight(mod, kind)
 
 
 def _unfold_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:

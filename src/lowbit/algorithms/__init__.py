@@ -137,10 +137,6 @@ def _sq_smooth(weights, stats, scheme, *, alpha=0.5, **_):
     return smoothquant.smooth_scales(stats.absmax, weights, alpha)
 
 
-def _sq_quantize(w, scheme, *, name="weight", stats=None, **_):
-    return rtn.quantize_weight(w, scheme, name=name)
-
-
 def _integer_or_codebook(s: Scheme) -> str | None:
     return None if s.fmt.kind in ("affine", "codebook") else f"{s.fmt.name} is not an integer or codebook format"
 
@@ -170,7 +166,7 @@ ALGORITHMS: dict[str, Algorithm] = {
                   serves=_integer_or_codebook, doc="AWQ scale search (folded) + output-aware clipping"),
         Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _flag}, needs=("sample", "hessian"),
                   smooth=_awq_smooth, serves=_integer_or_codebook, doc="AWQ channel scaling, then GPTQ"),
-        Algorithm("smoothquant", _sq_quantize, True, {"alpha": _number(0.0, 1.0)}, needs=("absmax",),
+        Algorithm("smoothquant", _rtn, True, {"alpha": _number(0.0, 1.0)}, needs=("absmax",),
                   smooth=_sq_smooth, serves=_activation_scheme, doc="SmoothQuant outlier migration for W8A8"),
     )  # fmt: skip
 }
