@@ -213,6 +213,28 @@ def _w8a8(res: dict) -> str:
     ])
 
 
+def _sweeps(res: dict) -> str:
+    fp = res["fp32"]
+    imps = [k for k in res["hqq"][0] if k not in ("scheme", "rtn")]
+    hqq = [[r["scheme"], f"{r['rtn']:.2f}", *[f"{r[k]:.2f}" for k in imps]] for r in res["hqq"]]
+    sq = [[str(r["alpha"]), f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%"] for r in res["smoothquant"]]
+    return "\n".join([
+        "## Tuned defaults: HQQ error weighting and SmoothQuant alpha",
+        "",
+        _header(res),
+        "",
+        f"Perplexity on {res['tokens']} tokens of the *train* split (disjoint from the eval split above and from "
+        f"the calibration split), FP32 {fp:.3f}. HQQ weights each weight's error by |w|^importance (0 = the "
+        "paper's objective); lowbit's defaults are 1.5 for symmetric and 0.5 for asymmetric schemes.",
+        "",
+        markdown_table(["scheme", "RTN", *[f"HQQ importance {k}" for k in imps]], hqq),
+        "",
+        f"W8A8 SmoothQuant alpha ({res['calibration']}); lowbit's default is 0.5:",
+        "",
+        markdown_table(["alpha", "ppl", "Δppl"], sq),
+    ])
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -223,7 +245,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
         "not absolute times, across machines.",
     ]
     for name, render in (("kernels", _kernels), ("smollm2", _smollm2), ("decode", _decode), ("digits", _digits),
-                         ("algorithms", _algorithms), ("w8a8", _w8a8)):  # fmt: skip
+                         ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             parts += ["", render(res)]

@@ -331,8 +331,42 @@ def section_w8a8(quick: bool) -> dict:
     }
 
 
+def section_sweeps(quick: bool) -> dict:
+    """The two tuned defaults, measured on the *train* split (disjoint from the eval split that
+    BENCHMARKS.md reports and from the calib split the calibrated methods read): HQQ's error
+    weighting exponent per scheme, and SmoothQuant's alpha for W8A8."""
+    import copy
+
+    import lowbit
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.models.zoo import load_model
+
+    tokens = 1024 if quick else 2048
+    zoo = load_model("smollm2-135m")
+
+    def ppl(model):
+        return perplexity(model, zoo.tokenizer, split="train", max_tokens=tokens).ppl
+
+    fp = ppl(zoo.model)
+    hqq_rows = []
+    for scheme in ALGO_SCHEMES:
+        row = {"scheme": scheme, "rtn": ppl(lowbit.quantize(copy.deepcopy(zoo.model), scheme))}
+        for imp in (0.0, 0.5, 1.0, 1.5):
+            m = lowbit.quantize(copy.deepcopy(zoo.model), scheme, method="hqq", importance=imp)
+            row[str(imp)] = ppl(m)
+        hqq_rows.append(row)
+    cal = calibration_batches(zoo.tokenizer, nsamples=16, seqlen=512, seed=0)
+    sq_rows = [{"alpha": "dynamic (no smoothing)", "ppl": ppl(lowbit.quantize(copy.deepcopy(zoo.model), "w8a8"))}]
+    for alpha in (0.3, 0.4, 0.5, 0.6, 0.7, 0.85):
+        m = lowbit.quantize(copy.deepcopy(zoo.model), "w8a8", method="smoothquant", calibration=cal, alpha=alpha)
+        sq_rows.append({"alpha": alpha, "ppl": ppl(m)})
+    return {"command": "python benchmarks/run_all.py --sections sweeps", "tokens": tokens, "split": "train",
+            "fp32": fp, "hqq": hqq_rows, "smoothquant": sq_rows, "calibration": "16 x 512 tokens, calib split"}  # fmt: skip
+
+
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
-            "algorithms": section_algorithms, "w8a8": section_w8a8}  # fmt: skip
+            "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps}  # fmt: skip
 
 
 def main() -> None:

@@ -120,3 +120,16 @@ def test_every_method_states_what_it_serves():
     assert ALGORITHMS["hqq"].serves(parse_scheme("nf4g64"))
     assert ALGORITHMS["gptq"].serves(parse_scheme("w4g64")) is None
     assert ALGORITHMS["smoothquant"].serves(parse_scheme("w8a8")) is None
+
+
+def test_hqq_importance_is_an_option_with_a_checked_range():
+    algo = ALGORITHMS["hqq"]
+    assert algo.check_options({"importance": 0.0}) == {"importance": 0.0}
+    for bad in (-1.0, 5.0, "high", True):
+        with pytest.raises(ValueError, match="importance"):
+            algo.check_options({"importance": bad})
+    w, _ = _problem()
+    s = parse_scheme("w3g64-asym")
+    paper = algo.quantize_weight(w, s, importance=0.0).dequantize()
+    assert torch.equal(paper, hqq.quantize_weight(w, s, importance=0.0).dequantize())
+    assert not torch.equal(paper, algo.quantize_weight(w, s).dequantize())  # the default weights errors

@@ -65,7 +65,7 @@ def cmd_quantize(args) -> int:
         return _err("give exactly one of --scheme or --recipe")
     spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
     options = {k: v for k, v in (("clip", args.clip), ("damp", args.damp), ("act_order", args.act_order),
-                                 ("alpha", args.alpha)) if v is not None}  # fmt: skip
+                                 ("alpha", args.alpha), ("importance", args.importance)) if v is not None}  # fmt: skip
     t0 = time.perf_counter()
     zm = load_source(args.model)
     calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration else None
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: quantize columns in order of decreasing activation energy (default on)")
     q.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (0.5)")
+    q.add_argument("--importance", type=float,
+                   help="hqq: weight each error by |w|^importance (default 1.5 symmetric, 0.5 asymmetric; 0 = paper)")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.add_argument("--threads", type=int)

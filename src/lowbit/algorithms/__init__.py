@@ -92,8 +92,8 @@ def _rtn(w, scheme, *, name="weight", stats=None, clip="minmax", **_):
     return rtn.quantize_weight(w, scheme, name=name, clip=clip)
 
 
-def _hqq(w, scheme, *, name="weight", stats=None, **_):
-    return hqq.quantize_weight(w, scheme, name=name)
+def _hqq(w, scheme, *, name="weight", stats=None, importance=None, **_):
+    return hqq.quantize_weight(w, scheme, name=name, importance=importance)
 
 
 def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, **_):
@@ -158,7 +158,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     for a in (
         Algorithm("rtn", _rtn, False, {"clip": _choice(*rtn.CLIP_CHOICES)},
                   doc="round to nearest; data-free; clip='mse' searches per-group clipping"),
-        Algorithm("hqq", _hqq, False, serves=_grouped_integer,
+        Algorithm("hqq", _hqq, False, {"importance": _number(0.0, 4.0)}, serves=_grouped_integer,
                   doc="half-quadratic optimisation of scales and zeros; data-free"),
         Algorithm("gptq", _gptq, True, _GPTQ_OPTS, needs=("hessian",), serves=_integer_or_codebook,
                   doc="GPTQ with damping, blocked lazy updates, groups, act-order with static groups"),

@@ -23,7 +23,10 @@ more perplexity than it saves. Measured on 2,048 held-out tokens (RTN / importan
 1.5): w4g64 9.33 / 9.9 / 9.40 / 9.20, w3g64 25.4 / 66.7 / 22.2 / 22.1, w4g64-asym 9.80 / 8.99 /
 9.10 / -, w3g64-asym 23.8 / 26.2 / 21.8 / -, w2g32-asym 56,277 / 18,656 / 15,459 / -. Hence the
 defaults: 1.5 for symmetric schemes (the scale is the only lever; keep the large weights), 0.5
-for asymmetric ones. The weighting needs no data.
+for asymmetric ones. Those figures are the first 2,048 tokens of the eval split, where the
+defaults were chosen; the same sweep on the disjoint train split confirms them (BENCHMARKS.md,
+``python benchmarks/run_all.py --sections sweeps``). The weighting needs no data; ``importance``
+is an option of ``method="hqq"`` (CLI ``--importance``).
 
 Input ``w (N, K)``; output a :class:`~lowbit.qweight.QWeight`. No data needed.
 """
