@@ -204,8 +204,11 @@ def _w8a8(res: dict) -> str:
         "",
         _header(res),
         "",
-        "Dynamic per-token int8 activations times per-channel int8 weights on the VNNI integer GEMM "
-        "(vpdpbusd); SmoothQuant (alpha 0.5) migrates activation outliers into the weights first.",
+        "Dynamic int8 activations times per-channel int8 weights on the VNNI integer GEMM (vpdpbusd). "
+        "`w8a8`: one activation scale per token; `w8a8g128` / `w8a8g64`: one per token and per 128 / 64 "
+        "input columns (the kernel converts each block's int32 sums to float once). `rtn`: weights rounded, "
+        "activations quantized as they come; `smoothquant` (alpha 0.5) first migrates activation outliers "
+        "into the weights (64 x 512 calibration tokens, calib split, seed 0).",
         "",
         markdown_table(["variant", "ppl", "Δppl"], rows),
         "",
@@ -232,7 +235,16 @@ def _sweeps(res: dict) -> str:
         f"W8A8 SmoothQuant alpha ({res['calibration']}); lowbit's default is 0.5:",
         "",
         markdown_table(["alpha", "ppl", "Δppl"], sq),
-    ])
+    ] + ([
+        "",
+        "W8A8 activation group size (one int8 scale per token, or per token and block of columns), "
+        "dynamic and with SmoothQuant (alpha 0.5):",
+        "",
+        markdown_table(["scheme", "dynamic", "Δppl", "SmoothQuant", "Δppl"],
+                       [[r["scheme"], f"{r['dynamic']:.3f}", f"{100 * (r['dynamic'] / fp - 1):+.2f}%",
+                         f"{r['smoothquant']:.3f}", f"{100 * (r['smoothquant'] / fp - 1):+.2f}%"]
+                        for r in res["act_groups"]]),
+    ] if "act_groups" in res else []))
 
 
 def write_benchmarks(results: Path, out: Path) -> None:
@@ -248,5 +260,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
+            if name == "algorithms":  # peer rows come from their own script's file, read at render time
+                res["peers"] = _load(results, "peer_algorithms")
             parts += ["", render(res)]
     out.write_text("\n".join(parts) + "\n")

@@ -304,13 +304,15 @@ def section_algorithms(quick: bool) -> dict:
     for scheme, method in (("w4g64", "gptq"), ("w4g64", "awq+gptq"), ("w3g64-asym", "awq+gptq")):
         for seed in (1, 2):
             rows.append(_run_child({"scheme": scheme, "method": method, "seed": seed, "tokens": tokens}))
-    peers = RESULTS / "peer_algorithms.json"
-    return {
+    return {  # peer rows: results/peer_algorithms.json (benchmarks/peer_algorithms.py), read by the report
         "command": "python benchmarks/run_all.py --sections algorithms",
         "calibration": {**CALIB, "split": "calib"},
         "rows": rows,
-        "peers": json.loads(peers.read_text()) if peers.exists() else None,
     }
+
+
+# one int8 scale per token, then per token and 128 / 64 input columns (scheme.py: a8g<group>)
+W8A8_SCHEMES = ("w8a8", "w8a8g128", "w8a8g64")
 
 
 def section_w8a8(quick: bool) -> dict:
@@ -321,9 +323,10 @@ def section_w8a8(quick: bool) -> dict:
     tokens = 4096 if quick else PPL_TOKENS
     rows = [_run_child({"scheme": "fp32", "method": "fp32", "seed": 0, "tokens": tokens})]
     rows.append(_run_child({"scheme": "int8", "method": "rtn", "seed": 0, "tokens": tokens}))
-    rows.append(_run_child({"scheme": "w8a8", "method": "rtn", "seed": 0, "tokens": tokens}))
-    rows.append(_run_child({"scheme": "w8a8", "method": "smoothquant", "seed": 0, "tokens": tokens}))
-    speed = run_kernel_bench(("int8", "w8a8"), shapes=((512, 4096, 4096), (1, 4096, 4096)), reps=10 if quick else 30)
+    for scheme in W8A8_SCHEMES:
+        for method in ("rtn", "smoothquant"):
+            rows.append(_run_child({"scheme": scheme, "method": method, "seed": 0, "tokens": tokens}))
+    speed = run_kernel_bench(("int8", *W8A8_SCHEMES), shapes=((512, 4096, 4096), (1, 4096, 4096)), reps=10 if quick else 30)
     return {
         "command": "python benchmarks/run_all.py --sections w8a8",
         "rows": rows,
@@ -334,7 +337,7 @@ def section_w8a8(quick: bool) -> dict:
 def section_sweeps(quick: bool) -> dict:
     """The two tuned defaults, measured on the *train* split (disjoint from the eval split that
     BENCHMARKS.md reports and from the calib split the calibrated methods read): HQQ's error
-    weighting exponent per scheme, and SmoothQuant's alpha for W8A8."""
+    weighting exponent per scheme, SmoothQuant's alpha for W8A8, and the activation group size."""
     import copy
 
     import lowbit
@@ -361,8 +364,13 @@ def section_sweeps(quick: bool) -> dict:
     for alpha in (0.3, 0.4, 0.5, 0.6, 0.7, 0.85):
         m = lowbit.quantize(copy.deepcopy(zoo.model), "w8a8", method="smoothquant", calibration=cal, alpha=alpha)
         sq_rows.append({"alpha": alpha, "ppl": ppl(m)})
+    act_rows = []
+    for scheme in ("w8a8", "w8a8g128", "w8a8g64", "w8a8g32"):
+        m = lowbit.quantize(copy.deepcopy(zoo.model), scheme, method="smoothquant", calibration=cal)
+        act_rows.append({"scheme": scheme, "dynamic": ppl(lowbit.quantize(copy.deepcopy(zoo.model), scheme)), "smoothquant": ppl(m)})
     return {"command": "python benchmarks/run_all.py --sections sweeps", "tokens": tokens, "split": "train",
-            "fp32": fp, "hqq": hqq_rows, "smoothquant": sq_rows, "calibration": "16 x 512 tokens, calib split"}  # fmt: skip
+            "fp32": fp, "hqq": hqq_rows, "smoothquant": sq_rows, "act_groups": act_rows,
+            "calibration": "16 x 512 tokens, calib split"}  # fmt: skip
 
 
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,

@@ -6,7 +6,7 @@ import torch
 from lowbit import kernels
 from lowbit.kernels import KernelError, cpu
 from lowbit.nn import QuantLinear
-from lowbit.scheme import parse_scheme
+from lowbit.scheme import SchemeError, parse_scheme
 
 needs_vnni = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"{cpu.unavailable_reason()}")
 
@@ -134,7 +134,10 @@ def test_reference_kernels_of_every_op():
     assert torch.allclose(qe(idx), qe.qw.dequantize()[idx], atol=0)
 
 
-A8_SCHEMES = ["w8a8", "w8g64a8", "w8a8-asym", "w8g32a8-asym", "w8a8-tensor"]
+A8_SCHEMES = [
+    "w8a8", "w8g64a8", "w8a8-asym", "w8g32a8-asym", "w8a8-tensor",
+    "w8a8g32", "w8a8g64-asym", "w8g128a8g64", "w8g32a8g64-asym", "w8g64a8g64",
+]  # fmt: skip
 
 
 @needs_vnni
@@ -165,6 +168,24 @@ def test_w8a8_reference_quantizes_activations_per_token():
     assert mod.kernel in ("cpu-vnni-a8", "reference")
     with pytest.raises(KernelError):
         kernels.assign(mod, "cpu-vnni")  # the weight-only kernel would silently drop the a8
+
+
+def test_activation_groups_quantize_each_block_on_its_own():
+    from lowbit.kernels.reference import quantize_activations
+
+    x = torch.cat([torch.full((1, 32), 0.01), torch.full((1, 32), 100.0), torch.full((1, 8), -0.5)], 1)
+    per_token = quantize_activations(x)
+    grouped = quantize_activations(x, 32)
+    assert float(per_token[0, 0]) == 0.0  # 0.01 is below half a step of 100/127
+    assert torch.allclose(grouped, x, rtol=1e-6)  # each block is constant: its own scale is exact
+    assert grouped.shape == x.shape  # the last, short block (8 columns) is its own block
+    with pytest.raises(SchemeError, match="multiple of 32"):
+        parse_scheme("w8a8g48")
+    with pytest.raises(SchemeError, match="divide"):
+        parse_scheme("w8g96a8g64")
+    with pytest.raises(SchemeError, match="dynamic"):
+        parse_scheme("w8a8g64-static")
+    assert str(parse_scheme("w8g128a8g64-asym")) == "w8g128a8g64-asym"
 
 
 def test_activation_schemes_run_only_where_activations_are_quantized():

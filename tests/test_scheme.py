@@ -4,7 +4,7 @@ from lowbit.formats import FORMATS
 from lowbit.scheme import PRESETS, Scheme, SchemeError, parse_scheme
 
 # Canonical strings beyond the presets (activation schemes are parsed even before they run).
-CANONICAL = PRESETS + ("w8a8", "w8a8-static", "w4a8", "w4a8-static", "w4g128a8-asym", "w8-asym", "w2g16", "nf4g128")
+CANONICAL = PRESETS + ("w8a8", "w8a8g64", "w8g128a8g64-asym", "w8a8-static", "w4a8", "w4a8-static", "w4g128a8-asym", "w8-asym", "w2g16", "nf4g128")
 
 
 @pytest.mark.parametrize("text", CANONICAL)

@@ -83,6 +83,23 @@ def test_w8a8_dynamic_and_smoothquant_stay_close_to_fp32(smollm2, calib, ppl):
     assert smooth < fp * 1.025 and dyn < fp * 1.05, (fp, dyn, smooth)
 
 
+def test_w8a8_activation_groups_meet_one_percent(tmp_path, smollm2, calib, ppl):
+    """One int8 scale per token and 128 columns: an outlier channel coarsens only its block."""
+    fp = ppl(smollm2.model, "fp32")
+    dyn = ppl(lowbit.quantize(copy.deepcopy(smollm2.model), "w8a8"), "w8a8")
+    grouped = lowbit.quantize(copy.deepcopy(smollm2.model), "w8a8g128", method="smoothquant", calibration=calib)
+    got = ppl(grouped, "smoothquant w8a8g128")
+    assert got < fp * 1.01 and got < dyn, (fp, dyn, got)
+    layer = grouped.model.layers[0].self_attn.q_proj
+    assert str(layer.scheme) == "w8a8g128"
+    lowbit.save(grouped, tmp_path / "a8g", tokenizer=smollm2.tokenizer, source="smollm2-135m")
+    back = lowbit.load(tmp_path / "a8g")
+    assert str(back.model.layers[0].self_attn.q_proj.scheme) == "w8a8g128"
+    ids = smollm2.tokenizer("def f(x):\n    return x * 2", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, grouped(input_ids=ids).logits)
+
+
 def test_cli_quantize_with_a_method_and_the_builtin_calibration(tmp_path):
     out = tmp_path / "cli-gptq"
     env = dict(os.environ, PYTHONWARNINGS="ignore")

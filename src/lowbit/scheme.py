@@ -4,15 +4,19 @@ Grammar (every canonical string prints back identically; aliases normalise)::
 
     scheme  := "fp16" | "bf16" | "fp8" | "int8"
              | "nf4" ["g" GROUP]
-             | "w" BITS ["g" GROUP] ["a8"] ["-asym"] ["-tensor"] ["-static"]
+             | "w" BITS ["g" GROUP] ["a8" ["g" AGROUP]] ["-asym"] ["-tensor"] ["-static"]
     BITS    := 2 | 3 | 4 | 8
     GROUP   := a multiple of 8, >= 8
+    AGROUP  := a multiple of 32, >= 32
 
 * ``w4g128``: 4-bit weights, one scale per 128 input columns, symmetric.
 * no ``g``: one scale per output channel (``w8`` = ``int8``: per-channel symmetric int8).
 * ``-tensor``: one scale for the whole tensor (no group allowed with it).
 * ``-asym``: a zero point per group as well as a scale.
 * ``a8``: int8 activations too, dynamic (per token) unless ``-static`` (calibrated).
+* ``a8g64``: dynamic int8 activations with one scale per token *and* per 64 input columns
+  (finer than one per token: an outlier channel only coarsens its own block). With a weight
+  group as well (``w8g128a8g64``), one of the two group sizes must divide the other.
 * ``nf4`` alone means ``nf4g64``; ``fp8`` is FP8 E4M3 with a per-channel scale.
 
 A group size that does not divide a layer's input features is allowed: the last group is
@@ -31,8 +35,9 @@ __all__ = ["Scheme", "SchemeError", "parse_scheme", "PRESETS", "GRAMMAR"]
 
 GRAMMAR = (
     "scheme := fp16 | bf16 | fp8 | int8 | nf4[g<group>] | "
-    "w<bits>[g<group>][a8][-asym][-tensor][-static]   "
-    "(bits: 2, 3, 4, 8; group: a multiple of 8; examples: int8, w8a8, w8a8-static, w4g128, "
+    "w<bits>[g<group>][a8[g<agroup>]][-asym][-tensor][-static]   "
+    "(bits: 2, 3, 4, 8; group: a multiple of 8; agroup: a multiple of 32; examples: int8, w8a8, w8a8g64, "
+    "w8a8-static, w4g128, "
     "w4g64-asym, w3g64, w2g32-asym, nf4g64, fp8, bf16)"
 )
 
@@ -42,7 +47,7 @@ _RE = re.compile(
     r"""^(?:
         (?P<cast>fp16|bf16|fp8|int8)
       | nf4(?:g(?P<nfgroup>\d+))?
-      | w(?P<bits>\d+)(?:g(?P<group>\d+))?(?:a(?P<abits>\d+))?
+      | w(?P<bits>\d+)(?:g(?P<group>\d+))?(?:a(?P<abits>\d+)(?:g(?P<agroup>\d+))?)?
         (?P<asym>-asym)?(?P<tensor>-tensor)?(?P<static>-static)?
     )$""",
     re.VERBOSE,
@@ -65,6 +70,8 @@ class Scheme:
         per_tensor: one scale for the whole weight.
         act_bits: ``None`` (weight-only) or 8 (int8 activations).
         act_static: activations use calibrated (static) ranges rather than per-token ones.
+        act_group: dynamic activations only: input columns per activation scale within a
+            token (``None``: one scale per token).
     """
 
     format: str
@@ -73,6 +80,7 @@ class Scheme:
     per_tensor: bool = False
     act_bits: int | None = None
     act_static: bool = False
+    act_group: int | None = None
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)
@@ -96,6 +104,18 @@ class Scheme:
             raise SchemeError(f"only int8 activations are supported (a8), got a{self.act_bits}")
         if self.act_static and self.act_bits is None:
             raise SchemeError("-static needs quantized activations (a8)")
+        if self.act_group is not None:
+            if self.act_bits is None:
+                raise SchemeError("an activation group needs quantized activations (a8g<group>)")
+            if self.act_group < 32 or self.act_group % 32:
+                raise SchemeError(f"activation group must be a multiple of 32 and >= 32, got {self.act_group}")
+            if self.act_static:
+                raise SchemeError("activation groups apply to dynamic activations, not -static")
+            if self.per_tensor:
+                raise SchemeError("activation groups need per-channel or grouped weights, not -tensor")
+            g, a = self.group_size, self.act_group
+            if g is not None and max(g, a) % min(g, a):
+                raise SchemeError(f"weight group {g} and activation group {a}: one must divide the other")
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -141,6 +161,8 @@ class Scheme:
             s += f"g{self.group_size}"
         if self.act_bits:
             s += f"a{self.act_bits}"
+            if self.act_group is not None:
+                s += f"g{self.act_group}"
         if not self.symmetric:
             s += "-asym"
         if self.per_tensor:
@@ -187,6 +209,7 @@ def parse_scheme(text: str | Scheme) -> Scheme:
             per_tensor=bool(m["tensor"]),
             act_bits=int(m["abits"]) if m["abits"] else None,
             act_static=bool(m["static"]),
+            act_group=int(m["agroup"]) if m["agroup"] else None,
         )
     except SchemeError as e:
         raise SchemeError(f"invalid scheme {text!r}: {e}. {GRAMMAR}") from None

@@ -40,7 +40,7 @@ CFLAGS = (
 )
 # /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
 _REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
-_ABI = 5  # lb_abi_version() of the C source this wrapper calls
+_ABI = 6  # lb_abi_version() of the C source this wrapper calls
 
 
 class _Weights(ctypes.Structure):
@@ -52,7 +52,7 @@ class _Weights(ctypes.Structure):
         ("zw", ctypes.c_void_p), ("ldz", ctypes.c_int64),
         ("zconst", ctypes.c_int32), ("bits", ctypes.c_int32),
         ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
-        ("B", ctypes.c_int32), ("pad_", ctypes.c_int32),
+        ("B", ctypes.c_int32), ("A", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
     ]  # fmt: skip
 
@@ -157,8 +157,9 @@ def supports_a8(mod) -> str | None:
         return "fractional zero points"
     k = mod.in_features
     g = k if (s.group_size is None or s.per_tensor) else s.group_size
-    if min(g, k) > (1 << 14):
-        return f"groups of {min(g, k)} columns (the kernel's int32 sums take up to 16384)"
+    seg = min(g, k, s.act_group or k)
+    if seg > (1 << 14):
+        return f"groups of {seg} columns (the kernel's int32 sums take up to 16384)"
     reason = unavailable_reason()
     return None if reason is None else f"VNNI kernel unavailable: {reason}"
 
@@ -204,7 +205,7 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
         scales.data_ptr(), 0 if s.per_tensor else scales.shape[1],
         zw, ldz, zconst, s.bits,
         mod.out_features, k, k if whole else s.group_size,
-        _block(mod) or 0, 0,
+        _block(mod) or 0, s.act_group or 0,
         None if bias is None else bias.data_ptr(),
     )  # fmt: skip
     return desc, bias
@@ -247,7 +248,8 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (..., K)`` -> ``(..., N)``: int8 weights x per-token int8 activations (W8A8, vpdpbusd)."""
+    """``x (..., K)`` -> ``(..., N)``: int8 weights x dynamic int8 activations, one scale per token
+    or per token and ``scheme.act_group`` columns (W8A8, vpdpbusd)."""
     if x.requires_grad and torch.is_grad_enabled():
         from . import reference
 

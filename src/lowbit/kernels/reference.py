@@ -13,9 +13,15 @@ def _bias(mod) -> torch.Tensor | None:
     return None if mod.bias is None else mod.bias.float()
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+def quantize_activations(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
     """Dynamic int8 activations, the W8A8 schemes' semantics: per row (token) of ``x (..., K)``,
+    or per block of ``group`` columns of each row (the last block may be shorter),
     ``q = clamp(round(x / s), -127, 127)`` with ``s = absmax / 127``; returns ``q * s``."""
+    k = x.shape[-1]
+    if group is not None and group < k:
+        pad = -k % group
+        xp = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, group)
+        return quantize_activations(xp).reshape(*x.shape[:-1], k + pad)[..., :k]
     s = x.abs().amax(-1, keepdim=True) / 127.0
     q = torch.round(x / torch.where(s == 0, 1.0, s)).clamp(-127, 127)
     return q * s
@@ -28,7 +34,7 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
     if mod.scheme.act_bits:
         if mod.scheme.act_static:
             raise NotImplementedError("static activation scales (w*a8-static) need calibrated ranges")
-        xf = quantize_activations(xf)
+        xf = quantize_activations(xf, mod.scheme.act_group)
     return F.linear(xf, w, _bias(mod)).to(x.dtype)
 
 

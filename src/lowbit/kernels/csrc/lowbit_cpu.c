@@ -36,7 +36,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-int lb_abi_version(void) { return 5; }
+int lb_abi_version(void) { return 6; }
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
@@ -47,7 +47,8 @@ typedef struct {
     int64_t ldz;
     int32_t zconst, bits;
     int64_t N, K, G;      /* rows, columns, group size (>= K: one group) */
-    int32_t B, pad_;      /* activation block: 32 or 64 */
+    int32_t B;            /* int16 path: activation block, 32 or 64 */
+    int32_t A;            /* W8A8 path: columns per activation scale (0 or >= K: one per row) */
     const float* bias;    /* (N,) or NULL */
 } wdesc;
 
@@ -238,52 +239,61 @@ int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads)
     return 0;
 }
 
-/* ==== W8A8: int8 weights x int8 per-token activations (vpdpbusd) ================================
+/* ==== W8A8: int8 weights x int8 dynamic activations (vpdpbusd) ===================================
  *
- *   y[m, n] = bias[n] + sx[m] * sum_g sw[g, n] * ( sum_{k in g} u[n, k] * qx[m, k] - z[g, n] * sumx[m, g] )
+ *   y[m, n] = bias[n] + sum_b sx[m, b] * sw[g(b), n] * ( sum_{k in b} u[n, k] * qx[m, k] - z[g(b), n] * sumx[m, b] )
  *
- * Activations: one symmetric int8 scale per row (token), sx = absmax / 127 ("dynamic" W8A8), or
- * a given static scale. Weights: 8-bit codes in the "tiled4" layout (packing.py: tile4()):
- * rows in blocks of 16, each 64-byte chunk holding 16 rows x 4 columns, byte p = row p / 4,
- * column p % 4, so that 32-bit lane r of a chunk is row r's 4 codes: exactly vpdpbusd's operand
- * (unsigned weight bytes times a broadcast 4-byte group of signed activations). One instruction
- * does 64 multiply-adds; int32 lanes cannot overflow within a group of up to 2^14 columns
- * (4 * 255 * 127 per instruction).
+ * Segments b of S = min(G, A) columns: G the weight group (K when per channel), A the activation
+ * block (K when one scale per token); one of G, A divides the other, so every segment lies in one
+ * weight group g(b) and one activation block. Activations: symmetric int8, sx = absmax / 127 of
+ * the block ("dynamic" W8A8; with A < K, per token and per block of A columns), or a given
+ * static scale. Weights: 8-bit codes in the "tiled4" layout (packing.py: tile4()): rows in blocks
+ * of 16, each 64-byte chunk holding 16 rows x 4 columns, byte p = row p / 4, column p % 4, so that
+ * 32-bit lane r of a chunk is row r's 4 codes: exactly vpdpbusd's operand (unsigned weight bytes
+ * times a broadcast 4-byte group of signed activations). One instruction does 64 multiply-adds;
+ * int32 lanes cannot overflow within a segment of up to 2^14 columns (4 * 255 * 127 per
+ * instruction). With one activation scale per row, sx is applied once at the end.
  */
 
-/* Quantize rows of x (M, K) to int8 qx (M, ldq) zero-padded; per-row scale sx (M); per (row,
- * group) sums sumx (M, ng). static_scale > 0: use it instead of each row's absmax / 127. */
-static void quant_rows_i8(const float* x, int64_t M, int64_t K, int64_t ldq, int64_t G, int64_t ng,
+/* Quantize rows of x (M, K) to int8 qx (M, ldq) zero-padded; per (row, segment of S columns)
+ * scales sx and sums sumx (M, ns); A: columns per scale (a multiple of S, or >= K).
+ * static_scale > 0: use it instead of each block's absmax / 127. */
+static void quant_rows_i8(const float* x, int64_t M, int64_t K, int64_t ldq, int64_t S, int64_t ns, int64_t A,
                           float static_scale, int8_t* qx, float* sx, int32_t* sumx, int nthreads) {
+    if (A <= 0 || A > K) A = K;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
     for (int64_t m = 0; m < M; m++) {
         const float* xr = x + m * K;
         int8_t* qr = qx + m * ldq;
-        float scale = static_scale;
-        if (scale <= 0.0f) {
-            __m512 vmax = _mm512_setzero_ps();
-            for (int64_t c = 0; c < K; c += 16) {
-                const int64_t left = K - c;
-                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xr + c)));
+        for (int64_t a0 = 0; a0 < K; a0 += A) {
+            const int64_t a1 = a0 + A < K ? a0 + A : K;
+            const int64_t e1 = a1 < K ? a1 : ldq; /* the last block also writes the zero padding */
+            float scale = static_scale;
+            if (scale <= 0.0f) {
+                __m512 vmax = _mm512_setzero_ps();
+                for (int64_t c = a0; c < a1; c += 16) {
+                    const int64_t left = a1 - c;
+                    const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xr + c)));
+                }
+                scale = _mm512_reduce_max_ps(vmax) / 127.0f;
             }
-            scale = _mm512_reduce_max_ps(vmax) / 127.0f;
+            const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+            for (int64_t c = a0; c < e1; c += 16) {
+                const int64_t left = a1 - c;
+                const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + c), inv));
+                q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                _mm_storeu_si128((__m128i*)(qr + c), _mm512_cvtepi32_epi8(q));
+            }
+            for (int64_t b = a0 / S; b * S < a1; b++) sx[m * ns + b] = scale;
         }
-        const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-        for (int64_t c = 0; c < ldq; c += 16) {
-            const int64_t left = K - c;
-            const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + c), inv));
-            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-            _mm_storeu_si128((__m128i*)(qr + c), _mm512_cvtepi32_epi8(q));
-        }
-        for (int64_t g = 0; g < ng; g++) {
-            const int64_t c1 = (g + 1) * G < K ? (g + 1) * G : K;
+        for (int64_t b = 0; b < ns; b++) {
+            const int64_t c1 = (b + 1) * S < K ? (b + 1) * S : K;
             int32_t sum = 0;
-            for (int64_t c = g * G; c < c1; c++) sum += qr[c];
-            sumx[m * ng + g] = sum;
+            for (int64_t c = b * S; c < c1; c++) sum += qr[c];
+            sumx[m * ns + b] = sum;
         }
-        sx[m] = scale;
     }
 }
 
@@ -295,19 +305,23 @@ INLINE __m512i bcast_quad(const int8_t* p) {
 
 #define DEFINE_TILE_A8(NAME, MT_)                                                                \
     static void NAME(const wdesc* d, int64_t rb, int64_t m, const void* qx_, int64_t ldq,         \
-                     const float* sx, const int32_t* sumx, int64_t ng, float* y) {               \
+                     const float* sx, const int32_t* sumx, int64_t ns, float* y) {               \
         enum { MT = MT_ };                                                                      \
         const int8_t* qx = (const int8_t*)qx_;                                                  \
         const int64_t nchunks = (d->K + 3) / 4;                                                 \
         const uint8_t* wrow = d->w + rb * nchunks * 64;                                         \
-        const int64_t gch = d->G < d->K ? d->G / 4 : nchunks; /* chunks per group */            \
+        const int64_t G = d->G < d->K ? d->G : d->K;                                            \
+        const int per_row = d->A <= 0 || d->A >= d->K; /* one activation scale per row */       \
+        const int64_t S = per_row ? G : (d->A < G ? d->A : G);                                  \
+        const int64_t sch = S < d->K ? S / 4 : nchunks; /* chunks per segment */               \
         __m512 out[MT];                                                                         \
         for (int i = 0; i < MT; i++) out[i] = _mm512_setzero_ps();                               \
-        for (int64_t g = 0; g < ng; g++) {                                                      \
+        for (int64_t b = 0; b < ns; b++) {                                                      \
+            const int64_t g = (b * S) / G;                                                      \
             __m512i acc[MT];                                                                    \
             for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_si512();                        \
-            const int64_t c1 = (g + 1) * gch < nchunks ? (g + 1) * gch : nchunks;                 \
-            for (int64_t c = g * gch; c < c1; c++) {                                            \
+            const int64_t c1 = (b + 1) * sch < nchunks ? (b + 1) * sch : nchunks;                 \
+            for (int64_t c = b * sch; c < c1; c++) {                                            \
                 const __m512i w = _mm512_loadu_si512((const void*)(wrow + c * 64));             \
                 for (int i = 0; i < MT; i++)                                                    \
                     acc[i] = _mm512_dpbusd_epi32(acc[i], w, bcast_quad(qx + (m + i) * ldq + c * 4)); \
@@ -315,8 +329,10 @@ INLINE __m512i bcast_quad(const int8_t* p) {
             const __m512 s = load_scales(d, g, rb);                                             \
             const __m512 zs = _mm512_mul_ps(s, load_zeros(d, g, rb));                           \
             for (int i = 0; i < MT; i++) {                                                      \
-                out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), s, out[i]);                 \
-                out[i] = _mm512_fnmadd_ps(zs, _mm512_set1_ps((float)sumx[(m + i) * ng + g]), out[i]); \
+                const __m512 t = _mm512_fnmadd_ps(zs, _mm512_set1_ps((float)sumx[(m + i) * ns + b]), \
+                                                  _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), s)); \
+                out[i] = per_row ? _mm512_add_ps(out[i], t)                                     \
+                                 : _mm512_fmadd_ps(t, _mm512_set1_ps(sx[(m + i) * ns + b]), out[i]); \
             }                                                                                   \
         }                                                                                       \
         const int64_t n0 = rb * 16;                                                             \
@@ -325,7 +341,8 @@ INLINE __m512i bcast_quad(const int8_t* p) {
         const __m512 bias = d->bias ? _mm512_maskz_loadu_ps(mk, d->bias + n0) : _mm512_setzero_ps(); \
         for (int i = 0; i < MT; i++)                                                            \
             _mm512_mask_storeu_ps(y + (m + i) * d->N + n0, mk,                                   \
-                                  _mm512_fmadd_ps(out[i], _mm512_set1_ps(sx[m + i]), bias));      \
+                                  per_row ? _mm512_fmadd_ps(out[i], _mm512_set1_ps(sx[(m + i) * ns]), bias) \
+                                          : _mm512_add_ps(out[i], bias));                       \
     }
 
 DEFINE_TILE_A8(tile8_a8, 8)
@@ -334,22 +351,27 @@ DEFINE_TILE_A8(tile2_a8, 2)
 DEFINE_TILE_A8(tile1_a8, 1)
 
 /* y (M, N) float32 = quant_i8(x) @ dequant(W)^T + bias, for 8-bit weights in the tiled4 layout.
- * static_scale > 0: the activations' calibrated scale; else per-row dynamic scales.
+ * static_scale > 0: the activations' calibrated scale (one per tensor); else dynamic scales per
+ * row, or per row and block of d->A columns.
  * Returns 0, -1 for a descriptor the kernel cannot run, -2 when out of memory. */
 int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float static_scale, int nthreads) {
     if (d->bits != 8) return -1;
-    if (d->G < d->K && (d->G % 4 || d->G > (1 << 14))) return -1;
-    if (d->G >= d->K && d->K > (1 << 14)) return -1; /* int32 lanes: keep groups below 2^14 columns */
-    const int64_t ng = d->G < d->K ? (d->K + d->G - 1) / d->G : 1;
-    const int64_t G = d->G < d->K ? d->G : d->K;
-    const int64_t ldq = (d->K + 63) / 64 * 64;
+    const int64_t K = d->K;
+    const int64_t G = d->G < K ? d->G : K;
+    const int64_t A = (static_scale > 0.0f || d->A <= 0 || d->A >= K) ? K : d->A;
+    const int64_t S = A < G ? A : G;
+    if (S < K && (S % 4 || (A < K && G < K && (A > G ? A % G : G % A)))) return -1;
+    if (S > (1 << 14)) return -1; /* int32 lanes: keep segments below 2^14 columns */
+    if (A < K && static_scale > 0.0f) return -1;
+    const int64_t ns = (K + S - 1) / S;
+    const int64_t ldq = (K + 63) / 64 * 64;
     int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * ldq));
-    float* sx = (float*)malloc(sizeof(float) * (size_t)M);
-    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * ng));
+    float* sx = (float*)malloc(sizeof(float) * (size_t)(M * ns));
+    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * ns));
     if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
-    quant_rows_i8(x, M, d->K, ldq, G, ng, static_scale, qx, sx, sumx, nthreads);
+    quant_rows_i8(x, M, K, ldq, S, ns, A, static_scale, qx, sx, sumx, nthreads);
     static const tile_fn tiles_a8[4] = {tile8_a8, tile4_a8, tile2_a8, tile1_a8};
-    run_tiles(d, M, tiles_a8, qx, ldq, sx, sumx, ng, y, nthreads);
+    run_tiles(d, M, tiles_a8, qx, ldq, sx, sumx, ns, y, nthreads);
     free(qx); free(sx); free(sumx);
     return 0;
 }
