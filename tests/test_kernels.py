@@ -20,7 +20,8 @@ def _layer(scheme: str, k: int, n: int, seed: int, bias: bool = True) -> QuantLi
     lin = torch.nn.Linear(k, n, bias=bias)
     with torch.no_grad():
         lin.weight.mul_(torch.linspace(0.2, 3.0, k))  # uneven columns, as in real layers
-    return QuantLinear.from_float(lin, scheme)
+    # static schemes: a scale that clips the large inputs the tests feed (|x| up to 40 -> 127 * 0.05)
+    return QuantLinear.from_float(lin, scheme, act_scale=0.05 if parse_scheme(scheme).act_static else None)
 
 
 def _activation_bound(mod: QuantLinear, x: torch.Tensor, block: int) -> torch.Tensor:
@@ -137,6 +138,7 @@ def test_reference_kernels_of_every_op():
 A8_SCHEMES = [
     "w8a8", "w8g64a8", "w8a8-asym", "w8g32a8-asym", "w8a8-tensor",
     "w8a8g32", "w8a8g64-asym", "w8g128a8g64", "w8g32a8g64-asym", "w8g64a8g64",
+    "w8a8-static", "w8g64a8-asym-static",
 ]  # fmt: skip
 
 
@@ -188,8 +190,24 @@ def test_activation_groups_quantize_each_block_on_its_own():
     assert str(parse_scheme("w8g128a8g64-asym")) == "w8g128a8g64-asym"
 
 
+def test_static_activations_use_the_calibrated_scale_and_clip():
+    mod = _layer("w8a8-static", 64, 8, seed=5)
+    x = torch.full((2, 64), 0.5)
+    x[1] = 100.0  # beyond 127 * 0.05: clipped to 6.35
+    kernels.assign(mod, "reference")
+    w = mod.qw.dequantize()
+    want = torch.stack([torch.full((64,), 0.5), torch.full((64,), 127 * 0.05)]) @ w.t() + mod.bias
+    assert torch.allclose(mod(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="calibrated activation scale"):
+        QuantLinear.from_float(torch.nn.Linear(64, 8), "w8a8-static")
+    with pytest.raises(ValueError, match="finite and positive"):
+        QuantLinear.from_float(torch.nn.Linear(64, 8), "w8a8-static", act_scale=float("nan"))
+    with pytest.raises(ValueError, match="no static activation scale"):
+        QuantLinear.from_float(torch.nn.Linear(64, 8), "w8a8", act_scale=0.1)
+
+
 def test_activation_schemes_run_only_where_activations_are_quantized():
-    for scheme in ("w4g64a8", "w8a8-static"):
+    for scheme in ("w4g64a8",):
         mod = _layer(scheme, 64, 8, seed=2)
         kernels.assign(mod, "auto")
         assert mod.kernel == "reference"

@@ -248,10 +248,28 @@ def _groups(block: nn.Module, inputs: list, names: dict[str, nn.Module]) -> tupl
     return order, {g[0]: src.get(g[0]) for g in order}
 
 
-def run(model: nn.Module, todo: list, algo, calibration, options: dict, *, progress: bool, method: str, make_module) -> list:
+def run(
+    model: nn.Module,
+    todo: list,
+    algo,
+    calibration,
+    options: dict,
+    *,
+    progress: bool,
+    method: str,
+    make_module,
+    observer: str = "minmax",
+) -> list:
     """Quantize the ``todo`` layers ``(name, module, kind, scheme, why)`` with a calibrated
-    ``algo``; swap the quantized modules into ``model`` and return ``[(name, new module)]``."""
-    batches = as_batches(calibration, method)
+    ``algo``; swap the quantized modules into ``model`` and return ``[(name, new module)]``.
+
+    Layers with static activation schemes also get ``act_scale`` from an ``observer``
+    (:mod:`lowbit.observers`) of their inputs: the inputs the calibration data produces after
+    the earlier blocks were quantized, and after any scale folding in the layer's own block.
+    ``make_module(mod, kind, qw, act_scale)`` builds each quantized module.
+    """
+    needs_data = method if algo.uses_calibration else f"{method} with static activations"
+    batches = as_batches(calibration, needs_data)
     _check_lengths(model, batches)
     want = {name: (mod, kind, scheme) for name, mod, kind, scheme, _ in todo}
     restore = _Restore(model)
@@ -264,7 +282,7 @@ def run(model: nn.Module, todo: list, algo, calibration, options: dict, *, progr
             # Embeddings read token ids, not activations: no statistics apply; they are rounded.
             for name in [n for n, (_, kind, _) in want.items() if kind == "embedding"]:
                 mod, kind, scheme = remaining.pop(name)
-                new = make_module(mod, kind, rtn.quantize_weight(mod.weight, scheme, name=f"{name}.weight"))
+                new = make_module(mod, kind, rtn.quantize_weight(mod.weight, scheme, name=f"{name}.weight"), None)
                 new.method = "rtn"
                 restore.swap(name, new)
                 done.append((name, new))
@@ -281,12 +299,14 @@ def run(model: nn.Module, todo: list, algo, calibration, options: dict, *, progr
                     block = blocks[i]
                     layers = {n: remaining.pop(n) for n in list(remaining) if n.startswith(bname + ".")}
                     if layers:
-                        _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module)
+                        _quantize_block(
+                            block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer
+                        )
                     if i + 1 < len(blocks):  # the quantized block's outputs feed the next block
                         inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs))]
                 del inputs
             if remaining:
-                _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module)
+                _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module, observer)
     except BaseException:
         restore.undo()
         raise
@@ -332,28 +352,41 @@ def _needs(algo) -> frozenset:
     return frozenset(algo.needs)
 
 
-def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module) -> None:
+def _observers(layers: dict, prefix: str, observer: str) -> dict:
+    """An activation observer for each static-activation layer of ``layers`` (short names)."""
+    from .observers import make_observer
+
+    return {full[len(prefix) :]: make_observer(observer) for full, (_m, _k, s) in layers.items() if s.act_static}
+
+
+def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer) -> None:
     mods = {n: block.get_submodule(n[len(bname) + 1 :]) for n in layers}
     local = {n[len(bname) + 1 :]: m for n, m in mods.items()}
     order, producers = _groups(block, inputs, local)
     stats = {g[0]: Stats(_in_features(local[g[0]]), _needs(algo), seed=seed) for g in order}
     group_of = {n: g[0] for g in order for n in g}
+    obs = _observers(layers, bname + ".", observer)
 
     def collect(n: str, x: torch.Tensor) -> None:
         if n in stats:  # the first layer of each group collects for the group
             stats[n].add(_unfold_input(local[n], x))
+        if n in obs and algo.smooth is None:
+            obs[n].update(x)
 
     with _hooks(local, collect):
         ref_out = _run_block(block, inputs)
 
     if algo.smooth is not None:
         _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore)
+        if obs:  # the folds changed the inputs: observe them again
+            with _hooks({n: local[n] for n in obs}, lambda n, x: obs[n].update(x)):
+                _run_block(block, inputs)
 
     for full, (_mod, kind, scheme) in layers.items():
         short = full[len(bname) + 1 :]
         st = stats[group_of[short]]
         qw = algo.quantize_weight(_float_weight(mods[full], kind), scheme, name=f"{full}.weight", stats=st, **options)
-        new = make_module(mods[full], kind, qw)
+        new = make_module(mods[full], kind, qw, obs[short].scale() if short in obs else None)
         restore.swap(full, new)
         done.append((full, new))
 
@@ -393,16 +426,23 @@ def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers
         )
 
 
-def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module) -> None:
+def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module, observer) -> None:
     """Layers outside the blocks (or all layers of a model without blocks): one forward with hooks."""
     mods = {n: model.get_submodule(n) for n in remaining}
     stats = {n: Stats(_in_features(m), _needs(algo), seed=seed) for n, m in mods.items()}
-    with _hooks(mods, lambda n, x: stats[n].add(_unfold_input(mods[n], x))):
+    obs = _observers(remaining, "", observer)
+
+    def collect(n: str, x: torch.Tensor) -> None:
+        stats[n].add(_unfold_input(mods[n], x))
+        if n in obs:
+            obs[n].update(x)
+
+    with _hooks(mods, collect):
         for b in batches:
             _call(model, b)
     for n, (_mod, kind, scheme) in remaining.items():
         qw = algo.quantize_weight(_float_weight(mods[n], kind), scheme, name=f"{n}.weight", stats=stats[n], **options)
-        new = make_module(mods[n], kind, qw)
+        new = make_module(mods[n], kind, qw, obs[n].scale() if n in obs else None)
         restore.swap(n, new)
         done.append((n, new))
 

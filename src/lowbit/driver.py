@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import __version__, kernels
+from . import kernels
 from .algorithms import get_algorithm
 from .nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .primitives import check_finite
@@ -93,12 +93,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _swap(mod: nn.Module, kind: str, qw, method: str) -> QuantModule:
+def _swap(mod: nn.Module, kind: str, qw, method: str, act_scale: float | None = None) -> QuantModule:
     dtype = str(mod.weight.dtype).replace("torch.", "")
     if kind == "linear":
-        return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype)
+        return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype, act_scale=act_scale)
     if kind == "conv2d":
-        return QuantConv2d(qw, mod.bias, QuantConv2d.conv_args(mod), method=method, orig_dtype=dtype)
+        conv = QuantConv2d.conv_args(mod)
+        return QuantConv2d(qw, mod.bias, conv, method=method, orig_dtype=dtype, act_scale=act_scale)
     return QuantEmbedding(qw, mod.padding_idx, method=method, orig_dtype=dtype)
 
 
@@ -139,6 +140,7 @@ def quantize(
     calibration: Iterable | None = None,
     kernel: str = "auto",
     progress: bool = False,
+    observer: str = "minmax",
     **options,
 ) -> nn.Module:
     """Quantize ``model`` in place by module swap and return it.
@@ -154,6 +156,9 @@ def quantize(
         kernel: ``"auto"`` (the fastest kernel that supports each layer) or a kernel name that
             every quantized linear layer must run (``lowbit.kernels.KERNELS``).
         progress: show a progress bar.
+        observer: how static activation schemes (``w8a8-static``) choose each layer's input
+            range from the calibration data: ``lowbit.observers.OBSERVERS`` (minmax, ema,
+            percentile, mse, entropy). Static schemes need ``calibration`` whatever the method.
         **options: the method's options (rtn: ``clip="minmax" | "mse"``).
 
     Every weight is quantized before any module is swapped, so an error (NaN weights, an
@@ -166,6 +171,10 @@ def quantize(
     recipe = Recipe.coerce(spec)
     algo = get_algorithm(method)  # data-free methods ignore ``calibration``, as documented
     algo_options = algo.check_options(options)
+    from .observers import OBSERVERS
+
+    if observer not in OBSERVERS:
+        raise QuantizeError(f"unknown observer {observer!r}; observers: {', '.join(OBSERVERS)}")
 
     heads = _head_and_embedding_names(model)
     records: dict[str, LayerRecord] = dict(getattr(model, "lowbit_layers", {}) or {})
@@ -196,12 +205,7 @@ def quantize(
         problem = algo.serves(scheme)
         if problem:
             raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
-    static = sorted({str(t[3]) for t in todo if t[3].act_static})
-    if static:
-        raise QuantizeError(
-            f"static activation scales ({', '.join(static)}) are not available in lowbit {__version__} yet; "
-            "use dynamic activations (e.g. w8a8) or a weight-only scheme"
-        )
+    static = any(t[3].act_static for t in todo)
     embedded_acts = sorted({t[0] for t in todo if t[3].act_bits and t[2] != "linear"})
     if embedded_acts:
         raise QuantizeError(f"activation quantization applies to linear layers only, not {', '.join(embedded_acts)}")
@@ -220,12 +224,13 @@ def quantize(
 
     for name, mod, kind, _scheme, _why in todo:  # before any work, so the error names the layer
         check_finite(_float_weight(mod, kind), f"{name}.weight")
-    if algo.uses_calibration:
+    if algo.uses_calibration or static:
         from . import calibrate
 
         # swaps block by block as it goes, and puts every module back if anything fails
         swaps = calibrate.run(model, todo, algo, calibration, algo_options, progress=progress, method=method,
-                              make_module=lambda mod, kind, qw, m=method: _swap(mod, kind, qw, m))  # fmt: skip
+                              make_module=lambda mod, kind, qw, act, m=method: _swap(mod, kind, qw, m, act),
+                              observer=observer)  # fmt: skip
         info = {name: (type(mod).__name__, why) for name, mod, _, _, why in todo}
         for name, new in swaps:
             tname, why = info[name]

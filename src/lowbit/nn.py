@@ -10,6 +10,9 @@ original had one, and the name of the kernel that runs it (``kernel``; see :mod:
   ``(out, in/groups*kh*kw)`` rows.
 * :class:`QuantEmbedding`: ``nn.Embedding``; rows ``(num, dim)``, groups along ``dim``; a lookup
   dequantizes only the rows it gathers.
+
+Static activation schemes (``w8a8-static``) also hold ``act_scale``, a float32 scalar buffer: the
+calibrated int8 scale of the layer's input (``q = clamp(round(x / act_scale), -127, 127)``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ class QuantModule(nn.Module):
 
     op: str = ""  # the kernel registry's op name
 
-    def __init__(self, qw: QWeight, bias: torch.Tensor | None, method: str = "rtn", orig_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        qw: QWeight,
+        bias: torch.Tensor | None,
+        method: str = "rtn",
+        orig_dtype: str = "float32",
+        act_scale: float | torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.orig_dtype = orig_dtype  # dtype of the float weight this replaced (recorded in lowbit.json)
         self.scheme: Scheme = qw.scheme
@@ -59,6 +69,19 @@ class QuantModule(nn.Module):
         self.register_parameter(
             "bias", nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
         )
+        if qw.scheme.act_static:
+            if act_scale is None:
+                raise ValueError(
+                    f"{qw.scheme} needs a calibrated activation scale: quantize with calibration= batches"
+                )
+            a = torch.as_tensor(act_scale, dtype=torch.float32).detach().clone().reshape(())
+            if not (bool(torch.isfinite(a)) and float(a) > 0):
+                raise ValueError(f"activation scale must be finite and positive, got {float(a)}")
+            self.register_buffer("act_scale", a)
+        elif act_scale is not None:
+            raise ValueError(f"{qw.scheme} has no static activation scale (use a -static scheme)")
+        else:
+            self.register_buffer("act_scale", None)
         self.kernel = "reference"
         self.kernel_note = ""
         self.kernel_pref = "auto"  # what the user asked for; re-applied after a reload
@@ -96,7 +119,7 @@ class QuantModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() cast every floating buffer; the stored codes, scales and zero
         # points are a format, not a dtype preference, so they keep their dtypes (devices move).
-        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros")}
+        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale")}
         super()._apply(fn, recurse)
         for n, old in kept.items():
             new = getattr(self, n)
@@ -135,14 +158,23 @@ class QuantLinear(QuantModule):
 
     op = "linear"
 
-    def __init__(self, qw: QWeight, bias: torch.Tensor | None = None, method: str = "rtn", orig_dtype: str = "float32") -> None:
-        super().__init__(qw, bias, method, orig_dtype)
+    def __init__(
+        self,
+        qw: QWeight,
+        bias: torch.Tensor | None = None,
+        method: str = "rtn",
+        orig_dtype: str = "float32",
+        act_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(qw, bias, method, orig_dtype, act_scale)
         self.out_features, self.in_features = qw.shape
 
     @classmethod
-    def from_float(cls, mod: nn.Module, scheme: Scheme | str, *, name: str = "weight") -> QuantLinear:
+    def from_float(
+        cls, mod: nn.Module, scheme: Scheme | str, *, name: str = "weight", act_scale: float | None = None
+    ) -> QuantLinear:
         w = _linear_weight(mod)
-        return cls(QWeight.from_float(w, parse_scheme(scheme), name=name), mod.bias)
+        return cls(QWeight.from_float(w, parse_scheme(scheme), name=name), mod.bias, act_scale=act_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
@@ -163,9 +195,15 @@ class QuantConv2d(QuantModule):
     op = "conv2d"
 
     def __init__(
-        self, qw: QWeight, bias: torch.Tensor | None, conv: dict, method: str = "rtn", orig_dtype: str = "float32"
+        self,
+        qw: QWeight,
+        bias: torch.Tensor | None,
+        conv: dict,
+        method: str = "rtn",
+        orig_dtype: str = "float32",
+        act_scale: float | torch.Tensor | None = None,
     ) -> None:
-        super().__init__(qw, bias, method, orig_dtype)
+        super().__init__(qw, bias, method, orig_dtype, act_scale)
         self.stride = tuple(conv["stride"])
         self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
         self.dilation = tuple(conv["dilation"])

@@ -24,7 +24,7 @@ class LayerSize:
     kernel: str
     numel: int  # weight elements
     bytes: int  # stored weight bytes (codes + scales + zeros)
-    bias_bytes: int = 0
+    bias_bytes: int = 0  # the bias, plus a static activation scale's 4 bytes
 
     @property
     def bits_per_weight(self) -> float:
@@ -107,11 +107,13 @@ def size_of(model: nn.Module) -> SizeReport:
             qw = mod.qw
             stored = qw.nbytes if once(mod.qweight) else 0  # row-layout bytes, as saved
             bias = mod.bias.numel() * mod.bias.element_size() if mod.bias is not None and once(mod.bias) else 0
+            if mod.act_scale is not None:  # a static activation scale: one float32, counted with the bias
+                bias += mod.act_scale.numel() * mod.act_scale.element_size()
             rep.layers.append(
                 LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, qw.nbytes, bias)
             )
             rep.total_bytes += stored + bias
-            rep.total_params += (qw.numel if stored else 0) + (mod.bias.numel() if bias else 0)
+            rep.total_params += (qw.numel if stored else 0) + (mod.bias.numel() if mod.bias is not None and bias else 0)
             continue
         params = [p for p in mod.parameters(recurse=False) if p is not None]
         own = [p for p in params if once(p)]

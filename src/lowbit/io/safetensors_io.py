@@ -285,10 +285,16 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
             f"module {name!r}: the file's weight is {shape}, the model's is {want_shape}; wrong skeleton?"
         )
     bias = tensors.get(f"{name}.bias")
-    if kind == "QuantLinear":
-        return QuantLinear(qw, bias, method=method, orig_dtype=orig)
-    if kind == "QuantConv2d":
-        return QuantConv2d(qw, bias, entry["conv"], method=method, orig_dtype=orig)
+    act = tensors.get(f"{name}.act_scale")
+    if scheme.act_static and act is None:
+        raise LowbitFormatError(f"module {name!r} ({scheme}) lacks its activation scale {name}.act_scale")
+    try:
+        if kind == "QuantLinear":
+            return QuantLinear(qw, bias, method=method, orig_dtype=orig, act_scale=act)
+        if kind == "QuantConv2d":
+            return QuantConv2d(qw, bias, entry["conv"], method=method, orig_dtype=orig, act_scale=act)
+    except ValueError as e:
+        raise LowbitFormatError(f"module {name!r}: {e}") from None
     if kind == "QuantEmbedding":
         return QuantEmbedding(qw, entry.get("padding_idx"), method=method, orig_dtype=orig)
     raise LowbitFormatError(f"module {name!r} has unknown type {kind!r}")

@@ -149,8 +149,6 @@ def supports_a8(mod) -> str | None:
     s = mod.scheme
     if s.act_bits != 8:
         return "weight-only scheme (this kernel quantizes activations to int8)"
-    if s.act_static:
-        return "static activation scales (calibrated ranges) are not supported yet"
     if s.fmt.kind != "affine" or s.bits != 8:
         return f"{s.fmt.name} weights (the int8-activation kernel runs int8 codes)"
     if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
@@ -248,10 +246,11 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (..., K)`` -> ``(..., N)``: int8 weights x dynamic int8 activations, one scale per token
-    or per token and ``scheme.act_group`` columns (W8A8, vpdpbusd)."""
+    """``x (..., K)`` -> ``(..., N)``: int8 weights x int8 activations (W8A8, vpdpbusd): dynamic, one
+    scale per token or per token and ``scheme.act_group`` columns, or static (``mod.act_scale``)."""
     if x.requires_grad and torch.is_grad_enabled():
         from . import reference
 
         return reference.linear(mod, x)
-    return _call(mod, x, _lib.lb_linear_a8, 0.0)
+    static = float(mod.act_scale) if mod.scheme.act_static else 0.0
+    return _call(mod, x, _lib.lb_linear_a8, static)

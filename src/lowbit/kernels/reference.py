@@ -13,6 +13,12 @@ def _bias(mod) -> torch.Tensor | None:
     return None if mod.bias is None else mod.bias.float()
 
 
+def quantize_static(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Static int8 activations: ``clamp(round(x / scale), -127, 127) * scale`` (one calibrated scale)."""
+    s = float(scale)
+    return torch.round(x / s).clamp(-127, 127) * s
+
+
 def quantize_activations(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
     """Dynamic int8 activations, the W8A8 schemes' semantics: per row (token) of ``x (..., K)``,
     or per block of ``group`` columns of each row (the last block may be shorter),
@@ -32,9 +38,7 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
     w = mod.qw.dequantize(torch.float32)
     xf = x.float()
     if mod.scheme.act_bits:
-        if mod.scheme.act_static:
-            raise NotImplementedError("static activation scales (w*a8-static) need calibrated ranges")
-        xf = quantize_activations(xf, mod.scheme.act_group)
+        xf = quantize_static(xf, mod.act_scale) if mod.scheme.act_static else quantize_activations(xf, mod.scheme.act_group)
     return F.linear(xf, w, _bias(mod)).to(x.dtype)
 
 

@@ -1,0 +1,74 @@
+"""Static int8 activations (w8a8-static): calibrated per-tensor input scales from observers,
+stored with the layer, run by the kernels, saved and loaded."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.calibrate import CalibrationError
+from lowbit.nn import QuantLinear
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+
+
+def _batches(n=4, scale=3.0, rows=8):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(rows, 32, generator=g) * scale for _ in range(n)]
+
+
+def test_minmax_scales_are_each_layers_input_range():
+    model, batches = _mlp(), _batches()
+    ref = nn.Sequential(*[m for m in _mlp()])  # an untouched float copy
+    hidden = [torch.relu(ref[0](b)) for b in batches]
+    lowbit.quantize(model, "w8a8-static", calibration=batches)
+    first, second = model[0], model[2]
+    assert isinstance(first, QuantLinear) and first.scheme.act_static
+    assert float(first.act_scale) == pytest.approx(max(float(b.abs().max()) for b in batches) / 127, rel=1e-6)
+    # the second layer sees the float first layer's outputs: layers outside blocks share one pass
+    assert float(second.act_scale) == pytest.approx(max(float(h.detach().max()) for h in hidden) / 127, rel=1e-6)
+    x = batches[0]
+    with torch.no_grad():
+        rel = float((model(x) - ref(x)).norm() / ref(x).norm())
+    assert rel < 0.03, rel
+    assert lowbit.size_of(model).layers[0].bias_bytes == 64 * 4 + 4  # bias + the float32 scale
+
+
+def test_observers_change_the_scale_and_bad_ones_are_refused():
+    batches = _batches(rows=256)
+    batches[0][0, 0] = 400.0  # one outlier in 32,768 values: beyond the 99.99th percentile
+    scales = {}
+    for obs in ("minmax", "percentile", "mse"):
+        m = lowbit.quantize(_mlp(), "w8a8-static", calibration=batches, observer=obs)
+        scales[obs] = float(m[0].act_scale)
+    assert scales["minmax"] == pytest.approx(400 / 127, rel=1e-6)
+    assert scales["percentile"] < 0.1 * scales["minmax"] and scales["mse"] < scales["minmax"]
+    with pytest.raises(lowbit.QuantizeError, match="unknown observer 'max'"):
+        lowbit.quantize(_mlp(), "w8a8-static", calibration=batches, observer="max")
+
+
+def test_static_needs_calibration_whatever_the_method():
+    model = _mlp()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(CalibrationError, match="static activations"):
+        lowbit.quantize(model, "w8a8-static")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing lost
+
+
+def test_static_scale_saves_loads_and_is_required(tmp_path):
+    model = lowbit.quantize(_mlp(), "w8a8-static", calibration=_batches())
+    lowbit.save(model, tmp_path / "s")
+    back = lowbit.load(tmp_path / "s", model=_mlp())
+    assert torch.equal(back[0].act_scale, model[0].act_scale)
+    x = _batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    # a manifest that says static where the file holds no scale (a dynamic model's tensors)
+    lowbit.save(lowbit.quantize(_mlp(), "w8a8"), tmp_path / "d")
+    manifest = tmp_path / "d" / "lowbit.json"
+    manifest.write_text(manifest.read_text().replace('"w8a8"', '"w8a8-static"'))
+    with pytest.raises(lowbit.LowbitFormatError, match="act_scale"):
+        lowbit.load(tmp_path / "d", model=_mlp(), verify=False)
