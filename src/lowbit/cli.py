@@ -68,10 +68,12 @@ def cmd_quantize(args) -> int:
                                  ("alpha", args.alpha), ("importance", args.importance)) if v is not None}  # fmt: skip
     t0 = time.perf_counter()
     zm = load_source(args.model)
-    calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration else None
+    recipe = lowbit.Recipe.coerce(spec)
+    static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+    calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
     t1 = time.perf_counter()
     model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet,
-                            calibration=calibration, **options)  # fmt: skip
+                            calibration=calibration, observer=args.observer, **options)  # fmt: skip
     t2 = time.perf_counter()
     out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model)
     size = lowbit.size_of(model)
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.algorithms.rtn import CLIP_CHOICES
     from lowbit.kernels import KERNELS
     from lowbit.models.zoo import ZOO
+    from lowbit.observers import OBSERVERS
 
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch models and measure the cost.")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -280,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: quantize columns in order of decreasing activation energy (default on)")
     q.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (0.5)")
+    q.add_argument("--observer", default="minmax", choices=list(OBSERVERS),
+                   help="static activation schemes (w8a8-static): how input ranges are chosen (minmax)")
     q.add_argument("--importance", type=float,
                    help="hqq: weight each error by |w|^importance (default 1.5 symmetric, 0.5 asymmetric; 0 = paper)")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))

