@@ -1,6 +1,8 @@
 """Static int8 activations (w8a8-static): calibrated per-tensor input scales from observers,
 stored with the layer, run by the kernels, saved and loaded."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -72,3 +74,18 @@ def test_static_scale_saves_loads_and_is_required(tmp_path):
     manifest.write_text(manifest.read_text().replace('"w8a8"', '"w8a8-static"'))
     with pytest.raises(lowbit.LowbitFormatError, match="act_scale"):
         lowbit.load(tmp_path / "d", model=_mlp(), verify=False)
+
+
+def test_static_convolutions_and_the_layers_that_cannot_take_activations(toy):
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2)).eval()
+    ref = copy.deepcopy(cnn)
+    g = torch.Generator().manual_seed(2)
+    imgs = [torch.rand(2, 3, 10, 10, generator=g) for _ in range(3)]
+    lowbit.quantize(cnn, "w8a8-static", calibration=imgs)
+    assert float(cnn[0].act_scale) == pytest.approx(max(float(i.max()) for i in imgs) / 127, rel=1e-6)
+    with torch.no_grad():
+        rel = float((cnn(imgs[0]) - ref(imgs[0])).norm() / ref(imgs[0]).norm())
+    assert rel < 0.02, rel
+    with pytest.raises(lowbit.QuantizeError, match=r"conv2d layers \(-static only\), not conv"):
+        lowbit.quantize(toy, "w8a8")  # dynamic (per-token) activations have no meaning for a conv

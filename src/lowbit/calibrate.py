@@ -368,7 +368,7 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
     obs = _observers(layers, bname + ".", observer)
 
     def collect(n: str, x: torch.Tensor) -> None:
-        if n in stats:  # the first layer of each group collects for the group
+        if n in stats and algo.needs:  # the first layer of each group collects for the group
             stats[n].add(_unfold_input(local[n], x))
         if n in obs and algo.smooth is None:
             obs[n].update(x)
@@ -433,7 +433,8 @@ def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done
     obs = _observers(remaining, "", observer)
 
     def collect(n: str, x: torch.Tensor) -> None:
-        stats[n].add(_unfold_input(mods[n], x))
+        if algo.needs:  # (rtn with static activations needs only the observers)
+            stats[n].add(_unfold_input(mods[n], x))
         if n in obs:
             obs[n].update(x)
 

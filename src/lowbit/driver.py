@@ -206,9 +206,16 @@ def quantize(
         if problem:
             raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
     static = any(t[3].act_static for t in todo)
-    embedded_acts = sorted({t[0] for t in todo if t[3].act_bits and t[2] != "linear"})
+    # Linear layers take dynamic (per-token) or static activations; convolutions static ones only
+    # (one calibrated scale per input tensor); embeddings read token ids.
+    embedded_acts = sorted(
+        {t[0] for t in todo if t[3].act_bits and not (t[2] == "linear" or (t[2] == "conv2d" and t[3].act_static))}
+    )
     if embedded_acts:
-        raise QuantizeError(f"activation quantization applies to linear layers only, not {', '.join(embedded_acts)}")
+        raise QuantizeError(
+            "activation quantization applies to linear layers (dynamic or -static) and conv2d layers "
+            f"(-static only), not {', '.join(embedded_acts)}"
+        )
     if unsupported_named:
         raise UnsupportedModuleError(
             "recipe rules name modules lowbit cannot quantize: "

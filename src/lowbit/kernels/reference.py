@@ -43,8 +43,12 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
 
 
 def conv2d(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (B, C, H, W)`` -> conv2d output, computed in float32."""
-    return mod.conv(x.float(), mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
+    """``x (B, C, H, W)`` -> conv2d output, computed in float32 (static schemes first round the
+    input to int8 steps of ``mod.act_scale``)."""
+    xf = x.float()
+    if mod.scheme.act_static:
+        xf = quantize_static(xf, mod.act_scale)
+    return mod.conv(xf, mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
 
 
 def embedding(mod, idx: torch.Tensor) -> torch.Tensor:
