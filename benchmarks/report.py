@@ -178,18 +178,20 @@ def _algorithms(res: dict) -> str:
         prow = peers if isinstance(peers, list) else peers.get("rows", [])
         ours = {r["scheme"]: r["ppl"] for r in rows if r["method"] == "rtn"}
         ptab = []
-        for r in prow:
+        order = {s: i for i, s in enumerate(["fp32", *ours])}  # lowbit's scheme order, then peer name
+        for r in sorted(prow, key=lambda r: (order.get(r.get("scheme", ""), 99), r.get("peer", ""), r.get("algorithm", ""))):
             p, sch = r.get("ppl"), r.get("scheme", "")
             kept = _loss_kept(p, ours[sch], fp) if p is not None and sch in ours else "-"
             status = "" if r.get("status") == "ok" else r.get("status", "")
-            ptab.append([r.get("peer", ""), r.get("version", ""), r.get("algorithm", ""), sch,
+            calib = (r.get("calib") or "-").split(" tokens")[0]
+            ptab.append([r.get("peer", ""), r.get("version", ""), r.get("algorithm", ""), sch, calib,
                          "-" if p is None else f"{p:.2f}", kept,
                          "-" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.0f}",
                          (status + ": " if status else "") + (r.get("notes") or "")[:100]])  # fmt: skip
         parts += ["", "Peers on the same model, text and split (benchmarks/peer_algorithms.py; see its docstring for "
                   "exactly what each row runs). Loss kept is against lowbit's RTN of the same scheme; peer timings "
                   "were taken while the machine was shared (load average in results/peer_algorithms.json):", "",
-                  markdown_table(["peer", "version", "algorithm", "scheme", "ppl", "loss kept", "seconds", "notes"],
+                  markdown_table(["peer", "version", "algorithm", "scheme", "calibration", "ppl", "loss kept", "seconds", "notes"],
                                  ptab)]  # fmt: skip
     return "\n".join(parts)
 
