@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accuracy", "agreement"]
+__all__ = ["accuracy", "agreement", "logits_of", "confident_agreement"]
 
 
 @torch.no_grad()
@@ -25,3 +25,27 @@ def agreement(model, reference, x: torch.Tensor, batch_size: int = 256) -> float
         xb = x[i : i + batch_size]
         same += int((model(xb).argmax(-1) == reference(xb).argmax(-1)).sum())
     return same / len(x)
+
+
+@torch.no_grad()
+def logits_of(model, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``model``'s float32 outputs on ``x (n, ...)``: ``(n, classes)``."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+def confident_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, min_conf: float = 0.5) -> dict:
+    """Top-1 agreement with a reference model on the inputs where the reference is confident
+    (top probability >= ``min_conf``: near-ties flip on noise and say nothing), and the mean
+    KL(reference || model) over all inputs. Both ``(n, classes)`` logits."""
+    p_ref = ref_logits.float().log_softmax(-1)
+    p = logits.float().log_softmax(-1)
+    conf = p_ref.exp().amax(-1) >= min_conf
+    same = ref_logits.argmax(-1) == logits.argmax(-1)
+    kl = (p_ref.exp() * (p_ref - p)).sum(-1)
+    return {
+        "confident": int(conf.sum()),
+        "agreement": float(same[conf].float().mean()) if bool(conf.any()) else float("nan"),
+        "agreement_all": float(same.float().mean()),
+        "mean_kl": float(kl.mean()),
+    }
