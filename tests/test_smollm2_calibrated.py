@@ -112,3 +112,15 @@ def test_cli_quantize_with_a_method_and_the_builtin_calibration(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [line.split() for line in p.stdout.splitlines()]
     assert sum("quantized" in r and "gptq" in r for r in rows) == 210  # inspect names the method per layer
+
+
+def test_cli_static_activations_draw_calibration_and_record_scales(tmp_path):
+    out = tmp_path / "cli-static"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", "smollm2-135m", "--scheme", "w8a8-static",
+           "--observer", "mse", "--nsamples", "2", "--seqlen", "64", "-o", str(out), "-q"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr
+    m = lowbit.load(out)
+    q = m.model.layers[3].mlp.down_proj
+    assert str(q.scheme) == "w8a8-static" and float(q.act_scale) > 0
