@@ -116,6 +116,21 @@ INLINE __m512i bcast_pair(const int16_t* p) {
     return _mm512_set1_epi32(v);
 }
 
+/* Store the tile's rows m .. m+mt-1, output rows rb*16 .. +15 (masked at N), adding the bias;
+ * rowscale != NULL: each row first scaled by rowscale[(m + i) * ld] (a per-token activation scale). */
+INLINE void store_tile(const wdesc* d, int64_t rb, int64_t m, int mt, const __m512* out, const float* rowscale,
+                       int64_t ld, float* y) {
+    const int64_t n0 = rb * 16;
+    const int nr = d->N - n0 < 16 ? (int)(d->N - n0) : 16;
+    const __mmask16 mk = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    const __m512 bias = d->bias ? _mm512_maskz_loadu_ps(mk, d->bias + n0) : _mm512_setzero_ps();
+    for (int i = 0; i < mt; i++) {
+        const __m512 v = rowscale ? _mm512_fmadd_ps(out[i], _mm512_set1_ps(rowscale[(m + i) * ld]), bias)
+                                  : _mm512_add_ps(out[i], bias);
+        _mm512_mask_storeu_ps(y + (m + i) * d->N + n0, mk, v);
+    }
+}
+
 /* Accumulate one chunk (16 rows x CK columns starting at activation column k) into acc[MT]. */
 #define CHUNK_BODY(MT)                                                                          \
     do {                                                                                        \
@@ -174,11 +189,7 @@ INLINE __m512i bcast_pair(const int16_t* p) {
                 out[i] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(sxi * (float)sumx[(m + i) * nb + b]), out[i]); \
             }                                                                                   \
         }                                                                                       \
-        const int64_t n0 = rb * 16;                                                             \
-        const int nr = d->N - n0 < 16 ? (int)(d->N - n0) : 16;                                  \
-        const __mmask16 mk = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);          \
-        const __m512 bias = d->bias ? _mm512_maskz_loadu_ps(mk, d->bias + n0) : _mm512_setzero_ps(); \
-        for (int i = 0; i < MT; i++) _mm512_mask_storeu_ps(y + (m + i) * d->N + n0, mk, _mm512_add_ps(out[i], bias)); \
+        store_tile(d, rb, m, MT, out, NULL, 0, y);                                              \
     }
 
 #define DEFINE_TILES(BITS)                                                                        \
@@ -335,14 +346,7 @@ INLINE __m512i bcast_quad(const int8_t* p) {
                                  : _mm512_fmadd_ps(t, _mm512_set1_ps(sx[(m + i) * ns + b]), out[i]); \
             }                                                                                   \
         }                                                                                       \
-        const int64_t n0 = rb * 16;                                                             \
-        const int nr = d->N - n0 < 16 ? (int)(d->N - n0) : 16;                                  \
-        const __mmask16 mk = nr == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);          \
-        const __m512 bias = d->bias ? _mm512_maskz_loadu_ps(mk, d->bias + n0) : _mm512_setzero_ps(); \
-        for (int i = 0; i < MT; i++)                                                            \
-            _mm512_mask_storeu_ps(y + (m + i) * d->N + n0, mk,                                   \
-                                  per_row ? _mm512_fmadd_ps(out[i], _mm512_set1_ps(sx[(m + i) * ns]), bias) \
-                                          : _mm512_add_ps(out[i], bias));                       \
+        store_tile(d, rb, m, MT, out, per_row ? sx : NULL, ns, y);                               \
     }
 
 DEFINE_TILE_A8(tile8_a8, 8)
