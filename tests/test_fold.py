@@ -59,3 +59,37 @@ def test_training_mode_is_refused_and_nothing_changes():
         fold_batchnorm(net)
     after = net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_quantize_folds_batchnorms_records_them_and_saved_models_reload(tmp_path):
+    import lowbit
+
+    net = _net(bias=False)
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    lowbit.quantize(net, "int8")
+    assert isinstance(net[1], nn.Identity) and isinstance(net[3][1], nn.Identity)
+    rec = net.lowbit_layers
+    assert rec["1"].status == "folded" and rec["1"].reason == "folded into 0"
+    assert rec["0"].status == "quantized" and net[0].bias is not None  # the folded bias is kept in float
+    with torch.no_grad():
+        rel = float((net(x) - ref(x)).norm() / ref(x).norm())
+    assert rel < 0.02, rel
+    lowbit.save(net, tmp_path / "f")
+    back = lowbit.load(tmp_path / "f", model=_net())  # an unfolded skeleton: the loader folds its BatchNorms away
+    with torch.no_grad():
+        assert torch.equal(back(x), net(x))
+    kept = lowbit.quantize(_net(), "int8", fold_bn=False)
+    assert isinstance(kept[1], nn.BatchNorm2d)
+
+
+def test_a_failed_quantize_puts_folded_batchnorms_back():
+    import lowbit
+
+    net = _net(bias=False)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(Exception, match="calibration"):
+        lowbit.quantize(net, "w8a8-static")  # no calibration: refused after the folds were made
+    assert isinstance(net[1], nn.BatchNorm2d) and net[0].bias is None
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -10,7 +10,7 @@ default scheme are listed in a warning and in ``lowbit inspect``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,7 +40,7 @@ class LayerRecord:
 
     name: str
     type: str
-    status: str  # "quantized" | "kept" | "unsupported"
+    status: str  # "quantized" | "kept" | "unsupported" | "folded" (a BatchNorm merged into a layer)
     scheme: str | None = None
     method: str | None = None
     reason: str = ""
@@ -109,6 +109,38 @@ def _float_weight(mod: nn.Module, kind: str) -> torch.Tensor:
     return mod.weight.detach()
 
 
+def _fold_batchnorms(model: nn.Module, todo: list, records: dict) -> Callable[[], None]:
+    """Fold each BatchNorm that follows a layer about to be quantized (:mod:`lowbit.fold`), record
+    it as "folded", and return a function that puts weights, biases and BatchNorms back."""
+    from .fold import batchnorm_pairs, fold_batchnorm
+
+    quantized = {t[0] for t in todo}
+    pairs = [(layer, bn) for layer, bn in batchnorm_pairs(model) if layer in quantized]
+    if not pairs:
+        return lambda: None
+    saved = []
+    for layer, bn in pairs:
+        mod = model.get_submodule(layer)
+        bias = None if mod.bias is None else mod.bias.detach().clone()
+        saved.append((layer, mod, mod.weight.detach().clone(), bias, bn, model.get_submodule(bn)))
+    fold_batchnorm(model, pairs)  # refuses a training-mode BatchNorm before changing anything
+    for layer, _mod, _w, _b, bn, bn_mod in saved:
+        records[bn] = LayerRecord(bn, type(bn_mod).__name__, "folded", reason=f"folded into {layer}")
+
+    def undo() -> None:
+        with torch.no_grad():
+            for _layer, mod, w, b, bn, bn_mod in saved:
+                mod.weight.copy_(w)
+                if b is None:
+                    mod.bias = None
+                else:
+                    mod.bias.copy_(b)
+                _set_module(model, bn, bn_mod)
+                records.pop(bn, None)
+
+    return undo
+
+
 def _quantize_data_free(model, todo, algo, algo_options, method, records, progress) -> list:
     it = todo
     if progress:
@@ -141,6 +173,7 @@ def quantize(
     kernel: str = "auto",
     progress: bool = False,
     observer: str = "minmax",
+    fold_bn: bool = True,
     **options,
 ) -> nn.Module:
     """Quantize ``model`` in place by module swap and return it.
@@ -159,6 +192,9 @@ def quantize(
         observer: how static activation schemes (``w8a8-static``) choose each layer's input
             range from the calibration data: ``lowbit.observers.OBSERVERS`` (minmax, ema,
             percentile, mse, entropy). Static schemes need ``calibration`` whatever the method.
+        fold_bn: fold each inference-mode BatchNorm that directly follows a quantized Conv2d or
+            Linear (inside an ``nn.Sequential``) into that layer first, as deployment runs it
+            (:mod:`lowbit.fold`); the BatchNorm becomes ``nn.Identity`` and is recorded "folded".
         **options: the method's options (rtn: ``clip="minmax" | "mse"``).
 
     Every weight is quantized before any module is swapped, so an error (NaN weights, an
@@ -231,19 +267,24 @@ def quantize(
 
     for name, mod, kind, _scheme, _why in todo:  # before any work, so the error names the layer
         check_finite(_float_weight(mod, kind), f"{name}.weight")
-    if algo.uses_calibration or static:
-        from . import calibrate
+    undo_folds = _fold_batchnorms(model, todo, records) if fold_bn else (lambda: None)
+    try:
+        if algo.uses_calibration or static:
+            from . import calibrate
 
-        # swaps block by block as it goes, and puts every module back if anything fails
-        swaps = calibrate.run(model, todo, algo, calibration, algo_options, progress=progress, method=method,
-                              make_module=lambda mod, kind, qw, act, m=method: _swap(mod, kind, qw, m, act),
-                              observer=observer)  # fmt: skip
-        info = {name: (type(mod).__name__, why) for name, mod, _, _, why in todo}
-        for name, new in swaps:
-            tname, why = info[name]
-            records[name] = LayerRecord(name, tname, "quantized", str(new.scheme), new.method, why)
-    else:
-        swaps = _quantize_data_free(model, todo, algo, algo_options, method, records, progress)
+            # swaps block by block as it goes, and puts every module back if anything fails
+            swaps = calibrate.run(model, todo, algo, calibration, algo_options, progress=progress, method=method,
+                                  make_module=lambda mod, kind, qw, act, m=method: _swap(mod, kind, qw, m, act),
+                                  observer=observer)  # fmt: skip
+            info = {name: (type(mod).__name__, why) for name, mod, _, _, why in todo}
+            for name, new in swaps:
+                tname, why = info[name]
+                records[name] = LayerRecord(name, tname, "quantized", str(new.scheme), new.method, why)
+        else:
+            swaps = _quantize_data_free(model, todo, algo, algo_options, method, records, progress)
+    except BaseException:
+        undo_folds()
+        raise
     head_quantized = any(name in heads for name, _ in swaps)
     kernels.use_kernel(model, kernel)  # after all swaps, so shared weights convert once
     model.lowbit_layers = records

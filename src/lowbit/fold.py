@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["fold_batchnorm", "FoldError"]
+__all__ = ["fold_batchnorm", "batchnorm_pairs", "fold_pair", "FoldError"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -26,7 +26,8 @@ class FoldError(ValueError):
 
 
 @torch.no_grad()
-def _fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
+def fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
+    """Fold ``bn`` (named ``name``, for errors) into ``layer``'s weight and bias, in place."""
     if bn.training:
         raise FoldError(f"{name}: BatchNorm is in training mode; call model.eval() before folding or converting")
     if bn.running_mean is None or bn.running_var is None:
@@ -48,22 +49,32 @@ def _fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
         layer.bias.copy_(new_b.to(layer.bias.dtype))
 
 
-def fold_batchnorm(model: nn.Module) -> list[str]:
-    """Fold every BatchNorm that directly follows a Conv2d/Linear in an ``nn.Sequential`` of
-    ``model``, in place; returns the folded BatchNorms' names. Raises :class:`FoldError` (with
-    the model unchanged) if any of them is in training mode."""
+def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(layer name, BatchNorm name)`` for every BatchNorm that directly follows a Conv2d or
+    Linear inside an ``nn.Sequential`` of ``model``."""
     pairs = []
     for pname, mod in model.named_modules():
         if not isinstance(mod, nn.Sequential):
             continue
         children = list(mod.named_children())
-        for (_a, first), (b_name, second) in zip(children, children[1:]):
+        for (a_name, first), (b_name, second) in zip(children, children[1:]):
             if isinstance(second, _BN) and isinstance(first, (nn.Conv2d, nn.Linear)):
-                pairs.append((mod, first, b_name, second, f"{pname}.{b_name}" if pname else b_name))
-    for _seq, _layer, _bn_name, bn, full in pairs:  # check all before changing any
-        if bn.training:
-            raise FoldError(f"{full}: BatchNorm is in training mode; call model.eval() before folding or converting")
-    for seq, layer, bn_name, bn, full in pairs:
-        _fold_pair(layer, bn, full)
-        setattr(seq, bn_name, nn.Identity())
-    return [p[4] for p in pairs]
+                prefix = f"{pname}." if pname else ""
+                pairs.append((prefix + a_name, prefix + b_name))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> list[str]:
+    """Fold BatchNorms into the layers before them, in place, and replace them by ``nn.Identity``:
+    ``pairs`` (from :func:`batchnorm_pairs`, the default: all of them). Returns the folded
+    BatchNorms' names. Raises :class:`FoldError` (with the model unchanged) if any of them is in
+    training mode."""
+    pairs = batchnorm_pairs(model) if pairs is None else pairs
+    for _layer, bn_name in pairs:  # check all before changing any
+        if model.get_submodule(bn_name).training:
+            raise FoldError(f"{bn_name}: BatchNorm is in training mode; call model.eval() before folding or converting")
+    for layer_name, bn_name in pairs:
+        fold_pair(model.get_submodule(layer_name), model.get_submodule(bn_name), bn_name)
+        parent, _, leaf = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    return [b for _, b in pairs]

@@ -323,6 +323,12 @@ def load(
         if target not in tensors:
             raise LowbitFormatError(f"alias {alias!r} points to missing tensor {target!r}")
         tensors[alias] = tensors[target]
+    for name, rec in (manifest.get("layers") or {}).items():  # BatchNorms folded at quantization
+        if isinstance(rec, dict) and rec.get("status") == "folded":
+            try:
+                _set_module(model, name, torch.nn.Identity())
+            except AttributeError:
+                raise LowbitFormatError(f"the model has no module {name!r} that the file folded") from None
     for name, entry in manifest["modules"].items():
         try:
             float_mod = model.get_submodule(name)
