@@ -51,6 +51,17 @@ def test_mobilenet_folds_every_batchnorm():
     assert float((a - b).abs().max() / b.abs().max()) < 1e-4
 
 
+def test_a_batchnorm_without_statistics_is_refused_before_any_fold():
+    net = _net()
+    net[6] = nn.BatchNorm1d(4, track_running_stats=False).eval()  # the last pair: checked before the first folds
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(FoldError, match="6: BatchNorm tracks no running statistics"):
+        fold_batchnorm(net)
+    after = net.state_dict()
+    assert isinstance(net[1], nn.BatchNorm2d)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_training_mode_is_refused_and_nothing_changes():
     net = _net()
     net[3].train()

@@ -25,9 +25,8 @@ class FoldError(ValueError):
     """A BatchNorm that cannot be folded (training mode, mismatched channels)."""
 
 
-@torch.no_grad()
-def fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
-    """Fold ``bn`` (named ``name``, for errors) into ``layer``'s weight and bias, in place."""
+def _check_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
+    """Raise :class:`FoldError` unless ``bn`` (named ``name``) can fold into ``layer``."""
     if bn.training:
         raise FoldError(f"{name}: BatchNorm is in training mode; call model.eval() before folding or converting")
     if bn.running_mean is None or bn.running_var is None:
@@ -35,6 +34,12 @@ def fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
     out = layer.weight.shape[0]
     if bn.num_features != out:
         raise FoldError(f"{name}: BatchNorm has {bn.num_features} channels, the layer before it {out}")
+
+
+@torch.no_grad()
+def fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
+    """Fold ``bn`` (named ``name``, for errors) into ``layer``'s weight and bias, in place."""
+    _check_pair(layer, bn, name)
     k = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         k = k * bn.weight.double()
@@ -67,12 +72,11 @@ def batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> list[str]:
     """Fold BatchNorms into the layers before them, in place, and replace them by ``nn.Identity``:
     ``pairs`` (from :func:`batchnorm_pairs`, the default: all of them). Returns the folded
-    BatchNorms' names. Raises :class:`FoldError` (with the model unchanged) if any of them is in
-    training mode."""
+    BatchNorms' names. Raises :class:`FoldError` (with the model unchanged) if any of them cannot
+    fold (training mode, no running statistics, a channel count that differs from its layer's)."""
     pairs = batchnorm_pairs(model) if pairs is None else pairs
-    for _layer, bn_name in pairs:  # check all before changing any
-        if model.get_submodule(bn_name).training:
-            raise FoldError(f"{bn_name}: BatchNorm is in training mode; call model.eval() before folding or converting")
+    for layer_name, bn_name in pairs:  # check all before changing any
+        _check_pair(model.get_submodule(layer_name), model.get_submodule(bn_name), bn_name)
     for layer_name, bn_name in pairs:
         fold_pair(model.get_submodule(layer_name), model.get_submodule(bn_name), bn_name)
         parent, _, leaf = bn_name.rpartition(".")
