@@ -38,11 +38,11 @@ def confident_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, min_conf
     """Top-1 agreement with a reference model on the inputs where the reference is confident
     (top probability >= ``min_conf``: near-ties flip on noise and say nothing), and the mean
     KL(reference || model) over all inputs. Both ``(n, classes)`` logits."""
-    p_ref = ref_logits.float().log_softmax(-1)
-    p = logits.float().log_softmax(-1)
-    conf = p_ref.exp().amax(-1) >= min_conf
+    log_ref = ref_logits.float().log_softmax(-1)
+    ref = log_ref.exp()
+    conf = ref.amax(-1) >= min_conf
     same = ref_logits.argmax(-1) == logits.argmax(-1)
-    kl = (p_ref.exp() * (p_ref - p)).sum(-1)
+    kl = (ref * (log_ref - logits.float().log_softmax(-1))).sum(-1)
     return {
         "confident": int(conf.sum()),
         "agreement": float(same[conf].float().mean()) if bool(conf.any()) else float("nan"),

@@ -107,13 +107,13 @@ def size_of(model: nn.Module) -> SizeReport:
             qw = mod.qw
             stored = qw.nbytes if once(mod.qweight) else 0  # row-layout bytes, as saved
             bias = mod.bias.numel() * mod.bias.element_size() if mod.bias is not None and once(mod.bias) else 0
-            if mod.act_scale is not None:  # a static activation scale: one float32, counted with the bias
-                bias += mod.act_scale.numel() * mod.act_scale.element_size()
+            act = mod.act_scale  # a static activation scale: one float32, counted with the bias
+            act_bytes = act.numel() * act.element_size() if act is not None else 0
             rep.layers.append(
-                LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, qw.nbytes, bias)
+                LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, qw.nbytes, bias + act_bytes)
             )
-            rep.total_bytes += stored + bias
-            rep.total_params += (qw.numel if stored else 0) + (mod.bias.numel() if mod.bias is not None and bias else 0)
+            rep.total_bytes += stored + bias + act_bytes
+            rep.total_params += (qw.numel if stored else 0) + (mod.bias.numel() if bias else 0)
             continue
         params = [p for p in mod.parameters(recurse=False) if p is not None]
         own = [p for p in params if once(p)]
