@@ -239,7 +239,13 @@ def load_digits_cnn() -> ZooModel:
 
 
 # Float skeletons of the zoo's non-transformers models, so their saved files load by name.
-SKELETONS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN}
+def _mobilenet_skeleton() -> nn.Module:
+    from .mobilenet import MobileNetV2
+
+    return MobileNetV2().eval()
+
+
+SKELETONS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "mobilenet-v2": _mobilenet_skeleton}
 
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,
