@@ -15,13 +15,15 @@ VNNI_SCHEMES = ["int8", "w8g128", "w8-tensor", "w8-asym", "w4g32", "w4g64", "w4g
 SHAPES = [(1, 64, 1), (3, 96, 5), (5, 130, 7), (17, 576, 33), (1, 1000, 13), (67, 256, 9), (2, 8, 3)]
 
 
-def _layer(scheme: str, k: int, n: int, seed: int, bias: bool = True) -> QuantLinear:
+def _layer(scheme: str, k: int, n: int, seed: int, bias: bool = True, act_zero: int = 0) -> QuantLinear:
     torch.manual_seed(seed)
     lin = torch.nn.Linear(k, n, bias=bias)
     with torch.no_grad():
         lin.weight.mul_(torch.linspace(0.2, 3.0, k))  # uneven columns, as in real layers
     # static schemes: a scale that clips the large inputs the tests feed (|x| up to 40 -> 127 * 0.05)
-    return QuantLinear.from_float(lin, scheme, act_scale=0.05 if parse_scheme(scheme).act_static else None)
+    if not parse_scheme(scheme).act_static:
+        return QuantLinear.from_float(lin, scheme)
+    return QuantLinear.from_float(lin, scheme, act_scale=0.05, act_zero=act_zero)
 
 
 def _activation_bound(mod: QuantLinear, x: torch.Tensor, block: int) -> torch.Tensor:
@@ -158,6 +160,25 @@ def test_w8a8_kernel_matches_reference_exactly(scheme, m, k, n):
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@needs_vnni
+@pytest.mark.parametrize("scheme", ["w8a8-static", "w8g64a8-asym-static"])
+@pytest.mark.parametrize("zero", [-127, 51])
+@pytest.mark.parametrize("m,k,n", SHAPES[:4])
+def test_static_zero_point_kernel_matches_reference(scheme, zero, m, k, n):
+    """A zero point shifts the codes (unsigned inputs: -127); the kernel takes the shift back out
+    through its bias and must agree with the reference, clipping at both ends included."""
+    mod = _layer(scheme, k, n, seed=m + k, act_zero=zero)
+    x = torch.rand(m, k, generator=torch.Generator().manual_seed(n)) * 10 - (0.0 if zero == -127 else 4.0)
+    x[:, 0] = 40.0  # clipped at the top code
+    if zero != -127:
+        x[:, -1] = -40.0  # and at the bottom
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod, "cpu-vnni-a8")
+    got = mod(x)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+
+
 def test_w8a8_reference_quantizes_activations_per_token():
     from lowbit.kernels.reference import quantize_activations
 
@@ -198,6 +219,14 @@ def test_static_activations_use_the_calibrated_scale_and_clip():
     w = mod.qw.dequantize()
     want = torch.stack([torch.full((64,), 0.5), torch.full((64,), 127 * 0.05)]) @ w.t() + mod.bias
     assert torch.allclose(mod(x), want, rtol=1e-5, atol=1e-5)
+    # unsigned codes (zero point -127): 255 levels over [0, 254 * 0.05]; negatives clip to 0
+    u = _layer("w8a8-static", 64, 8, seed=5, act_zero=-127)
+    kernels.assign(u, "reference")
+    x = torch.stack([torch.full((64,), 0.5), torch.full((64,), 100.0), torch.full((64,), -1.0)])
+    want = torch.stack([torch.full((64,), 0.5), torch.full((64,), 254 * 0.05), torch.zeros(64)]) @ w.t() + u.bias
+    assert torch.allclose(u(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="zero point"):
+        QuantLinear.from_float(torch.nn.Linear(64, 8), "w8a8-static", act_scale=0.1, act_zero=-128)
     with pytest.raises(ValueError, match="calibrated activation scale"):
         QuantLinear.from_float(torch.nn.Linear(64, 8), "w8a8-static")
     with pytest.raises(ValueError, match="finite and positive"):

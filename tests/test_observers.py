@@ -29,9 +29,27 @@ def _gauss_with_outliers(n=200_000, outlier=60.0, k=5):
 def test_minmax_is_exact_and_contains_zero():
     o = _feed("minmax", torch.tensor([0.5, 3.0, 1.0, 2.0]), parts=2)
     assert o.range() == (0.0, 3.0)  # the range always holds 0 (zero must be representable)
-    assert o.scale() == pytest.approx(3.0 / 127)
+    s, z = o.qparams()  # nothing negative: unsigned, all 255 codes over [0, 3]
+    assert s == pytest.approx(3.0 / 254) and z == -127
     o.update(torch.tensor([[-7.0]]))
-    assert o.range() == (-7.0, 3.0) and o.scale() == pytest.approx(7.0 / 127)
+    assert o.range() == (-7.0, 3.0)
+    s, z = o.qparams()  # signed: affine over [-7, 3], 0.0 exactly on code z
+    assert s == pytest.approx(10.0 / 254) and z == round(7.0 / s) - 127 == 51
+    q = lambda v: max(-127, min(127, round(v / s) + z))  # noqa: E731
+    assert (q(-7.0), q(0.0), q(3.0)) == (-127, z, 127)
+
+
+def test_histogram_observers_use_all_levels_on_unsigned_data():
+    relu = torch.relu(torch.randn(50_000, generator=torch.Generator().manual_seed(5)))
+    for name in ("percentile", "mse", "entropy"):
+        signed = _feed(name, relu - 0.001)  # a few negatives: symmetric codes, zero point 0
+        unsigned = _feed(name, relu)
+        assert signed.qparams()[1] == 0 and signed.range()[0] < 0
+        lo, hi = unsigned.range()
+        s, z = unsigned.qparams()
+        assert lo == 0.0 and z == -127 and s == pytest.approx(hi / 254)
+    # the unsigned MSE choice is the expected-error optimum for 254 steps, not 127: it clips less
+    assert _feed("mse", relu).range()[1] >= _feed("mse", torch.cat([relu, -relu])).range()[1]
 
 
 def test_ema_starts_at_the_first_batch_and_moves_by_the_momentum():
@@ -88,7 +106,7 @@ def test_every_observer_handles_zeros_and_refuses_bad_input(name):
     with pytest.raises(ObserverError, match="no data"):
         o.range()
     o.update(torch.zeros(3, 4))
-    assert o.range() == (0.0, 0.0) and o.scale() == 1.0
+    assert o.range() == (0.0, 0.0) and o.qparams() == (1.0, 0)
     o.update(torch.tensor([0.0, 2.0]))
     assert 0 < o.range()[1] <= 2.0 + 2 * 2.0 / 1024 and math.isfinite(o.scale())
     with pytest.raises(ObserverError, match="NaN/Inf"):

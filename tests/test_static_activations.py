@@ -29,14 +29,19 @@ def test_minmax_scales_are_each_layers_input_range():
     lowbit.quantize(model, "w8a8-static", calibration=batches)
     first, second = model[0], model[2]
     assert isinstance(first, QuantLinear) and first.scheme.act_static
-    assert float(first.act_scale) == pytest.approx(max(float(b.abs().max()) for b in batches) / 127, rel=1e-6)
-    # the second layer sees the float first layer's outputs: layers outside blocks share one pass
-    assert float(second.act_scale) == pytest.approx(max(float(h.detach().max()) for h in hidden) / 127, rel=1e-6)
+    # signed inputs: affine over [min, max], 0.0 exactly on the zero point's code
+    lo, hi = min(float(b.min()) for b in batches), max(float(b.max()) for b in batches)
+    assert float(first.act_scale) == pytest.approx((hi - lo) / 254, rel=1e-6)
+    assert int(first.act_zero) == round(-lo / float(first.act_scale)) - 127
+    # the second layer sees the float first layer's ReLU outputs (layers outside blocks share one
+    # pass): nothing negative, so unsigned codes spread over [0, max]
+    assert float(second.act_scale) == pytest.approx(max(float(h.detach().max()) for h in hidden) / 254, rel=1e-6)
+    assert int(second.act_zero) == -127
     x = batches[0]
     with torch.no_grad():
         rel = float((model(x) - ref(x)).norm() / ref(x).norm())
     assert rel < 0.03, rel
-    assert lowbit.size_of(model).layers[0].bias_bytes == 64 * 4 + 4  # bias + the float32 scale
+    assert lowbit.size_of(model).layers[0].bias_bytes == 64 * 4 + 4 + 1  # bias + float32 scale + int8 zero
 
 
 def test_observers_change_the_scale_and_bad_ones_are_refused():
@@ -45,8 +50,8 @@ def test_observers_change_the_scale_and_bad_ones_are_refused():
     scales = {}
     for obs in ("minmax", "percentile", "mse"):
         m = lowbit.quantize(_mlp(), "w8a8-static", calibration=batches, observer=obs)
-        scales[obs] = float(m[0].act_scale)
-    assert scales["minmax"] == pytest.approx(400 / 127, rel=1e-6)
+        scales[obs] = float(m[0].act_scale) * (127 - int(m[0].act_zero))  # the largest value kept
+    assert scales["minmax"] == pytest.approx(400, abs=1.0)  # to half a step: the zero point is an integer
     assert scales["percentile"] < 0.1 * scales["minmax"] and scales["mse"] < scales["minmax"]
     with pytest.raises(lowbit.QuantizeError, match="unknown observer 'max'"):
         lowbit.quantize(_mlp(), "w8a8-static", calibration=batches, observer="max")
@@ -65,6 +70,7 @@ def test_static_scale_saves_loads_and_is_required(tmp_path):
     lowbit.save(model, tmp_path / "s")
     back = lowbit.load(tmp_path / "s", model=_mlp())
     assert torch.equal(back[0].act_scale, model[0].act_scale)
+    assert torch.equal(back[2].act_zero, model[2].act_zero) and int(back[2].act_zero) == -127
     x = _batches(1)[0]
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
@@ -83,7 +89,7 @@ def test_static_convolutions_and_the_layers_that_cannot_take_activations(toy):
     g = torch.Generator().manual_seed(2)
     imgs = [torch.rand(2, 3, 10, 10, generator=g) for _ in range(3)]
     lowbit.quantize(cnn, "w8a8-static", calibration=imgs)
-    assert float(cnn[0].act_scale) == pytest.approx(max(float(i.max()) for i in imgs) / 127, rel=1e-6)
+    assert float(cnn[0].act_scale) == pytest.approx(max(float(i.max()) for i in imgs) / 254, rel=1e-6)
     with torch.no_grad():
         rel = float((cnn(imgs[0]) - ref(imgs[0])).norm() / ref(imgs[0]).norm())
     assert rel < 0.02, rel

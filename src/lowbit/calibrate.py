@@ -263,10 +263,10 @@ def run(
     """Quantize the ``todo`` layers ``(name, module, kind, scheme, why)`` with a calibrated
     ``algo``; swap the quantized modules into ``model`` and return ``[(name, new module)]``.
 
-    Layers with static activation schemes also get ``act_scale`` from an ``observer``
+    Layers with static activation schemes also get ``(act_scale, act_zero)`` from an ``observer``
     (:mod:`lowbit.observers`) of their inputs: the inputs the calibration data produces after
     the earlier blocks were quantized, and after any scale folding in the layer's own block.
-    ``make_module(mod, kind, qw, act_scale)`` builds each quantized module.
+    ``make_module(mod, kind, qw, act)`` builds each quantized module (``act``: those two or None).
     """
     needs_data = method if algo.uses_calibration else f"{method} with static activations"
     batches = as_batches(calibration, needs_data)
@@ -386,7 +386,7 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
         short = full[len(bname) + 1 :]
         st = stats[group_of[short]]
         qw = algo.quantize_weight(_float_weight(mods[full], kind), scheme, name=f"{full}.weight", stats=st, **options)
-        new = make_module(mods[full], kind, qw, obs[short].scale() if short in obs else None)
+        new = make_module(mods[full], kind, qw, obs[short].qparams() if short in obs else None)
         restore.swap(full, new)
         done.append((full, new))
 
@@ -443,7 +443,7 @@ def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done
             _call(model, b)
     for n, (_mod, kind, scheme) in remaining.items():
         qw = algo.quantize_weight(_float_weight(mods[n], kind), scheme, name=f"{n}.weight", stats=stats[n], **options)
-        new = make_module(mods[n], kind, qw, obs[n].scale() if n in obs else None)
+        new = make_module(mods[n], kind, qw, obs[n].qparams() if n in obs else None)
         restore.swap(n, new)
         done.append((n, new))
 

@@ -93,13 +93,15 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _swap(mod: nn.Module, kind: str, qw, method: str, act_scale: float | None = None) -> QuantModule:
+def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | None = None) -> QuantModule:
+    """The quantized module for ``mod``; ``act``: the static activations' (scale, zero point)."""
     dtype = str(mod.weight.dtype).replace("torch.", "")
+    a = {} if act is None else {"act_scale": act[0], "act_zero": act[1]}
     if kind == "linear":
-        return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype, act_scale=act_scale)
+        return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype, **a)
     if kind == "conv2d":
         conv = QuantConv2d.conv_args(mod)
-        return QuantConv2d(qw, mod.bias, conv, method=method, orig_dtype=dtype, act_scale=act_scale)
+        return QuantConv2d(qw, mod.bias, conv, method=method, orig_dtype=dtype, **a)
     return QuantEmbedding(qw, mod.padding_idx, method=method, orig_dtype=dtype)
 
 

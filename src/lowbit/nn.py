@@ -11,8 +11,10 @@ original had one, and the name of the kernel that runs it (``kernel``; see :mod:
 * :class:`QuantEmbedding`: ``nn.Embedding``; rows ``(num, dim)``, groups along ``dim``; a lookup
   dequantizes only the rows it gathers.
 
-Static activation schemes (``w8a8-static``) also hold ``act_scale``, a float32 scalar buffer: the
-calibrated int8 scale of the layer's input (``q = clamp(round(x / act_scale), -127, 127)``).
+Static activation schemes (``w8a8-static``) also hold the calibrated int8 parameters of the
+layer's input: ``act_scale``, a float32 scalar, and ``act_zero``, an int8 scalar in -127..127
+(``q = clamp(round(x / act_scale) + act_zero, -127, 127)``, ``x ~ act_scale * (q - act_zero)``;
+``act_zero = -127`` for unsigned inputs such as ReLU outputs, 0 for symmetric ones).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class QuantModule(nn.Module):
         method: str = "rtn",
         orig_dtype: str = "float32",
         act_scale: float | torch.Tensor | None = None,
+        act_zero: int | torch.Tensor = 0,
     ) -> None:
         super().__init__()
         self.orig_dtype = orig_dtype  # dtype of the float weight this replaced (recorded in lowbit.json)
@@ -77,11 +80,16 @@ class QuantModule(nn.Module):
             a = torch.as_tensor(act_scale, dtype=torch.float32).detach().clone().reshape(())
             if not (bool(torch.isfinite(a)) and float(a) > 0):
                 raise ValueError(f"activation scale must be finite and positive, got {float(a)}")
+            z = torch.as_tensor(act_zero).detach().reshape(())
+            if z.is_floating_point() or not -127 <= int(z) <= 127:
+                raise ValueError(f"activation zero point must be an integer in -127..127, got {z.item()}")
             self.register_buffer("act_scale", a)
+            self.register_buffer("act_zero", z.to(torch.int8).clone())
         elif act_scale is not None:
             raise ValueError(f"{qw.scheme} has no static activation scale (use a -static scheme)")
         else:
             self.register_buffer("act_scale", None)
+            self.register_buffer("act_zero", None)
         self.kernel = "reference"
         self.kernel_note = ""
         self.kernel_pref = "auto"  # what the user asked for; re-applied after a reload
@@ -119,7 +127,7 @@ class QuantModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() cast every floating buffer; the stored codes, scales and zero
         # points are a format, not a dtype preference, so they keep their dtypes (devices move).
-        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale")}
+        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale", "act_zero")}
         super()._apply(fn, recurse)
         for n, old in kept.items():
             new = getattr(self, n)
@@ -165,16 +173,24 @@ class QuantLinear(QuantModule):
         method: str = "rtn",
         orig_dtype: str = "float32",
         act_scale: float | torch.Tensor | None = None,
+        act_zero: int | torch.Tensor = 0,
     ) -> None:
-        super().__init__(qw, bias, method, orig_dtype, act_scale)
+        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero)
         self.out_features, self.in_features = qw.shape
 
     @classmethod
     def from_float(
-        cls, mod: nn.Module, scheme: Scheme | str, *, name: str = "weight", act_scale: float | None = None
+        cls,
+        mod: nn.Module,
+        scheme: Scheme | str,
+        *,
+        name: str = "weight",
+        act_scale: float | None = None,
+        act_zero: int = 0,
     ) -> QuantLinear:
         w = _linear_weight(mod)
-        return cls(QWeight.from_float(w, parse_scheme(scheme), name=name), mod.bias, act_scale=act_scale)
+        qw = QWeight.from_float(w, parse_scheme(scheme), name=name)
+        return cls(qw, mod.bias, act_scale=act_scale, act_zero=act_zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
@@ -202,8 +218,9 @@ class QuantConv2d(QuantModule):
         method: str = "rtn",
         orig_dtype: str = "float32",
         act_scale: float | torch.Tensor | None = None,
+        act_zero: int | torch.Tensor = 0,
     ) -> None:
-        super().__init__(qw, bias, method, orig_dtype, act_scale)
+        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero)
         self.stride = tuple(conv["stride"])
         self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
         self.dilation = tuple(conv["dilation"])

@@ -2,8 +2,17 @@
 
 An observer sees the tensors flowing into one layer (``update(x)`` for each calibration batch,
 any shape, every element counts) and then proposes a clipping range ``(lo, hi)``;
-:meth:`Observer.scale` turns it into the symmetric int8 scale the static W8A8 path uses
-(``q = clamp(round(x / s), -127, 127)``, ``s = max(|lo|, |hi|) / 127``).
+:meth:`Observer.qparams` turns it into the scale ``s`` and integer zero point ``z`` of the static
+int8 activations (``q = clamp(round(x / s) + z, -127, 127)``, ``x ~ s (q - z)``: 255 levels):
+
+* nothing negative seen (the input of a layer after ReLU/ReLU6): unsigned, ``[0, hi]`` over all
+  255 levels, ``s = hi / 254``, ``z = -127`` (one bit more resolution than symmetric codes);
+* ``minmax`` and ``ema`` on signed data: affine, ``s = (hi - lo) / 254`` and ``z`` the integer
+  that puts ``0.0`` exactly on a level;
+* the histogram observers on signed data: symmetric, ``s = max(|lo|, |hi|) / 127``, ``z = 0``.
+
+The histogram observers choose their threshold for the levels they will get (127 for symmetric,
+254 for unsigned data).
 
 Kinds (the table :data:`OBSERVERS`; ``make_observer(name)`` builds one):
 
@@ -18,7 +27,7 @@ Kinds (the table :data:`OBSERVERS`; ``make_observer(name)`` builds one):
                 ``|x|`` and its 128-level quantized version (the calibration of Migacz, "8-bit
                 Inference with TensorRT", GTC 2017): reference ``P`` = the histogram up to the
                 threshold with everything beyond folded into its last bin; candidate ``Q`` = ``P``
-                merged into 128 equal chunks, each chunk's mass spread evenly over its non-empty
+                merged into 128 equal chunks (255 for unsigned data), each chunk's mass spread evenly over its non-empty
                 bins; empty bins of either get a small epsilon so the divergence stays finite.
 
 Histogram observers keep 2048 bins over ``[-a, a]``; when a batch exceeds ``a`` the range doubles
@@ -35,6 +44,7 @@ import torch
 __all__ = ["Observer", "OBSERVERS", "make_observer", "ObserverError"]
 
 QMAX = 127  # symmetric int8 activations: codes -127..127
+ULEVELS = 2 * QMAX  # unsigned/affine activations: 255 codes, 254 steps
 
 
 class ObserverError(ValueError):
@@ -75,15 +85,27 @@ class Observer:
         if self.count == 0:
             raise ObserverError(f"the {self.name} observer saw no data: pass at least one calibration batch")
 
-    def scale(self) -> float:
-        """Symmetric int8 scale ``max(|lo|, |hi|) / 127`` (1.0 when every value seen was 0)."""
+    affine = False  # on signed data: an asymmetric [lo, hi] range (else symmetric)
+
+    def qparams(self) -> tuple[float, int]:
+        """``(scale, zero)`` of the static int8 activations (see the module docstring); scale 1.0
+        when every value seen was 0."""
         lo, hi = self.range()
-        a = max(-lo, hi)
-        return a / QMAX if a > 0 else 1.0
+        if lo >= 0.0:  # unsigned data
+            return (hi / ULEVELS, -QMAX) if hi > 0 else (1.0, 0)
+        if self.affine:
+            s = (hi - lo) / ULEVELS
+            return s, max(-QMAX, min(QMAX, round(-lo / s) - QMAX))
+        return max(-lo, hi) / QMAX, 0
+
+    def scale(self) -> float:
+        """The scale of :meth:`qparams`."""
+        return self.qparams()[0]
 
 
 class MinMaxObserver(Observer):
     name = "minmax"
+    affine = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,8 +148,10 @@ class HistogramObserver(Observer):
         super().__init__()
         self.hist = torch.zeros(self.BINS, dtype=torch.float64)
         self.a = 0.0  # half-width of the range; 0 until a nonzero value arrives
+        self.signed = False  # a negative value was seen
 
     def _update(self, v: torch.Tensor) -> None:
+        self.signed = self.signed or bool((v < 0).any())
         m = float(v.abs().max())
         if m > self.a:
             if self.a == 0.0:
@@ -153,6 +177,11 @@ class HistogramObserver(Observer):
         half = self.BINS // 2
         return self.hist[half:] + self.hist[:half].flip(0)
 
+    @property
+    def levels(self) -> int:
+        """Positive levels the threshold is spread over: 127 (signed data) or 254 (unsigned)."""
+        return QMAX if self.signed else ULEVELS
+
     def _threshold(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -161,7 +190,7 @@ class HistogramObserver(Observer):
         if self.a == 0.0:
             return 0.0, 0.0
         t = self._threshold()
-        return -t, t
+        return (-t if self.signed else 0.0), t
 
 
 class PercentileObserver(HistogramObserver):
@@ -193,7 +222,7 @@ class MSEObserver(HistogramObserver):
         i = torch.arange(max(1, n // 16), n + 1)  # thresholds at bin edges, down to 1/16 of the range
         t = i.double() * self.width
         clip = s2[i] - 2 * t * s1[i] + t * t * s0[i]
-        rounding = (h.sum() - s0[i]) * (t / QMAX) ** 2 / 12.0
+        rounding = (h.sum() - s0[i]) * (t / self.levels) ** 2 / 12.0
         return float(t[int(torch.argmin(clip + rounding))])
 
 
@@ -210,23 +239,23 @@ def _smooth(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 class EntropyObserver(HistogramObserver):
     name = "entropy"
-    LEVELS = QMAX + 1  # |x| levels of symmetric int8: 0..127
 
     def _threshold(self) -> float:
         h = self.folded()
         n = h.numel()
         if h[1:].sum() == 0:  # nothing beyond the first bin
             return self.width
+        nlev = self.levels + 1  # |x| levels: 0..127 (symmetric) or 0..254 (unsigned)
         best_i, best_kl = n, math.inf
-        for i in range(self.LEVELS, n + 1):
+        for i in range(nlev, n + 1):
             p = h[:i].clone()
             p[-1] += h[i:].sum()
             # Q: i bins merged into LEVELS chunks, each chunk's mass spread over its nonzero bins
-            edges = torch.linspace(0, i, self.LEVELS + 1).round().long()
+            edges = torch.linspace(0, i, nlev + 1).round().long()
             chunk = torch.bucketize(torch.arange(i), edges[1:-1], right=True)  # chunk of each bin
             nz = (h[:i] > 0).double()
-            mass = torch.zeros(self.LEVELS, dtype=torch.float64).index_add_(0, chunk, h[:i])
-            nnz = torch.zeros(self.LEVELS, dtype=torch.float64).index_add_(0, chunk, nz)
+            mass = torch.zeros(nlev, dtype=torch.float64).index_add_(0, chunk, h[:i])
+            nnz = torch.zeros(nlev, dtype=torch.float64).index_add_(0, chunk, nz)
             q = nz * (mass / nnz.clamp_min(1))[chunk]
             ps, qs = _smooth(p / p.sum()), _smooth(q / q.sum().clamp_min(1e-300))
             kl = float((ps * (ps / qs).log()).sum())

@@ -24,7 +24,7 @@ class LayerSize:
     kernel: str
     numel: int  # weight elements
     bytes: int  # stored weight bytes (codes + scales + zeros)
-    bias_bytes: int = 0  # the bias, plus a static activation scale's 4 bytes
+    bias_bytes: int = 0  # the bias, plus a static activation scale (4 bytes) and zero point (1)
 
     @property
     def bits_per_weight(self) -> float:
@@ -107,8 +107,8 @@ def size_of(model: nn.Module) -> SizeReport:
             qw = mod.qw
             stored = qw.nbytes if once(mod.qweight) else 0  # row-layout bytes, as saved
             bias = mod.bias.numel() * mod.bias.element_size() if mod.bias is not None and once(mod.bias) else 0
-            act = mod.act_scale  # a static activation scale: one float32, counted with the bias
-            act_bytes = act.numel() * act.element_size() if act is not None else 0
+            # static activations: a float32 scale and an int8 zero point, counted with the bias
+            act_bytes = sum(t.numel() * t.element_size() for t in (mod.act_scale, mod.act_zero) if t is not None)
             rep.layers.append(
                 LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, qw.nbytes, bias + act_bytes)
             )

@@ -288,11 +288,13 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
     act = tensors.get(f"{name}.act_scale")
     if scheme.act_static and act is None:
         raise LowbitFormatError(f"module {name!r} ({scheme}) lacks its activation scale {name}.act_scale")
+    # the zero point: absent in files from before it existed, which were all symmetric (zero 0)
+    a = {"act_scale": act, "act_zero": tensors.get(f"{name}.act_zero", 0)} if act is not None else {}
     try:
         if kind == "QuantLinear":
-            return QuantLinear(qw, bias, method=method, orig_dtype=orig, act_scale=act)
+            return QuantLinear(qw, bias, method=method, orig_dtype=orig, **a)
         if kind == "QuantConv2d":
-            return QuantConv2d(qw, bias, entry["conv"], method=method, orig_dtype=orig, act_scale=act)
+            return QuantConv2d(qw, bias, entry["conv"], method=method, orig_dtype=orig, **a)
     except ValueError as e:
         raise LowbitFormatError(f"module {name!r}: {e}") from None
     if kind == "QuantEmbedding":

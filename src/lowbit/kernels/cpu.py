@@ -185,6 +185,11 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     qweight, scales, zeros, bias = mod.qweight, mod.scales, mod.zeros, mod.bias
     if bias is not None:
         bias = bias.detach().float().contiguous()
+    z = int(mod.act_zero) if s.act_static and mod.act_zero is not None else 0
+    if z:  # static activations with a zero point: see linear_a8
+        w = mod.qw.to_layout("rows").dequantize(torch.float32)
+        corr = (-z * float(mod.act_scale)) * w.sum(1, dtype=torch.float64).float()
+        bias = (corr if bias is None else bias + corr).contiguous()
     for t in (qweight, scales, zeros):
         if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
             raise RuntimeError("the CPU kernel needs contiguous CPU buffers")
@@ -252,5 +257,10 @@ def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
         from . import reference
 
         return reference.linear(mod, x)
-    static = float(mod.act_scale) if mod.scheme.act_static else 0.0
-    return _call(mod, x, _lib.lb_linear_a8, static)
+    if not mod.scheme.act_static:
+        return _call(mod, x, _lib.lb_linear_a8, 0.0)
+    # The C kernel rounds x / s to -127..127. A zero point z shifts the input by z steps,
+    # x' = x + z s, so that its codes are q = clamp(round(x / s) + z, -127, 127); the kernel's
+    # bias (built in _describe) carries -z s rowsum(W), which takes the shift back out.
+    s, z = float(mod.act_scale), int(mod.act_zero)
+    return _call(mod, x if z == 0 else x + z * s, _lib.lb_linear_a8, s)

@@ -13,10 +13,11 @@ def _bias(mod) -> torch.Tensor | None:
     return None if mod.bias is None else mod.bias.float()
 
 
-def quantize_static(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Static int8 activations: ``clamp(round(x / scale), -127, 127) * scale`` (one calibrated scale)."""
-    s = float(scale)
-    return torch.round(x / s).clamp(-127, 127) * s
+def quantize_static(x: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | int | None = 0) -> torch.Tensor:
+    """Static int8 activations (one calibrated scale and zero point for the tensor):
+    ``q = clamp(round(x / scale) + zero, -127, 127)``; returns ``(q - zero) * scale``."""
+    s, z = float(scale), 0 if zero is None else int(zero)
+    return (torch.round(x / s).add_(z).clamp_(-127, 127).sub_(z)) * s
 
 
 def quantize_activations(x: torch.Tensor, group: int | None = None) -> torch.Tensor:
@@ -38,16 +39,16 @@ def linear(mod, x: torch.Tensor) -> torch.Tensor:
     w = mod.qw.dequantize(torch.float32)
     xf = x.float()
     if mod.scheme.act_bits:
-        xf = quantize_static(xf, mod.act_scale) if mod.scheme.act_static else quantize_activations(xf, mod.scheme.act_group)
+        xf = quantize_static(xf, mod.act_scale, mod.act_zero) if mod.scheme.act_static else quantize_activations(xf, mod.scheme.act_group)
     return F.linear(xf, w, _bias(mod)).to(x.dtype)
 
 
 def conv2d(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (B, C, H, W)`` -> conv2d output, computed in float32 (static schemes first round the
-    input to int8 steps of ``mod.act_scale``)."""
+    input to int8 steps of ``mod.act_scale`` around ``mod.act_zero``)."""
     xf = x.float()
     if mod.scheme.act_static:
-        xf = quantize_static(xf, mod.act_scale)
+        xf = quantize_static(xf, mod.act_scale, mod.act_zero)
     return mod.conv(xf, mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
 
 
