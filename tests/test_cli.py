@@ -86,3 +86,33 @@ def test_recipe_file(tmp_path, digits):
     bad.write_text('{"format": "lowbit-recipe", "version": 7}')
     p = run("quantize", "digits-cnn", "--recipe", str(bad), "-o", str(out), ok=False)
     assert p.returncode == 2 and "unknown recipe version" in p.stderr
+
+
+def test_sensitivity_allocates_a_recipe_that_quantizes(tmp_path, digits):
+    table, recipe, plot = tmp_path / "s.json", tmp_path / "r.json", tmp_path / "s.png"
+    p = run("sensitivity", "digits-cnn", "--candidates", "w2g16,w4g16,int8", "--target-bpw", "3.5",
+            "-o", str(table), "--recipe-out", str(recipe), "--plot", str(plot), "-q")  # fmt: skip
+    for layer in ("conv1", "conv2", "fc1", "fc2"):
+        assert layer in p.stdout
+    assert "allocation:" in p.stdout and "optimality gap 0 nats" in p.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bpw = float(p.stdout.split("allocation:")[1].split("bits/weight")[0].split(";")[-1])
+    assert 3.0 < bpw <= 3.5
+    out = tmp_path / "m"
+    run("quantize", "digits-cnn", "--recipe", str(recipe), "-o", str(out), "-q")
+    inspect = run("inspect", str(out)).stdout
+    assert "w2g16" in inspect or "w4g16" in inspect
+    # a stored table is re-allocated without measuring; an unreachable budget names the reachable end
+    p = run("sensitivity", "digits-cnn", "--table", str(table), "--target-bpw", "2", ok=False)
+    assert p.returncode == 2 and "smallest reachable" in p.stderr and "Traceback" not in p.stderr
+    p = run("sensitivity", "digits-cnn", "--table", str(table), "--max-loss", "1e-12", ok=False)
+    assert p.returncode == 2 and "least reachable" in p.stderr
+
+
+def test_image_models_calibrate_on_photo_crops(tmp_path):
+    out = tmp_path / "mb"
+    p = run("quantize", "mobilenet-v2", "--scheme", "w8a8-static", "--observer", "percentile",
+            "--nsamples", "16", "-o", str(out), "-q")  # fmt: skip
+    assert "quantized mobilenet-v2 with w8a8-static" in p.stdout
+    inspect = run("inspect", str(out)).stdout
+    assert inspect.count("w8a8-static") == 53 and sum(" folded " in line for line in inspect.splitlines()) == 52

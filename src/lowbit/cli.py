@@ -4,6 +4,7 @@
     lowbit eval out/                      # perplexity / accuracy vs the FP32 original, size, speed
     lowbit inspect out/                   # per-layer table: scheme, method, kernel, bytes, bpw
     lowbit estimate --params 70e9 --scheme w4g128
+    lowbit sensitivity smollm2-135m --candidates w3g64,w4g64,int8 --target-bpw 4.25 --recipe-out r.json
     lowbit bench                          # kernel speed vs FP32/BF16
     lowbit formats                        # the format table and scheme presets
 """
@@ -33,22 +34,34 @@ def _threads(args) -> None:
 
 # ---- quantize ---------------------------------------------------------------------------------
 def _calibration(args, zm) -> list:
-    """Calibration batches for a calibrated method: windows of the built-in calibration split (or
-    of --calib FILE) for language models; training images for digits-cnn."""
-    if zm.task == "classifier":
-        import torch
+    """Calibration batches for a calibrated method or static scheme: windows of the built-in
+    calibration split (or of --calib FILE) for language models; training images for digits-cnn;
+    calibration-split crops of the bundled photos for ImageNet models."""
+    return _model_inputs(zm, args.nsamples, args.seqlen, args.seed, args.calib, args.model)
 
+
+def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, name: str) -> list:
+    """``n`` samples of the model's kind of input drawn (seeded) from calibration data, never
+    from the data ``lowbit eval`` measures on."""
+    import torch
+
+    if zm.task == "classifier":
         from lowbit.models.zoo import digits_data
 
         x = digits_data()["x_train"]
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.nsamples]
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
         return [x[pick[i : i + 64]] for i in range(0, len(pick), 64)]
+    if zm.task == "image-classifier":
+        from lowbit.evaluate.images import photo_crops
+
+        x = photo_crops(n, split="calib", seed=seed)
+        return [x[i : i + 16] for i in range(0, n, 16)]
     if zm.tokenizer is None:
-        raise CliError(f"{args.model} has no tokenizer to turn calibration text into inputs")
+        raise CliError(f"{name} has no tokenizer to turn calibration text into inputs")
     from lowbit.evaluate.data import calibration_batches
 
-    text = Path(args.calib).read_text() if args.calib else None
-    return calibration_batches(zm.tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, text=text)
+    text = Path(calib_file).read_text() if calib_file else None
+    return calibration_batches(zm.tokenizer, nsamples=n, seqlen=seqlen, seed=seed, text=text)
 
 
 class CliError(ValueError):
@@ -198,6 +211,62 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+# ---- sensitivity --------------------------------------------------------------------------------
+def cmd_sensitivity(args) -> int:
+    import lowbit
+    from lowbit.algorithms import get_algorithm
+    from lowbit.evaluate.table import text_table
+    from lowbit.mixed import Sensitivity, allocate, sensitivity
+    from lowbit.models.source import load_source
+
+    _threads(args)
+    budgets = [b for b in (args.target_bpw, args.max_loss) if b is not None]
+    if len(budgets) > 1:
+        return _err("give at most one of --target-bpw and --max-loss")
+    if args.table:  # a table measured before: allocate (and plot) only
+        sens = Sensitivity.load(args.table)
+    else:
+        cands = [c for c in args.candidates.split(",") if c.strip()]
+        zm = load_source(args.model)
+        static = any(c.strip().lower() != "skip" and lowbit.parse_scheme(c).act_static for c in cands)
+        calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
+        # the KL is measured on other calibration samples than the ones that set scales
+        n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
+        batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model)
+        sens = sensitivity(zm.model, cands, batches, calibration=calibration, method=args.method,
+                           observer=args.observer, progress=not args.quiet)  # fmt: skip
+        sens.info["model"] = args.model
+    rows = []
+    for n in sens.layers:
+        cells = [n, f"{sens.params[n]:,}"]
+        for c in sens.candidates:
+            if c != "skip":
+                cells.append(f"{sens.loss[n][c]:.3g}")
+        rows.append(cells)
+    print(text_table(["layer", "params"] + [f"KL {c}" for c in sens.candidates if c != "skip"], rows))
+    if args.output:
+        sens.save(args.output)
+        print(f"sensitivity table -> {args.output}")
+    alloc = None
+    if budgets:
+        alloc = allocate(sens, target_bpw=args.target_bpw, max_loss=args.max_loss)
+        mix = ", ".join(f"{c} x{k}" for c, k in sorted(alloc.counts().items()))
+        gap = f"{alloc.gap:.3g} nats" if alloc.objective == "loss" else f"{alloc.gap:,.0f} bytes"
+        print(
+            f"allocation: {mix}; {alloc.bpw:.3f} bits/weight ({alloc.nbytes:,} bytes), predicted KL "
+            f"{alloc.loss:.4g} nats (sum over layers, measured alone); optimality gap {gap}"
+        )
+        if args.recipe_out:
+            alloc.recipe().save(args.recipe_out)
+            print(f"recipe -> {args.recipe_out}  (lowbit quantize MODEL --recipe {args.recipe_out})")
+    if args.plot:
+        from lowbit.evaluate.plots import sensitivity_plot
+
+        sensitivity_plot(sens, args.plot, alloc.choice if alloc else None, title=str(sens.info.get("model", "")))
+        print(f"plot -> {args.plot}")
+    return 0
+
+
 # ---- estimate -----------------------------------------------------------------------------------
 def cmd_estimate(args) -> int:
     import lowbit
@@ -309,6 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--error", action="store_true", help="relative weight error vs the zoo original")
     i.set_defaults(fn=cmd_inspect)
 
+    m = sub.add_parser("sensitivity", help="per-layer sensitivity; with a budget, a mixed-precision recipe")
+    m.add_argument("model", help=f"zoo model ({zoo}) or a transformers model directory")
+    m.add_argument("--candidates", default="w3g64,w4g64,int8",
+                   help="comma-separated schemes to measure per layer ('skip' = keep float); default w3g64,w4g64,int8")
+    m.add_argument("--table", help="a sensitivity table saved with -o: allocate and plot without measuring")
+    m.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"])
+    m.add_argument("--observer", default="minmax", choices=list(OBSERVERS))
+    m.add_argument("--samples", type=int,
+                   help="samples the KL is measured on (default: 8 texts, 32 photo crops, 512 digits)")
+    m.add_argument("--nsamples", type=int, default=64, help="calibration samples, when needed (default 64)")
+    m.add_argument("--seqlen", type=int, default=256, help="tokens per sample (language models; default 256)")
+    m.add_argument("--calib", help="calibration text file (default: the built-in calibration split)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--target-bpw", type=float, help="allocate: average stored bits per weight")
+    m.add_argument("--max-loss", help="allocate: the smallest model whose summed KL stays within this "
+                   "(nats, or a percentage: 1%% = a 1%% perplexity rise)")
+    m.add_argument("--recipe-out", help="write the allocation as a recipe JSON")
+    m.add_argument("-o", "--output", help="save the sensitivity table (JSON)")
+    m.add_argument("--plot", help="write a PNG of the per-layer sensitivity (and the allocation)")
+    m.add_argument("--threads", type=int)
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(fn=cmd_sensitivity)
+
     s = sub.add_parser("estimate", help="weight memory in each format")
     s.add_argument("--params", type=float, help="parameter count, e.g. 70e9")
     s.add_argument("--model", help="a zoo model or model directory instead of --params")
@@ -340,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.evaluate.data import DataError
     from lowbit.io import LowbitFormatError
     from lowbit.kernels import KernelError
+    from lowbit.mixed import MixedPrecisionError
     from lowbit.models.source import SourceError
     from lowbit.models.zoo import ZooError
     from lowbit.primitives import NonFiniteError
@@ -350,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
             UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
-            CliError, ValueError) as e:  # fmt: skip
+            CliError, MixedPrecisionError, ValueError) as e:  # fmt: skip
         return _err(str(e))
 
 

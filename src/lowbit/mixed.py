@@ -1,0 +1,375 @@
+"""Mixed precision: measure each layer's sensitivity, then choose a scheme per layer under a budget.
+
+Sensitivity (:func:`sensitivity`): for every eligible layer ``l`` and candidate scheme ``c``, the
+layer alone is quantized with ``c`` (through :func:`lowbit.quantize`, so static activation scales
+are calibrated exactly as they will be), the model runs on the sensitivity batches, and the cost
+is the mean KL divergence ``KL(p_fp32 || p_quantized)`` of the output distributions (softmax over
+the last dimension of the logits; per token for language models, padding excluded; per image for
+classifiers). For a language model, KL equals the expected rise of the cross-entropy when the text
+follows the model, so ``exp(sum KL)`` approximates the perplexity ratio. ``"skip"`` (keep the
+layer in float) costs 0. Work happens on a copy; the caller's model is not changed.
+
+Allocation (:func:`allocate`): with costs ``d[l, c]`` taken as additive, choose one candidate per
+layer to minimise ``sum d`` subject to ``sum bytes <= budget`` (``target_bpw`` or ``max_bytes``),
+or to minimise ``sum bytes`` subject to ``sum d <= max_loss``: a multiple-choice knapsack, solved
+by dynamic programming over a grid of ``grid`` size cells. Each option's size is rounded *up* to
+whole cells for the solution (so the budget holds in exact bytes) and *down* for a second pass
+whose optimum bounds the exact problem's from below; the difference is reported as the optimality
+gap (0 when the grid is fine enough to be exact). Sizes are the stored weight bytes (codes, scales,
+zero points) of the quantized layers; biases and layers outside the search are the same in every
+assignment and are left out of the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .recipe import SKIP, Recipe
+from .scheme import parse_scheme
+
+__all__ = ["Sensitivity", "Allocation", "MixedPrecisionError", "sensitivity", "allocate", "parse_max_loss"]
+
+
+class MixedPrecisionError(ValueError):
+    """A sensitivity or allocation request that cannot be served (no layers, an unreachable budget)."""
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer costs: ``loss[layer][cand]`` (mean KL, nats) and ``nbytes[layer][cand]``."""
+
+    candidates: list[str]
+    params: dict[str, int]  # layer -> weight elements
+    nbytes: dict[str, dict[str, int]]
+    loss: dict[str, dict[str, float]]
+    metric: str = "kl"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.params)
+
+    def table(self) -> str:
+        """Markdown: one row per layer, KL and bits per weight for each candidate."""
+        head = "| layer | params | " + " | ".join(f"{c} KL | {c} bpw" for c in self.candidates) + " |"
+        sep = "|---|---:|" + "---:|---:|" * len(self.candidates)
+        rows = [head, sep]
+        for n in self.layers:
+            cells = []
+            for c in self.candidates:
+                cells += [f"{self.loss[n][c]:.3g}", f"{8 * self.nbytes[n][c] / self.params[n]:.2f}"]
+            rows.append(f"| {n} | {self.params[n]:,} | " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {"format": "lowbit-sensitivity", "version": 1, "metric": self.metric, "candidates": self.candidates,
+                "params": self.params, "nbytes": self.nbytes, "loss": self.loss, "info": self.info}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Sensitivity:
+        if not isinstance(d, dict) or d.get("format") != "lowbit-sensitivity" or d.get("version") != 1:
+            raise MixedPrecisionError("not a lowbit sensitivity table (format lowbit-sensitivity, version 1)")
+        return cls(list(d["candidates"]), dict(d["params"]), dict(d["nbytes"]), dict(d["loss"]), d["metric"], d.get("info", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sensitivity:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MixedPrecisionError(f"{path}: not a lowbit sensitivity table ({e})") from None
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise MixedPrecisionError(
+        f"sensitivity compares output distributions: the model must return logits, got {type(out).__name__}"
+    )
+
+
+def _mask(batch, logits: torch.Tensor) -> torch.Tensor | None:
+    """``(B, T)`` float mask of real tokens when the batch carries an attention mask."""
+    if isinstance(batch, dict) and "attention_mask" in batch and logits.dim() == 3:
+        return batch["attention_mask"].to(logits.dtype)
+    return None
+
+
+def _kl_sum(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, float]:
+    """Sum over positions of ``KL(ref || q)`` and the number of positions."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logq)).sum(-1)  # (...,) per position
+    if mask is not None:
+        return float((kl * mask).sum()), float(mask.sum())
+    return float(kl.sum()), float(kl.numel())
+
+
+def _re_escape(name: str) -> str:
+    return re.escape(name)
+
+
+def sensitivity(
+    model: nn.Module,
+    candidates: Sequence[str],
+    batches: Iterable,
+    *,
+    calibration: Iterable | None = None,
+    method: str = "rtn",
+    observer: str = "minmax",
+    layers: Sequence[str] | None = None,
+    progress: bool = False,
+    **options,
+) -> Sensitivity:
+    """Measure every layer's cost under every candidate scheme (see the module docstring).
+
+    Args:
+        model: a float model that returns logits (a tensor, or an output with ``.logits``).
+        candidates: scheme strings, and optionally ``"skip"`` (float, cost 0).
+        batches: model inputs on which the output distributions are compared.
+        calibration: data for methods and static schemes that need it (passed to quantize).
+        layers: the layers to measure (default: every Linear/Conv2d except embeddings and the
+            LM head, which :func:`lowbit.quantize` also leaves alone by default).
+    """
+    from . import calibrate, driver
+    from .fold import batchnorm_pairs, fold_batchnorm
+
+    cands = [SKIP if c.strip().lower() == SKIP else str(parse_scheme(c)) for c in candidates]
+    if len(set(cands)) != len(cands) or not cands:
+        raise MixedPrecisionError(f"candidates must be distinct and non-empty, got {list(candidates)}")
+    batches = calibrate.as_batches(batches, "sensitivity")
+    work = copy.deepcopy(model).eval()
+    if batchnorm_pairs(work):  # quantize() would fold them; do it once, up front, on the copy
+        fold_batchnorm(work)
+    heads = driver._head_and_embedding_names(work)
+    mods = dict(work.named_modules())
+    if layers is None:
+        layers = [n for n, m in mods.items() if n and n not in heads and driver._kind(m) in ("linear", "conv2d")]
+    else:
+        bad = [n for n in layers if n not in mods or driver._kind(mods[n]) not in ("linear", "conv2d")]
+        if bad:
+            raise MixedPrecisionError(f"not Linear/Conv2d layers of this model: {', '.join(bad[:5])}")
+    if not layers:
+        raise MixedPrecisionError("the model has no Linear or Conv2d layers to measure")
+    with torch.no_grad():
+        refs = [torch.log_softmax(_logits(calibrate._call(work, b)).float(), dim=-1) for b in batches]
+
+    def cost() -> float:
+        total = count = 0.0
+        for b, ref in zip(batches, refs):
+            logits = _logits(calibrate._call(work, b))
+            s, c = _kl_sum(ref, logits, _mask(b, logits))
+            total, count = total + s, count + c
+        return total / count
+
+    from .algorithms import get_algorithm
+
+    if get_algorithm(method).smooth is not None:
+        raise MixedPrecisionError(
+            f"method {method!r} moves scales between layers, so one layer cannot be measured alone; "
+            "measure with rtn, hqq or gptq, then quantize the chosen recipe with any method"
+        )
+    # Each candidate quantizes a copy once; each layer's quantized module is then swapped alone
+    # into the float model. (A single-layer quantize per measurement would calibrate the whole
+    # model every time; the modules are the same: a layer's inputs are observed in the float
+    # model outside blocks, and after the earlier blocks inside them, as quantize does.)
+    quantized: dict[str, dict[str, nn.Module]] = {}
+    recipe_all = lambda c: Recipe(default=None).add("re:(" + "|".join(map(_re_escape, layers)) + ")", c)  # noqa: E731
+    for c in cands:
+        if c == SKIP:
+            continue
+        q = driver.quantize(copy.deepcopy(work), recipe_all(c), method=method, calibration=calibration,
+                            observer=observer, fold_bn=False, progress=progress, **options)  # fmt: skip
+        quantized[c] = {n: q.get_submodule(n) for n in layers}
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(layers, desc="sensitivity", unit="layer")
+    params, nbytes, loss = {}, {}, {}
+    with torch.no_grad():
+        for name in it:
+            mod = mods[name]
+            w = mod.weight
+            params[name] = w.numel()
+            nbytes[name], loss[name] = {}, {}
+            for c in cands:
+                if c == SKIP:
+                    nbytes[name][c], loss[name][c] = w.numel() * w.element_size(), 0.0
+                    continue
+                q = quantized[c][name]
+                nbytes[name][c] = q.nbytes
+                driver._set_module(work, name, q)
+                try:
+                    loss[name][c] = max(0.0, cost())  # float noise can make a tiny KL negative
+                finally:
+                    driver._set_module(work, name, mod)  # back to float before the next one
+    info = {"method": method, "observer": observer, "batches": len(batches)}
+    return Sensitivity(cands, params, nbytes, loss, "kl", info)
+
+
+@dataclass
+class Allocation:
+    """The chosen scheme per layer, what it costs, and how far from optimal it can be."""
+
+    choice: dict[str, str]
+    nbytes: int
+    params: int
+    loss: float  # predicted: sum of the chosen per-layer costs
+    lower_bound: float  # no assignment within the budget has a smaller predicted cost
+    objective: str  # "loss" (minimised under a size budget) or "size" (under a loss budget)
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.nbytes / self.params
+
+    @property
+    def gap(self) -> float:
+        """Optimality gap of the objective (nats of KL, or bytes), ``>= 0``."""
+        return (self.loss if self.objective == "loss" else self.nbytes) - self.lower_bound
+
+    def recipe(self) -> Recipe:
+        """One rule per layer (exact names), layers not listed kept in float."""
+        r = Recipe(default=None)
+        for name, c in self.choice.items():
+            r.add(name, c)
+        return r
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.choice.values():
+            out[c] = out.get(c, 0) + 1
+        return out
+
+
+def parse_max_loss(text: str | float) -> float:
+    """``"1%"`` -> ``ln(1.01)`` nats (a 1% perplexity rise for a language model); a plain number
+    is taken as nats of KL."""
+    s = str(text).strip()
+    try:
+        v = math.log1p(float(s[:-1]) / 100.0) if s.endswith("%") else float(s)
+    except ValueError:
+        raise MixedPrecisionError(f"max loss must be a number of nats or a percentage like 1%, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise MixedPrecisionError(f"max loss must be positive, got {text!r}")
+    return v
+
+
+def _dp(cost: np.ndarray, size: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multiple-choice knapsack over integer ``size (L, C)`` in cells: ``best[b]`` = the least total
+    cost of one option per layer with total size ``<= b`` (``inf`` if none); ``pick (L, cells+1)``
+    the option layer ``l`` takes in that optimum."""
+    best = np.zeros(cells + 1)  # no layers yet: cost 0 at every capacity
+    picks = np.zeros((cost.shape[0], cells + 1), dtype=np.int16)
+    for layer in range(cost.shape[0]):
+        new = np.full(cells + 1, np.inf)
+        for c in range(cost.shape[1]):
+            s = int(size[layer, c])
+            if s > cells:
+                continue
+            cand = np.full(cells + 1, np.inf)
+            cand[s:] = best[: cells + 1 - s] + cost[layer, c]
+            better = cand < new
+            new[better], picks[layer, better] = cand[better], c
+        best = new
+    return best, picks
+
+
+def _backtrack(picks: np.ndarray, size: np.ndarray, b: int) -> list[int]:
+    out = []
+    for layer in range(picks.shape[0] - 1, -1, -1):
+        c = int(picks[layer, b])
+        out.append(c)
+        b -= int(size[layer, c])
+    return out[::-1]
+
+
+def allocate(
+    sens: Sensitivity,
+    *,
+    target_bpw: float | None = None,
+    max_bytes: int | None = None,
+    max_loss: float | str | None = None,
+    candidates: Sequence[str] | None = None,
+    grid: int = 20000,
+) -> Allocation:
+    """Choose one of ``candidates`` (default: all measured) per layer; see the module docstring.
+
+    Exactly one budget: ``target_bpw`` (average stored bits per weight over the measured layers),
+    ``max_bytes``, or ``max_loss`` (nats of summed KL, or a percentage string, :func:`parse_max_loss`).
+    Raises :class:`MixedPrecisionError` when no assignment meets the budget, naming the reachable end.
+    """
+    if sum(x is not None for x in (target_bpw, max_bytes, max_loss)) != 1:
+        raise MixedPrecisionError("give exactly one budget: target_bpw, max_bytes or max_loss")
+    cands = list(candidates) if candidates is not None else list(sens.candidates)
+    cands = [SKIP if c.strip().lower() == SKIP else str(parse_scheme(c)) for c in cands]
+    missing = [c for c in cands if c not in sens.candidates]
+    if missing:
+        raise MixedPrecisionError(f"not measured: {', '.join(missing)} (measured: {', '.join(sens.candidates)})")
+    layers = sens.layers
+    cost = np.array([[sens.loss[n][c] for c in cands] for n in layers], dtype=np.float64)
+    nbytes = np.array([[sens.nbytes[n][c] for c in cands] for n in layers], dtype=np.int64)
+    total_params = sum(sens.params.values())
+    smallest, largest = int(nbytes.min(1).sum()), int(nbytes.max(1).sum())
+
+    def result(pick: list[int], lower: float, objective: str) -> Allocation:
+        choice = {n: cands[c] for n, c in zip(layers, pick)}
+        size = int(sum(nbytes[i, c] for i, c in enumerate(pick)))
+        return Allocation(choice, size, total_params, float(sum(cost[i, c] for i, c in enumerate(pick))), lower, objective)
+
+    if max_loss is None:
+        budget = int(max_bytes) if max_bytes is not None else int(math.floor(float(target_bpw) * total_params / 8))
+        if budget < smallest:
+            raise MixedPrecisionError(
+                f"no assignment fits {budget:,} bytes ({8 * budget / total_params:.3f} bpw); the smallest "
+                f"reachable with {', '.join(cands)} is {smallest:,} bytes ({8 * smallest / total_params:.3f} bpw)"
+            )
+        budget = min(budget, largest)
+        unit = max(1.0, budget / grid)
+        cells = int(budget // unit)
+        up = np.ceil(nbytes / unit).astype(np.int64)  # feasible in exact bytes
+        down = np.floor(nbytes / unit).astype(np.int64)  # a relaxation: bounds the optimum below
+        best_up, picks = _dp(cost, up, cells)
+        best_down, _ = _dp(cost, down, cells)
+        if not np.isfinite(best_up[cells]):  # the grid's rounding up lost feasibility: go finer
+            if unit == 1.0:
+                raise MixedPrecisionError("no assignment fits the budget")  # pragma: no cover - unreachable
+            return allocate(sens, max_bytes=budget, candidates=cands, grid=grid * 4)
+        return result(_backtrack(picks, up, cells), float(best_down[cells]), "loss")
+
+    limit = parse_max_loss(max_loss)
+    floor_loss = float(cost.min(1).sum())
+    if limit < floor_loss:
+        raise MixedPrecisionError(
+            f"no assignment keeps the predicted loss within {limit:.4g} nats; the least reachable with "
+            f"{', '.join(cands)} is {floor_loss:.4g}"
+        )
+    unit = max(1.0, largest / grid)
+    cells = int(math.ceil(largest / unit))
+    up = np.ceil(nbytes / unit).astype(np.int64)
+    down = np.floor(nbytes / unit).astype(np.int64)
+    best_up, picks = _dp(cost, up, cells)
+    best_down, _ = _dp(cost, down, cells)
+    b = int(np.argmax(best_up <= limit + 1e-12))  # the smallest capacity meeting the loss budget
+    lower_cells = int(np.argmax(best_down <= limit + 1e-12))
+    return result(_backtrack(picks, up, b), float(lower_cells * unit), "size")

@@ -1,0 +1,120 @@
+"""Mixed precision: per-layer sensitivity on a real model, and the knapsack checked against brute force."""
+
+import copy
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.evaluate.classification import accuracy
+from lowbit.mixed import MixedPrecisionError, Sensitivity, allocate, parse_max_loss, sensitivity
+
+
+def _random_table(n_layers, cands, seed):
+    rng = random.Random(seed)
+    params = {f"l{i}": rng.choice([100, 250, 1000, 4096]) for i in range(n_layers)}
+    nbytes, loss = {}, {}
+    for n, p in params.items():
+        bits = sorted(rng.uniform(2, 9) for _ in cands)  # wider candidates: more bytes, less loss
+        losses = sorted((rng.uniform(0, 1) ** 3 for _ in cands), reverse=True)
+        nbytes[n] = {c: int(math.ceil(p * b / 8)) for c, b in zip(cands, bits)}
+        loss[n] = {c: v for c, v in zip(cands, losses)}
+    return Sensitivity(list(cands), params, nbytes, loss)
+
+
+def _brute(sens, budget=None, max_loss=None):
+    best = None
+    for pick in itertools.product(sens.candidates, repeat=len(sens.layers)):
+        size = sum(sens.nbytes[n][c] for n, c in zip(sens.layers, pick))
+        loss = sum(sens.loss[n][c] for n, c in zip(sens.layers, pick))
+        key = (loss, size) if max_loss is None else (size, loss)
+        if (budget is not None and size <= budget) or (max_loss is not None and loss <= max_loss):
+            best = key if best is None or key < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_optimal_against_brute_force(seed):
+    cands = ["w2g32", "w4g32", "int8"]
+    sens = _random_table(6, cands, seed)
+    total = sum(sens.params.values())
+    lo = sum(min(d.values()) for d in sens.nbytes.values())
+    hi = sum(max(d.values()) for d in sens.nbytes.values())
+    for frac in (0.1, 0.5, 0.9):
+        budget = int(lo + frac * (hi - lo))
+        a = allocate(sens, max_bytes=budget)
+        want_loss, _ = _brute(sens, budget=budget)
+        assert a.nbytes <= budget  # exact bytes, whatever the grid
+        assert a.loss == pytest.approx(want_loss, abs=1e-9)  # the optimum
+        assert a.lower_bound <= want_loss + 1e-12 and a.gap == pytest.approx(0, abs=1e-9)
+        assert a.bpw == pytest.approx(8 * a.nbytes / total)
+        assert all(str(a.recipe().resolve(n)[0]) == a.choice[n] for n in sens.layers)
+    limit = 0.5 * sum(max(d.values()) for d in sens.loss.values())
+    a = allocate(sens, max_loss=limit)
+    want_size, _ = _brute(sens, max_loss=limit)
+    assert a.loss <= limit and a.nbytes == want_size and a.gap == 0
+
+
+def test_a_coarse_grid_stays_within_budget_and_states_its_gap():
+    sens = _random_table(8, ["w2g32", "w4g32", "int8"], seed=11)
+    budget = int(sum(sum(d.values()) / 3 for d in sens.nbytes.values()))
+    fine = allocate(sens, max_bytes=budget)
+    coarse = allocate(sens, max_bytes=budget, grid=20)
+    assert coarse.nbytes <= budget
+    assert coarse.lower_bound <= fine.loss <= coarse.loss  # the gap brackets the true optimum
+    assert coarse.gap >= 0
+
+
+def test_budgets_that_cannot_be_met_and_bad_requests():
+    sens = _random_table(3, ["w2g32", "int8"], seed=3)
+    smallest = sum(min(d.values()) for d in sens.nbytes.values())
+    with pytest.raises(MixedPrecisionError, match=f"smallest reachable .* is {smallest:,} bytes"):
+        allocate(sens, max_bytes=smallest - 1)
+    with pytest.raises(MixedPrecisionError, match="smallest reachable"):
+        allocate(sens, target_bpw=1.0)
+    with pytest.raises(MixedPrecisionError, match="least reachable"):
+        allocate(sens, max_loss=1e-9)
+    with pytest.raises(MixedPrecisionError, match="exactly one budget"):
+        allocate(sens, target_bpw=4, max_loss="1%")
+    with pytest.raises(MixedPrecisionError, match="not measured: w4g32"):
+        allocate(sens, target_bpw=4, candidates=["w4g32"])
+    assert parse_max_loss("1%") == pytest.approx(math.log(1.01))
+    with pytest.raises(MixedPrecisionError, match="percentage"):
+        parse_max_loss("one percent")
+
+
+def test_sensitivity_on_digits_finds_the_costly_layers_and_its_recipe_runs(digits, tmp_path):
+    zoo, data = digits
+    model = zoo.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = data["x_test"]
+    sens = sensitivity(model, ["w2g16", "w4g16", "int8", "skip"], [x[:128]])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert sens.layers == [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for n in sens.layers:  # fewer bits cost more on every layer of a real network
+        d = sens.loss[n]
+        assert d["w2g16"] > d["w4g16"] > d["int8"] >= 0 and d["skip"] == 0
+        assert sens.nbytes[n]["w2g16"] < sens.nbytes[n]["w4g16"] < sens.nbytes[n]["int8"] < sens.nbytes[n]["skip"]
+    sens.save(tmp_path / "s.json")
+    again = Sensitivity.load(tmp_path / "s.json")
+    assert again.loss == sens.loss and again.nbytes == sens.nbytes
+    # a budget between uniform 2-bit and uniform 4-bit: the allocation beats uniform w2g16 held
+    # to the same size on real labels
+    size2 = sum(sens.nbytes[n]["w2g16"] for n in sens.layers)
+    size4 = sum(sens.nbytes[n]["w4g16"] for n in sens.layers)
+    a = allocate(sens, max_bytes=(size2 + size4) // 2, candidates=["w2g16", "w4g16"])
+    q = lowbit.quantize(copy.deepcopy(model), a.recipe())
+    assert sum(lay.bytes for lay in lowbit.size_of(q).layers if lay.name in a.choice) == a.nbytes
+    uniform = lowbit.quantize(copy.deepcopy(model), "w2g16")
+    y = data["y_test"]
+    assert accuracy(q, x, y) > accuracy(uniform, x, y)
+    with pytest.raises(MixedPrecisionError, match="must return logits"):
+        sensitivity(torch.nn.Sequential(torch.nn.Linear(4, 4), _Dict()), ["int8"], [torch.randn(2, 4)])
+
+
+class _Dict(torch.nn.Module):
+    def forward(self, x):
+        return {"h": x}
