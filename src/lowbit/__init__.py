@@ -9,6 +9,8 @@ The public face::
     model = lowbit.load("out/", model=skeleton)        # any other nn.Module
     lowbit.size_of(model)                              # bytes, bits/weight, per layer
     lowbit.estimate(params=70e9, scheme="w4g128")      # memory calculator
+    model = lowbit.prepare_qat(model, "w4g64")         # QAT: fake quantization, learned steps
+    model = lowbit.convert(model)                      # ... then the same packed modules as PTQ
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from .driver import QuantizeError, UnsupportedModuleError, quantize  # noqa: E40
 from .estimate import estimate  # noqa: E402
 from .evaluate.size import size_of  # noqa: E402
 from .io import LowbitFormatError, load, save  # noqa: E402
+from .qat import QATError, convert, prepare_qat  # noqa: E402
 from .recipe import Recipe, RecipeError  # noqa: E402
 from .scheme import Scheme, SchemeError, parse_scheme  # noqa: E402
 
 __all__ = [
     "__version__",
     "quantize",
+    "prepare_qat",
+    "convert",
     "save",
     "load",
     "size_of",
@@ -37,4 +42,5 @@ __all__ = [
     "QuantizeError",
     "UnsupportedModuleError",
     "LowbitFormatError",
+    "QATError",
 ]

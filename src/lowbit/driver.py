@@ -165,6 +165,55 @@ def _quantize_data_free(model, todo, algo, algo_options, method, records, progre
     return swaps
 
 
+def _plan(model: nn.Module, recipe: Recipe) -> tuple[list, dict, set]:
+    """What ``recipe`` does to each module of ``model``: the layers to quantize as ``(name, module,
+    kind, scheme, why)``, a :class:`LayerRecord` for every other weight-owning module, and the
+    names of embeddings/heads. Raises if a rule names a module lowbit cannot quantize; warns about
+    unsupported modules the default would have reached."""
+    heads = _head_and_embedding_names(model)
+    records: dict[str, LayerRecord] = dict(getattr(model, "lowbit_layers", {}) or {})
+    todo: list[tuple[str, nn.Module, str, Scheme, str]] = []
+    unsupported_named: list[str] = []
+    unsupported_default: list[str] = []
+    inside: list[str] = []  # QAT wrappers (lowbit.qat): their float layer is not planned again
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule) or not name or any(name.startswith(p) for p in inside):
+            continue
+        if getattr(mod, "lowbit_qat", False):
+            inside.append(name + ".")
+            continue
+        own = _own_weights(mod)
+        kind = _kind(mod)
+        if kind is None and not own:
+            continue
+        scheme, why = recipe.resolve(name, embedding_or_head=name in heads)
+        tname = type(mod).__name__
+        if kind is None:
+            if scheme is not None and why != "default":
+                unsupported_named.append(f"{name} ({tname})")
+            elif scheme is not None:
+                unsupported_default.append(f"{name} ({tname})")
+            records[name] = LayerRecord(name, tname, "unsupported", reason=f"no quantized {tname} in lowbit; kept float")
+            continue
+        if scheme is None:
+            records[name] = LayerRecord(name, tname, "kept", reason=why)
+            continue
+        todo.append((name, mod, kind, scheme, why))
+    if unsupported_named:
+        raise UnsupportedModuleError(
+            "recipe rules name modules lowbit cannot quantize: "
+            + ", ".join(unsupported_named)
+            + ". Supported: nn.Linear, transformers Conv1D, nn.Conv2d (zero padding), nn.Embedding."
+        )
+    if unsupported_default:
+        warnings.warn(
+            "lowbit keeps these modules in float (no quantized version of their type): "
+            + ", ".join(unsupported_default),
+            stacklevel=4,  # the caller of quantize() (past _plan, quantize and no_grad's wrapper)
+        )
+    return todo, records, heads
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -214,31 +263,7 @@ def quantize(
     if observer not in OBSERVERS:
         raise QuantizeError(f"unknown observer {observer!r}; observers: {', '.join(OBSERVERS)}")
 
-    heads = _head_and_embedding_names(model)
-    records: dict[str, LayerRecord] = dict(getattr(model, "lowbit_layers", {}) or {})
-    todo: list[tuple[str, nn.Module, str, Scheme, str]] = []
-    unsupported_named: list[str] = []
-    unsupported_default: list[str] = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantModule) or not name:
-            continue
-        own = _own_weights(mod)
-        kind = _kind(mod)
-        if kind is None and not own:
-            continue
-        scheme, why = recipe.resolve(name, embedding_or_head=name in heads)
-        tname = type(mod).__name__
-        if kind is None:
-            if scheme is not None and why != "default":
-                unsupported_named.append(f"{name} ({tname})")
-            elif scheme is not None:
-                unsupported_default.append(f"{name} ({tname})")
-            records[name] = LayerRecord(name, tname, "unsupported", reason=f"no quantized {tname} in lowbit; kept float")
-            continue
-        if scheme is None:
-            records[name] = LayerRecord(name, tname, "kept", reason=why)
-            continue
-        todo.append((name, mod, kind, scheme, why))
+    todo, records, heads = _plan(model, recipe)
     for scheme in sorted({t[3] for t in todo}, key=str):
         problem = algo.serves(scheme)
         if problem:
@@ -254,19 +279,6 @@ def quantize(
             "activation quantization applies to linear layers (dynamic or -static) and conv2d layers "
             f"(-static only), not {', '.join(embedded_acts)}"
         )
-    if unsupported_named:
-        raise UnsupportedModuleError(
-            "recipe rules name modules lowbit cannot quantize: "
-            + ", ".join(unsupported_named)
-            + ". Supported: nn.Linear, transformers Conv1D, nn.Conv2d (zero padding), nn.Embedding."
-        )
-    if unsupported_default:
-        warnings.warn(
-            "lowbit keeps these modules in float (no quantized version of their type): "
-            + ", ".join(unsupported_default),
-            stacklevel=2,
-        )
-
     for name, mod, kind, _scheme, _why in todo:  # before any work, so the error names the layer
         check_finite(_float_weight(mod, kind), f"{name}.weight")
     undo_folds = _fold_batchnorms(model, todo, records) if fold_bn else (lambda: None)

@@ -16,7 +16,10 @@ def _bias(mod) -> torch.Tensor | None:
 def quantize_static(x: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | int | None = 0) -> torch.Tensor:
     """Static int8 activations (one calibrated scale and zero point for the tensor):
     ``q = clamp(round(x / scale) + zero, -127, 127)``; returns ``(q - zero) * scale``."""
-    s, z = float(scale), 0 if zero is None else int(zero)
+    # a float32 tensor divisor (not a Python float): QAT's fake quantization divides by its
+    # float32 step the same way, so both round every value identically
+    s = torch.as_tensor(scale, dtype=torch.float32)
+    z = 0 if zero is None else int(zero)
     return (torch.round(x / s).add_(z).clamp_(-127, 127).sub_(z)) * s
 
 

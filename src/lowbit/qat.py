@@ -1,0 +1,369 @@
+"""Quantization-aware training: fake quantization with learned step sizes, then the packed model.
+
+    model = lowbit.prepare_qat(model, "w4g64")                  # in place: QAT wrappers
+    lowbit.qat.fit(model, batches, teacher=fp32_model, steps=300) # or any training loop
+    lowbit.convert(model)                                       # packed QuantLinear/QuantConv2d
+
+:func:`prepare_qat` wraps every layer the recipe selects (``nn.Linear``, ``nn.Conv2d``) in a
+:class:`QATLayer` that keeps the float weight trainable and fake-quantizes it in the forward pass:
+
+    w_hat = (clamp(round(w / s + z), 0, 2^b - 1) - z) * s          (per group, as the scheme stores)
+
+``round`` passes its gradient straight through (STE); ``clamp`` stops it outside the range; the
+step ``s`` is a parameter learned by the LSQ gradient (Esser et al., "Learned Step Size
+Quantization", ICLR 2020: ``d w_hat / d s = round(v) - v`` inside the range, the clipped code
+outside, scaled by ``1 / sqrt(n * Q_p)`` with ``n`` the elements sharing the step). The forward
+pass uses ``s`` rounded to its storage dtype (fp16) and, for asymmetric schemes, the learned zero
+point rounded to an integer code, so :func:`convert` stores exactly what training saw. Steps
+start from the min/max choice of PTQ (or the MSE clip with ``init="mse"``).
+
+Int8 activations: dynamic schemes (``w4a8``) fake-quantize each token with its own absmax, as
+the kernels do; static ones (``w8a8-static``) learn one step per layer input by LSQ from an
+observer's start (calibration batches, or the first training batch) and keep its zero point.
+
+BatchNorms that follow a wrapped layer are folded first (``fold_bn=True``; they must be in
+inference mode, with running statistics): QAT then trains the folded weights, the form the
+deployed model runs. :func:`convert` refuses a model that still has a BatchNorm in training mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .primitives import check_finite, choose_qparams, grouped, mse_clip_search, round_scale
+from .recipe import Recipe
+from .scheme import Scheme
+
+__all__ = ["QATError", "QATLayer", "prepare_qat", "convert", "fit", "distill_loss"]
+
+
+class QATError(ValueError):
+    """A model or scheme QAT cannot train or convert."""
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _grad_scaled(p: torch.Tensor, g: float) -> torch.Tensor:
+    """``p`` in the forward pass, its gradient multiplied by ``g`` (LSQ's step-size gradient scale)."""
+    return (p - p * g).detach() + p * g
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | float, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``(clamp(round(x / step + zero), qmin, qmax) - zero) * step``, straight-through rounding;
+    ``step`` and ``zero`` broadcast against ``x``; gradients reach ``x`` (inside the range) and
+    ``step`` (LSQ)."""
+    q = torch.clamp(_ste_round(x / step + zero), qmin, qmax)
+    return (q - zero) * step
+
+
+class _WeightQuant(nn.Module):
+    """Learned per-group steps (and zero points) of one weight ``(N, K)``; groups as stored."""
+
+    def __init__(self, w2d: torch.Tensor, scheme: Scheme, init: str) -> None:
+        super().__init__()
+        fmt = scheme.fmt
+        if fmt.kind != "affine":
+            raise QATError(f"QAT learns integer steps: {scheme} ({fmt.name}) is not an integer format")
+        self.scheme = scheme
+        self.shape = tuple(w2d.shape)
+        qp = mse_clip_search(w2d.detach(), scheme) if init == "mse" else choose_qparams(w2d.detach(), scheme)
+        self.step = nn.Parameter(qp.scale.clone())  # (R, ng), R = N or 1 (per tensor)
+        self.zero = nn.Parameter(qp.zero.clone()) if qp.zero is not None else None  # (R, ng) asym only
+        self.group = self.shape[1] if scheme.group_size is None else scheme.group_size
+        if scheme.per_tensor:
+            self.group = self.shape[0] * self.shape[1]
+        q_pos = fmt.qmax - (fmt.sym_zero if scheme.symmetric else 0)  # LSQ's Q_p
+        self.grad_scale = 1.0 / math.sqrt(self.group * max(1, q_pos))
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step rounded to its storage dtype and the zero point rounded to a code (no grad)."""
+        fmt = self.scheme.fmt
+        s = round_scale(self.step.detach(), fmt)
+        z = None if self.zero is None else self.zero.detach().round().clamp(0, fmt.qmax)
+        return s, z
+
+    def forward(self, w2d: torch.Tensor) -> torch.Tensor:
+        fmt = self.scheme.fmt
+        s_stored, z_stored = self.stored()
+        step = self.step + (s_stored - self.step).detach()  # fp16 value, LSQ gradient
+        step = _grad_scaled(step, self.grad_scale)
+        step = torch.where(step.detach() == 0, torch.ones_like(step), step)  # an all-zero group
+        if self.zero is None:
+            zero = float(fmt.sym_zero)
+        else:
+            zero = _grad_scaled(self.zero + (z_stored - self.zero).detach(), self.grad_scale).unsqueeze(-1)
+        flat = w2d.reshape(1, -1) if self.scheme.per_tensor else w2d
+        g = grouped(flat, self.group)  # (R, ng, G), zero-padded
+        out = lsq_fake_quantize(g, step.unsqueeze(-1), zero, 0, fmt.qmax)
+        return out.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(self.shape)
+
+
+class _ActQuant(nn.Module):
+    """Int8 input activations: dynamic per token, or static with a learned step (LSQ)."""
+
+    QMAX = 127
+
+    def __init__(self, scheme: Scheme) -> None:
+        super().__init__()
+        self.static = scheme.act_static
+        self.group = scheme.act_group
+        self.step = nn.Parameter(torch.ones(())) if self.static else None
+        self.register_buffer("zero", torch.zeros((), dtype=torch.int8) if self.static else None)
+        self.ready = not self.static  # static steps start from an observer
+        self.bypass = False  # pass inputs through unchanged (while observers watch them)
+
+    def init_from(self, step: float, zero: int) -> None:
+        with torch.no_grad():
+            self.step.fill_(step)
+            self.zero.fill_(zero)
+        self.ready = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
+        if not self.static:
+            from .kernels.reference import quantize_activations
+
+            return x + (quantize_activations(x.detach(), self.group) - x).detach()  # STE
+        if not self.ready:  # no calibration given: start from the first batch's range
+            from .observers import make_observer
+
+            obs = make_observer("minmax")
+            obs.update(x)
+            self.init_from(*obs.qparams())
+        g = 1.0 / math.sqrt(x.numel() * self.QMAX)
+        step = _grad_scaled(self.step.abs().clamp_min(1e-12), g)
+        z = float(self.zero)
+        # round, then shift by the zero point: the order of the kernels' quantize_static
+        q = torch.clamp(_ste_round(x / step) + z, -self.QMAX, self.QMAX)
+        return (q - z) * step
+
+
+class QATLayer(nn.Module):
+    """A Linear or Conv2d (``self.layer``, its float weight trainable) whose weight and, for ``a8``
+    schemes, input run fake-quantized."""
+
+    lowbit_qat = True  # the driver's planning skips what is inside (it does not import this file)
+
+    def __init__(self, layer: nn.Module, scheme: Scheme, init: str = "minmax") -> None:
+        super().__init__()
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise QATError(f"QAT wraps nn.Linear and nn.Conv2d, not {type(layer).__name__}")
+        self.layer = layer
+        self.scheme = scheme
+        self.wq = _WeightQuant(layer.weight.detach().reshape(layer.weight.shape[0], -1), scheme, init)
+        self.aq = _ActQuant(scheme) if scheme.act_bits else None
+
+    def fake_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        return self.wq(w.reshape(w.shape[0], -1)).reshape(w.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is not None:
+            x = self.aq(x)
+        w = self.fake_weight()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, self.layer.bias)
+        return self.layer._conv_forward(x, w, self.layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}"
+
+
+def prepare_qat(
+    model: nn.Module,
+    spec: str | Scheme | Recipe,
+    calibration: Iterable | None = None,
+    *,
+    observer: str = "minmax",
+    init: str = "minmax",
+    fold_bn: bool = True,
+) -> nn.Module:
+    """Wrap the layers ``spec`` selects in :class:`QATLayer` (in place); returns ``model``.
+
+    ``calibration`` (model inputs) starts static activation steps from ``observer``; without it
+    they start from the first batch seen. ``init``: ``"minmax"`` or ``"mse"`` weight steps.
+    """
+    from . import driver
+
+    if init not in ("minmax", "mse"):
+        raise QATError(f"init must be 'minmax' or 'mse', got {init!r}")
+    recipe = Recipe.coerce(spec)
+    todo, records, _heads = driver._plan(model, recipe)
+    wrapped = [t for t in todo if isinstance(t[1], (nn.Linear, nn.Conv2d))]
+    other = [f"{t[0]} ({type(t[1]).__name__})" for t in todo if t not in wrapped]
+    if other:
+        raise QATError(f"QAT trains nn.Linear and nn.Conv2d layers; the recipe also selects {', '.join(other)}")
+    if not wrapped:
+        raise QATError("no trainable layers: the model has no nn.Linear or nn.Conv2d layer the recipe selects")
+    frozen = [t[0] for t in wrapped if not t[1].weight.requires_grad]
+    if len(frozen) == len(wrapped):
+        raise QATError("no trainable layers: every selected layer's weight has requires_grad=False")
+    for name, mod, _kind, _s, _w in wrapped:
+        check_finite(mod.weight, f"{name}.weight")
+    if fold_bn:
+        driver._fold_batchnorms(model, wrapped, records)
+    for name, mod, _kind, scheme, why in wrapped:
+        driver._set_module(model, name, QATLayer(mod, scheme, init))
+        records[name] = driver.LayerRecord(name, type(mod).__name__, "quantized", str(scheme), "qat", why)
+    model.lowbit_layers = records
+    static = {n: model.get_submodule(n) for n, *_ in wrapped if model.get_submodule(n).aq is not None}
+    static = {n: m for n, m in static.items() if m.aq.static}
+    if static and calibration is not None:
+        _init_activations(model, static, calibration, observer)
+    return model
+
+
+def _init_activations(model: nn.Module, layers: dict[str, QATLayer], calibration, observer: str) -> None:
+    """Observe each static layer's float input over the calibration batches; start its step there."""
+    from .calibrate import _call, as_batches
+    from .observers import make_observer
+
+    batches = as_batches(calibration, "QAT's static activations")
+    obs = {n: make_observer(observer) for n in layers}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: obs[n].update(a[0])) for n, m in layers.items()]
+    try:
+        for m in layers.values():
+            m.aq.bypass = True  # observe unrounded inputs
+        with torch.no_grad():
+            for b in batches:
+                _call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in layers.values():
+            m.aq.bypass = False
+    for n, m in layers.items():
+        m.aq.init_from(*obs[n].qparams())
+
+
+def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
+    """Replace every :class:`QATLayer` with the packed module PTQ would produce, holding the learned
+    steps (in place; returns ``model``). Saved files are the same format as PTQ's."""
+    from . import driver, kernels
+    from .nn import QuantConv2d, QuantLinear
+    from .primitives import QParams
+    from .qweight import QWeight
+
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if bns:
+        raise QATError(
+            f"BatchNorm in training mode at conversion ({', '.join(bns[:3])}): call model.eval() first, "
+            "so that its running statistics, not a batch's, are what the deployed model uses"
+        )
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLayer)]
+    if not layers:
+        raise QATError("no QAT layers to convert: call prepare_qat() first")
+    swaps = []
+    for name, q in layers:
+        if q.aq is not None and q.aq.static and not q.aq.ready:
+            raise QATError(f"{name}: its activation step was never initialised (no calibration, no forward pass)")
+        w = q.layer.weight.detach()
+        check_finite(w, f"{name}.weight")
+        s, z = q.wq.stored()
+        qw = QWeight.from_float(w, q.scheme, QParams(s, z), name=f"{name}.weight")
+        act = {}
+        if q.aq is not None and q.aq.static:
+            act = {"act_scale": float(q.aq.step.detach().abs()), "act_zero": int(q.aq.zero)}
+        dtype = str(w.dtype).replace("torch.", "")
+        if isinstance(q.layer, nn.Linear):
+            new = QuantLinear(qw, q.layer.bias, method="qat", orig_dtype=dtype, **act)
+        else:
+            new = QuantConv2d(qw, q.layer.bias, QuantConv2d.conv_args(q.layer), method="qat", orig_dtype=dtype, **act)
+        swaps.append((name, new))
+    for name, new in swaps:
+        driver._set_module(model, name, new)
+    kernels.use_kernel(model, kernel)
+    return model
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean ``KL(softmax(teacher / T) || softmax(student / T)) * T^2`` over the positions of logits
+    ``(..., C)`` (Hinton et al., 2015)."""
+    t = temperature
+    logp = torch.log_softmax(student.float() / t, dim=-1)
+    logq = torch.log_softmax(teacher.float() / t, dim=-1)
+    return (logq.exp() * (logq - logp)).sum(-1).mean() * (t * t)
+
+
+def fit(
+    model: nn.Module,
+    batches,
+    *,
+    steps: int,
+    seconds: float | None = None,
+    teacher: nn.Module | None = None,
+    loss_fn=None,
+    lr: float = 1e-5,
+    step_lr: float = 1e-4,
+    temperature: float = 1.0,
+    on_step=None,
+) -> list[float]:
+    """A minimal QAT loop: AdamW over the float weights (``lr``) and the learned steps (``step_lr``),
+    ``steps`` updates cycling through ``batches`` (a list, or a callable ``i -> batch``), learning
+    rates on a cosine from full to 0. With ``seconds``, training also stops at that wall time and
+    the cosine follows whichever of steps or time is further along, so a time budget still ends
+    with a decayed rate.
+
+    Loss: ``distill_loss(model(b), teacher(b))`` with a ``teacher`` (the FP32 model: no labels
+    needed), else ``loss_fn(model, batch)``. Returns the loss of every step; ``on_step(i, loss)`` is
+    called after each (for logging; return ``True`` to stop early).
+    """
+    from .calibrate import _call
+    from .mixed import _logits
+
+    if (teacher is None) == (loss_fn is None):
+        raise QATError("give exactly one of teacher= (distillation) or loss_fn=")
+    if steps < 1:
+        raise QATError(f"steps must be >= 1, got {steps}")
+    qat = [m for m in model.modules() if isinstance(m, QATLayer)]
+    if not qat:
+        raise QATError("no QAT layers: call prepare_qat() first")
+    steps_p = [p for m in qat for p in (m.wq.step, m.wq.zero, m.aq.step if m.aq is not None else None) if p is not None]
+    ids = {id(p) for p in steps_p}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": weights, "lr": lr, "weight_decay": 0.0}, {"params": steps_p, "lr": step_lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups)
+    base = [grp["lr"] for grp in opt.param_groups]
+    t0 = time.perf_counter()
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    for mod in model.modules():  # BatchNorms left unfolded keep their statistics frozen
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.eval()
+    get = batches if callable(batches) else (lambda i: batches[i % len(batches)])
+    losses = []
+    try:
+        for i in range(steps):
+            done = i / steps if seconds is None else max(i / steps, (time.perf_counter() - t0) / seconds)
+            if done >= 1.0:
+                break
+            for grp, lr0 in zip(opt.param_groups, base):
+                grp["lr"] = lr0 * 0.5 * (1.0 + math.cos(math.pi * done))
+            b = get(i)
+            if teacher is not None:
+                with torch.no_grad():
+                    t = _logits(_call(teacher, b))
+                loss = distill_loss(_logits(_call(model, b)), t, temperature)
+            else:
+                loss = loss_fn(model, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if on_step is not None and on_step(i, losses[-1]):
+                break
+    finally:
+        model.eval()
+    return losses

@@ -1,0 +1,107 @@
+"""QAT: LSQ fake quantization, prepare/convert parity, distillation on real digits, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.evaluate.classification import accuracy
+from lowbit.nn import QuantConv2d, QuantLinear
+from lowbit.qat import QATError, QATLayer, distill_loss, fit, lsq_fake_quantize
+
+
+def test_lsq_gradients_are_the_papers():
+    x = torch.tensor([0.26, -0.9, 5.0, -5.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    y = lsq_fake_quantize(x, s, 0.0, -4, 3)  # codes -4..3: 5.0 and -5.0 clip
+    assert torch.equal(y.detach(), torch.tensor([0.5, -1.0, 1.5, -2.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))  # straight through inside, 0 outside
+    v = torch.tensor([0.52, -1.8])  # x / s inside the range: d/ds = round(v) - v; clipped: the code
+    want = float((v.round() - v).sum()) + 3 + (-4)
+    assert float(s.grad) == pytest.approx(want, abs=1e-6)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 70), nn.ReLU(), nn.Linear(70, 10)).eval()  # fmt: skip
+
+
+def _imgs(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "w4g32-asym", "int8", "w8-tensor", "w3g16-asym", "w8a8-static", "w4a8-static"])
+def test_convert_stores_exactly_what_training_saw(scheme, tmp_path):
+    model = _net()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    imgs = _imgs()
+    q = lowbit.prepare_qat(copy.deepcopy(model), scheme, calibration=imgs)
+    assert isinstance(q[0], QATLayer) and isinstance(q[1], nn.Identity)  # the BatchNorm was folded
+    fit(q, imgs, steps=5, teacher=model, lr=1e-3, step_lr=1e-3)  # move weights and steps off their start
+    x = _imgs(1, seed=9)[0]
+    with torch.no_grad():
+        fake = q(x)
+    lowbit.convert(q, kernel="reference")  # dequantize-then-float: exactly the fake-quant math
+    assert isinstance(q[0], QuantConv2d) and isinstance(q[4], QuantLinear) and q[4].method == "qat"
+    with torch.no_grad():
+        real = q(x)
+    assert torch.allclose(real, fake, rtol=1e-5, atol=1e-6)
+    lowbit.save(q, tmp_path / "m")
+    back = lowbit.load(tmp_path / "m", model=_net())  # the fastest kernels (int16/int8 activations)
+    with torch.no_grad():
+        assert torch.allclose(back(x), real, atol=2e-3 * float(real.abs().max()))
+
+
+def test_distillation_recovers_what_ptq_lost_on_real_digits(digits):
+    """W3A8 (3-bit per-channel weights, static int8 activations; W4A8 loses only 2 of 500 images here,
+    too few to test on) on the real digits test set: QAT by
+    distillation from the FP32 model, on training images only, recovers >= 70% of PTQ's loss."""
+    zoo, data = digits
+    fp = zoo.model
+    x, xt, yt = data["x_train"], data["x_test"], data["y_test"]
+    cal = [x[:256]]
+    acc_fp = accuracy(fp, xt, yt)
+    ptq = lowbit.quantize(copy.deepcopy(fp), "w3a8-static", calibration=cal)
+    acc_ptq = accuracy(ptq, xt, yt)
+    q = lowbit.prepare_qat(copy.deepcopy(fp), "w3a8-static", calibration=cal)
+    g = torch.Generator().manual_seed(0)
+    batches = [x[torch.randint(0, len(x), (64,), generator=g)] for _ in range(40)]
+    losses = fit(q, batches, steps=200, teacher=fp, lr=1e-3, step_lr=1e-3)
+    assert sum(losses[-20:]) < sum(losses[:20])
+    lowbit.convert(q)
+    acc_qat = accuracy(q, xt, yt)
+    assert acc_fp - acc_ptq >= 0.01, (acc_fp, acc_ptq)  # PTQ lost something worth recovering
+    assert (acc_qat - acc_ptq) >= 0.7 * (acc_fp - acc_ptq), (acc_fp, acc_ptq, acc_qat)
+
+
+def test_bad_input_gets_one_clear_error():
+    with pytest.raises(QATError, match="no trainable layers"):
+        lowbit.prepare_qat(nn.Sequential(nn.ReLU(), nn.Flatten()), "w4g32")
+    frozen = _net()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(QATError, match="requires_grad=False"):
+        lowbit.prepare_qat(frozen, "w4g32")
+    with pytest.raises(QATError, match="not an integer format"):
+        lowbit.prepare_qat(_net(), "nf4g32")
+    with pytest.raises(QATError, match="prepare_qat"):
+        lowbit.convert(_net())
+    m = lowbit.prepare_qat(_net(), "w4g32", fold_bn=False)
+    m.train()
+    with pytest.raises(QATError, match="BatchNorm in training mode at conversion"):
+        lowbit.convert(m)
+    trained = _net().train()
+    with pytest.raises(Exception, match="training mode"):  # folding needs inference-mode statistics
+        lowbit.prepare_qat(trained, "w4g32")
+    assert all(not isinstance(mod, QATLayer) for mod in trained.modules())  # nothing was wrapped
+    with pytest.raises(QATError, match="exactly one of teacher"):
+        fit(lowbit.prepare_qat(_net(), "w4g32"), _imgs(), steps=1)
+    with pytest.raises(QATError, match="never initialised"):
+        lowbit.convert(lowbit.prepare_qat(_net(), "w8a8-static"))  # static, no calibration, never run
+    assert float(distill_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))) == pytest.approx(0, abs=1e-7)
