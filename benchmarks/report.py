@@ -249,6 +249,111 @@ def _sweeps(res: dict) -> str:
     ] if "act_groups" in res else []))
 
 
+def _mobilenet(res: dict) -> str:
+    rows = [[r["variant"], r["observer"], f"{100 * r['agreement']:.1f}%", f"{100 * r['agreement_all']:.1f}%",
+             f"{r['mean_kl']:.3f}", f"{r['bpw']:.2f}", f"{r['model_bytes'] / 1e6:.2f}"] for r in res["rows"]]  # fmt: skip
+    conf = res["rows"][0]["confident"]
+    sp = res["speed"]
+    mixed = []
+    for m in res["mixed"]:
+        counts = ", ".join(f"{c} x{k}" for c, k in sorted(m["counts"].items()))
+        floats = ", ".join(m["float_layers"]) or "none"
+        mixed.append(f"* {m['variant']}: {counts}; float layers: {floats}; predicted KL {m['predicted_kl']:.3f}, "
+                     f"optimality gap {m['gap']:.2g}")  # fmt: skip
+    sens = [[s["layer"], *[f"{s[c]:.4f}" for c in ("w8a8-tensor-static", "w8a8-static", "w4a8-static")]]
+            for s in res["most_sensitive"]]  # fmt: skip
+    return "\n".join([
+        "## MobileNetV2: static INT8 (Conv2d), observers, mixed precision",
+        "",
+        _header(res),
+        "",
+        f"ImageNet MobileNetV2 (BatchNorms folded) on {res['eval_crops']} augmented crops of the 10 photos bundled "
+        f"with scikit-image and scikit-learn (eval split); scales calibrated on {res['calib_crops']} other crops "
+        f"(calib split). No labels: *agreement* = top-1 agreement with FP32 on the {conf} crops where FP32 is "
+        "confident (p >= 0.5; near-ties flip on noise), *all* = agreement on every crop, KL = mean KL(FP32 || "
+        "quantized). Static activations: one scale and zero point per layer input (unsigned codes after "
+        "ReLU6); weights per channel unless 'per-tensor'. bpw: stored bits per weight of the quantized layers.",
+        "",
+        markdown_table(["variant", "observer", "agreement", "all", "KL", "bpw", "model MB"], rows),
+        "",
+        "Mixed precision (`lowbit.mixed`: each layer quantized alone on 32 other calibration crops, KL to FP32, "
+        "then the knapsack):",
+        "",
+        *mixed,
+        "",
+        "Most sensitive layers (KL when quantized alone):",
+        "",
+        markdown_table(["layer", "w8a8 per-tensor", "w8a8 per-channel", "w4a8 per-channel"], sens),
+        "",
+        f"![MobileNetV2 sensitivity]({res['plot']})",
+        "",
+        f"Speed: the static Conv2d layers run the reference path (input rounded to its int8 grid, dequantized "
+        f"weight, float conv): batch of {sp['batch']} crops, median {sp['w8a8_static_s'] * 1e3:.0f} ms vs FP32 "
+        f"{sp['fp32_s'] * 1e3:.0f} ms ({sp['fp32_s'] / sp['w8a8_static_s']:.2f}x). There is no int8 convolution "
+        "kernel yet; the int8 GEMM serves Linear layers.",
+    ])
+
+
+def _mixed(res: dict) -> str:
+    fp = res["fp32"]
+    rows = []
+    for r in res["uniform"] + res["mixed"]:
+        counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.get("counts", {}).items())) or "uniform"
+        rows.append([r["variant"], r["method"], f"{r['bpw']:.3f}", f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%",
+                     counts])  # fmt: skip
+    return "\n".join([
+        "## SmolLM2-135M: mixed precision vs uniform",
+        "",
+        _header(res),
+        "",
+        f"Sensitivity: each of the 210 block linears quantized alone with w3g64, w4g64 and int8 (RTN), KL of the "
+        f"next-token distributions to FP32 on {res['sensitivity_tokens']} calibration tokens "
+        f"({res['sensitivity_seconds']:.0f} s). Allocation: the knapsack at each target bits per weight (over the "
+        f"block linears; embeddings and head stay float in every row). Perplexity on {res['tokens']} held-out "
+        f"tokens, FP32 {fp:.3f}.",
+        "",
+        markdown_table(["variant", "method", "bpw", "ppl", "Δppl", "layers"], rows),
+        "",
+        *[f"![{Path(p).stem}]({p})" for p in res["plots"]],
+    ])
+
+
+def _qat(res: dict) -> str:
+    d = res["digits"]
+    fp = d["rows"][0]["accuracy"]
+    drows = [["fp32", f"{100 * fp:.2f}%", "-", "-", "-"]]
+    for r in d["rows"][1:]:
+        lost = fp - r["ptq"]
+        rec = f"{100 * (r['qat'] - r['ptq']) / lost:.0f}%" if lost > 0 else "(nothing lost)"
+        drows.append([r["variant"], f"{100 * r['ptq']:.2f}%", f"{100 * r['qat']:.2f}%", rec, f"{r['seconds']:.0f}"])
+    s = res["smollm2"]
+    return "\n".join([
+        "## QAT: learned step sizes, distillation from FP32",
+        "",
+        _header(res),
+        "",
+        f"digits-cnn, real labels ({d['test_images']} test images): PTQ = static calibration on 256 training "
+        f"images; QAT = `prepare_qat` from the same start, {d['steps']} steps of distillation (batch {d['batch']}, "
+        "training images, no labels), `convert`, then the same packed modules as PTQ.",
+        "",
+        markdown_table(["scheme", "PTQ accuracy", "QAT accuracy", "PTQ loss recovered", "QAT seconds"], drows),
+        "",
+        f"SmolLM2-135M {s['scheme']}: RTN vs QAT (LSQ steps, every block linear, embeddings/head float, "
+        f"distillation from FP32 on {s['train_tokens']:,} calibration-split tokens, {s['steps']} steps of 4 x 256, "
+        f"{s['seconds'] / 60:.1f} min wall on 2 threads including conversion). Perplexity on {s['tokens']} held-out "
+        "tokens.",
+        "",
+        markdown_table(["variant", "ppl", "Δppl", "RTN loss recovered"], [
+            ["fp32", f"{s['fp32']:.3f}", "-", "-"],
+            [f"{s['scheme']} RTN", f"{s['rtn']:.3f}", f"{100 * (s['rtn'] / s['fp32'] - 1):+.1f}%", "0%"],
+            [f"{s['scheme']} QAT", f"{s['qat']:.3f}", f"{100 * (s['qat'] / s['fp32'] - 1):+.1f}%",
+             f"{100 * s['recovered']:.0f}%"],
+        ]),  # fmt: skip
+        "",
+        f"Distillation loss (KL, nats/token): first 10 steps {s['loss_first']:.3f}, last 10 {s['loss_last']:.3f}.",
+    ])
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -259,7 +364,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
         "not absolute times, across machines.",
     ]
     for name, render in (("kernels", _kernels), ("smollm2", _smollm2), ("decode", _decode), ("digits", _digits),
-                         ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps)):  # fmt: skip
+                         ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
+                         ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "algorithms":  # peer rows come from their own script's file, read at render time

@@ -373,8 +373,212 @@ def section_sweeps(quick: bool) -> dict:
             "calibration": "16 x 512 tokens, calib split"}  # fmt: skip
 
 
+PLOTS = HERE / "plots"
+
+
+def _median_seconds(fn, reps: int) -> float:
+    import time
+
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def section_mobilenet(quick: bool) -> dict:
+    """MobileNetV2 static INT8 on photo crops: agreement with FP32 where it is confident, mean KL;
+    per-tensor vs per-channel weights, observers, and sensitivity-driven mixed precision."""
+    import lowbit
+    from lowbit.evaluate.classification import confident_agreement, logits_of
+    from lowbit.evaluate.images import photo_crops
+    from lowbit.evaluate.plots import sensitivity_plot
+    from lowbit.mixed import allocate, sensitivity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("mobilenet-v2")
+    fp = zoo.model.eval()
+    n_eval, n_cal = (128, 32) if quick else (512, 64)
+    ev = photo_crops(n_eval, split="eval")
+    cal = photo_crops(n_cal, split="calib")
+    calb = [cal[i : i + 16] for i in range(0, n_cal, 16)]
+    ref = logits_of(fp, ev)
+    rows = []
+
+    def measure(label, spec, observer="percentile", m=None):
+        print("  mobilenet", label, file=sys.stderr)
+        if m is None:
+            static = "static" in str(spec)
+            m = lowbit.quantize(copy.deepcopy(fp), spec, calibration=calb if static else None, observer=observer)
+        r = confident_agreement(ref, logits_of(m, ev))
+        size = lowbit.size_of(m)
+        rows.append({"variant": label, "observer": observer if "static" in str(spec) else "-", **r,
+                     "model_bytes": size.total_bytes, "bpw": size.quantized_bits_per_weight or 32.0})  # fmt: skip
+        return m
+
+    rows.append({"variant": "fp32", "observer": "-", **confident_agreement(ref, ref),
+                 "model_bytes": lowbit.size_of(fp).total_bytes, "bpw": 32.0})  # fmt: skip
+    measure("int8 weights only", "int8")
+    for obs in ("minmax", "percentile"):
+        measure("w8a8 per-tensor weights", "w8a8-tensor-static", obs)
+    per_channel = {obs: measure("w8a8 per-channel", "w8a8-static", obs)
+                   for obs in ("minmax", "ema", "percentile", "mse", "entropy")}  # fmt: skip
+    keep = per_channel["percentile"]
+    measure("w8a8 per-channel, asym weights", "w8a8-asym-static", "percentile")
+    measure("w4a8 per-channel", "w4a8-static", "percentile")
+    # speed: the static convolutions run the reference path (int8-rounded input, dequantized weight)
+    x = ev[:16]
+    with torch.no_grad():
+        t_fp = _median_seconds(lambda: fp(x), 3 if quick else 7)
+        t_q = _median_seconds(lambda: keep(x), 3 if quick else 7)
+    # sensitivity on other calibration crops than those that set the scales
+    cands = ["w4a8-static", "w8a8-tensor-static", "w8a8-static", "skip"]
+    sens = sensitivity(fp, cands, [photo_crops(32, split="calib", seed=1)], calibration=calb, observer="percentile")
+    PLOTS.mkdir(exist_ok=True)
+    tensor_bytes = sum(sens.nbytes[n]["w8a8-tensor-static"] for n in sens.layers)
+    allocs = {
+        "mixed: per-tensor, per-channel where it pays (+1% bytes)":
+            allocate(sens, max_bytes=int(tensor_bytes * 1.01), candidates=["w8a8-tensor-static", "w8a8-static"]),
+        "mixed: w4a8 / w8a8 / float at 6.0 bpw":
+            allocate(sens, target_bpw=6.0, candidates=["w4a8-static", "w8a8-static", "skip"]),
+    }  # fmt: skip
+    mixed = []
+    for label, a in allocs.items():
+        measure(label, a.recipe())
+        mixed.append({"variant": label, "counts": a.counts(), "predicted_kl": a.loss, "gap": a.gap,
+                      "float_layers": [n for n, c in a.choice.items() if c == "skip"],
+                      "wide_layers": [n for n, c in a.choice.items() if c == "w8a8-static"][:8]})  # fmt: skip
+    sensitivity_plot(sens, PLOTS / "mobilenet_sensitivity.png", allocs["mixed: w4a8 / w8a8 / float at 6.0 bpw"].choice,
+                     title="MobileNetV2: KL to FP32 when one layer is quantized (percentile observer)")  # fmt: skip
+    top = sorted(sens.layers, key=lambda n: -sens.loss[n]["w8a8-static"])[:5]
+    return {"command": "python benchmarks/run_all.py --sections mobilenet", "eval_crops": n_eval, "calib_crops": n_cal,
+            "rows": rows, "mixed": mixed, "speed": {"batch": 16, "fp32_s": t_fp, "w8a8_static_s": t_q},
+            "most_sensitive": [{"layer": n, **{c: sens.loss[n][c] for c in cands if c != "skip"}} for n in top],
+            "plot": "benchmarks/plots/mobilenet_sensitivity.png"}  # fmt: skip
+
+
+def section_mixed(quick: bool) -> dict:
+    """SmolLM2 mixed precision (w3g64 / w4g64 / int8 per layer) vs uniform schemes at equal bits per
+    weight: sensitivity on calibration windows, allocation, real perplexity of the result."""
+    import lowbit
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.evaluate.plots import sensitivity_plot, tradeoff_plot
+    from lowbit.mixed import allocate, sensitivity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    tokens = 4096 if quick else PPL_TOKENS
+    sens_batches = calibration_batches(zoo.tokenizer, nsamples=4, seqlen=256, seed=1, batch_size=4)
+    cands = ["w3g64", "w4g64", "int8"]
+    print("  mixed: sensitivity", file=sys.stderr)
+    import time
+
+    t0 = time.perf_counter()
+    sens = sensitivity(zoo.model, cands, sens_batches)
+    t_sens = time.perf_counter() - t0
+    sens.save(RESULTS / "mixed_sensitivity.json")
+
+    def ppl(m) -> float:
+        return perplexity(m, zoo.tokenizer, max_tokens=tokens).ppl
+
+    fp = ppl(zoo.model)
+    uniform, mixed = [], []
+    for scheme in cands:
+        print("  mixed: uniform", scheme, file=sys.stderr)
+        m = lowbit.quantize(copy.deepcopy(zoo.model), scheme)
+        uniform.append({"variant": scheme, "method": "rtn", "bpw": lowbit.size_of(m).quantized_bits_per_weight,
+                        "ppl": ppl(m)})  # fmt: skip
+    targets = (3.5, 4.25) if quick else (3.5, 3.75, 4.0, 4.25, 4.5, 5.0, 6.0)
+    allocs = {}
+    for t in targets:
+        print("  mixed: target", t, file=sys.stderr)
+        a = allocate(sens, target_bpw=t)
+        allocs[t] = a
+        m = lowbit.quantize(copy.deepcopy(zoo.model), a.recipe())
+        mixed.append({"variant": f"mixed @ {t} bpw", "method": "rtn", "target": t,
+                      "bpw": lowbit.size_of(m).quantized_bits_per_weight, "ppl": ppl(m), "counts": a.counts(),
+                      "predicted_kl": a.loss, "gap": a.gap})  # fmt: skip
+    if not quick:  # the same comparison with GPTQ at the bits of w4g64
+        batches = calibration_batches(zoo.tokenizer, nsamples=CALIB["nsamples"], seqlen=CALIB["seqlen"], seed=0)
+        for label, spec in (("w4g64", "w4g64"), ("mixed @ 4.25 bpw", allocs[4.25].recipe())):
+            print("  mixed: gptq", label, file=sys.stderr)
+            m = lowbit.quantize(copy.deepcopy(zoo.model), spec, method="gptq", calibration=batches)
+            row = {"variant": label, "method": "gptq", "bpw": lowbit.size_of(m).quantized_bits_per_weight, "ppl": ppl(m)}
+            (uniform if label == "w4g64" else mixed).append(row)
+    PLOTS.mkdir(exist_ok=True)
+    sensitivity_plot(sens, PLOTS / "smollm2_sensitivity.png", allocs[4.25].choice,
+                     title="SmolLM2-135M: KL to FP32 per layer (chosen at 4.25 bpw circled)")  # fmt: skip
+    pts = [{"label": f"{r['variant']} ({r['method']})", "bpw": r["bpw"], "ppl": r["ppl"]} for r in uniform + mixed]
+    tradeoff_plot(pts, PLOTS / "smollm2_mixed.png", "bpw", "ppl", "bits per weight (quantized layers)",
+                  "perplexity (held-out)", "SmolLM2-135M: mixed precision vs uniform schemes")  # fmt: skip
+    return {"command": "python benchmarks/run_all.py --sections mixed", "tokens": tokens, "fp32": fp,
+            "sensitivity_seconds": t_sens, "sensitivity_tokens": 4 * 256, "uniform": uniform, "mixed": mixed,
+            "plots": ["benchmarks/plots/smollm2_mixed.png", "benchmarks/plots/smollm2_sensitivity.png"]}  # fmt: skip
+
+
+def section_qat(quick: bool) -> dict:
+    """QAT by distillation from FP32: digits-cnn W4A8 (real labels) and SmolLM2 w4g128 within a
+    30-minute budget on 2 cores (training on calibration-split windows; perplexity on the eval split)."""
+    import time
+
+    import lowbit
+    from lowbit.evaluate.classification import accuracy
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.models.zoo import digits_data, load_model
+    from lowbit.qat import fit
+
+    out: dict = {"command": "python benchmarks/run_all.py --sections qat"}
+    # digits-cnn: W4A8 (4-bit per-channel weights, static int8 activations)
+    zoo, data = load_model("digits-cnn"), digits_data()
+    x, xt, yt = data["x_train"], data["x_test"], data["y_test"]
+    cal = [x[:256]]
+    g = torch.Generator().manual_seed(0)
+    batches = [x[torch.randint(0, len(x), (64,), generator=g)] for _ in range(40)]
+    rows = [{"variant": "fp32", "accuracy": accuracy(zoo.model, xt, yt)}]
+    for scheme in ("w8a8-static", "w4a8-static", "w3a8-static"):
+        ptq = lowbit.quantize(copy.deepcopy(zoo.model), scheme, calibration=cal)
+        q = lowbit.prepare_qat(copy.deepcopy(zoo.model), scheme, calibration=cal)
+        t0 = time.perf_counter()
+        fit(q, batches, steps=400, teacher=zoo.model, lr=1e-3, step_lr=1e-3)
+        t = time.perf_counter() - t0
+        lowbit.convert(q)
+        rows.append({"variant": scheme, "ptq": accuracy(ptq, xt, yt), "qat": accuracy(q, xt, yt), "seconds": t})
+    out["digits"] = {"test_images": len(yt), "steps": 400, "batch": 64, "rows": rows}
+    # SmolLM2-135M w4g128: QAT vs RTN (and GPTQ for reference)
+    zoo = load_model("smollm2-135m")
+    tokens = 4096 if quick else PPL_TOKENS
+    budget = 120.0 if quick else 30 * 60.0
+    scheme = "w4g128"
+
+    def ppl(m) -> float:
+        return perplexity(m, zoo.tokenizer, max_tokens=tokens).ppl
+
+    fp = ppl(zoo.model)
+    rtn = ppl(lowbit.quantize(copy.deepcopy(zoo.model), scheme))
+    train = calibration_batches(zoo.tokenizer, nsamples=4096, seqlen=256, seed=2, batch_size=4)
+    t0 = time.perf_counter()
+    q = lowbit.prepare_qat(copy.deepcopy(zoo.model), scheme)
+    steps = len(train)  # one pass at most; the time budget ends it first on 2 cores
+    # (the budget counts from before prepare_qat; conversion comes after it)
+    losses = fit(q, train, steps=steps, seconds=budget - (time.perf_counter() - t0), teacher=zoo.model,
+                 lr=1e-5, step_lr=1e-4)  # fmt: skip
+    lowbit.convert(q)
+    t = time.perf_counter() - t0
+    qat = ppl(q)
+    out["smollm2"] = {"scheme": scheme, "tokens": tokens, "fp32": fp, "rtn": rtn, "qat": qat, "seconds": t,
+                      "steps": len(losses), "planned_steps": steps, "train_tokens": len(losses) * 4 * 256,
+                      "loss_first": sum(losses[:10]) / 10, "loss_last": sum(losses[-10:]) / 10,
+                      "recovered": (rtn - qat) / (rtn - fp)}  # fmt: skip
+    return out
+
+
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
-            "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps}  # fmt: skip
+            "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
+            "mobilenet": section_mobilenet, "mixed": section_mixed, "qat": section_qat}  # fmt: skip
 
 
 def main() -> None:
