@@ -95,3 +95,17 @@ def test_static_convolutions_and_the_layers_that_cannot_take_activations(toy):
     assert rel < 0.02, rel
     with pytest.raises(lowbit.QuantizeError, match=r"conv2d layers \(-static only\), not conv"):
         lowbit.quantize(toy, "w8a8")  # dynamic (per-token) activations have no meaning for a conv
+
+
+def test_empty_or_mismatched_calibration_is_one_clear_error_and_nothing_changes():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    before = copy.deepcopy(cnn.state_dict())
+    with pytest.raises(CalibrationError, match="empty calibration"):
+        lowbit.quantize(cnn, "w8a8-static", calibration=[])
+    with pytest.raises(CalibrationError, match=r"batch \(2, 1, 10, 10\) float32 does not fit the model"):
+        lowbit.quantize(cnn, "w8a8-static", calibration=[torch.rand(2, 1, 10, 10)])  # grey images for RGB
+    with pytest.raises(CalibrationError, match=r"\(2, 5\) int64 does not fit"):
+        lowbit.prepare_qat(copy.deepcopy(cnn), "w8a8-static", calibration=[torch.zeros(2, 5, dtype=torch.long)])
+    assert all(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in cnn)  # every module put back
+    assert all(torch.equal(v, cnn.state_dict()[k]) for k, v in before.items())

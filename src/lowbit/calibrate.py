@@ -73,7 +73,30 @@ def as_batches(calibration: Iterable | None, method: str) -> list:
     return batches
 
 
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"{tuple(batch.shape)} {str(batch.dtype).replace('torch.', '')}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
 def _call(model: nn.Module, batch) -> Any:
+    """Run ``model`` on one batch; a batch the model cannot take (wrong shape, dtype, arguments)
+    raises :class:`CalibrationError` saying what the batch was."""
+    try:
+        return _forward(model, batch)
+    except (RuntimeError, TypeError, IndexError) as e:
+        if type(e).__module__.startswith("lowbit"):
+            raise
+        raise CalibrationError(
+            f"a calibration batch {_describe(batch)} does not fit the model ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _forward(model: nn.Module, batch) -> Any:
     if isinstance(batch, dict):
         extra = {"use_cache": False} if _is_hf(model) else {}
         return model(**batch, **extra)
