@@ -115,6 +115,25 @@ def test_sensitivity_on_digits_finds_the_costly_layers_and_its_recipe_runs(digit
         sensitivity(torch.nn.Sequential(torch.nn.Linear(4, 4), _Dict()), ["int8"], [torch.randn(2, 4)])
 
 
+def test_sensitivity_around_an_operating_point(digits):
+    zoo, data = digits
+    x = data["x_test"][:128]
+    sens = sensitivity(zoo.model, ["w2g16", "w4g16", "int8"], [x], base="w4g16")
+    base_loss = sens.info["base_loss"]
+    assert base_loss > 0 and sens.info["base"] == "w4g16"
+    for n in sens.layers:  # relative to the all-w4g16 model: narrower costs more
+        d = sens.loss[n]
+        assert d["w4g16"] == 0 and d["w2g16"] > 0 and d["int8"] >= -base_loss
+    assert sum(sens.loss[n]["int8"] for n in sens.layers) < 0  # and wider less
+    size4 = sum(sens.nbytes[n]["w4g16"] for n in sens.layers)
+    a = allocate(sens, max_bytes=size4, candidates=["w4g16"])  # the operating point itself
+    assert a.loss == pytest.approx(base_loss) and a.lower_bound == pytest.approx(base_loss)
+    b = allocate(sens, max_bytes=size4)  # any mix at the same bytes predicts no worse
+    assert b.loss <= a.loss + 1e-12 and b.nbytes <= size4
+    with pytest.raises(MixedPrecisionError, match="must be one of the candidates"):
+        sensitivity(zoo.model, ["w2g16", "int8"], [x], base="w4g16")
+
+
 class _Dict(torch.nn.Module):
     def forward(self, x):
         return {"h": x}

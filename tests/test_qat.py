@@ -88,8 +88,10 @@ def test_bad_input_gets_one_clear_error():
         p.requires_grad_(False)
     with pytest.raises(QATError, match="requires_grad=False"):
         lowbit.prepare_qat(frozen, "w4g32")
+    net = _net()
     with pytest.raises(QATError, match="not an integer format"):
-        lowbit.prepare_qat(_net(), "nf4g32")
+        lowbit.prepare_qat(net, "nf4g32")
+    assert isinstance(net[1], nn.BatchNorm2d)  # refused before the BatchNorm was folded
     with pytest.raises(QATError, match="prepare_qat"):
         lowbit.convert(_net())
     m = lowbit.prepare_qat(_net(), "w4g32", fold_bn=False)

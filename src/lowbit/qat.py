@@ -209,12 +209,18 @@ def prepare_qat(
     frozen = [t[0] for t in wrapped if not t[1].weight.requires_grad]
     if len(frozen) == len(wrapped):
         raise QATError("no trainable layers: every selected layer's weight has requires_grad=False")
-    for name, mod, _kind, _s, _w in wrapped:
+    for name, mod, _kind, scheme, _w in wrapped:  # every check before anything changes
         check_finite(mod.weight, f"{name}.weight")
-    if fold_bn:
-        driver._fold_batchnorms(model, wrapped, records)
-    for name, mod, _kind, scheme, why in wrapped:
-        driver._set_module(model, name, QATLayer(mod, scheme, init))
+        if scheme.fmt.kind != "affine":
+            raise QATError(f"QAT learns integer steps: {scheme} ({scheme.fmt.name}) is not an integer format")
+    undo = driver._fold_batchnorms(model, wrapped, records) if fold_bn else (lambda: None)
+    try:  # steps start from the folded weights
+        new = [(name, QATLayer(mod, scheme, init)) for name, mod, _k, scheme, _w in wrapped]
+    except BaseException:
+        undo()
+        raise
+    for (name, mod, _kind, scheme, why), (_, q) in zip(wrapped, new):
+        driver._set_module(model, name, q)
         records[name] = driver.LayerRecord(name, type(mod).__name__, "quantized", str(scheme), "qat", why)
     model.lowbit_layers = records
     static = {n: model.get_submodule(n) for n, *_ in wrapped if model.get_submodule(n).aq is not None}

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import write_text_atomic
 from .scheme import Scheme, SchemeError, parse_scheme
 
 __all__ = ["Recipe", "Rule", "RecipeError", "SKIP"]
@@ -133,10 +134,7 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the recipe as JSON (atomically: a temp file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..files import write_atomic
+
 
 def _pyplot():
     try:
@@ -18,12 +20,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write atomically (a temp file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
 def sensitivity_plot(sens, path: str | os.PathLike, choice: dict[str, str] | None = None, title: str = "") -> Path:
@@ -31,7 +28,7 @@ def sensitivity_plot(sens, path: str | os.PathLike, choice: dict[str, str] | Non
     allocation), the chosen candidate of each layer is circled."""
     plt = _pyplot()
     layers = sens.layers
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(layers) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.18 * len(layers) + 2)), 4.2))
     xs = range(len(layers))
     floor = min([v for d in sens.loss.values() for v in d.values() if v > 0] or [1e-6]) / 3
     for c in sens.candidates:
