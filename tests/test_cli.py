@@ -116,3 +116,26 @@ def test_image_models_calibrate_on_photo_crops(tmp_path):
     assert "quantized mobilenet-v2 with w8a8-static" in p.stdout
     inspect = run("inspect", str(out)).stdout
     assert inspect.count("w8a8-static") == 53 and sum(" folded " in line for line in inspect.splitlines()) == 52
+
+
+def test_eval_report_compares_variants_with_a_pareto_plot(tmp_path, quantized):
+    int8 = tmp_path / "int8"
+    run("quantize", "digits-cnn", "--scheme", "int8", "-o", str(int8), "-q")
+    report = tmp_path / "report.md"
+    p = run("eval", str(quantized), str(int8), "--report", str(report), "-q")
+    text = report.read_text()
+    assert "digits-cnn fp32" in text and str(int8) in text and str(quantized) in text
+    assert "Pareto" in text and "![size vs quality](report.png)" in text
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [line for line in text.splitlines() if line.startswith("| ") and "yes" in line]
+    assert lines  # at least the smallest model is on the front
+    assert "report ->" in p.stdout
+
+
+def test_image_models_evaluate_by_agreement(tmp_path):
+    out = tmp_path / "mb8"
+    run("quantize", "mobilenet-v2", "--scheme", "int8", "-o", str(out), "-q")
+    rows = json.loads(run("eval", str(out), "--images", "16", "--json", "-q").stdout)
+    assert [r["variant"] for r in rows] == ["mobilenet-v2 fp32", str(out)]
+    assert rows[0]["agreement"] == 1.0 and rows[0]["kl"] == 0.0  # FP32 against itself
+    assert 0.5 <= rows[1]["agreement"] <= 1.0 and rows[1]["kl"] > 0 and rows[1]["img_s"] > 0

@@ -106,44 +106,112 @@ def cmd_eval(args) -> int:
     from lowbit.models.zoo import ZOO, load_model
 
     _threads(args)
-    zm = load_source(args.model)
-    base_name = args.baseline or (zm.source if zm.source in ZOO else None)
+    variants = [load_source(m) for m in args.model]
+    first = variants[0]
+    base_name = args.baseline or (first.source if first.source in ZOO else None)
     rows = []
-    opts = dict(max_tokens=args.max_tokens, seqlen=args.seqlen, speed=not args.no_speed, progress=not args.quiet)
-    if base_name and base_name != args.model:
+    opts = dict(max_tokens=args.max_tokens, seqlen=args.seqlen, speed=not args.no_speed, progress=not args.quiet,
+                images=args.images)  # fmt: skip
+    base = None
+    if base_name and base_name not in args.model:
         base = load_model(base_name)
-        zm.task = zm.task or base.task
-        zm.tokenizer = zm.tokenizer or base.tokenizer
         rows.append(measure(base.model, base, label=f"{base_name} fp32", **opts))
-    rows.append(measure(zm.model, zm, label=str(args.model), **opts))
+    for name, zm in zip(args.model, variants):
+        if base is not None:
+            zm.task = zm.task or base.task
+            zm.tokenizer = zm.tokenizer or base.tokenizer
+        ref = base.model if base is not None else None
+        rows.append(measure(zm.model, zm, label=str(name), reference=ref, **opts))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    headers, table = _eval_table(rows)
+    print(text_table(headers, table))
+    ref = rows[0]
+    if "ppl" in ref:
+        print(f"perplexity: {ref['ppl_tokens']} tokens of held-out {ref['text']} text, seqlen {args.seqlen}")
+    if "agreement" in ref:
+        print(f"agreement: top-1 vs FP32 on the eval photo crops where FP32 is confident (p >= 0.5); "
+              f"{ref['images']} crops")  # fmt: skip
+    for r in rows:
+        if "completion" in r:
+            print(f"{r['variant']}: {r['completion']!r}")
+    if args.report:
+        path = _write_report(args.report, rows, headers, table)
+        print(f"report -> {args.report} (plot {path.name})")
+    return 0
+
+
+def _eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     ref = rows[0]
     table = []
     for r in rows:
-        cells = [r["variant"], f"{r['bytes'] / 1e6:.1f}", f"{r['linear_bpw']:.3f}", f"{r['compression']:.2f}x"]
+        cells = [r["variant"], f"{r['bytes'] / 1e6:.2f}", f"{r['linear_bpw']:.3f}", f"{r['compression']:.2f}x"]
         if "ppl" in r:
             cells += [f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%"]
         if "accuracy" in r:
             cells += [f"{100 * r['accuracy']:.2f}%", f"{100 * (r['accuracy'] - ref['accuracy']):+.2f}"]
+        if "agreement" in r:
+            cells += [f"{100 * r['agreement']:.1f}%", f"{r['kl']:.3f}"]
         if "tok_s" in r:
-            cells += [f"{r['tok_s']:.1f}"]
+            cells += [f"{r['tok_s']:.1f}", f"{r['tok_s'] / ref['tok_s']:.2f}x"]
+        if "img_s" in r:
+            cells += [f"{r['img_s']:.1f}", f"{r['img_s'] / ref['img_s']:.2f}x"]
         table.append(cells)
     headers = ["variant", "MB", "bits/w", "vs fp32"]
     if "ppl" in ref:
         headers += ["ppl", "Δppl"]
     if "accuracy" in ref:
         headers += ["accuracy", "Δpts"]
+    if "agreement" in ref:
+        headers += ["agreement", "KL"]
     if "tok_s" in ref:
-        headers += ["decode tok/s"]
-    print(text_table(headers, table))
+        headers += ["decode tok/s", "speed"]
+    if "img_s" in ref:
+        headers += ["images/s", "speed"]
+    return headers, table
+
+
+def _write_report(path: str, rows: list[dict], headers: list[str], table: list[list[str]]) -> Path:
+    """Markdown report beside a size-vs-quality PNG with its Pareto front (both written atomically)."""
+    import datetime
+
+    from lowbit.evaluate.kernel_bench import machine_info
+    from lowbit.evaluate.plots import pareto_front, tradeoff_plot
+    from lowbit.evaluate.table import markdown_table
+    from lowbit.files import write_text_atomic
+
+    out = Path(path)
+    ref = rows[0]
     if "ppl" in ref:
-        print(f"perplexity: {ref['ppl_tokens']} tokens of held-out {ref['text']} text, seqlen {args.seqlen}")
-    for r in rows:
-        if "completion" in r:
-            print(f"{r['variant']}: {r['completion']!r}")
-    return 0
+        key, ylabel = "ppl", "perplexity (held-out; lower is better)"
+    elif "accuracy" in ref:
+        key, ylabel = "error", "test error % (lower is better)"
+        for r in rows:
+            r["error"] = 100 * (1 - r["accuracy"])
+    else:
+        key, ylabel = "disagreement", "disagreement with FP32 % (lower is better)"
+        for r in rows:
+            r["disagreement"] = 100 * (1 - r["agreement"])
+    pts = [{"label": r["variant"], "mb": r["bytes"] / 1e6, key: r[key]} for r in rows]
+    png = out.with_suffix(".png")
+    tradeoff_plot(pts, png, "mb", key, "model size (MB)", ylabel, "size vs quality")
+    front = {rows[i]["variant"] for i in pareto_front([(p["mb"], p[key]) for p in pts])}
+    m = machine_info()
+    text = "\n".join([
+        "# lowbit report",
+        "",
+        f"{datetime.date.today().isoformat()}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
+        "Sizes are bytes as stored (codes, scales, zero points, biases and float layers); speed is "
+        "measured in this process, side by side (compare the ratios).",
+        "",
+        markdown_table(headers + ["Pareto"], [c + ["yes" if r["variant"] in front else ""] for c, r in zip(table, rows)]),
+        "",
+        f"![size vs quality]({png.name})",
+        "",
+    ])  # fmt: skip
+    write_text_atomic(out, text)
+    return png
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -234,7 +302,7 @@ def cmd_sensitivity(args) -> int:
         n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
         batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model)
         sens = sensitivity(zm.model, cands, batches, calibration=calibration, method=args.method,
-                           observer=args.observer, progress=not args.quiet)  # fmt: skip
+                           observer=args.observer, base=args.base, progress=not args.quiet)  # fmt: skip
         sens.info["model"] = args.model
     rows = []
     for n in sens.layers:
@@ -363,12 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="measure a model against its FP32 original")
-    e.add_argument("model", help="a lowbit model directory or a zoo model")
+    e.add_argument("model", nargs="+", help="lowbit model directories (or zoo models), compared side by side")
     e.add_argument("--baseline", help="zoo model to compare with (default: the model's source)")
     e.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens for perplexity")
     e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--images", type=int, default=256, help="eval photo crops for ImageNet models (default 256)")
     e.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--report", help="write a Markdown report (and a size-vs-quality PNG beside it)")
     e.add_argument("--threads", type=int)
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -383,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--candidates", default="w3g64,w4g64,int8",
                    help="comma-separated schemes to measure per layer ('skip' = keep float); default w3g64,w4g64,int8")
     m.add_argument("--table", help="a sensitivity table saved with -o: allocate and plot without measuring")
+    m.add_argument("--base", help="measure around this candidate (every layer quantized with it) instead of FP32")
     m.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"])
     m.add_argument("--observer", default="minmax", choices=list(OBSERVERS))
     m.add_argument("--samples", type=int,

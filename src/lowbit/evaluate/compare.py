@@ -29,11 +29,15 @@ def measure(
     new_tokens: int = 32,
     reps: int = 3,
     progress: bool = False,
+    reference: torch.nn.Module | None = None,
+    images: int = 256,
 ) -> dict:
-    """Figures for ``model`` (a variant of zoo model ``zoo``): size, quality, and decode speed.
+    """Figures for ``model`` (a variant of zoo model ``zoo``): size, quality, and speed.
 
     Causal LMs: perplexity on the held-out text, decode tokens/s and a greedy completion of
-    :data:`DEMO_PROMPT`. Classifiers (digits-cnn): test accuracy.
+    :data:`DEMO_PROMPT`. Classifiers (digits-cnn): test accuracy. ImageNet classifiers: top-1
+    agreement with ``reference`` (the FP32 model) where it is confident, and mean KL, on ``images``
+    eval-split photo crops; images/s at batch 16.
     """
     size = size_of(model)
     row: dict = {
@@ -55,5 +59,18 @@ def measure(
 
         data = digits_data()
         row.update(accuracy=accuracy(model, data["x_test"], data["y_test"]))
+    elif zoo.task == "image-classifier":
+        from .classification import confident_agreement, logits_of
+        from .images import photo_crops
+        from .speed import median_time
+
+        x = photo_crops(images, split="eval")
+        ref = logits_of(reference if reference is not None else model, x)
+        r = confident_agreement(ref, logits_of(model, x))
+        row.update(agreement=r["agreement"], agreement_all=r["agreement_all"], kl=r["mean_kl"], images=images)
+        if speed:
+            batch = x[:16]
+            with torch.no_grad():
+                row["img_s"] = 16 / median_time(lambda: model(batch), reps=max(3, reps), warmup=1)
     row["threads"] = torch.get_num_threads()
     return row
