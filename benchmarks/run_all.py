@@ -376,18 +376,6 @@ def section_sweeps(quick: bool) -> dict:
 PLOTS = HERE / "plots"
 
 
-def _median_seconds(fn, reps: int) -> float:
-    import time
-
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def section_mobilenet(quick: bool) -> dict:
     """MobileNetV2 static INT8 on photo crops: agreement with FP32 where it is confident, mean KL;
     per-tensor vs per-channel weights, observers, and sensitivity-driven mixed precision."""
@@ -395,6 +383,7 @@ def section_mobilenet(quick: bool) -> dict:
     from lowbit.evaluate.classification import confident_agreement, logits_of
     from lowbit.evaluate.images import photo_crops
     from lowbit.evaluate.plots import sensitivity_plot
+    from lowbit.evaluate.speed import median_time
     from lowbit.mixed import allocate, sensitivity
     from lowbit.models.zoo import load_model
 
@@ -431,8 +420,8 @@ def section_mobilenet(quick: bool) -> dict:
     # speed: the static convolutions run the reference path (int8-rounded input, dequantized weight)
     x = ev[:16]
     with torch.no_grad():
-        t_fp = _median_seconds(lambda: fp(x), 3 if quick else 7)
-        t_q = _median_seconds(lambda: keep(x), 3 if quick else 7)
+        t_fp = median_time(lambda: fp(x), reps=3 if quick else 7, warmup=1)
+        t_q = median_time(lambda: keep(x), reps=3 if quick else 7, warmup=1)
     # sensitivity on other calibration crops than those that set the scales
     cands = ["w4a8-static", "w8a8-tensor-static", "w8a8-static", "skip"]
     sens = sensitivity(fp, cands, [photo_crops(32, split="calib", seed=1)], calibration=calb, observer="percentile")
@@ -507,6 +496,8 @@ def section_mixed(quick: bool) -> dict:
             print("  mixed: gptq", label, file=sys.stderr)
             m = lowbit.quantize(copy.deepcopy(zoo.model), spec, method="gptq", calibration=batches)
             row = {"variant": label, "method": "gptq", "bpw": lowbit.size_of(m).quantized_bits_per_weight, "ppl": ppl(m)}
+            if label != "w4g64":
+                row["counts"] = allocs[4.25].counts()
             (uniform if label == "w4g64" else mixed).append(row)
     PLOTS.mkdir(exist_ok=True)
     sensitivity_plot(sens, PLOTS / "smollm2_sensitivity.png", allocs[4.25].choice,
@@ -517,6 +508,45 @@ def section_mixed(quick: bool) -> dict:
     return {"command": "python benchmarks/run_all.py --sections mixed", "tokens": tokens, "fp32": fp,
             "sensitivity_seconds": t_sens, "sensitivity_tokens": 4 * 256, "uniform": uniform, "mixed": mixed,
             "plots": ["benchmarks/plots/smollm2_mixed.png", "benchmarks/plots/smollm2_sensitivity.png"]}  # fmt: skip
+
+
+def section_mixed_base(quick: bool) -> dict:
+    """SmolLM2 mixed precision with the sensitivity measured around uniform w4g64 (each layer
+    changed alone to w3g64 or int8 from the all-w4g64 model) instead of around FP32."""
+    import time
+
+    import lowbit
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.mixed import allocate, sensitivity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    tokens = 4096 if quick else PPL_TOKENS
+    sens_batches = calibration_batches(zoo.tokenizer, nsamples=4, seqlen=256, seed=1, batch_size=4)
+    t0 = time.perf_counter()
+    sens = sensitivity(zoo.model, ["w3g64", "w4g64", "int8"], sens_batches, base="w4g64")
+    t_sens = time.perf_counter() - t0
+    sens.save(RESULTS / "mixed_base_sensitivity.json")
+
+    def ppl(m) -> float:
+        return perplexity(m, zoo.tokenizer, max_tokens=tokens).ppl
+
+    rows = []
+    for t in (4.0, 4.25, 4.5):
+        print("  mixed-base: target", t, file=sys.stderr)
+        a = allocate(sens, target_bpw=t)
+        methods = ("rtn", "gptq") if t == 4.25 and not quick else ("rtn",)
+        for method in methods:
+            calib = None
+            if method == "gptq":
+                calib = calibration_batches(zoo.tokenizer, nsamples=CALIB["nsamples"], seqlen=CALIB["seqlen"], seed=0)
+            m = lowbit.quantize(copy.deepcopy(zoo.model), a.recipe(), method=method, calibration=calib)
+            rows.append({"variant": f"mixed @ {t} bpw (around w4g64)", "method": method, "target": t,
+                         "bpw": lowbit.size_of(m).quantized_bits_per_weight, "ppl": ppl(m), "counts": a.counts(),
+                         "predicted_kl": a.loss, "gap": a.gap})  # fmt: skip
+    return {"command": "python benchmarks/run_all.py --sections mixed_base", "tokens": tokens,
+            "sensitivity_seconds": t_sens, "base_kl": sens.info["base_loss"], "rows": rows}  # fmt: skip
 
 
 def section_qat(quick: bool) -> dict:
@@ -559,9 +589,11 @@ def section_qat(quick: bool) -> dict:
 
     fp = ppl(zoo.model)
     rtn = ppl(lowbit.quantize(copy.deepcopy(zoo.model), scheme))
-    train = calibration_batches(zoo.tokenizer, nsamples=4096, seqlen=256, seed=2, batch_size=4)
+    # the calib split holds ~233k tokens: 800 windows of 256 (random starts; some overlap)
+    train = calibration_batches(zoo.tokenizer, nsamples=800, seqlen=256, seed=2, batch_size=4)
     t0 = time.perf_counter()
     q = lowbit.prepare_qat(copy.deepcopy(zoo.model), scheme)
+    q.get_input_embeddings().weight.requires_grad_(False)  # float in the result (and tied to the head)
     steps = len(train)  # one pass at most; the time budget ends it first on 2 cores
     # (the budget counts from before prepare_qat; conversion comes after it)
     losses = fit(q, train, steps=steps, seconds=budget - (time.perf_counter() - t0), teacher=zoo.model,
@@ -578,7 +610,8 @@ def section_qat(quick: bool) -> dict:
 
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
-            "mobilenet": section_mobilenet, "mixed": section_mixed, "qat": section_qat}  # fmt: skip
+            "mobilenet": section_mobilenet, "mixed": section_mixed, "mixed_base": section_mixed_base,
+            "qat": section_qat}  # fmt: skip
 
 
 def main() -> None:
