@@ -549,6 +549,41 @@ def section_mixed_base(quick: bool) -> dict:
             "sensitivity_seconds": t_sens, "base_kl": sens.info["base_loss"], "rows": rows}  # fmt: skip
 
 
+def section_qat_mobilenet(quick: bool) -> dict:
+    """MobileNetV2 QAT without labels: distillation from FP32 on fresh augmented crops of the bundled
+    photos (calib split), static int8 activations; agreement and KL on the eval crops."""
+    import time
+
+    import lowbit
+    from lowbit.evaluate.classification import confident_agreement, logits_of
+    from lowbit.evaluate.images import photo_crops
+    from lowbit.models.zoo import load_model
+    from lowbit.qat import fit
+
+    fp = load_model("mobilenet-v2").model.eval()
+    n_eval = 128 if quick else 512
+    ev = photo_crops(n_eval, split="eval")
+    cal = photo_crops(64, split="calib")
+    calb = [cal[i : i + 16] for i in range(0, 64, 16)]
+    ref = logits_of(fp, ev)
+    rows = []
+    for scheme, minutes in (("w8a8-static", 4.0), ("w4a8-static", 8.0)):
+        print("  qat_mobilenet", scheme, file=sys.stderr)
+        ptq = lowbit.quantize(copy.deepcopy(fp), scheme, calibration=calb, observer="percentile")
+        t0 = time.perf_counter()
+        q = lowbit.prepare_qat(copy.deepcopy(fp), scheme, calibration=calb, observer="percentile")
+        budget = (0.5 if quick else minutes) * 60
+        # a fresh batch of 16 random crops each step (seeds 100+: never the eval or calibration views)
+        losses = fit(q, lambda i: photo_crops(16, split="calib", seed=100 + i), steps=100_000, seconds=budget,
+                     teacher=fp, lr=1e-5, step_lr=1e-4)  # fmt: skip
+        lowbit.convert(q)
+        t = time.perf_counter() - t0
+        rows.append({"scheme": scheme, "ptq": confident_agreement(ref, logits_of(ptq, ev)),
+                     "qat": confident_agreement(ref, logits_of(q, ev)), "steps": len(losses), "seconds": t,
+                     "loss_first": sum(losses[:10]) / 10, "loss_last": sum(losses[-10:]) / 10})  # fmt: skip
+    return {"command": "python benchmarks/run_all.py --sections qat_mobilenet", "eval_crops": n_eval, "rows": rows}
+
+
 def section_qat(quick: bool) -> dict:
     """QAT by distillation from FP32: digits-cnn W4A8 (real labels) and SmolLM2 w4g128 within a
     30-minute budget on 2 cores (training on calibration-split windows; perplexity on the eval split)."""
@@ -611,7 +646,7 @@ def section_qat(quick: bool) -> dict:
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mixed": section_mixed, "mixed_base": section_mixed_base,
-            "qat": section_qat}  # fmt: skip
+            "qat": section_qat, "qat_mobilenet": section_qat_mobilenet}  # fmt: skip
 
 
 def main() -> None:
