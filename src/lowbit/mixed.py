@@ -129,8 +129,9 @@ def _kl_sum(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | N
     return float(kl.sum()), float(kl.numel())
 
 
-def _re_escape(name: str) -> str:
-    return re.escape(name)
+def _candidate(c: str) -> str:
+    """A candidate's canonical name: ``"skip"`` or the scheme as it prints."""
+    return SKIP if c.strip().lower() == SKIP else str(parse_scheme(c))
 
 
 def sensitivity(
@@ -164,12 +165,11 @@ def sensitivity(
     from . import calibrate, driver
     from .fold import batchnorm_pairs, fold_batchnorm
 
-    canon = lambda c: SKIP if c.strip().lower() == SKIP else str(parse_scheme(c))  # noqa: E731
-    cands = [canon(c) for c in candidates]
+    cands = [_candidate(c) for c in candidates]
     if len(set(cands)) != len(cands) or not cands:
         raise MixedPrecisionError(f"candidates must be distinct and non-empty, got {list(candidates)}")
     if base is not None:
-        base = canon(base)
+        base = _candidate(base)
         if base not in cands:
             raise MixedPrecisionError(f"the base {base} must be one of the candidates ({', '.join(cands)})")
     batches = calibrate.as_batches(batches, "sensitivity")
@@ -209,7 +209,7 @@ def sensitivity(
     # model every time; the modules are the same: a layer's inputs are observed in the float
     # model outside blocks, and after the earlier blocks inside them, as quantize does.)
     quantized: dict[str, dict[str, nn.Module]] = {}
-    recipe_all = lambda c: Recipe(default=None).add("re:(" + "|".join(map(_re_escape, layers)) + ")", c)  # noqa: E731
+    recipe_all = lambda c: Recipe(default=None).add("re:(" + "|".join(map(re.escape, layers)) + ")", c)  # noqa: E731
     for c in cands:
         if c == SKIP:
             continue
@@ -344,7 +344,7 @@ def allocate(
     if sum(x is not None for x in (target_bpw, max_bytes, max_loss)) != 1:
         raise MixedPrecisionError("give exactly one budget: target_bpw, max_bytes or max_loss")
     cands = list(candidates) if candidates is not None else list(sens.candidates)
-    cands = [SKIP if c.strip().lower() == SKIP else str(parse_scheme(c)) for c in cands]
+    cands = [_candidate(c) for c in cands]
     missing = [c for c in cands if c not in sens.candidates]
     if missing:
         raise MixedPrecisionError(f"not measured: {', '.join(missing)} (measured: {', '.join(sens.candidates)})")

@@ -232,21 +232,18 @@ def prepare_qat(
 
 def _init_activations(model: nn.Module, layers: dict[str, QATLayer], calibration, observer: str) -> None:
     """Observe each static layer's float input over the calibration batches; start its step there."""
-    from .calibrate import _call, as_batches
+    from .calibrate import _call, _hooks, as_batches
     from .observers import make_observer
 
     batches = as_batches(calibration, "QAT's static activations")
     obs = {n: make_observer(observer) for n in layers}
-    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: obs[n].update(a[0])) for n, m in layers.items()]
     try:
         for m in layers.values():
             m.aq.bypass = True  # observe unrounded inputs
-        with torch.no_grad():
+        with _hooks(layers, lambda n, x: obs[n].update(x)), torch.no_grad():
             for b in batches:
                 _call(model, b)
     finally:
-        for h in handles:
-            h.remove()
         for m in layers.values():
             m.aq.bypass = False
     for n, m in layers.items():
@@ -257,7 +254,6 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
     """Replace every :class:`QATLayer` with the packed module PTQ would produce, holding the learned
     steps (in place; returns ``model``). Saved files are the same format as PTQ's."""
     from . import driver, kernels
-    from .nn import QuantConv2d, QuantLinear
     from .primitives import QParams
     from .qweight import QWeight
 
@@ -278,15 +274,11 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
         check_finite(w, f"{name}.weight")
         s, z = q.wq.stored()
         qw = QWeight.from_float(w, q.scheme, QParams(s, z), name=f"{name}.weight")
-        act = {}
+        act = None
         if q.aq is not None and q.aq.static:
-            act = {"act_scale": float(q.aq.step.detach().abs()), "act_zero": int(q.aq.zero)}
-        dtype = str(w.dtype).replace("torch.", "")
-        if isinstance(q.layer, nn.Linear):
-            new = QuantLinear(qw, q.layer.bias, method="qat", orig_dtype=dtype, **act)
-        else:
-            new = QuantConv2d(qw, q.layer.bias, QuantConv2d.conv_args(q.layer), method="qat", orig_dtype=dtype, **act)
-        swaps.append((name, new))
+            act = (float(q.aq.step.detach().abs()), int(q.aq.zero))
+        kind = "linear" if isinstance(q.layer, nn.Linear) else "conv2d"
+        swaps.append((name, driver._swap(q.layer, kind, qw, "qat", act)))
     for name, new in swaps:
         driver._set_module(model, name, new)
     kernels.use_kernel(model, kernel)
