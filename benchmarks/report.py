@@ -250,7 +250,8 @@ def _sweeps(res: dict) -> str:
 
 
 def _mobilenet(res: dict) -> str:
-    rows = [[r["variant"], r["observer"], f"{100 * r['agreement']:.1f}%", f"{100 * r['agreement_all']:.1f}%",
+    rows = [[r["variant"], r["observer"], r.get("bias_correction", "no"), f"{100 * r['agreement']:.1f}%",
+             f"{100 * r['agreement_all']:.1f}%",
              f"{r['mean_kl']:.3f}", f"{r['bpw']:.2f}", f"{r['model_bytes'] / 1e6:.2f}"] for r in res["rows"]]  # fmt: skip
     conf = res["rows"][0]["confident"]
     sp = res["speed"]
@@ -272,9 +273,11 @@ def _mobilenet(res: dict) -> str:
         f"(calib split). No labels: *agreement* = top-1 agreement with FP32 on the {conf} crops where FP32 is "
         "confident (p >= 0.5; near-ties flip on noise), *all* = agreement on every crop, KL = mean KL(FP32 || "
         "quantized). Static activations: one scale and zero point per layer input (unsigned codes after "
-        "ReLU6); weights per channel unless 'per-tensor'. bpw: stored bits per weight of the quantized layers.",
+        "ReLU6); weights per channel unless 'per-tensor'. bpw: stored bits per weight of the quantized layers. "
+        "*bias corr.*: `quantize(..., bias_correction=)`, one more calibration pass that moves each layer's mean "
+        "output error per channel into its bias (the default for static schemes; Nagel et al. 2019).",
         "",
-        markdown_table(["variant", "observer", "agreement", "all", "KL", "bpw", "model MB"], rows),
+        markdown_table(["variant", "observer", "bias corr.", "agreement", "all", "KL", "bpw", "model MB"], rows),
         "",
         "Mixed precision (`lowbit.mixed`: each layer quantized alone on 32 other calibration crops, KL to FP32, "
         "then the knapsack):",
@@ -337,26 +340,37 @@ def _mixed_base(res: dict | None, fp: float) -> list[str]:
     ]
 
 
-def _qat(res: dict) -> str:
-    d = res["digits"]
+def _qat_digits(d: dict | None) -> list[str]:
+    if d is None:
+        return []
     fp = d["rows"][0]["accuracy"]
-    drows = [["fp32", f"{100 * fp:.2f}%", "-", "-", "-"]]
+    rows = [["fp32", "-", f"{100 * fp:.2f}%", "-", "-", "-"]]
     for r in d["rows"][1:]:
         lost = fp - r["ptq"]
         rec = f"{100 * (r['qat'] - r['ptq']) / lost:.0f}%" if lost > 0 else "(nothing lost)"
-        drows.append([r["variant"], f"{100 * r['ptq']:.2f}%", f"{100 * r['qat']:.2f}%", rec, f"{r['seconds']:.0f}"])
+        rows.append([r["variant"], "yes" if r.get("bias_correction") else "no", f"{100 * r['ptq']:.2f}%",
+                     f"{100 * r['qat']:.2f}%", rec, f"{r['seconds']:.0f}"])  # fmt: skip
+    return [
+        f"digits-cnn, real labels ({d['test_images']} test images; one image is 0.2 points): PTQ = static "
+        f"calibration on 256 training images; QAT = `prepare_qat` from the same start, {d['steps']} steps of "
+        f"distillation (batch {d['batch']}, training images, no labels), `convert`, then the same packed modules "
+        f"as PTQ. *bias corr.*: PTQ, and QAT's starting point, with each layer's mean output error moved into its "
+        f"bias (`{d['command']}`).",
+        "",
+        markdown_table(["scheme", "bias corr.", "PTQ accuracy", "QAT accuracy", "PTQ loss recovered", "QAT seconds"],
+                       rows),  # fmt: skip
+        "",
+    ]
+
+
+def _qat(res: dict) -> str:
     s = res["smollm2"]
     return "\n".join([
         "## QAT: learned step sizes, distillation from FP32",
         "",
         _header(res),
         "",
-        f"digits-cnn, real labels ({d['test_images']} test images): PTQ = static calibration on 256 training "
-        f"images; QAT = `prepare_qat` from the same start, {d['steps']} steps of distillation (batch {d['batch']}, "
-        "training images, no labels), `convert`, then the same packed modules as PTQ.",
-        "",
-        markdown_table(["scheme", "PTQ accuracy", "QAT accuracy", "PTQ loss recovered", "QAT seconds"], drows),
-        "",
+        *_qat_digits(res.get("digits")),
         f"SmolLM2-135M {s['scheme']}: RTN vs QAT (LSQ steps, every block linear, embeddings/head float, "
         f"distillation from FP32 on {s['train_tokens']:,} calibration-split tokens, {s['steps']} steps of 4 x 256, "
         f"{s['seconds'] / 60:.1f} min wall on 2 threads including conversion). Perplexity on {s['tokens']} held-out "
@@ -413,5 +427,6 @@ def write_benchmarks(results: Path, out: Path) -> None:
                 res["base"] = _load(results, "mixed_base")
             if name == "qat":
                 res["mobilenet"] = _load(results, "qat_mobilenet")
+                res["digits"] = _load(results, "qat_digits")
             parts += ["", render(res)]
     out.write_text("\n".join(parts) + "\n")

@@ -396,27 +396,34 @@ def section_mobilenet(quick: bool) -> dict:
     ref = logits_of(fp, ev)
     rows = []
 
-    def measure(label, spec, observer="percentile", m=None):
-        print("  mobilenet", label, file=sys.stderr)
+    def measure(label, spec, observer="percentile", m=None, bc=None):
+        print("  mobilenet", label, observer, bc, file=sys.stderr)
+        static = "static" in str(spec)
         if m is None:
-            static = "static" in str(spec)
-            m = lowbit.quantize(copy.deepcopy(fp), spec, calibration=calb if static else None, observer=observer)
+            m = lowbit.quantize(copy.deepcopy(fp), spec, calibration=calb if static else None, observer=observer,
+                                bias_correction=bc if static else None)  # fmt: skip
         r = confident_agreement(ref, logits_of(m, ev))
         size = lowbit.size_of(m)
-        rows.append({"variant": label, "observer": observer if "static" in str(spec) else "-", **r,
+        rows.append({"variant": label, "observer": observer if static else "-",
+                     "bias_correction": ("no" if bc is False else "yes") if static else "-", **r,
                      "model_bytes": size.total_bytes, "bpw": size.quantized_bits_per_weight or 32.0})  # fmt: skip
         return m
 
-    rows.append({"variant": "fp32", "observer": "-", **confident_agreement(ref, ref),
+    rows.append({"variant": "fp32", "observer": "-", "bias_correction": "-", **confident_agreement(ref, ref),
                  "model_bytes": lowbit.size_of(fp).total_bytes, "bpw": 32.0})  # fmt: skip
     measure("int8 weights only", "int8")
     for obs in ("minmax", "percentile"):
-        measure("w8a8 per-tensor weights", "w8a8-tensor-static", obs)
+        for bc in (False, None):
+            measure("w8a8 per-tensor weights", "w8a8-tensor-static", obs, bc=bc)
+    for obs in ("minmax", "ema", "percentile", "mse", "entropy"):
+        measure("w8a8 per-channel", "w8a8-static", obs, bc=False)
     per_channel = {obs: measure("w8a8 per-channel", "w8a8-static", obs)
                    for obs in ("minmax", "ema", "percentile", "mse", "entropy")}  # fmt: skip
     keep = per_channel["percentile"]
-    measure("w8a8 per-channel, asym weights", "w8a8-asym-static", "percentile")
-    measure("w4a8 per-channel", "w4a8-static", "percentile")
+    for bc in (False, None):
+        measure("w8a8 per-channel, asym weights", "w8a8-asym-static", "percentile", bc=bc)
+    for bc in (False, None):
+        measure("w4a8 per-channel", "w4a8-static", "percentile", bc=bc)
     # speed: the static convolutions run the reference path (int8-rounded input, dequantized weight)
     x = ev[:16]
     with torch.no_grad():
@@ -584,35 +591,48 @@ def section_qat_mobilenet(quick: bool) -> dict:
     return {"command": "python benchmarks/run_all.py --sections qat_mobilenet", "eval_crops": n_eval, "rows": rows}
 
 
-def section_qat(quick: bool) -> dict:
-    """QAT by distillation from FP32: digits-cnn W4A8 (real labels) and SmolLM2 w4g128 within a
-    30-minute budget on 2 cores (training on calibration-split windows; perplexity on the eval split)."""
+def section_qat_digits(quick: bool) -> dict:
+    """digits-cnn (real labels), static int8 activations with 8/4/3/2-bit weights: PTQ vs QAT
+    (distillation from FP32 on training images, no labels), each with and without bias correction."""
     import time
 
     import lowbit
     from lowbit.evaluate.classification import accuracy
-    from lowbit.evaluate.data import calibration_batches
-    from lowbit.evaluate.perplexity import perplexity
     from lowbit.models.zoo import digits_data, load_model
     from lowbit.qat import fit
 
-    out: dict = {"command": "python benchmarks/run_all.py --sections qat"}
-    # digits-cnn: W4A8 (4-bit per-channel weights, static int8 activations)
     zoo, data = load_model("digits-cnn"), digits_data()
     x, xt, yt = data["x_train"], data["x_test"], data["y_test"]
     cal = [x[:256]]
     g = torch.Generator().manual_seed(0)
     batches = [x[torch.randint(0, len(x), (64,), generator=g)] for _ in range(40)]
     rows = [{"variant": "fp32", "accuracy": accuracy(zoo.model, xt, yt)}]
-    for scheme in ("w8a8-static", "w4a8-static", "w3a8-static"):
-        ptq = lowbit.quantize(copy.deepcopy(zoo.model), scheme, calibration=cal)
-        q = lowbit.prepare_qat(copy.deepcopy(zoo.model), scheme, calibration=cal)
-        t0 = time.perf_counter()
-        fit(q, batches, steps=400, teacher=zoo.model, lr=1e-3, step_lr=1e-3)
-        t = time.perf_counter() - t0
-        lowbit.convert(q)
-        rows.append({"variant": scheme, "ptq": accuracy(ptq, xt, yt), "qat": accuracy(q, xt, yt), "seconds": t})
-    out["digits"] = {"test_images": len(yt), "steps": 400, "batch": 64, "rows": rows}
+    for scheme in ("w8a8-static", "w4a8-static", "w3a8-static", "w2a8-static"):
+        for bc in (False, None):
+            ptq = lowbit.quantize(copy.deepcopy(zoo.model), scheme, calibration=cal, bias_correction=bc)
+            q = lowbit.prepare_qat(copy.deepcopy(zoo.model), scheme, calibration=cal, bias_correction=bc)
+            t0 = time.perf_counter()
+            fit(q, batches, steps=400, teacher=zoo.model, lr=1e-3, step_lr=1e-3)
+            t = time.perf_counter() - t0
+            lowbit.convert(q)
+            rows.append({"variant": scheme, "bias_correction": bc is not False, "ptq": accuracy(ptq, xt, yt),
+                         "qat": accuracy(q, xt, yt), "seconds": t})  # fmt: skip
+    return {"command": "python benchmarks/run_all.py --sections qat_digits", "test_images": len(yt), "steps": 400,
+            "batch": 64, "rows": rows}  # fmt: skip
+
+
+def section_qat(quick: bool) -> dict:
+    """QAT by distillation from FP32: SmolLM2 w4g128 within a 30-minute budget on 2 cores
+    (training on calibration-split windows; perplexity on the eval split)."""
+    import time
+
+    import lowbit
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.models.zoo import load_model
+    from lowbit.qat import fit
+
+    out: dict = {"command": "python benchmarks/run_all.py --sections qat"}
     # SmolLM2-135M w4g128: QAT vs RTN (and GPTQ for reference)
     zoo = load_model("smollm2-135m")
     tokens = 4096 if quick else PPL_TOKENS
@@ -646,7 +666,7 @@ def section_qat(quick: bool) -> dict:
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mixed": section_mixed, "mixed_base": section_mixed_base,
-            "qat": section_qat, "qat_mobilenet": section_qat_mobilenet}  # fmt: skip
+            "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet}  # fmt: skip
 
 
 def main() -> None:

@@ -109,3 +109,57 @@ def test_empty_or_mismatched_calibration_is_one_clear_error_and_nothing_changes(
         lowbit.prepare_qat(copy.deepcopy(cnn), "w8a8-static", calibration=[torch.zeros(2, 5, dtype=torch.long)])
     assert all(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in cnn)  # every module put back
     assert all(torch.equal(v, cnn.state_dict()[k]) for k, v in before.items())
+
+
+def _depthwise():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+        nn.Conv2d(16, 8, 1, bias=False),
+    ).eval()  # fmt: skip
+
+
+def _channel_means(y: torch.Tensor) -> torch.Tensor:
+    return y.mean((0, 2, 3))
+
+
+def test_bias_correction_removes_each_layers_mean_output_error():
+    g = torch.Generator().manual_seed(4)
+    imgs = [torch.rand(4, 3, 12, 12, generator=g) * 2 - 1 for _ in range(3)]
+    ref = _depthwise()
+    plain = lowbit.quantize(_depthwise(), "w4a8-static", calibration=imgs, bias_correction=False)
+    fixed = lowbit.quantize(_depthwise(), "w4a8-static", calibration=imgs)
+    assert torch.equal(plain[0].qweight, fixed[0].qweight)  # same codes: only the biases move
+    x = torch.cat(imgs)
+    with torch.no_grad():
+        want = _channel_means(ref[0](x))
+        shift_plain = (_channel_means(plain[0](x)) - want).abs().max()
+        shift_fixed = (_channel_means(fixed[0](x)) - want).abs().max()
+        # the first layer reads the same input in both models: its mean error is removed exactly
+        assert shift_plain > 1e-3 and shift_fixed < 1e-5, (shift_plain, shift_fixed)
+        # later layers are corrected on the inputs the quantized model gives them (in one pass,
+        # before the earlier layers' corrections: nearly, not exactly, the inputs they get now)
+        h = fixed[1](fixed[0](x))
+        own_fixed = _channel_means(fixed[2](h) - ref[2](h)).abs().max()
+        h = plain[1](plain[0](x))
+        own_plain = _channel_means(plain[2](h) - ref[2](h)).abs().max()
+        assert own_fixed < 0.05 * own_plain, (own_fixed, own_plain)
+        # by default a layer without a bias keeps none (the model's tensors do not change) ...
+        assert fixed[4].bias is None
+        # ... unless asked; then it gets one and saves, loads and runs the same
+        forced = lowbit.quantize(_depthwise(), "w4a8-static", calibration=imgs, bias_correction=True)
+        assert forced[4].bias is not None and forced[4].bias.shape == (8,)
+        err = [float((m(x) - ref(x)).mean((0, 2, 3)).abs().max()) for m in (plain, fixed, forced)]
+        assert err[2] < err[1] < err[0], err
+
+
+def test_bias_correction_saves_loads_and_is_refused_without_static_layers(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    imgs = [torch.rand(2, 3, 12, 12, generator=g) for _ in range(2)]
+    model = lowbit.quantize(_depthwise(), "w8a8-static", calibration=imgs, bias_correction=True)
+    lowbit.save(model, tmp_path / "bc")
+    back = lowbit.load(tmp_path / "bc", model=_depthwise())
+    with torch.no_grad():
+        assert torch.equal(back(imgs[0]), model(imgs[0]))
+    with pytest.raises(lowbit.QuantizeError, match="bias_correction applies to static"):
+        lowbit.quantize(_depthwise(), "int8", calibration=imgs, bias_correction=True)

