@@ -249,6 +249,23 @@ def _sweeps(res: dict) -> str:
     ] if "act_groups" in res else []))
 
 
+def _mobilenet_speed(sp: dict) -> str:
+    if "reference_s" not in sp:
+        return (f"Speed: the static Conv2d layers run the reference path: batch of {sp['batch']} crops, median "
+                f"{sp['w8a8_static_s'] * 1e3:.0f} ms vs FP32 {sp['fp32_s'] * 1e3:.0f} ms "
+                f"({sp['fp32_s'] / sp['w8a8_static_s']:.2f}x).")  # fmt: skip
+    counts = ", ".join(f"{k} x{v}" for k, v in sorted(sp["kernels"].items()))
+    return (
+        f"Speed (per-channel W8A8, percentile), batch of {sp['batch']} crops, medians side by side: FP32 "
+        f"{sp['fp32_s'] * 1e3:.0f} ms; lowbit with the pointwise (1x1) convolutions on the int8 GEMM "
+        f"(`cpu-vnni-a8`: pixels as rows, static int8 inputs, channels-last between layers) and the depthwise and "
+        f"first 3x3 convolutions on the reference path (input rounded to its int8 grid, dequantized weight, float "
+        f"conv) -- {counts} -- {sp['w8a8_static_s'] * 1e3:.0f} ms ({sp['fp32_s'] / sp['w8a8_static_s']:.2f}x FP32); "
+        f"every layer on the reference path {sp['reference_s'] * 1e3:.0f} ms "
+        f"({sp['fp32_s'] / sp['reference_s']:.2f}x)."
+    )
+
+
 def _mobilenet(res: dict) -> str:
     rows = [[r["variant"], r["observer"], r.get("bias_correction", "no"), f"{100 * r['agreement']:.1f}%",
              f"{100 * r['agreement_all']:.1f}%",
@@ -290,10 +307,7 @@ def _mobilenet(res: dict) -> str:
         "",
         f"![MobileNetV2 sensitivity]({res['plot']})",
         "",
-        f"Speed: the static Conv2d layers run the reference path (input rounded to its int8 grid, dequantized "
-        f"weight, float conv): batch of {sp['batch']} crops, median {sp['w8a8_static_s'] * 1e3:.0f} ms vs FP32 "
-        f"{sp['fp32_s'] * 1e3:.0f} ms ({sp['fp32_s'] / sp['w8a8_static_s']:.2f}x). There is no int8 convolution "
-        "kernel yet; the int8 GEMM serves Linear layers.",
+        _mobilenet_speed(sp),
     ])
 
 
@@ -318,15 +332,40 @@ def _mixed(res: dict) -> str:
         markdown_table(["variant", "method", "bpw", "ppl", "Δppl", "layers"], rows),
         "",
         *[f"![{Path(p).stem}]({p})" for p in res["plots"]],
-    ] + _mixed_base(res.get("base"), fp))
+    ] + _mixed_base(res.get("base"), fp) + _mixed_hessian(res.get("hessian"), fp, res["sensitivity_seconds"]))
+
+
+def _mixed_rows(res: dict, fp: float) -> list[list[str]]:
+    return [[r["variant"], r["method"], f"{r['bpw']:.3f}", f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%",
+             ", ".join(f"{c} x{k}" for c, k in sorted(r["counts"].items())), f"{r['predicted_kl']:.3f}"]
+            for r in res["rows"]]  # fmt: skip
+
+
+def _mixed_hessian(res: dict | None, fp: float, measured_seconds: float) -> list[str]:
+    if res is None:
+        return []
+    vs = res.get("vs_measured")
+    agree = ""
+    if vs:
+        per = ", ".join(f"{c} {v:.2f}" for c, v in vs["spearman"].items())
+        agree = (f" Against the measured table above: Spearman rank correlation {vs['spearman_all']:.2f} over all "
+                 f"(layer, candidate) pairs ({per} within each candidate); predicted / measured KL: median "
+                 f"{vs['ratio_median']:.2f}, 10th-90th percentile {vs['ratio_p10']:.2f}-{vs['ratio_p90']:.2f}.")  # fmt: skip
+    return [
+        "",
+        f"Predicted instead of measured (`sensitivity(..., cost=\"hessian\")`, `lowbit sensitivity --cost hessian`): "
+        f"KL ~ 1/2 tr(H_l)/n_l ||dW_l||^2 with the Hessian traces estimated from {res['draws']} sampled outputs per "
+        f"position (Fisher identity at FP32), on the same sensitivity tokens: {res['sensitivity_seconds']:.0f} s "
+        f"instead of {measured_seconds:.0f} s.{agree} Command: `{res['command']}`.",
+        "",
+        markdown_table(["variant", "method", "bpw", "ppl", "Δppl", "layers", "predicted KL"], _mixed_rows(res, fp)),
+    ]
 
 
 def _mixed_base(res: dict | None, fp: float) -> list[str]:
     if res is None:
         return []
-    rows = [[r["variant"], r["method"], f"{r['bpw']:.3f}", f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%",
-             ", ".join(f"{c} x{k}" for c, k in sorted(r["counts"].items())), f"{r['predicted_kl']:.3f}"]
-            for r in res["rows"]]  # fmt: skip
+    rows = _mixed_rows(res, fp)
     return [
         "",
         f"Around an operating point (`sensitivity(..., base=\"w4g64\")`, `lowbit sensitivity --base w4g64`): "
@@ -425,6 +464,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                 res["peers"] = _load(results, "peer_algorithms")
             if name == "mixed":
                 res["base"] = _load(results, "mixed_base")
+                res["hessian"] = _load(results, "mixed_hessian")
             if name == "qat":
                 res["mobilenet"] = _load(results, "qat_mobilenet")
                 res["digits"] = _load(results, "qat_digits")

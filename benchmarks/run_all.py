@@ -424,11 +424,20 @@ def section_mobilenet(quick: bool) -> dict:
         measure("w8a8 per-channel, asym weights", "w8a8-asym-static", "percentile", bc=bc)
     for bc in (False, None):
         measure("w4a8 per-channel", "w4a8-static", "percentile", bc=bc)
-    # speed: the static convolutions run the reference path (int8-rounded input, dequantized weight)
+    # speed: pointwise convolutions run the int8 GEMM (cpu-vnni-a8), the others the reference path
+    from lowbit import kernels
+
+    ref_path = copy.deepcopy(keep)
+    kernels.use_kernel(ref_path, "reference")
+    on_kernel = {}
+    for mod in keep.modules():
+        if hasattr(mod, "kernel"):
+            on_kernel[mod.kernel] = on_kernel.get(mod.kernel, 0) + 1
     x = ev[:16]
     with torch.no_grad():
         t_fp = median_time(lambda: fp(x), reps=3 if quick else 7, warmup=1)
         t_q = median_time(lambda: keep(x), reps=3 if quick else 7, warmup=1)
+        t_ref = median_time(lambda: ref_path(x), reps=3 if quick else 7, warmup=1)
     # sensitivity on other calibration crops than those that set the scales
     cands = ["w4a8-static", "w8a8-tensor-static", "w8a8-static", "skip"]
     sens = sensitivity(fp, cands, [photo_crops(32, split="calib", seed=1)], calibration=calb, observer="percentile")
@@ -450,7 +459,8 @@ def section_mobilenet(quick: bool) -> dict:
                      title="MobileNetV2: KL to FP32 when one layer is quantized (percentile observer)")  # fmt: skip
     top = sorted(sens.layers, key=lambda n: -sens.loss[n]["w8a8-static"])[:5]
     return {"command": "python benchmarks/run_all.py --sections mobilenet", "eval_crops": n_eval, "calib_crops": n_cal,
-            "rows": rows, "mixed": mixed, "speed": {"batch": 16, "fp32_s": t_fp, "w8a8_static_s": t_q},
+            "rows": rows, "mixed": mixed, "speed": {"batch": 16, "fp32_s": t_fp, "w8a8_static_s": t_q,
+                                                        "reference_s": t_ref, "kernels": on_kernel},
             "most_sensitive": [{"layer": n, **{c: sens.loss[n][c] for c in cands if c != "skip"}} for n in top],
             "plot": "benchmarks/plots/mobilenet_sensitivity.png"}  # fmt: skip
 
@@ -517,31 +527,17 @@ def section_mixed(quick: bool) -> dict:
             "plots": ["benchmarks/plots/smollm2_mixed.png", "benchmarks/plots/smollm2_sensitivity.png"]}  # fmt: skip
 
 
-def section_mixed_base(quick: bool) -> dict:
-    """SmolLM2 mixed precision with the sensitivity measured around uniform w4g64 (each layer
-    changed alone to w3g64 or int8 from the all-w4g64 model) instead of around FP32."""
-    import time
-
+def _mixed_allocations(quick: bool, zoo, sens, label: str) -> list[dict]:
+    """Allocate ``sens`` at 4.0 / 4.25 / 4.5 bpw; quantize (RTN, and GPTQ at 4.25); perplexity."""
     import lowbit
     from lowbit.evaluate.data import calibration_batches
     from lowbit.evaluate.perplexity import perplexity
-    from lowbit.mixed import allocate, sensitivity
-    from lowbit.models.zoo import load_model
+    from lowbit.mixed import allocate
 
-    zoo = load_model("smollm2-135m")
     tokens = 4096 if quick else PPL_TOKENS
-    sens_batches = calibration_batches(zoo.tokenizer, nsamples=4, seqlen=256, seed=1, batch_size=4)
-    t0 = time.perf_counter()
-    sens = sensitivity(zoo.model, ["w3g64", "w4g64", "int8"], sens_batches, base="w4g64")
-    t_sens = time.perf_counter() - t0
-    sens.save(RESULTS / "mixed_base_sensitivity.json")
-
-    def ppl(m) -> float:
-        return perplexity(m, zoo.tokenizer, max_tokens=tokens).ppl
-
     rows = []
     for t in (4.0, 4.25, 4.5):
-        print("  mixed-base: target", t, file=sys.stderr)
+        print(f"  {label}: target", t, file=sys.stderr)
         a = allocate(sens, target_bpw=t)
         methods = ("rtn", "gptq") if t == 4.25 and not quick else ("rtn",)
         for method in methods:
@@ -549,11 +545,65 @@ def section_mixed_base(quick: bool) -> dict:
             if method == "gptq":
                 calib = calibration_batches(zoo.tokenizer, nsamples=CALIB["nsamples"], seqlen=CALIB["seqlen"], seed=0)
             m = lowbit.quantize(copy.deepcopy(zoo.model), a.recipe(), method=method, calibration=calib)
-            rows.append({"variant": f"mixed @ {t} bpw (around w4g64)", "method": method, "target": t,
-                         "bpw": lowbit.size_of(m).quantized_bits_per_weight, "ppl": ppl(m), "counts": a.counts(),
+            rows.append({"variant": f"mixed @ {t} bpw ({label})", "method": method, "target": t,
+                         "bpw": lowbit.size_of(m).quantized_bits_per_weight,
+                         "ppl": perplexity(m, zoo.tokenizer, max_tokens=tokens).ppl, "counts": a.counts(),
                          "predicted_kl": a.loss, "gap": a.gap})  # fmt: skip
-    return {"command": "python benchmarks/run_all.py --sections mixed_base", "tokens": tokens,
-            "sensitivity_seconds": t_sens, "base_kl": sens.info["base_loss"], "rows": rows}  # fmt: skip
+    return rows
+
+
+def section_mixed_base(quick: bool) -> dict:
+    """SmolLM2 mixed precision with the sensitivity measured around uniform w4g64 (each layer
+    changed alone to w3g64 or int8 from the all-w4g64 model) instead of around FP32."""
+    import time
+
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.mixed import sensitivity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    sens_batches = calibration_batches(zoo.tokenizer, nsamples=4, seqlen=256, seed=1, batch_size=4)
+    t0 = time.perf_counter()
+    sens = sensitivity(zoo.model, ["w3g64", "w4g64", "int8"], sens_batches, base="w4g64")
+    t_sens = time.perf_counter() - t0
+    sens.save(RESULTS / "mixed_base_sensitivity.json")
+    return {"command": "python benchmarks/run_all.py --sections mixed_base", "tokens": 4096 if quick else PPL_TOKENS,
+            "sensitivity_seconds": t_sens, "base_kl": sens.info["base_loss"],
+            "rows": _mixed_allocations(quick, zoo, sens, "around w4g64")}  # fmt: skip
+
+
+def section_mixed_hessian(quick: bool) -> dict:
+    """SmolLM2 mixed precision from the Hessian-trace estimate (sensitivity(cost="hessian")) on the
+    same sensitivity tokens as the measured tables, and how well it predicts the measured KL."""
+    import time
+
+    from scipy.stats import spearmanr
+
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.mixed import Sensitivity, sensitivity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    sens_batches = calibration_batches(zoo.tokenizer, nsamples=4, seqlen=256, seed=1, batch_size=4)
+    draws = 8
+    t0 = time.perf_counter()
+    sens = sensitivity(zoo.model, ["w3g64", "w4g64", "int8"], sens_batches, cost="hessian", draws=draws)
+    t_sens = time.perf_counter() - t0
+    sens.save(RESULTS / "mixed_hessian_sensitivity.json")
+    out = {"command": "python benchmarks/run_all.py --sections mixed_hessian", "draws": draws,
+           "tokens": 4096 if quick else PPL_TOKENS, "sensitivity_seconds": t_sens}  # fmt: skip
+    measured_path = RESULTS / "mixed_sensitivity.json"
+    if measured_path.exists():  # the measured table of --sections mixed (same layers, candidates, tokens)
+        measured = Sensitivity.load(measured_path)
+        pairs = [(measured.loss[n][c], sens.loss[n][c]) for n in sens.layers for c in sens.candidates]
+        per_cand = {c: spearmanr([measured.loss[n][c] for n in sens.layers], [sens.loss[n][c] for n in sens.layers])
+                    .statistic for c in sens.candidates}  # fmt: skip
+        ratio = sorted(p / m for m, p in pairs if m > 0)
+        out["vs_measured"] = {"spearman_all": spearmanr(*zip(*pairs)).statistic, "spearman": per_cand,
+                              "ratio_median": ratio[len(ratio) // 2], "ratio_p10": ratio[len(ratio) // 10],
+                              "ratio_p90": ratio[9 * len(ratio) // 10]}  # fmt: skip
+    out["rows"] = _mixed_allocations(quick, zoo, sens, "hessian")
+    return out
 
 
 def section_qat_mobilenet(quick: bool) -> dict:
@@ -666,6 +716,7 @@ def section_qat(quick: bool) -> dict:
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mixed": section_mixed, "mixed_base": section_mixed_base,
+            "mixed_hessian": section_mixed_hessian,
             "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet}  # fmt: skip
 
 

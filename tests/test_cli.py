@@ -107,6 +107,13 @@ def test_sensitivity_allocates_a_recipe_that_quantizes(tmp_path, digits):
     assert p.returncode == 2 and "smallest reachable" in p.stderr and "Traceback" not in p.stderr
     p = run("sensitivity", "digits-cnn", "--table", str(table), "--max-loss", "1e-12", ok=False)
     assert p.returncode == 2 and "least reachable" in p.stderr
+    # predicted from Hessian traces instead of measured: the same table and recipe outputs
+    fast = tmp_path / "h.json"
+    p = run("sensitivity", "digits-cnn", "--candidates", "w2g16,w4g16,int8", "--cost", "hessian",
+            "--target-bpw", "3.5", "-o", str(fast), "-q")  # fmt: skip
+    assert "allocation:" in p.stdout and json.loads(fast.read_text())["info"]["cost"] == "hessian"
+    p = run("sensitivity", "digits-cnn", "--cost", "hessian", "--base", "int8", ok=False)
+    assert p.returncode == 2 and "measure base= with 'kl'" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_image_models_calibrate_on_photo_crops(tmp_path):

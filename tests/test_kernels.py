@@ -5,7 +5,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.kernels import KernelError, cpu
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.scheme import SchemeError, parse_scheme
 
 needs_vnni = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"{cpu.unavailable_reason()}")
@@ -241,3 +241,53 @@ def test_activation_schemes_run_only_where_activations_are_quantized():
         kernels.assign(mod, "auto")
         assert mod.kernel == "reference"
         assert "cpu-vnni-a8" in mod.kernel_note
+
+
+def _conv(cin: int, cout: int, k: int, seed: int, zero: int, **conv) -> QuantConv2d:
+    torch.manual_seed(seed)
+    c = torch.nn.Conv2d(cin, cout, k, **conv)
+    from lowbit.qweight import QWeight
+
+    qw = QWeight.from_float(c.weight, parse_scheme("w8a8-static"))
+    return QuantConv2d(qw, c.bias, QuantConv2d.conv_args(c), act_scale=0.05, act_zero=zero)
+
+
+@needs_vnni
+@pytest.mark.parametrize("zero", [-127, 0, 51])
+@pytest.mark.parametrize("cin,cout,stride,hw", [(16, 24, 1, 7), (37, 5, 2, 9), (96, 576, 1, 3), (3, 8, 2, 1)])
+def test_pointwise_conv_runs_the_int8_gemm_and_matches_reference(zero, cin, cout, stride, hw):
+    mod = _conv(cin, cout, 1, seed=cin + cout, zero=zero, stride=stride)
+    x = torch.rand(2, cin, hw, hw + 1, generator=torch.Generator().manual_seed(hw)) * 10 - (0 if zero == -127 else 4)
+    x[:, 0] = 40.0  # clipped
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod)
+    assert mod.kernel == "cpu-vnni-a8" and mod.layout == "tiled4", mod.kernel_note
+    got = mod(x)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+    # a channels-last input (what the previous pointwise layer returns) gives the same result
+    assert torch.allclose(mod(x.contiguous(memory_format=torch.channels_last)), got, rtol=1e-6, atol=1e-6)
+
+
+@needs_vnni
+def test_convs_without_a_gemm_form_stay_on_the_reference_with_a_reason():
+    for mod, why in ((_conv(8, 8, 3, 0, -127, groups=8), "depthwise"), (_conv(3, 8, 3, 1, 0, padding=1), "3x3 kernel"),
+                     (_conv(8, 8, 1, 2, 0, padding=1), "padding")):  # fmt: skip
+        kernels.assign(mod)
+        assert mod.kernel == "reference" and why in mod.kernel_note, mod.kernel_note
+        with pytest.raises(KernelError, match=why):
+            kernels.assign(mod, "cpu-vnni-a8")
+
+
+@needs_vnni
+def test_a_module_that_has_run_deep_copies_and_the_copy_runs_the_same():
+    import copy
+
+    mod = _layer("w8a8-static", 96, 5, seed=3, act_zero=-127)
+    kernels.assign(mod)
+    x = torch.rand(3, 96)
+    y = mod(x)  # the kernel has built its descriptor (raw pointers) now
+    twin = copy.deepcopy(mod)
+    assert twin.qweight.data_ptr() != mod.qweight.data_ptr()
+    assert torch.equal(twin(x), y)

@@ -10,7 +10,7 @@ import torch
 
 import lowbit
 from lowbit.evaluate.classification import accuracy
-from lowbit.mixed import MixedPrecisionError, Sensitivity, allocate, parse_max_loss, sensitivity
+from lowbit.mixed import MixedPrecisionError, Sensitivity, allocate, hessian_traces, parse_max_loss, sensitivity
 
 
 def _random_table(n_layers, cands, seed):
@@ -132,6 +132,54 @@ def test_sensitivity_around_an_operating_point(digits):
     assert b.loss <= a.loss + 1e-12 and b.nbytes <= size4
     with pytest.raises(MixedPrecisionError, match="must be one of the candidates"):
         sensitivity(zoo.model, ["w2g16", "int8"], [x], base="w4g16")
+
+
+def test_hessian_traces_match_the_exact_hessian_of_the_kl():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(64, 5)
+    with torch.no_grad():
+        ref = torch.log_softmax(net(x), -1)
+
+    def exact(i: int) -> float:  # trace of d2/dW2 of the mean KL(p_now || p_W) at W = the weights now
+        w0 = net[i].weight.detach().clone()
+
+        def kl(w):
+            saved = net[i].weight
+            del net[i].weight
+            net[i].weight = w
+            try:
+                logq = torch.log_softmax(net(x), -1)
+            finally:
+                net[i].weight = saved
+            return (ref.exp() * (ref - logq)).sum(-1).mean()
+
+        h = torch.autograd.functional.hessian(kl, w0)
+        return float(h.reshape(w0.numel(), w0.numel()).trace())
+
+    got = hessian_traces(net, [x], {"0": net[0], "2": net[2]}, draws=2000)
+    for i in (0, 2):
+        assert got[str(i)] == pytest.approx(exact(i), rel=0.08), (i, got, exact(i))
+    assert all(p.requires_grad for p in net.parameters())  # left as it was
+
+
+def test_hessian_cost_predicts_the_measured_kl_on_digits(digits):
+    from scipy.stats import spearmanr
+
+    zoo, data = digits
+    x = data["x_test"][:128]
+    cands = ["w2g16", "w4g16", "int8", "skip"]
+    measured = sensitivity(zoo.model, cands, [x])
+    predicted = sensitivity(zoo.model, cands, [x], cost="hessian", draws=16)
+    assert predicted.info["cost"] == "hessian" and predicted.nbytes == measured.nbytes
+    pairs = [(measured.loss[n][c], predicted.loss[n][c]) for n in measured.layers for c in cands if c != "skip"]
+    assert spearmanr(*zip(*pairs)).statistic > 0.85, pairs  # the same ranking, near enough
+    ratios = [p / m for m, p in pairs]
+    assert 0.1 < min(ratios) and max(ratios) < 10, ratios  # and the same scale (nats)
+    with pytest.raises(MixedPrecisionError, match="cost must be"):
+        sensitivity(zoo.model, cands, [x], cost="fisher")
+    with pytest.raises(MixedPrecisionError, match="measure base= with 'kl'"):
+        sensitivity(zoo.model, cands, [x], cost="hessian", base="w4g16")
 
 
 class _Dict(torch.nn.Module):

@@ -303,7 +303,7 @@ def cmd_sensitivity(args) -> int:
         n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
         batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model)
         sens = sensitivity(zm.model, cands, batches, calibration=calibration, method=args.method,
-                           observer=args.observer, base=args.base, progress=not args.quiet)  # fmt: skip
+                           observer=args.observer, base=args.base, cost=args.cost, progress=not args.quiet)  # fmt: skip
         sens.info["model"] = args.model
     rows = []
     for n in sens.layers:
@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--table", help="a sensitivity table saved with -o: allocate and plot without measuring")
     m.add_argument("--base", help="measure around this candidate (every layer quantized with it) instead of FP32")
     m.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"])
+    m.add_argument("--cost", default="kl", choices=["kl", "hessian"],
+                   help="kl: measure the KL with each layer quantized alone; hessian: predict it from Hessian "
+                        "traces and weight error (one backward pass per sample, weights only; not with --base)")
     m.add_argument("--observer", default="minmax", choices=list(OBSERVERS))
     m.add_argument("--samples", type=int,
                    help="samples the KL is measured on (default: 8 texts, 32 photo crops, 512 digits)")

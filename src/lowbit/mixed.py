@@ -9,6 +9,17 @@ classifiers). For a language model, KL equals the expected rise of the cross-ent
 follows the model, so ``exp(sum KL)`` approximates the perplexity ratio. ``"skip"`` (keep the
 layer in float) costs 0. Work happens on a copy; the caller's model is not changed.
 
+With ``cost="hessian"`` the KL is predicted instead of measured (HAWQ-V2, Dong et al. 2020):
+``d[l, c] = 1/2 * tr(H_l) / n_l * ||Q_c(W_l) - W_l||^2``, the second-order term of the KL's Taylor
+series in layer ``l``'s weights (its gradient is zero at FP32) with the layer's Hessian block
+replaced by its mean eigenvalue. At the FP32 weights the Hessian of ``KL(p_fp32 || p_theta)`` *is*
+the Fisher information of the model's own predictions, so the trace is estimated without second
+derivatives: draw outputs ``y`` from the model, and ``tr(H_l) = E ||grad_l sum_t log p(y_t)||^2 / N``
+over the ``N`` positions (cross terms vanish in expectation) -- one backward pass per draw, for every
+layer at once, instead of one forward pass per layer and candidate. It sees weight error only
+(not static activations' rounding) and assumes an isotropic Hessian, so it ranks layers more
+coarsely than the measured KL; it is the fast option for large models.
+
 With ``base=`` the measurement is made around an operating point instead: every layer starts
 quantized with the base candidate and one layer at a time changes; the cost is the change of the
 KL. Per-layer costs interact: on SmolLM2 at 4.25 bits per weight, the allocation from costs
@@ -45,7 +56,9 @@ from .files import write_text_atomic
 from .recipe import SKIP, Recipe
 from .scheme import parse_scheme
 
-__all__ = ["Sensitivity", "Allocation", "MixedPrecisionError", "sensitivity", "allocate", "parse_max_loss"]
+__all__ = [
+    "Sensitivity", "Allocation", "MixedPrecisionError", "sensitivity", "allocate", "parse_max_loss", "hessian_traces",
+]  # fmt: skip
 
 
 class MixedPrecisionError(ValueError):
@@ -144,6 +157,9 @@ def sensitivity(
     observer: str = "minmax",
     layers: Sequence[str] | None = None,
     base: str | None = None,
+    cost: str = "kl",
+    draws: int = 4,
+    seed: int = 0,
     progress: bool = False,
     **options,
 ) -> Sensitivity:
@@ -161,6 +177,10 @@ def sensitivity(
             layer to another candidate; the cost is the change of the KL (negative for a wider
             candidate), measured where the allocation will land (``info["base_loss"]`` holds the
             KL of the all-``base`` model, which the costs are relative to).
+        cost: ``"kl"`` (measured: one forward pass per layer and candidate) or ``"hessian"``
+            (predicted from Hessian traces, see the module docstring; not with ``base``).
+        draws: ``"hessian"``: sampled outputs per batch for the trace estimate.
+        seed: ``"hessian"``: the sampling seed.
     """
     from . import calibrate, driver
     from .fold import batchnorm_pairs, fold_batchnorm
@@ -172,6 +192,12 @@ def sensitivity(
         base = _candidate(base)
         if base not in cands:
             raise MixedPrecisionError(f"the base {base} must be one of the candidates ({', '.join(cands)})")
+    if cost not in ("kl", "hessian"):
+        raise MixedPrecisionError(f"cost must be 'kl' or 'hessian', got {cost!r}")
+    if cost == "hessian" and base is not None:
+        raise MixedPrecisionError("cost='hessian' predicts the KL around FP32 (its Hessian); measure base= with 'kl'")
+    if draws < 1:
+        raise MixedPrecisionError(f"draws must be >= 1, got {draws}")
     batches = calibrate.as_batches(batches, "sensitivity")
     work = copy.deepcopy(model).eval()
     if batchnorm_pairs(work):  # quantize() would fold them; do it once, up front, on the copy
@@ -189,7 +215,7 @@ def sensitivity(
     with torch.no_grad():
         refs = [torch.log_softmax(_logits(calibrate._call(work, b)).float(), dim=-1) for b in batches]
 
-    def cost() -> float:
+    def measured() -> float:
         total = count = 0.0
         for b, ref in zip(batches, refs):
             logits = _logits(calibrate._call(work, b))
@@ -216,11 +242,25 @@ def sensitivity(
         q = driver.quantize(copy.deepcopy(work), recipe_all(c), method=method, calibration=calibration,
                             observer=observer, fold_bn=False, progress=progress, **options)  # fmt: skip
         quantized[c] = {n: q.get_submodule(n) for n in layers}
+    if cost == "hessian":
+        traces = hessian_traces(work, batches, {n: mods[n] for n in layers}, draws=draws, seed=seed)
+        params, nbytes, loss = {}, {}, {}
+        for n in layers:
+            w = mods[n].weight.detach().float()
+            params[n] = w.numel()
+            nbytes[n] = {c: w.numel() * mods[n].weight.element_size() if c == SKIP else quantized[c][n].nbytes
+                         for c in cands}  # fmt: skip
+            loss[n] = {c: 0.0 if c == SKIP else
+                       0.5 * traces[n] / w.numel() * float((quantized[c][n].qw.dequantize().reshape(w.shape) - w).pow(2).sum())
+                       for c in cands}  # fmt: skip
+        info = {"method": method, "observer": observer, "batches": len(batches), "base": None, "base_loss": 0.0,
+                "cost": "hessian", "draws": draws, "traces": traces}  # fmt: skip
+        return Sensitivity(cands, params, nbytes, loss, "kl", info)
     at = {n: mods[n] if base in (None, SKIP) else quantized[base][n] for n in layers}  # the operating point
     for n in layers:
         driver._set_module(work, n, at[n])
     with torch.no_grad():
-        base_loss = 0.0 if base in (None, SKIP) else cost()
+        base_loss = 0.0 if base in (None, SKIP) else measured()
     it = layers
     if progress:
         from tqdm.auto import tqdm
@@ -241,13 +281,57 @@ def sensitivity(
                     continue
                 driver._set_module(work, name, q)
                 try:
-                    value = cost() - base_loss
+                    value = measured() - base_loss
                 finally:
                     driver._set_module(work, name, at[name])  # back to the operating point
                 # around FP32 a KL is >= 0 (float noise can make a tiny one negative)
                 loss[name][c] = max(0.0, value) if base is None else value
-    info = {"method": method, "observer": observer, "batches": len(batches), "base": base, "base_loss": base_loss}
+    info = {"method": method, "observer": observer, "batches": len(batches), "base": base, "base_loss": base_loss,
+            "cost": "kl"}  # fmt: skip
     return Sensitivity(cands, params, nbytes, loss, "kl", info)
+
+
+def hessian_traces(
+    model: nn.Module, batches: list, layers: dict[str, nn.Module], *, draws: int = 4, seed: int = 0
+) -> dict[str, float]:
+    """``tr(H_l)`` for each layer's weight, ``H`` the Hessian of the mean (per position) KL from the
+    model's own output distribution at its current weights: the Fisher identity with sampled
+    outputs (module docstring). ``layers``: name -> module of ``model`` with a ``.weight``.
+    Gradients flow only into those weights; the model is left as it was."""
+    from . import calibrate
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {n: m.weight for n, m in layers.items()}
+    was = {n: w.requires_grad for n, w in weights.items()}
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in weights.values())]
+    total = dict.fromkeys(layers, 0.0)
+    positions = 0.0
+    try:
+        for p in others:
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for b in batches:
+                logits = _logits(calibrate._call(model, b)).float()
+                logp = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+                mask = _mask(b, logits)
+                m = None if mask is None else mask.reshape(-1)
+                positions += float(logp.shape[0] if m is None else m.sum())
+                probs = logp.detach().exp()
+                for d in range(draws):
+                    y = torch.multinomial(probs, 1, generator=g)
+                    picked = logp.gather(1, y).squeeze(1)
+                    s = picked.sum() if m is None else (picked * m).sum()
+                    grads = torch.autograd.grad(s, list(weights.values()), retain_graph=d + 1 < draws)
+                    for n, gr in zip(weights, grads):
+                        total[n] += float(gr.float().pow(2).sum())
+    finally:
+        for n, w in weights.items():
+            w.requires_grad_(was[n])
+        for p in others:
+            p.requires_grad_(True)
+    return {n: t / (draws * positions) for n, t in total.items()}
 
 
 @dataclass

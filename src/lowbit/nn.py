@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,13 @@ class QuantModule(nn.Module):
         self._kernel_state = None
         return self
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle: what a kernel derived (raw pointers into these buffers) is
+        # rebuilt on the next call, never copied
+        state = self.__dict__.copy()
+        state["_kernel_state"] = None
+        return state
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # State dicts (and so files) always hold the row layout, whatever the kernel reads.
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -225,6 +233,17 @@ class QuantConv2d(QuantModule):
         self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
         self.dilation = tuple(conv["dilation"])
         self.groups = int(conv["groups"])
+
+    @property
+    def out_features(self) -> int:
+        """Rows of the flattened weight ``(out_channels, in_channels/groups * kh * kw)``: what the
+        GEMM kernels call N."""
+        return self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the flattened weight (K): ``in_channels/groups * kh * kw``."""
+        return math.prod(self.weight_shape[1:])
 
     @staticmethod
     def conv_args(mod: nn.Conv2d) -> dict:

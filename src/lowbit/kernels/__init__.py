@@ -13,6 +13,7 @@ linear         cpu-vnni    packed int2/int4/int8 codes x int16 activations, AVX-
 linear         cpu-vnni-a8 int8 codes x per-token int8 activations (W8A8), AVX-512 VNNI
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
 conv2d         reference   dequantize to float32, ``F.conv2d``
+conv2d         cpu-vnni-a8 1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
 embedding      reference   dequantize the gathered rows only
 =============  ==========  ==============================================================
 """
@@ -61,6 +62,7 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("cpu-vnni-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8), VNNI", "tiled4"),
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
+    Kernel("cpu-vnni-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
     Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
 )
 

@@ -162,6 +162,20 @@ def supports_a8(mod) -> str | None:
     return None if reason is None else f"VNNI kernel unavailable: {reason}"
 
 
+def supports_conv_a8(mod) -> str | None:
+    """Pointwise (1x1) convolutions with static int8 activations and int8 weights: a GEMM over the
+    pixels, ``(B*H*W, C) x (C, O)``, on the W8A8 kernel."""
+    if not mod.scheme.act_static:
+        return "dynamic or no activation quantization (convolutions take static int8 activations)"
+    if mod.groups != 1:
+        return "grouped/depthwise convolution (no GEMM form; the reference conv runs it)"
+    if tuple(mod.weight_shape[2:]) != (1, 1):
+        return f"{mod.weight_shape[2]}x{mod.weight_shape[3]} kernel (the int8 path takes 1x1 convolutions)"
+    if mod.padding not in ((0, 0), "valid"):
+        return f"padding {mod.padding} on a 1x1 convolution"
+    return supports_a8(mod)
+
+
 def supports(mod) -> str | None:
     s = mod.scheme
     if s.fmt.kind != "affine" or s.bits not in (2, 4, 8):
@@ -188,7 +202,7 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     z = int(mod.act_zero) if s.act_static and mod.act_zero is not None else 0
     if z:  # static activations with a zero point: see linear_a8
         w = mod.qw.to_layout("rows").dequantize(torch.float32)
-        corr = (-z * float(mod.act_scale)) * w.sum(1, dtype=torch.float64).float()
+        corr = (-z * float(mod.act_scale)) * w.reshape(w.shape[0], -1).sum(1, dtype=torch.float64).float()
         bias = (corr if bias is None else bias + corr).contiguous()
     for t in (qweight, scales, zeros):
         if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
@@ -264,3 +278,19 @@ def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
     # bias (built in _describe) carries -z s rowsum(W), which takes the shift back out.
     s, z = float(mod.act_scale), int(mod.act_zero)
     return _call(mod, x if z == 0 else x + z * s, _lib.lb_linear_a8, s)
+
+
+def conv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (B, C, H, W)`` -> ``(B, O, H', W')`` for a 1x1 convolution (:func:`supports_conv_a8`):
+    the pixels as rows of a W8A8 GEMM. The result is a channels-last view (NHWC memory, NCHW
+    shape), so the next layer's pixel rows need no copy when it is one too."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from . import reference
+
+        return reference.conv2d(mod, x)
+    sh, sw = mod.stride
+    if (sh, sw) != (1, 1):
+        x = x[:, :, ::sh, ::sw]
+    b, c, h, w = x.shape
+    y = linear_a8(mod, x.permute(0, 2, 3, 1).reshape(b * h * w, c))
+    return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
