@@ -383,7 +383,6 @@ def section_mobilenet(quick: bool) -> dict:
     from lowbit.evaluate.classification import confident_agreement, logits_of
     from lowbit.evaluate.images import photo_crops
     from lowbit.evaluate.plots import sensitivity_plot
-    from lowbit.evaluate.speed import median_time
     from lowbit.mixed import allocate, sensitivity
     from lowbit.models.zoo import load_model
 
@@ -417,27 +416,12 @@ def section_mobilenet(quick: bool) -> dict:
             measure("w8a8 per-tensor weights", "w8a8-tensor-static", obs, bc=bc)
     for obs in ("minmax", "ema", "percentile", "mse", "entropy"):
         measure("w8a8 per-channel", "w8a8-static", obs, bc=False)
-    per_channel = {obs: measure("w8a8 per-channel", "w8a8-static", obs)
-                   for obs in ("minmax", "ema", "percentile", "mse", "entropy")}  # fmt: skip
-    keep = per_channel["percentile"]
+    for obs in ("minmax", "ema", "percentile", "mse", "entropy"):
+        measure("w8a8 per-channel", "w8a8-static", obs)
     for bc in (False, None):
         measure("w8a8 per-channel, asym weights", "w8a8-asym-static", "percentile", bc=bc)
     for bc in (False, None):
         measure("w4a8 per-channel", "w4a8-static", "percentile", bc=bc)
-    # speed: pointwise convolutions run the int8 GEMM (cpu-vnni-a8), the others the reference path
-    from lowbit import kernels
-
-    ref_path = copy.deepcopy(keep)
-    kernels.use_kernel(ref_path, "reference")
-    on_kernel = {}
-    for mod in keep.modules():
-        if hasattr(mod, "kernel"):
-            on_kernel[mod.kernel] = on_kernel.get(mod.kernel, 0) + 1
-    x = ev[:16]
-    with torch.no_grad():
-        t_fp = median_time(lambda: fp(x), reps=3 if quick else 7, warmup=1)
-        t_q = median_time(lambda: keep(x), reps=3 if quick else 7, warmup=1)
-        t_ref = median_time(lambda: ref_path(x), reps=3 if quick else 7, warmup=1)
     # sensitivity on other calibration crops than those that set the scales
     cands = ["w4a8-static", "w8a8-tensor-static", "w8a8-static", "skip"]
     sens = sensitivity(fp, cands, [photo_crops(32, split="calib", seed=1)], calibration=calb, observer="percentile")
@@ -459,10 +443,38 @@ def section_mobilenet(quick: bool) -> dict:
                      title="MobileNetV2: KL to FP32 when one layer is quantized (percentile observer)")  # fmt: skip
     top = sorted(sens.layers, key=lambda n: -sens.loss[n]["w8a8-static"])[:5]
     return {"command": "python benchmarks/run_all.py --sections mobilenet", "eval_crops": n_eval, "calib_crops": n_cal,
-            "rows": rows, "mixed": mixed, "speed": {"batch": 16, "fp32_s": t_fp, "w8a8_static_s": t_q,
-                                                        "reference_s": t_ref, "kernels": on_kernel},
+            "rows": rows, "mixed": mixed, 
             "most_sensitive": [{"layer": n, **{c: sens.loss[n][c] for c in cands if c != "skip"}} for n in top],
             "plot": "benchmarks/plots/mobilenet_sensitivity.png"}  # fmt: skip
+
+
+def section_mobilenet_speed(quick: bool) -> dict:
+    """MobileNetV2 per-channel W8A8 (static, percentile) vs FP32, batch of 16 crops: with the integer
+    conv paths (pointwise on the W8A8 GEMM, depthwise in int32) and with every layer on the reference."""
+    import lowbit
+    from lowbit import kernels
+    from lowbit.evaluate.images import photo_crops
+    from lowbit.evaluate.speed import median_time
+    from lowbit.models.zoo import load_model
+
+    fp = load_model("mobilenet-v2").model.eval()
+    cal = photo_crops(64, split="calib")
+    q = lowbit.quantize(copy.deepcopy(fp), "w8a8-static", calibration=[cal[i : i + 16] for i in range(0, 64, 16)],
+                        observer="percentile")  # fmt: skip
+    ref_path = copy.deepcopy(q)
+    kernels.use_kernel(ref_path, "reference")
+    on_kernel: dict[str, int] = {}
+    for mod in q.modules():
+        if hasattr(mod, "kernel"):
+            on_kernel[mod.kernel] = on_kernel.get(mod.kernel, 0) + 1
+    x = photo_crops(16, split="eval")
+    reps = 3 if quick else 9
+    with torch.no_grad():
+        t_fp = median_time(lambda: fp(x), reps=reps, warmup=1)
+        t_q = median_time(lambda: q(x), reps=reps, warmup=1)
+        t_ref = median_time(lambda: ref_path(x), reps=reps, warmup=1)
+    return {"command": "python benchmarks/run_all.py --sections mobilenet_speed", "batch": 16, "reps": reps,
+            "fp32_s": t_fp, "w8a8_static_s": t_q, "reference_s": t_ref, "kernels": on_kernel}  # fmt: skip
 
 
 def section_mixed(quick: bool) -> dict:
@@ -715,7 +727,7 @@ def section_qat(quick: bool) -> dict:
 
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
-            "mobilenet": section_mobilenet, "mixed": section_mixed, "mixed_base": section_mixed_base,
+            "mobilenet": section_mobilenet, "mobilenet_speed": section_mobilenet_speed, "mixed": section_mixed, "mixed_base": section_mixed_base,
             "mixed_hessian": section_mixed_hessian,
             "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet}  # fmt: skip
 

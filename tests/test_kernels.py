@@ -271,13 +271,40 @@ def test_pointwise_conv_runs_the_int8_gemm_and_matches_reference(zero, cin, cout
 
 
 @needs_vnni
-def test_convs_without_a_gemm_form_stay_on_the_reference_with_a_reason():
-    for mod, why in ((_conv(8, 8, 3, 0, -127, groups=8), "depthwise"), (_conv(3, 8, 3, 1, 0, padding=1), "3x3 kernel"),
-                     (_conv(8, 8, 1, 2, 0, padding=1), "padding")):  # fmt: skip
+@pytest.mark.parametrize("scheme", ["w8a8-static", "w8a8-asym-static", "w8a8-tensor-static"])
+@pytest.mark.parametrize("zero", [-127, 0, 51])
+@pytest.mark.parametrize("c,k,stride,pad,hw", [(16, 3, 1, 1, 7), (37, 3, 2, 1, 9), (8, 5, 2, 2, 6), (24, 3, 1, 0, 4)])
+def test_depthwise_conv_integer_path_matches_reference(scheme, zero, c, k, stride, pad, hw):
+    from lowbit.qweight import QWeight
+
+    torch.manual_seed(c + k)
+    conv = torch.nn.Conv2d(c, c, k, stride=stride, padding=pad, groups=c)
+    qw = QWeight.from_float(conv.weight, parse_scheme(scheme))
+    mod = QuantConv2d(qw, conv.bias, QuantConv2d.conv_args(conv), act_scale=0.05, act_zero=zero)
+    x = torch.rand(2, c, hw, hw + 1, generator=torch.Generator().manual_seed(hw)) * 10 - (0 if zero == -127 else 4)
+    x[:, 0] = 40.0  # clipped
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod)
+    assert mod.kernel == "cpu-dw-a8", mod.kernel_note
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):  # NCHW and channels-last inputs
+        got = mod(inp)
+        assert got.shape == ref.shape
+        assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+
+
+@needs_vnni
+def test_convs_without_an_integer_path_stay_on_the_reference_with_a_reason():
+    for mod, why, kernel in (
+        (_conv(3, 8, 3, 1, 0, padding=1), "3x3 kernel", "cpu-vnni-a8"),
+        (_conv(8, 8, 1, 2, 0, padding=1), "padding", "cpu-vnni-a8"),
+        (_conv(8, 16, 3, 3, 0, groups=8), "not depthwise", "cpu-dw-a8"),  # two filters per channel
+        (_conv(8, 8, 3, 4, 0, groups=8, dilation=2), "dilation", "cpu-dw-a8"),
+    ):
         kernels.assign(mod)
-        assert mod.kernel == "reference" and why in mod.kernel_note, mod.kernel_note
+        assert mod.kernel == "reference", (mod.kernel, mod.kernel_note)
         with pytest.raises(KernelError, match=why):
-            kernels.assign(mod, "cpu-vnni-a8")
+            kernels.assign(mod, kernel)
 
 
 @needs_vnni

@@ -14,6 +14,7 @@ linear         cpu-vnni-a8 int8 codes x per-token int8 activations (W8A8), AVX-5
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
 conv2d         reference   dequantize to float32, ``F.conv2d``
 conv2d         cpu-vnni-a8 1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
+conv2d         cpu-dw-a8   depthwise convolutions, static int8 activations, integer arithmetic
 embedding      reference   dequantize the gathered rows only
 =============  ==========  ==============================================================
 """
@@ -63,11 +64,12 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
     Kernel("cpu-vnni-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
+    Kernel("cpu-dw-a8", "conv2d", cpu.dwconv2d_a8, cpu.supports_dwconv_a8, "depthwise conv, static int8 activations, int32 sums"),
     Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
 )
 
 # "auto" tries these in order and takes the first that supports the module.
-_AUTO_ORDER = ("cpu-vnni", "cpu-vnni-a8", "cast", "reference")
+_AUTO_ORDER = ("cpu-vnni", "cpu-vnni-a8", "cpu-dw-a8", "cast", "reference")
 
 
 def kernels_for(op: str) -> list[Kernel]:

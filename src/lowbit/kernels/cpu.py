@@ -40,7 +40,7 @@ CFLAGS = (
 )
 # /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
 _REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
-_ABI = 6  # lb_abi_version() of the C source this wrapper calls
+_ABI = 7  # lb_abi_version() of the C source this wrapper calls
 
 
 class _Weights(ctypes.Structure):
@@ -126,6 +126,11 @@ def load_library() -> ctypes.CDLL | None:
             lib.lb_linear_a8.argtypes = [
                 ctypes.POINTER(_Weights), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
             ]
+            c64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.lb_dwconv_a8.restype = ctypes.c_int
+            lib.lb_dwconv_a8.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr] + [ctypes.c_int32] * 6 + [
+                ctypes.c_float, ctypes.c_int32, ptr, c64, c64, ctypes.c_int
+            ]
             _lib = lib
     return _lib
 
@@ -168,12 +173,77 @@ def supports_conv_a8(mod) -> str | None:
     if not mod.scheme.act_static:
         return "dynamic or no activation quantization (convolutions take static int8 activations)"
     if mod.groups != 1:
-        return "grouped/depthwise convolution (no GEMM form; the reference conv runs it)"
+        return "grouped/depthwise convolution (no GEMM form)"
     if tuple(mod.weight_shape[2:]) != (1, 1):
         return f"{mod.weight_shape[2]}x{mod.weight_shape[3]} kernel (the int8 path takes 1x1 convolutions)"
     if mod.padding not in ((0, 0), "valid"):
         return f"padding {mod.padding} on a 1x1 convolution"
     return supports_a8(mod)
+
+
+def supports_dwconv_a8(mod) -> str | None:
+    """Depthwise convolutions (one filter per channel) with static int8 activations and 8-bit
+    per-channel (or per-tensor) integer weights."""
+    s = mod.scheme
+    if not s.act_static:
+        return "dynamic or no activation quantization (convolutions take static int8 activations)"
+    if s.fmt.kind != "affine" or s.bits != 8:
+        return f"{s.fmt.name} {s.bits}-bit weights (the int8 depthwise path runs int8 codes)"
+    if not (s.group_size is None or s.per_tensor):
+        return f"weight groups of {s.group_size} (per channel or per tensor only)"
+    if mod.groups != mod.weight_shape[0] or mod.weight_shape[1] != 1:
+        return "not depthwise (one filter per input channel)"
+    if isinstance(mod.padding, str) or tuple(mod.dilation) != (1, 1):
+        return f"padding {mod.padding!r} / dilation {mod.dilation}"
+    reason = unavailable_reason()
+    return None if reason is None else f"VNNI kernel unavailable: {reason}"
+
+
+def _dw_state(mod) -> tuple:
+    """(integer weights (KH*KW, C) int32, per-channel scales (C,) float32, bias or None), cached
+    on the module like the GEMM descriptor and rebuilt when a buffer is replaced."""
+    buffers = mod._buffers
+    key = (buffers["qweight"], buffers["scales"], buffers["zeros"], mod._parameters["bias"])
+    state = mod._kernel_state
+    if state is None or any(a is not b for a, b in zip(state[0], key)):
+        qw = mod.qw
+        c = mod.weight_shape[0]
+        scale = qw.qparams().scale.float().reshape(-1)
+        scale = scale.expand(c).contiguous() if scale.numel() == 1 else scale.contiguous()
+        w = qw.dequantize(torch.float32).reshape(c, -1)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # (scales may be negative)
+        codes = torch.round(w / safe[:, None]).to(torch.int32)  # code - zero, exactly
+        bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
+        state = mod._kernel_state = (key, codes.t().contiguous(), scale, bias)
+    return state[1:]
+
+
+def dwconv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (B, C, H, W)`` (any strides) -> ``(B, C, OH, OW)``, a channels-last view: depthwise
+    convolution on int8-rounded inputs and integer weights (:func:`supports_dwconv_a8`), exactly
+    the reference's arithmetic done in integers (C source: ``lb_dwconv_a8``)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        from . import reference
+
+        return reference.conv2d(mod, x)
+    xf = x if x.dtype is torch.float32 else x.float()
+    b, c, h, w = xf.shape
+    if c != mod.weight_shape[0]:
+        raise ValueError(f"input has {c} channels, the layer takes {mod.weight_shape[0]}")
+    codes, scale, bias = _dw_state(mod)
+    kh, kw = mod.weight_shape[2:]
+    (sh, sw), (ph, pw) = mod.stride, mod.padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    y = torch.empty(b, oh, ow, c, dtype=torch.float32)
+    strides = torch.tensor(xf.stride(), dtype=torch.int64)
+    rc = _lib.lb_dwconv_a8(
+        xf.data_ptr(), b, c, h, w, strides.data_ptr(), codes.data_ptr(), scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), kh, kw, sh, sw, ph, pw,
+        float(mod.act_scale), int(mod.act_zero), y.data_ptr(), oh, ow, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
+    return y.permute(0, 3, 1, 2).to(x.dtype)
 
 
 def supports(mod) -> str | None:

@@ -36,7 +36,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-int lb_abi_version(void) { return 6; }
+int lb_abi_version(void) { return 7; }
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
@@ -377,5 +377,85 @@ int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float stat
     static const tile_fn tiles_a8[4] = {tile8_a8, tile4_a8, tile2_a8, tile1_a8};
     run_tiles(d, M, tiles_a8, qx, ldq, sx, sumx, ns, y, nthreads);
     free(qx); free(sx); free(sumx);
+    return 0;
+}
+
+/* Depthwise convolution (one filter per channel) with static int8 activations:
+ *
+ *   q[b, h, w, c]  = clamp(rint(x[b, c, h, w] / s) + z, -127, 127) - z      (int16, NHWC)
+ *   y[b, i, j, c]  = bias[c] + s * ws[c] * sum_{kh, kw} q[b, i*sh - ph + kh, j*sw - pw + kw, c] * w[kh, kw, c]
+ *
+ * x is read through element strides (xs: batch, channel, row, column), so NCHW and channels-last
+ * inputs both work; padding positions hold 0.0, whose code is z, so they add nothing. w: the
+ * weight codes minus their zero point, int32 (KH*KW, C); ws: per-channel weight scales (C,).
+ * Products |q * w| <= 254 * 255 and at most KH*KW of them per output: exact in int32 lanes.
+ * y: (B, OH, OW, C) float32. Threads: OpenMP over (batch, row). Returns 0, or -2 out of memory. */
+int lb_dwconv_a8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const int64_t* xs,
+                 const int32_t* w, const float* ws, const float* bias, int32_t KH, int32_t KW,
+                 int32_t sh, int32_t sw, int32_t ph, int32_t pw, float s, int32_t z,
+                 float* y, int64_t OH, int64_t OW, int nthreads) {
+    int16_t* q = (int16_t*)aligned_alloc(64, (size_t)((B * H * W * C * 2 + 63) / 64 * 64));
+    float* f = (float*)malloc(sizeof(float) * (size_t)C);
+    if (!q || !f) { free(q); free(f); return -2; }
+    const float inv = 1.0f / s;
+    for (int64_t c = 0; c < C; c++) f[c] = s * ws[c];
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float* xr = x + b * xs[0] + h * xs[2];
+            int16_t* qr = q + bh * W * C;
+            for (int64_t j = 0; j < W; j++) {
+                int16_t* qp = qr + j * C;
+                const float* xp = xr + j * xs[3];
+                if (xs[1] == 1) {
+                    for (int64_t c = 0; c < C; c += 16) {
+                        const int64_t left = C - c;
+                        const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xp + c), _mm512_set1_ps(inv)));
+                        v = _mm512_add_epi32(v, _mm512_set1_epi32(z));
+                        v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                        v = _mm512_sub_epi32(v, _mm512_set1_epi32(z));
+                        _mm256_mask_storeu_epi16(qp + c, mk, _mm512_cvtepi32_epi16(v));
+                    }
+                } else {
+                    for (int64_t c = 0; c < C; c++) {
+                        int32_t v = (int32_t)lrintf(xp[c * xs[1]] * inv) + z;
+                        v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                        qp[c] = (int16_t)(v - z);
+                    }
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < B * OH; bi++) {
+            const int64_t b = bi / OH, i = bi % OH;
+            for (int64_t j = 0; j < OW; j++) {
+                float* yp = y + (bi * OW + j) * C;
+                for (int64_t c = 0; c < C; c += 16) {
+                    const int64_t left = C - c;
+                    const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                    __m512i acc = _mm512_setzero_si512();
+                    for (int32_t kh = 0; kh < KH; kh++) {
+                        const int64_t r = i * sh - ph + kh;
+                        if (r < 0 || r >= H) continue;
+                        for (int32_t kw = 0; kw < KW; kw++) {
+                            const int64_t col = j * sw - pw + kw;
+                            if (col < 0 || col >= W) continue;
+                            const __m512i qv = _mm512_cvtepi16_epi32(
+                                _mm256_maskz_loadu_epi16(mk, q + ((b * H + r) * W + col) * C + c));
+                            const __m512i wv = _mm512_maskz_loadu_epi32(mk, w + (kh * KW + kw) * C + c);
+                            acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(qv, wv));
+                        }
+                    }
+                    __m512 out = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(mk, f + c));
+                    if (bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mk, bias + c));
+                    _mm512_mask_storeu_ps(yp + c, mk, out);
+                }
+            }
+        }
+    }
+    free(q); free(f);
     return 0;
 }
