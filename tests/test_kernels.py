@@ -268,6 +268,7 @@ def test_pointwise_conv_runs_the_int8_gemm_and_matches_reference(zero, cin, cout
     assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
     # a channels-last input (what the previous pointwise layer returns) gives the same result
     assert torch.allclose(mod(x.contiguous(memory_format=torch.channels_last)), got, rtol=1e-6, atol=1e-6)
+    assert mod(x[:0]).shape == (0, *ref.shape[1:])  # an empty batch
 
 
 @needs_vnni
@@ -291,6 +292,7 @@ def test_depthwise_conv_integer_path_matches_reference(scheme, zero, c, k, strid
         got = mod(inp)
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
+    assert mod(x[:0]).shape == (0, *ref.shape[1:])  # an empty batch
 
 
 @needs_vnni

@@ -222,7 +222,7 @@ def dwconv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (B, C, H, W)`` (any strides) -> ``(B, C, OH, OW)``, a channels-last view: depthwise
     convolution on int8-rounded inputs and integer weights (:func:`supports_dwconv_a8`), exactly
     the reference's arithmetic done in integers (C source: ``lb_dwconv_a8``)."""
-    if x.requires_grad and torch.is_grad_enabled():
+    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:
         from . import reference
 
         return reference.conv2d(mod, x)
@@ -354,7 +354,7 @@ def conv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (B, C, H, W)`` -> ``(B, O, H', W')`` for a 1x1 convolution (:func:`supports_conv_a8`):
     the pixels as rows of a W8A8 GEMM. The result is a channels-last view (NHWC memory, NCHW
     shape), so the next layer's pixel rows need no copy when it is one too."""
-    if x.requires_grad and torch.is_grad_enabled():
+    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:
         from . import reference
 
         return reference.conv2d(mod, x)
@@ -363,4 +363,4 @@ def conv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, ::sh, ::sw]
     b, c, h, w = x.shape
     y = linear_a8(mod, x.permute(0, 2, 3, 1).reshape(b * h * w, c))
-    return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    return y.reshape(b, h, w, mod.out_features).permute(0, 3, 1, 2)
