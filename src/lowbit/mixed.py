@@ -242,20 +242,19 @@ def sensitivity(
         q = driver.quantize(copy.deepcopy(work), recipe_all(c), method=method, calibration=calibration,
                             observer=observer, fold_bn=False, progress=progress, **options)  # fmt: skip
         quantized[c] = {n: q.get_submodule(n) for n in layers}
+    params = {n: mods[n].weight.numel() for n in layers}
+    nbytes = {n: {c: params[n] * mods[n].weight.element_size() if c == SKIP else quantized[c][n].nbytes for c in cands}
+              for n in layers}  # fmt: skip
+    info = {"method": method, "observer": observer, "batches": len(batches), "base": base, "cost": cost}
     if cost == "hessian":
         traces = hessian_traces(work, batches, {n: mods[n] for n in layers}, draws=draws, seed=seed)
-        params, nbytes, loss = {}, {}, {}
+        loss = {}
         for n in layers:
             w = mods[n].weight.detach().float()
-            params[n] = w.numel()
-            nbytes[n] = {c: w.numel() * mods[n].weight.element_size() if c == SKIP else quantized[c][n].nbytes
-                         for c in cands}  # fmt: skip
             loss[n] = {c: 0.0 if c == SKIP else
                        0.5 * traces[n] / w.numel() * float((quantized[c][n].qw.dequantize().reshape(w.shape) - w).pow(2).sum())
                        for c in cands}  # fmt: skip
-        info = {"method": method, "observer": observer, "batches": len(batches), "base": None, "base_loss": 0.0,
-                "cost": "hessian", "draws": draws, "traces": traces}  # fmt: skip
-        return Sensitivity(cands, params, nbytes, loss, "kl", info)
+        return Sensitivity(cands, params, nbytes, loss, "kl", {**info, "base_loss": 0.0, "draws": draws, "traces": traces})
     at = {n: mods[n] if base in (None, SKIP) else quantized[base][n] for n in layers}  # the operating point
     for n in layers:
         driver._set_module(work, n, at[n])
@@ -266,29 +265,22 @@ def sensitivity(
         from tqdm.auto import tqdm
 
         it = tqdm(layers, desc="sensitivity", unit="layer")
-    params, nbytes, loss = {}, {}, {}
+    loss = {}
     with torch.no_grad():
         for name in it:
-            mod = mods[name]
-            w = mod.weight
-            params[name] = w.numel()
-            nbytes[name], loss[name] = {}, {}
+            loss[name] = {}
             for c in cands:
-                q = mod if c == SKIP else quantized[c][name]
-                nbytes[name][c] = w.numel() * w.element_size() if c == SKIP else q.nbytes
                 if c == base or (base is None and c == SKIP):
                     loss[name][c] = 0.0
                     continue
-                driver._set_module(work, name, q)
+                driver._set_module(work, name, mods[name] if c == SKIP else quantized[c][name])
                 try:
                     value = measured() - base_loss
                 finally:
                     driver._set_module(work, name, at[name])  # back to the operating point
                 # around FP32 a KL is >= 0 (float noise can make a tiny one negative)
                 loss[name][c] = max(0.0, value) if base is None else value
-    info = {"method": method, "observer": observer, "batches": len(batches), "base": base, "base_loss": base_loss,
-            "cost": "kl"}  # fmt: skip
-    return Sensitivity(cands, params, nbytes, loss, "kl", info)
+    return Sensitivity(cands, params, nbytes, loss, "kl", {**info, "base_loss": base_loss})
 
 
 def hessian_traces(
