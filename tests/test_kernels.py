@@ -310,6 +310,17 @@ def test_convs_without_an_integer_path_stay_on_the_reference_with_a_reason():
 
 
 @needs_vnni
+def test_fractional_zero_points_keep_a_depthwise_conv_on_the_reference():
+    import lowbit
+
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)).eval()
+    x = [torch.rand(2, 16, 6, 6) for _ in range(2)]
+    q = lowbit.quantize(conv, "w8a8-asym-static", method="hqq", calibration=x)  # hqq: float zero points
+    assert q[0].kernel == "reference" and "cpu-dw-a8: fractional zero points" in q[0].kernel_note, q[0].kernel_note
+
+
+@needs_vnni
 def test_a_module_that_has_run_deep_copies_and_the_copy_runs_the_same():
     import copy
 

@@ -133,8 +133,9 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
         if reason is None:
             _bind(mod, k, "; ".join(notes), memo)
             return
-        relevant = "cpu-vnni-a8" if mod.scheme.act_bits else "cpu-vnni"  # the fast path one would expect
-        if name == relevant and not mod.scheme.is_cast:
+        # the fast paths one would expect
+        relevant = ("cpu-vnni-a8", "cpu-dw-a8") if mod.scheme.act_bits else ("cpu-vnni",)
+        if name in relevant and not mod.scheme.is_cast:
             notes.append(f"{name}: {reason}")
     raise KernelError(f"no kernel for {mod.op}")  # pragma: no cover - reference always supports
 

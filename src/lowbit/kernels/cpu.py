@@ -149,15 +149,24 @@ def _block(mod) -> int | None:
     return 32 if g % 32 == 0 else None
 
 
+def _int8_codes_reason(mod) -> str | None:
+    """Why ``mod``'s weight is not integer codes minus integer zero points at 8 bits (or None)."""
+    s = mod.scheme
+    if s.fmt.kind != "affine" or s.bits != 8:
+        return f"{s.fmt.name} weights (the int8-activation kernels run int8 codes)"
+    if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
+        return "fractional zero points"
+    return None
+
+
 def supports_a8(mod) -> str | None:
     """The int8-activation kernel: 8-bit integer weights (integer zeros), dynamic activations."""
     s = mod.scheme
     if s.act_bits != 8:
         return "weight-only scheme (this kernel quantizes activations to int8)"
-    if s.fmt.kind != "affine" or s.bits != 8:
-        return f"{s.fmt.name} weights (the int8-activation kernel runs int8 codes)"
-    if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
-        return "fractional zero points"
+    reason = _int8_codes_reason(mod)
+    if reason is not None:
+        return reason
     k = mod.in_features
     g = k if (s.group_size is None or s.per_tensor) else s.group_size
     seg = min(g, k, s.act_group or k)
@@ -187,8 +196,9 @@ def supports_dwconv_a8(mod) -> str | None:
     s = mod.scheme
     if not s.act_static:
         return "dynamic or no activation quantization (convolutions take static int8 activations)"
-    if s.fmt.kind != "affine" or s.bits != 8:
-        return f"{s.fmt.name} {s.bits}-bit weights (the int8 depthwise path runs int8 codes)"
+    reason = _int8_codes_reason(mod)
+    if reason is not None:
+        return reason
     if not (s.group_size is None or s.per_tensor):
         return f"weight groups of {s.group_size} (per channel or per tensor only)"
     if mod.groups != mod.weight_shape[0] or mod.weight_shape[1] != 1:
