@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.calibrate import CalibrationError
 from lowbit.evaluate.classification import accuracy
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.qat import QATError, QATLayer, distill_loss, fit, lsq_fake_quantize
@@ -132,3 +133,16 @@ def test_bad_input_gets_one_clear_error():
     with pytest.raises(QATError, match="never initialised"):
         lowbit.convert(lowbit.prepare_qat(_net(), "w8a8-static"))  # static, no calibration, never run
     assert float(distill_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))) == pytest.approx(0, abs=1e-7)
+
+
+def test_calibration_may_be_a_one_shot_iterator():
+    imgs = _imgs()
+    from_list = lowbit.prepare_qat(_net(), "w8a8-static", calibration=imgs)
+    from_iter = lowbit.prepare_qat(_net(), "w8a8-static", calibration=iter(imgs))  # observed, then bias-corrected
+    x = _imgs(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(from_iter(x), from_list(x))
+    net = _net()
+    with pytest.raises(CalibrationError, match="empty calibration"):
+        lowbit.prepare_qat(net, "w8a8-static", calibration=iter([]))
+    assert isinstance(net[0], nn.Conv2d) and isinstance(net[1], nn.BatchNorm2d)  # refused before any change

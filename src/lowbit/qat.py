@@ -213,8 +213,14 @@ def prepare_qat(
     frozen = [t[0] for t in wrapped if not t[1].weight.requires_grad]
     if len(frozen) == len(wrapped):
         raise QATError("no trainable layers: every selected layer's weight has requires_grad=False")
-    if bias_correction and (calibration is None or not any(t[3].act_static for t in wrapped)):
+    any_static = any(t[3].act_static for t in wrapped)
+    if bias_correction and (calibration is None or not any_static):
         raise QATError("bias_correction needs calibration batches and a static activation scheme")
+    batches = None
+    if any_static and calibration is not None:  # read once (an iterator can be), before anything changes
+        from .calibrate import as_batches
+
+        batches = as_batches(calibration, "QAT's static activations")
     for name, mod, _kind, scheme, _w in wrapped:  # every check before anything changes
         check_finite(mod.weight, f"{name}.weight")
         if scheme.fmt.kind != "affine":
@@ -231,18 +237,17 @@ def prepare_qat(
     model.lowbit_layers = records
     static = {n: model.get_submodule(n) for n, *_ in wrapped if model.get_submodule(n).aq is not None}
     static = {n: m for n, m in static.items() if m.aq.static}
-    if static and calibration is not None:
-        _init_activations(model, static, calibration, observer)
+    if static and batches is not None:
+        _init_activations(model, static, batches, observer)
         if bias_correction is not False:
-            _correct_biases(model, static, calibration, bias_correction)
+            _correct_biases(model, static, batches, bias_correction)
     return model
 
 
-def _correct_biases(model: nn.Module, layers: dict[str, QATLayer], calibration, force: bool | None) -> None:
+def _correct_biases(model: nn.Module, layers: dict[str, QATLayer], batches: list, force: bool | None) -> None:
     """Add each static layer's mean output error (fake-quantized vs float, same input) to its bias."""
-    from .calibrate import as_batches, mean_output_error
+    from .calibrate import mean_output_error
 
-    batches = as_batches(calibration, "QAT's bias correction")
     targets = {n: (m, m.layer) for n, m in layers.items() if force or m.layer.bias is not None}
     for n, delta in mean_output_error(model, batches, targets).items():
         layer = targets[n][1]
@@ -253,12 +258,11 @@ def _correct_biases(model: nn.Module, layers: dict[str, QATLayer], calibration, 
                 layer.bias.add_(delta.to(layer.bias.dtype))
 
 
-def _init_activations(model: nn.Module, layers: dict[str, QATLayer], calibration, observer: str) -> None:
+def _init_activations(model: nn.Module, layers: dict[str, QATLayer], batches: list, observer: str) -> None:
     """Observe each static layer's float input over the calibration batches; start its step there."""
-    from .calibrate import _call, _hooks, as_batches
+    from .calibrate import _call, _hooks
     from .observers import make_observer
 
-    batches = as_batches(calibration, "QAT's static activations")
     obs = {n: make_observer(observer) for n in layers}
     try:
         for m in layers.values():
