@@ -182,6 +182,16 @@ def test_hessian_cost_predicts_the_measured_kl_on_digits(digits):
         sensitivity(zoo.model, cands, [x], cost="hessian", base="w4g16")
 
 
+def test_static_candidates_calibrate_from_a_one_shot_iterator():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = [torch.randn(32, 8) for _ in range(2)]
+    cands = ["w8a8-static", "w4a8-static"]
+    a = sensitivity(net, cands, [x[0]], calibration=x)
+    b = sensitivity(net, cands, [x[0]], calibration=iter(x))  # each candidate quantizes with it
+    assert a.loss == b.loss
+
+
 class _Dict(torch.nn.Module):
     def forward(self, x):
         return {"h": x}

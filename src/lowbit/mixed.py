@@ -199,6 +199,8 @@ def sensitivity(
     if draws < 1:
         raise MixedPrecisionError(f"draws must be >= 1, got {draws}")
     batches = calibrate.as_batches(batches, "sensitivity")
+    if calibration is not None:  # every candidate's quantize reads it: read an iterator once
+        calibration = calibrate.as_batches(calibration, "sensitivity's calibration")
     work = copy.deepcopy(model).eval()
     if batchnorm_pairs(work):  # quantize() would fold them; do it once, up front, on the copy
         fold_batchnorm(work)
