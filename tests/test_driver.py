@@ -14,7 +14,7 @@ from lowbit.recipe import Recipe
 
 def test_default_scheme_swaps_linear_and_conv_keeps_embedding(toy, toy_inputs):
     ref = toy(*toy_inputs)
-    with pytest.warns(UserWarning, match=r"conv1d \(Conv1d\)"):
+    with pytest.warns(UserWarning, match=r"conv1d \(Conv1d"):
         lowbit.quantize(toy, "int8")
     assert isinstance(toy.fc1, QuantLinear) and isinstance(toy.fc2, QuantLinear)
     assert isinstance(toy.conv, QuantConv2d)
@@ -42,7 +42,7 @@ def test_recipe_rules_first_match_wins_and_can_include_embeddings(toy):
 
 def test_rule_naming_an_unsupported_module_raises(toy):
     before = copy.deepcopy(toy.state_dict())
-    with pytest.raises(lowbit.UnsupportedModuleError, match=r"conv1d \(Conv1d\)"):
+    with pytest.raises(lowbit.UnsupportedModuleError, match=r"conv1d \(Conv1d"):
         lowbit.quantize(toy, Recipe.from_scheme("int8").add("conv1d", "int8"))
     # nothing was swapped before the error
     assert isinstance(toy.fc1, torch.nn.Linear)

@@ -9,6 +9,8 @@ default scheme are listed in a warning and in ``lowbit inspect``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, swappable
 from .algorithms import get_algorithm
 from .nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .primitives import check_finite
@@ -49,21 +51,45 @@ class LayerRecord:
         return asdict(self)
 
 
+def outside_inference_mode(fn):
+    """Run ``fn`` with inference mode off: the modules and tensors it makes are ordinary ones,
+    so a model quantized or loaded under ``torch.inference_mode()`` can later be trained
+    (a bias made trainable, adapters on top) like any other."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def layer_errors(name: str):
+    """Errors raised while working on layer ``name`` say so: the message gains the layer's name
+    (same exception type) unless it already holds it."""
+    try:
+        yield
+    except Exception as e:
+        if name in str(e):
+            raise
+        try:
+            new = type(e)(f"{name}: {e}")
+        except Exception:  # an exception type that takes other arguments
+            e.add_note(f"(while quantizing {name})")
+            raise e from None
+        raise new.with_traceback(e.__traceback__) from e
+
+
 def _is_conv1d_hf(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+    return swappable._is_hf_conv1d(mod)
 
 
 def _kind(mod: nn.Module) -> str | None:
-    """The quantized module kind this float module maps to, or None."""
+    """The quantized module kind this float module maps to, or None (:mod:`lowbit.swappable`)."""
     if isinstance(mod, QuantModule):
         return None
-    if isinstance(mod, nn.Linear) or _is_conv1d_hf(mod):
-        return "linear"
-    if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
-        return "conv2d"
-    if isinstance(mod, nn.Embedding) and mod.max_norm is None:
-        return "embedding"
-    return None
+    return swappable.kind_of(mod)
 
 
 def _own_weights(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -88,9 +114,19 @@ def _head_and_embedding_names(model: nn.Module) -> set[str]:
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``, and wherever else the module now there is registered (a module
+    shared by two parents is one layer: it is swapped, and put back, everywhere at once)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules.get(child)
+    others = []
+    if old is not None:
+        inside = {id(m) for m in new.modules()}  # a wrapper (QAT) holds the old module: leave that
+        others = [(p, c) for _, p in model.named_modules(remove_duplicate=False) if id(p) not in inside
+                  for c, m in p._modules.items() if m is old and (p, c) != (parent, child)]  # fmt: skip
     setattr(parent, child, new)
+    for p, c in others:
+        setattr(p, c, new)
 
 
 def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | None = None) -> QuantModule:
@@ -156,9 +192,10 @@ def _quantize_data_free(model, todo, algo, algo_options, method, records, progre
         w = _float_weight(mod, kind)
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), str(scheme))
         qw = done.get(key)
-        if qw is None:
-            qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
-        swaps.append((name, _swap(mod, kind, qw, method)))
+        with layer_errors(name):
+            if qw is None:
+                qw = done[key] = algo.quantize_weight(w, scheme, name=f"{name}.weight", **algo_options)
+            swaps.append((name, _swap(mod, kind, qw, method)))
         records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(scheme), method, why)
     for name, new in swaps:  # only now that every weight quantized without error
         _set_module(model, name, new)
@@ -175,45 +212,72 @@ def _plan(model: nn.Module, recipe: Recipe) -> tuple[list, dict, set]:
     todo: list[tuple[str, nn.Module, str, Scheme, str]] = []
     unsupported_named: list[str] = []
     unsupported_default: list[str] = []
+    on_meta: list[str] = []  # weights with no values yet
+    again: list[str] = []  # already quantized (or prepared for QAT) layers the spec reaches
     inside: list[str] = []  # QAT wrappers (lowbit.qat): their float layer is not planned again
+    blocked = swappable.blocked(model)
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantModule) or not name or any(name.startswith(p) for p in inside):
-            continue
-        if getattr(mod, "lowbit_qat", False):
-            inside.append(name + ".")
+        if not name or any(name.startswith(p) for p in inside):
+            continue  # (inside a QAT wrapper, or a layer being swapped whole: its parametrizations)
+        if isinstance(mod, QuantModule) or getattr(mod, "lowbit_qat", False):
+            if getattr(mod, "lowbit_qat", False):
+                inside.append(name + ".")
+            scheme, _why = recipe.resolve(name, embedding_or_head=name in heads)
+            if scheme is not None:
+                what = "prepared for QAT" if getattr(mod, "lowbit_qat", False) else "quantized"
+                again.append(f"{name} ({what}: {mod.scheme}, {getattr(mod, 'method', 'qat')})")
             continue
         own = _own_weights(mod)
-        kind = _kind(mod)
-        if kind is None and not own:
+        kind, not_why = swappable.why_not(mod)
+        if kind is not None and name in blocked:
+            kind, not_why = None, blocked[name]
+        if kind is None and not own and not not_why:
             continue
         scheme, why = recipe.resolve(name, embedding_or_head=name in heads)
         tname = type(mod).__name__
         if kind is None:
             if scheme is not None and why != "default":
-                unsupported_named.append(f"{name} ({tname})")
-            elif scheme is not None:
-                unsupported_default.append(f"{name} ({tname})")
-            records[name] = LayerRecord(name, tname, "unsupported", reason=f"no quantized {tname} in lowbit; kept float")
+                unsupported_named.append(f"{name} ({tname}: {not_why or 'no quantized ' + tname + ' in lowbit'})")
+            reason = not_why or f"no quantized {tname} in lowbit; kept float"
+            if scheme is not None and why == "default":
+                unsupported_default.append(f"{name} ({tname}: {reason})")
+            records[name] = LayerRecord(name, tname, "unsupported", reason=reason)
             continue
         if scheme is None:
             records[name] = LayerRecord(name, tname, "kept", reason=why)
             continue
+        if _float_weight(mod, kind).device.type == "meta":
+            on_meta.append(name)
         todo.append((name, mod, kind, scheme, why))
+        inside.append(name + ".")
+    if again:
+        raise QuantizeError(
+            f"the model is already quantized: {len(again)} layer(s) the scheme would reach already have one: "
+            + ", ".join(again[:4]) + (", ..." if len(again) > 4 else "")
+            + ". lowbit quantizes float layers only: start again from the float model (reload it), "
+            "call lowbit.convert() after QAT, or use a Recipe whose rules reach only the float layers"
+        )
+    if on_meta:
+        raise QuantizeError(
+            f"{len(on_meta)} layer(s) have their weights on the meta device, with no values to quantize: "
+            f"{', '.join(on_meta[:4])}{', ...' if len(on_meta) > 4 else ''}; load real weights first"
+        )
     if unsupported_named:
         raise UnsupportedModuleError(
             "recipe rules name modules lowbit cannot quantize: "
             + ", ".join(unsupported_named)
-            + ". Supported: nn.Linear, transformers Conv1D, nn.Conv2d (zero padding), nn.Embedding."
+            + ". Supported: nn.Linear, transformers Conv1D, nn.Conv2d (zero padding), nn.Embedding, "
+            "called by their parent and computing exactly what those classes compute."
         )
     if unsupported_default:
         warnings.warn(
-            "lowbit keeps these modules in float (no quantized version of their type): "
-            + ", ".join(unsupported_default),
-            stacklevel=4,  # the caller of quantize() (past _plan, quantize and no_grad's wrapper)
+            "lowbit keeps these modules in float: " + "; ".join(unsupported_default),
+            stacklevel=5,  # the caller of quantize() (past _plan, quantize, no_grad's and our wrapper)
         )
     return todo, records, heads
 
 
+@outside_inference_mode
 @torch.no_grad()
 def quantize(
     model: nn.Module,

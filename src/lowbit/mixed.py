@@ -182,7 +182,7 @@ def sensitivity(
         draws: ``"hessian"``: sampled outputs per batch for the trace estimate.
         seed: ``"hessian"``: the sampling seed.
     """
-    from . import calibrate, driver
+    from . import calibrate, driver, swappable
     from .fold import batchnorm_pairs, fold_batchnorm
 
     cands = [_candidate(c) for c in candidates]
@@ -201,17 +201,30 @@ def sensitivity(
     batches = calibrate.as_batches(batches, "sensitivity")
     if calibration is not None:  # every candidate's quantize reads it: read an iterator once
         calibration = calibrate.as_batches(calibration, "sensitivity's calibration")
+    from .nn import QuantModule
+
+    done = [f"{n} ({m.scheme})" for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    if done:
+        raise MixedPrecisionError(
+            f"the model is already quantized ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''}): "
+            "measure sensitivity on the float model"
+        )
     work = copy.deepcopy(model).eval()
     if batchnorm_pairs(work):  # quantize() would fold them; do it once, up front, on the copy
         fold_batchnorm(work)
     heads = driver._head_and_embedding_names(work)
     mods = dict(work.named_modules())
+    blocked = swappable.blocked(work)  # reached other than as a called child: never swapped
     if layers is None:
-        layers = [n for n, m in mods.items() if n and n not in heads and driver._kind(m) in ("linear", "conv2d")]
+        layers = [n for n, m in mods.items()
+                  if n and n not in heads and n not in blocked and driver._kind(m) in ("linear", "conv2d")]  # fmt: skip
     else:
-        bad = [n for n in layers if n not in mods or driver._kind(mods[n]) not in ("linear", "conv2d")]
+        bad = [n for n in layers if n not in mods or n in blocked or driver._kind(mods[n]) not in ("linear", "conv2d")]
         if bad:
-            raise MixedPrecisionError(f"not Linear/Conv2d layers of this model: {', '.join(bad[:5])}")
+            raise MixedPrecisionError(
+                f"not Linear/Conv2d layers lowbit can swap in this model: {', '.join(bad[:5])} "
+                f"({blocked.get(bad[0], 'see lowbit.swappable')})"
+            )
     if not layers:
         raise MixedPrecisionError("the model has no Linear or Conv2d layers to measure")
     with torch.no_grad():

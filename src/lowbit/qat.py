@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .driver import outside_inference_mode
 from .primitives import check_finite, choose_qparams, grouped, mse_clip_search, round_scale
 from .recipe import Recipe
 from .scheme import Scheme
@@ -180,6 +181,7 @@ class QATLayer(nn.Module):
         return f"scheme={self.scheme}"
 
 
+@outside_inference_mode
 def prepare_qat(
     model: nn.Module,
     spec: str | Scheme | Recipe,
@@ -277,6 +279,15 @@ def _init_activations(model: nn.Module, layers: dict[str, QATLayer], batches: li
         m.aq.init_from(*obs[n].qparams())
 
 
+def _already(model: nn.Module) -> str:
+    """" (the model is already quantized: ...)" when it holds packed layers, else ""."""
+    from .nn import QuantModule
+
+    q = [f"{n} ({m.scheme}, {m.method})" for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    return f" (the model is already quantized: {', '.join(q[:3])}{', ...' if len(q) > 3 else ''})" if q else ""
+
+
+@outside_inference_mode
 def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
     """Replace every :class:`QATLayer` with the packed module PTQ would produce, holding the learned
     steps (in place; returns ``model``). Saved files are the same format as PTQ's."""
@@ -292,7 +303,7 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
         )
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QATLayer)]
     if not layers:
-        raise QATError("no QAT layers to convert: call prepare_qat() first")
+        raise QATError("no QAT layers to convert: call prepare_qat() first" + _already(model))
     swaps = []
     for name, q in layers:
         if q.aq is not None and q.aq.static and not q.aq.ready:
@@ -353,7 +364,7 @@ def fit(
         raise QATError(f"steps must be >= 1, got {steps}")
     qat = [m for m in model.modules() if isinstance(m, QATLayer)]
     if not qat:
-        raise QATError("no QAT layers: call prepare_qat() first")
+        raise QATError("no QAT layers: call prepare_qat() first" + _already(model))
     steps_p = [p for m in qat for p in (m.wq.step, m.wq.zero, m.aq.step if m.aq is not None else None) if p is not None]
     ids = {id(p) for p in steps_p}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
