@@ -242,6 +242,8 @@ def cmd_inspect(args) -> int:
         sz = size.get(name)
         kernel = mod.kernel if isinstance(mod, QuantModule) else "-"
         note = mod.kernel_note if isinstance(mod, QuantModule) else ""
+        if isinstance(mod, QuantModule) and mod.storage_note():
+            note = "; ".join(x for x in (mod.storage_note(), note) if x)
         cells = [
             name,
             rec.type,

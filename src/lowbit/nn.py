@@ -110,6 +110,15 @@ class QuantModule(nn.Module):
         self.layout = qw.layout
         self._kernel_state = None
 
+    def storage_note(self) -> str:
+        """What is stored unlike the format's default ("" when nothing is): float32 scales for a
+        weight whose range float16 scales cannot hold (:func:`lowbit.primitives.round_scale`)."""
+        want = self.scheme.fmt.scale_dtype
+        if self.scales is not None and want is not None and self.scales.dtype != want:
+            have = str(self.scales.dtype).replace("torch.", "")
+            return f"{have} scales ({str(want).replace('torch.', '')} cannot hold this weight's range at full precision)"
+        return ""
+
     @property
     def nbytes(self) -> int:
         """Stored bytes of the weight (codes + scales + zeros); the bias is counted apart."""
@@ -120,6 +129,12 @@ class QuantModule(nn.Module):
             from . import kernels
 
             kernels.assign(self, self.kernel_pref)
+        if x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled()):
+            # An empty batch has nothing for a fast kernel to do; a gradient to the input needs
+            # autograd, which only the reference kernel (torch ops) records.
+            from .kernels import reference
+
+            return getattr(reference, self.op)(self, x)
         return self._kernel_impl(self, x)
 
     def extra_repr(self) -> str:

@@ -63,7 +63,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -n % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    units = codes.reshape(rows, -1, per)  # (rows, n/per, per)
+    units = codes.reshape(rows, (n + pad) // per, per)  # (rows, n/per, per)
     if nbytes == 1:  # 2 and 4 bits: OR the shifted codes of each byte together, in uint8
         out = units[..., 0].clone()
         for i in range(1, per):
@@ -72,7 +72,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32) * bits
     words = (units.to(torch.int32) << shifts).sum(-1)  # (rows, n/per) int32, 24 bits used
     byte_shifts = torch.arange(nbytes, dtype=torch.int32) * 8
-    return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(rows, -1)
+    return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(rows, words.shape[1] * nbytes)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -90,10 +90,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         words = packed.to(torch.int32)  # (rows, n/per)
     else:
         byte_shifts = torch.arange(nbytes, dtype=torch.int32) * 8
-        words = (packed.reshape(rows, -1, nbytes).to(torch.int32) << byte_shifts).sum(-1)
+        words = (packed.reshape(rows, packed.shape[1] // nbytes, nbytes).to(torch.int32) << byte_shifts).sum(-1)
     shifts = torch.arange(per, dtype=torch.int32) * bits
     codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, n/per, per)
-    return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
+    return codes.reshape(rows, words.shape[1] * per)[:, :n].to(torch.uint8)
 
 
 TILE_ROWS = 16

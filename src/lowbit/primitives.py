@@ -8,15 +8,18 @@ padding changes neither the chosen parameters nor the error.
 
 Affine formats map ``x ≈ s * (q - z)`` with unsigned codes ``q`` in ``[0, 2**b - 1]``:
 
-* symmetric: ``z = 2**(b-1)`` and ``s = m / -2**(b-1)`` where ``m`` is the group's value of
-  largest magnitude, sign included, so that ``m`` itself is exact and all ``2**b`` levels are
-  used (the choice ggml makes for Q4_0, ``d = max / -8``). ``s`` may be negative.
+* symmetric: ``z = 2**(b-1)``; the scale follows the format's ``sym_range``
+  (:class:`~lowbit.formats.Format`): ``"full"``: ``s = m / -2**(b-1)`` where ``m`` is the group's
+  value of largest magnitude, sign included, so that ``m`` itself is exact and all ``2**b``
+  levels are used (the choice ggml makes for Q4_0, ``d = max / -8``; ``s`` may be negative);
+  ``"restricted"``: ``s = max|x| / (2**(b-1) - 1)`` (Q8_0's choice).
 * asymmetric: ``s = (hi - lo) / (2**b - 1)`` over ``[lo, hi] = [min(x, 0), max(x, 0)]`` and an
   integer ``z = round(-lo / s)``.
 
-Scales are rounded to the format's ``scale_dtype`` (away from zero, so the stored range still
-covers the group's) *before* codes are computed, so what is stored dequantizes exactly as
-computed here.
+Scales are rounded to their storage dtype (away from zero, so the stored range still covers the
+group's) *before* codes are computed, so what is stored dequantizes exactly as computed here. The
+storage dtype is the format's ``scale_dtype`` (float16), or float32 for a weight whose scales
+float16 cannot hold at full precision (:func:`round_scale`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "quantize_values",
     "dequantize_values",
     "round_scale",
+    "scale_storage_dtype",
     "quantize_float",
     "dequantize_float",
     "mse_clip_search",
@@ -72,7 +76,7 @@ def check_finite(w: torch.Tensor, what: str = "weight") -> None:
 def _flat(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, int]:
     """The 2-D view groups are taken along, and the group size: per-tensor schemes see one row."""
     flat = w.reshape(1, -1) if scheme.per_tensor else w
-    return flat, flat.shape[1] if scheme.group_size is None else scheme.group_size
+    return flat, max(flat.shape[1], 1) if scheme.group_size is None else scheme.group_size
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -82,19 +86,48 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     w = w.float()
     if pad:
         w = torch.nn.functional.pad(w, (0, pad))
-    return w.reshape(n, -1, group_size)
+    return w.reshape(n, (k + pad) // group_size, group_size)
+
+
+def scale_storage_dtype(s: torch.Tensor, fmt: Format) -> torch.dtype:
+    """The dtype that stores scales ``s`` exactly: the format's ``scale_dtype`` (float16) when
+    every value is representable there, else float32 (weights so small or large that float16
+    scales would underflow to subnormals or overflow; :func:`round_scale` rounds to it)."""
+    if fmt.scale_dtype is None or fmt.scale_dtype == torch.float32:
+        return fmt.scale_dtype
+    sf = s.float()
+    return fmt.scale_dtype if torch.equal(sf.to(fmt.scale_dtype).float(), sf) else torch.float32
+
+
+def _fits(s: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every non-zero ``|s|`` lies in ``dtype``'s normal range (full precision there)."""
+    info = torch.finfo(dtype)
+    a = s.abs()
+    return bool(((a == 0) | ((a >= info.tiny) & (a <= info.max))).all())
 
 
 def round_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Round scales to their storage dtype away from zero (never shrinking the covered range),
-    keeping non-zero scales non-zero."""
-    stored = s.to(fmt.scale_dtype)
+    keeping non-zero scales non-zero.
+
+    The storage dtype is the format's ``scale_dtype`` (float16) when every scale lies in its
+    normal range, else float32, so that a scheme's relative error does not depend on the
+    weight's magnitude (a weight scaled by 1e-6 quantizes as well as the original). Raises
+    :class:`NonFiniteError` if a scale is not finite in float32 either (``|w|`` near 3e38) or
+    underflows it (``|w|`` below about 1e-36).
+    """
+    dtype = fmt.scale_dtype
+    if dtype != torch.float32 and not _fits(s, dtype):
+        dtype = torch.float32
+    stored = s.to(dtype)
     shrunk = stored.float().abs() < s.abs()
     if shrunk.any():
         away = torch.copysign(torch.full_like(s, float("inf")), s).to(stored.dtype)
         stored = torch.where(shrunk, torch.nextafter(stored, away), stored)
     if not torch.isfinite(stored).all():
-        raise NonFiniteError(f"a scale overflows {fmt.scale_dtype}; the weight's range is too large")
+        raise NonFiniteError("a scale overflows float32: the weight's range is too large to quantize")
+    if not _fits(stored.float(), torch.float32):
+        raise NonFiniteError("a scale underflows float32: the weight's values are too small (below ~1e-36) to quantize")
     return stored.float()
 
 
@@ -113,6 +146,8 @@ def choose_qparams(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | float =
     if fmt.kind == "codebook":  # codebook levels span [-1, 1]
         return QParams(round_scale(g.abs().amax(-1) * clip, fmt), None)
     if scheme.symmetric:
+        if fmt.sym_range == "restricted":  # max|x| onto +-(2**(b-1) - 1)
+            return QParams(round_scale(g.abs().amax(-1) * clip / fmt.sym_qmax, fmt), None)
         idx = g.abs().argmax(-1, keepdim=True)
         m = g.gather(-1, idx).squeeze(-1)  # signed value of largest magnitude
         return QParams(round_scale(m * clip / -fmt.sym_zero, fmt), None)
@@ -156,6 +191,8 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 def quantize_codes(w: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
     """Codes ``(N, K)`` uint8 for an affine or codebook scheme, given its parameters."""
     flat, gs = _flat(w, scheme)
+    if flat.shape[0] == 0:
+        return torch.zeros(w.shape, dtype=torch.uint8)
     g = grouped(flat, gs)
     zero = qp.zero.unsqueeze(-1) if qp.zero is not None else None
     q = quantize_values(g, qp.scale.unsqueeze(-1), zero, scheme)
@@ -165,6 +202,8 @@ def quantize_codes(w: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor
 def dequantize_codes(codes: torch.Tensor, qp: QParams, scheme: Scheme) -> torch.Tensor:
     """``(N, K)`` uint8 codes -> ``(N, K)`` float32."""
     flat, gs = _flat(codes, scheme)
+    if flat.shape[0] == 0:
+        return torch.zeros(codes.shape)
     pad = -flat.shape[1] % gs
     c = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
     c = c.reshape(flat.shape[0], -1, gs)

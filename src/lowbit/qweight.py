@@ -5,7 +5,8 @@ Tensors (``N`` output channels, ``K`` input columns after flattening, ``ng = cei
 
 * ``data``: affine/codebook formats: ``(N, packed_row_bytes(K, bits))`` uint8, rows packed as
   :mod:`lowbit.packing` describes; scaled/cast floats: ``(N, K)`` in the format's dtype.
-* ``scale``: ``(R, ng)`` in the format's ``scale_dtype`` (``None`` for plain casts).
+* ``scale``: ``(R, ng)`` in the format's ``scale_dtype`` (``None`` for plain casts), or float32
+  for a weight too small or large for float16 scales (:func:`lowbit.primitives.round_scale`).
 * ``zero``: ``None`` for symmetric schemes (implicit ``2**(bits-1)``); for asymmetric ones
   either integer zero points bit-packed like the codes, ``(R, packed_row_bytes(ng, bits))``
   uint8, or fractional ones (e.g. from HQQ) as ``(R, ng)`` float16.
@@ -28,6 +29,7 @@ import torch
 
 from . import packing
 from .primitives import (
+    NonFiniteError,
     QParams,
     check_finite,
     choose_qparams,
@@ -35,6 +37,7 @@ from .primitives import (
     dequantize_float,
     quantize_codes,
     quantize_float,
+    scale_storage_dtype,
 )
 from .scheme import Scheme
 
@@ -47,6 +50,30 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 def _padded_rows(n: int) -> int:
     return -(-n // packing.TILE_ROWS) * packing.TILE_ROWS
+
+
+def _checked_cast(w2: torch.Tensor, scheme: Scheme, name: str) -> torch.Tensor:
+    """``w2`` cast to a plain float format; a value that overflows it raises, and a weight whose
+    values fall below its normal range (where it keeps fewer bits, down to zero) warns."""
+    import warnings
+
+    out = quantize_float(w2, None, scheme)
+    dtype = scheme.fmt.torch_dtype
+    if not torch.isfinite(out).all():
+        raise NonFiniteError(
+            f"{name}: {int((~torch.isfinite(out)).sum())} value(s) overflow {scheme} (largest finite "
+            f"{torch.finfo(dtype).max:g}); bf16 keeps float32's range"
+        )
+    nonzero = w2 != 0
+    small = nonzero & (w2.abs() < torch.finfo(dtype).tiny)
+    n_small, n = int(small.sum()), int(nonzero.sum())
+    if n_small and n_small > 0.01 * n:
+        warnings.warn(
+            f"{name}: {n_small} of {n} non-zero values lie below {scheme}'s normal range "
+            f"({torch.finfo(dtype).tiny:.2g}) and lose precision or become 0; bf16 keeps float32's range",
+            stacklevel=3,
+        )
+    return out
 
 
 @dataclass
@@ -109,10 +136,10 @@ class QWeight:
         w2 = w.detach().reshape(w.shape[0], -1).float()
         fmt = scheme.fmt
         if scheme.is_cast:
-            return cls(scheme, tuple(w.shape), quantize_float(w2, None, scheme))
+            return cls(scheme, tuple(w.shape), _checked_cast(w2, scheme, name))
         qp = qp if qp is not None else choose_qparams(w2, scheme)
         if fmt.kind == "float":
-            return cls(scheme, tuple(w.shape), quantize_float(w2, qp, scheme), qp.scale.to(fmt.scale_dtype))
+            return cls(scheme, tuple(w.shape), quantize_float(w2, qp, scheme), qp.scale.to(scale_storage_dtype(qp.scale, fmt)))
         return cls.from_codes(tuple(w.shape), scheme, quantize_codes(w2, qp, scheme), qp)
 
     @classmethod
@@ -130,7 +157,7 @@ class QWeight:
                 zero = packing.pack(z.to(torch.uint8), fmt.bits)
             else:
                 zero = z.to(torch.float16)
-        scale = qp.scale.to(fmt.scale_dtype)
+        scale = qp.scale.to(scale_storage_dtype(qp.scale, fmt))
         return cls(scheme, tuple(shape), packing.pack(codes, fmt.bits), scale, zero)
 
     # ---- reading back -------------------------------------------------------------------------

@@ -149,6 +149,13 @@ def _block(mod) -> int | None:
     return 32 if g % 32 == 0 else None
 
 
+def _scales_reason(mod) -> str | None:
+    """Why the GEMM kernels cannot read ``mod``'s scales (they read float16), or None."""
+    if mod.scales is not None and mod.scales.dtype != torch.float16:
+        return f"{str(mod.scales.dtype).replace('torch.', '')} scales (the weight's range does not fit float16 scales)"
+    return None
+
+
 def _int8_codes_reason(mod) -> str | None:
     """Why ``mod``'s weight is not integer codes minus integer zero points at 8 bits (or None)."""
     s = mod.scheme
@@ -164,7 +171,7 @@ def supports_a8(mod) -> str | None:
     s = mod.scheme
     if s.act_bits != 8:
         return "weight-only scheme (this kernel quantizes activations to int8)"
-    reason = _int8_codes_reason(mod)
+    reason = _int8_codes_reason(mod) or _scales_reason(mod)
     if reason is not None:
         return reason
     k = mod.in_features
@@ -264,6 +271,8 @@ def supports(mod) -> str | None:
         return "activation-quantized scheme (weight-only kernel)"
     if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
         return "fractional zero points (the VNNI kernel takes integer zeros)"
+    if _scales_reason(mod):
+        return _scales_reason(mod)
     if _block(mod) is None:
         return f"group size {s.group_size} (needs a multiple of 32)"
     reason = unavailable_reason()

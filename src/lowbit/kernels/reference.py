@@ -30,7 +30,7 @@ def quantize_activations(x: torch.Tensor, group: int | None = None) -> torch.Ten
     k = x.shape[-1]
     if group is not None and group < k:
         pad = -k % group
-        xp = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, group)
+        xp = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], (k + pad) // group, group)
         return quantize_activations(xp).reshape(*x.shape[:-1], k + pad)[..., :k]
     s = x.abs().amax(-1, keepdim=True) / 127.0
     q = torch.round(x / torch.where(s == 0, 1.0, s)).clamp(-127, 127)
