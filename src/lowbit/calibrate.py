@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from .algorithms import rtn
-from .driver import _float_weight, _set_module
+from .driver import _float_weight, _set_module, layer_errors
 
 __all__ = ["run", "CalibrationError", "as_batches", "find_blocks", "Stats", "mean_output_error"]
 
@@ -268,6 +269,8 @@ def _groups(block: nn.Module, inputs: list, names: dict[str, nn.Module]) -> tupl
     finally:
         for h in handles:
             h.remove()
+    grouped = {n for g in order for n in g}
+    order += [[n] for n in names if n not in grouped]  # not called on this batch: alone, no producer
     return order, {g[0]: src.get(g[0]) for g in order}
 
 
@@ -303,10 +306,16 @@ def run(
     want = {name: (mod, kind, scheme) for name, mod, kind, scheme, _ in todo}
     restore = _Restore(model)
     done: list[tuple[str, nn.Module]] = []
+    # Calibration sees the model as inference does (dropout off, BatchNorm on running statistics),
+    # whatever mode it came in; each module's mode is put back afterwards.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     seed = 0  # AWQ's row sampling; the calibration data itself is the caller's choice
     try:
         with torch.no_grad():
             found = find_blocks(model)
+            if found is not None and not _sequential(model, found[1], batches[0]):
+                found = None  # e.g. a mixture of experts' expert list: not a chain; one pass for all
             remaining = dict(want)
             # Embeddings read token ids, not activations: no statistics apply; they are rounded.
             for name in [n for n, (_, kind, _) in want.items() if kind == "embedding"]:
@@ -351,6 +360,13 @@ def run(
     except BaseException:
         restore.undo()
         raise
+    finally:
+        for m, training in modes:
+            m.train(training)
+        olds = dict(restore.modules)
+        for name, new in done:  # swapped in after the modes were saved: the mode of the one it replaced
+            if name in olds:
+                new.train(olds[name].training)
     return done
 
 
@@ -366,6 +382,40 @@ def _check_lengths(model: nn.Module, batches: list) -> None:
                 f"calibration sequences of {ids.shape[-1]} tokens exceed the model's context of {limit}; "
                 "use a shorter seqlen"
             )
+
+
+def _hidden_in(args: tuple, kwargs: dict):
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _sequential(model: nn.Module, blocks: nn.ModuleList, batch) -> bool:
+    """Whether ``blocks`` form a chain on ``batch``: each called once, in order, each one's
+    hidden-state input equal to the previous one's output (what block-by-block calibration
+    assumes). Parallel modules (a mixture of experts' experts) and blocks called twice do not."""
+    calls: list[tuple[int, Any, Any]] = []
+    ins: dict[int, Any] = {}
+
+    def pre(i, args, kwargs):
+        ins[i] = _hidden_in(args, kwargs)
+
+    def post(i, out):
+        calls.append((i, ins.get(i), _block_outputs(out)))
+
+    handles = [b.register_forward_pre_hook(lambda m, a, k, i=i: pre(i, a, k), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(lambda m, a, o, i=i: post(i, o)) for i, b in enumerate(blocks)]
+    try:
+        _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if [c[0] for c in calls] != list(range(len(blocks))):
+        return False
+    for (_, _, prev_out), (_, cur_in, _) in zip(calls, calls[1:]):
+        if not (isinstance(prev_out, torch.Tensor) and isinstance(cur_in, torch.Tensor)):
+            return False
+        if cur_in is not prev_out and not (cur_in.shape == prev_out.shape and torch.equal(cur_in, prev_out)):
+            return False
+    return True
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, batches: list) -> list:
@@ -408,7 +458,12 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
     group_of = {n: g[0] for g in order for n in g}
     obs = _observers(layers, bname + ".", observer)
 
+    reached: set[str] = set()
+
     def collect(n: str, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # a layer called with no rows (an expert no token was routed to)
+            return
+        reached.add(n)
         if n in stats and algo.needs:  # the first layer of each group collects for the group
             stats[n].add(_unfold_input(local[n], x))
         if n in obs and algo.smooth is None:
@@ -416,18 +471,20 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
 
     with _hooks(local, collect):
         ref_out = _run_block(block, inputs)
+    unreached = {f"{bname}.{n}" for n in local if n not in reached}
+    _refuse_unreached_static(layers, unreached)
 
     if algo.smooth is not None:
         _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore)
         if obs:  # the folds changed the inputs: observe them again
-            with _hooks({n: local[n] for n in obs}, lambda n, x: obs[n].update(x)):
+            with _hooks({n: local[n] for n in obs}, lambda n, x: obs[n].update(x) if x.numel() else None):
                 _run_block(block, inputs)
 
     for full, (_mod, kind, scheme) in layers.items():
         short = full[len(bname) + 1 :]
-        st = stats[group_of[short]]
-        qw = algo.quantize_weight(_float_weight(mods[full], kind), scheme, name=f"{full}.weight", stats=st, **options)
-        new = make_module(mods[full], kind, qw, obs[short].qparams() if short in obs else None)
+        with layer_errors(full):
+            new = _quantize_one(mods[full], full, kind, scheme, stats[group_of[short]], obs.get(short), algo, options,
+                                make_module, unreached)  # fmt: skip
         restore.swap(full, new)
         done.append((full, new))
 
@@ -441,12 +498,15 @@ def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers
             continue  # a skipped layer shares this input: scaling would change it
         if not all(isinstance(local[n], nn.Linear) for n in group):
             continue  # scales fold into (out, in) Linear weights only
+        if stats[group[0]].tokens == 0:
+            continue  # the calibration data never reached this group: nothing to scale by
         target = fold_target(block, group, producers.get(group[0]))
         if target is None:
             continue
         weights = [local[n].weight.detach() for n in group]
         scheme = layers[f"{bname}.{group[0]}"][2]
-        s = algo.smooth(weights, stats[group[0]], scheme, **options)
+        with layer_errors(f"{bname}.{group[0]}"):
+            s = algo.smooth(weights, stats[group[0]], scheme, **options)
         if s is None:
             continue
         for t in target.tensors():
@@ -473,7 +533,12 @@ def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done
     stats = {n: Stats(_in_features(m), _needs(algo), seed=seed) for n, m in mods.items()}
     obs = _observers(remaining, "", observer)
 
+    reached: set[str] = set()
+
     def collect(n: str, x: torch.Tensor) -> None:
+        if x.numel() == 0:  # a layer called with no rows (an expert no token was routed to)
+            return
+        reached.add(n)
         if algo.needs:  # (rtn with static activations needs only the observers)
             stats[n].add(_unfold_input(mods[n], x))
         if n in obs:
@@ -482,11 +547,40 @@ def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done
     with _hooks(mods, collect):
         for b in batches:
             _call(model, b)
+    unreached = {n for n in mods if n not in reached}
+    _refuse_unreached_static(remaining, unreached)
     for n, (_mod, kind, scheme) in remaining.items():
-        qw = algo.quantize_weight(_float_weight(mods[n], kind), scheme, name=f"{n}.weight", stats=stats[n], **options)
-        new = make_module(mods[n], kind, qw, obs[n].qparams() if n in obs else None)
+        with layer_errors(n):
+            new = _quantize_one(mods[n], n, kind, scheme, stats[n], obs.get(n), algo, options, make_module, unreached)
         restore.swap(n, new)
         done.append((n, new))
+
+
+def _refuse_unreached_static(layers: dict, unreached: set[str]) -> None:
+    """Static activation scales come only from data: layers the calibration never reached refuse."""
+    bad = sorted(n for n in unreached if layers[n][2].act_static)
+    if bad:
+        raise CalibrationError(
+            f"the calibration data never reached {len(bad)} layer(s) with static activations, so they have no "
+            f"activation range: {', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}. Pass calibration batches "
+            "that exercise them (e.g. tokens routed to every expert), or give them a weight-only or dynamic scheme"
+        )
+
+
+def _quantize_one(mod, name, kind, scheme, st, obs, algo, options, make_module, unreached):
+    """One layer's quantized module; a layer the calibration never reached is rounded to
+    nearest (its weight is all there is to go on), with a warning naming it."""
+    w = _float_weight(mod, kind)
+    if name in unreached:
+        warnings.warn(
+            f"{name}: the calibration data never reached this layer; it is rounded to nearest instead of {algo.name}",
+            stacklevel=2,
+        )
+        new = make_module(mod, kind, rtn.quantize_weight(w, scheme, name=f"{name}.weight"), None)
+        new.method = "rtn"
+        return new
+    qw = algo.quantize_weight(w, scheme, name=f"{name}.weight", stats=st, **options)
+    return make_module(mod, kind, qw, obs.qparams() if obs is not None else None)
 
 
 def mean_output_error(

@@ -39,15 +39,22 @@ def search_scales(
     """Best per-input-channel scales ``s (K,)`` for linears ``weights`` sharing the input ``x``.
 
     Returns ``(s, alpha)``; ``alpha = 0`` (``s = 1``) is in the grid, so the result is never
-    worse than plain quantization on ``x``.
+    worse than plain quantization on ``x``. Channels whose sampled inputs are all zero get
+    ``s = 1``.
     """
     x = x.float()
-    mean_abs = x.abs().mean(0).clamp_min(1e-8)  # (K,)
+    mean_abs = x.abs().mean(0)  # (K,)
+    # Channels the calibration never exercised keep s = 1: their inputs are unknown, and a tiny
+    # s would shrink their weights to nothing while 1/s blew up their real inputs.
+    live = mean_abs > 0
     ref = [x @ w.float().t() for w in weights]
-    best = (None, float("inf"), 0.0)
+    best = (torch.ones_like(mean_abs), float("inf"), 0.0)
+    if not bool(live.any()):
+        return best[0], 0.0
     for alpha in grid:
-        s = mean_abs.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
+        s = mean_abs.clamp_min(1e-8).pow(alpha)
+        s = s / (s[live].max() * s[live].min()).sqrt()
+        s = torch.where(live, s, torch.ones_like(s))
         loss = 0.0
         for w, r in zip(weights, ref):
             wq = _rtn(w.float() * s, scheme) / s  # effective weight seen by x

@@ -7,7 +7,9 @@ objective ``||W X - Q X||^2`` has Hessian ``H = 2 X X^T``; quantizing column ``i
 with error ``e = (w_i - q_i) / [H^-1]_ii`` updates the remaining columns by ``-e [H^-1]_i,i:``.
 The paper's implementation choices are kept: the upper Cholesky factor of ``H^-1`` replaces the
 sequential inverse updates, errors are applied lazily per block of 128 columns, ``H`` is damped
-by a fraction of its mean diagonal, and columns whose input is always zero are dropped.
+by a fraction of its mean diagonal. Columns whose input was always zero keep their
+round-to-nearest value (with a warning) instead of the paper's zero: calibration says nothing
+about them, and real inputs may use them.
 
 Groups: scales (and zeros) of a group are chosen when its first column is reached, from the
 columns as updated so far. With ``act_order`` (columns in order of decreasing Hessian diagonal,
@@ -18,6 +20,8 @@ Input ``w (N, K)``, ``h (K, K)``; output a :class:`~lowbit.qweight.QWeight`.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -77,9 +81,18 @@ def quantize_weight(
     n, k = w.shape
     W = w.detach().float().clone()
     H = h.detach().float().clone()
+    # Columns whose input was always zero in calibration: the Hessian says nothing about them.
+    # They decouple from the rest (zero rows/columns of H), so they keep their round-to-nearest
+    # value; zeroing them (the paper's choice) would be wrong on inputs that do use them.
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    n_dead = int(dead.sum())
+    if n_dead:
+        warnings.warn(
+            f"{name}: {n_dead} of {k} input columns were always zero in the calibration data; "
+            "GPTQ rounds those weight columns to nearest",
+            stacklevel=2,
+        )
     gs = k if scheme.group_size is None or scheme.per_tensor else scheme.group_size
 
     static = qparams

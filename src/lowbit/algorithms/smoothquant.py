@@ -27,5 +27,7 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     w_absmax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)  # (K,)
     a = act_absmax.float().clamp_min(1e-5)
-    s = a.pow(alpha) / w_absmax.clamp_min(1e-5).pow(1.0 - alpha)
-    return s.clamp_min(1e-5)
+    s = (a.pow(alpha) / w_absmax.clamp_min(1e-5).pow(1.0 - alpha)).clamp_min(1e-5)
+    # A channel the calibration never exercised (or an all-zero weight column) says nothing
+    # about its range: left unscaled, rather than blown up by 1/s on real inputs.
+    return torch.where((act_absmax == 0) | (w_absmax == 0), torch.ones_like(s), s)
