@@ -11,6 +11,8 @@ import lowbit
 from lowbit.calibrate import CalibrationError
 from lowbit.nn import QuantLinear
 
+from .forge import resign
+
 
 def _mlp():
     torch.manual_seed(0)
@@ -78,8 +80,11 @@ def test_static_scale_saves_loads_and_is_required(tmp_path):
     lowbit.save(lowbit.quantize(_mlp(), "w8a8"), tmp_path / "d")
     manifest = tmp_path / "d" / "lowbit.json"
     manifest.write_text(manifest.read_text().replace('"w8a8"', '"w8a8-static"'))
-    with pytest.raises(lowbit.LowbitFormatError, match="act_scale"):
+    with pytest.raises(lowbit.LowbitFormatError, match="modified after saving"):  # the digest sees it
         lowbit.load(tmp_path / "d", model=_mlp(), verify=False)
+    resign(tmp_path / "d")  # checksums forged too: the field-by-field check still refuses it
+    with pytest.raises(lowbit.LowbitFormatError, match="act_scale"):
+        lowbit.load(tmp_path / "d", model=_mlp())
 
 
 def test_static_convolutions_and_the_layers_that_cannot_take_activations(toy):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import __version__, kernels
-from ..driver import LayerRecord
+from ..driver import LayerRecord, outside_inference_mode
 from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, shared_row_conversion
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
@@ -42,6 +43,8 @@ FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 TENSORS = "model.safetensors"
 MANIFEST = "lowbit.json"
+MAX_MANIFEST_BYTES = 256 << 20
+_DIGEST = "_digest"  # read_manifest's note of the manifest's digest as read (never saved)
 
 # Which transformers class rebuilds a model: looked up by name in this allow-list only.
 _AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM")
@@ -150,23 +153,23 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: s
     modules = {n: _module_entry(m) for n, m in model.named_modules() if isinstance(m, QuantModule)}
     records = {n: r.to_dict() for n, r in (getattr(model, "lowbit_layers", {}) or {}).items()}
     auto = _auto_class_name(model)
+    manifest = {
+        "format": "lowbit",
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": __version__,
+        "modules": modules,
+        "layers": records,
+        "aliases": aliases,
+        "model": {
+            "class": type(model).__name__,
+            "hf_auto_class": auto,
+            "source": source or getattr(model, "lowbit_source", None),
+        },
+    }
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit"})
-        manifest = {
-            "format": "lowbit",
-            "format_version": FORMAT_VERSION,
-            "lowbit_version": __version__,
-            "modules": modules,
-            "layers": records,
-            "aliases": aliases,
-            "model": {
-                "class": type(model).__name__,
-                "hf_auto_class": auto,
-                "source": source or getattr(model, "lowbit_source", None),
-            },
-            "tensors": {"file": TENSORS, "bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)},
-        }
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit", "manifest_sha256": _manifest_digest(manifest)})
+        manifest["tensors"] = {"file": TENSORS, "bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)}
         if auto is not None:
             cfg = model.config
             if getattr(cfg, "quantization_config", None) is not None:
@@ -194,14 +197,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
     mf = d / MANIFEST
     if not mf.is_file():
         raise LowbitFormatError(f"{d} is not a lowbit model: it has no {MANIFEST}")
+    if mf.stat().st_size > MAX_MANIFEST_BYTES:
+        raise LowbitFormatError(f"{mf} is {mf.stat().st_size:,} bytes; a lowbit manifest is far smaller (foreign file?)")
     try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LowbitFormatError(f"{mf} is not valid JSON: {e}") from None
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LowbitFormatError(f"{mf} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "lowbit":
         raise LowbitFormatError(f"{mf} is not a lowbit manifest (no \"format\": \"lowbit\")")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise LowbitFormatError(
             f"{d}: format_version {version!r} is not one this lowbit {__version__} reads "
             f"({', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade lowbit to load it"
@@ -209,16 +214,63 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for key in ("modules", "tensors", "model"):
         if not isinstance(manifest.get(key), dict):
             raise LowbitFormatError(f"{mf} lacks its {key!r} section")
+    digest = _manifest_digest(manifest)  # of the file as written, before any normalisation below
+    manifest.setdefault("layers", {})
+    manifest.setdefault("aliases", {})
+    if manifest["layers"] is None:
+        manifest["layers"] = {}
+    if manifest["aliases"] is None:
+        manifest["aliases"] = {}
+    bad = _manifest_problem(manifest)
+    if bad:
+        raise LowbitFormatError(f"{mf}: {bad}")
+    manifest[_DIGEST] = digest
     return manifest
 
 
+_RECORD_FIELDS = {"name": str, "type": str, "status": str, "scheme": (str, type(None)), "method": (str, type(None)),
+                  "reason": str}  # fmt: skip
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is malformed in a manifest's sections (types only; meaning is checked at load)."""
+    if not isinstance(m["aliases"], dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m["aliases"].items()):
+        return "'aliases' must map tensor names to tensor names"
+    if not isinstance(m["layers"], dict):
+        return "'layers' must be an object"
+    for name, rec in m["layers"].items():
+        if not isinstance(rec, dict):
+            return f"layer record {name!r} is not an object"
+        for key, typ in _RECORD_FIELDS.items():
+            if key in ("name", "type", "status") and key not in rec:
+                return f"layer record {name!r} lacks {key!r}"
+            if key in rec and not isinstance(rec[key], typ):
+                return f"layer record {name!r}: {key!r} has the wrong type"
+        for key in [k for k in rec if k not in _RECORD_FIELDS]:  # fields of a later minor version
+            del rec[key]
+    model = m["model"]
+    for key in ("class", "hf_auto_class", "source"):
+        if model.get(key) is not None and not isinstance(model.get(key), str):
+            return f"model.{key} must be a string"
+    if not all(isinstance(k, str) for k in m["modules"]):
+        return "'modules' must be an object"
+    return None
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of everything in the manifest but its ``tensors`` section (which records the
+    tensor file's own hash): saved in the tensor file's metadata, so an edited manifest is found."""
+    core = {k: v for k, v in manifest.items() if k not in ("tensors", _DIGEST)}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     info = manifest["tensors"]
-    f = d / str(info.get("file", TENSORS))
-    if f.name != TENSORS or not f.is_file():
+    f = d / TENSORS
+    if info.get("file", TENSORS) != TENSORS or not f.is_file():
         raise LowbitFormatError(f"{d} lacks its tensor file {TENSORS}")
     size = f.stat().st_size
     if size != info.get("bytes"):
@@ -226,9 +278,15 @@ def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tens
     if verify and _sha256(f) != info.get("sha256"):
         raise LowbitFormatError(f"{f} fails its SHA-256 check: the file is corrupted or was modified")
     try:
-        return load_file(str(f))
-    except SafetensorError as e:
-        raise LowbitFormatError(f"{f} is not a readable safetensors file: {e}") from None
+        with safe_open(str(f), framework="pt") as sf:
+            digest = (sf.metadata() or {}).get("manifest_sha256")
+        tensors = load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LowbitFormatError(f"{f} is not a readable safetensors file: {str(e)[:300]}") from None
+    # files from before the digest existed have none; their manifest is checked field by field only
+    if digest is not None and digest != manifest.get(_DIGEST, _manifest_digest(manifest)):
+        raise LowbitFormatError(f"{d / MANIFEST} was modified after saving (it no longer matches {TENSORS})")
+    return tensors
 
 
 def _skeleton(d: Path, manifest: dict) -> nn.Module:
@@ -254,29 +312,102 @@ def _skeleton(d: Path, manifest: dict) -> nn.Module:
     return model
 
 
+def _expect(name: str, what: str, t: torch.Tensor | None, shape: tuple, dtypes: tuple) -> None:
+    """Raise unless ``t`` is a tensor of ``shape`` in one of ``dtypes``."""
+    if t is None:
+        raise LowbitFormatError(f"module {name!r}: the tensor file lacks its {what}")
+    if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise LowbitFormatError(
+            f"module {name!r}: its {what} is {str(t.dtype).replace('torch.', '')} {tuple(t.shape)}, "
+            f"the manifest's scheme needs {want} {tuple(shape)}"
+        )
+
+
+def _check_weight_tensors(name: str, scheme, shape: tuple[int, ...], tensors: dict) -> None:
+    """The stored tensors of one quantized weight have exactly the layout its scheme and shape give
+    (:mod:`lowbit.qweight`), and finite scales; anything else is a corrupt or foreign file."""
+    from ..packing import packed_row_bytes
+
+    fmt = scheme.fmt
+    n, k = shape[0], math.prod(shape[1:])
+    qweight, scales, zeros = (tensors.get(f"{name}.{t}") for t in ("qweight", "scales", "zeros"))
+    if fmt.kind == "float":
+        _expect(name, "qweight", qweight, (n, k), (fmt.torch_dtype,))
+    else:
+        _expect(name, "qweight", qweight, (n, packed_row_bytes(k, fmt.bits)), (torch.uint8,))
+    rows = 1 if scheme.per_tensor else n
+    groups = 1 if scheme.per_tensor or scheme.group_size is None else -(-k // scheme.group_size)
+    if scheme.is_cast:
+        if scales is not None or zeros is not None:
+            raise LowbitFormatError(f"module {name!r}: a {scheme} cast stores no scales or zero points")
+        return
+    _expect(name, "scales", scales, (rows, groups), (torch.float16, torch.float32))
+    if not bool(torch.isfinite(scales).all()):
+        raise LowbitFormatError(f"module {name!r}: its scales hold NaN/Inf")
+    if scheme.symmetric or fmt.kind != "affine":
+        if zeros is not None:
+            raise LowbitFormatError(f"module {name!r}: a symmetric {scheme} weight stores no zero points")
+        return
+    if zeros is None:
+        raise LowbitFormatError(f"module {name!r}: the tensor file lacks the zero points of its {scheme} weight")
+    if zeros.dtype == torch.uint8:
+        _expect(name, "zeros", zeros, (rows, packed_row_bytes(groups, fmt.bits)), (torch.uint8,))
+    else:
+        _expect(name, "zeros", zeros, (rows, groups), (torch.float16,))
+        if not bool(torch.isfinite(zeros).all()):
+            raise LowbitFormatError(f"module {name!r}: its zero points hold NaN/Inf")
+
+
+def _conv_entry(name: str, entry: dict, float_mod: nn.Module) -> dict:
+    """The manifest's convolution arguments, checked against the skeleton's (which must agree)."""
+    conv = entry.get("conv")
+    if not isinstance(conv, dict):
+        raise LowbitFormatError(f"module {name!r}: a QuantConv2d entry needs its 'conv' arguments")
+    pad = conv.get("padding")
+    ok = all(_int_list(conv.get(k), 2) for k in ("stride", "dilation")) and isinstance(conv.get("groups"), int)
+    ok = ok and not isinstance(conv.get("groups"), bool) and conv["groups"] >= 1
+    ok = ok and (pad in ("valid", "same") or _int_list(pad, 2))
+    if not ok:
+        raise LowbitFormatError(f"module {name!r}: bad convolution arguments {conv!r}")
+    if isinstance(float_mod, (nn.Conv2d, QuantConv2d)):
+        have = QuantConv2d.conv_args(float_mod) if isinstance(float_mod, nn.Conv2d) else {
+            "stride": list(float_mod.stride), "padding": float_mod.padding if isinstance(float_mod.padding, str)
+            else list(float_mod.padding), "dilation": list(float_mod.dilation), "groups": float_mod.groups}  # fmt: skip
+        mine = {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
+        if mine != have:
+            raise LowbitFormatError(f"module {name!r}: the file's convolution {mine} differs from the model's {have}")
+    return conv
+
+
+def _int_list(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
 def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], float_mod: nn.Module) -> QuantModule:
+    if not isinstance(entry, dict):
+        raise LowbitFormatError(f"module {name!r} has a bad manifest entry: {entry!r}")
+    kind = entry.get("type")
+    if kind not in ("QuantLinear", "QuantConv2d", "QuantEmbedding"):
+        raise LowbitFormatError(f"module {name!r} has unknown type {kind!r}")
     try:
         scheme = parse_scheme(entry["scheme"])
-        shape = tuple(int(s) for s in entry["shape"])
-        kind = entry["type"]
-        method = str(entry.get("method", "rtn"))
-        orig = str(entry.get("orig_dtype", "float32"))
+        raw = entry["shape"]
+        if not isinstance(raw, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw):
+            raise ValueError(f"shape must be a list of positive integers, got {raw!r}")
+        shape = tuple(raw)
+        method = entry.get("method", "rtn")
+        orig = entry.get("orig_dtype", "float32")
+        if not isinstance(method, str) or not isinstance(orig, str):
+            raise ValueError("method and orig_dtype must be strings")
     except (KeyError, TypeError, ValueError, SchemeError) as e:
         raise LowbitFormatError(f"module {name!r} has a bad manifest entry: {e}") from None
-    try:
-        qw = QWeight(
-            scheme,
-            shape,
-            tensors[f"{name}.qweight"],
-            tensors.get(f"{name}.scales"),
-            tensors.get(f"{name}.zeros"),
-        )
-    except KeyError:
-        raise LowbitFormatError(f"the tensor file lacks {name}.qweight") from None
+    if len(shape) != (4 if kind == "QuantConv2d" else 2):
+        raise LowbitFormatError(f"module {name!r}: a {kind} weight has {4 if kind == 'QuantConv2d' else 2} dimensions, not {shape}")
     want = getattr(float_mod, "weight", None)
     if isinstance(float_mod, QuantModule):
         want_shape = float_mod.weight_shape
-    elif want is not None:
+    elif isinstance(want, torch.Tensor):
         want_shape = tuple(want.shape[::-1]) if type(float_mod).__name__ == "Conv1D" else tuple(want.shape)
     else:
         want_shape = None
@@ -284,24 +415,64 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         raise LowbitFormatError(
             f"module {name!r}: the file's weight is {shape}, the model's is {want_shape}; wrong skeleton?"
         )
+    _check_weight_tensors(name, scheme, shape, tensors)
+    qw = QWeight(scheme, shape, tensors[f"{name}.qweight"], tensors.get(f"{name}.scales"), tensors.get(f"{name}.zeros"))
     bias = tensors.get(f"{name}.bias")
+    if bias is not None and (tuple(bias.shape) != (shape[0],) or not bias.is_floating_point()):
+        raise LowbitFormatError(f"module {name!r}: its bias is {bias.dtype} {tuple(bias.shape)}, not a float ({shape[0]},)")
     act = tensors.get(f"{name}.act_scale")
     if scheme.act_static and act is None:
         raise LowbitFormatError(f"module {name!r} ({scheme}) lacks its activation scale {name}.act_scale")
+    if not scheme.act_static and (act is not None or f"{name}.act_zero" in tensors):
+        raise LowbitFormatError(f"module {name!r} ({scheme}) has no static activations, yet the file holds an act_scale")
     # the zero point: absent in files from before it existed, which were all symmetric (zero 0)
-    a = {"act_scale": act, "act_zero": tensors.get(f"{name}.act_zero", 0)} if act is not None else {}
+    a = {}
+    if act is not None:
+        zero = tensors.get(f"{name}.act_zero", torch.zeros((), dtype=torch.int8))
+        if act.shape != () or act.dtype != torch.float32 or zero.shape != () or zero.dtype != torch.int8:
+            raise LowbitFormatError(f"module {name!r}: act_scale / act_zero must be float32 / int8 scalars")
+        a = {"act_scale": act, "act_zero": zero}
     try:
         if kind == "QuantLinear":
             return QuantLinear(qw, bias, method=method, orig_dtype=orig, **a)
         if kind == "QuantConv2d":
-            return QuantConv2d(qw, bias, entry["conv"], method=method, orig_dtype=orig, **a)
-    except ValueError as e:
+            return QuantConv2d(qw, bias, _conv_entry(name, entry, float_mod), method=method, orig_dtype=orig, **a)
+        pad = entry.get("padding_idx")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not -shape[0] <= pad < shape[0]):
+            raise LowbitFormatError(f"module {name!r}: bad padding_idx {pad!r}")
+        have = getattr(float_mod, "padding_idx", pad)
+        if pad != have:
+            raise LowbitFormatError(f"module {name!r}: the file's padding_idx {pad} differs from the model's {have}")
+        return QuantEmbedding(qw, pad, method=method, orig_dtype=orig)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, LowbitFormatError):
+            raise
         raise LowbitFormatError(f"module {name!r}: {e}") from None
-    if kind == "QuantEmbedding":
-        return QuantEmbedding(qw, entry.get("padding_idx"), method=method, orig_dtype=orig)
-    raise LowbitFormatError(f"module {name!r} has unknown type {kind!r}")
 
 
+def _materialize_meta(model: nn.Module) -> dict[str, tuple]:
+    """Give every parameter and buffer still on the meta device real (uninitialised) CPU storage,
+    keeping shared tensors shared, for the file to fill; returns, by state-dict name, what puts
+    each back: ``(module, store, name, old tensor)``."""
+    done: dict[int, torch.Tensor] = {}
+    out: dict[str, tuple] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for tname, t in list(store.items()):
+                if t is None or t.device.type != "meta":
+                    continue
+                new = done.get(id(t))
+                if new is None:
+                    new = torch.empty_like(t, device="cpu")
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=t.requires_grad)
+                    done[id(t)] = new
+                out[f"{mname}.{tname}" if mname else tname] = (mod, store, tname, t)
+                store[tname] = new
+    return out
+
+
+@outside_inference_mode
 def load(
     path: str | os.PathLike, model: nn.Module | None = None, *, kernel: str = "auto", verify: bool = True
 ) -> nn.Module:
@@ -311,6 +482,9 @@ def load(
         path: the model directory.
         model: a float skeleton of the same architecture (weights are replaced); needed for any
             model that is not a transformers model. HF models are rebuilt from ``config.json``.
+            The skeleton may live on the meta device: every tensor is then materialised from the
+            file, and a tensor the file does not hold (a non-persistent buffer) raises
+            :class:`LowbitFormatError` naming it.
         kernel: kernel preference for the quantized modules ("auto", "reference", ...).
         verify: check the tensor file's SHA-256 against the manifest.
     """
@@ -321,31 +495,80 @@ def load(
     tensors = _read_tensors(d, manifest, verify)
     if model is None:
         model = _skeleton(d, manifest)
-    for alias, target in (manifest.get("aliases") or {}).items():
+    for alias, target in manifest["aliases"].items():
         if target not in tensors:
             raise LowbitFormatError(f"alias {alias!r} points to missing tensor {target!r}")
         tensors[alias] = tensors[target]
-    for name, rec in (manifest.get("layers") or {}).items():  # BatchNorms folded at quantization
-        if isinstance(rec, dict) and rec.get("status") == "folded":
-            try:
+    # Nothing of the caller's skeleton changes until the whole file has been checked against it;
+    # what does change (swaps, materialised meta tensors) is put back if anything fails.
+    swapped: list[tuple[str, nn.Module]] = []
+    meta: dict[str, tuple] = {}
+    try:
+        for name, rec in manifest["layers"].items():  # BatchNorms folded at quantization
+            if rec.get("status") == "folded":
+                try:
+                    old = model.get_submodule(name)
+                except AttributeError:
+                    raise LowbitFormatError(f"the model has no module {name!r} that the file folded") from None
+                if not isinstance(old, nn.modules.batchnorm._BatchNorm):
+                    raise LowbitFormatError(f"the file folded {name!r}, which is a {type(old).__name__} in this model, not a BatchNorm")
+                swapped.append((name, old))
                 _set_module(model, name, torch.nn.Identity())
+        new_modules = []
+        for name, entry in manifest["modules"].items():
+            try:
+                float_mod = model.get_submodule(name) if name else None
             except AttributeError:
-                raise LowbitFormatError(f"the model has no module {name!r} that the file folded") from None
-    for name, entry in manifest["modules"].items():
+                float_mod = None
+            if float_mod is None:
+                raise LowbitFormatError(f"the model has no module {name!r} that the file quantizes")
+            new_modules.append((name, float_mod, _build_module(name, entry, tensors, float_mod)))
+        for name, old, new in new_modules:
+            swapped.append((name, old))
+            _set_module(model, name, new)
+        _check_against(model.state_dict(keep_vars=True), tensors)
+        meta = _materialize_meta(model)
+        unfilled = sorted(n for n in meta if n not in tensors)
+        if unfilled:
+            raise LowbitFormatError(
+                f"the skeleton's {', '.join(unfilled[:5])}{'...' if len(unfilled) > 5 else ''} live(s) on the meta "
+                "device and the file does not hold them (non-persistent buffers are not saved): build the skeleton "
+                "on the CPU"
+            )
         try:
-            float_mod = model.get_submodule(name)
-        except AttributeError:
-            raise LowbitFormatError(f"the model has no module {name!r} that the file quantizes") from None
-        new = _build_module(name, entry, tensors, float_mod)
-        _set_module(model, name, new)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise LowbitFormatError(
-            "the file does not match the model: "
-            + (f"missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''} " if missing else "")
-            + (f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "")
-        )
-    model.lowbit_layers = {n: LayerRecord(**r) for n, r in (manifest.get("layers") or {}).items()}
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:  # pragma: no cover - _check_against found every mismatch first
+            raise LowbitFormatError(f"the file does not match the model: {e}") from None
+    except BaseException:
+        for _mod, store, tname, old_t in meta.values():
+            store[tname] = old_t
+        for name, old in reversed(swapped):
+            _set_module(model, name, old)
+        raise
+    model.lowbit_layers = {n: LayerRecord(**r) for n, r in manifest["layers"].items()}
     model.lowbit_source = manifest["model"].get("source")
     kernels.use_kernel(model, kernel)
     return model.eval()
+
+
+def _check_against(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor the model expects is in the file with its shape and kind of dtype (a float
+    may be stored in another float dtype; integers and bools exactly), and nothing else is."""
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        raise LowbitFormatError(
+            "the file does not match the model: "
+            + (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} " if missing else "")
+            + (f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "")
+        )
+    for k, want in expected.items():
+        got = tensors[k]
+        if got is want:
+            continue
+        same_kind = got.dtype == want.dtype or (got.is_floating_point() and want.is_floating_point())
+        if tuple(got.shape) != tuple(want.shape) or not same_kind:
+            raise LowbitFormatError(
+                f"the file's {k} is {str(got.dtype).replace('torch.', '')} {tuple(got.shape)}, the model's is "
+                f"{str(want.dtype).replace('torch.', '')} {tuple(want.shape)}"
+            )
