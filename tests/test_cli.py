@@ -146,3 +146,26 @@ def test_image_models_evaluate_by_agreement(tmp_path):
     assert [r["variant"] for r in rows] == ["mobilenet-v2 fp32", str(out)]
     assert rows[0]["agreement"] == 1.0 and rows[0]["kl"] == 0.0  # FP32 against itself
     assert 0.5 <= rows[1]["agreement"] <= 1.0 and rows[1]["kl"] > 0 and rows[1]["img_s"] > 0
+
+
+def test_quantizing_a_quantized_directory_is_refused(quantized, tmp_path):
+    p = run("quantize", str(quantized), "--scheme", "int8", "-o", str(tmp_path / "again"), ok=False)
+    assert p.returncode == 2 and "already quantized" in p.stderr and "w4g16-asym" in p.stderr
+    assert not (tmp_path / "again").exists()
+
+
+def test_inspect_says_when_scales_are_stored_as_float32(tmp_path, digits):
+    import copy
+
+    import torch
+
+    import lowbit
+
+    model = copy.deepcopy(digits[0].model)
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-7)  # float16 scales would underflow
+    lowbit.save(lowbit.quantize(model, "w4g16"), tmp_path / "tiny", source="digits-cnn")
+    p = run("inspect", str(tmp_path / "tiny"))
+    line = next(x for x in p.stdout.splitlines() if x.startswith("fc2 "))
+    assert "float32 scales" in line
+    assert "float32 scales" not in next(x for x in p.stdout.splitlines() if x.startswith("fc1 "))
