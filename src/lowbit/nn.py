@@ -129,9 +129,12 @@ class QuantModule(nn.Module):
             from . import kernels
 
             kernels.assign(self, self.kernel_pref)
-        if x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled()):
-            # An empty batch has nothing for a fast kernel to do; a gradient to the input needs
-            # autograd, which only the reference kernel (torch ops) records.
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
+        if x.numel() == 0 or needs_grad:
+            # An empty batch has nothing for a fast kernel to do; a gradient (to the input, or to
+            # a bias made trainable) needs autograd, which only the reference kernel (torch ops) records.
             from .kernels import reference
 
             return getattr(reference, self.op)(self, x)
