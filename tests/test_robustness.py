@@ -57,14 +57,24 @@ def test_relative_error_is_the_same_at_any_magnitude(scheme, magnitude):
 
 
 @pytest.mark.parametrize("scheme", ["w4g64", "w4g64-asym", "w3g64-asym"])
-def test_hqq_is_magnitude_free_too(scheme):
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-30, 1e6, 1e20])
+def test_hqq_is_magnitude_free_too(scheme, magnitude):
     torch.manual_seed(0)
-    w = torch.randn(16, 256)
+    w = torch.randn(16, 256) * 0.02
     errs = []
-    for m in (1.0, 1e-7):
+    for m in (1.0, magnitude):
         q = lowbit.quantize(nn.Sequential(_with_weight(w * m)), scheme, method="hqq")[0]
         errs.append(_rel(q.qw.dequantize().double() / m, w.double()))
     assert errs[1] == pytest.approx(errs[0], rel=0.05)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "w2g32-asym", "nf4g32"])
+def test_rows_of_float32_subnormals_are_stored_as_zero_with_a_warning(scheme):
+    m = nn.Sequential(OrderedDict(sub=nn.Linear(64, 32)))
+    m.sub.weight.data.mul_(1e-42)
+    with pytest.warns(UserWarning, match=r"sub\.weight: 32 row\(s\) hold only values below"):
+        lowbit.quantize(m, scheme)
+    assert float(m.sub.qw.dequantize().abs().max()) == 0.0
 
 
 def test_scales_fall_back_to_float32_and_are_counted_and_shown():
@@ -183,6 +193,56 @@ def test_parents_that_read_weights_through_aliases_keep_those_children_float():
     assert _rel(m(x), ref) < 0.02
 
 
+def _helper(layer, x):
+    return F.linear(x, layer.weight, layer.bias)
+
+
+class ThroughHelper(nn.Module):
+    """Reads its child's weight in a helper function, out of the source scan's sight."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return _helper(self.l, x)
+
+
+def test_weight_reads_the_scan_cannot_see_run_the_dequantized_weight_with_a_warning():
+    torch.manual_seed(0)
+    m = ThroughHelper().eval()
+    x = torch.randn(3, 16)
+    ref = m(x)
+    lowbit.quantize(m, "int8")
+    with pytest.warns(UserWarning, match="was read directly instead of calling the module"):
+        y = m(x)
+    assert _rel(y, ref) < 0.02 and torch.equal(m.l.weight, m.l.qw.dequantize())
+
+
+def test_a_forward_replaced_on_the_instance_stays_float():
+    import types
+
+    lin = nn.Linear(8, 8)
+    lin.forward = types.MethodType(lambda self, x: F.linear(x, self.weight, self.bias) * 2, lin)
+    m = nn.Sequential(lin)
+    x = torch.randn(2, 8)
+    ref = m(x)
+    _quiet(lowbit.quantize, m, "int8")
+    assert torch.equal(m(x), ref) and "replaced on the instance" in m.lowbit_layers["0"].reason
+    with pytest.raises(lowbit.UnsupportedModuleError):
+        lowbit.quantize(m, lowbit.Recipe(default=None).add("0", "int8"))
+
+
+def test_a_bare_layer_is_a_clear_error_not_a_no_op():
+    with pytest.raises(QuantizeError, match=r"itself a Linear.*nn\.Sequential"):
+        lowbit.quantize(nn.Linear(64, 32), "int8")
+    q = lowbit.quantize(nn.Sequential(nn.Linear(64, 32)), "int8")[0]
+    with pytest.raises(QuantizeError, match="already quantized.*QuantLinear"):
+        lowbit.quantize(q, "w4g64")
+    with pytest.raises(QuantizeError, match="already quantized"):
+        lowbit.prepare_qat(q, "w4g32")
+
+
 def test_a_module_shared_by_two_parents_is_swapped_everywhere(tmp_path):
     torch.manual_seed(0)
     shared = nn.Linear(16, 16)
@@ -235,6 +295,9 @@ def test_columns_unseen_in_calibration_keep_their_rounded_value(method):
     rtn = lowbit.quantize(copy.deepcopy(model), "int8")
     w = q.fc.qw.dequantize()
     assert (w[:, :8].abs().amax(0) > 0).all()  # not erased
+    if method == "awq":  # the clip search counts them: no worse than rounding to nearest there
+        wf = model.fc.weight[:, :8]
+        assert _rel(w[:, :8], wf) <= 1.5 * _rel(rtn.fc.qw.dequantize()[:, :8], wf) + 1e-6
     real = torch.randn(64, 64) * 3  # inputs that use every column (the norm sees them too)
     with torch.no_grad():
         err = _rel(q(real), ref(real))
@@ -306,6 +369,53 @@ def test_a_meta_tensor_the_file_cannot_fill_is_named_and_nothing_changes(tmp_pat
     with pytest.raises(LowbitFormatError, match="table"):
         lowbit.load(tmp_path / "m", model=skeleton)
     assert isinstance(skeleton.fc, nn.Linear) and skeleton.fc.weight.device.type == "meta"
+
+
+def test_skeletons_built_in_inference_mode_or_with_meta_attributes(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(self.fc(x))
+
+    m = lowbit.quantize(Net(), "int8")
+    lowbit.save(m, tmp_path / "m")
+    with torch.inference_mode():
+        skeleton = Net()
+    back = lowbit.load(tmp_path / "m", model=skeleton)
+    x = torch.randn(2, 8)
+    assert torch.equal(back(x), m(x))
+    back.norm.weight.requires_grad_(True)
+    back(x).sum().backward()  # trainable afterwards
+
+    class WithConstant(Net):
+        def __init__(self):
+            super().__init__()
+            self.const = torch.ones(8)  # a plain attribute: not in any state dict
+
+    lowbit.save(lowbit.quantize(WithConstant(), "int8"), tmp_path / "c")
+    with torch.device("meta"):
+        meta = WithConstant()
+    with pytest.raises(LowbitFormatError, match="const"):
+        lowbit.load(tmp_path / "c", model=meta)
+
+
+def test_a_file_that_drops_a_bias_the_model_has_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from .forge import resign
+
+    lowbit.save(lowbit.quantize(_mlp(), "int8"), tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    t = load_file(str(f))
+    del t["0.bias"]
+    save_file(t, str(f), metadata={"format": "lowbit"})
+    resign(tmp_path / "m")
+    with pytest.raises(LowbitFormatError, match="has a bias and the file holds none"):
+        lowbit.load(tmp_path / "m", model=_mlp())
 
 
 @pytest.mark.parametrize("context", ["inference_mode", "no_grad"])

@@ -352,7 +352,8 @@ def run(
                     for n, new in done
                     if new.scheme.act_static and (bias_correction or new.bias is not None)
                 }
-                for n, delta in mean_output_error(model, batches, targets).items():
+                corrections = mean_output_error(model, batches, targets) if targets else {}  # (a full pass)
+                for n, delta in corrections.items():
                     q = targets[n][0]
                     base = q.bias.detach() if q.bias is not None else torch.zeros_like(delta)
                     # a new Parameter, not an in-place add: kernels cache what they derive from the bias

@@ -207,6 +207,13 @@ def _plan(model: nn.Module, recipe: Recipe) -> tuple[list, dict, set]:
     kind, scheme, why)``, a :class:`LayerRecord` for every other weight-owning module, and the
     names of embeddings/heads. Raises if a rule names a module lowbit cannot quantize; warns about
     unsupported modules the default would have reached."""
+    if isinstance(model, QuantModule) or getattr(model, "lowbit_qat", False):
+        raise QuantizeError(f"the model is already quantized: it is itself a {type(model).__name__} ({model.scheme})")
+    if swappable.kind_of(model) is not None:
+        raise QuantizeError(
+            f"the model is itself a {type(model).__name__}: lowbit swaps layers inside a model in place, and a "
+            f"module cannot replace itself; wrap it: nn.Sequential(layer)"
+        )
     heads = _head_and_embedding_names(model)
     records: dict[str, LayerRecord] = dict(getattr(model, "lowbit_layers", {}) or {})
     todo: list[tuple[str, nn.Module, str, Scheme, str]] = []

@@ -63,6 +63,13 @@ class Format:
         scale_dtype: dtype of the stored scales, ``None`` when the format has no scale.
         codebook: the table of levels for ``codebook`` formats.
         max_value: the largest finite magnitude of a scaled float format (fp8: 448).
+        sym_range: affine formats, symmetric schemes: how a group's scale is chosen.
+            ``"full"``: the group's value of largest magnitude, sign included, lands exactly on
+            the most negative code, ``s = m / -2**(bits-1)``, so all ``2**bits`` levels are used
+            (ggml's Q4_0 choice). ``"restricted"``: ``s = max|x| / (2**(bits-1) - 1)``, codes
+            ``±(2**(bits-1) - 1)`` (Q8_0's, ONNX's and compressed-tensors' int8 choice). Both
+            dequantize as ``s * (q - 2**(bits-1))``, so stored files read the same either way;
+            the choice per bit width is measured (BENCHMARKS.md, ``--sections sym_range``).
         doc: one line for the docs table.
     """
 
@@ -73,6 +80,7 @@ class Format:
     scale_dtype: torch.dtype | None
     codebook: tuple[float, ...] | None = None
     max_value: float | None = None
+    sym_range: str = "full"
     doc: str = ""
 
     @property
@@ -91,6 +99,13 @@ class Format:
         return 1 << (self.bits - 1)
 
     @property
+    def sym_qmax(self) -> int:
+        """Symmetric schemes: the signed code the group's largest magnitude maps to (its sign
+        flipped for ``"full"``): ``2**(bits-1)`` for ``"full"``, ``2**(bits-1) - 1`` for
+        ``"restricted"``."""
+        return self.sym_zero if self.sym_range == "full" else self.sym_zero - 1
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         """Storage dtype for ``float`` formats."""
         if self.kind != "float":
@@ -98,8 +113,8 @@ class Format:
         return getattr(torch, self.storage)
 
 
-def _affine(bits: int, doc: str) -> Format:
-    return Format(f"int{bits}", "affine", bits, "packed", torch.float16, doc=doc)
+def _affine(bits: int, doc: str, sym_range: str = "full") -> Format:
+    return Format(f"int{bits}", "affine", bits, "packed", torch.float16, sym_range=sym_range, doc=doc)
 
 
 FORMATS: dict[str, Format] = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,25 @@ class QuantModule(nn.Module):
         self._buffers["qweight"], self._buffers["scales"], self._buffers["zeros"] = qw.data, qw.scale, qw.zero
         self.layout = qw.layout
         self._kernel_state = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight dequantized (a new tensor in the original dtype, original shape), for code
+        that reads ``.weight`` instead of calling the module (a parent passing it to
+        ``F.linear`` itself, a helper function, a hook). Such callers then compute with the
+        quantized values at reference speed; lowbit keeps the children whose parents it can see
+        doing this in float (:mod:`lowbit.swappable`), so this is the fallback for the ones it
+        cannot see, and it warns once per module."""
+        if not getattr(self, "_weight_read_warned", False):
+            self._weight_read_warned = True
+            warnings.warn(
+                f"the .weight of a quantized {type(self).__name__} ({self.extra_repr()}) was read directly "
+                "instead of calling the module; it is dequantized on every read (reference speed)",
+                stacklevel=2,
+            )
+        dtype = getattr(torch, self.orig_dtype, torch.float32)
+        w = self.qw.dequantize(torch.float32)
+        return w.to(dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32)
 
     def storage_note(self) -> str:
         """What is stored unlike the format's default ("" when nothing is): float32 scales for a

@@ -24,6 +24,7 @@ float16 cannot hold at full precision (:func:`round_scale`).
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -66,11 +67,21 @@ class QParams(NamedTuple):
 
 
 def check_finite(w: torch.Tensor, what: str = "weight") -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` if ``w`` holds NaN or Inf."""
+    """Raise :class:`NonFiniteError` naming ``what`` if ``w`` holds NaN or Inf; warn naming it if
+    whole rows hold only float32 subnormals (no scale represents them: they are stored as 0)."""
     w = w.detach()
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise NonFiniteError(f"{what} has {bad} NaN/Inf value(s); lowbit quantizes finite weights only")
+    if w.numel() and w.dim() >= 1 and w.shape[0]:
+        rows = w.reshape(w.shape[0], -1).abs().amax(1)
+        n = int(((rows > 0) & (rows < _TOO_SMALL)).sum())
+        if n:
+            warnings.warn(
+                f"{what}: {n} row(s) hold only values below ~1e-35 (float32 subnormals); no scale can "
+                "represent them and they are stored as zeros",
+                stacklevel=3,
+            )
 
 
 def _flat(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, int]:
@@ -140,6 +151,9 @@ def choose_qparams(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | float =
     if scheme.is_cast:
         raise TypeError(f"{scheme} is a cast and has no quantization parameters")
     g = grouped(*_flat(w, scheme))
+    tiny = g.abs().amax(-1, keepdim=True) < _TOO_SMALL
+    if bool(tiny.any()):  # groups that are zero for every purpose: scale 0, stored as zero
+        g = torch.where(tiny, torch.zeros_like(g), g)  # (check_finite warns when whole rows are)
     if fmt.kind == "float":  # scaled float (fp8): absmax onto the format's largest value
         s = g.abs().amax(-1) * clip / fmt.max_value
         return QParams(round_scale(s, fmt), None)
@@ -156,6 +170,11 @@ def choose_qparams(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | float =
     s = round_scale((hi - lo) / fmt.qmax, fmt)
     z = torch.round(-lo / torch.where(s == 0, 1.0, s)).clamp(0, fmt.qmax)
     return QParams(s, z)
+
+
+# Below this largest magnitude a group's scale (max / 448 for fp8, max / 2 for int2) would be a
+# float32 subnormal or zero.
+_TOO_SMALL = torch.finfo(torch.float32).tiny * 512
 
 
 def _codebook(fmt: Format) -> torch.Tensor:

@@ -8,8 +8,8 @@ That is only right when two things hold, and this file checks both:
    qualify, and so does a subclass that inherits their ``forward`` (and, for ``Conv2d``, its
    ``_conv_forward``) unchanged, or a module whose weight is a ``torch.nn.utils.parametrize``
    parametrization (its current value is quantized). A subclass that overrides ``forward``
-   (standardising its weight, padding its input, adding a LoRA branch) computes something else:
-   it stays float, with the reason.
+   (standardising its weight, padding its input, adding a LoRA branch), or whose ``forward`` is
+   replaced on the instance, computes something else: it stays float, with the reason.
 2. **The module is reached only as a child called by its parent.** A parent that reads the
    child's tensors itself (``nn.MultiheadAttention`` passes ``out_proj.weight`` to
    ``F.multi_head_attention_forward``; ``nn.TransformerEncoderLayer``'s fast path reads
@@ -80,6 +80,8 @@ def why_not(mod: nn.Module) -> tuple[str | None, str]:
     layer = issubclass(t, (nn.Linear, nn.Conv2d, nn.Embedding)) or _is_hf_conv1d(mod)
     if layer and type(mod).__call__ is not nn.Module.__call__:
         return None, f"{type(mod).__name__} overrides __call__; lowbit cannot reproduce it"
+    if layer and ("forward" in vars(mod) or "_conv_forward" in vars(mod)):
+        return None, "its forward is replaced on the instance (as accelerate's hooks do); lowbit cannot reproduce it"
     if layer and any(isinstance(p, nn.parameter.UninitializedParameter) for p in mod.parameters(recurse=False)):
         return None, f"{type(mod).__name__} is a lazy module not yet initialised: run one forward pass first"
     if issubclass(t, nn.Linear):

@@ -42,12 +42,13 @@ def search_scales(
     worse than plain quantization on ``x``. Channels whose sampled inputs are all zero get
     ``s = 1``.
     """
-    x = x.float()
+    x = _unit(x.float())  # the search is scale-free; unit range keeps the squares in float32
     mean_abs = x.abs().mean(0)  # (K,)
     # Channels the calibration never exercised keep s = 1: their inputs are unknown, and a tiny
     # s would shrink their weights to nothing while 1/s blew up their real inputs.
     live = mean_abs > 0
-    ref = [x @ w.float().t() for w in weights]
+    weights = [_unit(w.float()) for w in weights]
+    ref = [x @ w.t() for w in weights]
     best = (torch.ones_like(mean_abs), float("inf"), 0.0)
     if not bool(live.any()):
         return best[0], 0.0
@@ -57,7 +58,7 @@ def search_scales(
         s = torch.where(live, s, torch.ones_like(s))
         loss = 0.0
         for w, r in zip(weights, ref):
-            wq = _rtn(w.float() * s, scheme) / s  # effective weight seen by x
+            wq = _rtn(w * s, scheme) / s  # effective weight seen by x
             loss += float(((x @ wq.t()) - r).pow(2).mean())
         if loss < best[1]:
             best = (s, loss, alpha)
@@ -77,5 +78,24 @@ def search_clip(
     w = w.float()
     n, k = w.shape
     gs = k if scheme.group_size is None else scheme.group_size
-    xg = grouped(x.float(), gs)  # (T, ng, G)
-    return clip_search(w, scheme, grid, lambda deq: torch.einsum("tgk,ngk->ntg", xg, grouped(deq - w, gs)).pow(2).sum(1))
+    x = _unit(x.float())
+    mw = float(w.abs().max()) or 1.0  # errors in units of the weight's range: no float32 underflow
+    xg = grouped(x, gs)  # (T, ng, G)
+    # Columns whose sampled inputs are all zero would count for nothing, and the clip could
+    # then wreck them; they count as a column of average input energy instead.
+    energy = x.pow(2).mean(0)  # (K,)
+    live = energy > 0
+    fill = float(energy[live].mean()) if bool(live.any()) else 1.0
+    dead = grouped(torch.where(live, 0.0, fill * x.shape[0]).unsqueeze(0), gs)  # (1, ng, G)
+
+    def error(deq: torch.Tensor) -> torch.Tensor:
+        d = grouped((deq - w) / mw, gs)  # (N, ng, G)
+        return torch.einsum("tgk,ngk->ntg", xg, d).pow(2).sum(1) + (d.pow(2) * dead).sum(-1)
+
+    return clip_search(w, scheme, grid, error)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """``t`` divided by its largest magnitude (unchanged if all zero)."""
+    m = float(t.abs().max()) if t.numel() else 0.0
+    return t / m if m > 0 else t

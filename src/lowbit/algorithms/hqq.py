@@ -33,6 +33,8 @@ Input ``w (N, K)``; output a :class:`~lowbit.qweight.QWeight`. No data needed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..primitives import QParams, check_finite, choose_qparams, grouped, quantize_values, round_scale
@@ -113,8 +115,32 @@ def optimize_qparams(
     return QParams(scale, best_z.squeeze(-1).to(torch.float16).float())
 
 
+# The shrinkage threshold |x|^(p-1)/beta is not scale-free: beta (the paper's 10) assumes weights
+# of LLM magnitude. A tensor whose RMS lies more than 2^8 away from REFERENCE_RMS is optimised
+# rescaled by a power of two (exact in floating point) into that band, so that weights of 1e-20
+# or 1e20 are optimised as well as ordinary ones instead of falling back to round to nearest.
+REFERENCE_RMS = 2.0**-6
+_BAND = 8
+
+
+def _magnitude_shift(w: torch.Tensor) -> int:
+    """The power of two that brings ``w``'s RMS within 2^8 of :data:`REFERENCE_RMS` (0 if it is)."""
+    rms = float(w.double().pow(2).mean().sqrt())
+    if rms == 0.0:
+        return 0
+    e = math.log2(rms / REFERENCE_RMS)
+    return 0 if abs(e) <= _BAND else -round(e)
+
+
 def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", **options) -> QWeight:
     """HQQ-quantize ``w`` ``(N, ...)`` (flattened to ``(N, K)``); options as :func:`optimize_qparams`."""
     check_finite(w, name)
     w2 = w.detach().reshape(w.shape[0], -1).float()
-    return QWeight.from_float(w, scheme, optimize_qparams(w2, scheme, **options), name=name, check=False)
+    shift = _magnitude_shift(w2)
+    if shift == 0:
+        return QWeight.from_float(w, scheme, optimize_qparams(w2, scheme, **options), name=name, check=False)
+    qp = optimize_qparams(torch.ldexp(w2, torch.tensor(shift)), scheme, **options)
+    # scales back to the weight's magnitude (a power of two: exact unless float16 scales can no
+    # longer hold them, which round_scale handles), zero points unchanged
+    scale = round_scale(torch.ldexp(qp.scale.double(), torch.tensor(-shift)).float(), scheme.fmt)
+    return QWeight.from_float(w, scheme, QParams(scale, qp.zero), name=name, check=False)

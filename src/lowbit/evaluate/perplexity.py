@@ -41,9 +41,16 @@ def perplexity(
     max_tokens: int = 16384,
     batch_size: int = 4,
     progress: bool = False,
+    text: str | None = None,
+    source: str | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``split`` (see the module docstring)."""
-    ids = token_ids(tokenizer, split, max_tokens)
+    """Perplexity of ``model`` on ``split`` (see the module docstring), or on ``text`` when given
+    (its first ``max_tokens`` tokens; ``source`` names it in the result)."""
+    if text is not None:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+        split = "given text"
+    else:
+        ids = token_ids(tokenizer, split, max_tokens)
     n_windows = len(ids) // seqlen
     if n_windows == 0:
         raise DataError(f"the {split} split has {len(ids)} tokens, fewer than one window of {seqlen}")
@@ -65,4 +72,5 @@ def perplexity(
         total_nll += float(nll)
         count += x[:, 1:].numel()
     mean = total_nll / count
-    return PerplexityResult(math.exp(mean), mean, count, n_windows, seqlen, text_source())
+    name = text_source() if text is None else (source or "given text")
+    return PerplexityResult(math.exp(mean), mean, count, n_windows, seqlen, name)

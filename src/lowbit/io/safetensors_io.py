@@ -201,7 +201,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise LowbitFormatError(f"{mf} is {mf.stat().st_size:,} bytes; a lowbit manifest is far smaller (foreign file?)")
     try:
         manifest = json.loads(mf.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
         raise LowbitFormatError(f"{mf} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "lowbit":
         raise LowbitFormatError(f"{mf} is not a lowbit manifest (no \"format\": \"lowbit\")")
@@ -400,6 +400,8 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         orig = entry.get("orig_dtype", "float32")
         if not isinstance(method, str) or not isinstance(orig, str):
             raise ValueError("method and orig_dtype must be strings")
+        if not isinstance(getattr(torch, orig, None), torch.dtype) or not getattr(torch, orig).is_floating_point:
+            raise ValueError(f"orig_dtype {orig!r} is not a floating-point dtype")
     except (KeyError, TypeError, ValueError, SchemeError) as e:
         raise LowbitFormatError(f"module {name!r} has a bad manifest entry: {e}") from None
     if len(shape) != (4 if kind == "QuantConv2d" else 2):
@@ -420,6 +422,11 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
     bias = tensors.get(f"{name}.bias")
     if bias is not None and (tuple(bias.shape) != (shape[0],) or not bias.is_floating_point()):
         raise LowbitFormatError(f"module {name!r}: its bias is {bias.dtype} {tuple(bias.shape)}, not a float ({shape[0]},)")
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        raise LowbitFormatError(f"module {name!r}: its bias holds NaN/Inf")
+    if bias is None and getattr(float_mod, "bias", None) is not None and kind != "QuantEmbedding":
+        # quantization never drops a bias (folding and bias correction may add one)
+        raise LowbitFormatError(f"module {name!r}: the model's layer has a bias and the file holds none")
     act = tensors.get(f"{name}.act_scale")
     if scheme.act_static and act is None:
         raise LowbitFormatError(f"module {name!r} ({scheme}) lacks its activation scale {name}.act_scale")
@@ -459,7 +466,9 @@ def _materialize_meta(model: nn.Module) -> dict[str, tuple]:
     for mname, mod in model.named_modules(remove_duplicate=False):
         for store in (mod._parameters, mod._buffers):
             for tname, t in list(store.items()):
-                if t is None or t.device.type != "meta":
+                # meta tensors have no storage; inference tensors (a skeleton built under
+                # torch.inference_mode()) cannot be written outside it: both get fresh storage
+                if t is None or (t.device.type != "meta" and not t.is_inference()):
                     continue
                 new = done.get(id(t))
                 if new is None:
@@ -528,7 +537,16 @@ def load(
             _set_module(model, name, new)
         _check_against(model.state_dict(keep_vars=True), tensors)
         meta = _materialize_meta(model)
-        unfilled = sorted(n for n in meta if n not in tensors)
+        unfilled = sorted(n for n, (_m, _s, _t, old_t) in meta.items() if n not in tensors and old_t.device.type == "meta")
+        for n in [n for n in meta if n not in tensors and n not in unfilled]:  # an inference tensor kept as it is
+            _mod, store, tname, old_t = meta.pop(n)
+            store[tname] = old_t
+        unfilled += sorted(
+            f"{mn}.{an}" if mn else an
+            for mn, mod in model.named_modules()
+            for an, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and v.device.type == "meta"  # a plain tensor attribute
+        )
         if unfilled:
             raise LowbitFormatError(
                 f"the skeleton's {', '.join(unfilled[:5])}{'...' if len(unfilled) > 5 else ''} live(s) on the meta "
