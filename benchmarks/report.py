@@ -249,6 +249,32 @@ def _sweeps(res: dict) -> str:
     ] if "act_groups" in res else []))
 
 
+def _sym_range(res: dict) -> str:
+    fp = next(r for r in res["rows"] if r["method"] == "fp32")
+    rows = []
+    for r in res["rows"]:
+        if r["method"] == "fp32":
+            continue
+        rows.append([r["scheme"], r["method"], r["sym_range"],
+                     f"{r['pydoc']:.3f}", f"{100 * (r['pydoc'] / fp['pydoc'] - 1):+.2f}%",
+                     f"{r['licences']:.3f}", f"{100 * (r['licences'] / fp['licences'] - 1):+.2f}%"])  # fmt: skip
+    return "\n".join([
+        "## Symmetric scale convention per bit width",
+        "",
+        _header(res),
+        "",
+        "`full`: the group's largest magnitude, signed, onto the most negative code (`s = m / -2^(b-1)`, "
+        "ggml's Q4_0); `restricted`: `s = max|x| / (2^(b-1) - 1)` (Q8_0, ONNX, compressed-tensors int8). "
+        f"SmolLM2-135M perplexity on {res['tokens']} tokens of each text: the held-out Python-doc split "
+        f"(FP32 {fp['pydoc']:.3f}) and Debian's licence texts (`/usr/share/common-licenses`, legal prose "
+        f"no default was tuned on, FP32 {fp['licences']:.3f}). GPTQ calibration: {res['calibration']}. "
+        "The format table (`lowbit/formats.py`, `sym_range`) takes, per bit width, the convention that "
+        "wins on both texts.",
+        "",
+        markdown_table(["scheme", "method", "convention", "pydoc ppl", "Δ", "licences ppl", "Δ"], rows),
+    ])
+
+
 def _mobilenet_speed(sp: dict | None) -> str:
     if sp is None:
         return ""
@@ -457,7 +483,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
     ]
     for name, render in (("kernels", _kernels), ("smollm2", _smollm2), ("decode", _decode), ("digits", _digits),
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
-                         ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat)):  # fmt: skip
+                         ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
+                         ("sym_range", _sym_range)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "algorithms":  # peer rows come from their own script's file, read at render time

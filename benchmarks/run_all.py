@@ -724,12 +724,74 @@ def section_qat(quick: bool) -> dict:
                       "recovered": (rtn - qat) / (rtn - fp)}  # fmt: skip
     return out
 
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def licence_text() -> str:
+    """A second English domain that neither calibration nor any default saw: Debian's common
+    licence texts (legal prose), each file once (symlinks resolved), in name order."""
+    seen, parts = set(), []
+    for f in sorted(LICENSES.iterdir()):
+        r = f.resolve()
+        if r in seen or not r.is_file():
+            continue
+        seen.add(r)
+        parts.append(r.read_text(errors="replace"))
+    return "\n\n".join(parts)
+
+
+SYM_SCHEMES = ("int8", "w4g64", "w3g64", "w2g32")
+
+
+def section_sym_range(quick: bool) -> dict:
+    """Symmetric scale conventions per bit width (formats.Format.sym_range): "full" (the largest
+    magnitude, signed, onto -2^(b-1)) vs "restricted" (max|x| / (2^(b-1) - 1)), RTN and GPTQ,
+    perplexity on the held-out Python-doc split and on licence prose (a domain nothing tuned on)."""
+    import dataclasses
+
+    import lowbit
+    from lowbit import formats
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.models.zoo import load_model
+    from lowbit.scheme import parse_scheme
+
+    tokens = 2048 if quick else 8192
+    zoo = load_model("smollm2-135m")
+    prose = licence_text()
+    cal = calibration_batches(zoo.tokenizer, nsamples=8 if quick else 32, seqlen=512, seed=0)
+
+    def ppls(model) -> dict:
+        doc = perplexity(model, zoo.tokenizer, max_tokens=tokens)
+        lic = perplexity(model, zoo.tokenizer, max_tokens=tokens, text=prose, source="common-licenses")
+        return {"pydoc": doc.ppl, "licences": lic.ppl, "text": doc.source}
+
+    original = dict(formats.FORMATS)
+    rows = [{"scheme": "fp32", "method": "fp32", "sym_range": "-", **ppls(zoo.model)}]
+    try:
+        for scheme in SYM_SCHEMES:
+            fmt_name = parse_scheme(scheme).format
+            for rng in ("full", "restricted"):
+                formats.FORMATS[fmt_name] = dataclasses.replace(original[fmt_name], sym_range=rng)
+                for method in ("rtn", "gptq"):
+                    m = lowbit.quantize(copy.deepcopy(zoo.model), scheme, method=method,
+                                        calibration=cal if method == "gptq" else None)  # fmt: skip
+                    rows.append({"scheme": scheme, "method": method, "sym_range": rng, **ppls(m)})
+                    print("  ", rows[-1], file=sys.stderr, flush=True)
+                formats.FORMATS[fmt_name] = original[fmt_name]
+    finally:
+        formats.FORMATS.update(original)
+    return {"command": "python benchmarks/run_all.py --sections sym_range", "tokens": tokens,
+            "calibration": f"{len(cal)} batches, {sum(b.shape[0] for b in cal)} x 512 tokens, calib split",
+            "rows": rows}  # fmt: skip
+
 
 SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mobilenet_speed": section_mobilenet_speed, "mixed": section_mixed, "mixed_base": section_mixed_base,
             "mixed_hessian": section_mixed_hessian,
-            "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet}  # fmt: skip
+            "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet,
+            "sym_range": section_sym_range}  # fmt: skip
 
 
 def main() -> None:

@@ -302,16 +302,21 @@ def test_columns_unseen_in_calibration_keep_their_rounded_value(method):
     with torch.no_grad():
         err = _rel(q(real), ref(real))
         err_rtn = _rel(rtn(real), ref(real))
-    assert err < 3 * err_rtn + 1e-3, (err, err_rtn)
+    assert err < 1.5 * err_rtn, (err, err_rtn)
 
 
 def test_gptq_warns_naming_the_layer_and_the_count():
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(fc=nn.Linear(64, 32)))
     cal = [torch.cat([torch.zeros(16, 8), torch.randn(16, 56)], 1) for _ in range(4)]
+    ref = copy.deepcopy(model)
+    rtn = lowbit.quantize(copy.deepcopy(model), "int8")
     with pytest.warns(UserWarning, match=r"fc\.weight: 8 of 64 input columns were always zero"):
         lowbit.quantize(model, "int8", method="gptq", calibration=cal)
     assert model.lowbit_layers["fc"].method == "gptq"
+    real = torch.randn(256, 64)  # inputs that use the 8 columns too (the issue: 0.249 vs RTN's 0.004)
+    with torch.no_grad():
+        assert _rel(model(real), ref(real)) < 1.5 * _rel(rtn(real), ref(real))
 
 
 # ---- 4. quantizing a quantized model is an error ---------------------------------------------
