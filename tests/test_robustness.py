@@ -308,7 +308,7 @@ def test_columns_unseen_in_calibration_keep_their_rounded_value(method):
 def test_gptq_warns_naming_the_layer_and_the_count():
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(fc=nn.Linear(64, 32)))
-    cal = [torch.cat([torch.zeros(16, 8), torch.randn(16, 56)], 1) for _ in range(4)]
+    cal = [torch.cat([torch.zeros(32, 8), torch.randn(32, 56)], 1) for _ in range(8)]
     ref = copy.deepcopy(model)
     rtn = lowbit.quantize(copy.deepcopy(model), "int8")
     with pytest.warns(UserWarning, match=r"fc\.weight: 8 of 64 input columns were always zero"):
