@@ -519,6 +519,23 @@ def test_an_expert_reached_only_in_later_batches_is_calibrated():
     assert float(m.experts[1].act_scale) > 0
 
 
+# ---- 8. the symmetric rounding convention per bit width ------------------------------------
+def test_int8_symmetric_uses_plus_minus_127_and_4_bit_the_full_range():
+    from lowbit.formats import FORMATS
+
+    assert FORMATS["int8"].sym_range == "restricted"
+    assert FORMATS["int4"].sym_range == "full"
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    q8 = lowbit.quantize(nn.Sequential(_with_weight(w)), "int8")[0]
+    codes = q8.qw.codes().int() - 128
+    assert int(codes.abs().max()) == 127 and int(codes.min()) >= -127  # -128 never used
+    assert torch.equal(codes.abs().amax(1), torch.full((8,), 127, dtype=torch.int32))
+    q4 = lowbit.quantize(nn.Sequential(_with_weight(w)), "w4g64")[0]
+    c4 = q4.qw.codes().int() - 8
+    assert int(c4.min()) == -8  # the signed max lands on -8, as ggml's Q4_0
+
+
 # ---- 9. subclasses that change what their base class computes ------------------------------
 class StdLinear(nn.Linear):
     def forward(self, x):

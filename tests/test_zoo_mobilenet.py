@@ -56,4 +56,6 @@ def test_mobilenet_v2_static_int8_keeps_fp32_top1_with_bias_correction():
             got[bc] = confident_agreement(ref, logits_of(q, crops))
     assert got[None]["confident"] >= 60
     assert got[None]["agreement"] >= 0.98, got
-    assert got[None]["mean_kl"] < 0.6 * got[False]["mean_kl"], got
+    # With int8 weights on +-127 (formats.py) the uncorrected model has less systematic shift to
+    # remove than under the earlier -128 convention; correction still cuts the KL.
+    assert got[None]["mean_kl"] < 0.9 * got[False]["mean_kl"], got

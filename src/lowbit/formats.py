@@ -120,7 +120,9 @@ def _affine(bits: int, doc: str, sym_range: str = "full") -> Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        _affine(8, "8-bit integer codes, per-channel or per-group scale"),
+        # +-127 at 8 bits: the 256th level is worth nothing there and the clamp of the opposite
+        # extreme costs (BENCHMARKS.md, "Symmetric scale convention"); Q8_0's choice too
+        _affine(8, "8-bit integer codes, per-channel or per-group scale", sym_range="restricted"),
         _affine(4, "4-bit integer codes, two per byte"),
         _affine(3, "3-bit integer codes, eight per three bytes"),
         _affine(2, "2-bit integer codes, four per byte"),
