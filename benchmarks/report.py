@@ -267,7 +267,8 @@ def _sym_range(res: dict) -> str:
         "ggml's Q4_0); `restricted`: `s = max|x| / (2^(b-1) - 1)` (Q8_0, ONNX, compressed-tensors int8). "
         f"SmolLM2-135M perplexity on {res['tokens']} tokens of each text: the held-out Python-doc split "
         f"(FP32 {fp['pydoc']:.3f}) and Debian's licence texts (`/usr/share/common-licenses`, legal prose "
-        f"no default was tuned on, FP32 {fp['licences']:.3f}). GPTQ calibration: {res['calibration']}. "
+        f"no default was tuned on, FP32 {fp['licences']:.3f}). RTN at every bit width, GPTQ at 8 and 4 bits "
+        f"(calibration: {res['calibration']}). "
         "The format table (`lowbit/formats.py`, `sym_range`) takes, per bit width, the convention that "
         "wins on both texts.",
         "",
