@@ -81,10 +81,6 @@ def layer_errors(name: str):
         raise new.with_traceback(e.__traceback__) from e
 
 
-def _is_conv1d_hf(mod: nn.Module) -> bool:
-    return swappable._is_hf_conv1d(mod)
-
-
 def _kind(mod: nn.Module) -> str | None:
     """The quantized module kind this float module maps to, or None (:mod:`lowbit.swappable`)."""
     if isinstance(mod, QuantModule):
@@ -142,7 +138,7 @@ def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | N
 
 
 def _float_weight(mod: nn.Module, kind: str) -> torch.Tensor:
-    if kind == "linear" and _is_conv1d_hf(mod):
+    if kind == "linear" and swappable.is_hf_conv1d(mod):
         return mod.weight.detach().t()
     return mod.weight.detach()
 
@@ -243,11 +239,9 @@ def _plan(model: nn.Module, recipe: Recipe) -> tuple[list, dict, set]:
         scheme, why = recipe.resolve(name, embedding_or_head=name in heads)
         tname = type(mod).__name__
         if kind is None:
-            if scheme is not None and why != "default":
-                unsupported_named.append(f"{name} ({tname}: {not_why or 'no quantized ' + tname + ' in lowbit'})")
             reason = not_why or f"no quantized {tname} in lowbit; kept float"
-            if scheme is not None and why == "default":
-                unsupported_default.append(f"{name} ({tname}: {reason})")
+            if scheme is not None:
+                (unsupported_default if why == "default" else unsupported_named).append(f"{name} ({tname}: {reason})")
             records[name] = LayerRecord(name, tname, "unsupported", reason=reason)
             continue
         if scheme is None:

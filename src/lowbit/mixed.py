@@ -201,14 +201,11 @@ def sensitivity(
     batches = calibrate.as_batches(batches, "sensitivity")
     if calibration is not None:  # every candidate's quantize reads it: read an iterator once
         calibration = calibrate.as_batches(calibration, "sensitivity's calibration")
-    from .nn import QuantModule
+    from .nn import quantized_summary
 
-    done = [f"{n} ({m.scheme})" for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    done = quantized_summary(model)
     if done:
-        raise MixedPrecisionError(
-            f"the model is already quantized ({', '.join(done[:3])}{', ...' if len(done) > 3 else ''}): "
-            "measure sensitivity on the float model"
-        )
+        raise MixedPrecisionError(f"the model is already quantized ({done}): measure sensitivity on the float model")
     work = copy.deepcopy(model).eval()
     if batchnorm_pairs(work):  # quantize() would fold them; do it once, up front, on the copy
         fold_batchnorm(work)

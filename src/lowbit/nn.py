@@ -31,7 +31,8 @@ from torch import nn
 from .qweight import QWeight
 from .scheme import Scheme, parse_scheme
 
-__all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "shared_row_conversion"]
+__all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "shared_row_conversion",
+           "quantized_summary"]
 
 # While set (see shared_row_conversion), state_dict() converts each tiled weight to the row layout
 # once, so modules sharing one weight (a tied embedding and LM head) emit the same tensors.
@@ -333,3 +334,10 @@ class QuantEmbedding(QuantModule):
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
+
+
+def quantized_summary(model: nn.Module, most: int = 3) -> str:
+    """``"name (scheme, method), ..."`` of the quantized modules in ``model`` (the first ``most``),
+    or ``""`` when it holds none: what errors say a model already is."""
+    q = [f"{n} ({m.scheme}, {m.method})" for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    return ", ".join(q[:most]) + (", ..." if len(q) > most else "")

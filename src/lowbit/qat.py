@@ -281,10 +281,10 @@ def _init_activations(model: nn.Module, layers: dict[str, QATLayer], batches: li
 
 def _already(model: nn.Module) -> str:
     """" (the model is already quantized: ...)" when it holds packed layers, else ""."""
-    from .nn import QuantModule
+    from .nn import quantized_summary
 
-    q = [f"{n} ({m.scheme}, {m.method})" for n, m in model.named_modules() if isinstance(m, QuantModule)]
-    return f" (the model is already quantized: {', '.join(q[:3])}{', ...' if len(q) > 3 else ''})" if q else ""
+    done = quantized_summary(model)
+    return f" (the model is already quantized: {done})" if done else ""
 
 
 @outside_inference_mode

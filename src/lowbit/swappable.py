@@ -37,7 +37,7 @@ from functools import cache
 
 from torch import nn
 
-__all__ = ["kind_of", "why_not", "blocked", "KNOWN_READERS"]
+__all__ = ["kind_of", "why_not", "blocked", "is_hf_conv1d", "KNOWN_READERS"]
 
 # Parents that read some children's tensors directly, kept for when source is unavailable.
 KNOWN_READERS: dict[type, tuple[str, ...]] = {
@@ -55,7 +55,8 @@ _OFFERS = {
 }
 
 
-def _is_hf_conv1d(mod: nn.Module) -> bool:
+def is_hf_conv1d(mod: nn.Module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2's linear layer, weight stored ``(in, out)``)."""
     t = type(mod)
     return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
 
@@ -77,7 +78,7 @@ def why_not(mod: nn.Module) -> tuple[str | None, str]:
     ``"embedding"``), or ``(None, reason)``; ``reason`` is ``""`` for modules that are not layers
     lowbit knows at all."""
     t = _base_class(mod)
-    layer = issubclass(t, (nn.Linear, nn.Conv2d, nn.Embedding)) or _is_hf_conv1d(mod)
+    layer = issubclass(t, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_hf_conv1d(mod)
     if layer and type(mod).__call__ is not nn.Module.__call__:
         return None, f"{type(mod).__name__} overrides __call__; lowbit cannot reproduce it"
     if layer and ("forward" in vars(mod) or "_conv_forward" in vars(mod)):
@@ -88,7 +89,7 @@ def why_not(mod: nn.Module) -> tuple[str | None, str]:
         if _inherits(t, nn.Linear, "forward"):
             return "linear", ""
         return None, f"{t.__name__} overrides nn.Linear.forward; lowbit reproduces nn.Linear's computation only"
-    if _is_hf_conv1d(mod):
+    if is_hf_conv1d(mod):
         return "linear", ""
     if issubclass(t, nn.Conv2d):
         if not _inherits(t, nn.Conv2d, "forward", "_conv_forward"):
