@@ -11,6 +11,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def isa(request):
+    """Each CPU kernel ISA in turn, made active for the test; skipped (naming what is missing)
+    where this machine cannot run it. The automatic choice is restored afterwards."""
+    from lowbit.kernels import cpu
+
+    reason = cpu.isa_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"{request.param} kernels cannot run here: {reason.splitlines()[0]}")
+    cpu.use_isa(request.param)
+    yield request.param
+    cpu.use_isa(None)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from lowbit.models.zoo import digits_data, load_model

@@ -8,8 +8,6 @@ from lowbit.kernels import KernelError, cpu
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.scheme import SchemeError, parse_scheme
 
-needs_vnni = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"{cpu.unavailable_reason()}")
-
 VNNI_SCHEMES = ["int8", "w8g128", "w8-tensor", "w8-asym", "w4g32", "w4g64", "w4g128", "w4g64-asym", "w4g32-asym",
                 "w4-tensor", "w4-asym-tensor", "w2g64-asym", "w2g128", "w2-asym", "w2g32", "w8g32-asym"]  # fmt: skip
 SHAPES = [(1, 64, 1), (3, 96, 5), (5, 130, 7), (17, 576, 33), (1, 1000, 13), (67, 256, 9), (2, 8, 3)]
@@ -37,10 +35,9 @@ def _activation_bound(mod: QuantLinear, x: torch.Tensor, block: int) -> torch.Te
     return (xa / 32767 / 2) @ wa.t()
 
 
-@needs_vnni
 @pytest.mark.parametrize("scheme", VNNI_SCHEMES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_vnni_matches_reference(scheme, m, k, n):
+def test_cpu_matches_reference(scheme, m, k, n, isa):
     s = parse_scheme(scheme)
     g = s.group_size
     if g is not None and g > k and g % 64:
@@ -50,8 +47,8 @@ def test_vnni_matches_reference(scheme, m, k, n):
     x[:, 0] = 40.0  # an activation outlier channel
     kernels.assign(mod, "reference")
     ref = mod(x)
-    kernels.assign(mod, "cpu-vnni")
-    assert mod.kernel == "cpu-vnni"
+    kernels.assign(mod, "cpu")
+    assert mod.kernel == "cpu"
     got = mod(x)
     block = cpu._block(mod)
     bound = _activation_bound(mod, x, block)
@@ -60,28 +57,26 @@ def test_vnni_matches_reference(scheme, m, k, n):
     assert bool(((got - ref).abs() <= tol).all()), float(((got - ref).abs() - tol).max())
 
 
-@needs_vnni
-def test_vnni_keeps_leading_dims_dtype_and_bias():
+def test_cpu_keeps_leading_dims_dtype_and_bias(isa):
     mod = _layer("w4g64", 128, 20, seed=3)
     x = torch.randn(2, 3, 128)
     kernels.assign(mod, "reference")
     ref = mod(x)
-    kernels.assign(mod, "cpu-vnni")
+    kernels.assign(mod, "cpu")
     got = mod(x)
     assert got.shape == (2, 3, 20)
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3)
     xb = x.to(torch.bfloat16)
     assert mod(xb).dtype == torch.bfloat16
     nobias = _layer("int8", 64, 6, seed=4, bias=False)
-    kernels.assign(nobias, "cpu-vnni")
+    kernels.assign(nobias, "cpu")
     y = nobias(torch.zeros(1, 64))
     assert torch.equal(y, torch.zeros(1, 6))
 
 
-@needs_vnni
-def test_vnni_falls_back_to_reference_for_gradients():
+def test_cpu_falls_back_to_reference_for_gradients(isa):
     mod = _layer("w4g64", 64, 4, seed=5)
-    kernels.assign(mod, "cpu-vnni")
+    kernels.assign(mod, "cpu")
     x = torch.randn(2, 64, requires_grad=True)
     mod(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
@@ -97,7 +92,7 @@ def test_auto_falls_back_with_a_visible_reason(scheme, why):
     assert mod.kernel == "reference"
     assert why in mod.kernel_note
     with pytest.raises(KernelError, match="cannot run"):
-        kernels.assign(mod, "cpu-vnni")
+        kernels.assign(mod, "cpu")
 
 
 def test_casts_run_in_their_dtype():
@@ -116,12 +111,11 @@ def test_unknown_kernel_name():
         kernels.assign(mod, "cuda-magic")
 
 
-@needs_vnni
-def test_auto_prefers_vnni_for_int4_int8():
+def test_auto_prefers_the_cpu_kernel_for_int4_int8(isa):
     for scheme in ("int8", "w4g64", "w4g128-asym"):
         mod = _layer(scheme, 576, 8, seed=9)
         kernels.assign(mod, "auto")
-        assert mod.kernel == "cpu-vnni", mod.kernel_note
+        assert mod.kernel == "cpu", mod.kernel_note
 
 
 def test_reference_kernels_of_every_op():
@@ -144,27 +138,25 @@ A8_SCHEMES = [
 ]  # fmt: skip
 
 
-@needs_vnni
 @pytest.mark.parametrize("scheme", A8_SCHEMES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_w8a8_kernel_matches_reference_exactly(scheme, m, k, n):
+def test_w8a8_kernel_matches_reference_exactly(scheme, m, k, n, isa):
     """Integer arithmetic on both sides: only float summation order may differ."""
     mod = _layer(scheme, k, n, seed=m + 3 * k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)) * 3
     x[:, 0] = 40.0
     kernels.assign(mod, "reference")
     ref = mod(x)
-    kernels.assign(mod, "cpu-vnni-a8")
-    assert mod.kernel == "cpu-vnni-a8" and mod.layout == "tiled4"
+    kernels.assign(mod, "cpu-a8")
+    assert mod.kernel == "cpu-a8" and mod.layout == "tiled4"
     got = mod(x)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-@needs_vnni
 @pytest.mark.parametrize("scheme", ["w8a8-static", "w8g64a8-asym-static"])
 @pytest.mark.parametrize("zero", [-127, 51])
 @pytest.mark.parametrize("m,k,n", SHAPES[:4])
-def test_static_zero_point_kernel_matches_reference(scheme, zero, m, k, n):
+def test_static_zero_point_kernel_matches_reference(scheme, zero, m, k, n, isa):
     """A zero point shifts the codes (unsigned inputs: -127); the kernel takes the shift back out
     through its bias and must agree with the reference, clipping at both ends included."""
     mod = _layer(scheme, k, n, seed=m + k, act_zero=zero)
@@ -174,7 +166,7 @@ def test_static_zero_point_kernel_matches_reference(scheme, zero, m, k, n):
         x[:, -1] = -40.0  # and at the bottom
     kernels.assign(mod, "reference")
     ref = mod(x)
-    kernels.assign(mod, "cpu-vnni-a8")
+    kernels.assign(mod, "cpu-a8")
     got = mod(x)
     assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
 
@@ -188,9 +180,9 @@ def test_w8a8_reference_quantizes_activations_per_token():
     assert float(q[1, 1]) == pytest.approx(100 / 127, rel=1e-6)  # 1.0 rounds to one step of 100/127
     mod = _layer("w8a8", 64, 8, seed=1)
     kernels.assign(mod, "auto")
-    assert mod.kernel in ("cpu-vnni-a8", "reference")
+    assert mod.kernel in ("cpu-a8", "reference")
     with pytest.raises(KernelError):
-        kernels.assign(mod, "cpu-vnni")  # the weight-only kernel would silently drop the a8
+        kernels.assign(mod, "cpu")  # the weight-only kernel would silently drop the a8
 
 
 def test_activation_groups_quantize_each_block_on_its_own():
@@ -240,7 +232,7 @@ def test_activation_schemes_run_only_where_activations_are_quantized():
         mod = _layer(scheme, 64, 8, seed=2)
         kernels.assign(mod, "auto")
         assert mod.kernel == "reference"
-        assert "cpu-vnni-a8" in mod.kernel_note
+        assert "cpu-a8" in mod.kernel_note
 
 
 def _conv(cin: int, cout: int, k: int, seed: int, zero: int, **conv) -> QuantConv2d:
@@ -252,17 +244,16 @@ def _conv(cin: int, cout: int, k: int, seed: int, zero: int, **conv) -> QuantCon
     return QuantConv2d(qw, c.bias, QuantConv2d.conv_args(c), act_scale=0.05, act_zero=zero)
 
 
-@needs_vnni
 @pytest.mark.parametrize("zero", [-127, 0, 51])
 @pytest.mark.parametrize("cin,cout,stride,hw", [(16, 24, 1, 7), (37, 5, 2, 9), (96, 576, 1, 3), (3, 8, 2, 1)])
-def test_pointwise_conv_runs_the_int8_gemm_and_matches_reference(zero, cin, cout, stride, hw):
+def test_pointwise_conv_runs_the_int8_gemm_and_matches_reference(zero, cin, cout, stride, hw, isa):
     mod = _conv(cin, cout, 1, seed=cin + cout, zero=zero, stride=stride)
     x = torch.rand(2, cin, hw, hw + 1, generator=torch.Generator().manual_seed(hw)) * 10 - (0 if zero == -127 else 4)
     x[:, 0] = 40.0  # clipped
     kernels.assign(mod, "reference")
     ref = mod(x)
     kernels.assign(mod)
-    assert mod.kernel == "cpu-vnni-a8" and mod.layout == "tiled4", mod.kernel_note
+    assert mod.kernel == "cpu-a8" and mod.layout == "tiled4", mod.kernel_note
     got = mod(x)
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, rtol=1e-5, atol=2e-5 * float(ref.abs().max()))
@@ -271,11 +262,10 @@ def test_pointwise_conv_runs_the_int8_gemm_and_matches_reference(zero, cin, cout
     assert mod(x[:0]).shape == (0, *ref.shape[1:])  # an empty batch
 
 
-@needs_vnni
 @pytest.mark.parametrize("scheme", ["w8a8-static", "w8a8-asym-static", "w8a8-tensor-static"])
 @pytest.mark.parametrize("zero", [-127, 0, 51])
 @pytest.mark.parametrize("c,k,stride,pad,hw", [(16, 3, 1, 1, 7), (37, 3, 2, 1, 9), (8, 5, 2, 2, 6), (24, 3, 1, 0, 4)])
-def test_depthwise_conv_integer_path_matches_reference(scheme, zero, c, k, stride, pad, hw):
+def test_depthwise_conv_integer_path_matches_reference(scheme, zero, c, k, stride, pad, hw, isa):
     from lowbit.qweight import QWeight
 
     torch.manual_seed(c + k)
@@ -295,11 +285,10 @@ def test_depthwise_conv_integer_path_matches_reference(scheme, zero, c, k, strid
     assert mod(x[:0]).shape == (0, *ref.shape[1:])  # an empty batch
 
 
-@needs_vnni
-def test_convs_without_an_integer_path_stay_on_the_reference_with_a_reason():
+def test_convs_without_an_integer_path_stay_on_the_reference_with_a_reason(isa):
     for mod, why, kernel in (
-        (_conv(3, 8, 3, 1, 0, padding=1), "3x3 kernel", "cpu-vnni-a8"),
-        (_conv(8, 8, 1, 2, 0, padding=1), "padding", "cpu-vnni-a8"),
+        (_conv(3, 8, 3, 1, 0, padding=1), "3x3 kernel", "cpu-a8"),
+        (_conv(8, 8, 1, 2, 0, padding=1), "padding", "cpu-a8"),
         (_conv(8, 16, 3, 3, 0, groups=8), "not depthwise", "cpu-dw-a8"),  # two filters per channel
         (_conv(8, 8, 3, 4, 0, groups=8, dilation=2), "dilation", "cpu-dw-a8"),
     ):
@@ -309,8 +298,7 @@ def test_convs_without_an_integer_path_stay_on_the_reference_with_a_reason():
             kernels.assign(mod, kernel)
 
 
-@needs_vnni
-def test_fractional_zero_points_keep_a_depthwise_conv_on_the_reference():
+def test_fractional_zero_points_keep_a_depthwise_conv_on_the_reference(isa):
     import lowbit
 
     torch.manual_seed(0)
@@ -320,8 +308,7 @@ def test_fractional_zero_points_keep_a_depthwise_conv_on_the_reference():
     assert q[0].kernel == "reference" and "cpu-dw-a8: fractional zero points" in q[0].kernel_note, q[0].kernel_note
 
 
-@needs_vnni
-def test_a_module_that_has_run_deep_copies_and_the_copy_runs_the_same():
+def test_a_module_that_has_run_deep_copies_and_the_copy_runs_the_same(isa):
     import copy
 
     mod = _layer("w8a8-static", 96, 5, seed=3, act_zero=-127)
@@ -331,3 +318,23 @@ def test_a_module_that_has_run_deep_copies_and_the_copy_runs_the_same():
     twin = copy.deepcopy(mod)
     assert twin.qweight.data_ptr() != mod.qweight.data_ptr()
     assert torch.equal(twin(x), y)
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w8g32-asym", "int8", "w8a8", "w2g32-asym"])
+@pytest.mark.parametrize("magnitude", [1e-7, 1e9])
+def test_float32_scales_run_on_the_cpu_kernels(scheme, magnitude, isa):
+    """Weights beyond float16's range keep float32 scales; the kernels read them as they are."""
+    mod = _layer(scheme, 200, 21, seed=11)
+    with torch.no_grad():
+        lin = torch.nn.Linear(200, 21)
+        lin.weight.copy_(mod.qw.dequantize() * magnitude)
+        lin.bias.mul_(magnitude)
+    mod = QuantLinear.from_float(lin, scheme)
+    assert mod.scales.dtype == torch.float32
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(2))
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod)
+    assert mod.kernel in ("cpu", "cpu-a8"), mod.kernel_note
+    got = mod(x)
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))

@@ -9,14 +9,19 @@ kernel it runs (``module.kernel``) and, when a preferred fast path could not tak
 op             kernel      what it does
 =============  ==========  ==============================================================
 linear         reference   dequantize to float32, ``F.linear``
-linear         cpu-vnni    packed int2/int4/int8 codes x int16 activations, AVX-512 VNNI
-linear         cpu-vnni-a8 int8 codes x per-token int8 activations (W8A8), AVX-512 VNNI
+linear         cpu         packed int2/int4/int8 codes x int16 activations (CPU kernels)
+linear         cpu-a8      int8 codes x per-token int8 activations (W8A8)
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
 conv2d         reference   dequantize to float32, ``F.conv2d``
-conv2d         cpu-vnni-a8 1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
+conv2d         cpu-a8      1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
 conv2d         cpu-dw-a8   depthwise convolutions, static int8 activations, integer arithmetic
 embedding      reference   dequantize the gathered rows only
 =============  ==========  ==============================================================
+
+The ``cpu*`` kernels exist once per instruction set (AVX-512 VNNI, AVX2, portable C; see
+:mod:`lowbit.kernels.cpu`): one is active per process, the best the CPU runs unless
+``LOWBIT_ISA`` names another, and ``lowbit inspect`` says which. The former names ``cpu-vnni``
+and ``cpu-vnni-a8`` are accepted for ``cpu`` and ``cpu-a8``.
 """
 
 from __future__ import annotations
@@ -59,17 +64,19 @@ def _cast_only(mod) -> str | None:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("reference", "linear", reference.linear, _always, "dequantize, then float32 F.linear"),
-    Kernel("cpu-vnni", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations, AVX-512 VNNI", "tiled"),
-    Kernel("cpu-vnni-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8), VNNI", "tiled4"),
+    Kernel("cpu", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations", "tiled"),
+    Kernel("cpu-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8)", "tiled4"),
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
-    Kernel("cpu-vnni-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
+    Kernel("cpu-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
     Kernel("cpu-dw-a8", "conv2d", cpu.dwconv2d_a8, cpu.supports_dwconv_a8, "depthwise conv, static int8 activations, int32 sums"),
     Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
 )
 
 # "auto" tries these in order and takes the first that supports the module.
-_AUTO_ORDER = ("cpu-vnni", "cpu-vnni-a8", "cpu-dw-a8", "cast", "reference")
+_AUTO_ORDER = ("cpu", "cpu-a8", "cpu-dw-a8", "cast", "reference")
+# Former names, still accepted wherever a kernel is named.
+ALIASES = {"cpu-vnni": "cpu", "cpu-vnni-a8": "cpu-a8"}
 
 
 def kernels_for(op: str) -> list[Kernel]:
@@ -79,12 +86,14 @@ def kernels_for(op: str) -> list[Kernel]:
 
 def check_kernel_name(name: str) -> None:
     """Raise :class:`KernelError` unless ``name`` is "auto" or a registered kernel."""
+    name = ALIASES.get(name, name)
     if name != "auto" and name not in {k.name for k in KERNELS}:
         names = sorted({k.name for k in KERNELS})
         raise KernelError(f"unknown kernel {name!r}; kernels: {', '.join(names)} or 'auto'")
 
 
 def _find(op: str, name: str) -> Kernel:
+    name = ALIASES.get(name, name)
     for k in kernels_for(op):
         if k.name == name:
             return k
@@ -115,6 +124,7 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
     ``prefer="auto"`` takes the fastest supporting kernel; a name insists on that kernel and
     raises :class:`KernelError` if it cannot run the module.
     """
+    prefer = ALIASES.get(prefer, prefer)
     mod.kernel_pref = prefer
     if prefer != "auto":
         k = _find(mod.op, prefer)
@@ -134,7 +144,7 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
             _bind(mod, k, "; ".join(notes), memo)
             return
         # the fast paths one would expect
-        relevant = ("cpu-vnni-a8", "cpu-dw-a8") if mod.scheme.act_bits else ("cpu-vnni",)
+        relevant = ("cpu-a8", "cpu-dw-a8") if mod.scheme.act_bits else ("cpu",)
         if name in relevant and not mod.scheme.is_cast:
             notes.append(f"{name}: {reason}")
     raise KernelError(f"no kernel for {mod.op}")  # pragma: no cover - reference always supports
@@ -149,6 +159,7 @@ def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
     from ..nn import QuantEmbedding, QuantModule
 
     check_kernel_name(prefer)
+    prefer = ALIASES.get(prefer, prefer)
     memo: dict = {}
     mods = [m for m in model.modules() if isinstance(m, QuantModule)]
     originals = {id(m): m.qweight.data_ptr() for m in mods}

@@ -1,11 +1,21 @@
-"""The AVX-512 VNNI CPU kernel (``csrc/lowbit_cpu.c``): build, load, and call it.
+"""The CPU kernels (``csrc/``): build, choose, load, and call them.
 
-The C library is compiled on first use with the system C compiler into the cache directory
-(named by a hash of its source and flags, so an edited source rebuilds) and opened with ctypes.
-It reads lowbit's packed storage as it is: no second copy of the weights exists at run time.
+One C source per instruction-set family, each built into its own library with the same entry
+points and reading the same packed layouts: ``avx512`` (AVX-512 VNNI), ``avx2`` (AVX2 + FMA +
+F16C) and ``portable`` (plain C compiled with ``-march=native``, so ARM/NEON and any other CPU
+multiply from the packed codes too). The best one this CPU runs is chosen on first use; the
+environment variable ``LOWBIT_ISA`` (``avx512|avx2|portable|reference``) or :func:`use_isa`
+forces one, so any AVX-512 machine can run and test the narrower paths. Naming an ISA the CPU
+lacks, or an unknown one, raises :class:`IsaError`. A library whose build fails (no compiler, a
+compiler without the flags) is skipped with its reason (:func:`fallback_notes`), and the next
+ISA runs.
 
-``supports(module)`` returns ``None`` when this kernel can run the module, else the reason it
-cannot (shown by ``lowbit inspect``); the registry then falls back to the reference kernel.
+Libraries are compiled with the system C compiler into the cache directory (named by a hash of
+the sources, flags and, for ``portable``, the CPU's features) and opened with ctypes. They read
+lowbit's packed storage as it is: no second copy of the weights exists at run time.
+
+``supports(module)`` returns ``None`` when these kernels can run the module, else the reason
+they cannot (shown by ``lowbit inspect``); the registry then falls back to the reference kernel.
 """
 
 from __future__ import annotations
@@ -23,24 +33,26 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["supports", "linear", "load_library", "unavailable_reason", "CFLAGS"]
+__all__ = ["supports", "linear", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
+           "isa_reason", "fallback_notes", "IsaError", "ISAS"]  # fmt: skip
 
-CFLAGS = (
-    "-O3",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512vnni",
-    "-mavx512dq",
-    "-mf16c",
-    "-mfma",
-)
-# /proc/cpuinfo names of the instruction sets the flags above let the compiler use.
-_REQUIRED_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma")
-_ABI = 7  # lb_abi_version() of the C source this wrapper calls
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# name -> (compiler flags, /proc/cpuinfo features those flags let the compiler use), best first.
+ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512": (
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512dq", "-mf16c", "-mfma"),
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq", "f16c", "fma"),
+    ),
+    "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+    "portable": (("-march=native",), ()),
+}
+_SOURCES = ("common.h", "driver.h")
+_ABI = 9  # lb_abi_version() of the C sources this wrapper calls
+ENV = "LOWBIT_ISA"
+
+
+class IsaError(ValueError):
+    """``LOWBIT_ISA`` (or :func:`use_isa`) names an unknown ISA, or one this CPU cannot run."""
 
 
 class _Weights(ctypes.Structure):
@@ -54,85 +66,182 @@ class _Weights(ctypes.Structure):
         ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
         ("B", ctypes.c_int32), ("A", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
+        ("s32", ctypes.c_int32),
     ]  # fmt: skip
 
 
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
+_libs: dict[str, ctypes.CDLL | str] = {}  # ISA -> loaded library, or why it cannot load
+_lib: ctypes.CDLL | None = None  # the active library (None: the reference kernels run)
+_isa: str | None = None  # the active ISA name, or None before the first choice
+_lib_error: str | None = None  # why no CPU kernel runs, when _lib is None
+_notes: list[str] = []  # better ISAs skipped by the automatic choice, with their reasons
 
 
-def _cpu_missing() -> list[str]:
+def cpu_features() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ["/proc/cpuinfo (not Linux)"]
-    flags = set()
+        return set()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return [f for f in _REQUIRED_CPU if f not in flags]
+        if line.startswith(("flags", "Features")):  # x86, ARM
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-def _source() -> bytes:
-    return resources.files("lowbit.kernels").joinpath("csrc/lowbit_cpu.c").read_bytes()
+def _cpu_missing(name: str) -> list[str]:
+    need = ISAS[name][1]
+    if not need:
+        return []
+    have = cpu_features()
+    if not have:
+        return ["/proc/cpuinfo (not Linux)"]
+    return [f for f in need if f not in have]
 
 
-def build(force: bool = False) -> Path:
-    """Compile the library if needed; return its path. Raises ``RuntimeError`` on failure."""
-    src = _source()
-    cc = os.environ.get("CC", "cc")
-    tag = hashlib.sha256(src + " ".join((cc,) + CFLAGS).encode()).hexdigest()[:16]
-    out = cache_dir("kernels") / f"lowbit_cpu-{tag}.so"
-    if out.exists() and not force:
-        return out
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r}) to build the CPU kernel; install gcc or set CC")
+def _source(name: str) -> bytes:
+    return resources.files("lowbit.kernels").joinpath(f"csrc/{name}").read_bytes()
+
+
+def _compile(cc: str, flags: tuple[str, ...], files: dict[str, bytes], out: Path) -> str | None:
+    """Compile ``files`` (the first is the .c) into ``out``; the compiler's error, or None."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        c = Path(tmp, "lowbit_cpu.c")
-        c.write_bytes(src)
+        for name, text in files.items():
+            Path(tmp, name).write_bytes(text)
         so = Path(tmp, out.name)
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(so), str(c), "-lm"], capture_output=True, text=True)
+        c = Path(tmp, next(iter(files)))
+        proc = subprocess.run([cc, *COMMON_FLAGS, *flags, "-o", str(so), str(c), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the CPU kernel failed:\n{proc.stderr.strip()[-2000:]}")
+            return proc.stderr.strip()[-2000:] or f"{cc} exited with {proc.returncode}"
         os.replace(so, out)  # atomic: a concurrent builder writes the same bytes
-    return out
+    return None
+
+
+def build(name: str = "avx512", force: bool = False) -> Path:
+    """Compile ISA ``name``'s library if needed; return its path. Raises ``RuntimeError`` on failure."""
+    if name not in ISAS:
+        raise IsaError(f"unknown ISA {name!r}; choose from {', '.join(ISAS)}")
+    files = {f"{name}.c": _source(f"{name}.c"), **{h: _source(h) for h in _SOURCES}}
+    cc = os.environ.get("CC", "cc")
+    flag_sets = [ISAS[name][0]]
+    if name == "portable":
+        flag_sets.append(())  # a compiler without -march=native still builds plain C
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r}) to build the CPU kernels; install gcc or set CC")
+    errors = []
+    for flags in flag_sets:
+        ident = b"".join(files.values()) + " ".join((cc,) + COMMON_FLAGS + flags).encode()
+        if name == "portable":  # -march=native code is for this CPU only
+            ident += " ".join(sorted(cpu_features())).encode()
+        out = cache_dir("kernels") / f"lowbit_{name}-{hashlib.sha256(ident).hexdigest()[:16]}.so"
+        if out.exists() and not force:
+            return out
+        err = _compile(cc, flags, files, out)
+        if err is None:
+            return out
+        errors.append(err)
+    raise RuntimeError(f"building the {name} CPU kernel failed:\n{errors[0]}")
+
+
+def _open(name: str) -> ctypes.CDLL | str:
+    """ISA ``name``'s library, or the reason it cannot run here (cached per process)."""
+    if name in _libs:
+        return _libs[name]
+    missing = _cpu_missing(name)
+    if missing:
+        _libs[name] = f"CPU lacks {', '.join(missing)}"
+        return _libs[name]
+    try:
+        lib = ctypes.CDLL(str(build(name)))
+    except (RuntimeError, OSError) as e:
+        _libs[name] = str(e)
+        return _libs[name]
+    if lib.lb_abi_version() != _ABI:
+        _libs[name] = f"kernel library ABI {lib.lb_abi_version()} != {_ABI}"
+        return _libs[name]
+    c64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float
+    lib.lb_isa.restype = ctypes.c_char_p
+    lib.lb_linear.restype = ctypes.c_int
+    lib.lb_linear.argtypes = [ctypes.POINTER(_Weights), ptr, c64, ptr, ctypes.c_int]
+    lib.lb_linear_a8.restype = ctypes.c_int
+    lib.lb_linear_a8.argtypes = [ctypes.POINTER(_Weights), ptr, c64, ptr, f32, ctypes.c_int]
+    lib.lb_dwconv_a8.restype = ctypes.c_int
+    lib.lb_dwconv_a8.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr] + [i32] * 6 + [f32, i32, ptr, c64, c64, ctypes.c_int]
+    _libs[name] = lib
+    return lib
+
+
+def isa_reason(name: str) -> str | None:
+    """Why ISA ``name``'s kernels cannot run on this machine (CPU features, compiler), or None."""
+    if name == "reference":
+        return None
+    if name not in ISAS:
+        raise IsaError(f"unknown ISA {name!r}; choose from {', '.join(ISAS)}, reference")
+    got = _open(name)
+    return got if isinstance(got, str) else None
+
+
+def available_isas() -> list[str]:
+    """The ISAs whose kernels run here, best first (``reference`` always last)."""
+    return [n for n in ISAS if isa_reason(n) is None] + ["reference"]
+
+
+def use_isa(name: str | None) -> str:
+    """Make ISA ``name`` the one every CPU kernel call uses (``None``: ``LOWBIT_ISA``, else the
+    best this CPU runs). Returns the ISA now active. Modules need no re-assignment: every ISA
+    reads the same layouts. Raises :class:`IsaError` for an unknown ISA or one that cannot run
+    here (naming the missing CPU features or the build error)."""
+    global _lib, _isa, _lib_error, _notes
+    notes: list[str] = []
+    if name is None:
+        name = os.environ.get(ENV) or None
+        source = f"{ENV}={name}"
+    else:
+        source = f"ISA {name!r}"
+    if name is not None:
+        name = name.strip().lower()
+        if name not in (*ISAS, "reference"):
+            raise IsaError(f"{source}: unknown ISA; choose from {', '.join(ISAS)}, reference")
+        reason = isa_reason(name)
+        if reason is not None:
+            raise IsaError(f"{source}: this machine cannot run it ({reason}); it runs: {', '.join(available_isas())}")
+        chosen = name
+    else:
+        chosen = "reference"
+        for n in ISAS:
+            reason = isa_reason(n)
+            if reason is None:
+                chosen = n
+                break
+            if not reason.startswith("CPU lacks"):
+                notes.append(f"{n}: {reason.splitlines()[0]}")
+    if chosen == "reference":
+        _lib = None
+        _lib_error = f"{source} chose the reference kernels" if name else "no CPU kernel could be built: " + "; ".join(notes)
+    else:
+        _lib, _lib_error = _libs[chosen], None
+    _isa, _notes = chosen, notes
+    return chosen
 
 
 def load_library() -> ctypes.CDLL | None:
-    """The loaded library, or ``None`` (then :func:`unavailable_reason` says why)."""
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    missing = _cpu_missing()
-    if os.environ.get("LOWBIT_DISABLE_CPU_KERNEL"):
-        _lib_error = "disabled by LOWBIT_DISABLE_CPU_KERNEL"
-    elif missing:
-        _lib_error = f"CPU lacks {', '.join(missing)}"
-    else:
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except (RuntimeError, OSError) as e:
-            _lib_error = str(e)
-        else:
-            if lib.lb_abi_version() != _ABI:
-                _lib_error = f"kernel library ABI {lib.lb_abi_version()} != {_ABI}"
-                return None
-            lib.lb_linear.restype = ctypes.c_int
-            lib.lb_linear.argtypes = [
-                ctypes.POINTER(_Weights), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-            ]
-            lib.lb_linear_a8.restype = ctypes.c_int
-            lib.lb_linear_a8.argtypes = [
-                ctypes.POINTER(_Weights), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-            ]
-            c64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.lb_dwconv_a8.restype = ctypes.c_int
-            lib.lb_dwconv_a8.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr] + [ctypes.c_int32] * 6 + [
-                ctypes.c_float, ctypes.c_int32, ptr, c64, c64, ctypes.c_int
-            ]
-            _lib = lib
+    """The active library, choosing it on first use (see :func:`use_isa`), or ``None`` (then
+    :func:`unavailable_reason` says why)."""
+    if _isa is None:
+        use_isa(None)
     return _lib
+
+
+def isa() -> str:
+    """The active ISA: ``avx512``, ``avx2``, ``portable`` or ``reference``."""
+    load_library()
+    return _isa
+
+
+def fallback_notes() -> list[str]:
+    """Better ISAs this CPU has whose library could not be built, each with its reason."""
+    load_library()
+    return list(_notes)
 
 
 def unavailable_reason() -> str | None:
@@ -141,18 +250,21 @@ def unavailable_reason() -> str | None:
 
 
 def _block(mod) -> int | None:
-    """Activation block (32 or 64 columns) for this module's grouping, or None if none fits."""
+    """Activation block (columns per int16 activation scale, one float epilogue per block) for
+    this module's grouping: the widest of 256, 128, 64, 32 that divides the group size (256 for a
+    group that spans the row), or None if none does. 256 keeps each int32 sum exact: at most
+    256 products of a code < 256 and |q| <= 32767, below 2^31."""
     k = mod.in_features
     g = k if (mod.scheme.group_size is None or mod.scheme.per_tensor) else mod.scheme.group_size
-    if g >= k or g % 64 == 0:
-        return 64
-    return 32 if g % 32 == 0 else None
+    if g >= k:
+        return 256 if k > 128 else 64
+    return next((b for b in (256, 128, 64, 32) if g % b == 0), None)
 
 
 def _scales_reason(mod) -> str | None:
-    """Why the GEMM kernels cannot read ``mod``'s scales (they read float16), or None."""
-    if mod.scales is not None and mod.scales.dtype != torch.float16:
-        return f"{str(mod.scales.dtype).replace('torch.', '')} scales (the weight's range does not fit float16 scales)"
+    """Why the GEMM kernels cannot read ``mod``'s scales (they read float16 or float32), or None."""
+    if mod.scales is not None and mod.scales.dtype not in (torch.float16, torch.float32):
+        return f"{str(mod.scales.dtype).replace('torch.', '')} scales (the kernels read float16 or float32)"
     return None
 
 
@@ -180,7 +292,7 @@ def supports_a8(mod) -> str | None:
     if seg > (1 << 14):
         return f"groups of {seg} columns (the kernel's int32 sums take up to 16384)"
     reason = unavailable_reason()
-    return None if reason is None else f"VNNI kernel unavailable: {reason}"
+    return None if reason is None else f"CPU kernel unavailable: {reason}"
 
 
 def supports_conv_a8(mod) -> str | None:
@@ -213,7 +325,7 @@ def supports_dwconv_a8(mod) -> str | None:
     if isinstance(mod.padding, str) or tuple(mod.dilation) != (1, 1):
         return f"padding {mod.padding!r} / dilation {mod.dilation}"
     reason = unavailable_reason()
-    return None if reason is None else f"VNNI kernel unavailable: {reason}"
+    return None if reason is None else f"CPU kernel unavailable: {reason}"
 
 
 def _dw_state(mod) -> tuple:
@@ -239,7 +351,7 @@ def dwconv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (B, C, H, W)`` (any strides) -> ``(B, C, OH, OW)``, a channels-last view: depthwise
     convolution on int8-rounded inputs and integer weights (:func:`supports_dwconv_a8`), exactly
     the reference's arithmetic done in integers (C source: ``lb_dwconv_a8``)."""
-    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:
+    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0 or _lib is None:
         from . import reference
 
         return reference.conv2d(mod, x)
@@ -266,24 +378,24 @@ def dwconv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
 def supports(mod) -> str | None:
     s = mod.scheme
     if s.fmt.kind != "affine" or s.bits not in (2, 4, 8):
-        return f"{s.fmt.name} weights (the VNNI kernel runs int2/int4/int8 codes)"
+        return f"{s.fmt.name} weights (the CPU kernel runs int2/int4/int8 codes)"
     if s.act_bits is not None:
         return "activation-quantized scheme (weight-only kernel)"
     if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
-        return "fractional zero points (the VNNI kernel takes integer zeros)"
+        return "fractional zero points (the CPU kernel takes integer zeros)"
     if _scales_reason(mod):
         return _scales_reason(mod)
     if _block(mod) is None:
         return f"group size {s.group_size} (needs a multiple of 32)"
     reason = unavailable_reason()
-    return None if reason is None else f"VNNI kernel unavailable: {reason}"
+    return None if reason is None else f"CPU kernel unavailable: {reason}"
 
 
 def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     """The C descriptor of ``mod``'s tiled weight (pointers into its buffers, no copy), and the
     float32 bias it points to (a copy only if the model was cast to another dtype)."""
     if mod.layout not in ("tiled", "tiled4"):
-        raise RuntimeError("the VNNI kernels read a tiled layout; assign them with lowbit.kernels.assign()")
+        raise RuntimeError("the CPU kernels read a tiled layout; assign them with lowbit.kernels.assign()")
     s = mod.scheme
     qweight, scales, zeros, bias = mod.qweight, mod.scales, mod.zeros, mod.bias
     if bias is not None:
@@ -296,8 +408,8 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     for t in (qweight, scales, zeros):
         if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
             raise RuntimeError("the CPU kernel needs contiguous CPU buffers")
-    if scales.dtype != torch.float16:
-        raise RuntimeError(f"the CPU kernel reads float16 scales, got {scales.dtype}")
+    if scales.dtype not in (torch.float16, torch.float32):
+        raise RuntimeError(f"the CPU kernel reads float16 or float32 scales, got {scales.dtype}")
     k = mod.in_features
     whole = s.group_size is None or s.per_tensor
     if zeros is None:
@@ -313,6 +425,7 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
         mod.out_features, k, k if whole else s.group_size,
         _block(mod) or 0, s.act_group or 0,
         None if bias is None else bias.data_ptr(),
+        int(scales.dtype == torch.float32),
     )  # fmt: skip
     return desc, bias
 
@@ -345,18 +458,18 @@ def _call(mod, x: torch.Tensor, fn, *extra) -> torch.Tensor:
 
 
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations on VNNI (see the C file)."""
-    if x.requires_grad and torch.is_grad_enabled():
+    """``x (..., K)`` -> ``(..., N)``: packed weights x int16 activations (csrc/: avx512.c, avx2.c, portable.c)."""
+    if (x.requires_grad and torch.is_grad_enabled()) or _lib is None:
         from . import reference
 
-        return reference.linear(mod, x)  # the C kernel has no backward
+        return reference.linear(mod, x)  # the C kernel has no backward; or use_isa("reference")
     return _call(mod, x, _lib.lb_linear)
 
 
 def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (..., K)`` -> ``(..., N)``: int8 weights x int8 activations (W8A8, vpdpbusd): dynamic, one
+    """``x (..., K)`` -> ``(..., N)``: int8 weights x int8 activations (W8A8): dynamic, one
     scale per token or per token and ``scheme.act_group`` columns, or static (``mod.act_scale``)."""
-    if x.requires_grad and torch.is_grad_enabled():
+    if (x.requires_grad and torch.is_grad_enabled()) or _lib is None:
         from . import reference
 
         return reference.linear(mod, x)
@@ -373,7 +486,7 @@ def conv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (B, C, H, W)`` -> ``(B, O, H', W')`` for a 1x1 convolution (:func:`supports_conv_a8`):
     the pixels as rows of a W8A8 GEMM. The result is a channels-last view (NHWC memory, NCHW
     shape), so the next layer's pixel rows need no copy when it is one too."""
-    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:
+    if (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0 or _lib is None:
         from . import reference
 
         return reference.conv2d(mod, x)

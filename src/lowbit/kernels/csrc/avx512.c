@@ -1,4 +1,4 @@
-/* lowbit CPU kernel: packed 2/4/8-bit weights x int16 activations on AVX-512 VNNI.
+/* lowbit CPU kernel, AVX-512 VNNI: packed 2/4/8-bit weights x int16 activations, and W8A8.
  *
  *   y[m, n] = bias[n] + sum_b sx[m, b] * ( sw[g(b), n] * sum_{k in b} u[n, k] * qx[m, k]
  *                                        - sw[g(b), n] * z[g(b), n] * sumx[m, b] )
@@ -15,42 +15,26 @@
  *            constant zconst; asymmetric per group: codes packed along rows, zeros[g, n]); the
  *            zero term uses sumx, the sum of the block's quantized activations, so the codes go
  *            into vpdpwssd as they are stored.
- *   sw       float16 scales, group-major (ng, ld) so 16 rows' scales are one load; ld = 0: one
+ *   sw       float16 scales (float32 when s32: weights beyond float16's range), group-major (ng, ld)
+ *            so 16 rows' scales are one load; ld = 0: one
  *            scale for the whole tensor.
- *   qx, sx   activations quantized here per block of B (64, or 32 when G = 32) columns: symmetric
+ *   qx, sx   activations quantized here per block of B (32..256, dividing G) columns: symmetric
  *            int16 with sx = absmax / 32767, so rounding is at most 1/65534 of the block's largest
  *            value: negligible next to any weight format's own error.
  *   g(b)     (b * B) / G: groups are multiples of B or span the row; the last may be short.
  *
- * Overflow: per block, each int32 lane adds B/2 products of a code < 256 and |qx| <= 32767:
- * at most 32 * 255 * 32767 < 2^28.
+ * Overflow: per block, each int32 lane adds B products of a code < 256 and |qx| <= 32767:
+ * at most 256 * 255 * 32767 < 2^31.
  * Threads: OpenMP (torch's libgomp when torch is loaded first); the caller passes the count.
  * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512dq -mf16c -mfma; the loader
- * checks the CPU flags before it opens the library.
+ * checks the CPU flags before it opens the library. Entry points: driver.h.
  */
 #include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#define INLINE static inline __attribute__((always_inline))
+#include "common.h"
 
-int lb_abi_version(void) { return 7; }
-
-/* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
-typedef struct {
-    const uint8_t* w;     /* (ceil(N/16), nchunks * 32) tiled codes */
-    const uint16_t* sw;   /* fp16 scales (ng, ldsw); ldsw = 0: per tensor */
-    int64_t ldsw;
-    const uint8_t* zw;    /* packed zero codes (ng, ldz bytes), or NULL: constant zconst */
-    int64_t ldz;
-    int32_t zconst, bits;
-    int64_t N, K, G;      /* rows, columns, group size (>= K: one group) */
-    int32_t B;            /* int16 path: activation block, 32 or 64 */
-    int32_t A;            /* W8A8 path: columns per activation scale (0 or >= K: one per row) */
-    const float* bias;    /* (N,) or NULL */
-} wdesc;
+#define LB_ISA_NAME "avx512"
+#define TILE_M0 8
 
 /* Quantize rows of x (M, K) to int16 qx (M, nb*B) zero-padded, sx and sumx (M, nb). */
 static void quant_act(const float* x, int64_t M, int64_t K, int B, int16_t* qx, float* sx, int32_t* sumx,
@@ -106,8 +90,10 @@ INLINE __m512 load_zeros(const wdesc* d, int64_t g, int64_t rb) {
 }
 
 INLINE __m512 load_scales(const wdesc* d, int64_t g, int64_t rb) {
-    if (d->ldsw == 0) return _mm512_set1_ps(_cvtsh_ss(d->sw[0]));
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d->sw + g * d->ldsw + rb * 16)));
+    if (d->ldsw == 0) return _mm512_set1_ps(scale_at(d, 0));
+    const int64_t i = g * d->ldsw + rb * 16;
+    if (d->s32) return _mm512_loadu_ps((const float*)d->sw + i);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)d->sw + i)));
 }
 
 INLINE __m512i bcast_pair(const int16_t* p) {
@@ -201,54 +187,9 @@ DEFINE_TILES(8)
 DEFINE_TILES(4)
 DEFINE_TILES(2)
 
-/* One output tile: rows rb*16 .. +15 for activation rows m .. m+MT-1; qx is the kernel's
- * quantized activations (int16 for lb_linear, int8 for lb_linear_a8). */
-typedef void (*tile_fn)(const wdesc*, int64_t, int64_t, const void*, int64_t, const float*, const int32_t*,
-                        int64_t, float*);
-
-/* Activation rows per pass over the weights: their quantized copy (MC x K x 2 bytes at most)
- * stays in L2. */
-#define MC 64
-
-/* y (M, N) by tiles: t[0..3] handle 8, 4, 2 and 1 activation rows; nb is sx/sumx's row stride. */
-static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void* qx, int64_t ldq, const float* sx,
-                      const int32_t* sumx, int64_t nb, float* y, int nthreads) {
-    const int64_t nrb = (d->N + 15) / 16;
-    /* Small products do not pay for waking a second thread (decode-size layers do). */
-    if (M * d->N * d->K < (1 << 16)) nthreads = 1;
-#pragma omp parallel num_threads(nthreads)
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t m1 = m0 + MC < M ? m0 + MC : M;
-#pragma omp for schedule(static) nowait
-        for (int64_t rb = 0; rb < nrb; rb++) {
-            int64_t m = m0;
-            for (; m + 8 <= m1; m += 8) t[0](d, rb, m, qx, ldq, sx, sumx, nb, y);
-            if (m + 4 <= m1) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, y); m += 4; }
-            if (m + 2 <= m1) { t[2](d, rb, m, qx, ldq, sx, sumx, nb, y); m += 2; }
-            if (m < m1) t[3](d, rb, m, qx, ldq, sx, sumx, nb, y);
-        }
-    }
-}
-
-/* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias.
- * Returns 0; -1 for a descriptor the kernel cannot run; -2 when out of memory. */
-int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads) {
-    const int B = d->B, bits = d->bits;
-    if (!(B == 32 || B == 64) || !(bits == 2 || bits == 4 || bits == 8)) return -1;
-    if (d->G < d->K && d->G % B) return -1;
-    const int64_t nb = (d->K + B - 1) / B, ldq = nb * B;
-    int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)((M * ldq * 2 + 63) / 64 * 64));
-    float* sx = (float*)malloc(sizeof(float) * (size_t)(M * nb));
-    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * nb));
-    if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
-    quant_act(x, M, d->K, B, qx, sx, sumx, nthreads);
-    static const tile_fn tiles8[4] = {tile8_b8, tile4_b8, tile2_b8, tile1_b8};
-    static const tile_fn tiles4[4] = {tile8_b4, tile4_b4, tile2_b4, tile1_b4};
-    static const tile_fn tiles2[4] = {tile8_b2, tile4_b2, tile2_b2, tile1_b2};
-    run_tiles(d, M, bits == 8 ? tiles8 : bits == 4 ? tiles4 : tiles2, qx, ldq, sx, sumx, nb, y, nthreads);
-    free(qx); free(sx); free(sumx);
-    return 0;
-}
+static const tile_fn tiles_b8[4] = {tile8_b8, tile4_b8, tile2_b8, tile1_b8};
+static const tile_fn tiles_b4[4] = {tile8_b4, tile4_b4, tile2_b4, tile1_b4};
+static const tile_fn tiles_b2[4] = {tile8_b2, tile4_b2, tile2_b2, tile1_b2};
 
 /* ==== W8A8: int8 weights x int8 dynamic activations (vpdpbusd) ===================================
  *
@@ -354,31 +295,11 @@ DEFINE_TILE_A8(tile4_a8, 4)
 DEFINE_TILE_A8(tile2_a8, 2)
 DEFINE_TILE_A8(tile1_a8, 1)
 
-/* y (M, N) float32 = quant_i8(x) @ dequant(W)^T + bias, for 8-bit weights in the tiled4 layout.
- * static_scale > 0: the activations' calibrated scale (one per tensor); else dynamic scales per
- * row, or per row and block of d->A columns.
- * Returns 0, -1 for a descriptor the kernel cannot run, -2 when out of memory. */
-int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float static_scale, int nthreads) {
-    if (d->bits != 8) return -1;
-    const int64_t K = d->K;
-    const int64_t G = d->G < K ? d->G : K;
-    const int64_t A = (static_scale > 0.0f || d->A <= 0 || d->A >= K) ? K : d->A;
-    const int64_t S = A < G ? A : G;
-    if (S < K && (S % 4 || (A < K && G < K && (A > G ? A % G : G % A)))) return -1;
-    if (S > (1 << 14)) return -1; /* int32 lanes: keep segments below 2^14 columns */
-    if (A < K && static_scale > 0.0f) return -1;
-    const int64_t ns = (K + S - 1) / S;
-    const int64_t ldq = (K + 63) / 64 * 64;
-    int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * ldq));
-    float* sx = (float*)malloc(sizeof(float) * (size_t)(M * ns));
-    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * ns));
-    if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
-    quant_rows_i8(x, M, K, ldq, S, ns, A, static_scale, qx, sx, sumx, nthreads);
-    static const tile_fn tiles_a8[4] = {tile8_a8, tile4_a8, tile2_a8, tile1_a8};
-    run_tiles(d, M, tiles_a8, qx, ldq, sx, sumx, ns, y, nthreads);
-    free(qx); free(sx); free(sumx);
-    return 0;
-}
+static const tile_fn tiles_a8[4] = {tile8_a8, tile4_a8, tile2_a8, tile1_a8};
+
+#define QUANT_ACT quant_act
+#define QUANT_I8 quant_rows_i8
+#define LB_OWN_DWCONV
 
 /* Depthwise convolution (one filter per channel) with static int8 activations:
  *
@@ -459,3 +380,5 @@ int lb_dwconv_a8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, con
     free(q); free(f);
     return 0;
 }
+
+#include "driver.h"
