@@ -24,6 +24,9 @@
 
 #define LB_ISA_NAME "avx2"
 #define TILE_M0 4
+#ifndef LB_PREFETCH
+#define LB_PREFETCH 1024 /* bytes ahead of the weight stream to prefetch */
+#endif
 
 INLINE __m256i bcast32(const void* p) {
     int32_t v;
@@ -90,6 +93,7 @@ INLINE void store_tile2(const wdesc* d, int64_t rb, int64_t m, int mt, __m256 (*
             for (int64_t c = (b * B) / ck; c < c_end; c++) {                                    \
                 const uint8_t* wp = wrow + c * 32;                                              \
                 const int64_t k = c * ck;                                                       \
+                _mm_prefetch((const char*)(wp + LB_PREFETCH), _MM_HINT_T0);                     \
                 for (int h = 0; h < 2; h++) {                                                   \
                     const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wp + 16 * h))); \
                     if (bits == 8) {                                                            \

@@ -15,6 +15,21 @@ const char* lb_isa(void) { return LB_ISA_NAME; }
  * stays in L2. */
 #define MC 64
 
+/* Scales and zero points are group-major, (ng, ldsw): a tile reads one short run of each of
+ * the ng rows, which the hardware prefetcher does not foresee (weights that are not in cache
+ * then stall on every group). Prefetch the next tile's runs while this one computes. */
+static void prefetch_params(const wdesc* d, int64_t rb) {
+    if (d->ldsw == 0) return;
+    const int64_t ng = d->G >= d->K ? 1 : (d->K + d->G - 1) / d->G;
+    const int esz = d->s32 ? 4 : 2;
+    for (int64_t g = 0; g < ng; g++) {
+        const char* p = (const char*)d->sw + (g * d->ldsw + rb * 16) * esz;
+        __builtin_prefetch(p);
+        __builtin_prefetch(p + 16 * esz - 1);
+        if (d->zw) __builtin_prefetch(d->zw + g * d->ldz + rb * 16 * d->bits / 8);
+    }
+}
+
 /* y (M, N) by tiles: t[0..3] handle TILE_M0, TILE_M0/2, TILE_M0/4 and 1 activation rows; nb is
  * sx/sumx's row stride. Threads split the 16-row blocks of the output. */
 static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void* qx, int64_t ldq, const float* sx,
@@ -28,6 +43,7 @@ static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void*
         const int64_t m1 = mb + MC < M ? mb + MC : M;
 #pragma omp for schedule(static) nowait
         for (int64_t rb = 0; rb < nrb; rb++) {
+            if (mb == 0 && rb + 1 < nrb) prefetch_params(d, rb + 1);
             int64_t m = mb;
             for (; m + m0s <= m1; m += m0s) t[0](d, rb, m, qx, ldq, sx, sumx, nb, y);
             if (m + m1s <= m1) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, y); m += m1s; }
