@@ -5,6 +5,10 @@
  */
 #include "common.h"
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the portable kernel reads byte pairs as little-endian 16-bit words"
+#endif
+
 #define LB_ISA_NAME "portable"
 #define TILE_M0 4
 
@@ -27,16 +31,15 @@
             for (int64_t c = (b * B) / ck; c < c_end; c++) {                                    \
                 const uint8_t* wp = wrow + c * 32;                                              \
                 const int64_t k = c * ck;                                                       \
+                uint16_t u[16]; /* row r's two bytes: even columns low, odd columns high */    \
+                memcpy(u, wp, 32);                                                              \
                 for (int s = 0; s < per; s++) {                                                 \
-                    int32_t we[16], wo[16];                                                     \
-                    for (int r = 0; r < 16; r++) {                                              \
-                        we[r] = (wp[2 * r] >> (s * bits)) & mask;                               \
-                        wo[r] = (wp[2 * r + 1] >> (s * bits)) & mask;                           \
-                    }                                                                           \
                     for (int i = 0; i < MT; i++) {                                              \
                         const int32_t x0 = qx[(m + i) * ldq + k + 2 * s];                       \
                         const int32_t x1 = qx[(m + i) * ldq + k + 2 * s + 1];                   \
-                        for (int r = 0; r < 16; r++) acc[i][r] += we[r] * x0 + wo[r] * x1;      \
+                        for (int r = 0; r < 16; r++)                                            \
+                            acc[i][r] += (int32_t)((u[r] >> (s * bits)) & mask) * x0            \
+                                       + (int32_t)((u[r] >> (8 + s * bits)) & mask) * x1;       \
                     }                                                                           \
                 }                                                                               \
             }                                                                                   \
@@ -84,11 +87,14 @@ static const tile_fn tiles_b2[4] = {tile4_b2, tile2_b2, tile1_b2, tile1_b2};
             const int64_t c1 = (b + 1) * sch < nchunks ? (b + 1) * sch : nchunks;                 \
             for (int64_t c = b * sch; c < c1; c++) {                                            \
                 const uint8_t* wp = wrow + c * 64;                                              \
+                uint32_t u[16]; /* row r's four codes, column j in byte j */                   \
+                memcpy(u, wp, 64);                                                              \
                 for (int i = 0; i < MT; i++) {                                                  \
                     const int8_t* xq = qx + (m + i) * ldq + c * 4;                              \
                     const int32_t x0 = xq[0], x1 = xq[1], x2 = xq[2], x3 = xq[3];                \
                     for (int r = 0; r < 16; r++)                                                \
-                        acc[i][r] += wp[4 * r] * x0 + wp[4 * r + 1] * x1 + wp[4 * r + 2] * x2 + wp[4 * r + 3] * x3; \
+                        acc[i][r] += (int32_t)(u[r] & 255) * x0 + (int32_t)((u[r] >> 8) & 255) * x1 \
+                                   + (int32_t)((u[r] >> 16) & 255) * x2 + (int32_t)(u[r] >> 24) * x3; \
                 }                                                                               \
             }                                                                                   \
             float sc[16], z[16];                                                                \
