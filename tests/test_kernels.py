@@ -87,9 +87,10 @@ def test_cpu_falls_back_to_reference_for_gradients(isa):
     [("w3g64", "int3"), ("nf4g64", "nf4"), ("fp8", "fp8"), ("w4g16", "group size 16"), ("w2g16-asym", "group size 16")],
 )
 def test_auto_falls_back_with_a_visible_reason(scheme, why):
+    """Formats the packed tiles do not take run on the any-format kernel, saying why."""
     mod = _layer(scheme, 128, 8, seed=6)
     kernels.assign(mod, "auto")
-    assert mod.kernel == "reference"
+    assert mod.kernel == ("cpu-any" if cpu.unavailable_reason() is None else "reference")
     assert why in mod.kernel_note
     with pytest.raises(KernelError, match="cannot run"):
         kernels.assign(mod, "cpu")
@@ -231,7 +232,7 @@ def test_activation_schemes_run_only_where_activations_are_quantized():
     for scheme in ("w4g64a8",):
         mod = _layer(scheme, 64, 8, seed=2)
         kernels.assign(mod, "auto")
-        assert mod.kernel == "reference"
+        assert mod.kernel == ("cpu-any" if cpu.unavailable_reason() is None else "reference")
         assert "cpu-a8" in mod.kernel_note
 
 
@@ -338,3 +339,41 @@ def test_float32_scales_run_on_the_cpu_kernels(scheme, magnitude, isa):
     assert mod.kernel in ("cpu", "cpu-a8"), mod.kernel_note
     got = mod(x)
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+ANY_SCHEMES = ["w3g64", "w3g128-asym", "nf4g64", "fp8", "w4g16", "w2g16-asym", "w4g64a8", "w3-asym", "w4-asym-tensor",
+               "int8", "w8g48-asym", "w2g64", "nf4g32", "w4g64-asym", "w3g32"]  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ANY_SCHEMES)
+@pytest.mark.parametrize("m,k,n", SHAPES + [(40, 200, 37)])
+def test_any_format_kernel_matches_reference(scheme, m, k, n, isa):
+    """Float arithmetic on both sides (no activation rounding): only summation order differs.
+    40 input rows take the tiled-GEMM branch."""
+    s = parse_scheme(scheme)
+    if s.group_size is not None and s.group_size > k:
+        pytest.skip("group wider than the row")
+    mod = _layer(scheme, k, n, seed=m + k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 2
+    x[:, 0] = 40.0
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod, "cpu-any")
+    assert mod.kernel == "cpu-any" and mod.layout == "rows"
+    got = mod(x)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6)
+
+
+def test_hqq_fractional_zero_points_run_on_the_any_format_kernel(isa):
+    import lowbit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8)).eval()
+    x = torch.randn(3, 256)
+    q = lowbit.quantize(model, "w4g64-asym", method="hqq")
+    assert q[0].zeros.dtype == torch.float16  # fractional zero points
+    assert q[0].kernel == "cpu-any", q[0].kernel_note
+    got = q(x)
+    kernels.use_kernel(q, "reference")
+    assert torch.allclose(got, q(x), rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ linear         reference   dequantize to float32, ``F.linear``
 linear         cpu         packed int2/int4/int8 codes x int16 activations (CPU kernels)
 linear         cpu-a8      int8 codes x per-token int8 activations (W8A8)
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
+linear         cpu-any     any stored format (int3, NF4, FP8, HQQ zeros, any group): decoded row by row
 conv2d         reference   dequantize to float32, ``F.conv2d``
 conv2d         cpu-a8      1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
 conv2d         cpu-dw-a8   depthwise convolutions, static int8 activations, integer arithmetic
@@ -67,6 +68,7 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("cpu", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations", "tiled"),
     Kernel("cpu-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8)", "tiled4"),
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
+    Kernel("cpu-any", "linear", cpu.linear_rows, cpu.supports_rows, "any stored format: rows decoded once per call, float dot products / tiled GEMM", "rows"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
     Kernel("cpu-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
     Kernel("cpu-dw-a8", "conv2d", cpu.dwconv2d_a8, cpu.supports_dwconv_a8, "depthwise conv, static int8 activations, int32 sums"),
@@ -74,7 +76,7 @@ KERNELS: tuple[Kernel, ...] = (
 )
 
 # "auto" tries these in order and takes the first that supports the module.
-_AUTO_ORDER = ("cpu", "cpu-a8", "cpu-dw-a8", "cast", "reference")
+_AUTO_ORDER = ("cpu", "cpu-a8", "cpu-dw-a8", "cast", "cpu-any", "reference")
 # Former names, still accepted wherever a kernel is named.
 ALIASES = {"cpu-vnni": "cpu", "cpu-vnni-a8": "cpu-a8"}
 

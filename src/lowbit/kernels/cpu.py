@@ -33,7 +33,7 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["supports", "linear", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
+__all__ = ["supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
            "isa_reason", "fallback_notes", "IsaError", "ISAS"]  # fmt: skip
 
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -67,6 +67,19 @@ class _Weights(ctypes.Structure):
         ("B", ctypes.c_int32), ("A", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
         ("s32", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+class _Rows(ctypes.Structure):
+    """The C ``rdesc`` (same field order): one weight in the stored row layout, any format."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p), ("ldw", ctypes.c_int64), ("bits", ctypes.c_int32),
+        ("lut", ctypes.c_void_p),
+        ("sw", ctypes.c_void_p), ("lds", ctypes.c_int64), ("s32", ctypes.c_int32),
+        ("ztype", ctypes.c_int32), ("zw", ctypes.c_void_p), ("ldz", ctypes.c_int64), ("zconst", ctypes.c_int32),
+        ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -167,6 +180,10 @@ def _open(name: str) -> ctypes.CDLL | str:
     lib.lb_linear_a8.argtypes = [ctypes.POINTER(_Weights), ptr, c64, ptr, f32, ctypes.c_int]
     lib.lb_dwconv_a8.restype = ctypes.c_int
     lib.lb_dwconv_a8.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr] + [i32] * 6 + [f32, i32, ptr, c64, c64, ctypes.c_int]
+    lib.lb_linear_rows.restype = ctypes.c_int
+    lib.lb_linear_rows.argtypes = [ctypes.POINTER(_Rows), ptr, c64, ptr, ctypes.c_int]
+    lib.lb_dequant_rows.restype = ctypes.c_int
+    lib.lb_dequant_rows.argtypes = [ctypes.POINTER(_Rows), c64, c64, ptr, ctypes.c_int]
     _libs[name] = lib
     return lib
 
@@ -496,3 +513,117 @@ def conv2d_a8(mod, x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     y = linear_a8(mod, x.permute(0, 2, 3, 1).reshape(b * h * w, c))
     return y.reshape(b, h, w, mod.out_features).permute(0, 3, 1, 2)
+
+
+# ---- any format, row layout (csrc/driver.h: lb_linear_rows) -----------------------------------
+ROWS_GEMM_MIN = 16  # from this many input rows, decode tiles of rows and let torch's GEMM run them
+
+
+def supports_rows(mod) -> str | None:
+    """The any-format kernel: every weight format lowbit stores as codes or FP8 (int2/3/4/8,
+    NF4, FP8; any group size; integer, fractional or no zero points; float16/float32 scales).
+    Activation-quantized schemes round their inputs first, exactly as the reference does."""
+    s = mod.scheme
+    if s.is_cast:
+        return "a bf16/fp16 cast (the cast kernel runs it)"
+    if s.fmt.kind == "float":
+        if mod.scales is None or s.fmt.torch_dtype != torch.float8_e4m3fn:
+            return f"{s.fmt.name} weights"
+    elif s.fmt.kind not in ("affine", "codebook") or s.bits not in (2, 3, 4, 8):
+        return f"{s.fmt.name} weights"
+    if mod.scales is not None and mod.scales.dtype not in (torch.float16, torch.float32):
+        return f"{mod.scales.dtype} scales"
+    if mod.zeros is not None and mod.zeros.dtype not in (torch.uint8, torch.float16):
+        return f"{mod.zeros.dtype} zero points"
+    reason = unavailable_reason()
+    return None if reason is None else f"CPU kernel unavailable: {reason}"
+
+
+_LUTS: dict[str, torch.Tensor] = {}
+
+
+def _lut(fmt) -> torch.Tensor | None:
+    """The float32 value of each code, or None when the codes are their own values (integers)."""
+    if fmt.kind == "affine":
+        return None
+    if fmt.name not in _LUTS:
+        if fmt.kind == "codebook":
+            _LUTS[fmt.name] = torch.tensor(fmt.codebook, dtype=torch.float32)
+        else:  # FP8: every byte pattern's value (NaN patterns stay NaN)
+            _LUTS[fmt.name] = torch.arange(256, dtype=torch.uint8).view(fmt.torch_dtype).float()
+    return _LUTS[fmt.name]
+
+
+def _rows_state(mod) -> tuple:
+    """(descriptor, tensors it points into), cached on the module and rebuilt when a buffer is
+    replaced (as for the tiled kernels)."""
+    buffers = mod._buffers
+    key = (buffers["qweight"], buffers["scales"], buffers["zeros"], mod._parameters["bias"])
+    state = mod._kernel_state
+    if state is not None and all(a is b for a, b in zip(state[0], key)) and state[1] == key[0].data_ptr():
+        return state[2], state[3]
+    if mod.layout != "rows":
+        raise RuntimeError("the any-format kernel reads the row layout; assign it with lowbit.kernels.assign()")
+    s = mod.scheme
+    qweight, scales, zeros = mod.qweight, mod.scales, mod.zeros
+    for t in (qweight, scales, zeros):
+        if t is not None and (not t.is_contiguous() or t.device.type != "cpu"):
+            raise RuntimeError("the CPU kernel needs contiguous CPU buffers")
+    data = qweight.view(torch.uint8) if qweight.dtype != torch.uint8 else qweight
+    bias = None if mod.bias is None else mod.bias.detach().float().contiguous()
+    lut = _lut(s.fmt)
+    k = mod.in_features
+    bits = 8 if s.fmt.kind == "float" else s.bits
+    g = k if (s.group_size is None or s.per_tensor) else s.group_size
+    lds = 0 if s.per_tensor else scales.shape[1]
+    if zeros is None:
+        ztype, zconst, zw, ldz = 0, (s.fmt.sym_zero if s.fmt.kind == "affine" else 0), None, 0
+    else:
+        ztype, zconst, zw, ldz = (1 if zeros.dtype == torch.uint8 else 2), 0, zeros.data_ptr(), zeros.shape[1]
+    desc = _Rows(
+        data.data_ptr(), data.shape[1], bits, None if lut is None else lut.data_ptr(),
+        scales.data_ptr(), lds, int(scales.dtype == torch.float32),
+        ztype, zw, ldz, zconst, mod.out_features, k, g,
+        None if bias is None else bias.data_ptr(),
+    )  # fmt: skip
+    keep = (data, lut, bias)
+    mod._kernel_state = (key, key[0].data_ptr(), desc, keep)
+    return desc, keep
+
+
+def linear_rows(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` -> ``(..., N)`` float32 (then ``x``'s dtype) for any stored format: below
+    :data:`ROWS_GEMM_MIN` input rows, decode each weight row once and take float dot products
+    (``lb_linear_rows``); from there on, decode tiles of rows to float32 and run torch's GEMM on
+    each, so the decoding is amortised over the batch and no float copy of the weight exists."""
+    from . import reference
+
+    if (x.requires_grad and torch.is_grad_enabled()) or _lib is None:
+        return reference.linear(mod, x)
+    if x.shape[-1] != mod.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer takes {mod.in_features}")
+    s = mod.scheme
+    xf = x.float()
+    if s.act_bits:  # the reference's own rounding of the inputs
+        xf = reference.quantize_static(xf, mod.act_scale, mod.act_zero) if s.act_static else reference.quantize_activations(xf, s.act_group)
+    x2 = xf.reshape(-1, mod.in_features).contiguous()
+    desc, keep = _rows_state(mod)
+    m, n, k = x2.shape[0], mod.out_features, mod.in_features
+    out = torch.empty(m, n, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    if m < ROWS_GEMM_MIN:
+        rc = _lib.lb_linear_rows(ctypes.byref(desc), x2.data_ptr(), m, out.data_ptr(), threads)
+    else:
+        tile = max(16, (1 << 20) // max(k, 1))  # rows per tile: 4 MiB of float32
+        buf = torch.empty(min(tile, n), k, dtype=torch.float32)
+        rc = 0
+        for n0 in range(0, n, tile):
+            n1 = min(n, n0 + tile)
+            rc = rc or _lib.lb_dequant_rows(ctypes.byref(desc), n0, n1, buf.data_ptr(), threads)
+            out[:, n0:n1] = x2 @ buf[: n1 - n0].t()
+        if keep[2] is not None:
+            out += keep[2]
+    if rc != 0:
+        raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
+    out = out.reshape(*x.shape[:-1], n)
+    return out if x.dtype is torch.float32 else out.to(x.dtype)

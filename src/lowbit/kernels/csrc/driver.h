@@ -165,3 +165,144 @@ int lb_dwconv_a8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, con
     return 0;
 }
 #endif
+
+/* ==== Any stored format, row layout: the fallback that is not a trap ============================
+ *
+ * Weights exactly as lowbit stores them (packing.py row layout; 2, 3, 4 or 8-bit codes) for every
+ * format the fast tiles do not take: int3, NF4 and other codebooks, FP8, fractional (HQQ) zero
+ * points, any group size, float16 or float32 scales:
+ *
+ *   w[n, k] = s[n, g] * (v[code[n, k]] - z[n, g]),   g = k / G,    y = x @ w^T + bias
+ *
+ * v: the format's value table (codes themselves for integers: lut NULL), z: zero point (integer
+ * codes, float16 fractional values, or the constant zconst). One output row at a time: it is
+ * dequantized once into a float buffer (in L1), then each of the M inputs takes a float dot
+ * product with it (16 partial sums, which the compiler vectorises). Float arithmetic
+ * throughout: no activation rounding.
+ */
+typedef struct {
+    const uint8_t* w;     /* (N, ldw) packed rows */
+    int64_t ldw;
+    int32_t bits;         /* 2, 3, 4, 8 */
+    const float* lut;     /* (2^bits,) values of the codes, or NULL: the codes themselves */
+    const void* sw;       /* scales (N, lds) float16 or float32 (s32); lds = 0: one for the tensor */
+    int64_t lds;
+    int32_t s32;
+    int32_t ztype;        /* 0: the constant zconst; 1: packed integer codes; 2: float16 values */
+    const void* zw;       /* zero points (N, ldz): bytes for ztype 1, float16 for 2 */
+    int64_t ldz;
+    int32_t zconst;
+    int64_t N, K, G;      /* rows, columns, group size (>= K: one group per row) */
+    const float* bias;    /* (N,) or NULL */
+} rdesc;
+
+/* Row n's codes, decoded to their values v (not scaled), into out[0 .. K). Integer formats
+ * (lut NULL) convert codes directly, which the compiler vectorises; tables are looked up. */
+#define DECODE_LOOPS(VAL)                                                                         \
+    if (d->bits == 8) {                                                                           \
+        for (int64_t k = 0; k < K; k++) { const unsigned c = p[k]; out[k] = VAL; }                \
+    } else if (d->bits == 4) {                                                                    \
+        for (int64_t j = 0; j < K / 2; j++) {                                                     \
+            unsigned c = p[j] & 15u; out[2 * j] = VAL;                                            \
+            c = p[j] >> 4; out[2 * j + 1] = VAL;                                                  \
+        }                                                                                         \
+        if (K % 2) { const unsigned c = p[K / 2] & 15u; out[K - 1] = VAL; }                       \
+    } else if (d->bits == 2) {                                                                    \
+        for (int64_t j = 0; j < K / 4; j++)                                                       \
+            for (int i = 0; i < 4; i++) { const unsigned c = (p[j] >> (2 * i)) & 3u; out[4 * j + i] = VAL; } \
+        for (int64_t k = K / 4 * 4; k < K; k++) { const unsigned c = (p[k / 4] >> (2 * (k % 4))) & 3u; out[k] = VAL; } \
+    } else { /* 3 bits: 8 codes per 3-byte little-endian word */                                 \
+        for (int64_t j = 0; j * 8 < K; j++) {                                                     \
+            const uint32_t word = p[3 * j] | (uint32_t)p[3 * j + 1] << 8 | (uint32_t)p[3 * j + 2] << 16; \
+            const int64_t e = K - j * 8 < 8 ? K - j * 8 : 8;                                      \
+            for (int64_t i = 0; i < e; i++) { const unsigned c = (word >> (3 * i)) & 7u; out[j * 8 + i] = VAL; } \
+        }                                                                                         \
+    }
+
+static void decode_row(const rdesc* d, int64_t n, float* out) {
+    const uint8_t* p = d->w + n * d->ldw;
+    const int64_t K = d->K;
+    const float* lut = d->lut;
+    if (lut) {
+        DECODE_LOOPS(lut[c])
+    } else {
+        DECODE_LOOPS((float)c)
+    }
+}
+
+INLINE float rscale(const rdesc* d, int64_t n, int64_t g) {
+    if (d->lds == 0) return d->s32 ? ((const float*)d->sw)[0] : half_to_float(((const uint16_t*)d->sw)[0]);
+    const int64_t i = n * d->lds + g;
+    return d->s32 ? ((const float*)d->sw)[i] : half_to_float(((const uint16_t*)d->sw)[i]);
+}
+
+INLINE float rzero(const rdesc* d, int64_t n, int64_t g) {
+    if (d->ztype == 0) return (float)d->zconst;
+    const int64_t row = d->lds == 0 ? 0 : n, gi = d->lds == 0 ? 0 : g;
+    if (d->ztype == 2) return half_to_float(((const uint16_t*)d->zw)[row * d->ldz + gi]);
+    const uint8_t* p = (const uint8_t*)d->zw + row * d->ldz;
+    const int per = 8 / d->bits; /* integer zeros: 2, 4 or 8 bits (3-bit zeros: 8 per 3 bytes) */
+    if (d->bits == 3) {
+        const int64_t j = gi / 8;
+        const uint32_t word = p[3 * j] | (uint32_t)p[3 * j + 1] << 8 | (uint32_t)p[3 * j + 2] << 16;
+        return (float)((word >> (3 * (gi % 8))) & 7);
+    }
+    return (float)((p[gi / per] >> (d->bits * (gi % per))) & ((1 << d->bits) - 1));
+}
+
+/* sum_k a[k] b[k] with 16 partial sums (a fixed order, so results do not depend on threads). */
+INLINE float dot16(const float* a, const float* b, int64_t n) {
+    float acc[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[k + j] * b[k + j];
+    float s = 0.0f;
+    for (; k < n; k++) s += a[k] * b[k];
+    for (int j = 0; j < 16; j++) s += acc[j];
+    return s;
+}
+
+/* Row n of dequant(W), float32, into out[0 .. K): decode, then (v - z) * s per group. */
+static void dequant_row(const rdesc* d, int64_t n, float* out) {
+    const int64_t K = d->K, G = d->G < d->K ? d->G : d->K;
+    decode_row(d, n, out);
+    for (int64_t g = 0; g * G < K; g++) {
+        const float s = rscale(d, n, g), z = rzero(d, n, g);
+        const int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
+        for (int64_t k = g * G; k < k1; k++) out[k] = (out[k] - z) * s;
+    }
+}
+
+/* y (M, N) = x (M, K) @ dequant(W)^T + bias for any format (above): each weight row is
+ * dequantized once into a per-thread buffer, then dotted with the M inputs. Returns 0, -1 for a
+ * bad descriptor, -2 out of memory. */
+int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthreads) {
+    if (!(d->bits == 2 || d->bits == 3 || d->bits == 4 || d->bits == 8) || d->G <= 0) return -1;
+    const int64_t K = d->K, N = d->N;
+    if (M * N * K < (1 << 16)) nthreads = 1;
+    float* bufs = (float*)malloc(sizeof(float) * (size_t)(K * (nthreads > 0 ? nthreads : 1)) + 4);
+    if (!bufs) return -2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+        float* w = bufs + (int64_t)thread * K;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            dequant_row(d, n, w);
+            for (int64_t m = 0; m < M; m++) y[m * N + n] = (d->bias ? d->bias[n] : 0.0f) + dot16(w, x + m * K, K);
+        }
+    }
+    free(bufs);
+    return 0;
+}
+
+/* Rows n0 .. n1-1 of dequant(W), float32, into out (n1 - n0, K): for large batches, whose
+ * float GEMM (torch) then amortises the decoding over the batch, a tile of rows at a time. */
+int lb_dequant_rows(const rdesc* d, int64_t n0, int64_t n1, float* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) dequant_row(d, n, out + (n - n0) * d->K);
+    return 0;
+}
