@@ -377,3 +377,72 @@ def test_hqq_fractional_zero_points_run_on_the_any_format_kernel(isa):
     got = q(x)
     kernels.use_kernel(q, "reference")
     assert torch.allclose(got, q(x), rtol=1e-4, atol=1e-5)
+
+
+def _run_py(code: str, **env) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if k != "LOWBIT_ISA"}
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=600)
+
+
+def test_lowbit_isa_names_an_isa_or_fails_clearly(monkeypatch):
+    monkeypatch.setenv("LOWBIT_ISA", "sse9")
+    with pytest.raises(cpu.IsaError, match="LOWBIT_ISA=sse9: unknown ISA; choose from avx512, avx2, portable, reference"):
+        cpu.use_isa(None)
+    lacking = [n for n in cpu.ISAS if cpu.isa_reason(n) is not None and cpu.isa_reason(n).startswith("CPU lacks")]
+    for name in lacking:  # e.g. avx512 on an AVX2-only machine
+        monkeypatch.setenv("LOWBIT_ISA", name)
+        with pytest.raises(cpu.IsaError, match=f"LOWBIT_ISA={name}: this machine cannot run it \\(CPU lacks"):
+            cpu.use_isa(None)
+    monkeypatch.setenv("LOWBIT_ISA", "reference")
+    assert cpu.use_isa(None) == "reference"
+    mod = _layer("w4g64", 128, 8, seed=1)
+    kernels.assign(mod)
+    assert mod.kernel == "reference" and "LOWBIT_ISA=reference" in mod.kernel_note
+    monkeypatch.delenv("LOWBIT_ISA")
+    assert cpu.use_isa(None) == cpu.available_isas()[0]
+
+
+def test_a_bad_lowbit_isa_stops_quantize_with_one_line():
+    p = _run_py("import torch, lowbit; lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), 'w4g32')",
+                LOWBIT_ISA="avx1024")  # fmt: skip
+    assert p.returncode != 0 and "IsaError: LOWBIT_ISA=avx1024: unknown ISA" in p.stderr
+
+
+CHECK_FALLBACK = """
+import torch, lowbit
+from lowbit.kernels import cpu
+m = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), 'w4g32')
+y = m(torch.randn(2, 64))
+print(cpu.isa()); print(m[0].kernel); print(cpu.summary())
+"""
+
+
+def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
+    p = _run_py(CHECK_FALLBACK, CC=str(tmp_path / "no-such-cc"), LOWBIT_CACHE=str(tmp_path / "cache"))
+    assert p.returncode == 0, p.stderr
+    isa, kernel, summary = p.stdout.splitlines()
+    assert (isa, kernel) == ("reference", "reference")
+    assert "no C compiler" in summary
+
+
+def test_a_compiler_that_fails_for_vector_flags_leaves_the_portable_path(tmp_path):
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler here")
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in -mavx*) echo "unknown flag $a" >&2; exit 1;; esac; done\nexec {cc} "$@"\n')
+    wrapper.chmod(0o755)
+    p = _run_py(CHECK_FALLBACK, CC=str(wrapper), LOWBIT_CACHE=str(tmp_path / "cache"))
+    assert p.returncode == 0, p.stderr
+    isa, kernel, summary = p.stdout.splitlines()
+    assert (isa, kernel) == ("portable", "cpu")
+    for name in ("avx512", "avx2"):
+        if not cpu._cpu_missing(name):  # a better ISA this CPU has, skipped with the build error
+            assert f"skipped {name}: building the {name} CPU kernel failed" in summary, summary

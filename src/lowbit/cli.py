@@ -273,6 +273,9 @@ def cmd_inspect(args) -> int:
     headers += ["rel.err"] if ref is not None else []
     headers += ["why"]
     print(text_table(headers, rows))
+    from lowbit.kernels import cpu
+
+    print(f"\n{cpu.summary()}")
     s = lowbit.size_of(model)
     print(
         f"\n{len(s.quantized)} quantized layers: {s.quantized_bytes:,} bytes, {s.quantized_bits_per_weight:.3f} bits/weight, "
@@ -368,7 +371,10 @@ def cmd_bench(args) -> int:
     info = machine_info()
     base = {r.shape: r.seconds for r in rows if r.variant == "torch fp32"}
     table = [[r.label, r.variant, f"{r.seconds * 1e3:.3f}", f"{base[r.shape] / r.seconds:.2f}x"] for r in rows]
+    from lowbit.kernels import cpu
+
     print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; medians")
+    print(cpu.summary())
     print(text_table(["shape", "variant", "ms", "speed vs fp32"], table))
     return 0
 

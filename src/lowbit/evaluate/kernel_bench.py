@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import assign
+from ..kernels import assign, cpu
 from ..nn import QuantLinear
 from ..qweight import QWeight
 from ..scheme import parse_scheme
@@ -58,7 +58,10 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu or platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    from ..kernels import cpu as kcpu
+
+    return {"cpu": cpu or platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "isa": kcpu.isa(), "isas": kcpu.available_isas()}  # fmt: skip
 
 
 def _copies(nbytes: int, m: int) -> int:
@@ -116,7 +119,10 @@ def run_kernel_bench(
         variants.append(("torch bf16", _rotating([lambda _x, w=w, xb=xb: (xb @ w.t()).float() for w in bf], x), fp_bytes // 2, cb))
         for s in schemes:
             mods, qbytes = _lowbit_layers(linear, s, _copies(int(n * k * parse_scheme(s).bits / 8), m))
-            variants.append((f"lowbit {s} ({mods[0].kernel})", _rotating(mods, x), qbytes, len(mods)))
+            kern = mods[0].kernel
+            if kern.startswith("cpu"):
+                kern = f"{kern}/{cpu.isa()}"
+            variants.append((f"lowbit {s} ({kern})", _rotating(mods, x), qbytes, len(mods)))
         for name, adapter in (peers or {}).items():
             try:
                 probe = adapter(linear)

@@ -139,8 +139,6 @@ def build(name: str = "avx512", force: bool = False) -> Path:
     flag_sets = [ISAS[name][0]]
     if name == "portable":
         flag_sets.append(())  # a compiler without -march=native still builds plain C
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r}) to build the CPU kernels; install gcc or set CC")
     errors = []
     for flags in flag_sets:
         ident = b"".join(files.values()) + " ".join((cc,) + COMMON_FLAGS + flags).encode()
@@ -149,6 +147,8 @@ def build(name: str = "avx512", force: bool = False) -> Path:
         out = cache_dir("kernels") / f"lowbit_{name}-{hashlib.sha256(ident).hexdigest()[:16]}.so"
         if out.exists() and not force:
             return out
+        if shutil.which(cc) is None:
+            raise RuntimeError(f"no C compiler ({cc!r}) to build the CPU kernels; install gcc or set CC")
         err = _compile(cc, flags, files, out)
         if err is None:
             return out
@@ -264,6 +264,19 @@ def fallback_notes() -> list[str]:
 def unavailable_reason() -> str | None:
     load_library()
     return _lib_error
+
+
+def summary() -> str:
+    """One line: the ISA the CPU kernels run, why that one, and better ones skipped (with why)."""
+    active = isa()
+    env = os.environ.get(ENV)
+    why = f"{ENV}={env}" if env else "best this CPU runs"
+    line = f"CPU kernels: {active} ({why}; this CPU runs {', '.join(available_isas())})"
+    if _lib_error and active == "reference":
+        line += f"; {_lib_error}"
+    for note in fallback_notes():
+        line += f"; skipped {note}"
+    return line
 
 
 def _block(mod) -> int | None:
