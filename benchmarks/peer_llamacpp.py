@@ -13,14 +13,20 @@ and is therefore not included. A wall-clock rate of the Python token loop
 (first generated token to last; includes sampling and Python overhead) is
 reported alongside as ``decode_tok_s_wall_median``.
 
+``--quantize Q4_0`` first requantizes the model with llama.cpp's own quantizer
+(``llama_model_quantize``, its standard tensor mix for that type, requantization allowed since
+the package ships Q4_1) into a temporary file, and benchmarks that.
+
 Prints one JSON line. Run with the interpreter of the venv holding llama_cpp:
-    python benchmarks/peer_llamacpp.py [--model PATH] [--threads 2] [--tokens 64]
+    python benchmarks/peer_llamacpp.py [--model PATH] [--quantize Q4_0] [--threads 2] [--tokens 64]
 """
 
 import argparse
 import importlib.metadata
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import llama_cpp
@@ -67,11 +73,26 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quantize", default=None, help="requantize to this llama.cpp type first (e.g. Q4_0)")
     args = ap.parse_args()
     if args.tokens < 2:
         ap.error("--tokens must be >= 2")
 
     model_path = args.model or default_model_path()
+    source = model_path.rsplit("/", 1)[-1]
+    tmp = None
+    if args.quantize:
+        ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{args.quantize.upper()}")
+        tmp = tempfile.NamedTemporaryFile(suffix=f".{args.quantize}.gguf", delete=False)
+        tmp.close()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = args.threads
+        params.allow_requantize = True
+        rc = llama_cpp.llama_model_quantize(model_path.encode(), tmp.name.encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize to {args.quantize} failed ({rc})")
+        model_path, source = tmp.name, f"{source} requantized to {args.quantize.upper()} by llama.cpp"
     llm = llama_cpp.Llama(
         model_path=model_path,
         n_ctx=512,
@@ -95,7 +116,8 @@ def main():
     print(json.dumps({
         "tool": "llama.cpp",
         "version": f"llama-cpp-python {llama_cpp.__version__}",
-        "model": model_path.rsplit("/", 1)[-1],
+        "model": source,
+        "file_bytes": os.path.getsize(model_path),
         "threads": args.threads,
         "prompt_tokens": len(prompt_tokens),
         "new_tokens": args.tokens,
@@ -104,6 +126,8 @@ def main():
         "decode_tok_s_wall_median": statistics.median(wall_rates),
         "completion": completion,
     }))
+    if tmp is not None:
+        os.unlink(tmp.name)
 
 
 if __name__ == "__main__":

@@ -70,35 +70,36 @@ def _smollm2(res: dict) -> str:
 
 
 def _decode(res: dict) -> str:
-    fp = next(r for r in res["rows"] if r["variant"] == "lowbit fp32")
-    def share(r):
-        return f"{100 * r['quant_layer_share']:.0f}%" if r.get("quant_layer_share") is not None else "-"
-
-    rows = [[r["variant"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / fp['tok_s']:.2f}x", f"{r['model_bytes'] / 1e6:.1f}", share(r)]
+    lean = [r for r in res["rows"] if r.get("decoder", "transformers") == "lowbit"]
+    if not lean:  # results written before lowbit.generate existed
+        return ""
+    fp = next(r for r in lean if r["variant"] == "fp32")
+    rows = [[r["variant"], r["decoder"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / fp['tok_s']:.2f}x", f"{r['model_bytes'] / 1e6:.1f}"]
             for r in res["rows"]]  # fmt: skip
-    peer = res.get("llama_cpp")
+    peers = res.get("llama_cpp") or {}
     notes = []
-    if peer:
-        rows.append([f"llama.cpp ({peer['version']}, {peer['model']})", f"{peer['decode_tok_s_median']:.1f}",
-                     f"{peer['decode_tok_s_median'] / fp['tok_s']:.2f}x", "-", "-"])  # fmt: skip
-        best = max(res["rows"], key=lambda r: r["tok_s"])
-        notes.append(
-            f"lowbit's fastest variant ({best['variant']}) decodes at {best['tok_s'] / peer['decode_tok_s_median']:.2f}x "
-            "llama.cpp's speed. The last column (measured with forward hooks in a separate run) is the share of "
-            "a decode step spent in lowbit's quantized layers, kernel and call overhead included: the rest is "
-            "the transformers eager forward (norms, rotary embeddings, attention, cache updates, Python)."
-        )
+    for q, peer in sorted(peers.items()):
+        rows.append([f"llama.cpp {q} ({peer['model']})", peer["version"], f"{peer['decode_tok_s_median']:.1f}",
+                     f"{peer['decode_tok_s_median'] / fp['tok_s']:.2f}x", f"{peer['file_bytes'] / 1e6:.1f} (file)"])  # fmt: skip
+    if peers:
+        best = max(lean, key=lambda r: r["tok_s"])
+        ratios = ", ".join(f"{best['tok_s'] / p['decode_tok_s_median']:.2f}x llama.cpp {q}" for q, p in sorted(peers.items()))
+        spread = "; ".join(f"{q} {min(p['decode_tok_s_all']):.1f}-{max(p['decode_tok_s_all']):.1f}" for q, p in sorted(peers.items()))
+        notes.append(f"lowbit's fastest variant ({best['variant']}, lowbit.generate) decodes at {ratios}. llama.cpp's spread "
+                     f"over its runs before and after lowbit's: {spread} tok/s.")  # fmt: skip
     return "\n".join([
         "## SmolLM2-135M: batch-1 decode speed",
         "",
         _header(res),
         "",
-        f"Greedy decoding of {res['new_tokens']} tokens after a short prompt, KV cache on, tokens/s of the "
-        "decode steps (prompt excluded), median of repetitions; llama.cpp through llama-cpp-python with "
-        "its own counters (benchmarks/peer_llamacpp.py), run before and after lowbit's variants, median "
-        "over both runs" + (f" (spread {min(peer['decode_tok_s_all']):.1f}-{max(peer['decode_tok_s_all']):.1f} tok/s)" if peer else "") + ".",
+        f"Greedy decoding of {res['new_tokens']} tokens after a short prompt, tokens/s of the decode steps (prompt "
+        f"excluded), median of repetitions, lowbit's CPU kernels on {res.get('isa', '?')}. `lowbit` rows run "
+        "lowbit.generate (preallocated KV cache, the model's own quantized modules); `transformers` rows run the "
+        "model's forward step by step with transformers' cache, for the record. llama.cpp through llama-cpp-python "
+        "with its own counters (benchmarks/peer_llamacpp.py), run before and after lowbit's variants, median over "
+        "both runs; Q4_0 is llama.cpp's own requantization of the package's Q4_1 file.",
         "",
-        markdown_table(["variant", "decode tok/s", "vs fp32", "model MB", "time in quantized layers"], rows),
+        markdown_table(["variant", "decoder", "decode tok/s", "vs fp32", "MB"], rows),
         "",
         *notes,
     ])

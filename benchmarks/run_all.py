@@ -132,12 +132,13 @@ def _llamacpp_python() -> str | None:
         return str(alt) if alt.exists() else None
 
 
-def _llamacpp_run(py: str, new_tokens: int) -> dict | None:
+def _llamacpp_run(py: str, new_tokens: int, quantize: str | None = None) -> dict | None:
     from lowbit.evaluate.compare import DEMO_PROMPT
 
-    print("  decode llama.cpp", file=sys.stderr)
-    p = subprocess.run([py, str(HERE / "peer_llamacpp.py"), "--threads", str(THREADS), "--tokens", str(new_tokens),
-                        "--prompt", DEMO_PROMPT], capture_output=True, text=True)  # fmt: skip
+    print(f"  decode llama.cpp {quantize or 'Q4_1'}", file=sys.stderr)
+    cmd = [py, str(HERE / "peer_llamacpp.py"), "--threads", str(THREADS), "--tokens", str(new_tokens),
+           "--prompt", DEMO_PROMPT] + (["--quantize", quantize] if quantize else [])  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stderr[-2000:], file=sys.stderr)
         return None
@@ -178,38 +179,48 @@ def _quant_layer_share(model, tokenizer, new_tokens: int) -> float | None:
     return min(1.0, spent[0] / total)
 
 
+DECODE_VARIANTS = (("fp32", None), ("int8", "int8"), ("w4g64", "w4g64"), ("w4g64 + int8 emb/head", "head"),
+                   ("w4g32 + int8 emb/head", "head32"))  # fmt: skip
+
+
 def section_decode(quick: bool) -> dict:
+    """Batch-1 greedy decode of SmolLM2-135M, 128 new tokens: lowbit's decoder (lowbit.generate)
+    for each variant, transformers' step-by-step forward for the record, and llama.cpp on the
+    package's Q4_1 GGUF and on llama.cpp's own Q4_0 requantization of it, run before and after
+    lowbit's (its figure is the median over both runs)."""
     import lowbit
     from lowbit.evaluate.compare import DEMO_PROMPT
     from lowbit.evaluate.speed import decode_speed
+    from lowbit.kernels import cpu
     from lowbit.models.zoo import load_model
 
     zoo = load_model("smollm2-135m")
-    new_tokens = 64
+    new_tokens = 32 if quick else 128
     py = _llamacpp_python()
-    before = _llamacpp_run(py, new_tokens) if py else None
+    peers = {q: [_llamacpp_run(py, new_tokens, q if q != "Q4_1" else None)] if py else [] for q in ("Q4_0", "Q4_1")}
     rows = []
-    for label, spec in (("fp32", None), ("bf16", "bf16"), ("int8", "int8"), ("w4g64", "w4g64"),
-                        ("w4g64 + int8 emb/head", "head")):  # fmt: skip
-        print("  decode", label, file=sys.stderr)
-        m = zoo.model if spec is None else lowbit.quantize(
-            copy.deepcopy(zoo.model), _head_recipe("w4g64") if spec == "head" else spec)
-        d = decode_speed(m, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=3 if quick else 5)
-        rows.append({"variant": f"lowbit {label}", "tok_s": d.tokens_per_s, "all": d.all_tokens_per_s,
-                     "model_bytes": lowbit.size_of(m).total_bytes, "completion": d.text,
-                     "quant_layer_share": _quant_layer_share(m, zoo.tokenizer, new_tokens)})  # fmt: skip
-    peer = None
-    if py:
-        # llama.cpp runs in its own process, before and after lowbit's runs; its figure is the
-        # median over both runs' repetitions, so a drift of the machine shows in its spread.
-        runs = [before, _llamacpp_run(py, new_tokens)]
-        runs = [r for r in runs if r]
+    for label, spec in DECODE_VARIANTS:
+        m = zoo.model
+        if spec is not None:
+            recipe = {"head": _head_recipe("w4g64"), "head32": _head_recipe("w4g32")}.get(spec, spec)
+            m = lowbit.quantize(copy.deepcopy(zoo.model), recipe)
+        for decoder in ("lowbit", "transformers"):
+            if decoder == "transformers" and "head" in (spec or ""):
+                continue
+            print(f"  decode {label} ({decoder})", file=sys.stderr)
+            d = decode_speed(m, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=3 if quick else 5, decoder=decoder)
+            rows.append({"variant": label, "decoder": decoder, "tok_s": d.tokens_per_s, "all": d.all_tokens_per_s,
+                         "model_bytes": lowbit.size_of(m).total_bytes, "completion": d.text})  # fmt: skip
+    out = {}
+    for q, runs in peers.items():
+        runs = [r for r in runs + ([_llamacpp_run(py, new_tokens, q if q != "Q4_1" else None)] if py else []) if r]
         if runs:
             peer = dict(runs[0])
             peer["decode_tok_s_all"] = sorted(x for r in runs for x in r["decode_tok_s_all"])
             peer["decode_tok_s_median"] = statistics.median(peer["decode_tok_s_all"])
+            out[q] = peer
     return {"command": "python benchmarks/run_all.py --sections decode", "new_tokens": new_tokens,
-            "rows": rows, "llama_cpp": peer}  # fmt: skip
+            "isa": cpu.isa(), "rows": rows, "llama_cpp": out}  # fmt: skip
 
 
 def section_digits(quick: bool) -> dict:

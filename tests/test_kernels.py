@@ -446,3 +446,17 @@ def test_a_compiler_that_fails_for_vector_flags_leaves_the_portable_path(tmp_pat
     for name in ("avx512", "avx2"):
         if not cpu._cpu_missing(name):  # a better ISA this CPU has, skipped with the build error
             assert f"skipped {name}: building the {name} CPU kernel failed" in summary, summary
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_casts_agree_with_a_half_precision_matmul_at_every_batch(scheme, rows):
+    """Batches from 16 rows widen the weight tile by tile where the CPU has no half GEMM: the same
+    rounded inputs and products, float32 sums."""
+    mod = _layer(scheme, 300, 70, seed=12)
+    kernels.assign(mod)
+    x = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows))
+    w = mod.qweight.float()
+    want = (x.to(mod.qweight.dtype).float() @ w.t()).to(mod.qweight.dtype).float() + mod.bias
+    ulp = torch.finfo(mod.qweight.dtype).eps * float(want.abs().max())  # one rounding of the output
+    assert float((mod(x) - want).abs().max()) <= ulp

@@ -11,6 +11,7 @@ The public face::
     lowbit.estimate(params=70e9, scheme="w4g128")      # memory calculator
     model = lowbit.prepare_qat(model, "w4g64")         # QAT: fake quantization, learned steps
     model = lowbit.convert(model)                      # ... then the same packed modules as PTQ
+    ids = lowbit.generate(model, input_ids, 64)        # lean batch-1 decode (Llama family)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 from .driver import QuantizeError, UnsupportedModuleError, quantize  # noqa: E402
 from .estimate import estimate  # noqa: E402
 from .evaluate.size import size_of  # noqa: E402
+from .generate import GenerateError, generate  # noqa: E402
 from .io import LowbitFormatError, load, save  # noqa: E402
 from .qat import QATError, convert, prepare_qat  # noqa: E402
 from .recipe import Recipe, RecipeError  # noqa: E402
@@ -34,6 +36,8 @@ __all__ = [
     "load",
     "size_of",
     "estimate",
+    "generate",
+    "GenerateError",
     "Recipe",
     "Scheme",
     "parse_scheme",

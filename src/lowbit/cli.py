@@ -6,6 +6,7 @@
     lowbit estimate --params 70e9 --scheme w4g128
     lowbit sensitivity smollm2-135m --candidates w3g64,w4g64,int8 --target-bpw 4.25 --recipe-out r.json
     lowbit bench                          # kernel speed vs FP32/BF16
+    lowbit generate out/ --prompt "..."   # stream a batch-1 decode (Llama-family models)
     lowbit formats                        # the format table and scheme presets
 """
 
@@ -402,6 +403,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---- generate -----------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    import torch
+
+    import lowbit
+    from lowbit.models.source import load_source
+
+    _threads(args)
+    zm = load_source(args.model)
+    if zm.tokenizer is None:
+        return _err(f"{args.model} has no tokenizer to encode the prompt with")
+    if not args.prompt:
+        return _err("empty prompt: give --prompt TEXT")
+    ids = zm.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    tokens: list[int] = []
+    shown = ""
+    t0 = time.perf_counter()
+    first = None
+
+    def show(tok: int) -> None:  # print the text as it grows (tokens can be parts of characters)
+        nonlocal shown, first
+        first = first or time.perf_counter()
+        tokens.append(tok)
+        text = zm.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    eos = [] if args.ignore_eos else None
+    with torch.no_grad():
+        lowbit.generate(zm.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        seed=args.seed, kv_cache=args.kv_cache, eos_token_id=eos, on_token=show)  # fmt: skip
+    end = time.perf_counter()
+    rate = (len(tokens) - 1) / (end - first) if len(tokens) > 1 else float("nan")
+    print(f"\n[{ids.shape[1]} prompt tokens, {len(tokens)} new; first token after {first - t0:.2f}s, then "
+          f"{rate:.1f} tokens/s; kv cache {args.kv_cache}]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
     from lowbit.algorithms import ALGORITHMS
@@ -506,6 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=2)
     d.set_defaults(fn=cmd_demo)
 
+    g = sub.add_parser("generate", help="stream a batch-1 decode from a Llama-family model")
+    g.add_argument("model", help=f"zoo model ({zoo}), a lowbit model directory, or a transformers directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--kv-cache", choices=["float32", "int8"], default="float32")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--threads", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
+
     f = sub.add_parser("formats", help="the format table and scheme presets")
     f.set_defaults(fn=cmd_formats)
     return p
@@ -516,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.calibrate import CalibrationError
     from lowbit.driver import QuantizeError, UnsupportedModuleError
     from lowbit.evaluate.data import DataError
+    from lowbit.generate import GenerateError
     from lowbit.io import LowbitFormatError
     from lowbit.kernels import KernelError
     from lowbit.mixed import MixedPrecisionError
@@ -529,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
             UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
-            CliError, MixedPrecisionError, ValueError) as e:  # fmt: skip
+            CliError, MixedPrecisionError, GenerateError, ValueError) as e:  # fmt: skip
         return _err(str(e))
 
 

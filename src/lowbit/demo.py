@@ -34,6 +34,7 @@ def run_demo(*, max_tokens: int = 8192, new_tokens: int = 32, threads: int = 2, 
     import lowbit
     from lowbit.evaluate.compare import DEMO_PROMPT, measure
     from lowbit.evaluate.table import text_table
+    from lowbit.kernels import cpu
     from lowbit.models.zoo import load_model
 
     torch.set_num_threads(threads)
@@ -51,10 +52,12 @@ def run_demo(*, max_tokens: int = 8192, new_tokens: int = 32, threads: int = 2, 
     rows = []
     models = {}
     for label, scheme in VARIANTS:
-        model = zoo.model if scheme is None else lowbit.quantize(copy.deepcopy(zoo.model), _spec(scheme))
+        if scheme is not None:
+            say(f"quantizing {label} ({scheme}) ...")
+        model = zoo.model if scheme is None else lowbit.quantize(copy.deepcopy(zoo.model), _spec(scheme), progress=True)
         models[label] = model
-        say(f"measuring {label} ...")
-        r = measure(model, zoo, label=label, max_tokens=max_tokens, new_tokens=new_tokens)
+        say(f"measuring {label}: perplexity on {max_tokens} tokens, then decode speed ...")
+        r = measure(model, zoo, label=label, max_tokens=max_tokens, new_tokens=new_tokens, progress=True)
         r["scheme"] = scheme or "fp32"
         rows.append(r)
     fp = rows[0]
@@ -77,7 +80,8 @@ def run_demo(*, max_tokens: int = 8192, new_tokens: int = 32, threads: int = 2, 
         f"({zoo.model.model.embed_tokens.weight.numel() / 1e6:.1f}M params) stays FP32 by default; "
         f"INT4+head also stores it once at int8 (a recipe rule names it), which decode reads every token. "
         f"Perplexity: {fp['ppl_tokens']} held-out tokens of {fp['text']} text; decode: batch 1, greedy, "
-        f"{new_tokens} tokens, median of 3, {threads} threads."
+        f"{new_tokens} tokens, median of 3, {threads} threads, lowbit's decoder (lowbit.generate) for every variant; "
+        f"{cpu.summary()}."
     )
     say(f'\nprompt: "{DEMO_PROMPT}"')
     for r in rows:

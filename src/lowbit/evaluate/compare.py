@@ -52,8 +52,8 @@ def measure(
         r = perplexity(model, zoo.tokenizer, max_tokens=max_tokens, seqlen=seqlen, progress=progress)
         row.update(ppl=r.ppl, ppl_tokens=r.tokens, text=r.source)
         if speed:
-            d = decode_speed(model, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=reps)
-            row.update(tok_s=d.tokens_per_s, completion=d.text)
+            d = decode_speed(model, zoo.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=reps, progress=progress)
+            row.update(tok_s=d.tokens_per_s, completion=d.text, decoder=d.decoder)
     elif zoo.task == "classifier":
         from ..models.zoo import digits_data
 

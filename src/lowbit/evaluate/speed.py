@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["median_time", "median_times_interleaved", "decode_speed", "DecodeResult", "greedy_generate"]
+__all__ = ["median_time", "median_times_interleaved", "decode_speed", "DecodeResult", "greedy_generate", "lean_greedy"]
 
 
 def median_time(fn: Callable[[], object], *, reps: int = 20, warmup: int = 3) -> float:
@@ -51,6 +51,7 @@ class DecodeResult:
     new_tokens: int
     prompt_tokens: int
     text: str
+    decoder: str = "transformers"  # which decode loop ran: "lowbit" or "transformers"
 
 
 def _cache_kw(model) -> str:
@@ -82,15 +83,55 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[to
     return torch.cat(ids, dim=1)[0], time.perf_counter() - t
 
 
-def decode_speed(model, tokenizer, prompt: str, *, new_tokens: int = 32, reps: int = 3) -> DecodeResult:
-    """Batch-1 greedy decode speed (tokens/s, median of ``reps``) and the completion text."""
+@torch.no_grad()
+def lean_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """As :func:`greedy_generate`, through :class:`lowbit.generate.Decoder` (Llama family)."""
+    from ..generate import Decoder
+
+    dec = Decoder(model, input_ids.shape[-1] + new_tokens)
+    nxt = int(dec.feed(input_ids.reshape(-1)).argmax())
+    ids = [nxt]
+    t = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        nxt = int(dec.feed(torch.tensor([nxt])).argmax())
+        ids.append(nxt)
+    return torch.tensor(ids), time.perf_counter() - t
+
+
+def lean_supported(model) -> bool:
+    """Whether :mod:`lowbit.generate` can decode ``model``."""
+    from ..generate import GenerateError, _arch
+
+    try:
+        _arch(model)
+    except GenerateError:
+        return False
+    return True
+
+
+def decode_speed(
+    model, tokenizer, prompt: str, *, new_tokens: int = 32, reps: int = 3, decoder: str = "auto",
+    progress: bool = False,
+) -> DecodeResult:
+    """Batch-1 greedy decode speed (tokens/s, median of ``reps``, the prompt's pass excluded) and
+    the completion text (``progress``: a progress bar on stderr). ``decoder``: ``"lowbit"`` (:mod:`lowbit.generate`), ``"transformers"``
+    (the model's own forward with its KV cache, step by step), or ``"auto"`` (lowbit's where it
+    runs the model)."""
     model.eval()
+    if decoder == "auto":
+        decoder = "lowbit" if lean_supported(model) else "transformers"
+    run = lean_greedy if decoder == "lowbit" else greedy_generate
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    greedy_generate(model, input_ids, 4)  # warm-up
+    run(model, input_ids, 4)  # warm-up
     rates = []
     text = ""
-    for _ in range(reps):
-        ids, secs = greedy_generate(model, input_ids, new_tokens)
+    rounds = range(reps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc=f"decode {new_tokens} tokens ({decoder})", unit="run")
+    for _ in rounds:
+        ids, secs = run(model, input_ids, new_tokens)
         rates.append((new_tokens - 1) / secs)
         text = tokenizer.decode(ids, skip_special_tokens=True)
-    return DecodeResult(statistics.median(rates), rates, new_tokens, input_ids.shape[1], text)
+    return DecodeResult(statistics.median(rates), rates, new_tokens, input_ids.shape[1], text, decoder)

@@ -61,13 +61,45 @@ def embedding(mod, idx: torch.Tensor) -> torch.Tensor:
     return mod.rows(flat).dequantize(torch.float32).reshape(*idx.shape, mod.embedding_dim)
 
 
-def linear_cast(mod, x: torch.Tensor) -> torch.Tensor:
-    """Plain-cast formats (bf16/fp16): the matmul runs in the stored dtype, output back in ``x``'s.
+_NATIVE_HALF: bool | None = None
 
-    Float32 accumulation is torch's choice for these dtypes on CPU; ``bias`` is added in float32.
+
+def _native_half() -> bool:
+    """Whether this CPU multiplies bf16/fp16 natively (AVX-512 BF16/FP16, AMX, ARM's bf16);
+    without it torch's half-precision GEMM runs several times slower than float32."""
+    global _NATIVE_HALF
+    if _NATIVE_HALF is None:
+        from .cpu import cpu_features
+
+        _NATIVE_HALF = bool(cpu_features() & {"avx512_bf16", "amx_bf16", "avx512_fp16", "bf16"})
+    return _NATIVE_HALF
+
+
+CAST_TILE_ROWS = 16  # from this many input rows, widen the weight in tiles on CPUs without half GEMMs
+
+
+def linear_cast(mod, x: torch.Tensor) -> torch.Tensor:
+    """Plain-cast formats (bf16/fp16): the inputs are rounded to the stored dtype and multiplied
+    with the stored weights, accumulating in float32; the product is rounded to the stored dtype
+    (as torch's half GEMM returns it), then ``bias`` is added in float32; output in ``x``'s dtype.
+
+    Batch 1 runs torch's half-precision GEMV (it reads half the bytes of float32). On CPUs without
+    native half-precision arithmetic, from :data:`CAST_TILE_ROWS` input rows the weight is widened
+    to float32 a tile of rows at a time and multiplied in float32: the same products (exact in
+    float32) and float32 sums, at float32 GEMM speed, with no float32 copy of the whole weight.
     """
     w = mod.qweight  # (N, K) in bf16/fp16
-    y = F.linear(x.to(w.dtype), w)
+    xh = x.to(w.dtype)
+    rows = xh.numel() // max(xh.shape[-1], 1)
+    if rows >= CAST_TILE_ROWS and w.device.type == "cpu" and not _native_half():
+        x2 = xh.reshape(-1, xh.shape[-1]).float()
+        y = torch.empty(rows, w.shape[0])
+        tile = max(16, (1 << 20) // max(w.shape[1], 1))
+        for n0 in range(0, w.shape[0], tile):
+            y[:, n0 : n0 + tile] = x2 @ w[n0 : n0 + tile].float().t()
+        y = y.reshape(*x.shape[:-1], w.shape[0]).to(w.dtype)  # rounded like the half GEMM's output
+    else:
+        y = F.linear(xh, w)
     y = y.float()
     if mod.bias is not None:
         y = y + mod.bias.float()

@@ -1,0 +1,282 @@
+"""Lean batch-1 decoding for Llama-family causal LMs (SmolLM2, Llama, Mistral, Qwen2 layouts).
+
+:func:`generate` runs the model's own modules (quantized ``QuantLinear``/``QuantEmbedding`` or
+float) through a short decode loop instead of transformers' ``generate``: the key/value cache
+is allocated once for the whole run, ``(layers, kv_heads, positions, head_dim)``, and written in
+place; rotary tables are computed once; each step runs the embedding, per layer the two norms,
+the seven projections and one attention call, then the final norm and the LM head on the last
+position only. Greedy decoding gives the same tokens as transformers' ``generate`` on the same
+weights (tests compare them).
+
+Optional int8 KV cache (``kv_cache="int8"``): keys and values are stored as int8 with one
+float32 scale per (layer, head, position), ``absmax / 127`` of that head's vector, and
+dequantized for attention; it stores ``head_dim + 4`` bytes per vector instead of
+``4 * head_dim``.
+
+Architecture (the modules read, ``config`` fields used): ``model.model.embed_tokens``,
+``model.model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+mlp.{gate,up,down}_proj}``, ``model.model.norm``, ``model.lm_head``; ``num_attention_heads``,
+``num_key_value_heads``, ``head_dim`` (or ``hidden_size / heads``), ``max_position_embeddings``,
+``rope_theta`` or ``rope_parameters`` with rope type ``default``, ``hidden_act`` ``silu``.
+Rotary embeddings follow RoFormer (Su et al., 2021) in the half-rotation form transformers'
+Llama uses; attention is ``softmax(q k^T / sqrt(head_dim)) v`` with grouped key/value heads
+(Ainslie et al., 2023, GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["generate", "stream", "Decoder", "GenerateError"]
+
+
+class GenerateError(ValueError):
+    """A model lowbit's decoder cannot run, or a prompt/length it cannot take."""
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise GenerateError(f"rope type {kind!r} is not supported by lowbit's decoder (default rotary only)")
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is None:
+        raise GenerateError("the config gives no rope_theta")
+    return float(theta)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    context: int
+    theta: float
+
+
+def _arch(model) -> _Arch:
+    """Check ``model`` is a Llama-family causal LM this decoder runs; raise :class:`GenerateError`
+    naming what is missing otherwise."""
+    cfg = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    missing = [n for n, ok in (("config", cfg is not None), ("model.model", inner is not None),
+                               ("lm_head", hasattr(model, "lm_head"))) if not ok]  # fmt: skip
+    if not missing:
+        missing = [n for n in ("embed_tokens", "layers", "norm") if not hasattr(inner, n)]
+    if missing:
+        raise GenerateError(
+            f"{type(model).__name__} is not a Llama-family decoder (no {', '.join(missing)}); lowbit.generate runs "
+            "LlamaForCausalLM-style models"
+        )
+    need = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+    for i, layer in enumerate(inner.layers):
+        for n in need:
+            try:
+                layer.get_submodule(n)
+            except AttributeError:
+                raise GenerateError(f"layer {i} has no {n}: not a Llama-family decoder layer") from None
+    act = getattr(cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise GenerateError(f"hidden_act {act!r}: lowbit's decoder runs SiLU-gated MLPs")
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.sliding_window < cfg.max_position_embeddings:
+        raise GenerateError("sliding-window attention is not supported by lowbit's decoder")
+    return _Arch(len(inner.layers), heads, kv, hd, int(cfg.max_position_embeddings), _rope_theta(cfg))
+
+
+class Decoder:
+    """One decoding run of ``model`` over at most ``length`` positions (batch 1).
+
+    ``feed(ids)`` runs ``ids (T,)`` long at the next positions and returns the logits
+    ``(vocab,)`` float32 of the last one. The cache, rotary tables and scratch are allocated here.
+    Raises :class:`GenerateError` for a model it cannot run or a length beyond the context.
+    """
+
+    def __init__(self, model, length: int, kv_cache: str = "float32") -> None:
+        if kv_cache not in ("float32", "int8"):
+            raise GenerateError(f"kv_cache must be 'float32' or 'int8', not {kv_cache!r}")
+        a = self.arch = _arch(model)
+        if length > a.context:
+            raise GenerateError(f"{length} positions exceed the model's context of {a.context}")
+        self.model, self.length, self.pos, self.int8 = model, length, 0, kv_cache == "int8"
+        inner = model.model
+        self.layers = [
+            (l.input_layernorm, l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
+             l.post_attention_layernorm, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)
+            for l in inner.layers
+        ]  # fmt: skip
+        shape = (a.layers, a.kv_heads, length, a.head_dim)
+        dtype = torch.int8 if self.int8 else torch.float32
+        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        if self.int8:
+            self.ks, self.vs = torch.zeros(shape[:3] + (1,)), torch.zeros(shape[:3] + (1,))
+        inv = 1.0 / (a.theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        self.cos, self.sin = emb.cos(), emb.sin()  # (length, head_dim)
+        self.scale = a.head_dim**-0.5
+
+    def nbytes_cache(self) -> int:
+        """Bytes of the key/value cache (and its scales for int8)."""
+        n = self.k.numel() * self.k.element_size() * 2
+        return n + (self.ks.numel() * 4 * 2 if self.int8 else 0)
+
+    def _rope(self, x: torch.Tensor, p0: int, t: int) -> torch.Tensor:
+        """``x (heads, T, hd)`` rotated for positions ``p0 .. p0+T-1``."""
+        cos, sin = self.cos[p0 : p0 + t], self.sin[p0 : p0 + t]
+        h = x.shape[-1] // 2
+        rot = torch.cat((-x[..., h:], x[..., :h]), -1)
+        return x * cos + rot * sin
+
+    def _store(self, i: int, p0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v (kv_heads, T, hd)`` at positions ``p0 ..``; return the cache up to there
+        (dequantized for int8)."""
+        p1 = p0 + k.shape[1]
+        if not self.int8:
+            self.k[i, :, p0:p1] = k
+            self.v[i, :, p0:p1] = v
+            return self.k[i, :, :p1], self.v[i, :, :p1]
+        for src, q, s in ((k, self.k, self.ks), (v, self.v, self.vs)):
+            step = src.abs().amax(-1, keepdim=True) / 127.0
+            s[i, :, p0:p1] = step
+            q[i, :, p0:p1] = torch.round(src / torch.where(step == 0, 1.0, step)).clamp_(-127, 127).to(torch.int8)
+        return self.k[i, :, :p1].float() * self.ks[i, :, :p1], self.v[i, :, :p1].float() * self.vs[i, :, :p1]
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        a, t, p0 = self.arch, ids.numel(), self.pos
+        if t == 0:
+            raise GenerateError("nothing to feed (an empty prompt)")
+        if p0 + t > self.length:
+            raise GenerateError(f"position {p0 + t} is beyond the {self.length} this decoder was made for")
+        x = self.model.model.embed_tokens(ids.reshape(1, t)).float()  # (1, T, hidden)
+        groups = a.heads // a.kv_heads
+        for i, (n1, qp, kp, vp, op, n2, gp, up, dp) in enumerate(self.layers):
+            h = n1(x)
+            q = self._rope(qp(h).view(t, a.heads, a.head_dim).transpose(0, 1), p0, t)
+            k = self._rope(kp(h).view(t, a.kv_heads, a.head_dim).transpose(0, 1), p0, t)
+            v = vp(h).view(t, a.kv_heads, a.head_dim).transpose(0, 1)
+            kc, vc = self._store(i, p0, k, v)
+            # grouped heads: the `groups` query heads of each key/value head as one batch
+            qg = q.reshape(a.kv_heads, groups * t, a.head_dim) if t == 1 else q
+            if t == 1:
+                att = F.scaled_dot_product_attention(qg, kc, vc, scale=self.scale)  # (kv, groups, hd)
+                att = att.reshape(a.heads, 1, a.head_dim)
+            else:
+                att = F.scaled_dot_product_attention(
+                    q.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), is_causal=p0 == 0,
+                    attn_mask=None if p0 == 0 else self._mask(p0, t), scale=self.scale, enable_gqa=True,
+                )[0]  # fmt: skip
+            x = x + op(att.transpose(0, 1).reshape(1, t, a.heads * a.head_dim))
+            h = n2(x)
+            x = x + dp(F.silu(gp(h)) * up(h))
+        self.pos = p0 + t
+        last = self.model.model.norm(x[:, -1:])
+        return self.model.lm_head(last).reshape(-1).float()
+
+    def _mask(self, p0: int, t: int) -> torch.Tensor:
+        """Causal mask for ``t`` new positions after ``p0`` cached ones: ``(t, p0 + t)`` bool."""
+        return torch.ones(t, p0 + t, dtype=torch.bool).tril(p0)
+
+
+def _ids(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise GenerateError(f"lowbit.generate decodes one sequence (batch 1), got a batch of {ids.shape[0]}")
+        ids = ids[0]
+    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise GenerateError(f"input_ids must be a 1-D (or (1, T)) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+    if ids.numel() == 0:
+        raise GenerateError("empty prompt: give at least one token")
+    return ids.long()
+
+
+def stream(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    kv_cache: str = "float32",
+) -> Iterator[int]:
+    """Yield the new tokens of a batch-1 decode one at a time (see :func:`generate`)."""
+    ids = _ids(input_ids)
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    arch = _arch(model)
+    if ids.numel() >= arch.context:
+        raise GenerateError(f"the prompt has {ids.numel()} tokens; the model's context is {arch.context}")
+    if ids.numel() + max_new_tokens > arch.context:
+        raise GenerateError(
+            f"prompt ({ids.numel()}) + max_new_tokens ({max_new_tokens}) exceed the model's context of {arch.context}"
+        )
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_token_id = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+    stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    dec = Decoder(model, ids.numel() + max_new_tokens, kv_cache)
+    logits = dec.feed(ids)
+    for n in range(max_new_tokens):
+        tok = _pick(logits, temperature, top_k, gen)
+        yield tok
+        if tok in stops or n + 1 == max_new_tokens:
+            return
+        logits = dec.feed(torch.tensor([tok]))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = logits / temperature
+    if top_k:
+        kth = torch.topk(z, min(top_k, z.numel())).values[-1]
+        z = z.masked_fill(z < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen))
+
+
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    kv_cache: str = "float32",
+    on_token: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Decode up to ``max_new_tokens`` after ``input_ids`` (``(T,)`` or ``(1, T)`` long) with a
+    Llama-family ``model`` (quantized or not); returns ``(1, T + new)`` long, prompt included, like
+    transformers' ``generate``.
+
+    Greedy by default (``temperature=0``); else samples from ``softmax(logits / temperature)``,
+    within the ``top_k`` most likely when given, with ``seed``. Stops after an end-of-sequence
+    token (``eos_token_id``, default the model's). ``on_token(id)`` is called as each token is
+    chosen (streaming). ``kv_cache="int8"`` stores keys and values as int8 (see the module doc).
+
+    Raises :class:`GenerateError`: not a Llama-family decoder, batch > 1, an empty prompt, or a
+    prompt (plus ``max_new_tokens``) longer than the model's context.
+    """
+    ids = _ids(input_ids)
+    out = []
+    for tok in stream(model, ids, max_new_tokens, eos_token_id=eos_token_id, temperature=temperature, top_k=top_k,
+                      seed=seed, kv_cache=kv_cache):  # fmt: skip
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+    return torch.cat((ids, torch.tensor(out, dtype=torch.long))).unsqueeze(0)
