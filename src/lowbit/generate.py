@@ -110,10 +110,13 @@ class Decoder:
         self.model, self.length, self.pos, self.int8 = model, length, 0, kv_cache == "int8"
         inner = model.model
         self.layers = [
-            (l.input_layernorm, l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
-             l.post_attention_layernorm, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)
+            (_norm(l.input_layernorm), _group([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+             _group([l.self_attn.o_proj]), _norm(l.post_attention_layernorm),
+             _group([l.mlp.gate_proj, l.mlp.up_proj]), _group([l.mlp.down_proj]))
             for l in inner.layers
         ]  # fmt: skip
+        self.final_norm = _norm(inner.norm)
+        self.head = _group([model.lm_head])
         shape = (a.layers, a.kv_heads, length, a.head_dim)
         dtype = torch.int8 if self.int8 else torch.float32
         self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
@@ -160,32 +163,62 @@ class Decoder:
             raise GenerateError(f"position {p0 + t} is beyond the {self.length} this decoder was made for")
         x = self.model.model.embed_tokens(ids.reshape(1, t)).float()  # (1, T, hidden)
         groups = a.heads // a.kv_heads
-        for i, (n1, qp, kp, vp, op, n2, gp, up, dp) in enumerate(self.layers):
-            h = n1(x)
-            q = self._rope(qp(h).view(t, a.heads, a.head_dim).transpose(0, 1), p0, t)
-            k = self._rope(kp(h).view(t, a.kv_heads, a.head_dim).transpose(0, 1), p0, t)
-            v = vp(h).view(t, a.kv_heads, a.head_dim).transpose(0, 1)
+        nq, nk = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        for i, (n1, qkv, op, n2, gate_up, dp) in enumerate(self.layers):
+            y = qkv(n1(x)).reshape(t, nq + 2 * nk)
+            qk = self._rope(y[:, : nq + nk].reshape(t, a.heads + a.kv_heads, a.head_dim).transpose(0, 1), p0, t)
+            q, k = qk[: a.heads], qk[a.heads :]
+            v = y[:, nq + nk :].reshape(t, a.kv_heads, a.head_dim).transpose(0, 1)
             kc, vc = self._store(i, p0, k, v)
-            # grouped heads: the `groups` query heads of each key/value head as one batch
-            qg = q.reshape(a.kv_heads, groups * t, a.head_dim) if t == 1 else q
             if t == 1:
-                att = F.scaled_dot_product_attention(qg, kc, vc, scale=self.scale)  # (kv, groups, hd)
-                att = att.reshape(a.heads, 1, a.head_dim)
+                # grouped heads: the `groups` query heads of each key/value head as one batch
+                qg = q.reshape(a.kv_heads, groups, a.head_dim)
+                w = torch.softmax(torch.bmm(qg, kc.transpose(1, 2)) * self.scale, -1)  # (kv, groups, T)
+                att = torch.bmm(w, vc).reshape(a.heads, 1, a.head_dim)
             else:
                 att = F.scaled_dot_product_attention(
                     q.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), is_causal=p0 == 0,
                     attn_mask=None if p0 == 0 else self._mask(p0, t), scale=self.scale, enable_gqa=True,
                 )[0]  # fmt: skip
-            x = x + op(att.transpose(0, 1).reshape(1, t, a.heads * a.head_dim))
-            h = n2(x)
-            x = x + dp(F.silu(gp(h)) * up(h))
+            x = x + op(att.transpose(0, 1).reshape(t, a.heads * a.head_dim)).reshape(1, t, -1)
+            gu = gate_up(n2(x)).reshape(t, -1)
+            inter = gu.shape[-1] // 2
+            x = x + dp(F.silu(gu[:, :inter]) * gu[:, inter:]).reshape(1, t, -1)
         self.pos = p0 + t
-        last = self.model.model.norm(x[:, -1:])
-        return self.model.lm_head(last).reshape(-1).float()
+        last = self.final_norm(x[:, -1:])
+        return self.head(last.reshape(1, -1)).reshape(-1).float()
 
     def _mask(self, p0: int, t: int) -> torch.Tensor:
         """Causal mask for ``t`` new positions after ``p0`` cached ones: ``(t, p0 + t)`` bool."""
         return torch.ones(t, p0 + t, dtype=torch.bool).tril(p0)
+
+
+def _group(mods: list) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Projections of one input, outputs side by side: one C call when all run lowbit's packed
+    CPU kernel (:class:`lowbit.kernels.cpu.LinearGroup`), else each module in turn."""
+    from .kernels.cpu import LinearGroup
+
+    group = LinearGroup.of(mods)
+    if group is not None:
+        return group
+    if len(mods) == 1:
+        return mods[0]
+    return lambda h: torch.cat([m(h) for m in mods], -1)
+
+
+def _norm(mod) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' Llama-family RMSNorm (``weight * x / sqrt(mean(x^2) + eps)``, float32)
+    without the module call's overhead, else the module itself."""
+    w, eps = getattr(mod, "weight", None), getattr(mod, "variance_epsilon", None)
+    if type(mod).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and eps is not None:
+        wf = w.detach().float()
+
+        def norm(x: torch.Tensor) -> torch.Tensor:  # the module's own arithmetic, in fewer calls
+            xf = x.float()
+            return wf * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+        return norm
+    return mod
 
 
 def _ids(input_ids) -> torch.Tensor:

@@ -180,6 +180,9 @@ def _open(name: str) -> ctypes.CDLL | str:
     lib.lb_linear_a8.argtypes = [ctypes.POINTER(_Weights), ptr, c64, ptr, f32, ctypes.c_int]
     lib.lb_dwconv_a8.restype = ctypes.c_int
     lib.lb_dwconv_a8.argtypes = [ptr, c64, c64, c64, c64, ptr, ptr, ptr, ptr] + [i32] * 6 + [f32, i32, ptr, c64, c64, ctypes.c_int]
+    lib.lb_linear_many.restype = ctypes.c_int
+    lib.lb_linear_many.argtypes = [ctypes.POINTER(ctypes.POINTER(_Weights)), ctypes.c_int, ptr, c64,
+                                   ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]  # fmt: skip
     lib.lb_linear_rows.restype = ctypes.c_int
     lib.lb_linear_rows.argtypes = [ctypes.POINTER(_Rows), ptr, c64, ptr, ctypes.c_int]
     lib.lb_dequant_rows.restype = ctypes.c_int
@@ -460,7 +463,7 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
     return desc, bias
 
 
-def _call(mod, x: torch.Tensor, fn, *extra) -> torch.Tensor:
+def _call(mod, x: torch.Tensor | None, fn, *extra) -> torch.Tensor | None:
     """Run C entry ``fn`` on ``x (..., K)`` -> ``(..., N)`` float32 (then ``x``'s dtype)."""
     # The descriptor holds raw pointers: rebuild it whenever a buffer was replaced or moved.
     # (This runs per call and per layer in decoding, hence the plain code.)
@@ -476,12 +479,24 @@ def _call(mod, x: torch.Tensor, fn, *extra) -> torch.Tensor:
         or state[4] is not bias
     ):
         state = mod._kernel_state = (qweight, qweight.data_ptr(), scales, zeros, bias, *_describe(mod))
+    return _run_desc(mod, state[5], x, fn, extra)
+
+
+def _state(mod) -> _Weights:
+    """``mod``'s C descriptor, rebuilt when a buffer was replaced or moved (see :func:`_call`)."""
+    _call(mod, None, None)
+    return mod._kernel_state[5]
+
+
+def _run_desc(mod, desc, x, fn, extra) -> torch.Tensor:
+    if x is None:
+        return None
     x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
     if x2.shape[-1] != mod.in_features:
         raise ValueError(f"input has {x2.shape[-1]} features, the layer takes {mod.in_features}")
     out = torch.empty(x2.shape[:-1] + (mod.out_features,), dtype=torch.float32)
     m = x2.numel() // mod.in_features
-    rc = fn(ctypes.byref(state[5]), x2.data_ptr(), m, out.data_ptr(), *extra, torch.get_num_threads())
+    rc = fn(ctypes.byref(desc), x2.data_ptr(), m, out.data_ptr(), *extra, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
     return out if x.dtype is torch.float32 else out.to(x.dtype)
@@ -640,3 +655,59 @@ def linear_rows(mod, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
     out = out.reshape(*x.shape[:-1], n)
     return out if x.dtype is torch.float32 else out.to(x.dtype)
+
+
+class LinearGroup:
+    """Several ``cpu``-kernel linear modules that read the same input, run in one C call
+    (``lb_linear_many``): the input is quantized once and one thread team covers all outputs.
+
+    ``LinearGroup.of(mods)`` returns None unless every module runs the ``cpu`` kernel with the
+    same input width and activation block (then call them one by one). Calling the group on
+    ``x (M, K)`` float32 returns ``(M, sum N_i)``: the outputs side by side, module order. For one
+    input row the result is written into a buffer the group keeps and reuses on its next call (a
+    decoder consumes it first); larger inputs get a new tensor. The descriptors are taken when the
+    group is made: re-make it after replacing a module's weights.
+    """
+
+    def __init__(self, mods: list) -> None:
+        self.mods = mods
+        self.descs = [_state(m) for m in mods]
+        self._arr = (ctypes.POINTER(_Weights) * len(mods))(*[ctypes.pointer(d) for d in self.descs])
+        self.n = [m.out_features for m in mods]
+        self.k = mods[0].in_features
+        self._ptrs = (ctypes.c_void_p * len(mods))()
+        self._one = torch.empty(1, sum(self.n))
+        self._one_ptrs = self._pointers(self._one)
+
+    def _pointers(self, out: torch.Tensor):
+        ptrs = (ctypes.c_void_p * len(self.n))()
+        col, base = 0, out.data_ptr()
+        for i, n in enumerate(self.n):  # column blocks of a row-major (M, sum N) output
+            ptrs[i] = base + 4 * col
+            col += n
+        return ptrs
+
+    @classmethod
+    def of(cls, mods: list) -> LinearGroup | None:
+        if _lib is None or not mods or any(getattr(m, "kernel", None) != "cpu" for m in mods):
+            return None
+        if len({m.in_features for m in mods}) != 1 or len({_block(m) for m in mods}) != 1:
+            return None
+        return cls(mods)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
+        m = x2.numel() // self.k
+        if m == 1:
+            out, ptrs = self._one, self._one_ptrs
+        else:
+            out = torch.empty(m, sum(self.n))
+            ptrs = self._pointers(out)
+        # the C kernel writes output i with row stride N_i: only one row, or one module, keeps
+        # the blocks side by side; otherwise run each module into its own tensor
+        if m != 1 and len(self.n) > 1:
+            return torch.cat([self.mods[i](x2.reshape(m, self.k)) for i in range(len(self.n))], -1)
+        rc = _lib.lb_linear_many(self._arr, len(self.n), x2.data_ptr(), m, ptrs, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"lowbit CPU kernel rejected a group of {len(self.n)} layers (code {rc})")
+        return out

@@ -70,6 +70,47 @@ int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads)
     return 0;
 }
 
+/* Several weights on one input (a decoder's q/k/v or gate/up projections): ys[i] (M, N_i) =
+ * x (M, K) @ dequant(W_i)^T + bias_i, in one call: the activations are quantized once and one
+ * thread team splits the 16-row blocks of all the outputs. Every W_i has the same K, bits-agnostic
+ * but the same activation block B. Returns 0, -1 for descriptors it cannot run, -2 out of memory. */
+int lb_linear_many(const wdesc* const* ds, int nd, const float* x, int64_t M, float* const* ys, int nthreads) {
+    if (nd <= 0) return 0;
+    const int B = ds[0]->B;
+    const int64_t K = ds[0]->K;
+    int64_t total = 0;
+    for (int i = 0; i < nd; i++) {
+        const wdesc* d = ds[i];
+        if (d->K != K || d->B != B || B < 32 || B > 256 || B % 32) return -1;
+        if (!(d->bits == 2 || d->bits == 4 || d->bits == 8) || (d->G < d->K && d->G % B)) return -1;
+        total += (d->N + 15) / 16;
+    }
+    const int64_t nb = (K + B - 1) / B, ldq = nb * B;
+    int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)((M * ldq * 2 + 63) / 64 * 64));
+    float* sx = (float*)malloc(sizeof(float) * (size_t)(M * nb));
+    int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * nb));
+    if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
+    QUANT_ACT(x, M, K, B, qx, sx, sumx, nthreads);
+    const int m0s = TILE_M0, m1s = TILE_M0 / 2, m2s = TILE_M0 / 4 > 0 ? TILE_M0 / 4 : 1;
+    if (M * total * 16 * K < (1 << 16)) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < total; j++) {
+        int i = 0;
+        int64_t rb = j;
+        while (rb >= (ds[i]->N + 15) / 16) rb -= (ds[i++]->N + 15) / 16;
+        const wdesc* d = ds[i];
+        const tile_fn* t = d->bits == 8 ? tiles_b8 : d->bits == 4 ? tiles_b4 : tiles_b2;
+        if (rb + 1 < (d->N + 15) / 16) prefetch_params(d, rb + 1);
+        int64_t m = 0;
+        for (; m + m0s <= M; m += m0s) t[0](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]);
+        if (m + m1s <= M) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]); m += m1s; }
+        if (m + m2s <= M) { t[2](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]); m += m2s; }
+        for (; m < M; m++) t[3](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]);
+    }
+    free(qx); free(sx); free(sumx);
+    return 0;
+}
+
 /* y (M, N) float32 = quant_i8(x) @ dequant(W)^T + bias, for 8-bit weights in the tiled4 layout.
  * static_scale > 0: the activations' calibrated scale (one per tensor); else dynamic scales per
  * row, or per row and block of d->A columns.
