@@ -127,6 +127,30 @@ class Decoder:
         emb = torch.cat((freqs, freqs), -1)
         self.cos, self.sin = emb.cos(), emb.sin()  # (length, head_dim)
         self.scale = a.head_dim**-0.5
+        self.fast = self._fast_layers(inner)
+
+    def _fast_layers(self, inner) -> list | None:
+        """Per layer, a :class:`lowbit.kernels.cpu.DecodeLayer` (one C call per decode step) when
+        every layer can have one, else None (the torch path runs)."""
+        from .kernels.cpu import DecodeLayer
+
+        if self.int8:
+            return None
+        out = []
+        for i, l in enumerate(inner.layers):
+            a, m = l.self_attn, l.mlp
+            mods = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj, "up": m.up_proj,
+                    "down": m.down_proj}  # fmt: skip
+            n1, n2 = l.input_layernorm, l.post_attention_layernorm
+            eps = getattr(n1, "variance_epsilon", None)
+            if getattr(n2, "variance_epsilon", None) != eps or not type(n1).__name__.endswith("RMSNorm"):
+                return None
+            fl = DecodeLayer.of(mods, (getattr(n1, "weight", None), getattr(n2, "weight", None)), eps, self.arch,
+                                self.k[i], self.v[i], self.cos, self.sin, self.scale)  # fmt: skip
+            if fl is None:
+                return None
+            out.append(fl)
+        return out
 
     def nbytes_cache(self) -> int:
         """Bytes of the key/value cache (and its scales for int8)."""
@@ -162,6 +186,12 @@ class Decoder:
         if p0 + t > self.length:
             raise GenerateError(f"position {p0 + t} is beyond the {self.length} this decoder was made for")
         x = self.model.model.embed_tokens(ids.reshape(1, t)).float()  # (1, T, hidden)
+        if t == 1 and self.fast is not None:
+            xv = x.reshape(-1).clone()
+            for layer in self.fast:
+                layer(xv, p0)
+            self.pos = p0 + 1
+            return self.head(self.final_norm(xv.reshape(1, -1))).reshape(-1).float()
         groups = a.heads // a.kv_heads
         nq, nk = a.heads * a.head_dim, a.kv_heads * a.head_dim
         for i, (n1, qkv, op, n2, gate_up, dp) in enumerate(self.layers):

@@ -83,6 +83,19 @@ class _Rows(ctypes.Structure):
     ]  # fmt: skip
 
 
+class _LayerDesc(ctypes.Structure):
+    """The C ``layer_desc`` (same field order): one Llama-family decoder layer for lb_decode_layer."""
+
+    _W = ctypes.POINTER(_Weights)
+    _fields_ = [
+        ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64), ("length", ctypes.c_int64),
+        ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("qkv", _W * 3), ("o", _W), ("gate_up", _W * 2), ("down", _W),
+        ("kcache", ctypes.c_void_p), ("vcache", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
 _libs: dict[str, ctypes.CDLL | str] = {}  # ISA -> loaded library, or why it cannot load
 _lib: ctypes.CDLL | None = None  # the active library (None: the reference kernels run)
 _isa: str | None = None  # the active ISA name, or None before the first choice
@@ -183,6 +196,8 @@ def _open(name: str) -> ctypes.CDLL | str:
     lib.lb_linear_many.restype = ctypes.c_int
     lib.lb_linear_many.argtypes = [ctypes.POINTER(ctypes.POINTER(_Weights)), ctypes.c_int, ptr, c64,
                                    ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]  # fmt: skip
+    lib.lb_decode_layer.restype = ctypes.c_int
+    lib.lb_decode_layer.argtypes = [ctypes.POINTER(_LayerDesc), ptr, c64, ptr, ctypes.c_int]
     lib.lb_linear_rows.restype = ctypes.c_int
     lib.lb_linear_rows.argtypes = [ctypes.POINTER(_Rows), ptr, c64, ptr, ctypes.c_int]
     lib.lb_dequant_rows.restype = ctypes.c_int
@@ -711,3 +726,49 @@ class LinearGroup:
         if rc != 0:
             raise RuntimeError(f"lowbit CPU kernel rejected a group of {len(self.n)} layers (code {rc})")
         return out
+
+
+class DecodeLayer:
+    """One Llama-family decoder layer for batch-1 decode steps in a single C call
+    (``lb_decode_layer``: norms, the seven projections on the packed kernel, rotary embedding,
+    cache write, grouped-query attention, SiLU gate, residuals). ``DecodeLayer.of(...)`` returns
+    None unless every projection runs the ``cpu`` kernel, q/k/v and gate/up can share their
+    input's quantization, and the caches are float32; the caller then runs the layer in torch.
+    The tensors handed in (caches, rotary tables, norm weights) must outlive it."""
+
+    def __init__(self, mods: dict, norms: tuple, eps: float, arch, kcache, vcache, cos, sin, scale: float) -> None:
+        self.keep = [n.detach().float().contiguous() for n in norms]
+        self.desc = _LayerDesc()
+        d = self.desc
+        d.hidden, d.heads, d.kv_heads, d.head_dim = mods["q"].in_features, arch.heads, arch.kv_heads, arch.head_dim
+        d.inter, d.length = mods["gate"].out_features, kcache.shape[1]
+        d.norm1, d.norm2 = self.keep[0].data_ptr(), self.keep[1].data_ptr()
+        d.eps, d.scale = eps, scale
+        self.descs = {k: _state(m) for k, m in mods.items()}  # kept alive with the struct's pointers
+        ptr = lambda k: ctypes.pointer(self.descs[k])  # noqa: E731
+        d.qkv[0], d.qkv[1], d.qkv[2] = ptr("q"), ptr("k"), ptr("v")
+        d.o, d.down = ptr("o"), ptr("down")
+        d.gate_up[0], d.gate_up[1] = ptr("gate"), ptr("up")
+        d.kcache, d.vcache, d.cos, d.sin = kcache.data_ptr(), vcache.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        n = d.hidden + (d.heads + 2 * d.kv_heads) * d.head_dim + d.heads * d.head_dim + 3 * d.inter + d.length
+        self.scratch = torch.empty(n)
+
+    @classmethod
+    def of(cls, mods: dict, norms: tuple, eps, arch, kcache, vcache, cos, sin, scale) -> DecodeLayer | None:
+        if _lib is None or kcache.dtype != torch.float32 or eps is None:
+            return None
+        if any(getattr(m, "kernel", None) != "cpu" for m in mods.values()):
+            return None
+        for group in (("q", "k", "v"), ("gate", "up")):
+            if len({mods[k].in_features for k in group}) != 1 or len({_block(mods[k]) for k in group}) != 1:
+                return None
+        if any(not isinstance(n, torch.Tensor) for n in norms):
+            return None
+        return cls(mods, norms, eps, arch, kcache, vcache, cos, sin, scale)
+
+    def __call__(self, x: torch.Tensor, pos: int) -> None:
+        """Update ``x (hidden,)`` float32 contiguous in place for the token at ``pos``."""
+        rc = _lib.lb_decode_layer(ctypes.byref(self.desc), x.data_ptr(), pos, self.scratch.data_ptr(),
+                                  torch.get_num_threads())  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"lowbit CPU kernel rejected a decoder layer (code {rc})")

@@ -25,7 +25,7 @@
 #define LB_ISA_NAME "avx2"
 #define TILE_M0 4
 #ifndef LB_PREFETCH
-#define LB_PREFETCH 1024 /* bytes ahead of the weight stream to prefetch */
+#define LB_PREFETCH 4096 /* bytes ahead of the weight stream to prefetch */
 #endif
 
 INLINE __m256i bcast32(const void* p) {

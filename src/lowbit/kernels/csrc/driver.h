@@ -347,3 +347,105 @@ int lb_dequant_rows(const rdesc* d, int64_t n0, int64_t n1, float* out, int nthr
     for (int64_t n = n0; n < n1; n++) dequant_row(d, n, out + (n - n0) * d->K);
     return 0;
 }
+
+/* ==== One Llama-family decoder layer, one new token (batch-1 decode) ==============================
+ *
+ * x (hidden,) is updated in place, as transformers' LlamaDecoderLayer does for one position p:
+ *   h = rmsnorm(x) * w1;  [q k v] = h @ [Wq Wk Wv]^T;  q, k rotated (RoFormer, half-rotation form)
+ *   K[:, p] = k;  V[:, p] = v;  a_j = softmax(q_j . K_g[:, :p+1] * scale) V_g   (g = j / (H / Hkv))
+ *   x += a @ Wo^T;  h = rmsnorm(x) * w2;  [g u] = h @ [Wg Wu]^T;  x += (silu(g) * u) @ Wd^T
+ * rmsnorm(v) = v / sqrt(mean(v^2) + eps). The projections run on the tiled kernels (one call for
+ * q/k/v and one for gate/up, as lb_linear_many); everything between them is plain C here, so a
+ * layer costs one call from Python. Caches: float32 (Hkv, length, hd) per layer.
+ */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter, length;
+    const float* norm1;
+    const float* norm2;
+    float eps, scale;
+    const wdesc* qkv[3];
+    const wdesc* o;
+    const wdesc* gate_up[2];
+    const wdesc* down;
+    float* kcache;
+    float* vcache;
+    const float* cos;     /* (length, hd) */
+    const float* sin;
+} layer_desc;
+
+static void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float* v, const float* cos, const float* sin, int64_t hd) {
+    const int64_t h = hd / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* scratch: at least hidden + (H + 2 Hkv) hd + H hd + 2 inter + inter + length floats. */
+int lb_decode_layer(const layer_desc* L, float* x, int64_t pos, float* scratch, int nthreads) {
+    const int64_t D = L->hidden, H = L->heads, Hk = L->kv_heads, hd = L->head_dim, I = L->inter, T = pos + 1;
+    if (pos < 0 || pos >= L->length || H % Hk) return -1;
+    float* h = scratch;
+    float* qkv = h + D;
+    float* att = qkv + (H + 2 * Hk) * hd;
+    float* gu = att + H * hd;
+    float* mid = gu + 2 * I;
+    float* sc = mid + I;
+    float* ys[3];
+    int rc;
+    rmsnorm(x, L->norm1, L->eps, D, h);
+    ys[0] = qkv; ys[1] = qkv + H * hd; ys[2] = qkv + (H + Hk) * hd;
+    if ((rc = lb_linear_many(L->qkv, 3, h, 1, ys, nthreads))) return rc;
+    const float* c = L->cos + pos * hd;
+    const float* s = L->sin + pos * hd;
+    for (int64_t j = 0; j < H + Hk; j++) rope(qkv + j * hd, c, s, hd);
+    for (int64_t g = 0; g < Hk; g++) {
+        memcpy(L->kcache + (g * L->length + pos) * hd, qkv + (H + g) * hd, sizeof(float) * hd);
+        memcpy(L->vcache + (g * L->length + pos) * hd, qkv + (H + Hk + g) * hd, sizeof(float) * hd);
+    }
+    for (int64_t j = 0; j < H; j++) {
+        const int64_t g = j / (H / Hk);
+        const float* q = qkv + j * hd;
+        const float* K = L->kcache + g * L->length * hd;
+        const float* V = L->vcache + g * L->length * hd;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+            sc[t] = dot16(q, K + t * hd, hd) * L->scale;
+            mx = sc[t] > mx ? sc[t] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        float* a = att + j * hd;
+        for (int64_t i = 0; i < hd; i++) a[i] = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            const float p = sc[t] / sum;
+            for (int64_t i = 0; i < hd; i++) a[i] += p * V[t * hd + i];
+        }
+    }
+    float* y = h; /* h is free again: reuse it for the projections' outputs */
+    ys[0] = y;
+    if ((rc = lb_linear_many(&L->o, 1, att, 1, ys, nthreads))) return rc;
+    for (int64_t i = 0; i < D; i++) x[i] += y[i];
+    rmsnorm(x, L->norm2, L->eps, D, h);
+    ys[0] = gu; ys[1] = gu + I;
+    if ((rc = lb_linear_many(L->gate_up, 2, h, 1, ys, nthreads))) return rc;
+    for (int64_t i = 0; i < I; i++) {
+        const float g = gu[i];
+        mid[i] = g / (1.0f + expf(-g)) * gu[I + i];
+    }
+    ys[0] = y;
+    if ((rc = lb_linear_many(&L->down, 1, mid, 1, ys, nthreads))) return rc;
+    for (int64_t i = 0; i < D; i++) x[i] += y[i];
+    return 0;
+}
