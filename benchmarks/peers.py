@@ -56,6 +56,7 @@ _PEER_DISTS: dict[str, str] = {
     "optimum-quanto": "optimum.quanto",
     "bitsandbytes": "bitsandbytes",
     "hqq": "hqq",
+    "onnxruntime": "onnxruntime",
 }
 
 
@@ -280,6 +281,53 @@ def _hqq(nbits: int, group_size: int | None) -> Adapter:
 
 
 # ----------------------------------------------------------------------------
+# onnxruntime (dynamic int8 activations x int8 weights: its MLAS integer GEMM)
+# ----------------------------------------------------------------------------
+
+def _ort_w8a8(linear: torch.nn.Linear) -> Forward:
+    """onnxruntime's dynamic W8A8: a float ``MatMul`` graph quantized by its own
+    ``quantize_dynamic`` (int8 weights per output channel, activations quantized per call by
+    ``DynamicQuantizeLinear``, uint8), run by an ``InferenceSession`` with ``intra_op_num_threads``
+    = torch's thread count and all graph optimizations (which fuse the pattern into MLAS's
+    integer GEMM). Compute dtype: float32 in, float32 out."""
+    import os
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w = linear.weight.detach().float().t().contiguous().numpy()  # (K, N)
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+        onnx.save(model, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(dst, opts, providers=["CPUExecutionProvider"])
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        xs = np.ascontiguousarray(x.detach().float().reshape(-1, k).numpy())
+        y = sess.run(None, {"x": xs})[0]
+        return torch.from_numpy(y).reshape(*x.shape[:-1], n).to(x.dtype)
+
+    fn(torch.zeros(1, k))
+    return fn
+
+
+# ----------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------
 
@@ -299,9 +347,11 @@ PEERS: dict[str, Adapter] = {
     "hqq-int4g64": _hqq(4, 64),
     "hqq-int4g128": _hqq(4, 128),
     "hqq-int8": _hqq(8, None),
+    "ort-w8a8": _ort_w8a8,
 }
 
-_PEER_OF_KEY = {"torchao": "torchao", "quanto": "optimum-quanto", "bnb": "bitsandbytes", "hqq": "hqq"}
+_PEER_OF_KEY = {"torchao": "torchao", "quanto": "optimum-quanto", "bnb": "bitsandbytes", "hqq": "hqq",
+                "ort": "onnxruntime"}
 
 
 def _installed(dist: str) -> bool:

@@ -26,22 +26,59 @@ def _header(res: dict) -> str:
 
 def _kernels(res: dict) -> str:
     base = {tuple(r["shape"]): r["seconds"] for r in res["rows"] if r["variant"] == "torch fp32"}
+    bw = res.get("read_bandwidth_gbs")
     rows = []
     for r in res["rows"]:
         mb = f"{r['weight_bytes'] / 2**20:.1f}" if r["weight_bytes"] > 0 else "-"
+        gbs = r["weight_bytes"] / r["seconds"] / 1e9 if r["weight_bytes"] > 0 and r["shape"][0] == 1 else None
+        eff = f"{gbs:.1f} ({100 * gbs / max(bw):.0f}%)" if gbs and bw else "-"
         rows.append([r["label"], r["variant"], f"{r['seconds'] * 1e3:.3f}", f"{base[tuple(r['shape'])] / r['seconds']:.2f}x",
-                     mb, str(r["copies"])])  # fmt: skip
+                     mb, eff, str(r["copies"])])  # fmt: skip
+    isas = ", ".join(res.get("isas", ["avx512"]))
+    bw_note = (f" The machine's streaming read bandwidth, measured in the same run (torch `sum` over 512 MiB, before "
+               f"and after): {bw[0]:.1f} / {bw[1]:.1f} GB/s; a GEMV's effective GB/s is its weight bytes over its "
+               "time, and the percentage is of the higher bandwidth figure.") if bw else ""
     return "\n".join([
         "## Kernels: quantized linear layers vs FP32",
         "",
         _header(res),
         "",
         "Median time of one `y = x @ W^T` (x float32). Batch-1 rows rotate through `copies` distinct "
-        "weights (>= 160 MiB per variant) so no variant runs from the 32 MiB L3 cache. lowbit's kernel "
-        "runs the packed codes as stored (int16 activations, VNNI); peers as noted in benchmarks/peers.py "
-        "(several want bf16 activations and cast the input themselves).",
+        "weights (>= 160 MiB per variant) so no variant runs from the 32 MiB L3 cache. lowbit's kernels "
+        f"run the packed codes as stored, on the CPU-kernel ISA in brackets ({isas}; int16 activations for "
+        "weight-only, int8 for W8A8); peers as noted in benchmarks/peers.py (several want bf16 activations "
+        "and cast the input themselves; ort-w8a8 is onnxruntime's dynamic int8 MatMul on its MLAS kernels)." + bw_note,
         "",
-        markdown_table(["shape", "variant", "ms", "speed vs fp32", "weight MiB", "copies"], rows),
+        markdown_table(["shape", "variant", "ms", "speed vs fp32", "weight MiB", "GB/s (of bandwidth)", "copies"], rows),
+    ])
+
+
+def _paths(res: dict) -> str:
+    paths = res["paths"]
+    schemes, table = [], {}
+    for isa, rows in paths.items():
+        fp = next(r for r in rows if r["variant"] == "torch fp32")
+        for r in rows:
+            if r["variant"] == "torch fp32":
+                continue
+            name, kern = r["variant"].removeprefix("lowbit ").split(" (", 1)
+            if name not in schemes:
+                schemes.append(name)
+            table[(name, isa)] = f"{fp['seconds'] / r['seconds']:.2f}x ({kern.rstrip(')').split('/')[0]})"
+    isas = list(paths)
+    rows = [[s] + [table.get((s, i), "-") for i in isas] for s in schemes]
+    return "\n".join([
+        "## Every scheme on every kernel path: batch-1 speed vs FP32",
+        "",
+        _header(res),
+        "",
+        "GEMV 1x4096x4096, weights cold (rotating >= 160 MiB), one run per path with torch FP32 timed beside it; "
+        "cell: FP32 time / lowbit time (kernel that ran). `reference` is LOWBIT_ISA=reference: no C kernels at "
+        "all (dequantize per call), what runs on a machine without a compiler. `cpu-any` is the any-format "
+        "kernel (rows dequantized once per call in C); `@hqq` rows carry HQQ's fractional zero points. "
+        f"Streaming read bandwidth in this run: {res['read_bandwidth_gbs']:.1f} GB/s.",
+        "",
+        markdown_table(["scheme"] + isas, rows),
     ])
 
 
@@ -102,6 +139,32 @@ def _decode(res: dict) -> str:
         markdown_table(["variant", "decoder", "decode tok/s", "vs fp32", "MB"], rows),
         "",
         *notes,
+    ])
+
+
+def _decode_1b(res: dict) -> str:
+    r = res["rows"][0]
+    peer = res.get("llama_cpp")
+    rows = [[r["variant"], f"{r['tok_s']:.1f}", f"{r['model_bytes'] / 1e9:.2f}"]]
+    note = ""
+    if peer:
+        rows.append([f"llama.cpp Q4_0 ({peer['version']})", f"{peer['decode_tok_s_median']:.1f}",
+                     f"{peer['file_bytes'] / 1e9:.2f} (file)"])  # fmt: skip
+        note = (f"lowbit decodes at {r['tok_s'] / peer['decode_tok_s_median']:.2f}x llama.cpp's speed (llama.cpp's spread "
+                f"over its runs before and after: {min(peer['decode_tok_s_all']):.1f}-{max(peer['decode_tok_s_all']):.1f} tok/s).")
+    return "\n".join([
+        "## A 1.1B Llama-shaped model: batch-1 decode speed (bandwidth-bound)",
+        "",
+        _header(res),
+        "",
+        f"Random weights in TinyLlama-1.1B's shapes with SmolLM2's tokenizer ({res['params'] / 1e9:.2f}B parameters; "
+        "benchmarks/make_llama_1b.py writes the same weights as a transformers directory and as a GGUF file, which "
+        "llama.cpp's own quantizer turns into Q4_0). Greedy decoding of "
+        f"{res['new_tokens']} tokens, tokens/s of the decode steps, lowbit's kernels on {res.get('isa', '?')}.",
+        "",
+        markdown_table(["variant", "decode tok/s", "GB"], rows),
+        "",
+        note,
     ])
 
 
@@ -483,7 +546,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
         "Speed figures are medians of repetitions measured side by side in one process; compare ratios, "
         "not absolute times, across machines.",
     ]
-    for name, render in (("kernels", _kernels), ("smollm2", _smollm2), ("decode", _decode), ("digits", _digits),
+    for name, render in (("kernels", _kernels), ("paths", _paths), ("smollm2", _smollm2), ("decode", _decode), ("decode_1b", _decode_1b), ("digits", _digits),
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
                          ("sym_range", _sym_range)):  # fmt: skip

@@ -52,11 +52,19 @@ def _versions() -> dict:
 
 
 KERNEL_PEERS = ("torchao-int8", "torchao-int4g64", "torchao-int4g128", "quanto-int8", "quanto-int4g128",
-                "bnb-int8", "bnb-nf4g64")  # fmt: skip
+                "bnb-int8", "bnb-nf4g64", "ort-w8a8")  # fmt: skip
+
+
+def _kernel_isas() -> tuple[str, ...]:
+    """The machine's best CPU-kernel ISA, and AVX2 beside it where the best is wider."""
+    from lowbit.kernels import cpu
+
+    best = cpu.available_isas()[0]
+    return (best, "avx2") if best == "avx512" else (best,)
 
 
 def section_kernels(quick: bool) -> dict:
-    from lowbit.evaluate.kernel_bench import SHAPES, run_kernel_bench
+    from lowbit.evaluate.kernel_bench import SHAPES, read_bandwidth, run_kernel_bench
 
     sys.path.insert(0, str(HERE))
     from peers import available_peers  # type: ignore
@@ -64,14 +72,38 @@ def section_kernels(quick: bool) -> dict:
     # Peers with a real CPU kernel; hqq's CPU path dequantizes the whole weight per call (and takes
     # ~10 s to quantize each 4096x4096 copy), so it is compared on accuracy, not here.
     peers = {k: v for k, v in available_peers().items() if k in KERNEL_PEERS}
-    rows = run_kernel_bench(("int8", "w4g128", "w4g64"), shapes=SHAPES[:1] if quick else SHAPES,
-                            reps=10 if quick else 40, peers=peers,
+    bandwidth = [read_bandwidth()]
+    rows = run_kernel_bench(("int8", "w4g128", "w4g64", "w8a8"), shapes=SHAPES[:1] if quick else SHAPES,
+                            reps=10 if quick else 40, peers=peers, isas=_kernel_isas(),
                             progress=lambda s: print("  ", s, file=sys.stderr))  # fmt: skip
+    bandwidth.append(read_bandwidth())
     return {
         "command": "python benchmarks/run_all.py --sections kernels",
+        "read_bandwidth_gbs": bandwidth,  # before and after the kernels
+        "isas": list(_kernel_isas()),
         "rows": [{"shape": list(r.shape), "label": r.label, "variant": r.variant, "seconds": r.seconds,
                   "weight_bytes": r.weight_bytes, "copies": r.copies} for r in rows],  # fmt: skip
     }
+
+
+PATH_SCHEMES = ("int8", "w4g128", "w4g64", "w4g64-asym", "w4g64-asym@hqq", "w2g64-asym", "w3g64", "nf4g64", "fp8",
+                "w8a8", "w4g16", "bf16")  # fmt: skip
+
+
+def section_paths(quick: bool) -> dict:
+    """Every scheme on every kernel path this machine has (each ISA, and the reference), batch-1
+    GEMV 4096x4096 with cold weights, against FP32 in the same run, one run per path."""
+    from lowbit.evaluate.kernel_bench import read_bandwidth, run_kernel_bench
+    from lowbit.kernels import cpu
+
+    out = {"command": "python benchmarks/run_all.py --sections paths", "read_bandwidth_gbs": read_bandwidth(),
+           "paths": {}}  # fmt: skip
+    for isa in cpu.available_isas():
+        print(f"  paths: {isa}", file=sys.stderr)
+        rows = run_kernel_bench(PATH_SCHEMES, shapes=((1, 4096, 4096),), reps=5 if isa == "reference" else 15,
+                                isas=(isa,), baselines=False)  # fmt: skip
+        out["paths"][isa] = [{"variant": r.variant, "seconds": r.seconds, "weight_bytes": r.weight_bytes} for r in rows]
+    return out
 
 
 SMOLLM2_SCHEMES = ("bf16", "int8", "w4g64", "w4g64-asym", "w4g32", "w4g128", "w3g64", "w3g64-asym",
@@ -221,6 +253,60 @@ def section_decode(quick: bool) -> dict:
             out[q] = peer
     return {"command": "python benchmarks/run_all.py --sections decode", "new_tokens": new_tokens,
             "isa": cpu.isa(), "rows": rows, "llama_cpp": out}  # fmt: skip
+
+
+def section_decode_1b(quick: bool) -> dict:
+    """The bandwidth-bound case: batch-1 greedy decode of a 1.1B Llama-shaped model with random
+    weights (benchmarks/make_llama_1b.py, built on first use), lowbit w4g32 + int8 head through
+    lowbit.generate vs llama.cpp's Q4_0 of the same weights."""
+    import lowbit
+    from lowbit.cache import cache_dir
+    from lowbit.evaluate.compare import DEMO_PROMPT
+    from lowbit.evaluate.speed import decode_speed
+    from lowbit.kernels import cpu
+    from lowbit.models.source import load_source
+
+    sys.path.insert(0, str(HERE))
+    import make_llama_1b  # type: ignore
+
+    out = cache_dir("bench", "llama-1b")
+    if not (out / "q4_0.gguf").exists() or not (out / "hf" / "config.json").exists():
+        print("  making the 1.1B model (a few minutes)", file=sys.stderr)
+        model = make_llama_1b.make_hf(out / "hf")
+        make_llama_1b.make_gguf(model, out / "f16.gguf")
+        del model
+        make_llama_1b.quantize_gguf(out / "f16.gguf", out / "q4_0.gguf")
+        (out / "f16.gguf").unlink()
+    new_tokens = 32 if quick else 64
+    py = _llamacpp_python()
+
+    def peer() -> dict | None:
+        if not py:
+            return None
+        print("  decode_1b llama.cpp Q4_0", file=sys.stderr)
+        p = subprocess.run([py, str(HERE / "peer_llamacpp.py"), "--model", str(out / "q4_0.gguf"), "--threads",
+                            str(THREADS), "--tokens", str(new_tokens), "--prompt", DEMO_PROMPT, "--reps", "3"],
+                           capture_output=True, text=True)  # fmt: skip
+        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+
+    before = peer()
+    zm = load_source(str(out / "hf"))
+    model = lowbit.quantize(zm.model.float(), lowbit.Recipe.from_scheme("w4g32").add("lm_head", "int8").add(
+        "model.embed_tokens", "int8"))  # fmt: skip
+    rows = []
+    print("  decode_1b lowbit w4g32 + int8 emb/head", file=sys.stderr)
+    d = decode_speed(model, zm.tokenizer, DEMO_PROMPT, new_tokens=new_tokens, reps=3, decoder="lowbit")
+    rows.append({"variant": "lowbit w4g32 + int8 emb/head", "tok_s": d.tokens_per_s, "all": d.all_tokens_per_s,
+                 "model_bytes": lowbit.size_of(model).total_bytes})  # fmt: skip
+    after = peer()
+    runs = [r for r in (before, after) if r]
+    llama = None
+    if runs:
+        llama = dict(runs[0])
+        llama["decode_tok_s_all"] = sorted(x for r in runs for x in r["decode_tok_s_all"])
+        llama["decode_tok_s_median"] = statistics.median(llama["decode_tok_s_all"])
+    return {"command": "python benchmarks/run_all.py --sections decode_1b", "new_tokens": new_tokens, "isa": cpu.isa(),
+            "params": sum(p.numel() for p in zm.model.parameters()), "rows": rows, "llama_cpp": llama}  # fmt: skip
 
 
 def section_digits(quick: bool) -> dict:
@@ -808,7 +894,7 @@ def section_sym_range(quick: bool) -> dict:
             "rows": rows}  # fmt: skip
 
 
-SECTIONS = {"kernels": section_kernels, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
+SECTIONS = {"kernels": section_kernels, "paths": section_paths, "decode_1b": section_decode_1b, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mobilenet_speed": section_mobilenet_speed, "mixed": section_mixed, "mixed_base": section_mixed_base,
             "mixed_hessian": section_mixed_hessian,

@@ -112,3 +112,28 @@ def test_smollm2_greedy_tokens_equal_transformers_fp32_and_int4(smollm2):
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     for model in (smollm2.model, lowbit.quantize(copy.deepcopy(smollm2.model), "w4g64")):
         assert torch.equal(lowbit.generate(model, ids, 20, eos_token_id=[]), hf_greedy(model, ids, 20))
+
+
+@pytest.mark.parametrize("scheme", ["w4g32", "int8", "w2g32-asym", "nf4g32"])
+def test_the_one_call_layer_path_matches_the_torch_path(scheme, isa):
+    """Packed-kernel models decode each step in one C call per layer; other formats (nf4) take
+    the torch path. Both give the same logits."""
+    m = lowbit.quantize(tiny_llama(), scheme)
+    ids = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(5))
+    fast, slow = Decoder(m, 12), Decoder(m, 12)
+    assert (fast.fast is not None) == (scheme != "nf4g32")
+    slow.fast = None
+    fast.feed(ids[:5]), slow.feed(ids[:5])
+    for t in ids[5:]:
+        a, b = fast.feed(t.reshape(1)), slow.feed(t.reshape(1))
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_perplexity_through_the_decoder_cache(smollm2):
+    from lowbit.evaluate.perplexity import perplexity
+
+    base = perplexity(smollm2.model, smollm2.tokenizer, max_tokens=1024, seqlen=256)
+    f32 = perplexity(smollm2.model, smollm2.tokenizer, max_tokens=1024, seqlen=256, kv_cache="float32")
+    i8 = perplexity(smollm2.model, smollm2.tokenizer, max_tokens=1024, seqlen=256, kv_cache="int8")
+    assert f32.ppl == pytest.approx(base.ppl, rel=1e-4)  # the decoder is the model's forward
+    assert i8.ppl != f32.ppl and i8.ppl == pytest.approx(f32.ppl, rel=0.02)  # int8 keys/values: a small cost

@@ -179,14 +179,16 @@ class Decoder:
         return self.k[i, :, :p1].float() * self.ks[i, :, :p1], self.v[i, :, :p1].float() * self.vs[i, :, :p1]
 
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+    def feed(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run ``ids (T,)`` at the next positions; the last position's logits ``(vocab,)``, or
+        with ``all_logits`` every position's ``(T, vocab)`` (for perplexity through the cache)."""
         a, t, p0 = self.arch, ids.numel(), self.pos
         if t == 0:
             raise GenerateError("nothing to feed (an empty prompt)")
         if p0 + t > self.length:
             raise GenerateError(f"position {p0 + t} is beyond the {self.length} this decoder was made for")
         x = self.model.model.embed_tokens(ids.reshape(1, t)).float()  # (1, T, hidden)
-        if t == 1 and self.fast is not None:
+        if t == 1 and self.fast is not None and not all_logits:
             xv = x.reshape(-1).clone()
             for layer in self.fast:
                 layer(xv, p0)
@@ -215,6 +217,8 @@ class Decoder:
             inter = gu.shape[-1] // 2
             x = x + dp(F.silu(gu[:, :inter]) * gu[:, inter:]).reshape(1, t, -1)
         self.pos = p0 + t
+        if all_logits:
+            return self.model.lm_head(self.final_norm(x).reshape(t, -1)).reshape(t, -1).float()
         last = self.final_norm(x[:, -1:])
         return self.head(last.reshape(1, -1)).reshape(-1).float()
 

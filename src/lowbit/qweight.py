@@ -14,9 +14,9 @@ Tensors (``N`` output channels, ``K`` input columns after flattening, ``ng = cei
 ``nbytes`` counts exactly these tensors' bytes: what the safetensors file stores for the weight.
 
 In memory a QWeight may instead be in the ``tiled`` layout the CPU kernel reads
-(:func:`lowbit.packing.tile`): ``data`` tiled, ``scale`` group-major ``(ng, ceil(N/16)*16)``
-and integer zero points packed along rows ``(ng, packed_row_bytes(ceil(N/16)*16, bits))``,
-padding rows zero; per-tensor parameters stay ``(1, 1)``. ``nbytes`` always counts the row
+(:func:`lowbit.packing.tile`): ``data`` tiled, ``scale`` group-major ``(ng, ceil(N/16)*16)``,
+integer zero points packed along rows ``(ng, packed_row_bytes(ceil(N/16)*16, bits))`` and
+fractional ones group-major float16 like the scales, padding rows zero; per-tensor parameters stay ``(1, 1)``. ``nbytes`` always counts the row
 layout, which is what is stored; :meth:`to_layout` converts both ways exactly.
 """
 
@@ -177,6 +177,8 @@ class QWeight:
         if self.zero is None:
             return None
         if self._tiled_params():
+            if self.zero.dtype != torch.uint8:  # fractional, group-major like the scales
+                return self.zero[:, : self.rows].t().float()
             padded = packing.unpack(self.zero, self.scheme.bits, _padded_rows(self.rows))
             return padded[:, : self.rows].t().float()
         if self.zero.dtype == torch.uint8:
@@ -192,11 +194,14 @@ class QWeight:
 
     # ---- layouts ------------------------------------------------------------------------------
     def can_tile(self, layout: str = "tiled") -> bool:
-        """Whether ``layout`` applies: affine codes with integer (or no) zero points, 2/4/8 bits for
-        "tiled", 8 bits for "tiled4"."""
+        """Whether ``layout`` applies: affine codes, 2/4/8 bits for "tiled" (zero points integer,
+        fractional or none), 8 bits with integer (or no) zero points for "tiled4"."""
         s = self.scheme
-        bits_ok = s.bits in packing.TILEABLE_BITS if layout == "tiled" else s.bits == 8
-        return s.fmt.kind == "affine" and bits_ok and (self.zero is None or self.zero.dtype == torch.uint8)
+        if s.fmt.kind != "affine":
+            return False
+        if layout == "tiled":
+            return s.bits in packing.TILEABLE_BITS
+        return s.bits == 8 and (self.zero is None or self.zero.dtype == torch.uint8)
 
     def to_layout(self, layout: str) -> QWeight:
         """This weight in ``layout`` ("rows" or "tiled"): new tensors, same values."""
@@ -209,9 +214,12 @@ class QWeight:
         bits = self.scheme.bits
         qp = self.qparams()
         codes = self.codes()
+        fractional = self.zero is not None and self.zero.dtype != torch.uint8
         if layout == "rows":
             scale = qp.scale.to(self.scale.dtype).contiguous()
-            zero = None if qp.zero is None else packing.pack(qp.zero.to(torch.uint8), bits)
+            zero = None
+            if qp.zero is not None:
+                zero = qp.zero.to(self.zero.dtype).contiguous() if fractional else packing.pack(qp.zero.to(torch.uint8), bits)
             return QWeight(self.scheme, self.shape, packing.pack(codes, bits), scale, zero, "rows")
         n = self.rows
         pad = _padded_rows(n) - n
@@ -220,7 +228,9 @@ class QWeight:
         else:
             scale = torch.nn.functional.pad(qp.scale.t(), (0, pad)).to(self.scale.dtype).contiguous()
             zero = None
-            if qp.zero is not None:
+            if qp.zero is not None and fractional:  # group-major float16, like the scales
+                zero = torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(self.zero.dtype).contiguous()
+            elif qp.zero is not None:
                 zero = packing.pack(torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(torch.uint8).contiguous(), bits)
         data = packing.tile(codes, bits) if layout == "tiled" else packing.tile4(codes)
         return QWeight(self.scheme, self.shape, data, scale, zero, layout)

@@ -25,9 +25,9 @@ from ..kernels import assign, cpu
 from ..nn import QuantLinear
 from ..qweight import QWeight
 from ..scheme import parse_scheme
-from .speed import median_times_interleaved
+from .speed import median_time, median_times_interleaved
 
-__all__ = ["SHAPES", "run_kernel_bench", "KernelRow", "machine_info"]
+__all__ = ["SHAPES", "run_kernel_bench", "KernelRow", "machine_info", "read_bandwidth"]
 
 SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (512, 4096, 4096))
 ROTATE_BYTES = 160 * 2**20
@@ -78,8 +78,21 @@ def _rotating(fns: list[Callable], x: torch.Tensor) -> Callable[[], object]:
     return call
 
 
-def _lowbit_layers(linear: torch.nn.Linear, scheme: str, copies: int) -> tuple[list[QuantLinear], int]:
-    qw = QWeight.from_float(linear.weight, parse_scheme(scheme))
+def _quantized(linear: torch.nn.Linear, spec: str) -> QWeight:
+    """``spec``: a scheme (round to nearest), or ``scheme@method`` (e.g. ``w4g64-asym@hqq``)."""
+    scheme, _, method = spec.partition("@")
+    if not method:
+        return QWeight.from_float(linear.weight, parse_scheme(scheme))
+    import copy
+
+    from ..driver import quantize
+
+    holder = quantize(torch.nn.Sequential(copy.deepcopy(linear)), scheme, method=method)
+    return holder[0].qw
+
+
+def _lowbit_layers(linear: torch.nn.Linear, spec: str, copies: int) -> tuple[list[QuantLinear], int]:
+    qw = _quantized(linear, spec)
     mods = []
     for _ in range(copies):
         q = QWeight(qw.scheme, qw.shape, qw.data.clone(), None if qw.scale is None else qw.scale.clone(),
@@ -90,6 +103,25 @@ def _lowbit_layers(linear: torch.nn.Linear, scheme: str, copies: int) -> tuple[l
     return mods, qw.nbytes
 
 
+def read_bandwidth(mib: int = 512, reps: int = 9) -> float:
+    """The machine's streaming read bandwidth in GB/s (1e9 bytes/s): bytes over the median time
+    of torch's ``sum`` of a float32 tensor of ``mib`` MiB, with torch's threads."""
+    t = torch.ones(mib * 2**20 // 4)
+    return t.numel() * 4 / median_time(lambda: t.sum(), reps=reps, warmup=2) / 1e9
+
+
+def _on_isa(isa: str | None, fn: Callable) -> Callable:
+    """``fn`` run with the CPU kernels of ``isa`` active (None: whatever is active)."""
+    if isa is None:
+        return fn
+
+    def call(x):
+        cpu.use_isa(isa)
+        return fn(x)
+
+    return call
+
+
 @torch.no_grad()
 def run_kernel_bench(
     schemes: tuple[str, ...] = ("int8", "w4g128", "w4g64"),
@@ -98,8 +130,15 @@ def run_kernel_bench(
     reps: int = 30,
     peers: dict[str, Adapter] | None = None,
     progress: Callable[[str], None] | None = None,
+    isas: tuple[str, ...] | None = None,
+    baselines: bool = True,
 ) -> list[KernelRow]:
-    """Time FP32, BF16, lowbit ``schemes`` and ``peers`` on each shape; see the module docstring."""
+    """Time FP32, BF16, lowbit ``schemes`` and ``peers`` on each shape; see the module docstring.
+
+    ``schemes`` entries are scheme strings (round to nearest) or ``scheme@method``. ``isas``:
+    run every lowbit variant once per CPU-kernel ISA named (``lowbit.kernels.cpu``; "reference"
+    included), side by side; None: the active one. ``baselines=False`` leaves out torch BF16
+    (FP32 always runs: ratios are taken against it)."""
     rows: list[KernelRow] = []
     gen = torch.Generator().manual_seed(0)
     for m, k, n in shapes:
@@ -113,16 +152,26 @@ def run_kernel_bench(
         variants: list[tuple[str, Callable, int, int]] = [
             ("torch fp32", _rotating([lambda x, w=w: x @ w.t() for w in fp], x), fp_bytes, c)
         ]
-        cb = _copies(fp_bytes // 2, m)
-        bf = [linear.weight.to(torch.bfloat16) for _ in range(cb)]
-        xb = x.to(torch.bfloat16)
-        variants.append(("torch bf16", _rotating([lambda _x, w=w, xb=xb: (xb @ w.t()).float() for w in bf], x), fp_bytes // 2, cb))
+        bf = []
+        if baselines:
+            cb = _copies(fp_bytes // 2, m)
+            bf = [linear.weight.to(torch.bfloat16) for _ in range(cb)]
+            xb = x.to(torch.bfloat16)
+            variants.append(("torch bf16", _rotating([lambda _x, w=w, xb=xb: (xb @ w.t()).float() for w in bf], x),
+                             fp_bytes // 2, cb))  # fmt: skip
+        active = cpu.isa()
         for s in schemes:
-            mods, qbytes = _lowbit_layers(linear, s, _copies(int(n * k * parse_scheme(s).bits / 8), m))
-            kern = mods[0].kernel
-            if kern.startswith("cpu"):
-                kern = f"{kern}/{cpu.isa()}"
-            variants.append((f"lowbit {s} ({kern})", _rotating(mods, x), qbytes, len(mods)))
+            for isa in isas or (None,):
+                if isa is not None:
+                    cpu.use_isa(isa)  # modules are assigned under the ISA they will run on
+                bits = parse_scheme(s.partition("@")[0]).bits
+                mods, qbytes = _lowbit_layers(linear, s, _copies(int(n * k * bits / 8), m))
+                kern = mods[0].kernel
+                if kern.startswith("cpu"):
+                    kern = f"{kern}/{cpu.isa()}"
+                variants.append((f"lowbit {s} ({kern})", _on_isa(isa, _rotating(mods, x)), qbytes, len(mods)))
+        if isas:
+            cpu.use_isa(active)
         for name, adapter in (peers or {}).items():
             try:
                 probe = adapter(linear)
@@ -136,6 +185,8 @@ def run_kernel_bench(
         if progress:
             progress(f"{m}x{k}x{n}: {', '.join(v[0] for v in variants)}")
         times = median_times_interleaved([v[1] for v in variants], reps=r)
+        if isas:
+            cpu.use_isa(active)
         for (label, _, nbytes, copies), t in zip(variants, times):
             rows.append(KernelRow((m, k, n), label, t, nbytes, copies))
         del fp, bf, variants

@@ -43,9 +43,12 @@ def perplexity(
     progress: bool = False,
     text: str | None = None,
     source: str | None = None,
+    kv_cache: str | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``split`` (see the module docstring), or on ``text`` when given
-    (its first ``max_tokens`` tokens; ``source`` names it in the result)."""
+    (its first ``max_tokens`` tokens; ``source`` names it in the result). ``kv_cache``
+    (``"float32"`` or ``"int8"``): run each window through :class:`lowbit.generate.Decoder` with
+    that key/value cache instead of the model's forward (Llama-family models)."""
     if text is not None:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
         split = "given text"
@@ -65,7 +68,12 @@ def perplexity(
     model.eval()
     for i in batches:
         x = windows[i : i + batch_size]
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (b, seqlen, vocab)
+        if kv_cache is None:
+            logits = model(input_ids=x, use_cache=False).logits.float()  # (b, seqlen, vocab)
+        else:
+            from ..generate import Decoder
+
+            logits = torch.stack([Decoder(model, seqlen, kv_cache).feed(w, all_logits=True) for w in x])
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
         )

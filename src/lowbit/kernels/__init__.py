@@ -12,7 +12,7 @@ linear         reference   dequantize to float32, ``F.linear``
 linear         cpu         packed int2/int4/int8 codes x int16 activations (CPU kernels)
 linear         cpu-a8      int8 codes x per-token int8 activations (W8A8)
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
-linear         cpu-any     any stored format (int3, NF4, FP8, HQQ zeros, any group): decoded row by row
+linear         cpu-any     any other stored format (int3, NF4, FP8, any group size): decoded row by row
 conv2d         reference   dequantize to float32, ``F.conv2d``
 conv2d         cpu-a8      1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
 conv2d         cpu-dw-a8   depthwise convolutions, static int8 activations, integer arithmetic

@@ -47,7 +47,7 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "portable": (("-march=native",), ()),
 }
 _SOURCES = ("common.h", "driver.h")
-_ABI = 9  # lb_abi_version() of the C sources this wrapper calls
+_ABI = 10  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -67,6 +67,7 @@ class _Weights(ctypes.Structure):
         ("B", ctypes.c_int32), ("A", ctypes.c_int32),
         ("bias", ctypes.c_void_p),
         ("s32", ctypes.c_int32),
+        ("zf", ctypes.c_void_p),
     ]  # fmt: skip
 
 
@@ -429,8 +430,8 @@ def supports(mod) -> str | None:
         return f"{s.fmt.name} weights (the CPU kernel runs int2/int4/int8 codes)"
     if s.act_bits is not None:
         return "activation-quantized scheme (weight-only kernel)"
-    if mod.zeros is not None and mod.zeros.dtype != torch.uint8:
-        return "fractional zero points (the CPU kernel takes integer zeros)"
+    if mod.zeros is not None and mod.zeros.dtype not in (torch.uint8, torch.float16):
+        return f"{mod.zeros.dtype} zero points"
     if _scales_reason(mod):
         return _scales_reason(mod)
     if _block(mod) is None:
@@ -460,8 +461,11 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
         raise RuntimeError(f"the CPU kernel reads float16 or float32 scales, got {scales.dtype}")
     k = mod.in_features
     whole = s.group_size is None or s.per_tensor
+    zf = None
     if zeros is None:
         zw, ldz, zconst = None, 0, s.fmt.sym_zero
+    elif zeros.dtype == torch.float16:  # fractional (HQQ): group-major like the scales
+        zw, ldz, zconst, zf = None, 0, 0, zeros.data_ptr()
     elif s.per_tensor:  # one integer zero point for the whole tensor
         zw, ldz, zconst = None, 0, int(mod.qw.zero_points().item())
     else:
@@ -473,7 +477,7 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
         mod.out_features, k, k if whole else s.group_size,
         _block(mod) or 0, s.act_group or 0,
         None if bias is None else bias.data_ptr(),
-        int(scales.dtype == torch.float32),
+        int(scales.dtype == torch.float32), zf,
     )  # fmt: skip
     return desc, bias
 

@@ -71,6 +71,10 @@ static void quant_act(const float* x, int64_t M, int64_t K, int B, int16_t* qx, 
 
 /* 16 rows' zero points of group g as floats. */
 INLINE __m512 load_zeros(const wdesc* d, int64_t g, int64_t rb) {
+    if (d->zf) { /* fractional (HQQ), float16, group-major like the scales */
+        if (d->ldsw == 0) return _mm512_set1_ps(half_to_float(d->zf[0]));
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d->zf + g * d->ldsw + rb * 16)));
+    }
     if (!d->zw) return _mm512_set1_ps((float)d->zconst);
     const uint8_t* p = d->zw + g * d->ldz;
     if (d->bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + rb * 16))));

@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define LB_ABI 9
+#define LB_ABI 10
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
@@ -29,6 +29,7 @@ typedef struct {
     int32_t A;            /* W8A8 path: columns per activation scale (0 or >= K: one per row) */
     const float* bias;    /* (N,) or NULL */
     int32_t s32;          /* scales are float32 (weights beyond float16's normal range) */
+    const uint16_t* zf;   /* fractional zero points, float16 (ng, ldsw) like the scales, or NULL */
 } wdesc;
 
 /* Scale i (a flat index into sw) as a float. */
@@ -76,6 +77,11 @@ INLINE void scales16(const wdesc* d, int64_t g, int64_t rb, float* s) {
 /* 16 rows' zero points of group g as floats (zeros packed along rows like the codes, ``bits``
  * each: a compile-time constant at every call, so the divisions below are shifts). */
 INLINE void zeros16(const wdesc* d, int64_t g, int64_t rb, float* z, int bits) {
+    if (d->zf) {
+        const uint16_t* p = d->zf + (d->ldsw ? g * d->ldsw + rb * 16 : 0);
+        for (int r = 0; r < 16; r++) z[r] = half_to_float(p[d->ldsw ? r : 0]);
+        return;
+    }
     if (!d->zw) {
         for (int r = 0; r < 16; r++) z[r] = (float)d->zconst;
         return;

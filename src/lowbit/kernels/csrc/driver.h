@@ -27,6 +27,7 @@ static void prefetch_params(const wdesc* d, int64_t rb) {
         __builtin_prefetch(p);
         __builtin_prefetch(p + 16 * esz - 1);
         if (d->zw) __builtin_prefetch(d->zw + g * d->ldz + rb * 16 * d->bits / 8);
+        if (d->zf) __builtin_prefetch(d->zf + g * d->ldsw + rb * 16);
     }
 }
 
