@@ -14,9 +14,11 @@ Tensors (``N`` output channels, ``K`` input columns after flattening, ``ng = cei
 ``nbytes`` counts exactly these tensors' bytes: what the safetensors file stores for the weight.
 
 In memory a QWeight may instead be in the ``tiled`` layout the CPU kernel reads
-(:func:`lowbit.packing.tile`): ``data`` tiled, ``scale`` group-major ``(ng, ceil(N/16)*16)``,
-integer zero points packed along rows ``(ng, packed_row_bytes(ceil(N/16)*16, bits))`` and
-fractional ones group-major float16 like the scales, padding rows zero; per-tensor parameters stay ``(1, 1)``. ``nbytes`` always counts the row
+(:func:`lowbit.packing.tile`): ``data`` tiled; ``scale`` row-block-major ``(ceil(N/16), ng * 16)``
+(block ``rb`` holds, group after group, the values of its 16 rows, so one tile's parameters are
+one contiguous run); fractional zero points the same in float16, integer ones the same with
+each group's 16 codes bit-packed (``(ceil(N/16), ng * packed_row_bytes(16, bits))``); padding
+rows zero; per-tensor parameters stay ``(1, 1)``. ``nbytes`` always counts the row
 layout, which is what is stored; :meth:`to_layout` converts both ways exactly.
 """
 
@@ -50,6 +52,22 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 def _padded_rows(n: int) -> int:
     return -(-n // packing.TILE_ROWS) * packing.TILE_ROWS
+
+
+def _to_blocks(t: torch.Tensor) -> torch.Tensor:
+    """Per-row parameters ``(N, ng)`` -> the tiled layouts' row-block-major ``(nrb, ng * 16)``:
+    block ``rb`` holds, group after group, the 16 values of its rows (padding rows 0), so a
+    tile's parameters are one contiguous run."""
+    n, ng = t.shape
+    tr = packing.TILE_ROWS
+    t = torch.nn.functional.pad(t, (0, 0, 0, _padded_rows(n) - n))
+    return t.reshape(-1, tr, ng).transpose(1, 2).reshape(-1, ng * tr).contiguous()
+
+
+def _from_blocks(b: torch.Tensor, rows: int, ng: int) -> torch.Tensor:
+    """Inverse of :func:`_to_blocks`: ``(nrb, ng * 16)`` -> ``(rows, ng)``."""
+    tr = packing.TILE_ROWS
+    return b.reshape(-1, ng, tr).transpose(1, 2).reshape(-1, ng)[:rows]
 
 
 def _checked_cast(w2: torch.Tensor, scheme: Scheme, name: str) -> torch.Tensor:
@@ -177,17 +195,18 @@ class QWeight:
         if self.zero is None:
             return None
         if self._tiled_params():
-            if self.zero.dtype != torch.uint8:  # fractional, group-major like the scales
-                return self.zero[:, : self.rows].t().float()
-            padded = packing.unpack(self.zero, self.scheme.bits, _padded_rows(self.rows))
-            return padded[:, : self.rows].t().float()
+            ng, tr = self.n_groups, packing.TILE_ROWS
+            if self.zero.dtype != torch.uint8:  # fractional: row-block-major like the scales
+                return _from_blocks(self.zero, self.rows, ng).float()
+            codes = packing.unpack(self.zero.reshape(-1, packing.packed_row_bytes(tr, self.scheme.bits)), self.scheme.bits, tr)
+            return _from_blocks(codes.reshape(-1, ng * tr), self.rows, ng).float()
         if self.zero.dtype == torch.uint8:
             return packing.unpack(self.zero, self.scheme.bits, self.n_groups).float()
         return self.zero.float()
 
     def scales(self) -> torch.Tensor:
         """Scales ``(R, ng)`` float32."""
-        return self.scale[:, : self.rows].t().float() if self._tiled_params() else self.scale.float()
+        return _from_blocks(self.scale, self.rows, self.n_groups).float() if self._tiled_params() else self.scale.float()
 
     def qparams(self) -> QParams:
         return QParams(self.scales(), self.zero_points())
@@ -221,17 +240,17 @@ class QWeight:
             if qp.zero is not None:
                 zero = qp.zero.to(self.zero.dtype).contiguous() if fractional else packing.pack(qp.zero.to(torch.uint8), bits)
             return QWeight(self.scheme, self.shape, packing.pack(codes, bits), scale, zero, "rows")
-        n = self.rows
-        pad = _padded_rows(n) - n
         if self.scheme.per_tensor:
             scale, zero = self.scale, self.zero
         else:
-            scale = torch.nn.functional.pad(qp.scale.t(), (0, pad)).to(self.scale.dtype).contiguous()
+            scale = _to_blocks(qp.scale).to(self.scale.dtype)
             zero = None
-            if qp.zero is not None and fractional:  # group-major float16, like the scales
-                zero = torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(self.zero.dtype).contiguous()
-            elif qp.zero is not None:
-                zero = packing.pack(torch.nn.functional.pad(qp.zero.t(), (0, pad)).to(torch.uint8).contiguous(), bits)
+            if qp.zero is not None and fractional:  # row-block-major float16, like the scales
+                zero = _to_blocks(qp.zero).to(self.zero.dtype)
+            elif qp.zero is not None:  # integer codes, each group's 16 rows packed together
+                tr = packing.TILE_ROWS
+                blocks = _to_blocks(qp.zero).to(torch.uint8)
+                zero = packing.pack(blocks.reshape(-1, tr), bits).reshape(blocks.shape[0], -1).contiguous()
         data = packing.tile(codes, bits) if layout == "tiled" else packing.tile4(codes)
         return QWeight(self.scheme, self.shape, data, scale, zero, layout)
 
@@ -250,9 +269,13 @@ class QWeight:
         if self.scheme.per_tensor:
             scale, zero = self.scale, self.zero
         else:
-            scale = self.scale[:, idx].t().contiguous()
+            scale = self.scales()[idx].to(self.scale.dtype).contiguous()
             zp = self.zero_points()
-            zero = None if zp is None else packing.pack(zp[idx].to(torch.uint8), bits)
+            zero = None
+            if zp is not None and self.zero.dtype != torch.uint8:
+                zero = zp[idx].to(self.zero.dtype).contiguous()
+            elif zp is not None:
+                zero = packing.pack(zp[idx].to(torch.uint8), bits)
         return QWeight(self.scheme, shape, packing.pack(codes, bits), scale, zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

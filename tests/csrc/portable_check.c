@@ -30,8 +30,10 @@ static int check_linear(int bits, int64_t N, int64_t K, int64_t G, int asym, int
     const int64_t nrb = (N + 15) / 16, npad = nrb * 16, nchunks = (K + ck - 1) / ck, ng = (K + G - 1) / G;
     uint8_t* codes = calloc((size_t)(N * K), 1);
     uint8_t* tiled = calloc((size_t)(nrb * nchunks * 32), 1);
+    /* row-block-major parameters: group g of row n at (n / 16) * ng * 16 + g * 16 + n % 16 */
     uint16_t* sw = calloc((size_t)(ng * npad), 2);
     uint8_t* zw = calloc((size_t)(ng * npad), 1);
+    const int64_t zb = 2 * bits; /* bytes of one group's 16 packed zero codes */
     float* x = malloc(sizeof(float) * M * K);
     float* y = malloc(sizeof(float) * M * N);
     const int levels = 1 << bits;
@@ -44,13 +46,13 @@ static int check_linear(int bits, int64_t N, int64_t K, int64_t G, int asym, int
         }
     for (int64_t g = 0; g < ng; g++)
         for (int64_t n = 0; n < N; n++) {
-            sw[g * npad + n] = to_half(0.01f + 0.05f * (uniform() + 1.0f));
+            sw[(n / 16) * ng * 16 + g * 16 + n % 16] = to_half(0.01f + 0.05f * (uniform() + 1.0f));
             const uint8_t z = (uint8_t)(next() % levels);
-            if (asym) zw[g * (npad * bits / 8) + n / per] |= (uint8_t)(z << (bits * (n % per)));
+            if (asym) zw[(n / 16) * ng * zb + g * zb + (n % 16) / per] |= (uint8_t)(z << (bits * (n % per)));
         }
     for (int64_t i = 0; i < M * K; i++) x[i] = 3.0f * uniform();
     wdesc d = {0};
-    d.w = tiled; d.sw = sw; d.ldsw = npad; d.zw = asym ? zw : NULL; d.ldz = npad * bits / 8;
+    d.w = tiled; d.sw = sw; d.ldsw = 16; d.ldsrb = ng * 16; d.zw = asym ? zw : NULL; d.ldz = zb; d.ldzrb = ng * zb;
     d.zconst = 1 << (bits - 1); d.bits = bits; d.N = N; d.K = K; d.G = G >= K ? K : G;
     d.B = (G >= K) ? (K > 128 ? 256 : 64) : (G % 256 == 0 ? 256 : G % 128 == 0 ? 128 : G % 64 == 0 ? 64 : 32);
     if (lb_linear(&d, x, M, y, 2) != 0) { printf("lb_linear refused bits=%d\n", bits); return 1; }
@@ -60,9 +62,9 @@ static int check_linear(int bits, int64_t N, int64_t K, int64_t G, int asym, int
             double ref = 0.0;
             for (int64_t k = 0; k < K; k++) {
                 const int64_t g = k / d.G;
-                const double z = asym ? (double)((zw[g * (npad * bits / 8) + n / per] >> (bits * (n % per))) & (levels - 1))
-                                      : (double)d.zconst;
-                ref += ((double)codes[n * K + k] - z) * half_to_float(sw[g * npad + n]) * x[m * K + k];
+                const int64_t zi = (n / 16) * ng * zb + g * zb + (n % 16) / per;
+                const double z = asym ? (double)((zw[zi] >> (bits * (n % per))) & (levels - 1)) : (double)d.zconst;
+                ref += ((double)codes[n * K + k] - z) * half_to_float(sw[(n / 16) * ng * 16 + g * 16 + n % 16]) * x[m * K + k];
             }
             const double err = fabs(ref - y[m * N + n]);
             worst = err > worst ? err : worst;

@@ -47,7 +47,7 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "portable": (("-march=native",), ()),
 }
 _SOURCES = ("common.h", "driver.h")
-_ABI = 10  # lb_abi_version() of the C sources this wrapper calls
+_ABI = 11  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -68,6 +68,7 @@ class _Weights(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("s32", ctypes.c_int32),
         ("zf", ctypes.c_void_p),
+        ("ldsrb", ctypes.c_int64), ("ldzrb", ctypes.c_int64),
     ]  # fmt: skip
 
 
@@ -461,23 +462,25 @@ def _describe(mod) -> tuple[_Weights, torch.Tensor | None]:
         raise RuntimeError(f"the CPU kernel reads float16 or float32 scales, got {scales.dtype}")
     k = mod.in_features
     whole = s.group_size is None or s.per_tensor
-    zf = None
+    # row-block-major parameters (qweight.py): group g of row block rb at g * 16 + rb * (ng * 16)
+    zf, ldzrb = None, 0
     if zeros is None:
         zw, ldz, zconst = None, 0, s.fmt.sym_zero
-    elif zeros.dtype == torch.float16:  # fractional (HQQ): group-major like the scales
+    elif zeros.dtype == torch.float16:  # fractional (HQQ): laid out like the scales
         zw, ldz, zconst, zf = None, 0, 0, zeros.data_ptr()
     elif s.per_tensor:  # one integer zero point for the whole tensor
         zw, ldz, zconst = None, 0, int(mod.qw.zero_points().item())
-    else:
-        zw, ldz, zconst = zeros.data_ptr(), zeros.shape[1], 0
+    else:  # each group's 16 codes bit-packed: 2 * bits bytes
+        zw, ldz, zconst, ldzrb = zeros.data_ptr(), 2 * s.bits, 0, zeros.shape[1]
     desc = _Weights(
         qweight.data_ptr(),
-        scales.data_ptr(), 0 if s.per_tensor else scales.shape[1],
+        scales.data_ptr(), 0 if s.per_tensor else 16,
         zw, ldz, zconst, s.bits,
         mod.out_features, k, k if whole else s.group_size,
         _block(mod) or 0, s.act_group or 0,
         None if bias is None else bias.data_ptr(),
         int(scales.dtype == torch.float32), zf,
+        0 if s.per_tensor else scales.shape[1], ldzrb,
     )  # fmt: skip
     return desc, bias
 

@@ -37,7 +37,7 @@ INLINE __m256i bcast32(const void* p) {
 /* 8 rows' float32 scales (rows rb*16 + 8h ..) of group g. */
 INLINE __m256 scales8(const wdesc* d, int64_t g, int64_t rb, int h) {
     if (d->ldsw == 0) return _mm256_set1_ps(scale_at(d, 0));
-    const int64_t i = g * d->ldsw + rb * 16 + 8 * h;
+    const int64_t i = g * d->ldsw + rb * d->ldsrb + 8 * h;
     if (d->s32) return _mm256_loadu_ps((const float*)d->sw + i);
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)d->sw + i)));
 }

@@ -15,9 +15,9 @@
  *            constant zconst; asymmetric per group: codes packed along rows, zeros[g, n]); the
  *            zero term uses sumx, the sum of the block's quantized activations, so the codes go
  *            into vpdpwssd as they are stored.
- *   sw       float16 scales (float32 when s32: weights beyond float16's range), group-major (ng, ld)
- *            so 16 rows' scales are one load; ld = 0: one
- *            scale for the whole tensor.
+ *   sw       float16 scales (float32 when s32: weights beyond float16's range), row-block-major
+ *            (common.h: wdesc), so 16 rows' scales are one load and a tile's scales one
+ *            contiguous run; ldsw = 0: one scale for the whole tensor.
  *   qx, sx   activations quantized here per block of B (32..256, dividing G) columns: symmetric
  *            int16 with sx = absmax / 32767, so rounding is at most 1/65534 of the block's largest
  *            value: negligible next to any weight format's own error.
@@ -71,23 +71,23 @@ static void quant_act(const float* x, int64_t M, int64_t K, int B, int16_t* qx, 
 
 /* 16 rows' zero points of group g as floats. */
 INLINE __m512 load_zeros(const wdesc* d, int64_t g, int64_t rb) {
-    if (d->zf) { /* fractional (HQQ), float16, group-major like the scales */
+    if (d->zf) { /* fractional (HQQ), float16, laid out like the scales */
         if (d->ldsw == 0) return _mm512_set1_ps(half_to_float(d->zf[0]));
-        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d->zf + g * d->ldsw + rb * 16)));
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d->zf + g * d->ldsw + rb * d->ldsrb)));
     }
     if (!d->zw) return _mm512_set1_ps((float)d->zconst);
-    const uint8_t* p = d->zw + g * d->ldz;
-    if (d->bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + rb * 16))));
+    const uint8_t* p = d->zw + g * d->ldz + rb * d->ldzrb;
+    if (d->bits == 8) return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
     if (d->bits == 4) {
         /* 8 bytes: row 2j in the low nibble of byte j, row 2j+1 in the high one */
-        const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(p + rb * 8)));
+        const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)p));
         const __m128i lo = _mm_and_si128(v, _mm_set1_epi16(15)), hi = _mm_srli_epi16(v, 4);
         const __m256i z16 = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
         return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(z16));
     }
     /* bits == 2: 4 bytes, row 4j + i at bits 2i of byte j */
     uint32_t word;
-    memcpy(&word, p + rb * 4, 4);
+    memcpy(&word, p, 4);
     float z[16];
     for (int r = 0; r < 16; r++) z[r] = (float)((word >> (2 * r)) & 3);
     return _mm512_loadu_ps(z);
@@ -95,7 +95,7 @@ INLINE __m512 load_zeros(const wdesc* d, int64_t g, int64_t rb) {
 
 INLINE __m512 load_scales(const wdesc* d, int64_t g, int64_t rb) {
     if (d->ldsw == 0) return _mm512_set1_ps(scale_at(d, 0));
-    const int64_t i = g * d->ldsw + rb * 16;
+    const int64_t i = g * d->ldsw + rb * d->ldsrb;
     if (d->s32) return _mm512_loadu_ps((const float*)d->sw + i);
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)d->sw + i)));
 }

@@ -14,14 +14,17 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define LB_ABI 10
+#define LB_ABI 11
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
     const uint8_t* w;     /* (ceil(N/16), nchunks * 32) tiled codes (tiled4: nchunks * 64) */
-    const void* sw;       /* scales (ng, ldsw), float16 (or float32 when s32); ldsw = 0: per tensor */
+    const void* sw;       /* scales, float16 (float32 when s32): scale of group g, row rb*16 + r at
+                             g * ldsw + rb * ldsrb + r (row-block-major: ldsw 16, ldsrb ng * 16);
+                             ldsw = 0: one scale for the tensor */
     int64_t ldsw;
-    const uint8_t* zw;    /* packed zero codes (ng, ldz bytes), or NULL: constant zconst */
+    const uint8_t* zw;    /* packed zero codes: group g of row block rb at byte g * ldz + rb * ldzrb,
+                             its 16 rows packed like codes; NULL: the constant zconst */
     int64_t ldz;
     int32_t zconst, bits;
     int64_t N, K, G;      /* rows, columns, group size (>= K: one group) */
@@ -29,7 +32,8 @@ typedef struct {
     int32_t A;            /* W8A8 path: columns per activation scale (0 or >= K: one per row) */
     const float* bias;    /* (N,) or NULL */
     int32_t s32;          /* scales are float32 (weights beyond float16's normal range) */
-    const uint16_t* zf;   /* fractional zero points, float16 (ng, ldsw) like the scales, or NULL */
+    const uint16_t* zf;   /* fractional zero points, float16, laid out like the scales, or NULL */
+    int64_t ldsrb, ldzrb; /* row-block strides of the scales (elements) and packed zeros (bytes) */
 } wdesc;
 
 /* Scale i (a flat index into sw) as a float. */
@@ -71,14 +75,14 @@ INLINE void scales16(const wdesc* d, int64_t g, int64_t rb, float* s) {
         for (int r = 0; r < 16; r++) s[r] = v;
         return;
     }
-    for (int r = 0; r < 16; r++) s[r] = scale_at(d, g * d->ldsw + rb * 16 + r);
+    for (int r = 0; r < 16; r++) s[r] = scale_at(d, g * d->ldsw + rb * d->ldsrb + r);
 }
 
 /* 16 rows' zero points of group g as floats (zeros packed along rows like the codes, ``bits``
  * each: a compile-time constant at every call, so the divisions below are shifts). */
 INLINE void zeros16(const wdesc* d, int64_t g, int64_t rb, float* z, int bits) {
     if (d->zf) {
-        const uint16_t* p = d->zf + (d->ldsw ? g * d->ldsw + rb * 16 : 0);
+        const uint16_t* p = d->zf + (d->ldsw ? g * d->ldsw + rb * d->ldsrb : 0);
         for (int r = 0; r < 16; r++) z[r] = half_to_float(p[d->ldsw ? r : 0]);
         return;
     }
@@ -87,7 +91,7 @@ INLINE void zeros16(const wdesc* d, int64_t g, int64_t rb, float* z, int bits) {
         return;
     }
     const int per = 8 / bits, mask = (1 << bits) - 1;
-    const uint8_t* p = d->zw + g * d->ldz + rb * 16 / per;
+    const uint8_t* p = d->zw + g * d->ldz + rb * d->ldzrb;
     for (int r = 0; r < 16; r++) z[r] = (float)((p[r / per] >> (bits * (r % per))) & mask);
 }
 

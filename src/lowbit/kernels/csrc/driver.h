@@ -15,20 +15,17 @@ const char* lb_isa(void) { return LB_ISA_NAME; }
  * stays in L2. */
 #define MC 64
 
-/* Scales and zero points are group-major, (ng, ldsw): a tile reads one short run of each of
- * the ng rows, which the hardware prefetcher does not foresee (weights that are not in cache
- * then stall on every group). Prefetch the next tile's runs while this one computes. */
+/* A tile's scales and zero points are one contiguous run each (row-block-major): prefetch the
+ * next tile's while this one computes, so weights that are not in cache do not stall on them. */
 static void prefetch_params(const wdesc* d, int64_t rb) {
     if (d->ldsw == 0) return;
-    const int64_t ng = d->G >= d->K ? 1 : (d->K + d->G - 1) / d->G;
     const int esz = d->s32 ? 4 : 2;
-    for (int64_t g = 0; g < ng; g++) {
-        const char* p = (const char*)d->sw + (g * d->ldsw + rb * 16) * esz;
-        __builtin_prefetch(p);
-        __builtin_prefetch(p + 16 * esz - 1);
-        if (d->zw) __builtin_prefetch(d->zw + g * d->ldz + rb * 16 * d->bits / 8);
-        if (d->zf) __builtin_prefetch(d->zf + g * d->ldsw + rb * 16);
-    }
+    const char* s = (const char*)d->sw + rb * d->ldsrb * esz;
+    for (int64_t i = 0; i < d->ldsrb * esz; i += 64) __builtin_prefetch(s + i);
+    if (d->zf)
+        for (int64_t i = 0; i < d->ldsrb * 2; i += 64) __builtin_prefetch((const char*)(d->zf + rb * d->ldsrb) + i);
+    if (d->zw)
+        for (int64_t i = 0; i < d->ldzrb; i += 64) __builtin_prefetch(d->zw + rb * d->ldzrb + i);
 }
 
 /* y (M, N) by tiles: t[0..3] handle TILE_M0, TILE_M0/2, TILE_M0/4 and 1 activation rows; nb is
