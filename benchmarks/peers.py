@@ -288,8 +288,8 @@ def _ort_w8a8(linear: torch.nn.Linear) -> Forward:
     """onnxruntime's dynamic W8A8: a float ``MatMul`` graph quantized by its own
     ``quantize_dynamic`` (int8 weights per output channel, activations quantized per call by
     ``DynamicQuantizeLinear``, uint8), run by an ``InferenceSession`` with ``intra_op_num_threads``
-    = torch's thread count and all graph optimizations (which fuse the pattern into MLAS's
-    integer GEMM). Compute dtype: float32 in, float32 out."""
+    = torch's thread count, all graph optimizations (which fuse the pattern into MLAS's integer
+    GEMM) and thread spinning off (see below). Compute dtype: float32 in, float32 out."""
     import os
     import tempfile
 
@@ -316,6 +316,9 @@ def _ort_w8a8(linear: torch.nn.Linear) -> Forward:
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # its pool's threads otherwise spin after each run, taking the cores from the variants
+        # timed next to it in the same round-robin (measured: every other variant 2-7x slower)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(dst, opts, providers=["CPUExecutionProvider"])
 
     def fn(x: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,11 @@ def _paths(res: dict) -> str:
         _header(res),
         "",
         "GEMV 1x4096x4096, weights cold (rotating >= 160 MiB), one run per path with torch FP32 timed beside it; "
-        "cell: FP32 time / lowbit time (kernel that ran). `reference` is LOWBIT_ISA=reference: no C kernels at "
-        "all (dequantize per call), what runs on a machine without a compiler. `cpu-any` is the any-format "
-        "kernel (rows dequantized once per call in C); `@hqq` rows carry HQQ's fractional zero points. "
+        "cell: FP32 time / lowbit time (kernel that ran). The `reference` column is LOWBIT_ISA=reference: no C "
+        "kernels at all, what runs on a machine without a compiler, where `float-copy` keeps each layer's "
+        "dequantized float32 weight after its first call (FP32's memory for the layer; dequantizing on every call, "
+        "the reference kernel that defines the math, measured 0.02-0.05x FP32 here on 2026-11-30). `cpu-any` is "
+        "the any-format kernel (rows dequantized once per call in C); `@hqq` rows carry HQQ's fractional zero points. "
         f"Streaming read bandwidth in this run: {res['read_bandwidth_gbs']:.1f} GB/s.",
         "",
         markdown_table(["scheme"] + isas, rows),

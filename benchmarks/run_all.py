@@ -291,6 +291,7 @@ def section_decode_1b(quick: bool) -> dict:
 
     before = peer()
     zm = load_source(str(out / "hf"))
+    params = sum(p.numel() for p in zm.model.parameters())
     model = lowbit.quantize(zm.model.float(), lowbit.Recipe.from_scheme("w4g32").add("lm_head", "int8").add(
         "model.embed_tokens", "int8"))  # fmt: skip
     rows = []
@@ -306,7 +307,7 @@ def section_decode_1b(quick: bool) -> dict:
         llama["decode_tok_s_all"] = sorted(x for r in runs for x in r["decode_tok_s_all"])
         llama["decode_tok_s_median"] = statistics.median(llama["decode_tok_s_all"])
     return {"command": "python benchmarks/run_all.py --sections decode_1b", "new_tokens": new_tokens, "isa": cpu.isa(),
-            "params": sum(p.numel() for p in zm.model.parameters()), "rows": rows, "llama_cpp": llama}  # fmt: skip
+            "params": params, "rows": rows, "llama_cpp": llama}  # fmt: skip
 
 
 def section_digits(quick: bool) -> dict:

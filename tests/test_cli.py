@@ -31,6 +31,7 @@ def test_quantize_then_inspect_lists_every_layer(quantized):
     assert "w4g16-asym" in p.stdout and "rel.err" in p.stdout
     assert "reference" in p.stdout  # g16 has no VNNI path; inspect says which kernel runs and why
     assert "format_version 1" in p.stdout
+    assert "CPU kernels: " in p.stdout  # which instruction set the CPU kernels run, and why
 
 
 def test_eval_compares_with_the_fp32_original(quantized):
@@ -169,3 +170,14 @@ def test_inspect_says_when_scales_are_stored_as_float32(tmp_path, digits):
     line = next(x for x in p.stdout.splitlines() if x.startswith("fc2 "))
     assert "float32 scales" in line
     assert "float32 scales" not in next(x for x in p.stdout.splitlines() if x.startswith("fc1 "))
+
+
+def test_generate_streams_a_decode_and_refuses_bad_requests(tmp_path):
+    p = run("generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", "12", "--ignore-eos")
+    assert len(p.stdout.strip()) > 0 and "12 new" in p.stderr and "tokens/s" in p.stderr
+    bad = run("generate", "smollm2-135m", "--prompt", "", ok=False)
+    assert bad.returncode == 2 and "empty prompt" in bad.stderr
+    long = run("generate", "smollm2-135m", "--prompt", "x", "--max-new-tokens", "9000", ok=False)
+    assert long.returncode == 2 and "exceed the model's context of 8192" in long.stderr
+    nodec = run("generate", "digits-cnn", "--prompt", "hi", ok=False)
+    assert nodec.returncode == 2 and "lowbit: error:" in nodec.stderr

@@ -90,7 +90,7 @@ def test_auto_falls_back_with_a_visible_reason(scheme, why):
     """Formats the packed tiles do not take run on the any-format kernel, saying why."""
     mod = _layer(scheme, 128, 8, seed=6)
     kernels.assign(mod, "auto")
-    assert mod.kernel == ("cpu-any" if cpu.unavailable_reason() is None else "reference")
+    assert mod.kernel == ("cpu-any" if cpu.unavailable_reason() is None else "float-copy")
     assert why in mod.kernel_note
     with pytest.raises(KernelError, match="cannot run"):
         kernels.assign(mod, "cpu")
@@ -232,7 +232,7 @@ def test_activation_schemes_run_only_where_activations_are_quantized():
     for scheme in ("w4g64a8",):
         mod = _layer(scheme, 64, 8, seed=2)
         kernels.assign(mod, "auto")
-        assert mod.kernel == ("cpu-any" if cpu.unavailable_reason() is None else "reference")
+        assert mod.kernel == ("cpu-any" if cpu.unavailable_reason() is None else "float-copy")
         assert "cpu-a8" in mod.kernel_note
 
 
@@ -407,7 +407,12 @@ def test_lowbit_isa_names_an_isa_or_fails_clearly(monkeypatch):
     assert cpu.use_isa(None) == "reference"
     mod = _layer("w4g64", 128, 8, seed=1)
     kernels.assign(mod)
-    assert mod.kernel == "reference" and "LOWBIT_ISA=reference" in mod.kernel_note
+    assert mod.kernel == "float-copy" and "LOWBIT_ISA=reference" in mod.kernel_note
+    assert "float32 copy of the weight kept in memory" in mod.kernel_note
+    x = torch.randn(3, 128)
+    y = mod(x)
+    kernels.assign(mod, "reference")  # the definition: dequantize on every call
+    assert torch.equal(mod(x), y)
     monkeypatch.delenv("LOWBIT_ISA")
     assert cpu.use_isa(None) == cpu.available_isas()[0]
 
@@ -431,7 +436,7 @@ def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
     p = _run_py(CHECK_FALLBACK, CC=str(tmp_path / "no-such-cc"), LOWBIT_CACHE=str(tmp_path / "cache"))
     assert p.returncode == 0, p.stderr
     isa, kernel, summary = p.stdout.splitlines()
-    assert (isa, kernel) == ("reference", "reference")
+    assert (isa, kernel) == ("reference", "float-copy")  # no C kernels: dequantize once, not per call
     assert "no C compiler" in summary
 
 

@@ -193,7 +193,7 @@ class Decoder:
             for layer in self.fast:
                 layer(xv, p0)
             self.pos = p0 + 1
-            return self.head(self.final_norm(xv.reshape(1, -1))).reshape(-1).float()
+            return self.head(self.final_norm(xv.reshape(1, -1))).reshape(-1).clone()  # the group reuses its buffer
         groups = a.heads // a.kv_heads
         nq, nk = a.heads * a.head_dim, a.kv_heads * a.head_dim
         for i, (n1, qkv, op, n2, gate_up, dp) in enumerate(self.layers):
@@ -220,7 +220,7 @@ class Decoder:
         if all_logits:
             return self.model.lm_head(self.final_norm(x).reshape(t, -1)).reshape(t, -1).float()
         last = self.final_norm(x[:, -1:])
-        return self.head(last.reshape(1, -1)).reshape(-1).float()
+        return self.head(last.reshape(1, -1)).reshape(-1).clone()
 
     def _mask(self, p0: int, t: int) -> torch.Tensor:
         """Causal mask for ``t`` new positions after ``p0`` cached ones: ``(t, p0 + t)`` bool."""

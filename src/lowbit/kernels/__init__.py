@@ -13,6 +13,8 @@ linear         cpu         packed int2/int4/int8 codes x int16 activations (CPU 
 linear         cpu-a8      int8 codes x per-token int8 activations (W8A8)
 linear         cast        bf16/fp16 weights: the matmul runs in that dtype
 linear         cpu-any     any other stored format (int3, NF4, FP8, any group size): decoded row by row
+linear         float-copy  no C kernels here (no compiler): the dequantized float32 weight kept
+conv2d         float-copy  the same for convolutions
 conv2d         reference   dequantize to float32, ``F.conv2d``
 conv2d         cpu-a8      1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
 conv2d         cpu-dw-a8   depthwise convolutions, static int8 activations, integer arithmetic
@@ -69,14 +71,16 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("cpu-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8)", "tiled4"),
     Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
     Kernel("cpu-any", "linear", cpu.linear_rows, cpu.supports_rows, "any stored format: rows decoded once per call, float dot products / tiled GEMM", "rows"),
+    Kernel("float-copy", "linear", reference.linear_cached, reference.supports_cached, "no C kernels here: a float32 copy kept after the first call"),
     Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
+    Kernel("float-copy", "conv2d", reference.conv2d_cached, reference.supports_cached, "no C kernels here: a float32 copy kept after the first call"),
     Kernel("cpu-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
     Kernel("cpu-dw-a8", "conv2d", cpu.dwconv2d_a8, cpu.supports_dwconv_a8, "depthwise conv, static int8 activations, int32 sums"),
     Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
 )
 
 # "auto" tries these in order and takes the first that supports the module.
-_AUTO_ORDER = ("cpu", "cpu-a8", "cpu-dw-a8", "cast", "cpu-any", "reference")
+_AUTO_ORDER = ("cpu", "cpu-a8", "cpu-dw-a8", "cast", "cpu-any", "float-copy", "reference")
 # Former names, still accepted wherever a kernel is named.
 ALIASES = {"cpu-vnni": "cpu", "cpu-vnni-a8": "cpu-a8"}
 
@@ -143,6 +147,8 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
             continue
         reason = k.supports(mod)
         if reason is None:
+            if name == "float-copy":
+                notes.append(f"float32 copy of the weight kept in memory ({mod.qw.numel * 4 / 1e6:.1f} MB)")
             _bind(mod, k, "; ".join(notes), memo)
             return
         # the fast paths one would expect

@@ -104,3 +104,49 @@ def linear_cast(mod, x: torch.Tensor) -> torch.Tensor:
     if mod.bias is not None:
         y = y + mod.bias.float()
     return y.to(x.dtype)
+
+
+def _cached_weight(mod) -> torch.Tensor:
+    """``mod``'s dequantized float32 weight, made on first use and kept on the module (rebuilt
+    when a buffer is replaced, like the C kernels' descriptors)."""
+    buffers = mod._buffers
+    key = (buffers["qweight"], buffers["scales"], buffers["zeros"])
+    state = mod._kernel_state
+    if state is None or any(a is not b for a, b in zip(state[0], key)):
+        state = mod._kernel_state = (key, mod.qw.dequantize(torch.float32))
+    return state[1]
+
+
+def supports_cached(mod) -> str | None:
+    """The no-compiler fallback: only when no C kernel library runs here (no compiler, a build
+    that failed, or LOWBIT_ISA=reference); the C kernels are faster and keep the weight packed."""
+    from . import cpu
+
+    if mod.scheme.is_cast:
+        return "a bf16/fp16 cast (the cast kernel runs it)"
+    if cpu.unavailable_reason() is None:
+        return "the C kernels run here"
+    return None
+
+
+def linear_cached(mod, x: torch.Tensor) -> torch.Tensor:
+    """As :func:`linear`, with the dequantized weight kept after the first call: where no C
+    kernel can be built, dequantizing on every call costs 20-50x FP32's time at batch 1; this
+    costs FP32's time and FP32's memory for the layer (``lowbit inspect`` says so)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return linear(mod, x)
+    xf = x.float()
+    if mod.scheme.act_bits:
+        xf = quantize_static(xf, mod.act_scale, mod.act_zero) if mod.scheme.act_static else quantize_activations(xf, mod.scheme.act_group)
+    return F.linear(xf, _cached_weight(mod), _bias(mod)).to(x.dtype)
+
+
+def conv2d_cached(mod, x: torch.Tensor) -> torch.Tensor:
+    """As :func:`conv2d`, with the dequantized weight kept after the first call (see
+    :func:`linear_cached`)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return conv2d(mod, x)
+    xf = x.float()
+    if mod.scheme.act_static:
+        xf = quantize_static(xf, mod.act_scale, mod.act_zero)
+    return mod.conv(xf, _cached_weight(mod).reshape(mod.weight_shape), _bias(mod)).to(x.dtype)

@@ -305,16 +305,8 @@ static const tile_fn tiles_a8[4] = {tile8_a8, tile4_a8, tile2_a8, tile1_a8};
 #define QUANT_I8 quant_rows_i8
 #define LB_OWN_DWCONV
 
-/* Depthwise convolution (one filter per channel) with static int8 activations:
- *
- *   q[b, h, w, c]  = clamp(rint(x[b, c, h, w] / s) + z, -127, 127) - z      (int16, NHWC)
- *   y[b, i, j, c]  = bias[c] + s * ws[c] * sum_{kh, kw} q[b, i*sh - ph + kh, j*sw - pw + kw, c] * w[kh, kw, c]
- *
- * x is read through element strides (xs: batch, channel, row, column), so NCHW and channels-last
- * inputs both work; padding positions hold 0.0, whose code is z, so they add nothing. w: the
- * weight codes minus their zero point, int32 (KH*KW, C); ws: per-channel weight scales (C,).
- * Products |q * w| <= 254 * 255 and at most KH*KW of them per output: exact in int32 lanes.
- * y: (B, OH, OW, C) float32. Threads: OpenMP over (batch, row). Returns 0, or -2 out of memory. */
+/* Depthwise convolution with static int8 activations: the arithmetic and arguments of driver.h's
+ * portable lb_dwconv_a8, 16 channels per AVX-512 vector. */
 int lb_dwconv_a8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const int64_t* xs,
                  const int32_t* w, const float* ws, const float* bias, int32_t KH, int32_t KW,
                  int32_t sh, int32_t sw, int32_t ph, int32_t pw, float s, int32_t z,

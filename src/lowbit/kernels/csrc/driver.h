@@ -258,11 +258,22 @@ typedef struct {
         }                                                                                         \
     }
 
-static void decode_row(const rdesc* d, int64_t n, float* out) {
+/* 4-bit tables: every byte's two values, pairs[2 b] and pairs[2 b + 1] (one lookup per byte). */
+static void make_pairs(const rdesc* d, float* pairs) {
+    for (int b = 0; b < 256; b++) {
+        pairs[2 * b] = d->lut[b & 15];
+        pairs[2 * b + 1] = d->lut[b >> 4];
+    }
+}
+
+static void decode_row(const rdesc* d, int64_t n, float* out, const float* pairs) {
     const uint8_t* p = d->w + n * d->ldw;
     const int64_t K = d->K;
     const float* lut = d->lut;
-    if (lut) {
+    if (pairs) { /* a 4-bit table */
+        for (int64_t j = 0; j < K / 2; j++) memcpy(out + 2 * j, pairs + 2 * p[j], 2 * sizeof(float));
+        if (K % 2) out[K - 1] = lut[p[K / 2] & 15];
+    } else if (lut) {
         DECODE_LOOPS(lut[c])
     } else {
         DECODE_LOOPS((float)c)
@@ -302,9 +313,9 @@ INLINE float dot16(const float* a, const float* b, int64_t n) {
 }
 
 /* Row n of dequant(W), float32, into out[0 .. K): decode, then (v - z) * s per group. */
-static void dequant_row(const rdesc* d, int64_t n, float* out) {
+static void dequant_row(const rdesc* d, int64_t n, float* out, const float* pairs) {
     const int64_t K = d->K, G = d->G < d->K ? d->G : d->K;
-    decode_row(d, n, out);
+    decode_row(d, n, out, pairs);
     for (int64_t g = 0; g * G < K; g++) {
         const float s = rscale(d, n, g), z = rzero(d, n, g);
         const int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
@@ -320,6 +331,9 @@ int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthr
     const int64_t K = d->K, N = d->N;
     if (M * N * K < (1 << 16)) nthreads = 1;
     float* bufs = (float*)malloc(sizeof(float) * (size_t)(K * (nthreads > 0 ? nthreads : 1)) + 4);
+    float pairs[512];
+    const float* pp = d->lut && d->bits == 4 ? pairs : NULL;
+    if (pp) make_pairs(d, pairs);
     if (!bufs) return -2;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -330,7 +344,7 @@ int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthr
         float* w = bufs + (int64_t)thread * K;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            dequant_row(d, n, w);
+            dequant_row(d, n, w, pp);
             for (int64_t m = 0; m < M; m++) y[m * N + n] = (d->bias ? d->bias[n] : 0.0f) + dot16(w, x + m * K, K);
         }
     }
@@ -341,8 +355,11 @@ int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthr
 /* Rows n0 .. n1-1 of dequant(W), float32, into out (n1 - n0, K): for large batches, whose
  * float GEMM (torch) then amortises the decoding over the batch, a tile of rows at a time. */
 int lb_dequant_rows(const rdesc* d, int64_t n0, int64_t n1, float* out, int nthreads) {
+    float pairs[512];
+    const float* pp = d->lut && d->bits == 4 ? pairs : NULL;
+    if (pp) make_pairs(d, pairs);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = n0; n < n1; n++) dequant_row(d, n, out + (n - n0) * d->K);
+    for (int64_t n = n0; n < n1; n++) dequant_row(d, n, out + (n - n0) * d->K, pp);
     return 0;
 }
 
