@@ -36,10 +36,10 @@ textdata:
 # A cross compiler and qemu-user, so the tests also run the portable kernel as aarch64 (NEON)
 # code. Best effort: without root or apt those tests skip, saying what is missing.
 armtools:
-	@if command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-gcc >/dev/null; then echo "arm: ready"; \
+	@if command -v qemu-aarch64 >/dev/null && [ -d /usr/aarch64-linux-gnu/include ]; then echo "arm: ready"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y -q --no-install-recommends qemu-user gcc-aarch64-linux-gnu libgomp1-arm64-cross >/dev/null 2>&1 \
-	   || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user gcc-aarch64-linux-gnu libgomp1-arm64-cross >/dev/null 2>&1)) \
+	  (apt-get install -y -q --no-install-recommends qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross libgomp1-arm64-cross >/dev/null 2>&1 \
+	   || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross libgomp1-arm64-cross >/dev/null 2>&1)) \
 	  && echo "arm: installed qemu-user and gcc-aarch64-linux-gnu" || echo "arm: unavailable; the aarch64 test will skip"; \
 	else echo "arm: no root/apt; the aarch64 test will skip"; fi
 

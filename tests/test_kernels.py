@@ -502,9 +502,13 @@ def test_portable_kernel_on_aarch64_under_qemu(tmp_path):
     """ARM (aarch64, NEON): the portable kernel cross-compiled and run under qemu-user."""
     import shutil
 
+    from pathlib import Path
+
     missing = [t for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64") if shutil.which(t) is None]
+    if not Path("/usr/aarch64-linux-gnu/include/stdlib.h").exists():
+        missing.append("aarch64 C library headers")
     if missing:
-        pytest.skip(f"no {' or '.join(missing)} here (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+        pytest.skip(f"no {' or '.join(missing)} here (make armtools: qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross)")
     out = _build_and_run_portable_check(["aarch64-linux-gnu-gcc"], ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"],
                                         tmp_path)  # fmt: skip
     assert out.count("ok   lb_linear") == 6
