@@ -18,7 +18,9 @@ def _header(res: dict) -> str:
     peers = ", ".join(f"{k} {v[k]}" for k in ("torchao", "optimum-quanto", "bitsandbytes", "hqq", "llama-cpp-python") if k in v)
     quick = " (quick run: fewer repetitions)" if res.get("quick") else ""
     return (
-        f"Measured {res['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+        f"Measured {res['date']} on {m['cpu']}"
+        + (f" (lowbit's CPU kernels: {m['isa']}; this CPU runs {', '.join(m['isas'])})" if m.get("isa") else "")
+        + f", {m['threads']} threads, torch {m['torch']}, "
         f"transformers {v.get('transformers', '-')}{', ' + peers if peers else ''}{quick}.  \n"
         f"Command: `{res['command']}`"
     )
@@ -167,6 +169,26 @@ def _decode_1b(res: dict) -> str:
         markdown_table(["variant", "decode tok/s", "GB"], rows),
         "",
         note,
+    ])
+
+
+def _kv_cache(res: dict) -> str:
+    rows = []
+    for r in res["rows"]:
+        base = next(x for x in res["rows"] if x["weights"] == r["weights"] and x["kv_cache"] == "float32")
+        rows.append([r["weights"], r["kv_cache"], f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%"])
+    b = res["cache_bytes"]
+    return "\n".join([
+        "## SmolLM2-135M: int8 KV cache (lowbit.generate)",
+        "",
+        _header(res),
+        "",
+        f"Perplexity on {res['rows'][0]['tokens']} held-out tokens of {res['rows'][0]['text']} text, each 512-token "
+        "window run through lowbit's decoder with float32 or int8 keys/values (one float32 scale per layer, head and "
+        f"position). Cache at the full {res['context']}-token context: {b['float32'] / 1e6:.0f} MB float32, "
+        f"{b['int8'] / 1e6:.0f} MB int8.",
+        "",
+        markdown_table(["weights", "KV cache", "ppl", "vs float32 cache"], rows),
     ])
 
 
@@ -548,7 +570,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
         "Speed figures are medians of repetitions measured side by side in one process; compare ratios, "
         "not absolute times, across machines.",
     ]
-    for name, render in (("kernels", _kernels), ("paths", _paths), ("smollm2", _smollm2), ("decode", _decode), ("decode_1b", _decode_1b), ("digits", _digits),
+    for name, render in (("kernels", _kernels), ("paths", _paths), ("smollm2", _smollm2), ("decode", _decode), ("decode_1b", _decode_1b), ("kv_cache", _kv_cache), ("digits", _digits),
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
                          ("sym_range", _sym_range)):  # fmt: skip

@@ -310,6 +310,30 @@ def section_decode_1b(quick: bool) -> dict:
             "params": params, "rows": rows, "llama_cpp": llama}  # fmt: skip
 
 
+def section_kv_cache(quick: bool) -> dict:
+    """lowbit.generate's int8 KV cache on SmolLM2: held-out perplexity through the decoder with
+    float32 vs int8 keys/values (FP32 and w4g64 + int8 emb/head weights), and the cache's bytes at
+    the full 8192-token context."""
+    import lowbit
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.generate import Decoder
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    tokens = 2048 if quick else 8192
+    rows = []
+    for label, spec in (("fp32", None), ("w4g64 + int8 emb/head", "head")):
+        m = zoo.model if spec is None else lowbit.quantize(copy.deepcopy(zoo.model), _head_recipe("w4g64"))
+        for kv in ("float32", "int8"):
+            print(f"  kv_cache {label} {kv}", file=sys.stderr)
+            r = perplexity(m, zoo.tokenizer, max_tokens=tokens, kv_cache=kv)
+            rows.append({"weights": label, "kv_cache": kv, "ppl": r.ppl, "tokens": r.tokens, "text": r.source})
+    ctx = zoo.model.config.max_position_embeddings
+    sizes = {kv: Decoder(zoo.model, ctx, kv).nbytes_cache() for kv in ("float32", "int8")}
+    return {"command": "python benchmarks/run_all.py --sections kv_cache", "context": ctx, "cache_bytes": sizes,
+            "rows": rows}  # fmt: skip
+
+
 def section_digits(quick: bool) -> dict:
     import lowbit
     from lowbit.evaluate.classification import accuracy
@@ -895,7 +919,7 @@ def section_sym_range(quick: bool) -> dict:
             "rows": rows}  # fmt: skip
 
 
-SECTIONS = {"kernels": section_kernels, "paths": section_paths, "decode_1b": section_decode_1b, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
+SECTIONS = {"kernels": section_kernels, "paths": section_paths, "decode_1b": section_decode_1b, "kv_cache": section_kv_cache, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mobilenet_speed": section_mobilenet_speed, "mixed": section_mixed, "mixed_base": section_mixed_base,
             "mixed_hessian": section_mixed_hessian,
