@@ -137,3 +137,14 @@ def test_perplexity_through_the_decoder_cache(smollm2):
     i8 = perplexity(smollm2.model, smollm2.tokenizer, max_tokens=1024, seqlen=256, kv_cache="int8")
     assert f32.ppl == pytest.approx(base.ppl, rel=1e-4)  # the decoder is the model's forward
     assert i8.ppl != f32.ppl and i8.ppl == pytest.approx(f32.ppl, rel=0.02)  # int8 keys/values: a small cost
+
+
+def test_sampling_arguments_and_token_ids_are_checked():
+    m = tiny_llama()
+    for kw, msg in (({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                    ({"top_k": 0}, "top_k"), ({"top_k": 2.5}, "top_k")):  # fmt: skip
+        with pytest.raises(GenerateError, match=msg):
+            lowbit.generate(m, torch.tensor([1, 2]), 3, **kw)
+    with pytest.raises(GenerateError, match="token ids must lie in 0 .. 127"):
+        lowbit.generate(m, torch.tensor([1, 500]), 3)
+    assert lowbit.generate(m, torch.tensor([1, 2], dtype=torch.int16), 2, eos_token_id=[]).shape == (1, 4)

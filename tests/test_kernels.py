@@ -384,7 +384,8 @@ def test_hqq_fractional_zero_points_run_on_the_packed_kernel(isa, tmp_path):
     assert torch.allclose(got, q(x), rtol=1e-3, atol=1e-4)
 
 
-def _run_py(code: str, **env) -> "subprocess.CompletedProcess":
+def _run_py(code: str, **env):
+    """``python -c code`` in a subprocess, LOWBIT_ISA unset unless given; the CompletedProcess."""
     import os
     import subprocess
     import sys
@@ -501,7 +502,6 @@ def test_portable_kernel_standalone_check_here(tmp_path):
 def test_portable_kernel_on_aarch64_under_qemu(tmp_path):
     """ARM (aarch64, NEON): the portable kernel cross-compiled and run under qemu-user."""
     import shutil
-
     from pathlib import Path
 
     missing = [t for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64") if shutil.which(t) is None]
@@ -535,3 +535,16 @@ def test_fractional_zero_points_on_the_packed_kernel_match_reference(scheme, m, 
     tol = _activation_bound(mod, x, cpu._block(mod)) * 1.001 + 1e-5 * ref.abs().amax() + 1e-6
     assert bool(((got - ref).abs() <= tol).all()), float(((got - ref).abs() - tol).max())
     assert torch.equal(mod.qw.to_layout("rows").zero, frac)  # the tiled layout keeps them exactly
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "int8", "w8a8", "w2g32-asym"])
+def test_nan_and_inf_inputs_come_out_as_the_reference_gives_them(scheme, isa):
+    mod = _layer(scheme, 256, 4, seed=3)
+    x = torch.randn(3, 256)
+    x[0, 5], x[1, 7] = float("nan"), float("inf")
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod)
+    got = mod(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
+    assert torch.allclose(got[2], ref[2], rtol=1e-3, atol=1e-3)

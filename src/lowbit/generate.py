@@ -110,10 +110,10 @@ class Decoder:
         self.model, self.length, self.pos, self.int8 = model, length, 0, kv_cache == "int8"
         inner = model.model
         self.layers = [
-            (_norm(l.input_layernorm), _group([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
-             _group([l.self_attn.o_proj]), _norm(l.post_attention_layernorm),
-             _group([l.mlp.gate_proj, l.mlp.up_proj]), _group([l.mlp.down_proj]))
-            for l in inner.layers
+            (_norm(b.input_layernorm), _group([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]),
+             _group([b.self_attn.o_proj]), _norm(b.post_attention_layernorm),
+             _group([b.mlp.gate_proj, b.mlp.up_proj]), _group([b.mlp.down_proj]))
+            for b in inner.layers
         ]  # fmt: skip
         self.final_norm = _norm(inner.norm)
         self.head = _group([model.lm_head])
@@ -137,11 +137,11 @@ class Decoder:
         if self.int8:
             return None
         out = []
-        for i, l in enumerate(inner.layers):
-            a, m = l.self_attn, l.mlp
+        for i, blk in enumerate(inner.layers):
+            a, m = blk.self_attn, blk.mlp
             mods = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj, "gate": m.gate_proj, "up": m.up_proj,
                     "down": m.down_proj}  # fmt: skip
-            n1, n2 = l.input_layernorm, l.post_attention_layernorm
+            n1, n2 = blk.input_layernorm, blk.post_attention_layernorm
             eps = getattr(n1, "variance_epsilon", None)
             if getattr(n2, "variance_epsilon", None) != eps or not type(n1).__name__.endswith("RMSNorm"):
                 return None
@@ -261,7 +261,7 @@ def _ids(input_ids) -> torch.Tensor:
         if ids.shape[0] != 1:
             raise GenerateError(f"lowbit.generate decodes one sequence (batch 1), got a batch of {ids.shape[0]}")
         ids = ids[0]
-    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise GenerateError(f"input_ids must be a 1-D (or (1, T)) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
     if ids.numel() == 0:
         raise GenerateError("empty prompt: give at least one token")
@@ -283,7 +283,14 @@ def stream(
     ids = _ids(input_ids)
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not (isinstance(temperature, (int, float)) and temperature == temperature and 0 <= temperature < float("inf")):
+        raise GenerateError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise GenerateError(f"top_k must be a positive integer or None, got {top_k!r}")
     arch = _arch(model)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise GenerateError(f"token ids must lie in 0 .. {vocab - 1} (the vocabulary), got {int(ids.min())} .. {int(ids.max())}")
     if ids.numel() >= arch.context:
         raise GenerateError(f"the prompt has {ids.numel()} tokens; the model's context is {arch.context}")
     if ids.numel() + max_new_tokens > arch.context:

@@ -103,6 +103,7 @@ _lib: ctypes.CDLL | None = None  # the active library (None: the reference kerne
 _isa: str | None = None  # the active ISA name, or None before the first choice
 _lib_error: str | None = None  # why no CPU kernel runs, when _lib is None
 _notes: list[str] = []  # better ISAs skipped by the automatic choice, with their reasons
+_chosen_by = ""  # how the active ISA was chosen (for summary())
 
 
 def cpu_features() -> set[str]:
@@ -168,7 +169,9 @@ def build(name: str = "avx512", force: bool = False) -> Path:
         if err is None:
             return out
         errors.append(err)
-    raise RuntimeError(f"building the {name} CPU kernel failed:\n{errors[0]}")
+    lines = [ln.strip() for ln in errors[0].splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "no output")
+    raise RuntimeError(f"building the {name} CPU kernel failed: {first[:300]}")
 
 
 def _open(name: str) -> ctypes.CDLL | str:
@@ -257,7 +260,9 @@ def use_isa(name: str | None) -> str:
         _lib_error = f"{source} chose the reference kernels" if name else "no CPU kernel could be built: " + "; ".join(notes)
     else:
         _lib, _lib_error = _libs[chosen], None
+    global _chosen_by
     _isa, _notes = chosen, notes
+    _chosen_by = source if name is not None else "best this CPU runs"
     return chosen
 
 
@@ -289,9 +294,7 @@ def unavailable_reason() -> str | None:
 def summary() -> str:
     """One line: the ISA the CPU kernels run, why that one, and better ones skipped (with why)."""
     active = isa()
-    env = os.environ.get(ENV)
-    why = f"{ENV}={env}" if env else "best this CPU runs"
-    line = f"CPU kernels: {active} ({why}; this CPU runs {', '.join(available_isas())})"
+    line = f"CPU kernels: {active} ({_chosen_by}; this CPU runs {', '.join(available_isas())})"
     if _lib_error and active == "reference":
         line += f"; {_lib_error}"
     for note in fallback_notes():
@@ -514,6 +517,10 @@ def _run_desc(mod, desc, x, fn, extra) -> torch.Tensor:
     if x is None:
         return None
     x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
+    if not bool(torch.isfinite(x2).all()):  # integer activations cannot carry NaN/inf: the reference does
+        from . import reference
+
+        return reference.linear(mod, x)
     if x2.shape[-1] != mod.in_features:
         raise ValueError(f"input has {x2.shape[-1]} features, the layer takes {mod.in_features}")
     out = torch.empty(x2.shape[:-1] + (mod.out_features,), dtype=torch.float32)
@@ -720,6 +727,8 @@ class LinearGroup:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
         m = x2.numel() // self.k
+        if not bool(torch.isfinite(x2).all()):  # NaN/inf: the reference kernels propagate them
+            return torch.cat([mod(x2.reshape(m, self.k)) for mod in self.mods], -1)
         if m == 1:
             out, ptrs = self._one, self._one_ptrs
         else:
