@@ -548,3 +548,11 @@ def test_nan_and_inf_inputs_come_out_as_the_reference_gives_them(scheme, isa):
     got = mod(x)
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
     assert torch.allclose(got[2], ref[2], rtol=1e-3, atol=1e-3)
+
+
+def test_a_bad_lowbit_isa_fails_before_quantize_works():
+    code = "import torch, lowbit; lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), 'w4g32', method='hqq')"
+    p = _run_py(code, LOWBIT_ISA="sse9")
+    assert p.returncode != 0 and "IsaError: LOWBIT_ISA=sse9" in p.stderr
+    assert "kernels.cpu.load_library()" in p.stderr  # raised at quantize's first step, before any weight
+    assert "algorithms" not in p.stderr  # no quantization method ran

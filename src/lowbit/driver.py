@@ -326,6 +326,7 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise QuantizeError(f"quantize() takes an nn.Module, got {type(model).__name__}")
     kernels.check_kernel_name(kernel)
+    kernels.cpu.load_library()  # a bad LOWBIT_ISA fails here, before any work (cpu.IsaError)
     recipe = Recipe.coerce(spec)
     algo = get_algorithm(method)  # data-free methods ignore ``calibration``, as documented
     algo_options = algo.check_options(options)
