@@ -588,8 +588,8 @@ def supports_rows(mod) -> str | None:
             return f"{s.fmt.name} weights"
     elif s.fmt.kind not in ("affine", "codebook") or s.bits not in (2, 3, 4, 8):
         return f"{s.fmt.name} weights"
-    if mod.scales is not None and mod.scales.dtype not in (torch.float16, torch.float32):
-        return f"{mod.scales.dtype} scales"
+    if _scales_reason(mod):
+        return _scales_reason(mod)
     if mod.zeros is not None and mod.zeros.dtype not in (torch.uint8, torch.float16):
         return f"{mod.zeros.dtype} zero points"
     reason = unavailable_reason()
@@ -686,6 +686,12 @@ def linear_rows(mod, x: torch.Tensor) -> torch.Tensor:
     return out if x.dtype is torch.float32 else out.to(x.dtype)
 
 
+def _share_input(mods: list) -> bool:
+    """Whether ``cpu``-kernel modules can run on one quantization of their common input
+    (``lb_linear_many``): the same input width and activation block."""
+    return len({m.in_features for m in mods}) == 1 and len({_block(m) for m in mods}) == 1
+
+
 class LinearGroup:
     """Several ``cpu``-kernel linear modules that read the same input, run in one C call
     (``lb_linear_many``): the input is quantized once and one thread team covers all outputs.
@@ -720,9 +726,7 @@ class LinearGroup:
     def of(cls, mods: list) -> LinearGroup | None:
         if _lib is None or not mods or any(getattr(m, "kernel", None) != "cpu" for m in mods):
             return None
-        if len({m.in_features for m in mods}) != 1 or len({_block(m) for m in mods}) != 1:
-            return None
-        return cls(mods)
+        return cls(mods) if _share_input(mods) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
@@ -775,9 +779,8 @@ class DecodeLayer:
             return None
         if any(getattr(m, "kernel", None) != "cpu" for m in mods.values()):
             return None
-        for group in (("q", "k", "v"), ("gate", "up")):
-            if len({mods[k].in_features for k in group}) != 1 or len({_block(mods[k]) for k in group}) != 1:
-                return None
+        if not (_share_input([mods[k] for k in ("q", "k", "v")]) and _share_input([mods["gate"], mods["up"]])):
+            return None
         if any(not isinstance(n, torch.Tensor) for n in norms):
             return None
         return cls(mods, norms, eps, arch, kcache, vcache, cos, sin, scale)

@@ -28,12 +28,22 @@ static void prefetch_params(const wdesc* d, int64_t rb) {
         for (int64_t i = 0; i < d->ldzrb; i += 64) __builtin_prefetch(d->zw + rb * d->ldzrb + i);
 }
 
+/* Activation rows m .. m1-1 of output row block rb, widest tiles first: t[0..3] take TILE_M0,
+ * TILE_M0/2, TILE_M0/4 and 1 rows. */
+INLINE void tile_rows(const wdesc* d, int64_t rb, int64_t m, int64_t m1, const tile_fn* t, const void* qx,
+                      int64_t ldq, const float* sx, const int32_t* sumx, int64_t nb, float* y) {
+    const int m0s = TILE_M0, m1s = TILE_M0 / 2, m2s = TILE_M0 / 4 > 0 ? TILE_M0 / 4 : 1;
+    for (; m + m0s <= m1; m += m0s) t[0](d, rb, m, qx, ldq, sx, sumx, nb, y);
+    if (m + m1s <= m1) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, y); m += m1s; }
+    if (m + m2s <= m1) { t[2](d, rb, m, qx, ldq, sx, sumx, nb, y); m += m2s; }
+    for (; m < m1; m++) t[3](d, rb, m, qx, ldq, sx, sumx, nb, y);
+}
+
 /* y (M, N) by tiles: t[0..3] handle TILE_M0, TILE_M0/2, TILE_M0/4 and 1 activation rows; nb is
  * sx/sumx's row stride. Threads split the 16-row blocks of the output. */
 static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void* qx, int64_t ldq, const float* sx,
                       const int32_t* sumx, int64_t nb, float* y, int nthreads) {
     const int64_t nrb = (d->N + 15) / 16;
-    const int m0s = TILE_M0, m1s = TILE_M0 / 2, m2s = TILE_M0 / 4 > 0 ? TILE_M0 / 4 : 1;
     /* Small products do not pay for waking a second thread (decode-size layers do). */
     if (M * d->N * d->K < (1 << 16)) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
@@ -42,11 +52,7 @@ static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void*
 #pragma omp for schedule(static) nowait
         for (int64_t rb = 0; rb < nrb; rb++) {
             if (mb == 0 && rb + 1 < nrb) prefetch_params(d, rb + 1);
-            int64_t m = mb;
-            for (; m + m0s <= m1; m += m0s) t[0](d, rb, m, qx, ldq, sx, sumx, nb, y);
-            if (m + m1s <= m1) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, y); m += m1s; }
-            if (m + m2s <= m1) { t[2](d, rb, m, qx, ldq, sx, sumx, nb, y); m += m2s; }
-            for (; m < m1; m++) t[3](d, rb, m, qx, ldq, sx, sumx, nb, y);
+            tile_rows(d, rb, mb, m1, t, qx, ldq, sx, sumx, nb, y);
         }
     }
 }
@@ -89,7 +95,6 @@ int lb_linear_many(const wdesc* const* ds, int nd, const float* x, int64_t M, fl
     int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * nb));
     if (!qx || !sx || !sumx) { free(qx); free(sx); free(sumx); return -2; }
     QUANT_ACT(x, M, K, B, qx, sx, sumx, nthreads);
-    const int m0s = TILE_M0, m1s = TILE_M0 / 2, m2s = TILE_M0 / 4 > 0 ? TILE_M0 / 4 : 1;
     if (M * total * 16 * K < (1 << 16)) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < total; j++) {
@@ -99,11 +104,7 @@ int lb_linear_many(const wdesc* const* ds, int nd, const float* x, int64_t M, fl
         const wdesc* d = ds[i];
         const tile_fn* t = d->bits == 8 ? tiles_b8 : d->bits == 4 ? tiles_b4 : tiles_b2;
         if (rb + 1 < (d->N + 15) / 16) prefetch_params(d, rb + 1);
-        int64_t m = 0;
-        for (; m + m0s <= M; m += m0s) t[0](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]);
-        if (m + m1s <= M) { t[1](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]); m += m1s; }
-        if (m + m2s <= M) { t[2](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]); m += m2s; }
-        for (; m < M; m++) t[3](d, rb, m, qx, ldq, sx, sumx, nb, ys[i]);
+        tile_rows(d, rb, 0, M, t, qx, ldq, sx, sumx, nb, ys[i]);
     }
     free(qx); free(sx); free(sumx);
     return 0;
