@@ -365,6 +365,24 @@ def test_any_format_kernel_matches_reference(scheme, m, k, n, isa):
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6)
 
 
+@pytest.mark.parametrize("m", [1, 3, 40])  # fused dot, dequantized row, tiles through torch's GEMM
+def test_any_format_kernel_decodes_every_fp8_byte_as_torch_does(m, isa):
+    """All 256 E4M3 patterns (subnormals, both zeros, the NaNs): row n holds code n only, so
+    y[:, n] is code n's value times the input's single nonzero column."""
+    mod = _layer("fp8", 24, 256, seed=0, bias=False)
+    with torch.no_grad():
+        mod.qweight.copy_(torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 24).view(mod.qweight.dtype))
+        mod.scales.fill_(1.0)
+    x = torch.zeros(m, 24)
+    x[:, 5] = 1.0
+    kernels.assign(mod, "cpu-any")
+    assert mod.kernel == "cpu-any"
+    want = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    got = mod(x)
+    assert torch.equal(got.isnan(), want.isnan().expand(m, 256))
+    assert torch.equal(got.nan_to_num(), want.nan_to_num().expand(m, 256))
+
+
 def test_hqq_fractional_zero_points_run_on_the_packed_kernel(isa, tmp_path):
     import lowbit
 
@@ -489,14 +507,15 @@ def _build_and_run_portable_check(cc: list[str], run: list[str], tmp_path) -> st
 
 
 def test_portable_kernel_standalone_check_here(tmp_path):
-    """The C check that the emulator test runs, natively: it must pass (and fail on bad kernels)."""
+    """The C check that the emulator test runs, natively: it must pass (and fail on bad kernels).
+    Tiled weight-only cases and any-format (row layout: int3, tables, odd groups) cases."""
     import shutil
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler here")
     out = _build_and_run_portable_check([cc], [], tmp_path)
-    assert out.count("ok   lb_linear") == 6
+    assert out.count("ok   lb_linear ") == 6 and out.count("ok   lb_linear_rows ") == 6
 
 
 def test_portable_kernel_on_aarch64_under_qemu(tmp_path):
@@ -511,7 +530,7 @@ def test_portable_kernel_on_aarch64_under_qemu(tmp_path):
         pytest.skip(f"no {' or '.join(missing)} here (make armtools: qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross)")
     out = _build_and_run_portable_check(["aarch64-linux-gnu-gcc"], ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"],
                                         tmp_path)  # fmt: skip
-    assert out.count("ok   lb_linear") == 6
+    assert out.count("ok   lb_linear ") == 6 and out.count("ok   lb_linear_rows ") == 6
 
 
 @pytest.mark.parametrize("scheme", ["w4g64-asym", "w2g32-asym", "w8g128-asym", "w4-asym-tensor", "w2-asym"])

@@ -77,6 +77,67 @@ static int check_linear(int bits, int64_t N, int64_t K, int64_t G, int asym, int
     return !ok;
 }
 
+/* One any-format case (lb_linear_rows, lb_dequant_rows): row layout of `bits`-bit codes, a value
+ * table or none, groups of G, packed integer zeros or none. */
+static int check_rows(int bits, int table, int64_t N, int64_t K, int64_t G, int asym, int64_t M) {
+    const int levels = 1 << bits;
+    const int64_t ldw = (K * bits + 7) / 8 + (bits == 3 ? 2 : 0), ng = (K + G - 1) / G, ldz = (ng * bits + 7) / 8 + 2;
+    uint8_t* w = calloc((size_t)(N * ldw), 1);
+    uint8_t* zw = calloc((size_t)(N * ldz), 1);
+    uint16_t* sw = calloc((size_t)(N * ng), 2);
+    float* lut = malloc(sizeof(float) * levels);
+    float* x = malloc(sizeof(float) * M * K);
+    float* y = malloc(sizeof(float) * M * N);
+    float* rows = malloc(sizeof(float) * N * K);
+    uint8_t* codes = malloc((size_t)(N * K));
+    for (int i = 0; i < levels; i++) lut[i] = (float)(i * i) / (float)(levels * levels) - 0.3f;
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t k = 0; k < K; k++) { /* pack little-endian, bit k * bits onward */
+            const unsigned c = next() % levels;
+            codes[n * K + k] = (uint8_t)c;
+            for (int b = 0; b < bits; b++)
+                if (c >> b & 1) w[n * ldw + (k * bits + b) / 8] |= (uint8_t)(1u << ((k * bits + b) % 8));
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            sw[n * ng + g] = to_half(0.01f + 0.05f * (uniform() + 1.0f));
+            const unsigned z = next() % levels;
+            for (int b = 0; b < bits; b++)
+                if (z >> b & 1) zw[n * ldz + (g * bits + b) / 8] |= (uint8_t)(1u << ((g * bits + b) % 8));
+        }
+    }
+    for (int64_t i = 0; i < M * K; i++) x[i] = uniform();
+    rdesc d = {w, ldw, bits, table ? lut : NULL, sw, ng, 0, asym ? 1 : 0, asym ? zw : NULL, ldz, 0, N, K, G, NULL, 0};
+    if (lb_linear_rows(&d, x, M, y, 2) != 0 || lb_dequant_rows(&d, 0, N, rows, 2) != 0) {
+        printf("rows refused bits=%d\n", bits);
+        return 1;
+    }
+    double worst = 0, top = 0, worst_row = 0;
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t g = k / G;
+            unsigned z = 0;
+            if (asym)
+                for (int b = 0; b < bits; b++) z |= (unsigned)(zw[n * ldz + (g * bits + b) / 8] >> ((g * bits + b) % 8) & 1) << b;
+            const double v = table ? lut[codes[n * K + k]] : codes[n * K + k];
+            const double want = (v - z) * half_to_float(sw[n * ng + g]);
+            const double e = fabs(want - rows[n * K + k]);
+            if (e > worst_row) worst_row = e;
+        }
+        for (int64_t m = 0; m < M; m++) {
+            double ref = 0;
+            for (int64_t k = 0; k < K; k++) ref += (double)rows[n * K + k] * x[m * K + k];
+            const double e = fabs(ref - y[m * N + n]);
+            if (e > worst) worst = e;
+            if (fabs(ref) > top) top = fabs(ref);
+        }
+    }
+    const int ok = worst <= 1e-4 * (top + 1) && worst_row <= 1e-6;
+    printf("%s lb_linear_rows bits=%d table=%d N=%ld K=%ld G=%ld asym=%d M=%ld: max err %.3g of %.3g, rows %.3g\n",
+           ok ? "ok  " : "FAIL", bits, table, (long)N, (long)K, (long)G, asym, (long)M, worst, top, worst_row);
+    free(w); free(zw); free(sw); free(lut); free(x); free(y); free(rows); free(codes);
+    return !ok;
+}
+
 int main(void) {
     int bad = 0;
     bad += check_linear(4, 37, 200, 64, 0, 1);
@@ -85,6 +146,12 @@ int main(void) {
     bad += check_linear(8, 16, 96, 32, 1, 9);
     bad += check_linear(2, 40, 320, 64, 1, 2);
     bad += check_linear(2, 17, 64, 1 << 30, 0, 1);
+    bad += check_rows(3, 0, 19, 200, 64, 1, 1);
+    bad += check_rows(3, 0, 7, 131, 1 << 30, 0, 3);
+    bad += check_rows(4, 1, 23, 96, 16, 0, 1);
+    bad += check_rows(4, 1, 9, 100, 20, 1, 2);
+    bad += check_rows(8, 1, 11, 72, 24, 0, 1);
+    bad += check_rows(2, 0, 13, 64, 16, 1, 4);
     printf("%s (%s)\n", bad ? "FAILED" : "all passed", lb_isa());
     return bad != 0;
 }

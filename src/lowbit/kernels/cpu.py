@@ -46,8 +46,8 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
     "portable": (("-march=native",), ()),
 }
-_SOURCES = ("common.h", "driver.h")
-_ABI = 11  # lb_abi_version() of the C sources this wrapper calls
+_SOURCES = ("common.h", "driver.h", "rows_avx2.h")
+_ABI = 12  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -81,7 +81,7 @@ class _Rows(ctypes.Structure):
         ("sw", ctypes.c_void_p), ("lds", ctypes.c_int64), ("s32", ctypes.c_int32),
         ("ztype", ctypes.c_int32), ("zw", ctypes.c_void_p), ("ldz", ctypes.c_int64), ("zconst", ctypes.c_int32),
         ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
-        ("bias", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p), ("e4m3", ctypes.c_int32),
     ]  # fmt: skip
 
 
@@ -641,7 +641,7 @@ def _rows_state(mod) -> tuple:
         data.data_ptr(), data.shape[1], bits, None if lut is None else lut.data_ptr(),
         scales.data_ptr(), lds, int(scales.dtype == torch.float32),
         ztype, zw, ldz, zconst, mod.out_features, k, g,
-        None if bias is None else bias.data_ptr(),
+        None if bias is None else bias.data_ptr(), int(s.fmt.kind == "float"),
     )  # fmt: skip
     keep = (data, lut, bias)
     mod._kernel_state = (key, key[0].data_ptr(), desc, keep)

@@ -193,4 +193,5 @@ static const tile_fn tiles_a8[4] = {tile4_a8, tile2_a8, tile1_a8, tile1_a8};
 #define QUANT_ACT quant_act_c
 #define QUANT_I8 quant_rows_i8_c
 
+#define LB_ROWS_AVX2
 #include "driver.h"

@@ -377,4 +377,5 @@ int lb_dwconv_a8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, con
     return 0;
 }
 
+#define LB_ROWS_AVX2
 #include "driver.h"

@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define LB_ABI 11
+#define LB_ABI 12
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {

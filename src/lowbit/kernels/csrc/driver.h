@@ -234,6 +234,7 @@ typedef struct {
     int32_t zconst;
     int64_t N, K, G;      /* rows, columns, group size (>= K: one group per row) */
     const float* bias;    /* (N,) or NULL */
+    int32_t e4m3;         /* the table is FP8 E4M3 (torch.float8_e4m3fn): kernels may decode arithmetically */
 } rdesc;
 
 /* Row n's codes, decoded to their values v (not scaled), into out[0 .. K). Integer formats
@@ -324,14 +325,139 @@ static void dequant_row(const rdesc* d, int64_t n, float* out, const float* pair
     }
 }
 
+/* Code k of a packed row (tails and plain C). */
+INLINE unsigned code_at(const uint8_t* p, int bits, int64_t k) {
+    if (bits == 8) return p[k];
+    if (bits == 4) return (p[k / 2] >> (4 * (k & 1))) & 15u;
+    if (bits == 2) return (p[k / 4] >> (2 * (k & 3))) & 3u;
+    const uint8_t* q = p + 3 * (k / 8);
+    return ((q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16) >> (3 * (k % 8))) & 7u;
+}
+
+#ifdef LB_ROWS_AVX2
+#include "rows_avx2.h" /* row_dequant, row_dot1, row_dot: AVX2 versions */
+#else
+/* Plain C (portable.c), the same steps as rows_avx2.h in GCC/Clang vector extensions, which
+ * the compiler lowers to the target's SIMD (NEON, SSE, AVX ...): per group, 8 codes at a time
+ * from one little-endian word (2, 3, 4 bits) or 8 bytes, w = v * s - z * s with the row's s and
+ * z * s computed first. */
+#define row_dot dot16
+#pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed between inlined helpers only */
+typedef float lb_v8f __attribute__((vector_size(32)));
+typedef uint32_t lb_v8u __attribute__((vector_size(32)));
+typedef uint8_t lb_v8b __attribute__((vector_size(8)));
+
+static void row_params_c(const rdesc* d, int64_t n, int64_t ng, float* sb, float* zb) {
+    for (int64_t g = 0; g < ng; g++) {
+        sb[g] = rscale(d, n, g);
+        zb[g] = rzero(d, n, g) * sb[g];
+    }
+}
+
+INLINE lb_v8u codes8_c(const uint8_t* p, int bits, int64_t k) {
+    if (bits == 8) {
+        lb_v8b b;
+        memcpy(&b, p + k, 8);
+        return __builtin_convertvector(b, lb_v8u);
+    }
+    const uint8_t* q = p + k * bits / 8;
+    uint32_t w;
+    if (bits == 4) memcpy(&w, q, 4);
+    else if (bits == 3) w = q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16;
+    else { uint16_t h; memcpy(&h, q, 2); w = h; }
+    const uint32_t b = (uint32_t)bits, m = (1u << bits) - 1;
+    const lb_v8u sh = {0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b};
+    return ((lb_v8u){w, w, w, w, w, w, w, w} >> sh) & m;
+}
+
+INLINE lb_v8f values8_c(lb_v8u c, const float* lut, int bits) {
+    if (!lut) return __builtin_convertvector(c, lb_v8f);
+#if defined(__GNUC__) && !defined(__clang__)
+    if (bits == 4) { /* a 16-entry table: one two-register shuffle (vpermps + blend, NEON tbl) */
+        lb_v8f lo, hi;
+        memcpy(&lo, lut, sizeof lo);
+        memcpy(&hi, lut + 8, sizeof hi);
+        return __builtin_shuffle(lo, hi, c);
+    }
+#else
+    (void)bits;
+#endif
+    return (lb_v8f){lut[c[0]], lut[c[1]], lut[c[2]], lut[c[3]], lut[c[4]], lut[c[5]], lut[c[6]], lut[c[7]]};
+}
+
+/* USE8(k, w): the 8 values w (lb_v8f) of columns k ..; USE1(k, wv): one value (the tail). */
+#define ROWC_GROUPS(BITS, USE8, USE1)                                                           \
+    for (int64_t g = 0, k = 0; k < K; g++) {                                                    \
+        const int64_t k1 = k + G < K ? k + G : K;                                               \
+        const float s = sb[g], zs = zb[g];                                                      \
+        for (; k + 8 <= k1; k += 8) {                                                           \
+            const lb_v8f w = values8_c(codes8_c(p, BITS, k), lut, BITS) * s - zs;                     \
+            USE8(k, w);                                                                         \
+        }                                                                                       \
+        for (; k < k1; k++) {                                                                   \
+            const unsigned c = code_at(p, BITS, k);                                             \
+            USE1(k, (lut ? lut[c] : (float)c) * s - zs);                                        \
+        }                                                                                       \
+    }
+
+#define ROWC_FORMATS(USE8, USE1)                                                                \
+    switch (bits) {                                                                             \
+    case 8: ROWC_GROUPS(8, USE8, USE1) break;                                                   \
+    case 4: ROWC_GROUPS(4, USE8, USE1) break;                                                   \
+    case 3: ROWC_GROUPS(3, USE8, USE1) break;                                                   \
+    default: ROWC_GROUPS(2, USE8, USE1) break;                                                  \
+    }
+
+#define ROWC_SETUP                                                                              \
+    const int64_t K = d->K, G = d->G < d->K ? d->G : d->K, ng = (K + G - 1) / G;                \
+    if (G % 8 && G < K) return 0;                                                               \
+    float* sb = scratch;                                                                        \
+    float* zb = sb + ng;                                                                        \
+    row_params_c(d, n, ng, sb, zb);                                                             \
+    const uint8_t* p = d->w + n * d->ldw;                                                       \
+    const int bits = d->bits;                                                                   \
+    const float* lut = d->lut;
+
+static int row_dequant_c(const rdesc* d, int64_t n, float* out, float* scratch) {
+    ROWC_SETUP
+#define ROWC_STORE8(k, w) memcpy(out + (k), &(w), sizeof(lb_v8f))
+#define ROWC_STORE1(k, wv) out[k] = (wv)
+    ROWC_FORMATS(ROWC_STORE8, ROWC_STORE1)
+    return 1;
+}
+
+static void row_dequant(const rdesc* d, int64_t n, float* out, float* scratch, const float* pairs) {
+    if (!row_dequant_c(d, n, out, scratch)) dequant_row(d, n, out, pairs);
+}
+
+static int row_dot1_c(const rdesc* d, int64_t n, const float* x, float* scratch, float* y) {
+    ROWC_SETUP
+    lb_v8f acc = {0, 0, 0, 0, 0, 0, 0, 0}, xv;
+    float rest = 0.0f;
+#define ROWC_DOT8(k, w) (memcpy(&xv, x + (k), sizeof xv), acc += (w) * xv)
+#define ROWC_DOT1(k, wv) rest += (wv) * x[k]
+    ROWC_FORMATS(ROWC_DOT8, ROWC_DOT1)
+    for (int i = 0; i < 8; i++) rest += acc[i];
+    *y = rest;
+    return 1;
+}
+
+static float row_dot1(const rdesc* d, int64_t n, const float* x, const float* pairs, float* buf, float* scratch) {
+    float y;
+    if (row_dot1_c(d, n, x, scratch, &y)) return y;
+    dequant_row(d, n, buf, pairs);
+    return dot16(buf, x, d->K);
+}
+#endif
+
 /* y (M, N) = x (M, K) @ dequant(W)^T + bias for any format (above): each weight row is
- * dequantized once into a per-thread buffer, then dotted with the M inputs. Returns 0, -1 for a
- * bad descriptor, -2 out of memory. */
+ * dequantized once into a per-thread buffer (in L1), then dotted with each of the M inputs.
+ * Returns 0, -1 for a bad descriptor, -2 out of memory. */
 int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthreads) {
     if (!(d->bits == 2 || d->bits == 3 || d->bits == 4 || d->bits == 8) || d->G <= 0) return -1;
-    const int64_t K = d->K, N = d->N;
+    const int64_t K = d->K, N = d->N, G = d->G < K ? d->G : K, per = K + 2 * ((K + G - 1) / G) + 16;
     if (M * N * K < (1 << 16)) nthreads = 1;
-    float* bufs = (float*)malloc(sizeof(float) * (size_t)(K * (nthreads > 0 ? nthreads : 1)) + 4);
+    float* bufs = (float*)malloc(sizeof(float) * (size_t)(per * (nthreads > 0 ? nthreads : 1)));
     float pairs[512];
     const float* pp = d->lut && d->bits == 4 ? pairs : NULL;
     if (pp) make_pairs(d, pairs);
@@ -342,11 +468,17 @@ int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthr
 #ifdef _OPENMP
         thread = omp_get_thread_num();
 #endif
-        float* w = bufs + (int64_t)thread * K;
+        float* w = bufs + (int64_t)thread * per;
+        float* scratch = w + K;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            dequant_row(d, n, w, pp);
-            for (int64_t m = 0; m < M; m++) y[m * N + n] = (d->bias ? d->bias[n] : 0.0f) + dot16(w, x + m * K, K);
+            const float b = d->bias ? d->bias[n] : 0.0f;
+            if (M == 1) {
+                y[n] = b + row_dot1(d, n, x, pp, w, scratch);
+                continue;
+            }
+            row_dequant(d, n, w, scratch, pp);
+            for (int64_t m = 0; m < M; m++) y[m * N + n] = b + row_dot(w, x + m * K, K);
         }
     }
     free(bufs);
@@ -354,13 +486,26 @@ int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthr
 }
 
 /* Rows n0 .. n1-1 of dequant(W), float32, into out (n1 - n0, K): for large batches, whose
- * float GEMM (torch) then amortises the decoding over the batch, a tile of rows at a time. */
+ * float GEMM (torch) then amortises the decoding over the batch, a tile of rows at a time.
+ * Returns 0, -1 for a bad descriptor, -2 out of memory. */
 int lb_dequant_rows(const rdesc* d, int64_t n0, int64_t n1, float* out, int nthreads) {
+    if (!(d->bits == 2 || d->bits == 3 || d->bits == 4 || d->bits == 8) || d->G <= 0) return -1;
+    const int64_t K = d->K, G = d->G < K ? d->G : K, per = 2 * ((K + G - 1) / G) + 16;
+    float* scratch = (float*)malloc(sizeof(float) * (size_t)(per * (nthreads > 0 ? nthreads : 1)));
     float pairs[512];
     const float* pp = d->lut && d->bits == 4 ? pairs : NULL;
     if (pp) make_pairs(d, pairs);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = n0; n < n1; n++) dequant_row(d, n, out + (n - n0) * d->K, pp);
+    if (!scratch) return -2;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) row_dequant(d, n, out + (n - n0) * K, scratch + thread * per, pp);
+    }
+    free(scratch);
     return 0;
 }
 
