@@ -348,10 +348,17 @@ typedef uint32_t lb_v8u __attribute__((vector_size(32)));
 typedef uint8_t lb_v8b __attribute__((vector_size(8)));
 
 static void row_params_c(const rdesc* d, int64_t n, int64_t ng, float* sb, float* zb) {
-    for (int64_t g = 0; g < ng; g++) {
-        sb[g] = rscale(d, n, g);
-        zb[g] = rzero(d, n, g) * sb[g];
-    }
+#ifdef __FLT16_MAX__ /* the compiler has a half type (x86 SSE2+, ARM): a loop it vectorises */
+    if (d->lds && !d->s32) {
+        const _Float16* h = (const _Float16*)d->sw + n * d->lds;
+        for (int64_t g = 0; g < ng; g++) sb[g] = (float)h[g];
+    } else
+#endif
+        for (int64_t g = 0; g < ng; g++) sb[g] = rscale(d, n, g);
+    if (d->ztype == 0)
+        for (int64_t g = 0; g < ng; g++) zb[g] = (float)d->zconst * sb[g];
+    else
+        for (int64_t g = 0; g < ng; g++) zb[g] = rzero(d, n, g) * sb[g];
 }
 
 INLINE lb_v8u codes8_c(const uint8_t* p, int bits, int64_t k) {
