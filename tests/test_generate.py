@@ -148,3 +148,24 @@ def test_sampling_arguments_and_token_ids_are_checked():
     with pytest.raises(GenerateError, match="token ids must lie in 0 .. 127"):
         lowbit.generate(m, torch.tensor([1, 500]), 3)
     assert lowbit.generate(m, torch.tensor([1, 2], dtype=torch.int16), 2, eos_token_id=[]).shape == (1, 4)
+
+
+def test_a_nan_in_the_residual_stream_reaches_the_logits_as_in_the_torch_path(isa):
+    """Integer activations cannot carry NaN/inf: the one-call layer refuses them (leaving its
+    input as it came) and the step runs in float, as the torch path does."""
+    m = lowbit.quantize(tiny_llama(), "w4g32")
+    with torch.no_grad():
+        m.model.embed_tokens.weight[7, 3] = float("inf")
+    ids = torch.tensor([1, 2, 3])
+    fast, slow = Decoder(m, 8), Decoder(m, 8)
+    slow.fast = None
+    assert fast.fast is not None
+    fast.feed(ids), slow.feed(ids)
+    a, b = fast.feed(torch.tensor([7])), slow.feed(torch.tensor([7]))
+    assert bool(b.isnan().any()) and torch.equal(a.isnan(), b.isnan())
+    assert fast.pos == slow.pos == 4
+    xv = torch.randn(64)
+    xv[5] = float("nan")
+    before = xv.clone()
+    assert fast.fast[0](xv, 4) is False
+    assert torch.equal(xv.nan_to_num(), before.nan_to_num())

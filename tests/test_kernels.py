@@ -569,6 +569,26 @@ def test_nan_and_inf_inputs_come_out_as_the_reference_gives_them(scheme, isa):
     assert torch.allclose(got[2], ref[2], rtol=1e-3, atol=1e-3)
 
 
+def test_a_layer_group_gives_nan_and_inf_inputs_to_the_reference(isa):
+    """lb_linear_many refuses NaN/inf inputs (-3); the group then runs each module, whose
+    kernel hands them to the reference."""
+    from lowbit.kernels.cpu import LinearGroup
+
+    mods = [_layer("w4g64", 128, n, seed=n) for n in (16, 24)]
+    for mod in mods:
+        kernels.assign(mod)
+    group = LinearGroup.of(mods)
+    assert group is not None
+    x = torch.randn(1, 128)
+    x[0, 9] = float("-inf")
+    got = group(x)
+    for mod in mods:
+        kernels.assign(mod, "reference")
+    ref = torch.cat([mod(x) for mod in mods], -1)
+    assert bool(ref.isnan().any() | ref.isinf().any())
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+
+
 def test_a_bad_lowbit_isa_fails_before_quantize_works():
     code = "import torch, lowbit; lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), 'w4g32', method='hqq')"
     p = _run_py(code, LOWBIT_ISA="sse9")

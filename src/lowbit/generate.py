@@ -190,10 +190,9 @@ class Decoder:
         x = self.model.model.embed_tokens(ids.reshape(1, t)).float()  # (1, T, hidden)
         if t == 1 and self.fast is not None and not all_logits:
             xv = x.reshape(-1).clone()
-            for layer in self.fast:
-                layer(xv, p0)
-            self.pos = p0 + 1
-            return self.head(self.final_norm(xv.reshape(1, -1))).reshape(-1).clone()  # the group reuses its buffer
+            if all(layer(xv, p0) for layer in self.fast):  # else NaN/inf: the float path below, from the start
+                self.pos = p0 + 1
+                return self.head(self.final_norm(xv.reshape(1, -1))).reshape(-1).clone()  # the group reuses its buffer
         groups = a.heads // a.kv_heads
         nq, nk = a.heads * a.head_dim, a.kv_heads * a.head_dim
         for i, (n1, qkv, op, n2, gate_up, dp) in enumerate(self.layers):

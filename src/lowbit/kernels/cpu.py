@@ -47,7 +47,8 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "portable": (("-march=native",), ()),
 }
 _SOURCES = ("common.h", "driver.h", "rows_avx2.h")
-_ABI = 12  # lb_abi_version() of the C sources this wrapper calls
+NONFINITE = -3  # what the C entry points that round their inputs return for NaN/inf inputs
+_ABI = 13  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -517,15 +518,15 @@ def _run_desc(mod, desc, x, fn, extra) -> torch.Tensor:
     if x is None:
         return None
     x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
-    if not bool(torch.isfinite(x2).all()):  # integer activations cannot carry NaN/inf: the reference does
-        from . import reference
-
-        return reference.linear(mod, x)
     if x2.shape[-1] != mod.in_features:
         raise ValueError(f"input has {x2.shape[-1]} features, the layer takes {mod.in_features}")
     out = torch.empty(x2.shape[:-1] + (mod.out_features,), dtype=torch.float32)
     m = x2.numel() // mod.in_features
     rc = fn(ctypes.byref(desc), x2.data_ptr(), m, out.data_ptr(), *extra, torch.get_num_threads())
+    if rc == NONFINITE:  # integer activations cannot carry NaN/inf: the reference propagates them
+        from . import reference
+
+        return reference.linear(mod, x)
     if rc != 0:
         raise RuntimeError(f"lowbit CPU kernel rejected its arguments (code {rc}) for {mod.extra_repr()}")
     return out if x.dtype is torch.float32 else out.to(x.dtype)
@@ -731,8 +732,6 @@ class LinearGroup:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if (x.dtype is torch.float32 and x.is_contiguous()) else x.float().contiguous()
         m = x2.numel() // self.k
-        if not bool(torch.isfinite(x2).all()):  # NaN/inf: the reference kernels propagate them
-            return torch.cat([mod(x2.reshape(m, self.k)) for mod in self.mods], -1)
         if m == 1:
             out, ptrs = self._one, self._one_ptrs
         else:
@@ -743,6 +742,8 @@ class LinearGroup:
         if m != 1 and len(self.n) > 1:
             return torch.cat([self.mods[i](x2.reshape(m, self.k)) for i in range(len(self.n))], -1)
         rc = _lib.lb_linear_many(self._arr, len(self.n), x2.data_ptr(), m, ptrs, torch.get_num_threads())
+        if rc == NONFINITE:  # NaN/inf in x: each module's kernel runs the reference, which propagates them
+            return torch.cat([mod(x2.reshape(m, self.k)) for mod in self.mods], -1)
         if rc != 0:
             raise RuntimeError(f"lowbit CPU kernel rejected a group of {len(self.n)} layers (code {rc})")
         return out
@@ -770,7 +771,7 @@ class DecodeLayer:
         d.o, d.down = ptr("o"), ptr("down")
         d.gate_up[0], d.gate_up[1] = ptr("gate"), ptr("up")
         d.kcache, d.vcache, d.cos, d.sin = kcache.data_ptr(), vcache.data_ptr(), cos.data_ptr(), sin.data_ptr()
-        n = d.hidden + (d.heads + 2 * d.kv_heads) * d.head_dim + d.heads * d.head_dim + 3 * d.inter + d.length
+        n = 2 * d.hidden + (d.heads + 2 * d.kv_heads) * d.head_dim + d.heads * d.head_dim + 3 * d.inter + d.length
         self.scratch = torch.empty(n)
 
     @classmethod
@@ -785,9 +786,13 @@ class DecodeLayer:
             return None
         return cls(mods, norms, eps, arch, kcache, vcache, cos, sin, scale)
 
-    def __call__(self, x: torch.Tensor, pos: int) -> None:
-        """Update ``x (hidden,)`` float32 contiguous in place for the token at ``pos``."""
+    def __call__(self, x: torch.Tensor, pos: int) -> bool:
+        """Update ``x (hidden,)`` float32 contiguous in place for the token at ``pos``; False (``x``
+        unchanged) when NaN or inf reached a projection's input: run the layer in float instead."""
         rc = _lib.lb_decode_layer(ctypes.byref(self.desc), x.data_ptr(), pos, self.scratch.data_ptr(),
                                   torch.get_num_threads())  # fmt: skip
+        if rc == NONFINITE:
+            return False
         if rc != 0:
             raise RuntimeError(f"lowbit CPU kernel rejected a decoder layer (code {rc})")
+        return True

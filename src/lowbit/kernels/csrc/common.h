@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define LB_ABI 12
+#define LB_ABI 13
 
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
@@ -104,6 +104,18 @@ INLINE void store16(const wdesc* d, int64_t rb, float* yrow, const float* v) {
     const int64_t n0 = rb * 16;
     const int nr = d->N - n0 < 16 ? (int)(d->N - n0) : 16;
     for (int r = 0; r < nr; r++) yrow[n0 + r] = v[r] + (d->bias ? d->bias[n0 + r] : 0.0f);
+}
+
+/* 1 when every x[0 .. n) is finite: integer activations cannot carry NaN or inf, so the entry
+ * points that round their inputs refuse them (-3) and the caller runs the float reference. */
+INLINE int all_finite(const float* x, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t u;
+        memcpy(&u, x + k, 4);
+        bad |= (u & 0x7f800000u) == 0x7f800000u; /* exponent all ones: inf or NaN */
+    }
+    return !bad;
 }
 
 /* Portable activation quantizers (the AVX-512 file has its own). Same arithmetic as the

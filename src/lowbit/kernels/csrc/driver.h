@@ -58,11 +58,13 @@ static void run_tiles(const wdesc* d, int64_t M, const tile_fn t[4], const void*
 }
 
 /* y (M, N) float32 = x (M, K) float32 @ dequant(W)^T + bias, W in the tiled layout.
- * Returns 0; -1 for a descriptor the kernel cannot run; -2 when out of memory. */
+ * Returns 0; -1 for a descriptor the kernel cannot run; -2 when out of memory; -3 when x holds
+ * NaN or inf (the caller runs the float reference, which propagates them). */
 int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads) {
     const int B = d->B, bits = d->bits;
     if (B < 32 || B > 256 || B % 32 || !(bits == 2 || bits == 4 || bits == 8)) return -1;
     if (d->G < d->K && d->G % B) return -1;
+    if (!all_finite(x, M * d->K)) return -3;
     const int64_t nb = (d->K + B - 1) / B, ldq = nb * B;
     int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)((M * ldq * 2 + 63) / 64 * 64));
     float* sx = (float*)malloc(sizeof(float) * (size_t)(M * nb));
@@ -77,7 +79,8 @@ int lb_linear(const wdesc* d, const float* x, int64_t M, float* y, int nthreads)
 /* Several weights on one input (a decoder's q/k/v or gate/up projections): ys[i] (M, N_i) =
  * x (M, K) @ dequant(W_i)^T + bias_i, in one call: the activations are quantized once and one
  * thread team splits the 16-row blocks of all the outputs. Every W_i has the same K, bits-agnostic
- * but the same activation block B. Returns 0, -1 for descriptors it cannot run, -2 out of memory. */
+ * but the same activation block B. Returns 0, -1 for descriptors it cannot run, -2 out of memory,
+ * -3 for a NaN or inf in x. */
 int lb_linear_many(const wdesc* const* ds, int nd, const float* x, int64_t M, float* const* ys, int nthreads) {
     if (nd <= 0) return 0;
     const int B = ds[0]->B;
@@ -89,6 +92,7 @@ int lb_linear_many(const wdesc* const* ds, int nd, const float* x, int64_t M, fl
         if (!(d->bits == 2 || d->bits == 4 || d->bits == 8) || (d->G < d->K && d->G % B)) return -1;
         total += (d->N + 15) / 16;
     }
+    if (!all_finite(x, M * K)) return -3;
     const int64_t nb = (K + B - 1) / B, ldq = nb * B;
     int16_t* qx = (int16_t*)aligned_alloc(64, (size_t)((M * ldq * 2 + 63) / 64 * 64));
     float* sx = (float*)malloc(sizeof(float) * (size_t)(M * nb));
@@ -113,7 +117,8 @@ int lb_linear_many(const wdesc* const* ds, int nd, const float* x, int64_t M, fl
 /* y (M, N) float32 = quant_i8(x) @ dequant(W)^T + bias, for 8-bit weights in the tiled4 layout.
  * static_scale > 0: the activations' calibrated scale (one per tensor); else dynamic scales per
  * row, or per row and block of d->A columns.
- * Returns 0, -1 for a descriptor the kernel cannot run, -2 when out of memory. */
+ * Returns 0, -1 for a descriptor the kernel cannot run, -2 when out of memory, -3 for a NaN or
+ * inf in x. */
 int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float static_scale, int nthreads) {
     if (d->bits != 8) return -1;
     const int64_t K = d->K;
@@ -125,6 +130,7 @@ int lb_linear_a8(const wdesc* d, const float* x, int64_t M, float* y, float stat
     if (A < K && static_scale > 0.0f) return -1;
     const int64_t ns = (K + S - 1) / S;
     const int64_t ldq = (K + 63) / 64 * 64;
+    if (!all_finite(x, M * K)) return -3;
     int8_t* qx = (int8_t*)aligned_alloc(64, (size_t)(M * ldq));
     float* sx = (float*)malloc(sizeof(float) * (size_t)(M * ns));
     int32_t* sumx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * ns));
@@ -557,7 +563,9 @@ static void rope(float* v, const float* cos, const float* sin, int64_t hd) {
     }
 }
 
-/* scratch: at least hidden + (H + 2 Hkv) hd + H hd + 2 inter + inter + length floats. */
+/* scratch: at least hidden + (H + 2 Hkv) hd + H hd + 2 inter + inter + length + hidden floats.
+ * Returns 0, -1 for a bad position, -2 out of memory, -3 (x unchanged) when a projection's input
+ * holds NaN or inf: the caller runs the layer in float. */
 int lb_decode_layer(const layer_desc* L, float* x, int64_t pos, float* scratch, int nthreads) {
     const int64_t D = L->hidden, H = L->heads, Hk = L->kv_heads, hd = L->head_dim, I = L->inter, T = pos + 1;
     if (pos < 0 || pos >= L->length || H % Hk) return -1;
@@ -567,11 +575,13 @@ int lb_decode_layer(const layer_desc* L, float* x, int64_t pos, float* scratch, 
     float* gu = att + H * hd;
     float* mid = gu + 2 * I;
     float* sc = mid + I;
+    float* x0 = sc + L->length; /* x as it came, put back if a projection refuses */
     float* ys[3];
     int rc;
+    memcpy(x0, x, sizeof(float) * D);
     rmsnorm(x, L->norm1, L->eps, D, h);
     ys[0] = qkv; ys[1] = qkv + H * hd; ys[2] = qkv + (H + Hk) * hd;
-    if ((rc = lb_linear_many(L->qkv, 3, h, 1, ys, nthreads))) return rc;
+    if ((rc = lb_linear_many(L->qkv, 3, h, 1, ys, nthreads))) goto refused;
     const float* c = L->cos + pos * hd;
     const float* s = L->sin + pos * hd;
     for (int64_t j = 0; j < H + Hk; j++) rope(qkv + j * hd, c, s, hd);
@@ -603,17 +613,20 @@ int lb_decode_layer(const layer_desc* L, float* x, int64_t pos, float* scratch, 
     }
     float* y = h; /* h is free again: reuse it for the projections' outputs */
     ys[0] = y;
-    if ((rc = lb_linear_many(&L->o, 1, att, 1, ys, nthreads))) return rc;
+    if ((rc = lb_linear_many(&L->o, 1, att, 1, ys, nthreads))) goto refused;
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
     rmsnorm(x, L->norm2, L->eps, D, h);
     ys[0] = gu; ys[1] = gu + I;
-    if ((rc = lb_linear_many(L->gate_up, 2, h, 1, ys, nthreads))) return rc;
+    if ((rc = lb_linear_many(L->gate_up, 2, h, 1, ys, nthreads))) goto refused;
     for (int64_t i = 0; i < I; i++) {
         const float g = gu[i];
         mid[i] = g / (1.0f + expf(-g)) * gu[I + i];
     }
     ys[0] = y;
-    if ((rc = lb_linear_many(&L->down, 1, mid, 1, ys, nthreads))) return rc;
+    if ((rc = lb_linear_many(&L->down, 1, mid, 1, ys, nthreads))) goto refused;
     for (int64_t i = 0; i < D; i++) x[i] += y[i];
     return 0;
+refused: /* -3: a NaN or inf reached a projection's input; x is left as it came */
+    memcpy(x, x0, sizeof(float) * D);
+    return rc;
 }
