@@ -101,7 +101,7 @@ def section_paths(quick: bool) -> dict:
     for isa in cpu.available_isas():
         print(f"  paths: {isa}", file=sys.stderr)
         rows = run_kernel_bench(PATH_SCHEMES, shapes=((1, 4096, 4096),), reps=5 if isa == "reference" else 15,
-                                isas=(isa,), baselines=False)  # fmt: skip
+                                isas=(isa,), baselines=False, stream=False)  # fmt: skip
         out["paths"][isa] = [{"variant": r.variant, "seconds": r.seconds, "weight_bytes": r.weight_bytes} for r in rows]
     return out
 
@@ -448,7 +448,8 @@ def section_w8a8(quick: bool) -> dict:
     for scheme in W8A8_SCHEMES:
         for method in ("rtn", "smoothquant"):
             rows.append(_run_child({"scheme": scheme, "method": method, "seed": 0, "tokens": tokens}))
-    speed = run_kernel_bench(("int8", *W8A8_SCHEMES), shapes=((512, 4096, 4096), (1, 4096, 4096)), reps=10 if quick else 30)
+    speed = run_kernel_bench(("int8", *W8A8_SCHEMES), shapes=((512, 4096, 4096), (1, 4096, 4096)), reps=10 if quick else 30,
+                             stream=False)
     return {
         "command": "python benchmarks/run_all.py --sections w8a8",
         "rows": rows,

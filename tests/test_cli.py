@@ -55,6 +55,7 @@ def test_estimate_and_formats():
 def test_bench_quick_runs_and_reports_ratios():
     p = run("bench", "--quick", "--reps", "3", "-q", "--schemes", "int8", "w4g64")
     assert "torch fp32" in p.stdout and "lowbit w4g64" in p.stdout and "speed vs fp32" in p.stdout
+    assert "read bandwidth (torch sum)" in p.stdout and "GB/s read" in p.stdout
 
 
 @pytest.mark.parametrize(

@@ -362,7 +362,7 @@ def cmd_estimate(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from lowbit.evaluate.kernel_bench import SHAPES, machine_info, run_kernel_bench
+    from lowbit.evaluate.kernel_bench import SHAPES, STREAM_READ, machine_info, run_kernel_bench
     from lowbit.evaluate.table import text_table
 
     torch.set_num_threads(args.threads)
@@ -371,12 +371,15 @@ def cmd_bench(args) -> int:
     rows = run_kernel_bench(tuple(args.schemes), shapes=shapes, reps=args.reps, progress=log)
     info = machine_info()
     base = {r.shape: r.seconds for r in rows if r.variant == "torch fp32"}
-    table = [[r.label, r.variant, f"{r.seconds * 1e3:.3f}", f"{base[r.shape] / r.seconds:.2f}x"] for r in rows]
+    table = [[r.label, r.variant, f"{r.seconds * 1e3:.3f}",
+              "-" if r.variant == STREAM_READ else f"{base[r.shape] / r.seconds:.2f}x",
+              f"{r.weight_bytes / r.seconds / 1e9:.1f}" if r.shape[0] == 1 and r.weight_bytes > 0 else "-"]
+             for r in rows]  # fmt: skip
     from lowbit.kernels import cpu
 
     print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; medians")
     print(cpu.summary())
-    print(text_table(["shape", "variant", "ms", "speed vs fp32"], table))
+    print(text_table(["shape", "variant", "ms", "speed vs fp32", "GB/s read"], table))
     return 0
 
 

@@ -9,6 +9,8 @@ Honest-measurement rules (DESIGN.md, "Measuring"):
   median of ``reps`` rounds, so drift of the machine's speed hits all variants alike;
 * batch-1 runs rotate through enough distinct weight copies (>= 160 MiB per variant) that no
   variant is served from the 32 MiB L3 cache;
+* batch-1 shapes also time a plain streaming read of the FP32 copies (torch's ``sum``) in the same
+  rounds, so a GEMV's effective bandwidth is compared with what the machine delivered meanwhile;
 * ``torch.set_num_threads`` is fixed and reported.
 """
 
@@ -27,9 +29,10 @@ from ..qweight import QWeight
 from ..scheme import parse_scheme
 from .speed import median_time, median_times_interleaved
 
-__all__ = ["SHAPES", "run_kernel_bench", "KernelRow", "machine_info", "read_bandwidth"]
+__all__ = ["SHAPES", "STREAM_READ", "run_kernel_bench", "KernelRow", "machine_info", "read_bandwidth"]
 
 SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (512, 4096, 4096))
+STREAM_READ = "read bandwidth (torch sum)"  # batch-1 rows: the same bytes as FP32, read by a sum
 ROTATE_BYTES = 160 * 2**20
 
 Adapter = Callable[[torch.nn.Linear], Callable[[torch.Tensor], torch.Tensor]]
@@ -132,13 +135,15 @@ def run_kernel_bench(
     progress: Callable[[str], None] | None = None,
     isas: tuple[str, ...] | None = None,
     baselines: bool = True,
+    stream: bool = True,
 ) -> list[KernelRow]:
     """Time FP32, BF16, lowbit ``schemes`` and ``peers`` on each shape; see the module docstring.
 
     ``schemes`` entries are scheme strings (round to nearest) or ``scheme@method``. ``isas``:
     run every lowbit variant once per CPU-kernel ISA named (``lowbit.kernels.cpu``; "reference"
     included), side by side; None: the active one. ``baselines=False`` leaves out torch BF16
-    (FP32 always runs: ratios are taken against it)."""
+    (FP32 always runs: ratios are taken against it). ``stream``: batch-1 shapes also time
+    :data:`STREAM_READ`, a plain read of the FP32 copies, in the same rounds."""
     rows: list[KernelRow] = []
     gen = torch.Generator().manual_seed(0)
     for m, k, n in shapes:
@@ -152,6 +157,8 @@ def run_kernel_bench(
         variants: list[tuple[str, Callable, int, int]] = [
             ("torch fp32", _rotating([lambda x, w=w: x @ w.t() for w in fp], x), fp_bytes, c)
         ]
+        if m == 1 and stream:  # the machine's read bandwidth in the same rounds: torch's sum over the FP32 copies
+            variants.append((STREAM_READ, _rotating([lambda _x, w=w: w.sum() for w in fp], x), fp_bytes, c))
         bf = []
         if baselines:
             cb = _copies(fp_bytes // 2, m)
