@@ -63,6 +63,27 @@ def _kernel_isas() -> tuple[str, ...]:
     return (best, "avx2") if best == "avx512" else (best,)
 
 
+def _w8a8_same_sign_error(ort_adapter) -> dict | None:
+    """Max relative error against FP32 of W8A8 on inputs whose adjacent products share a sign
+    (positive activations near their maximum, as after a ReLU, times positive weights): where a
+    pair of u8 x s8 products exceeds int16, vpmaddubsw saturates (MLAS's AVX2 U8S8 path);
+    lowbit's AVX2 kernel keeps every pair below 2^15 (csrc/avx2.c)."""
+    if ort_adapter is None:
+        return None
+    import lowbit
+
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(512, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.rand(64, 512, generator=gen) * 0.5 + 0.5)
+    x = torch.rand(8, 512, generator=gen) * 0.2 + 0.8
+    with torch.no_grad():
+        ref = x @ lin.weight.t()
+        q = lowbit.quantize(torch.nn.Sequential(copy.deepcopy(lin)), "w8a8")
+        err = lambda y: float(((y - ref).abs() / ref.abs()).max())  # noqa: E731
+        return {"ort-w8a8": err(ort_adapter(lin)(x)), "lowbit w8a8": err(q(x)), "kernel": q[0].kernel}
+
+
 def section_kernels(quick: bool) -> dict:
     from lowbit.evaluate.kernel_bench import SHAPES, read_bandwidth, run_kernel_bench
 
@@ -79,6 +100,7 @@ def section_kernels(quick: bool) -> dict:
     bandwidth.append(read_bandwidth())
     return {
         "command": "python benchmarks/run_all.py --sections kernels",
+        "w8a8_same_sign_error": _w8a8_same_sign_error(peers.get("ort-w8a8")),
         "read_bandwidth_gbs": bandwidth,  # before and after the kernels
         "isas": list(_kernel_isas()),
         "rows": [{"shape": list(r.shape), "label": r.label, "variant": r.variant, "seconds": r.seconds,
