@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-4
+STAMP := $(VENV)/.lowbit-setup-5
 DOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: setup demo test test-fast bench lint clean textdata armtools
@@ -24,14 +24,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "from lowbit.kernels import cpu; print(cpu.summary())"
 	touch $(STAMP)
 
-# Debian's python3.11-doc: the held-out evaluation text. Without root or apt, lowbit falls back
-# to the stdlib's pydoc_data text (and says so in every result).
+# Debian's text packages, the text domains lowbit calibrates on and evaluates with
+# (lowbit/evaluate/domains.py): python3.11-doc (Python docs), debian-handbook (a book on system
+# administration), fortunes (quotations); licences come with base-files. Without root or apt,
+# python-docs falls back to the stdlib's pydoc_data text and absent domains are skipped, by name.
+TEXT_PKGS := python3.11-doc debian-handbook fortunes
 textdata:
-	@if [ -d $(DOCS) ]; then echo "text: $(DOCS)"; \
+	@if [ -d $(DOCS) ] && [ -d /usr/share/doc/debian-handbook/html/en-US ] && [ -d /usr/share/games/fortunes ]; then \
+	  echo "text: python3.11-doc, debian-handbook, fortunes present"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y -q python3.11-doc >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q python3.11-doc >/dev/null)) \
-	  && echo "text: installed python3.11-doc" || echo "text: python3.11-doc unavailable; using pydoc_data"; \
-	else echo "text: no root/apt; using pydoc_data"; fi
+	  (apt-get install -y -q --no-install-recommends $(TEXT_PKGS) >/dev/null 2>&1 \
+	   || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(TEXT_PKGS) >/dev/null)) \
+	  && echo "text: installed $(TEXT_PKGS)" || echo "text: some of $(TEXT_PKGS) unavailable; those domains are skipped"; \
+	else echo "text: no root/apt; python-docs uses pydoc_data, other absent domains are skipped"; fi
 
 # A cross compiler and qemu-user, so the tests also run the portable kernel as aarch64 (NEON)
 # code. Best effort: without root or apt those tests skip, saying what is missing.

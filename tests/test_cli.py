@@ -66,6 +66,8 @@ def test_bench_quick_runs_and_reports_ratios():
         (("inspect", "/nonexistent"), "not a directory"),
         (("quantize", "digits-cnn", "-o", "x"), "exactly one of --scheme or --recipe"),
         (("estimate",), "give --params"),
+        (("quantize", "smollm2-135m", "--scheme", "w4g64", "--method", "gptq", "--calib-domains", "poetry", "-o", "x"),
+         "unknown text domain 'poetry'"),
     ],
 )
 def test_bad_input_one_clear_error(args, message, tmp_path):

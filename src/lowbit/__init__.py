@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 from .driver import QuantizeError, UnsupportedModuleError, quantize  # noqa: E402
 from .estimate import estimate  # noqa: E402
+from .evaluate.domains import calibration_batches  # noqa: E402
 from .evaluate.size import size_of  # noqa: E402
 from .generate import GenerateError, generate  # noqa: E402
 from .io import LowbitFormatError, load, save  # noqa: E402
@@ -47,4 +48,5 @@ __all__ = [
     "UnsupportedModuleError",
     "LowbitFormatError",
     "QATError",
+    "calibration_batches",
 ]

@@ -35,13 +35,16 @@ def _threads(args) -> None:
 
 # ---- quantize ---------------------------------------------------------------------------------
 def _calibration(args, zm) -> list:
-    """Calibration batches for a calibrated method or static scheme: windows of the built-in
-    calibration split (or of --calib FILE) for language models; training images for digits-cnn;
+    """Calibration batches for a calibrated method or static scheme: windows of the calibration
+    splits of the built-in text domains (--calib-domains; default mixed) or of --calib FILE for
+    language models; training images for digits-cnn;
     calibration-split crops of the bundled photos for ImageNet models."""
-    return _model_inputs(zm, args.nsamples, args.seqlen, args.seed, args.calib, args.model)
+    return _model_inputs(zm, args.nsamples, args.seqlen, args.seed, args.calib, args.model,
+                         getattr(args, "calib_domains", None))
 
 
-def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, name: str) -> list:
+def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, name: str,
+                  domains: str | None = None) -> list:
     """``n`` samples of the model's kind of input drawn (seeded) from calibration data, never
     from the data ``lowbit eval`` measures on."""
     import torch
@@ -59,10 +62,11 @@ def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, na
         return [x[i : i + 16] for i in range(0, n, 16)]
     if zm.tokenizer is None:
         raise CliError(f"{name} has no tokenizer to turn calibration text into inputs")
-    from lowbit.evaluate.data import calibration_batches
+    from lowbit.evaluate.domains import calibration_batches
 
     text = Path(calib_file).read_text() if calib_file else None
-    return calibration_batches(zm.tokenizer, nsamples=n, seqlen=seqlen, seed=seed, text=text)
+    names = tuple(d for d in (domains or "mixed").split(",") if d)
+    return calibration_batches(zm.tokenizer, names, nsamples=n, seqlen=seqlen, seed=seed, text=text)
 
 
 class CliError(ValueError):
@@ -307,7 +311,8 @@ def cmd_sensitivity(args) -> int:
         calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
         # the KL is measured on other calibration samples than the ones that set scales
         n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
-        batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model)
+        batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model,
+                                getattr(args, "calib_domains", None))
         sens = sensitivity(zm.model, cands, batches, calibration=calibration, method=args.method,
                            observer=args.observer, base=args.base, cost=args.cost, progress=not args.quiet)  # fmt: skip
         sens.info["model"] = args.model
@@ -464,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help="a recipe JSON file (per-layer schemes)")
     q.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
     q.add_argument("--clip", choices=CLIP_CHOICES, help="rtn: how scales are chosen (default minmax)")
-    q.add_argument("--calib", help="calibration text file (default: the built-in calibration split)")
+    q.add_argument("--calib", help="calibration text file (default: the built-in text domains, mixed)")
+    q.add_argument("--calib-domains", metavar="NAMES",
+                   help="built-in text domains to calibrate on, comma-separated: python-docs, licences, handbook, "
+                        "quotes, or mixed (the default: every one present)")
     q.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     q.add_argument("--seed", type=int, default=0, help="which calibration samples are drawn")
@@ -518,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples the KL is measured on (default: 8 texts, 32 photo crops, 512 digits)")
     m.add_argument("--nsamples", type=int, default=64, help="calibration samples, when needed (default 64)")
     m.add_argument("--seqlen", type=int, default=256, help="tokens per sample (language models; default 256)")
-    m.add_argument("--calib", help="calibration text file (default: the built-in calibration split)")
+    m.add_argument("--calib", help="calibration text file (default: the built-in text domains, mixed)")
+    m.add_argument("--calib-domains", metavar="NAMES",
+                   help="built-in text domains to calibrate on, comma-separated (default: mixed)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--target-bpw", type=float, help="allocate: average stored bits per weight")
     m.add_argument("--max-loss", help="allocate: the smallest model whose summed KL stays within this "
