@@ -383,6 +383,29 @@ def test_any_format_kernel_decodes_every_fp8_byte_as_torch_does(m, isa):
     assert torch.equal(got.nan_to_num(), want.nan_to_num().expand(m, 256))
 
 
+@pytest.mark.parametrize("scheme", ["w3g64-asym", "w4g16-asym"])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_any_format_kernel_gives_exact_zeros_with_float32_scales(scheme, m, isa):
+    """w = (v - z) * s as the reference computes it: a code equal to its zero point is exactly 0
+    even when the scale is float32 (weights beyond float16's range), so inf * w is NaN there too."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 6, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_().mul_(1e6)
+    mod = QuantLinear.from_float(lin, scheme)
+    assert mod.scales.dtype == torch.float32 and mod.zeros is not None
+    w = mod.qw.dequantize()
+    n, k = (w == 0).nonzero()[0].tolist()
+    x = torch.randn(m, 64)
+    x[0, k] = float("inf")
+    kernels.assign(mod, "reference")
+    ref = mod(x)
+    kernels.assign(mod, "cpu-any")
+    got = mod(x)
+    assert bool(ref[0, n].isnan())
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+
+
 def test_hqq_fractional_zero_points_run_on_the_packed_kernel(isa, tmp_path):
     import lowbit
 

@@ -345,8 +345,8 @@ INLINE unsigned code_at(const uint8_t* p, int bits, int64_t k) {
 #else
 /* Plain C (portable.c), the same steps as rows_avx2.h in GCC/Clang vector extensions, which
  * the compiler lowers to the target's SIMD (NEON, SSE, AVX ...): per group, 8 codes at a time
- * from one little-endian word (2, 3, 4 bits) or 8 bytes, w = v * s - z * s with the row's s and
- * z * s computed first. */
+ * from one little-endian word (2, 3, 4 bits) or 8 bytes, w = (v - z) * s with the row's s and z
+ * read first. */
 #define row_dot dot16
 #pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed between inlined helpers only */
 typedef float lb_v8f __attribute__((vector_size(32)));
@@ -362,9 +362,9 @@ static void row_params_c(const rdesc* d, int64_t n, int64_t ng, float* sb, float
 #endif
         for (int64_t g = 0; g < ng; g++) sb[g] = rscale(d, n, g);
     if (d->ztype == 0)
-        for (int64_t g = 0; g < ng; g++) zb[g] = (float)d->zconst * sb[g];
+        for (int64_t g = 0; g < ng; g++) zb[g] = (float)d->zconst;
     else
-        for (int64_t g = 0; g < ng; g++) zb[g] = rzero(d, n, g) * sb[g];
+        for (int64_t g = 0; g < ng; g++) zb[g] = rzero(d, n, g);
 }
 
 INLINE lb_v8u codes8_c(const uint8_t* p, int bits, int64_t k) {
@@ -402,14 +402,14 @@ INLINE lb_v8f values8_c(lb_v8u c, const float* lut, int bits) {
 #define ROWC_GROUPS(BITS, USE8, USE1)                                                           \
     for (int64_t g = 0, k = 0; k < K; g++) {                                                    \
         const int64_t k1 = k + G < K ? k + G : K;                                               \
-        const float s = sb[g], zs = zb[g];                                                      \
+        const float s = sb[g], z = zb[g];                                                       \
         for (; k + 8 <= k1; k += 8) {                                                           \
-            const lb_v8f w = values8_c(codes8_c(p, BITS, k), lut, BITS) * s - zs;                     \
+            const lb_v8f w = (values8_c(codes8_c(p, BITS, k), lut, BITS) - z) * s;                   \
             USE8(k, w);                                                                         \
         }                                                                                       \
         for (; k < k1; k++) {                                                                   \
             const unsigned c = code_at(p, BITS, k);                                             \
-            USE1(k, (lut ? lut[c] : (float)c) * s - zs);                                        \
+            USE1(k, ((lut ? lut[c] : (float)c) - z) * s);                                       \
         }                                                                                       \
     }
 

@@ -4,8 +4,7 @@
  * row_dequant: 8 codes per step into 8 int32 lanes (one load, a variable shift per lane, a mask;
  * 3-bit codes: 8 per 3 bytes), then to their values v: integers by conversion, 16-entry tables
  * (NF4) by two vpermps over the table's halves and a blend on the code's bit 3, larger tables
- * (FP8) by vgatherdps; then one FMA, v * s - z * s, with the group's scale and zero point
- * broadcast. row_dot: an 8-lane FMA dot product of the dequantized row with one input.
+ * (FP8) by vgatherdps; then (v - z) * s with the group's zero point and scale broadcast. row_dot: an 8-lane FMA dot product of the dequantized row with one input.
  */
 #include <immintrin.h>
 
@@ -43,27 +42,28 @@ INLINE __m256 v_e4m3(__m256i c) {
 }
 #define V_E4M3(c) v_e4m3(c)
 
-/* Every group of the row: w = v * s - z * s for 16 (then 8) codes at a time, USE16 / USE8 of
+/* Every group of the row: w = (v - z) * s, as the reference computes it (so w is exactly 0
+ * where a code equals its zero point, whatever the scale's precision), for 16 (then 8) codes at a time, USE16 / USE8 of
  * w0, w1 at column k; the last K % 8 columns in scalar (TAIL of the value wv at k). */
 #define ROW_GROUPS(BITS, VALUE, USE16, USE8, TAIL)                                              \
     for (int64_t g = 0, k = 0; k < K; g++) {                                                    \
         const int64_t k1 = k + G < K ? k + G : K;                                               \
-        const __m256 vs = _mm256_broadcast_ss(sb + g), vzs = _mm256_broadcast_ss(zb + g);       \
+        const __m256 vs = _mm256_broadcast_ss(sb + g), vz = _mm256_broadcast_ss(zb + g);        \
         for (; k + 16 <= k1; k += 16) {                                                         \
             const __m256i c0 = codes8(p, BITS, k, K, sh, mask), c1 = codes8(p, BITS, k + 8, K, sh, mask); \
-            const __m256 w0 = _mm256_fmsub_ps(VALUE(c0), vs, vzs);                              \
-            const __m256 w1 = _mm256_fmsub_ps(VALUE(c1), vs, vzs);                              \
+            const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(VALUE(c0), vz), vs);                   \
+            const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(VALUE(c1), vz), vs);                   \
             USE16;                                                                              \
         }                                                                                       \
         if (k + 8 <= k1) {                                                                      \
             const __m256i c0 = codes8(p, BITS, k, K, sh, mask);                                    \
-            const __m256 w0 = _mm256_fmsub_ps(VALUE(c0), vs, vzs);                              \
+            const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(VALUE(c0), vz), vs);                   \
             USE8;                                                                               \
             k += 8;                                                                             \
         }                                                                                       \
         for (; k < k1; k++) {                                                                   \
             const unsigned c = code_at(p, BITS, k);                                             \
-            const float wv = (lut ? lut[c] : (float)c) * sb[g] - zb[g];                         \
+            const float wv = ((lut ? lut[c] : (float)c) - zb[g]) * sb[g];                       \
             TAIL;                                                                               \
         }                                                                                       \
     }
@@ -89,7 +89,7 @@ INLINE __m256 v_e4m3(__m256i c) {
         }                                                                                       \
     }
 
-/* The row's per-group scales s and z * s, float32, into sb, zb (ng each). */
+/* The row's per-group scales s and zero points z, float32, into sb, zb (ng each). */
 static void row_params(const rdesc* d, int64_t n, int64_t ng, float* sb, float* zb) {
     int64_t g = 0;
     if (d->lds && !d->s32) {
@@ -103,9 +103,9 @@ static void row_params(const rdesc* d, int64_t n, int64_t ng, float* sb, float* 
         for (; g < ng; g++) sb[g] = s;
     }
     if (d->ztype == 0) {
-        for (g = 0; g < ng; g++) zb[g] = (float)d->zconst * sb[g];
+        for (g = 0; g < ng; g++) zb[g] = (float)d->zconst;
     } else {
-        for (g = 0; g < ng; g++) zb[g] = rzero(d, n, g) * sb[g];
+        for (g = 0; g < ng; g++) zb[g] = rzero(d, n, g);
     }
 }
 
