@@ -16,6 +16,15 @@
 #define INLINE static inline __attribute__((always_inline))
 #define LB_ABI 13
 
+/* This thread's number in the current OpenMP team (0 without OpenMP). */
+INLINE int thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* One quantized weight in tiled layout; kernels/cpu.py builds it (same field order). */
 typedef struct {
     const uint8_t* w;     /* (ceil(N/16), nchunks * 32) tiled codes (tiled4: nchunks * 64) */

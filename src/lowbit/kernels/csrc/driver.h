@@ -181,11 +181,7 @@ int lb_dwconv_a8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, con
                 }
             }
         }
-        int thread = 0;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-#endif
-        int32_t* acc = accs + (int64_t)thread * C;
+        int32_t* acc = accs + (int64_t)thread_num() * C;
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < B * OH; bi++) {
             const int64_t b = bi / OH, i = bi % OH;
@@ -340,8 +336,21 @@ INLINE unsigned code_at(const uint8_t* p, int bits, int64_t k) {
     return ((q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16) >> (3 * (k % 8))) & 7u;
 }
 
+/* Row setup shared by the vector row kernels (rows_avx2.h, and the plain C ones below): the row's
+ * scales and zero points through PARAMS into scratch; groups not a multiple of 8 wide return 0
+ * (the caller runs dequant_row). */
+#define ROW_SETUP(PARAMS)                                                                       \
+    const int64_t K = d->K, G = d->G < d->K ? d->G : d->K, ng = (K + G - 1) / G;                \
+    if (G % 8 && G < K) return 0;                                                               \
+    float* sb = scratch;                                                                        \
+    float* zb = sb + ng;                                                                        \
+    PARAMS(d, n, ng, sb, zb);                                                                   \
+    const uint8_t* p = d->w + n * d->ldw;                                                       \
+    const int bits = d->bits;                                                                   \
+    const float* lut = d->lut;
+
 #ifdef LB_ROWS_AVX2
-#include "rows_avx2.h" /* row_dequant, row_dot1, row_dot: AVX2 versions */
+#include "rows_avx2.h" /* row_dequant_vec, row_dot1_vec, row_dot: AVX2 versions */
 #else
 /* Plain C (portable.c), the same steps as rows_avx2.h in GCC/Clang vector extensions, which
  * the compiler lowers to the target's SIMD (NEON, SSE, AVX ...): per group, 8 codes at a time
@@ -421,30 +430,16 @@ INLINE lb_v8f values8_c(lb_v8u c, const float* lut, int bits) {
     default: ROWC_GROUPS(2, USE8, USE1) break;                                                  \
     }
 
-#define ROWC_SETUP                                                                              \
-    const int64_t K = d->K, G = d->G < d->K ? d->G : d->K, ng = (K + G - 1) / G;                \
-    if (G % 8 && G < K) return 0;                                                               \
-    float* sb = scratch;                                                                        \
-    float* zb = sb + ng;                                                                        \
-    row_params_c(d, n, ng, sb, zb);                                                             \
-    const uint8_t* p = d->w + n * d->ldw;                                                       \
-    const int bits = d->bits;                                                                   \
-    const float* lut = d->lut;
-
-static int row_dequant_c(const rdesc* d, int64_t n, float* out, float* scratch) {
-    ROWC_SETUP
+static int row_dequant_vec(const rdesc* d, int64_t n, float* out, float* scratch) {
+    ROW_SETUP(row_params_c)
 #define ROWC_STORE8(k, w) memcpy(out + (k), &(w), sizeof(lb_v8f))
 #define ROWC_STORE1(k, wv) out[k] = (wv)
     ROWC_FORMATS(ROWC_STORE8, ROWC_STORE1)
     return 1;
 }
 
-static void row_dequant(const rdesc* d, int64_t n, float* out, float* scratch, const float* pairs) {
-    if (!row_dequant_c(d, n, out, scratch)) dequant_row(d, n, out, pairs);
-}
-
-static int row_dot1_c(const rdesc* d, int64_t n, const float* x, float* scratch, float* y) {
-    ROWC_SETUP
+static int row_dot1_vec(const rdesc* d, int64_t n, const float* x, float* scratch, float* y) {
+    ROW_SETUP(row_params_c)
     lb_v8f acc = {0, 0, 0, 0, 0, 0, 0, 0}, xv;
     float rest = 0.0f;
 #define ROWC_DOT8(k, w) (memcpy(&xv, x + (k), sizeof xv), acc += (w) * xv)
@@ -455,13 +450,19 @@ static int row_dot1_c(const rdesc* d, int64_t n, const float* x, float* scratch,
     return 1;
 }
 
+#endif
+
+/* The row kernels' entry points: the vector versions, or the plain path for odd groups. */
+static void row_dequant(const rdesc* d, int64_t n, float* out, float* scratch, const float* pairs) {
+    if (!row_dequant_vec(d, n, out, scratch)) dequant_row(d, n, out, pairs);
+}
+
 static float row_dot1(const rdesc* d, int64_t n, const float* x, const float* pairs, float* buf, float* scratch) {
     float y;
-    if (row_dot1_c(d, n, x, scratch, &y)) return y;
+    if (row_dot1_vec(d, n, x, scratch, &y)) return y;
     dequant_row(d, n, buf, pairs);
-    return dot16(buf, x, d->K);
+    return row_dot(buf, x, d->K);
 }
-#endif
 
 /* y (M, N) = x (M, K) @ dequant(W)^T + bias for any format (above): each weight row is
  * dequantized once into a per-thread buffer (in L1), then dotted with each of the M inputs.
@@ -477,11 +478,7 @@ int lb_linear_rows(const rdesc* d, const float* x, int64_t M, float* y, int nthr
     if (!bufs) return -2;
 #pragma omp parallel num_threads(nthreads)
     {
-        int thread = 0;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-#endif
-        float* w = bufs + (int64_t)thread * per;
+        float* w = bufs + (int64_t)thread_num() * per;
         float* scratch = w + K;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
@@ -511,12 +508,9 @@ int lb_dequant_rows(const rdesc* d, int64_t n0, int64_t n1, float* out, int nthr
     if (!scratch) return -2;
 #pragma omp parallel num_threads(nthreads)
     {
-        int thread = 0;
-#ifdef _OPENMP
-        thread = omp_get_thread_num();
-#endif
+        float* mine = scratch + thread_num() * per;
 #pragma omp for schedule(static)
-        for (int64_t n = n0; n < n1; n++) row_dequant(d, n, out + (n - n0) * K, scratch + thread * per, pp);
+        for (int64_t n = n0; n < n1; n++) row_dequant(d, n, out + (n - n0) * K, mine, pp);
     }
     free(scratch);
     return 0;

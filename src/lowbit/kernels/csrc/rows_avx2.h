@@ -109,17 +109,9 @@ static void row_params(const rdesc* d, int64_t n, int64_t ng, float* sb, float* 
     }
 }
 
-/* Row setup shared by row_dequant and row_dot1; groups not a multiple of 8 wide take the plain C
- * path (returns 0). */
-#define ROW_SETUP                                                                               \
-    const int64_t K = d->K, G = d->G < d->K ? d->G : d->K, ng = (K + G - 1) / G;                \
-    if (G % 8 && G < K) return 0;                                                               \
-    float* sb = scratch;                                                                        \
-    float* zb = sb + ng;                                                                        \
-    row_params(d, n, ng, sb, zb);                                                               \
-    const uint8_t* p = d->w + n * d->ldw;                                                       \
-    const int bits = d->bits;                                                                   \
-    const float* lut = d->lut;                                                                  \
+/* ROW_SETUP (driver.h) plus the shift, mask and 16-entry table registers. */
+#define ROW_SETUP_AVX2                                                                          \
+    ROW_SETUP(row_params)                                                                       \
     const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits); \
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);                                    \
     const __m256 lo = lut && bits == 4 ? _mm256_loadu_ps(lut) : _mm256_setzero_ps();            \
@@ -128,14 +120,10 @@ static void row_params(const rdesc* d, int64_t n, int64_t ng, float* sb, float* 
 
 /* Row n of dequant(W), float32, into out[0 .. K); scratch: 2 * groups floats. */
 static int row_dequant_vec(const rdesc* d, int64_t n, float* out, float* scratch) {
-    ROW_SETUP
+    ROW_SETUP_AVX2
     ROW_FORMATS((_mm256_storeu_ps(out + k, w0), _mm256_storeu_ps(out + k + 8, w1)), _mm256_storeu_ps(out + k, w0),
                 out[k] = wv)
     return 1;
-}
-
-static void row_dequant(const rdesc* d, int64_t n, float* out, float* scratch, const float* pairs) {
-    if (!row_dequant_vec(d, n, out, scratch)) dequant_row(d, n, out, pairs);
 }
 
 /* sum_k a[k] b[k]: four 8-lane FMA accumulators, added once at the end. */
@@ -164,18 +152,11 @@ INLINE float row_dot(const float* a, const float* b, int64_t n) {
 /* One input (M = 1): x . dequant(W)[n] without storing the row; returns 0 where the plain C
  * path must run. */
 static int row_dot1_vec(const rdesc* d, int64_t n, const float* x, float* scratch, float* y) {
-    ROW_SETUP
+    ROW_SETUP_AVX2
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     float rest = 0.0f;
     ROW_FORMATS((a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0), a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1)),
                 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0), rest += wv * x[k])
     *y = hsum8(_mm256_add_ps(a0, a1)) + rest;
     return 1;
-}
-
-static float row_dot1(const rdesc* d, int64_t n, const float* x, const float* pairs, float* buf, float* scratch) {
-    float y;
-    if (row_dot1_vec(d, n, x, scratch, &y)) return y;
-    dequant_row(d, n, buf, pairs);
-    return row_dot(buf, x, d->K);
 }
