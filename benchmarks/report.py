@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from lowbit.evaluate.table import markdown_table
@@ -354,6 +355,36 @@ def _sweeps(res: dict) -> str:
     ] if "act_groups" in res else []))
 
 
+def _domains(res: dict) -> str:
+    """One table per scheme: method <- calibration domain, per evaluation domain the perplexity and
+    the fraction of RTN's loss kept (mean over seeds, with their spread); * marks in-domain cells."""
+    evals, rows = res["evals"], res["rows"]
+    fp = next(r for r in rows if r["method"] == "fp32")["ppl"]
+    out = ["## Accuracy beyond the calibration text: SmolLM2-135M across text domains", "", _header(res), "",
+           f"Perplexity on {res['tokens']} eval-split tokens of each domain ({'; '.join(f'{k}: {v}' for k, v in res['domains'].items())}); "
+           f"calibration: {res['calibration']}, from the calib split of the named domain (`mixed`: equal parts of every domain), "
+           f"seeds {res['seeds']}. Cell: perplexity, then the fraction of RTN's loss (ppl - FP32) the method keeps (lower is better), "
+           "mean over seeds and its range; * = calibrated on the evaluation domain itself. FP32: "
+           + ", ".join(f"{d} {fp[d]:.2f}" for d in evals) + "."]  # fmt: skip
+    for scheme in dict.fromkeys(r["scheme"] for r in rows if r["method"] != "fp32"):
+        rtn = next(r for r in rows if r["scheme"] == scheme and r["method"] == "rtn")["ppl"]
+        cells: dict = {}
+        for r in rows:
+            if r["scheme"] == scheme and r["method"] not in ("fp32", "rtn"):
+                cells.setdefault((r["method"], r["calib"]), []).append(r["ppl"])
+        table = [["rtn", "-"] + [f"{rtn[d]:.2f}" for d in evals]]
+        for (method, calib), runs in cells.items():
+            line = [method, calib]
+            for d in evals:
+                ppl = statistics.mean(p[d] for p in runs)
+                kept = [(p[d] - fp[d]) / (rtn[d] - fp[d]) for p in runs]
+                spread = f" [{min(kept):.2f}-{max(kept):.2f}]" if len(kept) > 1 else ""
+                line.append(f"{ppl:.2f} ({statistics.mean(kept):.2f}{spread}){' *' if calib == d else ''}")
+            table.append(line)
+        out += ["", f"**{scheme}**", "", markdown_table(["method", "calibration", *evals], table)]
+    return "\n".join(out)
+
+
 def _sym_range(res: dict) -> str:
     fp = next(r for r in res["rows"] if r["method"] == "fp32")
     rows = []
@@ -590,7 +621,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
     for name, render in (("kernels", _kernels), ("paths", _paths), ("smollm2", _smollm2), ("decode", _decode), ("decode_1b", _decode_1b), ("kv_cache", _kv_cache), ("digits", _digits),
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
-                         ("sym_range", _sym_range)):  # fmt: skip
+                         ("sym_range", _sym_range), ("domains", _domains)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "algorithms":  # peer rows come from their own script's file, read at render time

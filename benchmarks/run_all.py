@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 import sys
 import tempfile
 import warnings
@@ -942,12 +943,66 @@ def section_sym_range(quick: bool) -> dict:
             "rows": rows}  # fmt: skip
 
 
+DOMAIN_SCHEMES = ("w4g64", "w4g64-asym", "w3g64", "w3g64-asym", "w2g32-asym")
+DOMAIN_METHODS = ("gptq", "awq", "awq+gptq")
+DOMAIN_CACHE = RESULTS / "domains_rows.json"  # finished cells: the table takes hours, runs resume
+
+
+def section_domains(quick: bool) -> dict:
+    """Accuracy beyond the calibration text (issue 13): SmolLM2-135M, each calibrated method x
+    scheme x calibration domain (each text domain, and the mixed default) x seed, perplexity on
+    the eval split of every domain (lowbit.evaluate.domains); RTN and FP32 beside them. A cell
+    whose calibration domain is its evaluation domain is in-domain; the others are the claim."""
+    import lowbit
+    from lowbit.evaluate import domains as D
+    from lowbit.evaluate.perplexity import perplexity
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    tok = zoo.tokenizer
+    evals = D.available_domains()
+    tokens, nsamples, seqlen = (1024, 4, 256) if quick else (4096, 32, 512)
+    schemes, methods = (DOMAIN_SCHEMES[:1], DOMAIN_METHODS[:1]) if quick else (DOMAIN_SCHEMES, DOMAIN_METHODS)
+    seeds = (0,) if quick else (0, 1, 2)
+    cals = ["python-docs", D.MIXED] if quick else [*evals, D.MIXED]
+    texts = {d: D.domain_text(d, "eval")[: tokens * 8] for d in evals}
+    cache = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
+
+    def cell(scheme: str, method: str, calib: str, seed: int, make) -> dict:
+        key = f"{scheme}/{method}/{calib}/{seed}/{tokens}/{nsamples}x{seqlen}"
+        if key not in cache:
+            t0 = time.time()
+            model = make()
+            seconds = time.time() - t0
+            ppl = {d: perplexity(model, tok, text=texts[d], max_tokens=tokens, seqlen=512, source=d).ppl for d in evals}
+            cache[key] = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
+                          "quantize_seconds": round(seconds, 1)}  # fmt: skip
+            print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)
+            DOMAIN_CACHE.write_text(json.dumps(cache, indent=1) + "\n")
+        return cache[key]
+
+    rows = [cell("fp32", "fp32", "-", 0, lambda: zoo.model)]
+    for scheme in schemes:
+        rows.append(cell(scheme, "rtn", "-", 0, lambda s=scheme: lowbit.quantize(copy.deepcopy(zoo.model), s)))
+        for method in methods:
+            for calib in cals:
+                for seed in seeds:
+                    def make(s=scheme, m=method, c=calib, sd=seed):
+                        batches = lowbit.calibration_batches(tok, c, nsamples=nsamples, seqlen=seqlen, seed=sd)
+                        return lowbit.quantize(copy.deepcopy(zoo.model), s, method=m, calibration=batches)
+
+                    rows.append(cell(scheme, method, calib, seed, make))
+    return {"command": "python benchmarks/run_all.py --sections domains", "tokens": tokens, "evals": evals,
+            "calibration": f"{nsamples} x {seqlen} tokens per cell", "seeds": list(seeds),
+            "domains": {d: D.DOMAINS[d][0] for d in evals}, "rows": rows}  # fmt: skip
+
+
 SECTIONS = {"kernels": section_kernels, "paths": section_paths, "decode_1b": section_decode_1b, "kv_cache": section_kv_cache, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mobilenet_speed": section_mobilenet_speed, "mixed": section_mixed, "mixed_base": section_mixed_base,
             "mixed_hessian": section_mixed_hessian,
             "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet,
-            "sym_range": section_sym_range}  # fmt: skip
+            "sym_range": section_sym_range, "domains": section_domains}  # fmt: skip
 
 
 def main() -> None:
