@@ -26,9 +26,9 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 

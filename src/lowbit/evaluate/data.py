@@ -13,12 +13,14 @@ joined in sorted-name order with blank lines between them.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["text_split", "text_source", "token_ids", "calibration_batches", "SPLITS", "DataError"]
+__all__ = ["text_split", "text_source", "token_ids", "cached_token_ids", "windows", "calibration_batches", "SPLITS",
+           "DataError"]  # fmt: skip
 
 DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 SPLITS = ("eval", "calib", "train")
@@ -62,16 +64,36 @@ def text_split(split: str) -> str:
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def token_ids(tokenizer, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids ``(n,)`` long of a split's text (first ``max_tokens`` tokens if given)."""
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), split, max_tokens or -1)
+def cached_token_ids(tokenizer, name: tuple, text: Callable[[], str], max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``(n,)`` long of the text ``text()`` returns (its first ``max_tokens`` tokens if
+    given), kept per tokenizer and ``name`` so each text is tokenized once per process."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), *name, max_tokens or -1)
     if key not in _TOKEN_CACHE:
-        text = text_split(split)
+        t = text()
         if max_tokens:
-            text = text[: max_tokens * 8]  # ~4 characters per token here; 2x margin
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+            t = t[: max_tokens * 8]  # >= 2 characters per token in every text here
+        ids = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         _TOKEN_CACHE[key] = ids[:max_tokens] if max_tokens else ids
     return _TOKEN_CACHE[key]
+
+
+def token_ids(tokenizer, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``(n,)`` long of a split's text (first ``max_tokens`` tokens if given)."""
+    return cached_token_ids(tokenizer, (split,), lambda: text_split(split), max_tokens)
+
+
+def windows(ids: torch.Tensor, n: int, seqlen: int, generator: torch.Generator, what: str) -> torch.Tensor:
+    """``n`` non-overlapping windows ``(n, seqlen)`` of ``ids``, a seeded choice among all of them.
+    Raises :class:`DataError` naming ``what`` when ``ids`` holds too few tokens."""
+    need = n * seqlen
+    if len(ids) < need:
+        raise DataError(
+            f"{what} has {len(ids)} tokens; {n} samples of {seqlen} need at least {need} "
+            "(ask for fewer or shorter samples, or give more text)"
+        )
+    n_windows = len(ids) // seqlen
+    pick = torch.randperm(n_windows, generator=generator)[:n]
+    return ids[: n_windows * seqlen].reshape(n_windows, seqlen)[pick]
 
 
 def calibration_batches(
@@ -96,15 +118,5 @@ def calibration_batches(
     else:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         what = "the calibration text"
-    need = nsamples * seqlen
-    if len(ids) < need:
-        raise DataError(
-            f"{what} has {len(ids)} tokens; {nsamples} samples of {seqlen} need at least {need} "
-            "(ask for fewer or shorter samples, or give more text)"
-        )
-    g = torch.Generator().manual_seed(seed)
-    # non-overlapping windows, a seeded choice of them
-    n_windows = len(ids) // seqlen
-    pick = torch.randperm(n_windows, generator=g)[:nsamples]
-    windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)[pick]
-    return [windows[i : i + batch_size] for i in range(0, nsamples, batch_size)]
+    w = windows(ids, nsamples, seqlen, torch.Generator().manual_seed(seed), what)
+    return [w[i : i + batch_size] for i in range(0, nsamples, batch_size)]

@@ -132,10 +132,15 @@ def _paragraphs(name: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def missing_reason(name: str) -> str | None:
-    """Why domain ``name`` has no text here (the package to install), or None."""
+def _known(name: str) -> str:
     if name not in DOMAINS:
         raise DataError(f"unknown text domain {name!r}; domains: {', '.join(DOMAINS)}, or {MIXED!r}")
+    return name
+
+
+def missing_reason(name: str) -> str | None:
+    """Why domain ``name`` has no text here (the package to install), or None."""
+    _known(name)
     if name == "python-docs":
         return None  # falls back to the stdlib's pydoc_data text
     if _paragraphs(name):
@@ -162,19 +167,9 @@ def domain_text(name: str, split: str) -> str:
     return "\n\n".join(p for s, p in _paragraphs(name) if s == split)
 
 
-_TOKENS: dict[tuple, torch.Tensor] = {}
-
-
 def domain_token_ids(tokenizer, name: str, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
     """Token ids ``(n,)`` long of one split of domain ``name`` (its first ``max_tokens`` if given)."""
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), name, split, max_tokens or -1)
-    if key not in _TOKENS:
-        text = domain_text(name, split)
-        if max_tokens:
-            text = text[: max_tokens * 8]  # >= 2 characters per token in every domain here
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-        _TOKENS[key] = ids[:max_tokens] if max_tokens else ids
-    return _TOKENS[key]
+    return data.cached_token_ids(tokenizer, ("domain", name, split), lambda: domain_text(name, split), max_tokens)
 
 
 def _resolve(domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...]) -> list[str]:
@@ -182,8 +177,7 @@ def _resolve(domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...
     if names == [MIXED]:
         names = available_domains()
     for n in names + list(exclude):
-        if n not in DOMAINS:
-            raise DataError(f"unknown text domain {n!r}; domains: {', '.join(DOMAINS)}, or {MIXED!r}")
+        _known(n)
     names = [n for n in names if n not in exclude]
     if not names:
         raise DataError("no text domain left to calibrate on")
@@ -216,19 +210,12 @@ def calibration_batches(
                                         text=text)  # fmt: skip
     names = _resolve(domains, tuple(exclude))
     g = torch.Generator().manual_seed(seed)
-    windows = []
+    parts = []
     for i, name in enumerate(names):
         want = nsamples // len(names) + (1 if i < nsamples % len(names) else 0)
         if want == 0:
             continue
         ids = domain_token_ids(tokenizer, name, split)
-        n_windows = len(ids) // seqlen
-        if n_windows < want:
-            raise DataError(
-                f"the {split} split of {name} has {len(ids)} tokens; {want} windows of {seqlen} need "
-                f"{want * seqlen} (ask for fewer or shorter samples)"
-            )
-        pick = torch.randperm(n_windows, generator=g)[:want]
-        windows.append(ids[: n_windows * seqlen].reshape(n_windows, seqlen)[pick])
-    allw = torch.cat(windows)[torch.randperm(nsamples, generator=g)]
+        parts.append(data.windows(ids, want, seqlen, g, f"the {split} split of {name}"))
+    allw = torch.cat(parts)[torch.randperm(nsamples, generator=g)]
     return [allw[i : i + batch_size] for i in range(0, nsamples, batch_size)]

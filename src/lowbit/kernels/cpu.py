@@ -660,11 +660,7 @@ def linear_rows(mod, x: torch.Tensor) -> torch.Tensor:
         return reference.linear(mod, x)
     if x.shape[-1] != mod.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer takes {mod.in_features}")
-    s = mod.scheme
-    xf = x.float()
-    if s.act_bits:  # the reference's own rounding of the inputs
-        xf = reference.quantize_static(xf, mod.act_scale, mod.act_zero) if s.act_static else reference.quantize_activations(xf, s.act_group)
-    x2 = xf.reshape(-1, mod.in_features).contiguous()
+    x2 = reference.linear_input(mod, x).reshape(-1, mod.in_features).contiguous()  # the reference's own rounding
     desc, keep = _rows_state(mod)
     m, n, k = x2.shape[0], mod.out_features, mod.in_features
     out = torch.empty(m, n, dtype=torch.float32)

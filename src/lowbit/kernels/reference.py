@@ -37,22 +37,31 @@ def quantize_activations(x: torch.Tensor, group: int | None = None) -> torch.Ten
     return q * s
 
 
-def linear(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype, computed in float32."""
-    w = mod.qw.dequantize(torch.float32)
+def linear_input(mod, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's input as float32, rounded to the scheme's activation grid when it
+    quantizes activations (static: ``mod.act_scale``/``act_zero``; dynamic: per token or group).
+    Every linear kernel that takes float inputs starts from this."""
     xf = x.float()
     if mod.scheme.act_bits:
         xf = quantize_static(xf, mod.act_scale, mod.act_zero) if mod.scheme.act_static else quantize_activations(xf, mod.scheme.act_group)
-    return F.linear(xf, w, _bias(mod)).to(x.dtype)
+    return xf
+
+
+def conv_input(mod, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input as float32; static schemes round it to int8 steps of
+    ``mod.act_scale`` around ``mod.act_zero``."""
+    xf = x.float()
+    return quantize_static(xf, mod.act_scale, mod.act_zero) if mod.scheme.act_static else xf
+
+
+def linear(mod, x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype, computed in float32."""
+    return F.linear(linear_input(mod, x), mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
 
 
 def conv2d(mod, x: torch.Tensor) -> torch.Tensor:
-    """``x (B, C, H, W)`` -> conv2d output, computed in float32 (static schemes first round the
-    input to int8 steps of ``mod.act_scale`` around ``mod.act_zero``)."""
-    xf = x.float()
-    if mod.scheme.act_static:
-        xf = quantize_static(xf, mod.act_scale, mod.act_zero)
-    return mod.conv(xf, mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
+    """``x (B, C, H, W)`` -> conv2d output, computed in float32 (input as :func:`conv_input`)."""
+    return mod.conv(conv_input(mod, x), mod.qw.dequantize(torch.float32), _bias(mod)).to(x.dtype)
 
 
 def embedding(mod, idx: torch.Tensor) -> torch.Tensor:
@@ -135,10 +144,7 @@ def linear_cached(mod, x: torch.Tensor) -> torch.Tensor:
     costs FP32's time and FP32's memory for the layer (``lowbit inspect`` says so)."""
     if x.requires_grad and torch.is_grad_enabled():
         return linear(mod, x)
-    xf = x.float()
-    if mod.scheme.act_bits:
-        xf = quantize_static(xf, mod.act_scale, mod.act_zero) if mod.scheme.act_static else quantize_activations(xf, mod.scheme.act_group)
-    return F.linear(xf, _cached_weight(mod), _bias(mod)).to(x.dtype)
+    return F.linear(linear_input(mod, x), _cached_weight(mod), _bias(mod)).to(x.dtype)
 
 
 def conv2d_cached(mod, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +152,4 @@ def conv2d_cached(mod, x: torch.Tensor) -> torch.Tensor:
     :func:`linear_cached`)."""
     if x.requires_grad and torch.is_grad_enabled():
         return conv2d(mod, x)
-    xf = x.float()
-    if mod.scheme.act_static:
-        xf = quantize_static(xf, mod.act_scale, mod.act_zero)
-    return mod.conv(xf, _cached_weight(mod).reshape(mod.weight_shape), _bias(mod)).to(x.dtype)
+    return mod.conv(conv_input(mod, x), _cached_weight(mod).reshape(mod.weight_shape), _bias(mod)).to(x.dtype)

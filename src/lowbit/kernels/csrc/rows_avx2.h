@@ -4,7 +4,9 @@
  * row_dequant: 8 codes per step into 8 int32 lanes (one load, a variable shift per lane, a mask;
  * 3-bit codes: 8 per 3 bytes), then to their values v: integers by conversion, 16-entry tables
  * (NF4) by two vpermps over the table's halves and a blend on the code's bit 3, larger tables
- * (FP8) by vgatherdps; then (v - z) * s with the group's zero point and scale broadcast. row_dot: an 8-lane FMA dot product of the dequantized row with one input.
+ * (FP8 E4M3) arithmetically, other tables by vgatherdps; then (v - z) * s with the group's zero
+ * point and scale broadcast. row_dot: an 8-lane FMA dot product of a dequantized row with one
+ * input; row_dot1_vec: the same without storing the row (one input).
  */
 #include <immintrin.h>
 
@@ -43,8 +45,8 @@ INLINE __m256 v_e4m3(__m256i c) {
 #define V_E4M3(c) v_e4m3(c)
 
 /* Every group of the row: w = (v - z) * s, as the reference computes it (so w is exactly 0
- * where a code equals its zero point, whatever the scale's precision), for 16 (then 8) codes at a time, USE16 / USE8 of
- * w0, w1 at column k; the last K % 8 columns in scalar (TAIL of the value wv at k). */
+ * where a code equals its zero point, whatever the scale's precision), 16 (then 8) codes at a
+ * time, USE16 / USE8 of w0, w1 at column k; the last columns in scalar (TAIL of wv at k). */
 #define ROW_GROUPS(BITS, VALUE, USE16, USE8, TAIL)                                              \
     for (int64_t g = 0, k = 0; k < K; g++) {                                                    \
         const int64_t k1 = k + G < K ? k + G : K;                                               \
@@ -126,7 +128,7 @@ static int row_dequant_vec(const rdesc* d, int64_t n, float* out, float* scratch
     return 1;
 }
 
-/* sum_k a[k] b[k]: four 8-lane FMA accumulators, added once at the end. */
+/* The sum of a vector's 8 lanes. */
 INLINE float hsum8(__m256 t) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -134,6 +136,7 @@ INLINE float hsum8(__m256 t) {
     return _mm_cvtss_f32(h);
 }
 
+/* sum_k a[k] b[k]: four 8-lane FMA accumulators, added once at the end. */
 INLINE float row_dot(const float* a, const float* b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
     int64_t k = 0;
