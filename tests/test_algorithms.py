@@ -34,6 +34,49 @@ def test_gptq_lowers_the_layer_output_error(scheme, act_order):
     assert _out_err(w, q.dequantize(), x) < 0.7 * _out_err(w, rtn, x)
 
 
+def _heavy_tailed(n=96, k=256, seed=1):
+    """Weights as trained layers have them: mostly small, a few large entries per row."""
+    torch.manual_seed(seed)
+    return torch.distributions.StudentT(3.0).sample((n, k)) * 0.02
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w4g64-asym", "w3g64", "w2g32-asym", "w4-tensor"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_hessian_clip_beats_minmax_ranges_on_held_out_inputs(scheme, act_order):
+    torch.manual_seed(0)
+    w = _heavy_tailed()
+    _, x = _problem(t=4096)
+    train, test = x[:2048], x[2048:]
+    h = 2 * train.t() @ train / len(train)
+    s = parse_scheme(scheme)
+    errs = {c: _out_err(w, gptq.quantize_weight(w, h, s, act_order=act_order, clip=c).dequantize(), test)
+            for c in gptq.CLIP_CHOICES}  # fmt: skip
+    assert errs["hessian"] < 0.9 * errs["minmax"], errs
+    if not s.per_tensor:  # (one range for the whole tensor: both searches pick the same shrink)
+        assert errs["hessian"] < errs["mse"], errs  # the input energy matters: plain MSE clips the outlier channel
+
+
+def test_group_qparams_hessian_weights_the_clip_search():
+    w = _heavy_tailed(8, 128)
+    s = parse_scheme("w4g64")
+    flat = torch.ones(128)
+    heavy = torch.ones(128)
+    heavy[:64] = 1e4  # the first group's columns dominate the objective: its error weighs, not its range
+    for d in (flat, heavy):
+        qp = gptq.group_qparams(w, d, s, "hessian")
+        deq = QWeight.from_float(w, s, qp).dequantize()
+        mm = QWeight.from_float(w, s).dequantize()
+        assert float((((deq - w) ** 2) * d).sum()) <= float((((mm - w) ** 2) * d).sum())
+    # a column calibration never fed (diagonal 0) is not free to wreck: weighted as an average one
+    dead = torch.ones(128)
+    dead[5] = 0.0
+    a = gptq.group_qparams(w, dead, s, "hessian")
+    b = gptq.group_qparams(w, torch.ones(128), s, "hessian")
+    assert torch.equal(a.scale, b.scale)
+    with pytest.raises(ValueError, match="clip='p99'"):
+        gptq.group_qparams(w, flat, s, "p99")
+
+
 def test_gptq_handles_dead_inputs_and_escalates_damping():
     w, x = _problem()
     x[:, 10] = 0.0  # a channel that never fires: H has a zero row

@@ -75,6 +75,56 @@ def test_gptq_beats_rtn_on_the_calibration_objective():
     assert errs["gptq"] < errs["rtn"]
 
 
+def _weights(m) -> dict:
+    out = {}
+    for n, mod in m.named_modules():
+        if hasattr(mod, "qweight"):
+            out[n] = mod.qw.dequantize()
+            if getattr(mod, "act_scale", None) is not None:
+                out[n + ".act"] = torch.stack([mod.act_scale.float(), mod.act_zero.float()])
+    return out
+
+
+@pytest.mark.parametrize("method, scheme", [("gptq", "w4g32"), ("rtn", "w8a8-static")])
+def test_padding_tokens_do_not_enter_the_statistics(method, scheme):
+    """A padded tokenizer batch calibrates as its unpadded rows do: positions whose attention
+    mask is 0 feed no inference output and must not weigh in the Hessian or an input range.
+    (``sequential`` calibrates each layer on the already-rounded ones, turning float-summation
+    differences into different rounding decisions; it is not compared here.)"""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 128, (4, 24), generator=g)
+    lengths = [24, 9, 16, 5]
+    mask = torch.zeros(4, 24, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    padded = [{"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}]
+    unpadded = [{"input_ids": ids[i : i + 1, :n], "attention_mask": torch.ones(1, n, dtype=torch.long)}
+                for i, n in enumerate(lengths)]  # fmt: skip
+    m = tiny_llama()
+    a = _weights(lowbit.quantize(copy.deepcopy(m), scheme, method=method, calibration=padded))
+    b = _weights(lowbit.quantize(copy.deepcopy(m), scheme, method=method, calibration=unpadded))
+    assert a.keys() == b.keys() and len(a) >= 3 * 7
+    for n in a:
+        if n.endswith(".act"):
+            assert torch.allclose(a[n], b[n], rtol=1e-4), n  # the input ranges of real tokens only
+    same = sum(int((a[n] == b[n]).sum()) for n in a) / sum(a[n].numel() for n in a)
+    assert same > 0.999, same  # (float sums in another order may flip a rare tie)
+
+
+def test_sequential_option():
+    m = tiny_llama()
+    ref = logits(m)
+    errs = {}
+    for opts in ({}, {"sequential": True}):
+        q = lowbit.quantize(copy.deepcopy(m), "w3g32", method="gptq", calibration=batches(n=8), **opts)
+        errs[str(opts)] = float((logits(q) - ref).pow(2).mean())
+    assert len(set(errs.values())) == 2, errs  # the later layers' Hessians see the earlier ones' rounding
+    rtn = float((logits(lowbit.quantize(copy.deepcopy(m), "w3g32")) - ref).pow(2).mean())
+    assert max(errs.values()) < rtn, (errs, rtn)
+    with pytest.raises(ValueError, match="sequential"):
+        lowbit.quantize(copy.deepcopy(m), "w4g32", method="awq", calibration=batches(), sequential=True)
+
+
 def test_missing_or_empty_calibration():
     with pytest.raises(CalibrationError, match="needs calibration data"):
         lowbit.quantize(tiny_llama(), "w4g32", method="gptq")

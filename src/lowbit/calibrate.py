@@ -209,11 +209,32 @@ def _block_outputs(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_block(block: nn.Module, inputs: list) -> list:
+def _run_block(block: nn.Module, inputs: list, masks: list | None = None, current: list | None = None) -> list:
+    """The block's outputs on every input; with ``current``, ``current[0]`` is set to each
+    batch's token mask (``masks``) before its call, for hooks that gather statistics."""
     outs = []
-    for args, kwargs in inputs:
+    for i, (args, kwargs) in enumerate(inputs):
+        if current is not None:
+            current[0] = masks[i] if masks is not None else None
         outs.append(_block_outputs(block(*args, **kwargs)))
     return outs
+
+
+def _token_mask(batch) -> torch.Tensor | None:
+    """The real (not padding) tokens of a tokenizer batch: its ``attention_mask`` as bool
+    ``(B, T)``; None for batches without one (every position counts)."""
+    m = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and not m.is_floating_point():
+        return m.bool() if not bool(m.bool().all()) else None
+    return None
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a layer input ``x (B, T, ...)`` at real tokens ``(n, ...)``: padding positions
+    carry activations no inference output depends on, and would bias every statistic."""
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask]
 
 
 def _with_hidden(inp: tuple, hidden: torch.Tensor) -> tuple:
@@ -303,6 +324,7 @@ def run(
     needs_data = method if algo.uses_calibration else f"{method} with static activations"
     batches = as_batches(calibration, needs_data)
     _check_lengths(model, batches)
+    masks = [_token_mask(b) for b in batches]  # statistics skip padding tokens
     want = {name: (mod, kind, scheme) for name, mod, kind, scheme, _ in todo}
     restore = _Restore(model)
     done: list[tuple[str, nn.Module]] = []
@@ -311,6 +333,7 @@ def run(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     seed = 0  # AWQ's row sampling; the calibration data itself is the caller's choice
+    sequential = bool(options.get("sequential", False))  # (check_options refused it for methods without it)
     try:
         with torch.no_grad():
             found = find_blocks(model)
@@ -337,14 +360,13 @@ def run(
                     block = blocks[i]
                     layers = {n: remaining.pop(n) for n in list(remaining) if n.startswith(bname + ".")}
                     if layers:
-                        _quantize_block(
-                            block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer
-                        )
+                        _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module,
+                                        observer, sequential=sequential, masks=masks)  # fmt: skip
                     if i + 1 < len(blocks):  # the quantized block's outputs feed the next block
                         inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs))]
                 del inputs
             if remaining:
-                _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module, observer)
+                _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done, make_module, observer)
             if bias_correction is not False:
                 floats = dict(restore.modules)
                 targets = {
@@ -451,43 +473,101 @@ def _observers(layers: dict, prefix: str, observer: str) -> dict:
     return {full[len(prefix) :]: make_observer(observer) for full, (_m, _k, s) in layers.items() if s.act_static}
 
 
-def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer) -> None:
+def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer, *,
+                    sequential: bool = False, masks: list | None = None) -> None:  # fmt: skip
+    """Quantize ``layers`` of ``block``. By default every layer's statistics come from one float
+    pass of the block. ``sequential`` (GPTQ's "true sequential"): each group of layers reading
+    one input gets its statistics only after the groups before it in the block are quantized,
+    so it sees their rounding. ``masks``: each input's real tokens (statistics skip padding)."""
     mods = {n: block.get_submodule(n[len(bname) + 1 :]) for n in layers}
     local = {n[len(bname) + 1 :]: m for n, m in mods.items()}
     order, producers = _groups(block, inputs, local)
-    stats = {g[0]: Stats(_in_features(local[g[0]]), _needs(algo), seed=seed) for g in order}
+    needs = _needs(algo)
+    stats = {g[0]: Stats(_in_features(local[g[0]]), needs, seed=seed) for g in order}
     group_of = {n: g[0] for g in order for n in g}
     obs = _observers(layers, bname + ".", observer)
 
     reached: set[str] = set()
+    current: list = [None]  # the token mask of the batch being run
 
     def collect(n: str, x: torch.Tensor) -> None:
         if x.numel() == 0:  # a layer called with no rows (an expert no token was routed to)
             return
         reached.add(n)
-        if n in stats and algo.needs:  # the first layer of each group collects for the group
-            stats[n].add(_unfold_input(local[n], x))
+        x = _real_tokens(x, current[0])
+        if x.numel() == 0:
+            return
+        if n in stats and algo.needs and (not sequential or algo.smooth is not None):
+            stats[n].add(_unfold_input(local[n], x))  # the first layer of each group collects for it
         if n in obs and algo.smooth is None:
             obs[n].update(x)
 
     with _hooks(local, collect):
-        ref_out = _run_block(block, inputs)
+        ref_out = _run_block(block, inputs, masks, current)
     unreached = {f"{bname}.{n}" for n in local if n not in reached}
     _refuse_unreached_static(layers, unreached)
 
     if algo.smooth is not None:
         _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore)
         if obs:  # the folds changed the inputs: observe them again
-            with _hooks({n: local[n] for n in obs}, lambda n, x: obs[n].update(x) if x.numel() else None):
-                _run_block(block, inputs)
+            def observe(n: str, x: torch.Tensor) -> None:
+                x = _real_tokens(x, current[0])
+                if x.numel():
+                    obs[n].update(x)
 
-    for full, (_mod, kind, scheme) in layers.items():
+            with _hooks({n: local[n] for n in obs}, observe):
+                _run_block(block, inputs, masks, current)
+
+    def quantize(full: str) -> None:
+        _mod, kind, scheme = layers[full]
         short = full[len(bname) + 1 :]
         with layer_errors(full):
             new = _quantize_one(mods[full], full, kind, scheme, stats[group_of[short]], obs.get(short), algo, options,
                                 make_module, unreached)  # fmt: skip
         restore.swap(full, new)
         done.append((full, new))
+
+    if not sequential:
+        for full in layers:
+            quantize(full)
+        return
+    for group in order:
+        todo = [f"{bname}.{n}" for n in group if f"{bname}.{n}" in layers]
+        if not todo:
+            continue
+        first = group[0]
+        # the Hessian gathered again here; AWQ's row sample (for its clip search) stays the one its
+        # scales were searched on, gathered in the first pass
+        st = Stats(_in_features(local[first]), needs - {"sample"}, seed=seed)
+        for b, inp in enumerate(inputs):
+            mask = masks[b] if masks is not None else None
+            x = _input_of(block, first, inp)
+            if x is None or (x := _real_tokens(x, mask)).numel() == 0:
+                continue
+            st.add(_unfold_input(local[first], x))
+        st.sample = stats[first].sample
+        stats[first] = st
+        for full in todo:
+            quantize(full)
+
+
+def _input_of(block: nn.Module, name: str, inp: tuple) -> torch.Tensor | None:
+    """The input of ``block``'s submodule ``name`` on the block call ``inp`` (its first call),
+    the pass stopped there; None if the call never reaches it."""
+    got: list[torch.Tensor] = []
+
+    def hook(m, a):
+        got.append(a[0])
+        raise _Stop
+
+    h = block.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        block(*inp[0], **inp[1])
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0] if got else None
 
 
 def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore) -> None:
@@ -528,25 +608,30 @@ def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers
         )
 
 
-def _quantize_rest(model, batches, remaining, algo, options, seed, restore, done, make_module, observer) -> None:
+def _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done, make_module, observer) -> None:
     """Layers outside the blocks (or all layers of a model without blocks): one forward with hooks."""
     mods = {n: model.get_submodule(n) for n in remaining}
     stats = {n: Stats(_in_features(m), _needs(algo), seed=seed) for n, m in mods.items()}
     obs = _observers(remaining, "", observer)
 
     reached: set[str] = set()
+    current: list = [None]  # the token mask of the batch being run
 
     def collect(n: str, x: torch.Tensor) -> None:
         if x.numel() == 0:  # a layer called with no rows (an expert no token was routed to)
             return
         reached.add(n)
+        x = _real_tokens(x, current[0])
+        if x.numel() == 0:
+            return
         if algo.needs:  # (rtn with static activations needs only the observers)
             stats[n].add(_unfold_input(mods[n], x))
         if n in obs:
             obs[n].update(x)
 
     with _hooks(mods, collect):
-        for b in batches:
+        for b, mask in zip(batches, masks):
+            current[0] = mask
             _call(model, b)
     unreached = {n for n in mods if n not in reached}
     _refuse_unreached_static(remaining, unreached)
@@ -602,10 +687,15 @@ def mean_output_error(
     """
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(targets, 0)
+    current: list = [None]  # the token mask of the batch being run (padding does not count)
 
     def hook(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         ref = targets[name][1]
         d = (ref(x).float() - out.float()).detach()
+        if not isinstance(ref, nn.Conv2d):
+            d = _real_tokens(d, current[0])
+            if d.numel() == 0:
+                return
         ch = 1 if isinstance(ref, nn.Conv2d) else d.dim() - 1
         s = d.sum([i for i in range(d.dim()) if i != ch])
         sums[name] = s if name not in sums else sums[name] + s
@@ -615,6 +705,7 @@ def mean_output_error(
     try:
         with torch.no_grad():
             for b in batches:
+                current[0] = _token_mask(b)
                 _call(model, b)
     finally:
         for h in handles:

@@ -453,6 +453,7 @@ def cmd_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
     from lowbit.algorithms import ALGORITHMS
+    from lowbit.algorithms.gptq import CLIP_CHOICES as GPTQ_CLIPS
     from lowbit.algorithms.rtn import CLIP_CHOICES
     from lowbit.kernels import KERNELS
     from lowbit.models.zoo import ZOO
@@ -468,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", help="scheme string, e.g. int8, w4g64, w4g64-asym (see `lowbit formats`)")
     q.add_argument("--recipe", help="a recipe JSON file (per-layer schemes)")
     q.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS))
-    q.add_argument("--clip", choices=CLIP_CHOICES, help="rtn: how scales are chosen (default minmax)")
+    q.add_argument("--clip", choices=sorted({*CLIP_CHOICES, *GPTQ_CLIPS, "awq"}),
+                   help="how group ranges are chosen: rtn minmax (default) or mse; gptq and awq+gptq hessian "
+                        "(default), mse or minmax; awq+gptq also awq (AWQ's output-error search)")
     q.add_argument("--calib", help="calibration text file (default: the built-in text domains, mixed)")
     q.add_argument("--calib-domains", metavar="NAMES",
                    help="built-in text domains to calibrate on, comma-separated: python-docs, licences, handbook, "

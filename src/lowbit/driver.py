@@ -317,7 +317,11 @@ def quantize(
             channel) into its bias (Nagel et al. 2019). ``None`` (default): layers that have a
             bias (convolutions after BatchNorm folding do); ``True``: every static layer, adding a
             bias where there was none; ``False``: off.
-        **options: the method's options (rtn: ``clip="minmax" | "mse"``).
+        **options: the method's options (``lowbit.algorithms.ALGORITHMS[method].options``):
+            rtn ``clip="minmax" | "mse"``; gptq and awq+gptq ``damp`` (0.01), ``act_order``
+            (True), ``clip="hessian" | "mse" | "minmax"`` (awq+gptq also ``"awq"``),
+            ``sequential`` (each group of layers calibrated on the inputs the block's already
+            quantized layers produce: GPTQ's "true sequential").
 
     Every weight is quantized before any module is swapped, so an error (NaN weights, an
     unsupported layer named by a rule) leaves the model as it was. ``model.lowbit_layers``

@@ -256,15 +256,22 @@ def _roundtrip(w: torch.Tensor, scheme: Scheme, qp: QParams) -> torch.Tensor:
 
 
 def mse_clip_search(
-    w: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = DEFAULT_CLIP_GRID
+    w: torch.Tensor,
+    scheme: Scheme,
+    grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
+    weight: torch.Tensor | None = None,
 ) -> QParams:
-    """Per-group clip ratio from ``grid`` that minimises ``||w - deq(q(w))||^2`` in each group.
+    """Per-group clip ratio from ``grid`` that minimises ``||w - deq(q(w))||^2`` in each group,
+    or with ``weight`` (``(K,)`` per column, or ``w``'s shape; >= 0) ``sum weight * (w - deq)^2``.
 
     Returns the parameters of the best ratio per group (same shapes as :func:`choose_qparams`).
     """
     flat, gs = _flat(w, scheme)
     ref = grouped(flat, gs)
-    return clip_search(w, scheme, grid, lambda deq: ((grouped(deq.reshape(flat.shape), gs) - ref) ** 2).sum(-1))
+    if weight is None:
+        return clip_search(w, scheme, grid, lambda deq: ((grouped(deq.reshape(flat.shape), gs) - ref) ** 2).sum(-1))
+    wt = grouped(_flat(weight.float().expand(w.shape).reshape(w.shape), scheme)[0], gs)
+    return clip_search(w, scheme, grid, lambda deq: (((grouped(deq.reshape(flat.shape), gs) - ref) ** 2) * wt).sum(-1))
 
 
 def clip_search(w: torch.Tensor, scheme: Scheme, grid: tuple[float, ...], error) -> QParams:

@@ -9,7 +9,8 @@ method          calibration   what it does
 ==============  ============  =================================================================
 rtn             no            round to nearest (min/max or ``clip="mse"`` scales)
 hqq             no            half-quadratic optimisation of scales and zero points
-gptq            yes           Hessian-aware column-by-column rounding with error feedback
+gptq            yes           Hessian-aware column-by-column rounding with error feedback;
+                              group ranges by a Hessian-weighted clip search
 awq             yes           activation-aware channel scaling + output-aware clipping, then RTN
 awq+gptq        yes           AWQ's channel scaling, then GPTQ
 smoothquant     yes           outlier migration into the weights for W8A8 (``w8a8`` schemes)
@@ -96,8 +97,9 @@ def _hqq(w, scheme, *, name="weight", stats=None, importance=None, **_):
     return hqq.quantize_weight(w, scheme, name=name, importance=importance)
 
 
-def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, **_):
-    qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp, act_order=act_order, block=block)
+def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", **_):
+    qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp, act_order=act_order, block=block,
+                              clip=clip)  # fmt: skip
     return _reshaped(qw, w)
 
 
@@ -126,10 +128,11 @@ def _awq_smooth(weights, stats, scheme, **_):
     return s
 
 
-def _awq_gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip=False, **_):
-    qp = awq.search_clip(_flat(w), _rows(stats.x, CLIP_ROWS), scheme) if clip else None
-    qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp, act_order=act_order,
-                              block=block, qparams=qp)  # fmt: skip
+def _awq_gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", **_):
+    qp = awq.search_clip(_flat(w), _rows(stats.x, CLIP_ROWS), scheme) if clip == "awq" else None
+    qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp,
+                              act_order=act_order, block=block, qparams=qp,
+                              clip="hessian" if clip == "awq" else clip)  # fmt: skip
     return _reshaped(qw, w)
 
 
@@ -151,7 +154,8 @@ def _activation_scheme(s: Scheme) -> str | None:
     return None if s.act_bits else f"{s} has float activations; SmoothQuant is for W8A8 schemes (e.g. w8a8)"
 
 
-_GPTQ_OPTS = {"damp": _number(1e-6, 1.0), "act_order": _flag, "block": _int(8, 4096)}
+_GPTQ_OPTS = {"damp": _number(1e-6, 1.0), "act_order": _flag, "block": _int(8, 4096), "sequential": _flag,
+              "clip": _choice(*gptq.CLIP_CHOICES)}
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
@@ -161,10 +165,10 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("hqq", _hqq, False, {"importance": _number(0.0, 4.0)}, serves=_grouped_integer,
                   doc="half-quadratic optimisation of scales and zeros; data-free"),
         Algorithm("gptq", _gptq, True, _GPTQ_OPTS, needs=("hessian",), serves=_integer_or_codebook,
-                  doc="GPTQ with damping, blocked lazy updates, groups, act-order with static groups"),
+                  doc="GPTQ with damping, blocked lazy updates, groups, act-order with static groups, Hessian-weighted clip"),
         Algorithm("awq", _awq_quantize, True, {"clip": _flag}, needs=("sample",), smooth=_awq_smooth,
                   serves=_integer_or_codebook, doc="AWQ scale search (folded) + output-aware clipping"),
-        Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _flag}, needs=("sample", "hessian"),
+        Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _choice(*gptq.CLIP_CHOICES, "awq")}, needs=("sample", "hessian"),
                   smooth=_awq_smooth, serves=_integer_or_codebook, doc="AWQ channel scaling, then GPTQ"),
         Algorithm("smoothquant", _rtn, True, {"alpha": _number(0.0, 1.0)}, needs=("absmax",),
                   smooth=_sq_smooth, serves=_activation_scheme, doc="SmoothQuant outlier migration for W8A8"),

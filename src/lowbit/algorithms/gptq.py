@@ -15,6 +15,13 @@ Groups: scales (and zeros) of a group are chosen when its first column is reache
 columns as updated so far. With ``act_order`` (columns in order of decreasing Hessian diagonal,
 the paper's "act-order"), group parameters are computed up front from the original weight
 ("static groups"), so groups stay contiguous in storage and no column permutation is stored.
+How a group's range is chosen (``clip``): ``"minmax"`` (the paper's), ``"mse"`` (the clip
+ratio minimising the group's squared rounding error), or ``"hessian"`` (the default: the same
+search with each column's error weighted by its Hessian diagonal, i.e. by the energy of its
+input, the diagonal part of the layer objective). Min/max ranges let one outlier weight set a
+group's step for all 64 or 128; GPTQ's error feedback cannot undo a step that is too coarse.
+The clip search is the one of the GPTQ authors' code (a grid of range shrinks, error norm
+minimised per group) with the layer objective's diagonal as the norm's weights.
 
 Input ``w (N, K)``, ``h (K, K)``; output a :class:`~lowbit.qweight.QWeight`.
 """
@@ -25,14 +32,22 @@ import warnings
 
 import torch
 
-from ..primitives import QParams, check_finite, choose_qparams, dequantize_values, quantize_values
+from ..primitives import (
+    QParams,
+    check_finite,
+    choose_qparams,
+    dequantize_values,
+    mse_clip_search,
+    quantize_values,
+)
 from ..qweight import QWeight
 from ..scheme import Scheme
 
-__all__ = ["quantize_weight", "HessianError", "DAMP_STEPS"]
+__all__ = ["quantize_weight", "group_qparams", "HessianError", "DAMP_STEPS", "CLIP_CHOICES"]
 
 # Damping tried in turn (fraction of the mean Hessian diagonal) until H is positive definite.
 DAMP_STEPS = (0.01, 0.1, 1.0)
+CLIP_CHOICES = ("hessian", "mse", "minmax")
 
 
 class HessianError(ValueError):
@@ -57,6 +72,23 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     )
 
 
+def group_qparams(w: torch.Tensor, hdiag: torch.Tensor, scheme: Scheme, clip: str = "hessian") -> QParams:
+    """Group parameters for the columns ``w (N, K')`` whose Hessian diagonal is ``hdiag (K',)``.
+
+    ``clip``: ``"minmax"``, ``"mse"`` or ``"hessian"`` (see the module docstring)."""
+    if clip == "minmax":
+        return choose_qparams(w, scheme)
+    if clip == "mse":
+        return mse_clip_search(w, scheme)
+    if clip == "hessian":
+        d = hdiag.float().clamp_min(0)
+        live = d > 0
+        # a column calibration never fed counts as an average one: its error is unknown, not free
+        d = torch.where(live, d, d[live].mean() if bool(live.any()) else torch.ones(()))
+        return mse_clip_search(w, scheme, weight=d)
+    raise ValueError(f"clip={clip!r}: choose from {CLIP_CHOICES}")
+
+
 def quantize_weight(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -67,12 +99,17 @@ def quantize_weight(
     block: int = 128,
     act_order: bool = False,
     qparams: QParams | None = None,
+    clip: str = "hessian",
 ) -> QWeight:
     """GPTQ-quantize ``w`` ``(N, K)`` given the input Hessian ``h`` ``(K, K)`` (any positive scale).
 
     ``qparams`` fixes the group parameters in advance (e.g. from an AWQ clip search); by default
-    they are min/max of the (updated) columns, or of the original weight with ``act_order``.
+    they are chosen by ``clip`` from the (updated) columns, or from the original weight with
+    ``act_order``. Raises ``ValueError`` for a format GPTQ cannot round or an unknown ``clip``,
+    :class:`HessianError` for a non-finite or singular Hessian.
     """
+    if clip not in CLIP_CHOICES:
+        raise ValueError(f"clip={clip!r}: choose from {CLIP_CHOICES}")
     check_finite(w, name)
     if scheme.fmt.kind not in ("affine", "codebook"):
         raise ValueError(f"GPTQ quantizes integer or codebook formats, not {scheme}")
@@ -95,9 +132,11 @@ def quantize_weight(
         )
     gs = k if scheme.group_size is None or scheme.per_tensor else scheme.group_size
 
+    hdiag = torch.diag(H).clone()  # (original column order; dead columns' 1.0 is replaced by group_qparams' mean)
+    hdiag[dead] = 0.0
     static = qparams
     if static is None and (act_order or scheme.per_tensor):
-        static = choose_qparams(W, scheme)
+        static = group_qparams(W, hdiag, scheme, clip)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W = W[:, perm]
     H = H[perm][:, perm]
@@ -121,7 +160,7 @@ def quantize_weight(
                 # this group's columns, as updated so far (within this block: w1; beyond: W)
                 hi = min(col + gs, k)
                 cur = torch.cat([w1[:, i : min(hi, i2) - i1], W[:, i2:hi]], dim=1) if hi > i2 else w1[:, i : hi - i1]
-                qp = choose_qparams(cur, scheme)  # at most one group's columns: one group
+                qp = group_qparams(cur, hdiag[col:hi], scheme, clip)  # at most one group's columns: one group
                 scale[:, g] = qp.scale[:, 0]
                 if zero is not None:
                     zero[:, g] = qp.zero[:, 0]

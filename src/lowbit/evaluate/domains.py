@@ -34,7 +34,7 @@ import torch
 
 from . import data
 
-__all__ = ["DOMAINS", "MIXED", "available_domains", "domain_text", "domain_token_ids", "calibration_batches",
+__all__ = ["DOMAINS", "MIXED", "available_domains", "domain_text", "domain_token_ids", "domain_sentences", "calibration_batches",
            "missing_reason", "DataError"]  # fmt: skip
 
 DataError = data.DataError
@@ -170,6 +170,25 @@ def domain_text(name: str, split: str) -> str:
 def domain_token_ids(tokenizer, name: str, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
     """Token ids ``(n,)`` long of one split of domain ``name`` (its first ``max_tokens`` if given)."""
     return data.cached_token_ids(tokenizer, ("domain", name, split), lambda: domain_text(name, split), max_tokens)
+
+
+def domain_sentences(name: str, split: str = "eval", n: int | None = None, seed: int | None = None,
+                     min_words: int = 6, max_words: int = 60) -> list[str]:
+    """Sentences of one split of domain ``name`` (for sentence encoders): the text's whitespace
+    normalised, cut after ``.``, ``!`` or ``?``, kept when ``min_words``..``max_words`` long; the
+    first ``n`` in text order, or with ``seed`` ``n`` drawn by a seeded choice. Raises
+    :class:`DataError` as :func:`domain_text` does, or when fewer than ``n`` exist."""
+    text = " ".join(domain_text(name, split).split())
+    found = [t for t in re.split(r"(?<=[.!?])\s+", text) if min_words <= len(t.split()) <= max_words]
+    if n is None:
+        return found
+    if len(found) < n:
+        raise DataError(f"the {split} split of {name!r} holds {len(found)} sentences of {min_words}-{max_words} words, "
+                        f"fewer than {n}")  # fmt: skip
+    if seed is None:
+        return found[:n]
+    idx = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))[:n]
+    return [found[i] for i in sorted(idx.tolist())]
 
 
 def _resolve(domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...]) -> list[str]:
