@@ -268,9 +268,7 @@ def mse_clip_search(
     """
     flat, gs = _flat(w, scheme)
     ref = grouped(flat, gs)
-    if weight is None:
-        return clip_search(w, scheme, grid, lambda deq: ((grouped(deq.reshape(flat.shape), gs) - ref) ** 2).sum(-1))
-    wt = grouped(_flat(weight.float().expand(w.shape).reshape(w.shape), scheme)[0], gs)
+    wt = 1.0 if weight is None else grouped(_flat(weight.float().expand(w.shape).reshape(w.shape), scheme)[0], gs)
     return clip_search(w, scheme, grid, lambda deq: (((grouped(deq.reshape(flat.shape), gs) - ref) ** 2) * wt).sum(-1))
 
 

@@ -121,7 +121,8 @@ def quantize_weight(
     # Columns whose input was always zero in calibration: the Hessian says nothing about them.
     # They decouple from the rest (zero rows/columns of H), so they keep their round-to-nearest
     # value; zeroing them (the paper's choice) would be wrong on inputs that do use them.
-    dead = torch.diag(H) == 0
+    hdiag = torch.diag(H).clone()  # original column order, before the dead columns' fix below
+    dead = hdiag == 0
     H[dead, dead] = 1.0
     n_dead = int(dead.sum())
     if n_dead:
@@ -132,8 +133,6 @@ def quantize_weight(
         )
     gs = k if scheme.group_size is None or scheme.per_tensor else scheme.group_size
 
-    hdiag = torch.diag(H).clone()  # (original column order; dead columns' 1.0 is replaced by group_qparams' mean)
-    hdiag[dead] = 0.0
     static = qparams
     if static is None and (act_order or scheme.per_tensor):
         static = group_qparams(W, hdiag, scheme, clip)
