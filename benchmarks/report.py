@@ -372,8 +372,13 @@ def _domains(res: dict) -> str:
         for r in rows:
             if r["scheme"] == scheme and r["method"] not in ("fp32", "rtn"):
                 cells.setdefault((r["method"], r["calib"]), []).append(r["ppl"])
+        peers: dict = {}
+        for r in res.get("peers") or []:
+            if r["scheme"] == scheme and r.get("status") == "ok" and r.get("ppl_by_domain"):
+                name = f"{_PEER_NAMES.get(r['peer'], r['peer'])} {r['version']}: {r['algorithm'].split(' (')[0]}"
+                peers.setdefault((name, r["calib_domain"]), []).append(r["ppl_by_domain"])
         table = [["rtn", "-"] + [f"{rtn[d]:.2f}" for d in evals]]
-        for (method, calib), runs in cells.items():
+        for (method, calib), runs in list(cells.items()) + list(peers.items()):
             line = [method, calib]
             for d in evals:
                 ppl = statistics.mean(p[d] for p in runs)
@@ -383,7 +388,16 @@ def _domains(res: dict) -> str:
             table.append(line)
         out += ["", f"**{scheme}**", "", markdown_table(["method", "calibration", *evals], table)]
         out += ["", _unseen_summary(cells, fp, rtn, evals)]
+        if peers:
+            out[-1] += " Peers (same calibration windows): " + _unseen_summary(peers, fp, rtn, evals)
+    if res.get("peers"):
+        out += ["", "Peer rows: `benchmarks/peer_algorithms.py --peer llmc|torchao --calib-domains python-docs handbook` "
+                "(each peer calibrated on exactly the windows of lowbit's cells, its weights scored by the same "
+                "perplexity code; see the script's docstring)."]
     return "\n".join(out)
+
+
+_PEER_NAMES = {"llmc": "llm-compressor", "torchao": "torchao"}
 
 
 def _unseen_summary(cells: dict, fp: dict, rtn: dict, evals: list) -> str:
@@ -675,6 +689,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("domains_minilm", _domains_minilm)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
+            if name == "domains":
+                res["peers"] = _load(results, "peer_domains")
             if name == "algorithms":  # peer rows come from their own script's file, read at render time
                 res["peers"] = _load(results, "peer_algorithms")
             if name == "mobilenet":

@@ -997,12 +997,11 @@ def section_domains_minilm(quick: bool) -> dict:
 
 def section_domains(quick: bool) -> dict:
     """Accuracy beyond the calibration text (issue 13): SmolLM2-135M, each calibrated method x
-    scheme x calibration domain (each text domain, and the mixed default) x seed, perplexity on
+    scheme x calibration domain (python-docs, handbook: each leaves three unseen) x seed, perplexity on
     the eval split of every domain (lowbit.evaluate.domains); RTN and FP32 beside them. A cell
     whose calibration domain is its evaluation domain is in-domain; the others are the claim."""
     import lowbit
     from lowbit.evaluate import domains as D
-    from lowbit.evaluate.perplexity import perplexity
     from lowbit.models.zoo import load_model
 
     zoo = load_model("smollm2-135m")
@@ -1014,7 +1013,6 @@ def section_domains(quick: bool) -> dict:
     # Two single-domain calibrations (each leaves three domains unseen: the claim) keep the full
     # table to ~90 cells of ~5 minutes; the mixed default is in-domain everywhere.
     cals = ["python-docs"] if quick else [c for c in DOMAIN_CALIBS if c in evals]
-    texts = {d: D.domain_text(d, "eval")[: tokens * 8] for d in evals}
     cache = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
 
     def cell(scheme: str, method: str, calib: str, seed: int, make) -> dict:
@@ -1023,7 +1021,7 @@ def section_domains(quick: bool) -> dict:
             t0 = time.time()
             model = make()
             seconds = time.time() - t0
-            ppl = {d: perplexity(model, tok, text=texts[d], max_tokens=tokens, seqlen=512, source=d).ppl for d in evals}
+            ppl = {d: r.ppl for d, r in D.domain_perplexities(model, tok, evals, max_tokens=tokens, seqlen=512).items()}
             cache[key] = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
                           "quantize_seconds": round(seconds, 1)}  # fmt: skip
             print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)

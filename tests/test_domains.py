@@ -90,3 +90,26 @@ def _contains(ids: torch.Tensor, w: torch.Tensor) -> bool:
     n = len(w)
     rows = ids[: len(ids) // n * n].reshape(-1, n)
     return bool((rows == w).all(1).any())
+
+
+def test_domain_perplexities_scores_each_domain_on_its_own_eval_tokens(smollm2):
+    from lowbit.evaluate.perplexity import perplexity
+
+    _present("licences")
+    tok, model = smollm2.tokenizer, smollm2.model
+    got = D.domain_perplexities(model, tok, ["licences", "python-docs"], max_tokens=256, seqlen=128)
+    assert list(got) == ["licences", "python-docs"]
+    for name, r in got.items():
+        ids = D.domain_token_ids(tok, name, "eval", 256)
+        assert r.windows == 2 and r.tokens == 2 * 127 and r.source == name
+        # the same windows scored directly from the domain's eval token ids
+        with torch.no_grad():
+            out = model(ids.reshape(2, 128), labels=ids.reshape(2, 128))
+        assert r.nll == pytest.approx(float(out.loss), rel=1e-4)
+    assert got["licences"].ppl != got["python-docs"].ppl
+    ref = perplexity(model, tok, text=D.domain_text("licences", "eval"), max_tokens=256, seqlen=128)
+    assert got["licences"].ppl == pytest.approx(ref.ppl, rel=1e-6)
+    with pytest.raises(D.DataError, match="unknown"):
+        D.domain_perplexities(model, tok, ["no-such-domain"], max_tokens=256, seqlen=128)
+    with pytest.raises(D.DataError, match="fewer than max_tokens"):
+        D.domain_perplexities(model, tok, ["licences"], max_tokens=10**8)

@@ -35,7 +35,7 @@ import torch
 from . import data
 
 __all__ = ["DOMAINS", "MIXED", "available_domains", "domain_text", "domain_token_ids", "domain_sentences", "calibration_batches",
-           "missing_reason", "DataError"]  # fmt: skip
+           "domain_perplexities", "missing_reason", "DataError"]  # fmt: skip
 
 DataError = data.DataError
 MIXED = "mixed"
@@ -189,6 +189,32 @@ def domain_sentences(name: str, split: str = "eval", n: int | None = None, seed:
         return found[:n]
     idx = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed))[:n]
     return [found[i] for i in sorted(idx.tolist())]
+
+
+def domain_perplexities(model, tokenizer, domains: str | tuple[str, ...] | list[str] | None = None, *,
+                        max_tokens: int = 4096, seqlen: int = 512) -> dict:
+    """Perplexity of a causal LM on the ``eval`` split of each domain (default: every domain present
+    here), each scored as :func:`lowbit.evaluate.perplexity.perplexity` does (the first
+    ``max_tokens`` tokens of the split, non-overlapping windows of ``seqlen``).
+
+    Returns ``{domain: PerplexityResult}`` in the order given (:data:`DOMAINS` order by default). Raises :class:`DataError` for
+    unknown or absent domains, or a split shorter than ``max_tokens`` tokens (so every domain is
+    scored on the same number of tokens)."""
+    from .perplexity import perplexity
+
+    names = available_domains() if domains is None else _resolve(domains, ())
+    out = {}
+    for d in names:
+        have = len(domain_token_ids(tokenizer, d, "eval", max_tokens))
+        if have < max_tokens:
+            raise DataError(f"the eval split of {d!r} holds {have} tokens, fewer than max_tokens={max_tokens}")
+    for d in names:
+        # a prefix of the split long enough for max_tokens tokens (English runs ~4 characters a token)
+        out[d] = perplexity(model, tokenizer, text=domain_text(d, "eval")[: max_tokens * 8], max_tokens=max_tokens,
+                            seqlen=seqlen, source=d)  # fmt: skip
+        if out[d].windows < max_tokens // seqlen:  # a split of more than 8 characters a token
+            raise DataError(f"the eval split of {d!r}: {max_tokens * 8} characters held fewer than {max_tokens} tokens")
+    return out
 
 
 def _resolve(domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...]) -> list[str]:
