@@ -8,13 +8,15 @@ import struct
 from pathlib import Path
 
 from lowbit.io.safetensors_io import _manifest_digest
+from lowbit.io.shards import module_of, modules_digest
 
 __all__ = ["resign"]
 
 
 def resign(d: Path, manifest: dict | None = None, tensor_bytes: bytes | None = None) -> None:
-    """Rewrite the checksums as a forger would: digest of the manifest into the tensor file's
-    header metadata, the tensor file's size and SHA-256 into the manifest."""
+    """Rewrite the checksums as a forger would: digest of the manifest (version 1) or of its module
+    entries (version 2) into the tensor file's header metadata, the tensor file's size and SHA-256
+    into the manifest (one-shard models: ``model.safetensors``)."""
     mf = d / "lowbit.json"
     if manifest is None:
         manifest = json.loads(mf.read_text())
@@ -22,8 +24,12 @@ def resign(d: Path, manifest: dict | None = None, tensor_bytes: bytes | None = N
     n = struct.unpack("<Q", raw[:8])[0]
     try:
         header = json.loads(raw[8 : 8 + n])
-        if isinstance(manifest, dict):
+        if isinstance(manifest, dict) and manifest.get("format_version") == 1:
             header.setdefault("__metadata__", {})["manifest_sha256"] = _manifest_digest(manifest)
+        elif isinstance(manifest, dict) and isinstance(manifest.get("modules"), dict):
+            mods = manifest["modules"]
+            held = {m: mods[m] for m in (module_of(n, mods) for n in header if n != "__metadata__") if m is not None}
+            header.setdefault("__metadata__", {})["modules_sha256"] = modules_digest(held)
         hb = json.dumps(header).encode()
         hb += b" " * (-len(hb) % 8)
         raw = struct.pack("<Q", len(hb)) + hb + raw[8 + n :]
@@ -33,4 +39,9 @@ def resign(d: Path, manifest: dict | None = None, tensor_bytes: bytes | None = N
     if isinstance(manifest, dict) and isinstance(manifest.get("tensors"), dict):
         manifest["tensors"]["bytes"] = len(raw)
         manifest["tensors"]["sha256"] = hashlib.sha256(raw).hexdigest()
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    for sh in shards if isinstance(shards, list) else []:
+        if isinstance(sh, dict) and sh.get("file") == "model.safetensors":
+            sh["bytes"] = len(raw)
+            sh["sha256"] = hashlib.sha256(raw).hexdigest()
     mf.write_text(json.dumps(manifest))

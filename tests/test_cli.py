@@ -30,7 +30,7 @@ def test_quantize_then_inspect_lists_every_layer(quantized):
         assert layer in p.stdout
     assert "w4g16-asym" in p.stdout and "rel.err" in p.stdout
     assert "reference" in p.stdout  # g16 has no VNNI path; inspect says which kernel runs and why
-    assert "format_version 1" in p.stdout
+    assert "format_version 2" in p.stdout
     assert "CPU kernels: " in p.stdout  # which instruction set the CPU kernels run, and why
 
 

@@ -37,7 +37,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, toy_inputs):
     assert back.lowbit_layers["conv1d"].status == "unsupported"
     assert back.fc1.kernel == m.fc1.kernel
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["modules"]["fc1"] == {"type": "QuantLinear", "scheme": "w4g8-asym", "method": "rtn",
                                           "shape": [72, 40], "orig_dtype": "float32"}  # fmt: skip
 
@@ -95,7 +95,7 @@ def test_interrupted_save_leaves_old_output_intact(tmp_path, monkeypatch, toy_in
     def boom(*a, **k):
         raise KeyboardInterrupt("interrupted mid-write")
 
-    monkeypatch.setattr("lowbit.io.safetensors_io._sha256", boom)
+    monkeypatch.setattr("lowbit.io.shards.sha256", boom)
     with pytest.raises(KeyboardInterrupt):
         lowbit.save(_quantized_toy(), tmp_path / "out")
     monkeypatch.undo()
@@ -226,3 +226,65 @@ def test_bf16_model_round_trip_records_its_dtype(tmp_path):
     back = lowbit.load(tmp_path / "bf", model=skeleton)
     with torch.no_grad():
         assert torch.equal(back(x), y)
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    m = _quantized_toy()
+    lowbit.save(m, tmp_path / "out", max_shard_bytes=300)
+    return m, tmp_path / "out"
+
+
+def test_sharded_save_round_trips_and_bounds_each_shard(sharded, toy_inputs):
+    m, d = sharded
+    manifest = read_manifest(d)
+    shards = manifest["shards"]
+    assert len(shards) >= 3 and [s["file"] for s in shards] == sorted(p.name for p in d.glob("model-*.safetensors"))
+    assert shards[0]["file"] == f"model-00001-of-{len(shards):05d}.safetensors"
+    from safetensors import safe_open
+
+    for s in shards:
+        with safe_open(str(d / s["file"]), framework="pt") as f:
+            sizes = [f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys()]
+        assert len(sizes) == s["tensors"] and (sum(sizes) <= 300 or len(sizes) == 1)
+    assert set(manifest["weight_map"]) == set(m.state_dict()) - set(manifest["aliases"])
+    back = lowbit.load(d, model=Toy())
+    with torch.no_grad():
+        assert torch.equal(back(*toy_inputs), m(*toy_inputs))
+    # the same model in one shard holds the same tensors
+    lowbit.save(m, d.parent / "one")
+    assert [s["file"] for s in read_manifest(d.parent / "one")["shards"]] == ["model.safetensors"]
+
+
+def test_sharded_bad_files_name_the_shard(sharded):
+    _, d = sharded
+    shards = read_manifest(d)["shards"]
+    second = d / shards[1]["file"]
+    raw = second.read_bytes()
+    second.write_bytes(raw[:-3])
+    with pytest.raises(LowbitFormatError, match=f"{shards[1]['file']} is .* truncated"):
+        lowbit.load(d, model=Toy())
+    second.unlink()
+    with pytest.raises(LowbitFormatError, match=f"lacks its tensor file {shards[1]['file']}"):
+        lowbit.load(d, model=Toy())
+    second.write_bytes(raw)
+    mf = d / "lowbit.json"
+    good = mf.read_text()
+    man = json.loads(good)
+    man["weight_map"]["fc1.ghost"] = shards[0]["file"]  # the index points at a tensor no shard holds
+    mf.write_text(json.dumps(man))
+    with pytest.raises(LowbitFormatError, match="weight_map disagrees with the shards about 'fc1.ghost'"):
+        lowbit.load(d, model=Toy())
+    man = json.loads(good)
+    man["shards"][0]["file"] = "../elsewhere.safetensors"  # never a path outside the directory
+    mf.write_text(json.dumps(man))
+    with pytest.raises(LowbitFormatError, match="bad shard record"):
+        lowbit.load(d, model=Toy())
+    man = json.loads(good)
+    name = next(iter(man["modules"]))
+    man["modules"][name]["method"] = "gptq"  # an edited module entry no longer matches its shard
+    mf.write_text(json.dumps(man))
+    with pytest.raises(LowbitFormatError, match="modified after saving"):
+        lowbit.load(d, model=Toy())
+    mf.write_text(good)
+    lowbit.load(d, model=Toy())

@@ -1,13 +1,19 @@
-"""lowbit's native format: a directory with ``model.safetensors`` and ``lowbit.json``.
+"""lowbit's native format: a directory of safetensors shards and ``lowbit.json`` (reading; the
+writer is :mod:`lowbit.io.writer`).
 
-* ``model.safetensors``: every tensor of the model's state dict, named by module path:
-  quantized modules store ``<path>.qweight`` / ``.scales`` / ``.zeros`` (layouts in
-  :mod:`lowbit.qweight`), float modules their usual ``<path>.weight`` etc. A tensor shared by
+* Shards (``model.safetensors``, or ``model-00001-of-0000N.safetensors`` when the model is
+  larger than one shard: :mod:`lowbit.io.shards`): every tensor of the model's state dict, named
+  by module path: quantized modules store ``<path>.qweight`` / ``.scales`` / ``.zeros`` (layouts
+  in :mod:`lowbit.qweight`), float modules their usual ``<path>.weight`` etc. A tensor shared by
   two names (tied embeddings) is stored once; ``lowbit.json`` lists the other name as an alias.
 * ``lowbit.json``: ``format`` ("lowbit"), ``format_version``, the lowbit version, per quantized
   module its type, scheme, method, original weight shape and dtype (plus conv/embedding
-  arguments), the per-layer records ``lowbit inspect`` prints, aliases, the source model, and the
-  tensor file's size and SHA-256.
+  arguments), the per-layer records ``lowbit inspect`` prints, aliases, the source model, and
+  (version 2) ``shards`` (file, size, SHA-256, tensor count of each) and ``weight_map``
+  (tensor -> shard file). Version 1 (still read) had one file, ``model.safetensors``, described by
+  a ``tensors`` section, whose metadata held the digest of the whole manifest; a version-2 shard's
+  metadata holds the digest of the entries of the modules it stores. Either way a manifest edited
+  after saving is found.
 * HF models also carry ``config.json`` (and ``generation_config.json`` and tokenizer files when
   given), so :func:`load` can rebuild the architecture without the caller's help.
 
@@ -18,175 +24,32 @@ leaves the previous output intact. Loads read JSON and safetensors only: no pick
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from .. import __version__, kernels
 from ..driver import LayerRecord, outside_inference_mode
-from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, shared_row_conversion
+from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
+from .shards import is_shard_name, module_of, modules_digest, sha256
+from .writer import FORMAT_VERSION, MANIFEST, LowbitFormatError, save
 
 __all__ = ["save", "load", "LowbitFormatError", "FORMAT_VERSION", "read_manifest"]
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-TENSORS = "model.safetensors"
-MANIFEST = "lowbit.json"
+SUPPORTED_VERSIONS = (1, 2)
+TENSORS = "model.safetensors"  # version 1's one tensor file
 MAX_MANIFEST_BYTES = 256 << 20
 _DIGEST = "_digest"  # read_manifest's note of the manifest's digest as read (never saved)
 
 # Which transformers class rebuilds a model: looked up by name in this allow-list only.
 _AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM")
-
-
-class LowbitFormatError(ValueError):
-    """A directory or file that is not a (valid, readable) lowbit model."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _auto_class_name(model: nn.Module) -> str | None:
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_json_string"):
-        return None
-    arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
-    if arch.endswith("ForCausalLM"):
-        return "AutoModelForCausalLM"
-    if arch.endswith("ForSequenceClassification"):
-        return "AutoModelForSequenceClassification"
-    if arch.endswith("ForMaskedLM"):
-        return "AutoModelForMaskedLM"
-    return "AutoModel"
-
-
-def _module_entry(mod: QuantModule) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "type": type(mod).__name__,
-        "scheme": str(mod.scheme),
-        "method": mod.method,
-        "shape": list(mod.weight_shape),
-        "orig_dtype": mod.orig_dtype,
-    }
-    if isinstance(mod, QuantConv2d):
-        entry["conv"] = {
-            "stride": list(mod.stride),
-            "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
-            "dilation": list(mod.dilation),
-            "groups": mod.groups,
-        }
-    if isinstance(mod, QuantEmbedding):
-        entry["padding_idx"] = mod.padding_idx
-    return entry
-
-
-def _exchange(tmp: Path, dst: Path) -> None:
-    """Put ``tmp`` at ``dst``; the old ``dst`` (if any) stays whole until the new one is in place."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-        renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        at_fdcwd, rename_exchange = -100, 2
-        if renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(dst), rename_exchange) == 0:
-            shutil.rmtree(tmp)  # tmp now holds the old output
-            return
-    except (AttributeError, OSError):
-        pass
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.rename(dst, old)
-    os.rename(tmp, dst)
-    shutil.rmtree(old)
-
-
-def _permissions(d: Path) -> None:
-    """Give the temp directory and its files the modes a plain mkdir/open would have (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    d.chmod(0o777 & ~umask)
-    for f in d.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: str | None = None) -> Path:
-    """Write ``model`` to directory ``path`` atomically; returns the path. See the module docstring."""
-    from safetensors.torch import save_file
-
-    dst = Path(path)
-    if dst.exists() and not dst.is_dir():
-        raise LowbitFormatError(f"{dst} exists and is not a directory")
-    if dst.exists() and any(dst.iterdir()) and not (dst / MANIFEST).exists():
-        raise LowbitFormatError(f"{dst} is a non-empty directory that is not a lowbit model; not overwriting it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-
-    with shared_row_conversion():  # row layout, a shared weight converted (and stored) once
-        state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_ptr: dict[tuple, str] = {}
-    for name, t in state.items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-        if t.numel() and key in by_ptr:
-            aliases[name] = by_ptr[key]
-            continue
-        by_ptr[key] = name
-        tensors[name] = t.detach().contiguous()
-
-    modules = {n: _module_entry(m) for n, m in model.named_modules() if isinstance(m, QuantModule)}
-    records = {n: r.to_dict() for n, r in (getattr(model, "lowbit_layers", {}) or {}).items()}
-    auto = _auto_class_name(model)
-    manifest = {
-        "format": "lowbit",
-        "format_version": FORMAT_VERSION,
-        "lowbit_version": __version__,
-        "modules": modules,
-        "layers": records,
-        "aliases": aliases,
-        "model": {
-            "class": type(model).__name__,
-            "hf_auto_class": auto,
-            "source": source or getattr(model, "lowbit_source", None),
-        },
-    }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "lowbit", "manifest_sha256": _manifest_digest(manifest)})
-        manifest["tensors"] = {"file": TENSORS, "bytes": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)}
-        if auto is not None:
-            cfg = model.config
-            if getattr(cfg, "quantization_config", None) is not None:
-                del cfg.quantization_config  # transformers' own quantizer marks do not apply here
-            cfg.save_pretrained(tmp)
-            gen = getattr(model, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _permissions(tmp)
-        _exchange(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -211,7 +74,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"{d}: format_version {version!r} is not one this lowbit {__version__} reads "
             f"({', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade lowbit to load it"
         )
-    for key in ("modules", "tensors", "model"):
+    sections = ("modules", "tensors", "model") if version == 1 else ("modules", "weight_map", "model")
+    if version >= 2 and not isinstance(manifest.get("shards"), list):
+        raise LowbitFormatError(f"{mf} lacks its 'shards' list")
+    for key in sections:
         if not isinstance(manifest.get(key), dict):
             raise LowbitFormatError(f"{mf} lacks its {key!r} section")
     digest = _manifest_digest(manifest)  # of the file as written, before any normalisation below
@@ -254,6 +120,20 @@ def _manifest_problem(m: dict) -> str | None:
             return f"model.{key} must be a string"
     if not all(isinstance(k, str) for k in m["modules"]):
         return "'modules' must be an object"
+    if m["format_version"] >= 2:
+        files = []
+        for sh in m["shards"]:
+            if not isinstance(sh, dict) or not is_shard_name(sh.get("file")):
+                return f"bad shard record {str(sh)[:100]!r} (a shard is a plain model*.safetensors file name)"
+            if not all(isinstance(sh.get(k), int) and not isinstance(sh.get(k), bool) for k in ("bytes", "tensors")):
+                return f"shard {sh['file']!r}: 'bytes' and 'tensors' must be integers"
+            if not isinstance(sh.get("sha256"), str):
+                return f"shard {sh['file']!r} lacks its SHA-256"
+            files.append(sh["file"])
+        if len(set(files)) != len(files) or not files:
+            return "the shard list is empty or names a file twice"
+        if not all(isinstance(k, str) and v in files for k, v in m["weight_map"].items()):
+            return "'weight_map' must map tensor names to the listed shard files"
     return None
 
 
@@ -265,6 +145,46 @@ def _manifest_digest(manifest: dict) -> str:
 
 
 def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
+    if manifest["format_version"] == 1:
+        return _read_tensors_v1(d, manifest, verify)
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    held: dict[str, str] = {}
+    for sh in manifest["shards"]:
+        f = d / sh["file"]
+        if not f.is_file():
+            raise LowbitFormatError(f"{d} lacks its tensor file {sh['file']}")
+        size = f.stat().st_size
+        if size != sh["bytes"]:
+            raise LowbitFormatError(f"{f} is {size} bytes, the manifest says {sh['bytes']}: truncated or replaced")
+        if verify and sha256(f) != sh["sha256"]:
+            raise LowbitFormatError(f"{f} fails its SHA-256 check: the file is corrupted or was modified")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                meta = sf.metadata() or {}
+                names = list(sf.keys())
+                for n in names:
+                    if n in held:
+                        raise LowbitFormatError(f"tensor {n!r} is in both {held[n]} and {sh['file']}")
+                    held[n] = sh["file"]
+                    tensors[n] = sf.get_tensor(n)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, LowbitFormatError):
+                raise
+            raise LowbitFormatError(f"{f} is not a readable safetensors file: {str(e)[:300]}") from None
+        mods = {m: manifest["modules"][m] for m in (module_of(n, manifest["modules"]) for n in names) if m is not None}
+        if meta.get("format") != "lowbit" or meta.get("modules_sha256") != modules_digest(mods):
+            raise LowbitFormatError(f"{d / MANIFEST} was modified after saving (its module entries no longer match "
+                                    f"{sh['file']}), or {sh['file']} is not lowbit's")  # fmt: skip
+    if held != manifest["weight_map"]:
+        wrong = sorted(set(held.items()) ^ set(manifest["weight_map"].items()))
+        raise LowbitFormatError(f"the manifest's weight_map disagrees with the shards about {wrong[0][0]!r}"
+                                + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))  # fmt: skip
+    return tensors
+
+
+def _read_tensors_v1(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -275,7 +195,7 @@ def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tens
     size = f.stat().st_size
     if size != info.get("bytes"):
         raise LowbitFormatError(f"{f} is {size} bytes, the manifest says {info.get('bytes')}: truncated or replaced")
-    if verify and _sha256(f) != info.get("sha256"):
+    if verify and sha256(f) != info.get("sha256"):
         raise LowbitFormatError(f"{f} fails its SHA-256 check: the file is corrupted or was modified")
     try:
         with safe_open(str(f), framework="pt") as sf:

@@ -1,0 +1,111 @@
+"""Tensors in safetensors shards of bounded size: written in the order given, read back lazily.
+
+A model of any size is written without ever holding more than one shard's tensors: each tensor
+is added as it is produced, and a shard is written out (and its SHA-256 taken) when the next
+tensor would take it past ``max_bytes`` (a tensor larger than that gets a shard of its own).
+Shards are named as transformers names them: ``model.safetensors`` when there is one, else
+``model-00001-of-00003.safetensors`` and so on (the count is known only at the end, so shards
+are written under temporary names and renamed by :meth:`ShardWriter.close`).
+
+Each shard's safetensors metadata holds ``format: lowbit`` and ``modules_sha256``: the SHA-256 of
+the manifest entries of the quantized modules whose tensors it holds, so a manifest edited after
+saving is found (:func:`modules_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+__all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "DEFAULT_SHARD_BYTES"]
+
+DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB: under transformers' 5 GB default, small enough to buffer
+_SHARD_RE = re.compile(r"model(-(\d{5})-of-(\d{5}))?\.safetensors")
+
+
+def shard_name(i: int, n: int) -> str:
+    """File name of shard ``i`` (1-based) of ``n``."""
+    return "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def is_shard_name(name: object) -> bool:
+    """Whether ``name`` is a plain shard file name (never a path: manifests cannot point outside)."""
+    return isinstance(name, str) and _SHARD_RE.fullmatch(name) is not None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def module_of(tensor: str, modules: dict) -> str | None:
+    """The quantized module a tensor name belongs to (``<module>.<leaf>``), or None."""
+    mod = tensor.rpartition(".")[0]
+    return mod if mod in modules else None
+
+
+def modules_digest(entries: dict) -> str:
+    """SHA-256 of manifest module entries ``{name: entry}`` (canonical JSON)."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class ShardWriter:
+    """Write tensors into shards of at most ``max_bytes`` in ``directory``.
+
+    ``modules``: the manifest's module entries, filled in by the caller before it adds a
+    module's tensors (each shard records the digest of the entries of its modules).
+    Raises ``ValueError`` for a tensor name added twice or a non-positive ``max_bytes``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = DEFAULT_SHARD_BYTES, modules: dict | None = None):
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.dir = Path(directory)
+        self.max_bytes = int(max_bytes)
+        self.modules = modules if modules is not None else {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._done: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` under ``name``; writes the current shard first if it would overflow."""
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} added twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._names.add(name)
+        self._pending[name] = tensor.detach().contiguous()
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.dir / f".shard-{len(self._done) + 1:05d}.tmp"
+        mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
+        save_file(self._pending, str(path), metadata={"format": "lowbit", "modules_sha256": modules_digest(mods)})
+        self._done.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> tuple[list[dict], dict[str, str]]:
+        """Write the last shard, give every shard its final name; returns the shard records
+        ``[{"file", "bytes", "sha256", "tensors"}]`` and the weight map ``{tensor: file}``."""
+        if self._pending or not self._done:
+            self._flush()  # (a model without tensors still gets its one, empty, shard)
+        n = len(self._done)
+        shards, weight_map = [], {}
+        for i, (tmp, names) in enumerate(self._done, 1):
+            final = self.dir / shard_name(i, n)
+            os.rename(tmp, final)
+            shards.append({"file": final.name, "bytes": final.stat().st_size, "sha256": sha256(final), "tensors": len(names)})
+            weight_map.update(dict.fromkeys(names, final.name))
+        return shards, weight_map
