@@ -29,7 +29,7 @@ def resign(d: Path, manifest: dict | None = None, tensor_bytes: bytes | None = N
         elif isinstance(manifest, dict) and isinstance(manifest.get("modules"), dict):
             mods = manifest["modules"]
             held = {m: mods[m] for m in (module_of(n, mods) for n in header if n != "__metadata__") if m is not None}
-            header.setdefault("__metadata__", {})["modules_sha256"] = modules_digest(held)
+            header.setdefault("__metadata__", {})["lowbit_modules_sha256"] = modules_digest(held)
         hb = json.dumps(header).encode()
         hb += b" " * (-len(hb) % 8)
         raw = struct.pack("<Q", len(hb)) + hb + raw[8 + n :]

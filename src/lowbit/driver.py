@@ -96,13 +96,17 @@ def _own_weights(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _head_and_embedding_names(model: nn.Module) -> set[str]:
     """Names of embeddings, the output head, and any linear tied to an embedding's weight."""
     names = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    emb_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embs = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    # the same storage (a meta skeleton has none: there the same tensor)
+    emb_ptrs = {w.data_ptr() for w in embs if w.device.type != "meta"}
+    emb_ids = {id(w) for w in embs}
     out = getattr(model, "get_output_embeddings", None)
     head = out() if callable(out) else None
     for n, m in model.named_modules():
         if m is head and head is not None:
             names.add(n)
-        elif isinstance(m, nn.Linear) and m.weight.data_ptr() in emb_ptrs:
+        elif isinstance(m, nn.Linear) and (id(m.weight) in emb_ids or (m.weight.device.type != "meta"
+                                                                       and m.weight.data_ptr() in emb_ptrs)):
             names.add(n)
         elif n.split(".")[-1] == "lm_head":
             names.add(n)
@@ -198,11 +202,12 @@ def _quantize_data_free(model, todo, algo, algo_options, method, records, progre
     return swaps
 
 
-def _plan(model: nn.Module, recipe: Recipe) -> tuple[list, dict, set]:
+def _plan(model: nn.Module, recipe: Recipe, allow_meta: bool = False) -> tuple[list, dict, set]:
     """What ``recipe`` does to each module of ``model``: the layers to quantize as ``(name, module,
     kind, scheme, why)``, a :class:`LayerRecord` for every other weight-owning module, and the
     names of embeddings/heads. Raises if a rule names a module lowbit cannot quantize; warns about
-    unsupported modules the default would have reached."""
+    unsupported modules the default would have reached. ``allow_meta``: weights on the meta
+    device are expected (a streaming skeleton, whose weights are read layer by layer)."""
     if isinstance(model, QuantModule) or getattr(model, "lowbit_qat", False):
         raise QuantizeError(f"the model is already quantized: it is itself a {type(model).__name__} ({model.scheme})")
     if swappable.kind_of(model) is not None:
@@ -247,7 +252,7 @@ def _plan(model: nn.Module, recipe: Recipe) -> tuple[list, dict, set]:
         if scheme is None:
             records[name] = LayerRecord(name, tname, "kept", reason=why)
             continue
-        if _float_weight(mod, kind).device.type == "meta":
+        if _float_weight(mod, kind).device.type == "meta" and not allow_meta:
             on_meta.append(name)
         todo.append((name, mod, kind, scheme, why))
         inside.append(name + ".")

@@ -174,7 +174,7 @@ def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tens
                 raise
             raise LowbitFormatError(f"{f} is not a readable safetensors file: {str(e)[:300]}") from None
         mods = {m: manifest["modules"][m] for m in (module_of(n, manifest["modules"]) for n in names) if m is not None}
-        if meta.get("format") != "lowbit" or meta.get("modules_sha256") != modules_digest(mods):
+        if meta.get("lowbit_modules_sha256") != modules_digest(mods):
             raise LowbitFormatError(f"{d / MANIFEST} was modified after saving (its module entries no longer match "
                                     f"{sh['file']}), or {sh['file']} is not lowbit's")  # fmt: skip
     if held != manifest["weight_map"]:

@@ -7,9 +7,10 @@ Shards are named as transformers names them: ``model.safetensors`` when there is
 ``model-00001-of-00003.safetensors`` and so on (the count is known only at the end, so shards
 are written under temporary names and renamed by :meth:`ShardWriter.close`).
 
-Each shard's safetensors metadata holds ``format: lowbit`` and ``modules_sha256``: the SHA-256 of
-the manifest entries of the quantized modules whose tensors it holds, so a manifest edited after
-saving is found (:func:`modules_digest`).
+Each shard's safetensors metadata holds one key, ``lowbit_modules_sha256``: the SHA-256 of the
+manifest entries of the quantized modules whose tensors it holds, so a manifest edited after
+saving is found (:func:`modules_digest`). One key, because safetensors writes its metadata map in
+no fixed order, and equal models must give equal bytes.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class ShardWriter:
 
         path = self.dir / f".shard-{len(self._done) + 1:05d}.tmp"
         mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
-        save_file(self._pending, str(path), metadata={"format": "lowbit", "modules_sha256": modules_digest(mods)})
+        save_file(self._pending, str(path), metadata={"lowbit_modules_sha256": modules_digest(mods)})
         self._done.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -1,0 +1,310 @@
+"""Streaming quantization: transformers checkpoints larger than memory, one layer at a time.
+
+A checkpoint directory (``config.json`` plus ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``; bf16, fp16 or fp32) is read tensor by tensor through
+memory-mapped safetensors files; the model itself only ever exists as a skeleton on the meta
+device (transformers' class from the config, built under accelerate's ``init_empty_weights``).
+For each layer the recipe quantizes, its weight is read, converted to float32, quantized, written
+to the output's current shard (:class:`lowbit.io.writer.ModelWriter`) and freed; every other
+tensor is copied through in its source dtype (a bf16 embedding stays bf16). Peak memory is one
+layer's float32 weight and its quantization temporaries plus one output shard's buffer, whatever
+the model's size.
+
+The output is the native format (:mod:`lowbit.io.safetensors_io`) and holds exactly the tensors,
+in the same order, that quantizing the loaded model in memory and calling :func:`lowbit.save`
+gives (same bytes for an fp32 source; a bf16 source's unquantized tensors stay bf16 here).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import swappable
+from .algorithms import get_algorithm
+from .driver import LayerRecord, QuantizeError, _plan, _swap, layer_errors
+from .io.shards import DEFAULT_SHARD_BYTES
+from .io.writer import ModelWriter
+from .nn import QuantModule
+from .primitives import check_finite
+from .recipe import Recipe
+
+__all__ = ["Checkpoint", "CheckpointError", "skeleton", "quantize_checkpoint"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be streamed: missing, truncated or foreign files, an index
+    that names absent tensors, tensors that do not match the config."""
+
+
+class Checkpoint:
+    """The tensors of a transformers checkpoint directory, read one at a time (memory-mapped).
+
+    Opening checks every shard's header (a missing or truncated shard is named) and that the index
+    names only tensors its shards hold; no tensor data is read until :meth:`tensor`.
+    Raises :class:`CheckpointError`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import SafetensorError, safe_open
+
+        self.dir = Path(path)
+        if not (self.dir / "config.json").is_file():
+            raise CheckpointError(f"{self.dir} is not a transformers checkpoint: it has no config.json")
+        if (self.dir / INDEX).is_file():
+            try:
+                index = json.loads((self.dir / INDEX).read_text())
+                weight_map = index["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{self.dir / INDEX} is not a safetensors index: {e}") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE).is_file():
+            weight_map, files = None, [SINGLE]
+        else:
+            pickled = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt"))
+            raise CheckpointError(
+                f"{self.dir} has no {SINGLE} or {INDEX}"
+                + (f"; {', '.join(pickled[:3])} are pickle files, which lowbit never loads: convert them to safetensors"
+                   if pickled else "")  # fmt: skip
+            )
+        self.info: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+        self.nbytes = 0
+        for fname in files:
+            f = self.dir / fname
+            if Path(fname).name != fname or not f.is_file():
+                raise CheckpointError(f"shard {fname} of {self.dir} is missing")
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    for k in handle.keys():
+                        sl = handle.get_slice(k)
+                        self.info[k] = (fname, sl.get_dtype(), tuple(sl.get_shape()))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"shard {fname} of {self.dir} is truncated or not a safetensors file: "
+                                      f"{str(e)[:200]}") from None  # fmt: skip
+            self.nbytes += f.stat().st_size
+        if weight_map is not None:
+            absent = sorted(n for n, fname in weight_map.items() if self.info.get(n, (None,))[0] != fname)
+            if absent:
+                raise CheckpointError(f"{INDEX} names {len(absent)} tensor(s) its shards do not hold, e.g. "
+                                      f"{absent[0]!r} in {weight_map[absent[0]]}")  # fmt: skip
+
+    def names(self) -> list[str]:
+        return list(self.info)
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's torch dtype if it is a float (BF16/F16/F32), else None."""
+        return _FLOATS.get(self.info[name][1])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info[name][2]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype: a copy out of its memory-mapped shard, which is
+        unmapped again at once (a mapping kept open would keep every page read resident)."""
+        from safetensors import safe_open
+
+        if name not in self.info:
+            raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
+        with safe_open(str(self.dir / self.info[name][0]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+def skeleton(ck: Checkpoint) -> nn.Module:
+    """The checkpoint's transformers model with every parameter on the meta device (buffers that
+    are not stored, e.g. rotary frequencies, are real), checked against the checkpoint: each
+    parameter and stored buffer must be a float tensor of the config's shape (an LM head tied to
+    the embedding may be absent). Raises :class:`CheckpointError`."""
+    from .models.zoo import _offline
+
+    _offline()
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("streaming a transformers checkpoint needs the 'hf' extra: pip install 'lowbit[hf]'") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(ck.dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ck.dir / 'config.json'} is not a transformers config: {str(e)[:200]}") from None
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = transformers.AutoModelForCausalLM if arch.endswith("ForCausalLM") else transformers.AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # (from_config on empty weights leaves tied weights untied)
+    model.eval()
+    tied = {id(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        first = seen.setdefault(id(t), name)
+        if name not in ck.info:
+            if first != name and id(t) in tied:
+                continue  # a tied weight stored once under its first name
+            raise CheckpointError(f"{ck.dir} lacks {name!r}, which the config's {type(model).__name__} needs")
+        if ck.shape(name) != tuple(t.shape) or ck.dtype(name) is None:
+            raise CheckpointError(
+                f"{ck.dir}: {name!r} is {ck.info[name][1]} {ck.shape(name)}; the config's {type(model).__name__} "
+                f"needs a float tensor of shape {tuple(t.shape)}"
+            )
+    model.lowbit_source = str(ck.dir)
+    return model
+
+
+def _real(mod: nn.Module, prefix: str, ck: Checkpoint) -> tuple[nn.Module, torch.dtype]:
+    """A CPU copy of skeleton module ``mod`` (named ``prefix``) with its own parameters and buffers
+    read from the checkpoint in float32; and its weight's stored dtype."""
+    real = copy.deepcopy(mod).to_empty(device="cpu")
+    src = torch.float32
+    with torch.no_grad():
+        for store in (real._parameters, real._buffers):
+            for n, t in store.items():
+                if t is None or f"{prefix}.{n}" not in ck.info:
+                    continue
+                v = ck.tensor(f"{prefix}.{n}")
+                if n == "weight":
+                    src = v.dtype
+                t.copy_(v.to(torch.float32))
+    return real, src
+
+
+@torch.no_grad()
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    spec,
+    out: str | os.PathLike,
+    *,
+    method: str = "rtn",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = False,
+    tokenizer=None,
+    **options,
+) -> Path:
+    """Quantize the checkpoint in directory ``src`` layer by layer into the lowbit directory ``out``.
+
+    Args:
+        src: a transformers checkpoint directory (config.json + safetensors, single or sharded).
+        spec: a scheme string, :class:`lowbit.scheme.Scheme` or :class:`Recipe` (as for
+            :func:`lowbit.quantize`).
+        out: the output directory, written atomically (an existing lowbit model there is replaced
+            only once the new one is complete).
+        method: a data-free method (``rtn``, ``hqq``).
+        max_shard_bytes: the largest output tensor file in bytes.
+        tokenizer: saved beside the model when given (else the checkpoint's tokenizer files are
+            copied as they are).
+        **options: the method's options, as for :func:`lowbit.quantize`.
+
+    Peak memory is about one layer's float32 weight with its quantization temporaries plus one
+    output shard (``max_shard_bytes``), independent of the number of layers. Raises
+    :class:`CheckpointError` for unreadable checkpoints, :class:`lowbit.driver.QuantizeError`
+    (bad method, options or scheme), ``ValueError`` for NaN/Inf weights (naming the layer).
+    """
+    algo = get_algorithm(method)
+    if algo.uses_calibration:
+        raise QuantizeError(f"streaming quantization with {method!r} (a calibrated method) is not available yet; "
+                            "use a data-free method (rtn, hqq)")  # fmt: skip
+    algo_options = algo.check_options(options)
+    recipe = Recipe.coerce(spec)
+    ck = Checkpoint(src)
+    model = skeleton(ck)
+    todo, records, heads = _plan(model, recipe, allow_meta=True)
+    for scheme in sorted({t[3] for t in todo}, key=str):
+        problem = algo.serves(scheme)
+        if problem:
+            raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
+    acts = sorted(t[0] for t in todo if t[3].act_bits)
+    if acts:
+        raise QuantizeError(f"activation schemes need calibration or a kernel pass that streaming does not do yet: "
+                            f"{', '.join(acts[:3])}")  # fmt: skip
+    planned = {t[0]: t for t in todo}
+    owner = {}  # state-dict name -> the planned module it belongs to
+    for name in planned:
+        for leaf, _ in planned[name][1].named_parameters():
+            owner[f"{name}.{leaf}"] = name
+    state = model.state_dict(keep_vars=True)
+    it = list(state.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"quantize ({method}, streaming)", unit="tensor")
+    head_quantized = False
+    with ModelWriter(out, max_shard_bytes=max_shard_bytes) as w:
+        first: dict[int, str] = {}
+        done: set[str] = set()
+        for tname, t in it:
+            stored = first.setdefault(id(t), tname)
+            mname = owner.get(tname)
+            if mname is None:
+                if stored != tname:  # a tied tensor: stored once, the other name an alias
+                    w.aliases[tname] = stored
+                    continue
+                w.add_tensor(tname, ck.tensor(tname))
+                continue
+            if mname in done:
+                continue
+            done.add(mname)
+            _, mod, kind, scheme, why = planned[mname]
+            real, src_dtype = _real(mod, mname, ck)
+            with layer_errors(mname):
+                wt = real.weight.detach()
+                if kind == "linear" and swappable.is_hf_conv1d(real):
+                    wt = wt.t()
+                check_finite(wt, f"{mname}.weight")
+                qw = algo.quantize_weight(wt, scheme, name=f"{mname}.weight", **algo_options)
+                new: QuantModule = _swap(real, kind, qw, method)
+            new.orig_dtype = str(src_dtype).replace("torch.", "")
+            w.add_module(mname, new)
+            for leaf, v in new.state_dict().items():
+                w.add_tensor(f"{mname}.{leaf}", v)
+            records[mname] = LayerRecord(mname, type(mod).__name__, "quantized", str(scheme), method, why)
+            head_quantized |= mname in heads
+            del real, new, qw, wt
+            _trim()
+        if head_quantized and getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # as lowbit.quantize does
+        if tokenizer is None:
+            tokenizer = _tokenizer(ck.dir)
+        return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir),
+                        tokenizer=tokenizer)  # fmt: skip
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing). glibc
+    raises its mmap threshold after large frees, so layer-sized buffers then come from the heap
+    and stay resident after they are freed: peak RSS would creep up layer by layer."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
+def _tokenizer(d: Path):
+    """The checkpoint's tokenizer, or None when it has none (or none transformers can read)."""
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(d))
+    except (OSError, ValueError):
+        return None

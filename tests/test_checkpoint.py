@@ -1,0 +1,189 @@
+"""Streaming quantization of transformers checkpoints (lowbit.checkpoint): the same bytes as the
+in-memory path, source dtypes kept, bounded memory, and one clear error per bad checkpoint."""
+
+import filecmp
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.checkpoint import CheckpointError, quantize_checkpoint
+from lowbit.io import LowbitFormatError, read_manifest
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(layers: int = 3, hidden: int = 64, inter: int = 128, tie: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                   tie_word_embeddings=tie, max_position_embeddings=128)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _checkpoint(d: Path, dtype=torch.float32, shard="60KB", **kw) -> Path:
+    _llama(**kw).to(dtype).save_pretrained(d, max_shard_size=shard)
+    return d
+
+
+def _in_memory(src: Path, spec, out: Path, method="rtn", **kw) -> Path:
+    ref = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ref.lowbit_source = str(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(ref, spec, method=method)
+    return lowbit.save(ref, out, **kw)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, method):
+    src = _checkpoint(tmp_path / "src")
+    assert len(list(src.glob("model-*.safetensors"))) > 3  # a sharded source with an index
+    a = quantize_checkpoint(src, "w4g32-asym", tmp_path / "stream", method=method, max_shard_bytes=50_000)
+    b = _in_memory(src, "w4g32-asym", tmp_path / "mem", method=method, max_shard_bytes=50_000)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) and len([f for f in files if f.startswith("model-")]) >= 2
+    for f in files:
+        assert filecmp.cmp(a / f, b / f, shallow=False), f
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(a)(x).logits, lowbit.load(b)(x).logits)
+
+
+def test_bf16_source_keeps_bf16_for_what_is_not_quantized(tmp_path):
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16, tie=False)
+    out = quantize_checkpoint(src, "w4g32", tmp_path / "q")
+    m = read_manifest(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert m["modules"]["model.layers.0.mlp.up_proj"]["orig_dtype"] == "bfloat16"
+    assert len(m["modules"]) == 3 * 7
+    # the quantized tensors equal the in-memory path's (which reads the bf16 weights as float32)
+    mem = _in_memory(src, "w4g32", tmp_path / "mem")
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(str(out / "model.safetensors")), load_file(str(mem / "model.safetensors"))
+    for k in sa:
+        assert torch.equal(sa[k].float(), sb[k].float()), k
+    model = lowbit.load(out)
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, 7)
+
+
+def test_bad_checkpoints_fail_clearly_and_leave_the_old_output(tmp_path):
+    src = _checkpoint(tmp_path / "src")
+    out = quantize_checkpoint(src, "w4g32", tmp_path / "q")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    shards = sorted(src.glob("model-*.safetensors"))
+    raw = shards[1].read_bytes()
+    shards[1].write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=f"shard {shards[1].name} .* truncated"):
+        quantize_checkpoint(src, "w4g32", out)
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shards[1].name} .* missing"):
+        quantize_checkpoint(src, "w4g32", out)
+    shards[1].write_bytes(raw)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    good = json.dumps(index)
+    index["weight_map"]["model.layers.0.mlp.ghost.weight"] = shards[0].name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="ghost"):
+        quantize_checkpoint(src, "w4g32", out)
+    (src / "model.safetensors.index.json").write_text(good)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # the config no longer matches the tensors
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight' is F32 \(128, 64\); .* shape \(96, 64\)"):
+        quantize_checkpoint(src, "w4g32", out)
+    cfg["intermediate_size"] = 128
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]  # no temporary directories left
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="pickle files, which lowbit never loads"):
+        quantize_checkpoint(tmp_path / "pickled", "w4g32", tmp_path / "q2")
+
+
+def test_an_interrupted_run_keeps_the_old_output_and_reruns_cleanly(tmp_path, monkeypatch):
+    src = _checkpoint(tmp_path / "src")
+    out = quantize_checkpoint(src, "w4g32", tmp_path / "q")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    from lowbit.algorithms import rtn
+
+    calls = {"n": 0}
+    real = rtn.quantize_weight
+
+    def fails_later(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(rtn, "quantize_weight", fails_later)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, "w8g32", out, max_shard_bytes=20_000)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
+    quantize_checkpoint(src, "w8g32", out)
+    assert read_manifest(out)["modules"]["model.layers.2.self_attn.o_proj"]["scheme"] == "w8g32"
+
+
+def test_nan_weights_and_calibrated_methods_are_refused(tmp_path):
+    m = _llama()
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    m.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
+        quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q")
+    with pytest.raises(lowbit.driver.QuantizeError, match="calibrated"):
+        quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q", method="gptq")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(LowbitFormatError, match="not a lowbit model"):
+        (tmp_path / "foreign").mkdir()
+        (tmp_path / "foreign" / "x.txt").write_text("keep")
+        quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "foreign")
+
+
+_PEAK = """
+import re, sys, json
+from pathlib import Path
+from lowbit.checkpoint import Checkpoint, quantize_checkpoint, skeleton
+
+def hwm():  # peak resident set (KiB -> MiB) since the last reset
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+skeleton(Checkpoint(sys.argv[1]))  # imports and a first skeleton: not what is measured
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (Linux >= 4.0)
+start = hwm()
+quantize_checkpoint(sys.argv[1], "w4g64", sys.argv[2], max_shard_bytes=4 << 20)
+print(json.dumps(hwm() - start))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+    growth = {}
+    for n in (2, 8):
+        src = _checkpoint(tmp_path / f"L{n}", layers=n, hidden=512, inter=2048, shard="20MB")
+        p = subprocess.run([sys.executable, "-c", _PEAK, str(src), str(tmp_path / f"q{n}")], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-2000:]
+        growth[n] = float(p.stdout.strip().splitlines()[-1])
+    layer_mib = (4 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 2048) * 4 / 2**20  # one block's float32 weights
+    # six more blocks (~94 MiB of float32 weights) add less than half a block; the whole run's
+    # growth stays within a few blocks (the in-memory path grows by the whole model)
+    assert growth[8] <= growth[2] + 0.5 * layer_mib, (growth, layer_mib)
+    assert growth[8] <= 4 * layer_mib, (growth, layer_mib)
