@@ -187,3 +187,20 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
     # growth stays within a few blocks (the in-memory path grows by the whole model)
     assert growth[8] <= growth[2] + 0.5 * layer_mib, (growth, layer_mib)
     assert growth[8] <= 4 * layer_mib, (growth, layer_mib)
+
+
+def test_cli_streams_a_checkpoint_directory(tmp_path):
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16)
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(src), "--scheme", "w4g32", "-o", str(tmp_path / "q"),
+           "--shard-size", "40KB", "-q"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "streamed layer by layer" in p.stdout and "21 layers quantized" in p.stdout
+    m = read_manifest(tmp_path / "q")
+    assert len(m["shards"]) >= 2 and all(s["bytes"] <= 40_000 or s["tensors"] == 1 for s in m["shards"])
+    lowbit.load(tmp_path / "q")
+    p = subprocess.run(cmd[:-5] + ["--no-stream", "-o", str(tmp_path / "mem"), "-q"], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert p.returncode == 0 and "streamed" not in p.stdout, p.stderr[-2000:]
+    p = subprocess.run(cmd[:-5] + ["--shard-size", "lots", "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert p.returncode == 2 and "not a size" in p.stderr

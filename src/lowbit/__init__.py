@@ -5,6 +5,7 @@ The public face::
     import lowbit
     model = lowbit.quantize(model, "w4g64")            # RTN, weight-only, in place; returns model
     lowbit.save(model, "out/")                         # safetensors + lowbit.json, atomic
+    lowbit.quantize_checkpoint("hf_dir/", "w4g128", "out/")   # larger than memory: layer by layer
     model = lowbit.load("out/")                        # HF models rebuilt from config.json
     model = lowbit.load("out/", model=skeleton)        # any other nn.Module
     lowbit.size_of(model)                              # bytes, bits/weight, per layer
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .checkpoint import CheckpointError, quantize_checkpoint  # noqa: E402
 from .driver import QuantizeError, UnsupportedModuleError, quantize  # noqa: E402
 from .estimate import estimate  # noqa: E402
 from .evaluate.domains import calibration_batches  # noqa: E402
@@ -31,6 +33,8 @@ from .scheme import Scheme, SchemeError, parse_scheme  # noqa: E402
 __all__ = [
     "__version__",
     "quantize",
+    "quantize_checkpoint",
+    "CheckpointError",
     "prepare_qat",
     "convert",
     "save",

@@ -85,16 +85,21 @@ def cmd_quantize(args) -> int:
     options = {k: v for k, v in (("clip", args.clip), ("damp", args.damp), ("act_order", args.act_order),
                                  ("alpha", args.alpha), ("importance", args.importance)) if v is not None}  # fmt: skip
     t0 = time.perf_counter()
-    zm = load_source(args.model)
     recipe = lowbit.Recipe.coerce(spec)
     static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+    acts = any(s is not None and s.act_bits for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+    if args.stream is None:  # a checkpoint directory, a data-free method, weights only: stream
+        args.stream = _is_checkpoint_dir(args.model) and not get_algorithm(args.method).uses_calibration and not acts
+    if args.stream:
+        return _quantize_streaming(args, spec, options)
+    zm = load_source(args.model)
     calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
     t1 = time.perf_counter()
     model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet,
                             calibration=calibration, observer=args.observer,
                             bias_correction=args.bias_correction, **options)  # fmt: skip
     t2 = time.perf_counter()
-    out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model)
+    out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model, max_shard_bytes=args.shard_size)
     size = lowbit.size_of(model)
     print(
         f"quantized {args.model} with {spec} ({args.method}) in {t2 - t1:.1f}s (load {t1 - t0:.1f}s): "
@@ -102,6 +107,50 @@ def cmd_quantize(args) -> int:
         f"{size.quantized_compression:.2f}x smaller than FP32; model {size.total_bytes / 1e6:.1f} MB -> {out}"
     )
     return 0
+
+
+def _is_checkpoint_dir(spec: str) -> bool:
+    from pathlib import Path
+
+    p = Path(spec)
+    return (p / "config.json").is_file() and not (p / "lowbit.json").exists() and (
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+
+
+def _quantize_streaming(args, spec, options) -> int:
+    from lowbit.checkpoint import Checkpoint, quantize_checkpoint
+    from lowbit.io import read_manifest
+
+    if not _is_checkpoint_dir(args.model):
+        return _err(f"--stream reads a transformers checkpoint directory (config.json + safetensors); {args.model} is not one")
+    t0 = time.perf_counter()
+    out = quantize_checkpoint(args.model, spec, args.output, method=args.method, max_shard_bytes=args.shard_size,
+                              progress=not args.quiet, **options)  # fmt: skip
+    secs = time.perf_counter() - t0
+    m = read_manifest(out)
+    src_bytes = Checkpoint(args.model).nbytes
+    out_bytes = sum(s["bytes"] for s in m["shards"])
+    print(
+        f"quantized {args.model} with {spec} ({args.method}, streamed layer by layer) in {secs:.1f}s: "
+        f"{len(m['modules'])} layers quantized; {src_bytes / 1e6:.1f} MB of checkpoint -> {out_bytes / 1e6:.1f} MB "
+        f"in {len(m['shards'])} shard(s) ({src_bytes / max(out_bytes, 1):.2f}x smaller) -> {out}"
+    )
+    return 0
+
+
+def _bytes(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB', '4096' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1GiB)")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a shard size must be positive: {text!r}")
+    return value
 
 
 # ---- eval ---------------------------------------------------------------------------------------
@@ -492,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hqq: weight each error by |w|^importance (default 1.5 symmetric, 0.5 asymmetric; 0 = paper)")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))
     q.add_argument("-o", "--output", required=True, help="output directory")
+    q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read a checkpoint directory layer by layer instead of loading the model (default: on for "
+                   "a transformers checkpoint directory with a data-free method and weight-only schemes)")
+    q.add_argument("--shard-size", type=_bytes, default="2GiB", metavar="SIZE",
+                   help="largest output tensor file, e.g. 2GiB (default), 500MB")
     q.add_argument("--threads", type=int)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)

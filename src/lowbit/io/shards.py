@@ -25,6 +25,7 @@ import torch
 
 __all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "DEFAULT_SHARD_BYTES"]
 
+_FIXED = 8 + 256  # header length field, the metadata entry, padding
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB: under transformers' 5 GB default, small enough to buffer
 _SHARD_RE = re.compile(r"model(-(\d{5})-of-(\d{5}))?\.safetensors")
 
@@ -59,7 +60,8 @@ def modules_digest(entries: dict) -> str:
 
 
 class ShardWriter:
-    """Write tensors into shards of at most ``max_bytes`` in ``directory``.
+    """Write tensors into shard files of at most ``max_bytes`` each (header included; a tensor
+    too large for that gets a file of its own) in ``directory``.
 
     ``modules``: the manifest's module entries, filled in by the caller before it adds a
     module's tensors (each shard records the digest of the entries of its modules).
@@ -73,7 +75,7 @@ class ShardWriter:
         self.max_bytes = int(max_bytes)
         self.modules = modules if modules is not None else {}
         self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._pending_bytes = _FIXED
         self._done: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
 
@@ -81,7 +83,8 @@ class ShardWriter:
         """Queue ``tensor`` under ``name``; writes the current shard first if it would overflow."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} added twice")
-        nbytes = tensor.numel() * tensor.element_size()
+        # the data plus a generous bound on its header entry: the file stays within max_bytes
+        nbytes = tensor.numel() * tensor.element_size() + len(name.encode()) + 128 + 21 * tensor.dim()
         if self._pending and self._pending_bytes + nbytes > self.max_bytes:
             self._flush()
         self._names.add(name)
@@ -95,7 +98,7 @@ class ShardWriter:
         mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
         save_file(self._pending, str(path), metadata={"lowbit_modules_sha256": modules_digest(mods)})
         self._done.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes = {}, _FIXED
 
     def close(self) -> tuple[list[dict], dict[str, str]]:
         """Write the last shard, give every shard its final name; returns the shard records
