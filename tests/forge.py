@@ -44,4 +44,17 @@ def resign(d: Path, manifest: dict | None = None, tensor_bytes: bytes | None = N
         if isinstance(sh, dict) and sh.get("file") == "model.safetensors":
             sh["bytes"] = len(raw)
             sh["sha256"] = hashlib.sha256(raw).hexdigest()
+            names = _names(raw)
+            if names is not None and isinstance(manifest.get("weight_map"), dict):  # the index follows the file
+                manifest["weight_map"] = dict.fromkeys(names, "model.safetensors")
+                sh["tensors"] = len(names)
     mf.write_text(json.dumps(manifest))
+
+
+def _names(raw: bytes) -> list[str] | None:
+    """Tensor names in a safetensors header, or None when it is not readable JSON."""
+    try:
+        n = struct.unpack("<Q", raw[:8])[0]
+        return [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
+    except (ValueError, TypeError, AttributeError, struct.error):
+        return None

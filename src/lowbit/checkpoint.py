@@ -30,6 +30,7 @@ from .algorithms import get_algorithm
 from .driver import LayerRecord, QuantizeError, _plan, _swap, layer_errors
 from .io.shards import DEFAULT_SHARD_BYTES
 from .io.writer import ModelWriter
+from .memory import trim
 from .nn import QuantModule
 from .primitives import check_finite
 from .recipe import Recipe
@@ -268,34 +269,13 @@ def quantize_checkpoint(
             records[mname] = LayerRecord(mname, type(mod).__name__, "quantized", str(scheme), method, why)
             head_quantized |= mname in heads
             del real, new, qw, wt
-            _trim()
+            trim()
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does
         if tokenizer is None:
             tokenizer = _tokenizer(ck.dir)
         return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir),
                         tokenizer=tokenizer)  # fmt: skip
-
-
-def _trim() -> None:
-    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing). glibc
-    raises its mmap threshold after large frees, so layer-sized buffers then come from the heap
-    and stay resident after they are freed: peak RSS would creep up layer by layer."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
 
 
 def _tokenizer(d: Path):

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import __version__, kernels
 from ..driver import LayerRecord, outside_inference_mode
+from ..memory import trim
 from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
@@ -225,8 +226,12 @@ def _skeleton(d: Path, manifest: dict) -> nn.Module:
         from transformers.initialization import no_init_weights
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("loading a transformers model needs the 'hf' extra: pip install 'lowbit[hf]'") from e
+    from accelerate import init_empty_weights
+
     config = transformers.AutoConfig.from_pretrained(str(d))
-    with no_init_weights():
+    # parameters on the meta device (each is then taken from the file, never allocated twice);
+    # buffers that are not stored (rotary frequencies) real
+    with no_init_weights(), init_empty_weights(include_buffers=False):
         model = getattr(transformers, auto).from_config(config, dtype=torch.float32)
     model.tie_weights()  # from_config under no_init_weights leaves tied weights untied
     return model
@@ -377,6 +382,30 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         raise LowbitFormatError(f"module {name!r}: {e}") from None
 
 
+def _assign_meta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Put the file's tensor in place of every meta parameter or buffer it holds (cast to the
+    skeleton's dtype; tied tensors stay tied), so nothing is allocated twice; returns what puts
+    each back, as :func:`_materialize_meta` does."""
+    done: dict[int, torch.Tensor] = {}
+    out: dict[str, tuple] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for tname, t in list(store.items()):
+                full = f"{mname}.{tname}" if mname else tname
+                if t is None or t.device.type != "meta" or full not in tensors:
+                    continue
+                new = done.get(id(t))
+                if new is None:
+                    v = tensors[full]
+                    if v.is_floating_point() and t.is_floating_point() and v.dtype != t.dtype:
+                        v = v.to(t.dtype)
+                    new = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+                    done[id(t)] = new
+                out[full] = (mod, store, tname, t)
+                store[tname] = new
+    return out
+
+
 def _materialize_meta(model: nn.Module) -> dict[str, tuple]:
     """Give every parameter and buffer still on the meta device real (uninitialised) CPU storage,
     keeping shared tensors shared, for the file to fill; returns, by state-dict name, what puts
@@ -456,7 +485,8 @@ def load(
             swapped.append((name, old))
             _set_module(model, name, new)
         _check_against(model.state_dict(keep_vars=True), tensors)
-        meta = _materialize_meta(model)
+        meta = _assign_meta(model, tensors)
+        meta.update(_materialize_meta(model))
         unfilled = sorted(n for n, (_m, _s, _t, old_t) in meta.items() if n not in tensors and old_t.device.type == "meta")
         for n in [n for n in meta if n not in tensors and n not in unfilled]:  # an inference tensor kept as it is
             _mod, store, tname, old_t = meta.pop(n)
@@ -485,7 +515,9 @@ def load(
         raise
     model.lowbit_layers = {n: LayerRecord(**r) for n, r in manifest["layers"].items()}
     model.lowbit_source = manifest["model"].get("source")
+    tensors.clear()  # the modules hold what they need: each row layout is freed as its kernel's replaces it
     kernels.use_kernel(model, kernel)
+    trim()
     return model.eval()
 
 
