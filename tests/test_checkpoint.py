@@ -204,3 +204,35 @@ def test_cli_streams_a_checkpoint_directory(tmp_path):
     assert p.returncode == 0 and "streamed" not in p.stdout, p.stderr[-2000:]
     p = subprocess.run(cmd[:-5] + ["--shard-size", "lots", "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert p.returncode == 2 and "not a size" in p.stderr
+
+
+_LOAD_PEAK = """
+import sys, json, torch
+import lowbit
+from lowbit import memory
+
+lowbit.load(sys.argv[2])  # imports, transformers' model code: not what is measured
+memory.trim()
+memory.reset_peak_rss()
+start = memory.rss_mib()
+m = lowbit.load(sys.argv[1])
+with torch.no_grad():
+    m(torch.randint(0, 256, (1, 8)))
+print(json.dumps(memory.peak_rss_mib() - start))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_loading_holds_about_the_file(tmp_path):
+    src = _checkpoint(tmp_path / "src", layers=8, hidden=512, inter=2048, shard="20MB", tie=False)
+    small = quantize_checkpoint(_checkpoint(tmp_path / "small", layers=1), "w8g64", tmp_path / "small-q")
+    out = quantize_checkpoint(src, "w8g64", tmp_path / "q", max_shard_bytes=8 << 20)
+    file_mib = sum(s["bytes"] for s in read_manifest(out)["shards"]) / 2**20
+    float_mib = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 2**20
+    p = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(out), str(small)], capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    growth = float(p.stdout.strip().splitlines()[-1])
+    # the file once, plus a layer's worth of conversion temporaries: never a float skeleton
+    assert growth <= 1.25 * file_mib + 16, (growth, file_mib, float_mib)

@@ -1,8 +1,8 @@
 """Streaming quantization: transformers checkpoints larger than memory, one layer at a time.
 
 A checkpoint directory (``config.json`` plus ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``; bf16, fp16 or fp32) is read tensor by tensor through
-memory-mapped safetensors files; the model itself only ever exists as a skeleton on the meta
+``model.safetensors.index.json``; bf16, fp16 or fp32) is read tensor by tensor (plain reads at
+the offsets the safetensors header gives); the model itself only ever exists as a skeleton on the meta
 device (transformers' class from the config, built under accelerate's ``init_empty_weights``).
 For each layer the recipe quantizes, its weight is read, converted to float32, quantized, written
 to the output's current shard (:class:`lowbit.io.writer.ModelWriter`) and freed; every other
@@ -28,7 +28,7 @@ from torch import nn
 from . import swappable
 from .algorithms import get_algorithm
 from .driver import LayerRecord, QuantizeError, _plan, _swap, layer_errors
-from .io.shards import DEFAULT_SHARD_BYTES
+from .io.shards import DEFAULT_SHARD_BYTES, read_tensors
 from .io.writer import ModelWriter
 from .memory import trim
 from .nn import QuantModule
@@ -111,14 +111,11 @@ class Checkpoint:
         return self.info[name][2]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` in its stored dtype: a copy out of its memory-mapped shard, which is
-        unmapped again at once (a mapping kept open would keep every page read resident)."""
-        from safetensors import safe_open
-
+        """Tensor ``name`` in its stored dtype, read into memory of its own (no memory map:
+        :func:`lowbit.io.shards.read_tensors`)."""
         if name not in self.info:
             raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
-        with safe_open(str(self.dir / self.info[name][0]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        return read_tensors(self.dir / self.info[name][0], {name})[name]
 
 
 def skeleton(ck: Checkpoint) -> nn.Module:

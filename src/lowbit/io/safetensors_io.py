@@ -39,7 +39,7 @@ from ..memory import trim
 from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
-from .shards import is_shard_name, module_of, modules_digest, sha256
+from .shards import is_shard_name, module_of, modules_digest, read_tensors, sha256
 from .writer import FORMAT_VERSION, MANIFEST, LowbitFormatError, save
 
 __all__ = ["save", "load", "LowbitFormatError", "FORMAT_VERSION", "read_manifest"]
@@ -162,14 +162,14 @@ def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tens
         if verify and sha256(f) != sh["sha256"]:
             raise LowbitFormatError(f"{f} fails its SHA-256 check: the file is corrupted or was modified")
         try:
-            with safe_open(str(f), framework="pt") as sf:
+            with safe_open(str(f), framework="pt") as sf:  # validates the header
                 meta = sf.metadata() or {}
                 names = list(sf.keys())
-                for n in names:
-                    if n in held:
-                        raise LowbitFormatError(f"tensor {n!r} is in both {held[n]} and {sh['file']}")
-                    held[n] = sh["file"]
-                    tensors[n] = sf.get_tensor(n)
+            for n in names:
+                if n in held:
+                    raise LowbitFormatError(f"tensor {n!r} is in both {held[n]} and {sh['file']}")
+                held[n] = sh["file"]
+            tensors.update(read_tensors(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             if isinstance(e, LowbitFormatError):
                 raise

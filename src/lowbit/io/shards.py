@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "DEFAULT_SHARD_BYTES"]
+__all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "read_tensors",
+           "DEFAULT_SHARD_BYTES"]
 
 _FIXED = 8 + 256  # header length field, the metadata entry, padding
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB: under transformers' 5 GB default, small enough to buffer
@@ -57,6 +58,39 @@ def module_of(tensor: str, modules: dict) -> str | None:
 def modules_digest(entries: dict) -> str:
     """SHA-256 of manifest module entries ``{name: entry}`` (canonical JSON)."""
     return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# safetensors dtype names (https://github.com/huggingface/safetensors, format description)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+
+
+def read_tensors(path: str | os.PathLike, names=None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (all, or those in ``names``) read with plain file reads into
+    memory of their own: no memory map, so nothing stays resident but the tensors themselves
+    (a mapping keeps every page read resident while any tensor of the file lives).
+
+    The file must already have been opened once with ``safetensors.safe_open``, which validates
+    the header (offsets inside the file, no overlaps); raises ``ValueError`` for a dtype this
+    reader does not know and ``OSError`` for a short read."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for name, e in header.items():
+            if name == "__metadata__" or (names is not None and name not in names):
+                continue
+            if e["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which lowbit does not read")
+            lo, hi = e["data_offsets"]
+            buf = torch.empty(hi - lo, dtype=torch.uint8)
+            f.seek(base + lo)
+            if hi > lo and f.readinto(memoryview(buf.numpy())) != hi - lo:
+                raise OSError(f"{path}: short read of tensor {name!r}")
+            out[name] = buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out
 
 
 class ShardWriter:

@@ -164,6 +164,7 @@ def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
     Embeddings that share their weight with a module whose kernel changed its layout adopt the
     converted weight, so the pair stays stored once.
     """
+    from ..memory import trim
     from ..nn import QuantEmbedding, QuantModule
 
     check_kernel_name(prefer)
@@ -176,7 +177,10 @@ def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
 
     for mod in mods:
         if not isinstance(mod, QuantEmbedding):
+            layout = mod.layout
             assign(mod, pick(mod), memo)
+            if mod.layout != layout:
+                trim()  # the conversion's temporaries: else freed-but-resident heap piles up layer by layer
     for mod in mods:
         if isinstance(mod, QuantEmbedding):
             assign(mod, pick(mod), memo)
