@@ -40,12 +40,16 @@ def _in_memory(src: Path, spec, out: Path, method="rtn", **kw) -> Path:
     return lowbit.save(ref, out, **kw)
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq"])
-def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, method):
+@pytest.mark.parametrize("method,scheme", [("rtn", "w4g32-asym"), ("hqq", "w4g32-asym"), ("rtn", "int8"),
+                                           ("rtn", "w3g32"), ("rtn", "nf4g32"), ("rtn", "fp8"), ("hqq", "w2g16-asym")])
+def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, monkeypatch, method, scheme):
+    import lowbit.checkpoint
+
+    monkeypatch.setattr(lowbit.checkpoint, "CHUNK_BYTES", 5000)  # every layer in blocks of a few rows
     src = _checkpoint(tmp_path / "src")
     assert len(list(src.glob("model-*.safetensors"))) > 3  # a sharded source with an index
-    a = quantize_checkpoint(src, "w4g32-asym", tmp_path / "stream", method=method, max_shard_bytes=50_000)
-    b = _in_memory(src, "w4g32-asym", tmp_path / "mem", method=method, max_shard_bytes=50_000)
+    a = quantize_checkpoint(src, scheme, tmp_path / "stream", method=method, max_shard_bytes=50_000)
+    b = _in_memory(src, scheme, tmp_path / "mem", method=method, max_shard_bytes=50_000)
     files = sorted(p.name for p in a.iterdir())
     assert files == sorted(p.name for p in b.iterdir()) and len([f for f in files if f.startswith("model-")]) >= 2
     for f in files:

@@ -158,21 +158,46 @@ def skeleton(ck: Checkpoint) -> nn.Module:
     return model
 
 
-def _real(mod: nn.Module, prefix: str, ck: Checkpoint) -> tuple[nn.Module, torch.dtype]:
-    """A CPU copy of skeleton module ``mod`` (named ``prefix``) with its own parameters and buffers
-    read from the checkpoint in float32; and its weight's stored dtype."""
-    real = copy.deepcopy(mod).to_empty(device="cpu")
-    src = torch.float32
-    with torch.no_grad():
-        for store in (real._parameters, real._buffers):
-            for n, t in store.items():
-                if t is None or f"{prefix}.{n}" not in ck.info:
-                    continue
-                v = ck.tensor(f"{prefix}.{n}")
-                if n == "weight":
-                    src = v.dtype
-                t.copy_(v.to(torch.float32))
-    return real, src
+CHUNK_BYTES = 64 << 20  # float32 rows quantized at a time: bounds a huge layer's temporaries
+
+
+def _quantize_rows(algo, w: torch.Tensor, scheme, name: str, options: dict):
+    """Quantize ``w`` (2-D, any float dtype) in blocks of rows of at most :data:`CHUNK_BYTES` as
+    float32, joined (:meth:`QWeight.cat_rows`): the same bytes as one call on the whole float32
+    weight for the data-free methods, whose per-channel/per-group parameters never span rows;
+    per-tensor schemes, and the rare weight whose blocks chose different scale dtypes (some
+    outside float16's range), are quantized whole."""
+    from .qweight import QWeight
+
+    rows = max(1, CHUNK_BYTES // (4 * max(1, w.shape[1])))
+    if scheme.per_tensor or w.shape[0] <= rows:
+        wf = w.float()
+        check_finite(wf, name)
+        return algo.quantize_weight(wf, scheme, name=name, **options)
+    parts = []
+    for i in range(0, w.shape[0], rows):
+        wf = w[i : i + rows].float()
+        check_finite(wf, name)
+        parts.append(algo.quantize_weight(wf, scheme, name=name, **options))
+    try:
+        return QWeight.cat_rows(parts)
+    except ValueError:
+        del parts
+        return algo.quantize_weight(w.float(), scheme, name=name, **options)
+
+
+def _module_for(mod: nn.Module, prefix: str, ck: Checkpoint) -> nn.Module:
+    """A copy of skeleton module ``mod`` (named ``prefix``) that a quantized module can be built
+    from: its weight stays on the meta device (read and quantized separately), every other
+    parameter or buffer is read from the checkpoint in float32."""
+    real = copy.deepcopy(mod)
+    for store in (real._parameters, real._buffers):
+        for n, t in list(store.items()):
+            if t is None or n == "weight":
+                continue
+            v = ck.tensor(f"{prefix}.{n}").to(torch.float32)
+            store[n] = nn.Parameter(v, requires_grad=False) if isinstance(t, nn.Parameter) else v
+    return real
 
 
 @torch.no_grad()
@@ -251,13 +276,15 @@ def quantize_checkpoint(
                 continue
             done.add(mname)
             _, mod, kind, scheme, why = planned[mname]
-            real, src_dtype = _real(mod, mname, ck)
+            real = _module_for(mod, mname, ck)
             with layer_errors(mname):
-                wt = real.weight.detach()
+                wt = ck.tensor(f"{mname}.weight")  # (out, in...) in the stored dtype
+                src_dtype = wt.dtype
                 if kind == "linear" and swappable.is_hf_conv1d(real):
                     wt = wt.t()
-                check_finite(wt, f"{mname}.weight")
-                qw = algo.quantize_weight(wt, scheme, name=f"{mname}.weight", **algo_options)
+                w2 = wt.reshape(wt.shape[0], -1)
+                qw = _quantize_rows(algo, w2, scheme, f"{mname}.weight", algo_options)
+                qw.shape = tuple(wt.shape)
                 new: QuantModule = _swap(real, kind, qw, method)
             new.orig_dtype = str(src_dtype).replace("torch.", "")
             w.add_module(mname, new)
@@ -265,7 +292,7 @@ def quantize_checkpoint(
                 w.add_tensor(f"{mname}.{leaf}", v)
             records[mname] = LayerRecord(mname, type(mod).__name__, "quantized", str(scheme), method, why)
             head_quantized |= mname in heads
-            del real, new, qw, wt
+            del real, new, qw, wt, w2
             trim()
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does

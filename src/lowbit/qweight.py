@@ -254,6 +254,25 @@ class QWeight:
         data = packing.tile(codes, bits) if layout == "tiled" else packing.tile4(codes)
         return QWeight(self.scheme, self.shape, data, scale, zero, layout)
 
+    @classmethod
+    def cat_rows(cls, parts: list[QWeight]) -> QWeight:
+        """One row-layout QWeight from row blocks of one weight quantized separately (same scheme,
+        columns and parameter dtypes; not per-tensor schemes, whose parameters span all rows).
+        Raises ``ValueError`` otherwise."""
+        first = parts[0]
+        if first.scheme.per_tensor or any(
+            p.layout != "rows" or p.scheme != first.scheme or tuple(p.shape[1:]) != tuple(first.shape[1:])
+            or (p.scale is None) != (first.scale is None) or (p.zero is None) != (first.zero is None)
+            or (p.scale is not None and p.scale.dtype != first.scale.dtype)
+            or (p.zero is not None and p.zero.dtype != first.zero.dtype)
+            for p in parts
+        ):  # fmt: skip
+            raise ValueError("cat_rows joins row blocks of one per-channel/per-group weight with equal parameter dtypes")
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+        return cls(first.scheme, shape, torch.cat([p.data for p in parts]), cat([p.scale for p in parts]),
+                   cat([p.zero for p in parts]))  # fmt: skip
+
     def rows_subset(self, idx: torch.Tensor) -> QWeight:
         """A row-layout QWeight of only the rows ``idx`` (1-D long), shape ``(len(idx), ...)``."""
         shape = (idx.numel(), *self.shape[1:])
