@@ -240,3 +240,25 @@ def test_loading_holds_about_the_file(tmp_path):
     growth = float(p.stdout.strip().splitlines()[-1])
     # the file once, plus a layer's worth of conversion temporaries: never a float skeleton
     assert growth <= 1.25 * file_mib + 16, (growth, file_mib, float_mib)
+
+
+@pytest.mark.parametrize("spec", ["w4g32", "w3g32-asym", "int8"])
+def test_estimate_gives_the_exact_output_size_from_headers_alone(tmp_path, spec):
+    from safetensors import safe_open
+
+    from lowbit.estimate import estimate_checkpoint
+
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16, tie=False)
+    est = estimate_checkpoint(src, spec)
+    out = quantize_checkpoint(src, spec, tmp_path / "q")
+    data = 0
+    for s in read_manifest(out)["shards"]:
+        with safe_open(str(out / s["file"]), framework="pt") as f:
+            data += sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys())
+    assert est.output_bytes == data and est.quantized_layers == len(read_manifest(out)["modules"]) == 21
+    assert est.source_bytes == sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert est.largest_layer.endswith(("gate_proj", "up_proj", "down_proj"))
+    assert 0 < est.load_peak and est.output_bytes < est.quantize_peak
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "estimate", "--model", str(src), "--scheme", spec],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0 and "peak memory, streamed quantization" in p.stdout, p.stderr[-1000:]

@@ -400,6 +400,12 @@ def cmd_sensitivity(args) -> int:
 def cmd_estimate(args) -> int:
     import lowbit
 
+    if args.model and _is_checkpoint_dir(args.model):  # headers only: any size
+        from lowbit.estimate import estimate_checkpoint
+
+        spec = lowbit.Recipe.load(args.recipe) if args.recipe else args.scheme
+        print(estimate_checkpoint(args.model, spec, max_shard_bytes=args.shard_size).table())
+        return 0
     if args.model:
         from lowbit.models.source import load_source
 
@@ -597,10 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(fn=cmd_sensitivity)
 
-    s = sub.add_parser("estimate", help="weight memory in each format")
+    s = sub.add_parser("estimate", help="weight memory in each format; for a checkpoint directory also the "
+                       "output size and peak memory of streamed quantization and of loading")
     s.add_argument("--params", type=float, help="parameter count, e.g. 70e9")
     s.add_argument("--model", help="a zoo model or model directory instead of --params")
     s.add_argument("--scheme", default="w4g128")
+    s.add_argument("--recipe", help="a recipe JSON file (with a checkpoint directory)")
+    s.add_argument("--shard-size", type=_bytes, default="2GiB", metavar="SIZE",
+                   help="output shard size the quantization peak assumes (checkpoint directories)")
     s.set_defaults(fn=cmd_estimate)
 
     b = sub.add_parser("bench", help="kernel speed vs torch FP32/BF16")

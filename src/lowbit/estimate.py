@@ -19,7 +19,7 @@ from torch import nn
 from .packing import packed_row_bytes
 from .scheme import Scheme, parse_scheme
 
-__all__ = ["estimate", "bits_per_weight", "Estimate"]
+__all__ = ["estimate", "estimate_checkpoint", "bits_per_weight", "Estimate", "CheckpointEstimate"]
 
 
 def bits_per_weight(scheme: str | Scheme, in_features: int | None = None) -> float:
@@ -113,3 +113,77 @@ def estimate(
         rows.append((label, nbytes * 8 / total, nbytes))
     note = "" if model is None else f"({quantizable / total:.1%} of parameters are Linear/Conv weights; the rest counted at FP16)"
     return Estimate(float(total), rows, note)
+
+
+@dataclass
+class CheckpointEstimate:
+    """Exact sizes and modelled peak memory for one checkpoint directory and recipe (bytes)."""
+
+    source_bytes: int  # tensor data of the checkpoint
+    output_bytes: int  # tensor data lowbit would write (headers add ~100 bytes a tensor)
+    quantized_layers: int
+    quantize_peak: int  # streamed quantization (data-free methods), above the runtime
+    load_peak: int  # lowbit.load of the output, above the runtime
+    largest_layer: str
+
+    def table(self) -> str:
+        g = 2**30
+        return "\n".join([
+            f"checkpoint tensors  {self.source_bytes / g:10.2f} GiB",
+            f"quantized output    {self.output_bytes / g:10.2f} GiB  ({self.quantized_layers} layers quantized; "
+            f"{self.source_bytes / max(self.output_bytes, 1):.2f}x smaller)",
+            f"peak memory, streamed quantization  {self.quantize_peak / g:6.2f} GiB  (largest layer {self.largest_layer})",
+            f"peak memory, loading the output     {self.load_peak / g:6.2f} GiB",
+            "(peaks above the Python/torch runtime itself, ~0.3-0.5 GiB; data-free methods; the model behind them: "
+            "lowbit.estimate.estimate_checkpoint)",
+        ])  # fmt: skip
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = None) -> CheckpointEstimate:
+    """Sizes and peak memory of quantizing the transformers checkpoint at ``path`` with ``spec``
+    (scheme string, Scheme or Recipe) by streaming (:func:`lowbit.quantize_checkpoint`), and of
+    loading the result, from the checkpoint's headers and config alone (no weight is read).
+
+    Sizes are exact (per-row packing, scales and zero points of each planned layer; other
+    tensors in their stored dtype). Peaks follow how the streaming code works: quantizing holds the
+    largest layer in its stored dtype, one block of rows (``lowbit.checkpoint.CHUNK_BYTES`` as
+    float32) with about three times that in temporaries, the layer's output, one output shard and
+    the largest tensor copied through; loading holds the file, float tensors widened to float32,
+    and one layer's layout conversion. Raises as :func:`lowbit.quantize_checkpoint` does for bad
+    checkpoints and recipes."""
+    from .checkpoint import CHUNK_BYTES, Checkpoint, skeleton
+    from .driver import _plan
+    from .io.shards import DEFAULT_SHARD_BYTES
+    from .recipe import Recipe
+
+    shard = max_shard_bytes or DEFAULT_SHARD_BYTES
+    ck = Checkpoint(path)
+    model = skeleton(ck)
+    todo, _records, _heads = _plan(model, Recipe.coerce(spec), allow_meta=True)
+    nbytes = {n: math.prod(ck.shape(n)) * ck.dtype(n).itemsize for n in ck.names() if ck.dtype(n) is not None}
+    planned, out, widen = 0, 0, 0
+    biggest = ("", 0, 0)  # (name, source bytes, output bytes)
+    owned = set()
+    for name, mod, _kind, scheme, _why in todo:
+        w = f"{name}.weight"
+        rows, k = ck.shape(w)[0], math.prod(ck.shape(w)[1:])
+        qbytes = math.ceil(rows * k * bits_per_weight(scheme, k) / 8)
+        owned.update(f"{name}.{n}" for n, _ in mod.named_parameters())
+        bias = nbytes.get(f"{name}.bias", 0)
+        out += qbytes + (bias * 4 // ck.dtype(f"{name}.bias").itemsize if bias else 0)
+        planned += 1
+        if nbytes[w] > biggest[1]:
+            biggest = (name, nbytes[w], qbytes)
+    copied = [b for n, b in nbytes.items() if n not in owned]
+    out += sum(copied)
+    for n, b in nbytes.items():
+        if n not in owned:
+            widen += b * (4 // ck.dtype(n).itemsize - 1)  # float tensors load as float32
+    name, src_bytes, q_bytes = biggest
+    chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(f"{name}.weight").itemsize)) if name else 0
+    quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + min(shard, out) + max(copied, default=0)
+    load_peak = out + widen + 2 * q_bytes
+    return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-")

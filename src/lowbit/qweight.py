@@ -46,6 +46,9 @@ from .scheme import Scheme
 __all__ = ["QWeight"]
 
 
+_CONVERT_CODES = 4 << 20  # codes unpacked at a time by layout conversions
+
+
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -232,14 +235,18 @@ class QWeight:
             raise ValueError(f"{self.scheme} weights have no {layout} layout")
         bits = self.scheme.bits
         qp = self.qparams()
-        codes = self.codes()
         fractional = self.zero is not None and self.zero.dtype != torch.uint8
+        # codes a block of rows at a time (16-row multiples: whole tiles), so a huge weight's
+        # unpacked codes and their int32 temporaries never exist at once
+        step = max(packing.TILE_ROWS, (_CONVERT_CODES // max(1, self.cols)) // packing.TILE_ROWS * packing.TILE_ROWS)
+        row_blocks = [self.codes_of_rows(i, min(i + step, self.rows)) for i in range(0, self.rows, step)]
         if layout == "rows":
             scale = qp.scale.to(self.scale.dtype).contiguous()
             zero = None
             if qp.zero is not None:
                 zero = qp.zero.to(self.zero.dtype).contiguous() if fractional else packing.pack(qp.zero.to(torch.uint8), bits)
-            return QWeight(self.scheme, self.shape, packing.pack(codes, bits), scale, zero, "rows")
+            data = torch.cat([packing.pack(c(), bits) for c in row_blocks])
+            return QWeight(self.scheme, self.shape, data, scale, zero, "rows")
         if self.scheme.per_tensor:
             scale, zero = self.scale, self.zero
         else:
@@ -251,8 +258,21 @@ class QWeight:
                 tr = packing.TILE_ROWS
                 blocks = _to_blocks(qp.zero).to(torch.uint8)
                 zero = packing.pack(blocks.reshape(-1, tr), bits).reshape(blocks.shape[0], -1).contiguous()
-        data = packing.tile(codes, bits) if layout == "tiled" else packing.tile4(codes)
+        tile = (lambda c: packing.tile(c, bits)) if layout == "tiled" else packing.tile4  # noqa: E731
+        data = torch.cat([tile(c()) for c in row_blocks])
         return QWeight(self.scheme, self.shape, data, scale, zero, layout)
+
+    def codes_of_rows(self, lo: int, hi: int):
+        """A function returning the unpacked codes ``(hi - lo, K)`` uint8 of rows ``lo:hi`` (lazily:
+        one block's codes exist at a time)."""
+        if self.layout == "rows":
+            return lambda: packing.unpack(self.data[lo:hi], self.scheme.bits, self.cols)
+        if lo % packing.TILE_ROWS:
+            raise ValueError("tiled codes are read in whole 16-row tiles")
+        rows = torch.arange(lo, hi)
+        if self.layout == "tiled4":
+            return lambda: packing.untile4_rows(self.data, self.cols, rows)
+        return lambda: packing.untile_rows(self.data, self.scheme.bits, self.cols, rows)
 
     @classmethod
     def cat_rows(cls, parts: list[QWeight]) -> QWeight:
