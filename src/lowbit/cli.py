@@ -550,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read a checkpoint directory layer by layer instead of loading the model (default: on for "
                    "a transformers checkpoint directory with a data-free method and weight-only schemes)")
-    q.add_argument("--shard-size", type=_bytes, default="2GiB", metavar="SIZE",
-                   help="largest output tensor file, e.g. 2GiB (default), 500MB")
+    q.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
+                   help="largest output tensor file, e.g. 1GiB (default), 500MB: the streaming peak includes one")
     q.add_argument("--threads", type=int)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="a zoo model or model directory instead of --params")
     s.add_argument("--scheme", default="w4g128")
     s.add_argument("--recipe", help="a recipe JSON file (with a checkpoint directory)")
-    s.add_argument("--shard-size", type=_bytes, default="2GiB", metavar="SIZE",
+    s.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
                    help="output shard size the quantization peak assumes (checkpoint directories)")
     s.set_defaults(fn=cmd_estimate)
 

@@ -184,6 +184,7 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
             widen += b * (4 // ck.dtype(n).itemsize - 1)  # float tensors load as float32
     name, src_bytes, q_bytes = biggest
     chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(f"{name}.weight").itemsize)) if name else 0
-    quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + min(shard, out) + max(copied, default=0)
+    # the output buffer holds up to one shard, or one tensor larger than that (read whole)
+    quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + max(min(shard, out), max(copied, default=0))
     load_peak = out + widen + 2 * q_bytes
     return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-")

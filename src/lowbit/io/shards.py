@@ -27,7 +27,7 @@ __all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_dige
            "DEFAULT_SHARD_BYTES"]
 
 _FIXED = 8 + 256  # header length field, the metadata entry, padding
-DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB: under transformers' 5 GB default, small enough to buffer
+DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: a shard is buffered whole, and the streaming peak includes it
 _SHARD_RE = re.compile(r"model(-(\d{5})-of-(\d{5}))?\.safetensors")
 
 
