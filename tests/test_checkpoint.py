@@ -262,3 +262,45 @@ def test_estimate_gives_the_exact_output_size_from_headers_alone(tmp_path, spec)
     p = subprocess.run([sys.executable, "-m", "lowbit.cli", "estimate", "--model", str(src), "--scheme", spec],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0 and "peak memory, streamed quantization" in p.stdout, p.stderr[-1000:]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_same_bytes_as_one_process(tmp_path, ray_cluster):
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16)
+    one = quantize_checkpoint(src, "w4g32-asym", tmp_path / "one", method="hqq", max_shard_bytes=30_000)
+    outs = [quantize_checkpoint(src, "w4g32-asym", tmp_path / f"ray{n}", method="hqq", max_shard_bytes=30_000,
+                                ray_address="local", ray_workers=n) for n in (1, 2)]  # fmt: skip
+    files = sorted(p.name for p in one.iterdir())
+    assert len([f for f in files if f.startswith("model-")]) >= 2
+    for out in outs:
+        assert sorted(p.name for p in out.iterdir()) == files
+        for f in files:
+            same = filecmp.cmp(one / f, out / f, shallow=False)
+            assert same or f == "lowbit.json", f
+        assert read_manifest(out)["modules"] == read_manifest(one)["modules"]
+    # a layer's error on a worker reaches the caller as that error, naming the layer
+    m = _llama()
+    with torch.no_grad():
+        m.model.layers[2].self_attn.v_proj.weight[0, 0] = float("inf")
+    m.save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="model.layers.2.self_attn.v_proj"):
+        quantize_checkpoint(tmp_path / "bad", "w4g32", tmp_path / "q", ray_address="local")
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_ray_address_that_does_not_answer_is_one_clear_error(tmp_path):
+    pytest.importorskip("ray")
+    from lowbit.distributed import RayError
+
+    src = _checkpoint(tmp_path / "src", layers=1)
+    with pytest.raises(RayError, match="does not answer"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "q", ray_address="127.0.0.1:9")
+    assert not (tmp_path / "q").exists()

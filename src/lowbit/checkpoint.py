@@ -201,6 +201,25 @@ def _module_for(mod: nn.Module, prefix: str, ck: Checkpoint) -> nn.Module:
 
 
 @torch.no_grad()
+def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme, algo, options: dict):
+    """Quantize planned layer ``mname`` (its skeleton module ``mod``) of checkpoint ``ck``: returns
+    its manifest entry and ``[(leaf name, tensor)]`` in the quantized module's state-dict order."""
+    from .io.writer import module_entry
+
+    real = _module_for(mod, mname, ck)
+    with layer_errors(mname):
+        wt = ck.tensor(f"{mname}.weight")  # (out, in...) in the stored dtype
+        src_dtype = wt.dtype
+        if kind == "linear" and swappable.is_hf_conv1d(real):
+            wt = wt.t()
+        qw = _quantize_rows(algo, wt.reshape(wt.shape[0], -1), scheme, f"{mname}.weight", options)
+        qw.shape = tuple(wt.shape)
+        new: QuantModule = _swap(real, kind, qw, algo.name)
+    new.orig_dtype = str(src_dtype).replace("torch.", "")
+    return module_entry(new), list(new.state_dict().items())
+
+
+@torch.no_grad()
 def quantize_checkpoint(
     src: str | os.PathLike,
     spec,
@@ -210,6 +229,8 @@ def quantize_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
     tokenizer=None,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
     **options,
 ) -> Path:
     """Quantize the checkpoint in directory ``src`` layer by layer into the lowbit directory ``out``.
@@ -224,6 +245,10 @@ def quantize_checkpoint(
         max_shard_bytes: the largest output tensor file in bytes.
         tokenizer: saved beside the model when given (else the checkpoint's tokenizer files are
             copied as they are).
+        ray_address: quantize the layers on a Ray cluster (``"local"``: start one here; ``"auto"``
+            or ``"host:port"``: join one) whose nodes read ``src`` from the same path (shared
+            storage); the output is byte-identical to a run without Ray (:mod:`lowbit.distributed`).
+        ray_workers: at most this many layers in flight at once (default: the cluster's CPUs).
         **options: the method's options, as for :func:`lowbit.quantize`.
 
     Peak memory is about one layer's float32 weight with its quantization temporaries plus one
@@ -253,46 +278,51 @@ def quantize_checkpoint(
     for name in planned:
         for leaf, _ in planned[name][1].named_parameters():
             owner[f"{name}.{leaf}"] = name
-    state = model.state_dict(keep_vars=True)
-    it = list(state.items())
+    # what to write, in state-dict order: ("tensor", name) copied through, ("alias", name, first
+    # name) for a tied tensor stored once, ("layer", module) for a planned layer
+    plan: list[tuple] = []
+    first: dict[int, str] = {}
+    seen: set[str] = set()
+    for tname, t in model.state_dict(keep_vars=True).items():
+        stored = first.setdefault(id(t), tname)
+        mname = owner.get(tname)
+        if mname is None:
+            plan.append(("alias", tname, stored) if stored != tname else ("tensor", tname))
+        elif mname not in seen:
+            seen.add(mname)
+            plan.append(("layer", mname))
+    layers = [p[1] for p in plan if p[0] == "layer"]
+    if ray_address is not None:
+        from .distributed import ray_layers
+
+        results = ray_layers(ray_address, str(ck.dir), [(m, planned[m][2], str(planned[m][3])) for m in layers],
+                             method, algo_options, workers=ray_workers)  # fmt: skip
+    else:
+        results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options)
+                   for m in layers)  # fmt: skip
+    it = plan
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"quantize ({method}, streaming)", unit="tensor")
+        it = tqdm(plan, desc=f"quantize ({method}, streaming)", unit="tensor")
     head_quantized = False
     with ModelWriter(out, max_shard_bytes=max_shard_bytes) as w:
-        first: dict[int, str] = {}
-        done: set[str] = set()
-        for tname, t in it:
-            stored = first.setdefault(id(t), tname)
-            mname = owner.get(tname)
-            if mname is None:
-                if stored != tname:  # a tied tensor: stored once, the other name an alias
-                    w.aliases[tname] = stored
-                    continue
-                w.add_tensor(tname, ck.tensor(tname))
+        for item in it:
+            if item[0] == "alias":
+                w.aliases[item[1]] = item[2]
                 continue
-            if mname in done:
+            if item[0] == "tensor":
+                w.add_tensor(item[1], ck.tensor(item[1]))
                 continue
-            done.add(mname)
-            _, mod, kind, scheme, why = planned[mname]
-            real = _module_for(mod, mname, ck)
-            with layer_errors(mname):
-                wt = ck.tensor(f"{mname}.weight")  # (out, in...) in the stored dtype
-                src_dtype = wt.dtype
-                if kind == "linear" and swappable.is_hf_conv1d(real):
-                    wt = wt.t()
-                w2 = wt.reshape(wt.shape[0], -1)
-                qw = _quantize_rows(algo, w2, scheme, f"{mname}.weight", algo_options)
-                qw.shape = tuple(wt.shape)
-                new: QuantModule = _swap(real, kind, qw, method)
-            new.orig_dtype = str(src_dtype).replace("torch.", "")
-            w.add_module(mname, new)
-            for leaf, v in new.state_dict().items():
+            mname = item[1]
+            entry, tensors = next(results)
+            w.modules[mname] = entry
+            for leaf, v in tensors:
                 w.add_tensor(f"{mname}.{leaf}", v)
+            _, mod, _kind, scheme, why = planned[mname]
             records[mname] = LayerRecord(mname, type(mod).__name__, "quantized", str(scheme), method, why)
             head_quantized |= mname in heads
-            del real, new, qw, wt, w2
+            del entry, tensors
             trim()
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does

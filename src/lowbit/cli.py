@@ -88,6 +88,8 @@ def cmd_quantize(args) -> int:
     recipe = lowbit.Recipe.coerce(spec)
     static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
     acts = any(s is not None and s.act_bits for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+    if args.ray is not None:
+        args.stream = True
     if args.stream is None:  # a checkpoint directory, a data-free method, weights only: stream
         args.stream = _is_checkpoint_dir(args.model) and not get_algorithm(args.method).uses_calibration and not acts
     if args.stream:
@@ -125,13 +127,15 @@ def _quantize_streaming(args, spec, options) -> int:
         return _err(f"--stream reads a transformers checkpoint directory (config.json + safetensors); {args.model} is not one")
     t0 = time.perf_counter()
     out = quantize_checkpoint(args.model, spec, args.output, method=args.method, max_shard_bytes=args.shard_size,
-                              progress=not args.quiet, **options)  # fmt: skip
+                              progress=not args.quiet, ray_address=args.ray, ray_workers=args.ray_workers,
+                              **options)  # fmt: skip
     secs = time.perf_counter() - t0
     m = read_manifest(out)
     src_bytes = Checkpoint(args.model).nbytes
     out_bytes = sum(s["bytes"] for s in m["shards"])
     print(
-        f"quantized {args.model} with {spec} ({args.method}, streamed layer by layer) in {secs:.1f}s: "
+        f"quantized {args.model} with {spec} ({args.method}, streamed layer by layer"
+        f"{', on Ray' if args.ray else ''}) in {secs:.1f}s: "
         f"{len(m['modules'])} layers quantized; {src_bytes / 1e6:.1f} MB of checkpoint -> {out_bytes / 1e6:.1f} MB "
         f"in {len(m['shards'])} shard(s) ({src_bytes / max(out_bytes, 1):.2f}x smaller) -> {out}"
     )
@@ -552,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "a transformers checkpoint directory with a data-free method and weight-only schemes)")
     q.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
                    help="largest output tensor file, e.g. 1GiB (default), 500MB: the streaming peak includes one")
+    q.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="streamed, data-free: quantize the layers on a Ray cluster (host:port or auto; no address: "
+                   "start one here) that reads the checkpoint at the same path")
+    q.add_argument("--ray-workers", type=int, help="layers in flight at once on Ray (default: the cluster's CPUs)")
     q.add_argument("--threads", type=int)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)
