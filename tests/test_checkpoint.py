@@ -275,8 +275,8 @@ def ray_cluster():
 @pytest.mark.slow
 def test_ray_workers_give_the_same_bytes_as_one_process(tmp_path, ray_cluster):
     src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16)
-    one = quantize_checkpoint(src, "w4g32-asym", tmp_path / "one", method="hqq", max_shard_bytes=30_000)
-    outs = [quantize_checkpoint(src, "w4g32-asym", tmp_path / f"ray{n}", method="hqq", max_shard_bytes=30_000,
+    one = quantize_checkpoint(src, "w4g32-asym", tmp_path / "one", method="rtn", max_shard_bytes=30_000)
+    outs = [quantize_checkpoint(src, "w4g32-asym", tmp_path / f"ray{n}", method="rtn", max_shard_bytes=30_000,
                                 ray_address="local", ray_workers=n) for n in (1, 2)]  # fmt: skip
     files = sorted(p.name for p in one.iterdir())
     assert len([f for f in files if f.startswith("model-")]) >= 2
