@@ -161,18 +161,15 @@ def test_nan_weights_and_calibrated_methods_are_refused(tmp_path):
 
 
 _PEAK = """
-import re, sys, json
-from pathlib import Path
+import sys, json
+from lowbit import memory
 from lowbit.checkpoint import Checkpoint, quantize_checkpoint, skeleton
 
-def hwm():  # peak resident set (KiB -> MiB) since the last reset
-    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
 skeleton(Checkpoint(sys.argv[1]))  # imports and a first skeleton: not what is measured
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak (Linux >= 4.0)
-start = hwm()
+memory.reset_peak_rss()
+start = memory.peak_rss_mib()
 quantize_checkpoint(sys.argv[1], "w4g64", sys.argv[2], max_shard_bytes=4 << 20)
-print(json.dumps(hwm() - start))
+print(json.dumps(memory.peak_rss_mib() - start))
 """
 
 
