@@ -184,9 +184,10 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
         growth[n] = float(p.stdout.strip().splitlines()[-1])
     layer_mib = (4 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 2048) * 4 / 2**20  # one block's float32 weights
-    # six more blocks (~94 MiB of float32 weights) add less than half a block; the whole run's
-    # growth stays within a few blocks (the in-memory path grows by the whole model)
-    assert growth[8] <= growth[2] + 0.5 * layer_mib, (growth, layer_mib)
+    # six more blocks (~100 MiB of float32 weights) add at most one block (allocator and page-cache
+    # noise on a busy 2-core CI machine reached ~0.6 of a block); holding the model would add six.
+    # The whole run's growth stays within a few blocks (the in-memory path grows by the whole model)
+    assert growth[8] <= growth[2] + layer_mib, (growth, layer_mib)
     assert growth[8] <= 4 * layer_mib, (growth, layer_mib)
 
 
