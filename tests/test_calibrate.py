@@ -176,7 +176,7 @@ def test_nan_weights_are_named_before_any_work():
     assert isinstance(m.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
-def test_unfoldable_norms_are_a_clear_error():
+def test_a_fold_that_would_change_the_block_is_undone_with_a_warning():
     class OffsetNorm(torch.nn.Module):  # weight applied as (1 + w): 1/s does not fold into w
         def __init__(self, k):
             super().__init__()
@@ -206,9 +206,34 @@ def test_unfoldable_norms_are_a_clear_error():
 
     torch.manual_seed(0)
     net = Net()
-    with pytest.raises(CalibrationError, match="do not fold"):
-        lowbit.quantize(net, "w4g32", method="awq", calibration=[torch.randn(4, 16, 32)])
-    assert isinstance(net.blocks[0].fc, torch.nn.Linear)
+    norms = [b.norm.weight.detach().clone() for b in net.blocks]
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 16, 32)
+    with pytest.warns(UserWarning, match="2 group.*no activation scales.*blocks.0.fc"):
+        lowbit.quantize(net, "w4g32", method="awq", calibration=[x])
+    assert all(torch.equal(b.norm.weight, w) for b, w in zip(net.blocks, norms))  # the folds were undone
+    rtn = lowbit.quantize(copy.deepcopy(ref), "w4g32")
+    assert all(isinstance(b.fc, lowbit.nn.QuantLinear) for b in net.blocks)
+    with torch.no_grad():  # unscaled: AWQ's clip search alone, no worse than rounding
+        assert float((net(x) - ref(x)).norm()) <= float((rtn(x) - ref(x)).norm()) * 1.01
+
+
+def test_awq_on_a_post_norm_encoder():
+    """BERT's LayerNorm after attention feeds the MLP's first linear *and* the residual: scales
+    folded into it would change the block, so that group stays unscaled; the rest are scaled."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    m = transformers.BertModel(cfg).eval()
+    ref = copy.deepcopy(m)
+    cal = [torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.warns(UserWarning, match="awq: 2 group.*intermediate.dense"):
+        lowbit.quantize(m, "w4g32", method="awq", calibration=cal)
+    x = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        a, b = m(x).last_hidden_state.flatten(), ref(x).last_hidden_state.flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
 
 
 def test_generic_model_without_blocks(digits):

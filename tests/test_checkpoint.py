@@ -31,13 +31,13 @@ def _checkpoint(d: Path, dtype=torch.float32, shard="60KB", **kw) -> Path:
     return d
 
 
-def _in_memory(src: Path, spec, out: Path, method="rtn", **kw) -> Path:
+def _in_memory(src: Path, spec, out: Path, method="rtn", max_shard_bytes=None, **options) -> Path:
     ref = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     ref.lowbit_source = str(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lowbit.quantize(ref, spec, method=method)
-    return lowbit.save(ref, out, **kw)
+        lowbit.quantize(ref, spec, method=method, **options)
+    return lowbit.save(ref, out, **({} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}))
 
 
 @pytest.mark.parametrize("method,scheme", [("rtn", "w4g32-asym"), ("hqq", "w4g32-asym"), ("rtn", "int8"),
@@ -57,6 +57,77 @@ def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, monkeypatch, m
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert torch.equal(lowbit.load(a)(x).logits, lowbit.load(b)(x).logits)
+
+
+_CAL = [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+def _head_recipe(head: str, embedding: str | None = None):
+    r = lowbit.Recipe(lowbit.parse_scheme("w4g32")).add("lm_head", head)
+    return r.add("model.embed_tokens", embedding) if embedding else r
+
+
+@pytest.mark.parametrize("method,spec,options,tie", [
+    ("gptq", "w4g32", {}, True), ("awq", "w4g32-asym", {}, False), ("awq+gptq", "w3g32", {"sequential": True}, True),
+    ("smoothquant", "w8a8-static", {}, False), ("rtn", "w8a8-static", {}, True),
+    ("gptq", _head_recipe("w8g32", "w8g32"), {}, True), ("gptq", _head_recipe("w8g32"), {}, False),
+    ("awq", _head_recipe("w4g32"), {}, True),
+])  # fmt: skip
+def test_streamed_calibration_is_byte_identical_to_in_memory(tmp_path, method, spec, options, tie):
+    """Every calibrated path streamed block by block gives the in-memory bytes, including layers
+    after the blocks (a quantized head, tied to the embedding or not) calibrated on replayed outputs."""
+    src = _checkpoint(tmp_path / "src", tie=tie)
+    a = quantize_checkpoint(src, spec, tmp_path / "stream", method=method, calibration=_CAL, max_shard_bytes=50_000,
+                            bias_correction=False, **options)  # fmt: skip
+    b = _in_memory(src, spec, tmp_path / "mem", method=method, calibration=_CAL, bias_correction=False,
+                   max_shard_bytes=50_000, **options)  # fmt: skip
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for f in files:
+        assert filecmp.cmp(a / f, b / f, shallow=False), f
+    layers = read_manifest(a)["layers"]
+    assert sum(r["status"] == "quantized" for r in layers.values()) >= 21
+    assert {r["method"] for r in layers.values() if r["status"] == "quantized"} <= {method, "rtn"}
+
+
+def test_streamed_calibration_of_a_bf16_encoder(tmp_path):
+    """An encoder (BERT: blocks under encoder.layer, embeddings with their own LayerNorm) from a bf16
+    checkpoint: unfolded norms stay bf16, folded ones float32; the result runs close to in-memory."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    transformers.BertModel(cfg).eval().to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    cal = [torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    out = quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q", method="awq", calibration=cal)
+    m = read_manifest(out)
+    assert len(m["modules"]) == 13 and {e["orig_dtype"] for e in m["modules"].values()} == {"bfloat16"}
+    assert m["modules"]["pooler.dense"]["method"] == "awq"  # after the blocks: calibrated on their replayed outputs
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["embeddings.word_embeddings.weight"] == "BF16"
+    assert dtypes["encoder.layer.0.output.LayerNorm.weight"] == "BF16"  # (no linear reads it in the block)
+    ref = transformers.BertModel.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(ref, "w4g32", method="awq", calibration=cal)
+    x = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        a, b = lowbit.load(out)(x), ref(x)
+    for k in ("last_hidden_state", "pooler_output"):
+        assert torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), dim=0) > 0.999, k
+
+
+def test_streamed_calibration_refuses_what_it_cannot_do(tmp_path):
+    src = _checkpoint(tmp_path / "src")
+    with pytest.raises(lowbit.calibrate.CalibrationError, match="needs calibration data"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "q", method="gptq")
+    with pytest.raises(lowbit.driver.QuantizeError, match="bias correction"):
+        quantize_checkpoint(src, "w8a8-static", tmp_path / "q", calibration=_CAL, bias_correction=True)
+    with pytest.raises(lowbit.driver.QuantizeError, match="ray"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "q", method="gptq", calibration=_CAL, ray_address="local")
+    assert not (tmp_path / "q").exists()
 
 
 def test_bf16_source_keeps_bf16_for_what_is_not_quantized(tmp_path):
@@ -144,15 +215,15 @@ def test_an_interrupted_run_keeps_the_old_output_and_reruns_cleanly(tmp_path, mo
     assert read_manifest(out)["modules"]["model.layers.2.self_attn.o_proj"]["scheme"] == "w8g32"
 
 
-def test_nan_weights_and_calibrated_methods_are_refused(tmp_path):
+def test_nan_weights_are_refused(tmp_path):
     m = _llama()
     with torch.no_grad():
         m.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
     m.save_pretrained(tmp_path / "src")
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
         quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q")
-    with pytest.raises(lowbit.driver.QuantizeError, match="calibrated"):
-        quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q", method="gptq")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
+        quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q", method="gptq", calibration=_CAL)
     assert not (tmp_path / "q").exists()
     with pytest.raises(LowbitFormatError, match="not a lowbit model"):
         (tmp_path / "foreign").mkdir()

@@ -112,11 +112,16 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "to_json_string")
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's repeated blocks: the largest ModuleList of same-type modules holding Linears."""
+def find_blocks(model: nn.Module, outermost: bool = False) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the largest ModuleList of same-type modules holding Linears
+    (``outermost``: among those not inside another such list, e.g. a decoder's layers rather
+    than one layer's experts; sizes count elements, so meta tensors serve)."""
     best = None
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        if outermost and any(name.startswith(o + ".") for o in lists):
             continue
         if len({type(m) for m in mod}) != 1:
             continue
@@ -196,6 +201,13 @@ class _Restore:
     def save(self, t: torch.Tensor) -> None:
         self.tensors.append((t, t.detach().clone()))
 
+    def rollback(self, mark: int) -> None:
+        """Put back the tensors saved since ``len(self.tensors)`` was ``mark``."""
+        with torch.no_grad():
+            for t, old in reversed(self.tensors[mark:]):
+                t.copy_(old)
+        del self.tensors[mark:]
+
     def undo(self) -> None:
 
         with torch.no_grad():
@@ -203,6 +215,23 @@ class _Restore:
                 t.copy_(old)
         for name, old in reversed(self.modules):
             _set_module(self.model, name, old)
+
+
+class _Replay(nn.Module):
+    """A streamed block's stand-in for the pass that calibrates the layers after the blocks:
+    hands its hidden-state input on, or (the last block) returns the quantized block's recorded
+    outputs, one per call, in the block's own return type."""
+
+    def __init__(self, outputs: list | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.outputs, self.as_tuple, self.calls = outputs, as_tuple, 0
+
+    def forward(self, *args, **kwargs):
+        h = _hidden_in(args, kwargs)
+        if self.outputs is not None:
+            h = self.outputs[self.calls % len(self.outputs)]
+            self.calls += 1
+        return (h,) if self.as_tuple else h
 
 
 def _block_outputs(out) -> torch.Tensor:
@@ -307,6 +336,7 @@ def run(
     make_module,
     observer: str = "minmax",
     bias_correction: bool | None = None,
+    stream=None,
 ) -> list:
     """Quantize the ``todo`` layers ``(name, module, kind, scheme, why)`` with a calibrated
     ``algo``; swap the quantized modules into ``model`` and return ``[(name, new module)]``.
@@ -320,6 +350,12 @@ def run(
     moves each static-activation layer's mean output error into its bias (:func:`mean_output_error`):
     ``None`` corrects the layers that have a bias, ``True`` also gives one to those without,
     ``False`` corrects none.
+
+    ``stream``: the model is a skeleton on the meta device whose values a
+    :class:`lowbit.checkpoint.BlockStream` reads block by block (``load``, ``outside``) and
+    to which each finished block is handed (``block_done``, ``rest_done``) to be written and
+    freed; the blocks are taken as a chain without running the whole model, layers outside the
+    blocks are calibrated on the last block's outputs replayed, and the returned list is empty.
     """
     needs_data = method if algo.uses_calibration else f"{method} with static activations"
     batches = as_batches(calibration, needs_data)
@@ -336,38 +372,81 @@ def run(
     sequential = bool(options.get("sequential", False))  # (check_options refused it for methods without it)
     try:
         with torch.no_grad():
-            found = find_blocks(model)
-            if found is not None and not _sequential(model, found[1], batches[0]):
+            found = find_blocks(model, outermost=stream is not None)
+            if stream is None and found is not None and not _sequential(model, found[1], batches[0]):
                 found = None  # e.g. a mixture of experts' expert list: not a chain; one pass for all
+            if stream is not None and found is None:
+                raise CalibrationError("streaming calibration needs a model made of repeated blocks; this one has none")
             remaining = dict(want)
             # Embeddings read token ids, not activations: no statistics apply; they are rounded.
             for name in [n for n, (_, kind, _) in want.items() if kind == "embedding"]:
                 mod, kind, scheme = remaining.pop(name)
+                if stream is not None:
+                    stream.load(mod)
                 new = make_module(mod, kind, rtn.quantize_weight(mod.weight, scheme, name=f"{name}.weight"), None)
                 new.method = "rtn"
                 restore.swap(name, new)
                 done.append((name, new))
+            if stream is not None:
+                stream.take(done)
+                done.clear()
             if found is not None:
                 prefix, blocks = found
-                inputs = _capture(model, blocks, batches)
+                with stream.outside(model, blocks) if stream is not None else contextlib.nullcontext():
+                    inputs = _capture(model, blocks, batches)
                 it = range(len(blocks))
                 if progress:
                     from tqdm.auto import tqdm
 
                     it = tqdm(it, desc=f"calibrate ({method})", unit="block")
+                replay = None
+                unscaled: list[str] = []
                 for i in it:
                     bname = f"{prefix}.{i}"
                     block = blocks[i]
+                    if stream is not None:
+                        stream.load(block)
                     layers = {n: remaining.pop(n) for n in list(remaining) if n.startswith(bname + ".")}
                     if layers:
                         _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module,
-                                        observer, sequential=sequential, masks=masks)  # fmt: skip
+                                        observer, sequential=sequential, masks=masks, unscaled=unscaled)  # fmt: skip
                     if i + 1 < len(blocks):  # the quantized block's outputs feed the next block
                         inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs))]
+                    elif stream is not None and remaining:  # the layers after the blocks read these
+                        args, kwargs = inputs[0]
+                        replay = (_run_block(block, inputs), isinstance(block(*args, **kwargs), (tuple, list)))
+                    if stream is not None:
+                        stream.block_done(bname, block, done)
+                        done.clear()
+                        restore.modules.clear()  # (a streamed model is not restored: the output is not written)
+                        restore.tensors.clear()
                 del inputs
-            if remaining:
+                if unscaled:
+                    warnings.warn(
+                        f"{method}: {len(unscaled)} group(s) of linears got no activation scales, because folding "
+                        "them into the module before changed the block's output (that input also feeds another "
+                        "path, e.g. a post-norm residual); they are quantized unscaled: "
+                        + ", ".join(unscaled[:4]) + (", ..." if len(unscaled) > 4 else ""),
+                        stacklevel=3,
+                    )
+            if remaining and stream is not None:
+                originals = list(blocks)
+                for i in range(len(blocks)):
+                    blocks[i] = _Replay(replay[0] if i == len(blocks) - 1 else None, replay[1])
+                try:
+                    with stream.outside(model, None):
+                        for n in remaining:  # (a layer no batch reaches still needs its weight)
+                            stream.load(model.get_submodule(n))
+                        _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done,
+                                       make_module, observer)  # fmt: skip
+                        stream.take(done)
+                        done.clear()
+                finally:
+                    for i, b in enumerate(originals):
+                        blocks[i] = b
+            elif remaining:
                 _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done, make_module, observer)
-            if bias_correction is not False:
+            if bias_correction is not False and stream is None:  # (the stream's caller refused it)
                 floats = dict(restore.modules)
                 targets = {
                     n: (new, floats[n])
@@ -474,11 +553,13 @@ def _observers(layers: dict, prefix: str, observer: str) -> dict:
 
 
 def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer, *,
-                    sequential: bool = False, masks: list | None = None) -> None:  # fmt: skip
+                    sequential: bool = False, masks: list | None = None, unscaled: list | None = None) -> None:  # fmt: skip
     """Quantize ``layers`` of ``block``. By default every layer's statistics come from one float
     pass of the block. ``sequential`` (GPTQ's "true sequential"): each group of layers reading
     one input gets its statistics only after the groups before it in the block are quantized,
-    so it sees their rounding. ``masks``: each input's real tokens (statistics skip padding)."""
+    so it sees their rounding. ``masks``: each input's real tokens (statistics skip padding).
+    ``unscaled``: collects the groups whose scales could not be folded (AWQ, SmoothQuant)."""
+    unscaled = [] if unscaled is None else unscaled
     mods = {n: block.get_submodule(n[len(bname) + 1 :]) for n in layers}
     local = {n[len(bname) + 1 :]: m for n, m in mods.items()}
     order, producers = _groups(block, inputs, local)
@@ -508,7 +589,8 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
     _refuse_unreached_static(layers, unreached)
 
     if algo.smooth is not None:
-        _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore)
+        _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore,
+                      unscaled)  # fmt: skip
         if obs:  # the folds changed the inputs: observe them again
             def observe(n: str, x: torch.Tensor) -> None:
                 x = _real_tokens(x, current[0])
@@ -570,8 +652,10 @@ def _input_of(block: nn.Module, name: str, inp: tuple) -> torch.Tensor | None:
     return got[0] if got else None
 
 
-def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore) -> None:
-    """Move per-channel scales into each group's linears from the module feeding them."""
+def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers, bname, algo, options, restore,
+                  unscaled: list) -> None:  # fmt: skip
+    """Move per-channel scales into each group's linears from the module feeding them; groups
+    whose fold would change the block's function are appended to ``unscaled``."""
     from .models.hf import fold_target
 
     for group in order:
@@ -590,22 +674,35 @@ def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers
             s = algo.smooth(weights, stats[group[0]], scheme, **options)
         if s is None:
             continue
+        mark = len(restore.tensors)
         for t in target.tensors():
             restore.save(t)
         for n in group:
             restore.save(local[n].weight)
             local[n].weight.mul_(s.unsqueeze(0))
         target.divide(s)
+        # a fold must leave the block's function unchanged (it is exact up to rounding); one that
+        # does not (the input also feeds a path besides these linears, e.g. a post-norm block's
+        # residual, or a norm of another form) is undone and the group quantized unscaled
+        err = _change(block, inputs, ref_out)
+        if err > 1e-3:
+            restore.rollback(mark)
+            unscaled.append(f"{bname}.{group[0]} ({err:.1e})")
+            continue
         stats[group[0]].rescale(s)
-    # the folds must leave the block's function unchanged (they are exact up to rounding)
-    check = _run_block(block, inputs[:1])
-    ref = ref_out[0]
-    err = float((check[0] - ref).norm() / ref.norm().clamp_min(1e-12))
-    if err > 1e-3:
+    err = _change(block, inputs, ref_out)
+    if err > 1e-3:  # pragma: no cover - each fold was checked alone
         raise CalibrationError(
             f"{bname}: folding activation scales changed the block's output by {err:.2e} (relative); "
             "this architecture's norms or layers do not fold as lowbit assumes"
         )
+
+
+def _change(block: nn.Module, inputs: list, ref_out: list) -> float:
+    """Relative change of the block's output on the first calibration batch."""
+    check = _run_block(block, inputs[:1])
+    ref = ref_out[0]
+    return float((check[0] - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done, make_module, observer) -> None:

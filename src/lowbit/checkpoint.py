@@ -13,10 +13,18 @@ the model's size.
 The output is the native format (:mod:`lowbit.io.safetensors_io`) and holds exactly the tensors,
 in the same order, that quantizing the loaded model in memory and calling :func:`lowbit.save`
 gives (same bytes for an fp32 source; a bf16 source's unquantized tensors stay bf16 here).
+
+Calibrated methods (GPTQ, AWQ, SmoothQuant, static activations) run the calibration driver
+(:func:`lowbit.calibrate.run`) on the skeleton itself: a :class:`BlockStream` gives the modules
+before the first block their values while the calibration inputs are captured, then each block
+its values when its turn comes; the block is calibrated and quantized exactly as in memory,
+its outputs feed the next block, and it is written out and emptied. Layers after the blocks
+(a quantized LM head) are calibrated on the last block's outputs, replayed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -27,7 +35,7 @@ from torch import nn
 
 from . import swappable
 from .algorithms import get_algorithm
-from .driver import LayerRecord, QuantizeError, _plan, _swap, layer_errors
+from .driver import LayerRecord, QuantizeError, _plan, _set_module, _swap, layer_errors
 from .io.shards import DEFAULT_SHARD_BYTES, read_tensors
 from .io.writer import ModelWriter
 from .memory import trim
@@ -35,7 +43,7 @@ from .nn import QuantModule
 from .primitives import check_finite
 from .recipe import Recipe
 
-__all__ = ["Checkpoint", "CheckpointError", "skeleton", "quantize_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "BlockStream", "skeleton", "quantize_checkpoint", "tokenizer_of"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -219,6 +227,160 @@ def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme
     return module_entry(new), list(new.state_dict().items())
 
 
+class _Values:
+    """Checkpoint values put into a meta skeleton's modules (as float32) and taken out again."""
+
+    def __init__(self, ck: Checkpoint, model: nn.Module):
+        self.ck = ck
+        self.stored: dict[int, str] = {}  # id(meta tensor) -> the name the checkpoint stores it under
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name in ck.info:
+                self.stored.setdefault(id(t), name)
+        self.real: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its values (tied tensors: once)
+
+    def load(self, mod: nn.Module, recurse: bool = True) -> list:
+        """Give ``mod`` (and its children) their values; returns what :meth:`unload` takes."""
+        undo = []
+        for m in mod.modules() if recurse else [mod]:
+            for store in (m._parameters, m._buffers):
+                for k, t in list(store.items()):
+                    if t is None or t.device.type != "meta":
+                        continue
+                    v = self.real.get(id(t))
+                    if v is None:
+                        name = self.stored.get(id(t))
+                        if name is None:
+                            raise CheckpointError(f"{self.ck.dir} stores no values for {k!r} of a {type(m).__name__}")
+                        v = self.ck.tensor(name).to(torch.float32)
+                        v = nn.Parameter(v, requires_grad=False) if isinstance(t, nn.Parameter) else v
+                        self.real[id(t)] = v
+                    store[k] = v
+                    undo.append((store, k, t))
+        return undo
+
+    def unload(self, undo: list) -> None:
+        for store, k, t in undo:
+            store[k] = t
+            self.real.pop(id(t), None)
+
+
+class BlockStream:
+    """What :func:`lowbit.calibrate.run` needs to calibrate a meta skeleton block by block: it
+    reads each block's values when the block's turn comes (``load``), the modules outside the
+    blocks when a forward pass calls them (``outside``), and writes each finished block to the
+    output in state-dict order and frees it (``block_done``); quantized layers outside the blocks
+    (``take``) are written where the order puts them once they exist (the head, after the blocks).
+
+    A float tensor of a block (a norm's weight) is written in the checkpoint's dtype when that
+    holds its value exactly, else in float32 (a norm that AWQ or SmoothQuant folded scales into).
+    """
+
+    def __init__(self, ck: Checkpoint, model: nn.Module, plan: list, planned: dict, writer: ModelWriter,
+                 records: dict, method: str, prefix: str):  # fmt: skip
+        self.ck, self.model, self.plan, self.planned, self.w = ck, model, plan, planned, writer
+        self.records, self.method, self.prefix = records, method, prefix + "."
+        self.values = _Values(ck, model)
+        self.names = {id(t[1]): n for n, t in planned.items()}  # planned float module -> its name
+        self.loaded: dict[int, list] = {}  # id(module) -> its values' undo list (blocks, embeddings)
+        self.scopes: list[list] = []  # undo lists of the open outside() passes
+        self.ready: dict[str, nn.Module] = {}  # quantized layers not yet written
+        self.pos = 0  # plan items written
+        self.deferred: list[str] = []  # planned layers outside the blocks, quantized later
+
+    def load(self, mod: nn.Module, recurse: bool = True) -> None:
+        undo = self.values.load(mod, recurse)
+        (self.scopes[-1] if self.scopes else self.loaded.setdefault(id(mod), [])).extend(undo)
+        for m in mod.modules() if recurse else [mod]:
+            if id(m) in self.names:
+                check_finite(m.weight, f"{self.names[id(m)]}.weight")
+
+    @contextlib.contextmanager
+    def outside(self, model: nn.Module, blocks: nn.Module | None):
+        """While open, a module outside ``blocks`` gets its values when called; freed on exit."""
+        inside = {id(m) for m in blocks.modules()} if blocks is not None else set()
+        handles = []
+        for m in model.modules():
+            own = [*m._parameters.values(), *m._buffers.values()]
+            if id(m) not in inside and any(t is not None and t.device.type == "meta" for t in own):
+                handles.append(m.register_forward_pre_hook(lambda mod, args: self.load(mod, recurse=False)))
+        self.scopes.append([])
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.values.unload(self.scopes.pop())
+
+    def take(self, quantized: list) -> None:
+        """Quantized layers outside the blocks (their float values are freed)."""
+        for name, new in quantized:
+            self._record(name, new)
+            self.ready[name] = new
+            self.values.unload(self.loaded.pop(id(self.planned[name][1]), []))
+
+    def block_done(self, bname: str, block: nn.Module, quantized: list) -> None:
+        """Write block ``bname`` (its quantized layers ``[(name, module)]`` are in it) and free it."""
+        for name, new in quantized:
+            self._record(name, new)
+            self.ready[name] = new
+        self._write(block_limit=int(bname[len(self.prefix) :]) + 1, block=(bname, block.state_dict()))
+        for name, _ in quantized:  # the skeleton's float modules back in place, emptied
+            _set_module(self.model, name, self.planned[name][1])
+        self.values.unload(self.loaded.pop(id(block), []))
+
+    def finish(self) -> None:
+        self._write(block_limit=None, block=None)
+        for name in self.deferred:
+            self._write_layer(name)
+
+    def _record(self, name: str, new) -> None:
+        _, mod, _kind, scheme, why = self.planned[name]
+        w = f"{name}.weight"
+        new.orig_dtype = str(self.ck.dtype(w) if w in self.ck.info else torch.float32).replace("torch.", "")
+        self.records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(new.scheme), new.method, why)
+
+    def _block_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix):
+            return None
+        return int(name[len(self.prefix) :].split(".", 1)[0])
+
+    def _write(self, block_limit: int | None, block) -> None:
+        """Write plan items in order up to the first of block ``block_limit`` (None: to the end);
+        ``block``: (name, state dict) of the block just finished, whose tensors are due."""
+        while self.pos < len(self.plan):
+            item = self.plan[self.pos]
+            b = self._block_of(item[1])
+            if block_limit is not None and b is not None and b >= block_limit:
+                return  # a later block's
+            self.pos += 1
+            if item[0] == "alias":
+                self.w.aliases[item[1]] = item[2]
+            elif item[0] == "layer":
+                if item[1] in self.ready:
+                    self._write_layer(item[1])
+                elif b is None:
+                    self.deferred.append(item[1])
+                else:  # pragma: no cover - calibrate.run quantizes every planned layer of a block
+                    raise RuntimeError(f"{item[1]} was planned but not quantized")
+            elif b is None:
+                self.w.add_tensor(item[1], self.ck.tensor(item[1]))
+            else:
+                bname, sd = block
+                v = sd[item[1][len(bname) + 1 :]]
+                src = self.ck.dtype(item[1]) or torch.float32
+                stored = v.to(src)
+                self.w.add_tensor(item[1], stored if torch.equal(stored.to(v.dtype), v) else v)
+
+    def _write_layer(self, name: str) -> None:
+        from .io.writer import module_entry
+
+        new = self.ready.pop(name)
+        self.w.modules[name] = module_entry(new)
+        for leaf, v in new.state_dict().items():
+            self.w.add_tensor(f"{name}.{leaf}", v)
+        trim()
+
+
 @torch.no_grad()
 def quantize_checkpoint(
     src: str | os.PathLike,
@@ -231,6 +393,9 @@ def quantize_checkpoint(
     tokenizer=None,
     ray_address: str | None = None,
     ray_workers: int | None = None,
+    calibration=None,
+    observer: str = "minmax",
+    bias_correction: bool | None = None,
     **options,
 ) -> Path:
     """Quantize the checkpoint in directory ``src`` layer by layer into the lowbit directory ``out``.
@@ -241,7 +406,10 @@ def quantize_checkpoint(
             :func:`lowbit.quantize`).
         out: the output directory, written atomically (an existing lowbit model there is replaced
             only once the new one is complete).
-        method: a data-free method (``rtn``, ``hqq``).
+        method: any method; a calibrated one (``gptq``, ``awq``, ``awq+gptq``, ``smoothquant``;
+            or a static activation scheme) needs ``calibration`` and runs block by block
+            (:func:`lowbit.calibrate.run` on the skeleton, each block read when its turn comes:
+            :class:`BlockStream`), giving the bytes the in-memory path gives for a float32 source.
         max_shard_bytes: the largest output tensor file in bytes.
         tokenizer: saved beside the model when given (else the checkpoint's tokenizer files are
             copied as they are).
@@ -249,17 +417,20 @@ def quantize_checkpoint(
             or ``"host:port"``: join one) whose nodes read ``src`` from the same path (shared
             storage); the output is byte-identical to a run without Ray (:mod:`lowbit.distributed`).
         ray_workers: at most this many layers in flight at once (default: the cluster's CPUs).
+        calibration, observer: as for :func:`lowbit.quantize`.
+        bias_correction: must be False or None when a static layer has a bias (bias correction
+            needs the whole model's outputs; streaming refuses it).
         **options: the method's options, as for :func:`lowbit.quantize`.
 
     Peak memory is about one layer's float32 weight with its quantization temporaries plus one
-    output shard (``max_shard_bytes``), independent of the number of layers. Raises
+    output shard (``max_shard_bytes``), independent of the number of layers; calibrated methods
+    add one block's float32 weights, the block's inputs and outputs for every calibration batch
+    and the block's statistics (Hessians), and the modules before the first block (the
+    embedding, as float32) while the calibration inputs are captured. Raises
     :class:`CheckpointError` for unreadable checkpoints, :class:`lowbit.driver.QuantizeError`
     (bad method, options or scheme), ``ValueError`` for NaN/Inf weights (naming the layer).
     """
     algo = get_algorithm(method)
-    if algo.uses_calibration:
-        raise QuantizeError(f"streaming quantization with {method!r} (a calibrated method) is not available yet; "
-                            "use a data-free method (rtn, hqq)")  # fmt: skip
     algo_options = algo.check_options(options)
     recipe = Recipe.coerce(spec)
     ck = Checkpoint(src)
@@ -269,10 +440,9 @@ def quantize_checkpoint(
         problem = algo.serves(scheme)
         if problem:
             raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
-    acts = sorted(t[0] for t in todo if t[3].act_bits)
-    if acts:
-        raise QuantizeError(f"activation schemes need calibration or a kernel pass that streaming does not do yet: "
-                            f"{', '.join(acts[:3])}")  # fmt: skip
+    static = any(t[3].act_static for t in todo)
+    if (algo.uses_calibration or static) and ray_address is not None:
+        raise QuantizeError("--ray runs data-free methods; a calibrated method or static scheme streams in one process")
     planned = {t[0]: t for t in todo}
     owner = {}  # state-dict name -> the planned module it belongs to
     for name in planned:
@@ -291,6 +461,9 @@ def quantize_checkpoint(
         elif mname not in seen:
             seen.add(mname)
             plan.append(("layer", mname))
+    if algo.uses_calibration or static:
+        return _calibrated(ck, model, plan, planned, todo, records, heads, algo, algo_options, method, out,
+                           max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction)  # fmt: skip
     layers = [p[1] for p in plan if p[0] == "layer"]
     if ray_address is not None:
         from .distributed import ray_layers
@@ -327,12 +500,50 @@ def quantize_checkpoint(
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does
         if tokenizer is None:
-            tokenizer = _tokenizer(ck.dir)
+            tokenizer = tokenizer_of(ck.dir)
         return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir),
                         tokenizer=tokenizer)  # fmt: skip
 
 
-def _tokenizer(d: Path):
+def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, method, out, max_shard_bytes,
+                progress, tokenizer, calibration, observer, bias_correction) -> Path:  # fmt: skip
+    """The calibrated half of :func:`quantize_checkpoint`: :func:`lowbit.calibrate.run` on the
+    skeleton with a :class:`BlockStream` reading and writing block by block."""
+    from . import calibrate
+    from .observers import OBSERVERS
+
+    if observer not in OBSERVERS:
+        raise QuantizeError(f"unknown observer {observer!r}; observers: {', '.join(OBSERVERS)}")
+    static = [t for t in todo if t[3].act_static]
+    if bias_correction and not static:
+        raise QuantizeError("bias_correction applies to static activation schemes (w8a8-static, ...); none is used")
+    corrected = [t[0] for t in static if bias_correction or getattr(t[1], "bias", None) is not None]
+    if bias_correction is not False and corrected:
+        raise QuantizeError(
+            f"bias correction needs the whole quantized model's outputs, which streaming never holds ({corrected[0]}"
+            f"{' and others' if len(corrected) > 1 else ''} would be corrected): pass bias_correction=False "
+            "(--no-bias-correction) or quantize in memory (--no-stream)"
+        )
+    bad = sorted({t[0] for t in todo if t[2] not in ("linear", "embedding")})
+    if bad:
+        raise QuantizeError(f"streaming calibration quantizes linear layers and embeddings, not {', '.join(bad[:3])}")
+    found = calibrate.find_blocks(model, outermost=True)
+    if found is None:
+        raise QuantizeError(f"{ck.dir}: streaming calibration needs a model of repeated blocks; this one has none")
+    head_quantized = any(t[0] in heads for t in todo)
+    with ModelWriter(out, max_shard_bytes=max_shard_bytes) as w:
+        stream = BlockStream(ck, model, plan, planned, w, records, method, found[0])
+        calibrate.run(model, todo, algo, calibration, options, progress=progress, method=method,
+                      make_module=lambda mod, kind, qw, act: _swap(mod, kind, qw, method, act), observer=observer,
+                      bias_correction=False, stream=stream)  # fmt: skip
+        stream.finish()
+        if head_quantized and getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # as lowbit.quantize does
+        return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir),
+                        tokenizer=tokenizer if tokenizer is not None else tokenizer_of(ck.dir))  # fmt: skip
+
+
+def tokenizer_of(d: Path):
     """The checkpoint's tokenizer, or None when it has none (or none transformers can read)."""
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None

@@ -87,13 +87,12 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     recipe = lowbit.Recipe.coerce(spec)
     static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
-    acts = any(s is not None and s.act_bits for s in [recipe.default, *(r.scheme for r in recipe.rules)])
     if args.ray is not None:
         args.stream = True
-    if args.stream is None:  # a checkpoint directory, a data-free method, weights only: stream
-        args.stream = _is_checkpoint_dir(args.model) and not get_algorithm(args.method).uses_calibration and not acts
+    if args.stream is None:  # a transformers checkpoint directory streams, whatever the method
+        args.stream = _is_checkpoint_dir(args.model)
     if args.stream:
-        return _quantize_streaming(args, spec, options)
+        return _quantize_streaming(args, spec, options, get_algorithm(args.method).uses_calibration or static)
     zm = load_source(args.model)
     calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
     t1 = time.perf_counter()
@@ -119,16 +118,24 @@ def _is_checkpoint_dir(spec: str) -> bool:
         (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
 
 
-def _quantize_streaming(args, spec, options) -> int:
+def _quantize_streaming(args, spec, options, calibrated: bool) -> int:
     from lowbit.checkpoint import Checkpoint, quantize_checkpoint
     from lowbit.io import read_manifest
 
     if not _is_checkpoint_dir(args.model):
         return _err(f"--stream reads a transformers checkpoint directory (config.json + safetensors); {args.model} is not one")
     t0 = time.perf_counter()
+    extra = {}
+    if calibrated:
+        from lowbit.checkpoint import tokenizer_of
+        from lowbit.models.zoo import ZooModel
+
+        tok = tokenizer_of(Path(args.model))
+        extra = {"calibration": _calibration(args, ZooModel(Path(args.model).name, None, tok, "causal-lm", args.model)),
+                 "observer": args.observer, "bias_correction": args.bias_correction}  # fmt: skip
     out = quantize_checkpoint(args.model, spec, args.output, method=args.method, max_shard_bytes=args.shard_size,
                               progress=not args.quiet, ray_address=args.ray, ray_workers=args.ray_workers,
-                              **options)  # fmt: skip
+                              **extra, **options)  # fmt: skip
     secs = time.perf_counter() - t0
     m = read_manifest(out)
     src_bytes = Checkpoint(args.model).nbytes
@@ -553,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read a checkpoint directory layer by layer instead of loading the model (default: on for "
-                   "a transformers checkpoint directory with a data-free method and weight-only schemes)")
+                   "a transformers checkpoint directory, any method; calibrated ones go block by block)")
     q.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
                    help="largest output tensor file, e.g. 1GiB (default), 500MB: the streaming peak includes one")
     q.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",

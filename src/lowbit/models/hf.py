@@ -10,8 +10,9 @@ weight columns by ``s``. The division must be absorbed exactly by whatever produ
 * attention's ``o_proj`` reads the heads' weighted sums of ``v_proj`` outputs: divide ``v_proj``'s
   output rows, only when every query head has its own value head (no grouped-query sharing).
 
-The calibration driver checks numerically that each folded block computes what it did before;
-norms of another form (Gemma's ``(1 + weight)``) fail that check with a clear error.
+The calibration driver checks numerically that each fold leaves its block computing what it did
+before; a fold that does not (a post-norm block's LayerNorm also feeds the residual; norms of another
+form, Gemma's ``(1 + weight)``) is undone, and its group is quantized without scales, with a warning.
 """
 
 from __future__ import annotations
