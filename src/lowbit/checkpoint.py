@@ -170,28 +170,23 @@ CHUNK_BYTES = 64 << 20  # float32 rows quantized at a time: bounds a huge layer'
 
 
 def _quantize_rows(algo, w: torch.Tensor, scheme, name: str, options: dict):
-    """Quantize ``w`` (2-D, any float dtype) in blocks of rows of at most :data:`CHUNK_BYTES` as
-    float32, joined (:meth:`QWeight.cat_rows`): the same bytes as one call on the whole float32
+    """Quantize ``w`` (2-D, in its stored float dtype: the data-free methods read bf16/fp16 and
+    convert what they need) in blocks of rows of at most :data:`CHUNK_BYTES` as float32, joined
+    (:meth:`QWeight.cat_rows`): the same bytes as one call on the whole float32
     weight for the data-free methods, whose per-channel/per-group parameters never span rows;
     per-tensor schemes, and the rare weight whose blocks chose different scale dtypes (some
     outside float16's range), are quantized whole."""
     from .qweight import QWeight
 
     rows = max(1, CHUNK_BYTES // (4 * max(1, w.shape[1])))
-    if scheme.per_tensor or w.shape[0] <= rows:
-        wf = w.float()
-        check_finite(wf, name)
-        return algo.quantize_weight(wf, scheme, name=name, **options)
-    parts = []
-    for i in range(0, w.shape[0], rows):
-        wf = w[i : i + rows].float()
-        check_finite(wf, name)
-        parts.append(algo.quantize_weight(wf, scheme, name=name, **options))
+    if scheme.per_tensor or w.shape[0] <= rows:  # (the methods refuse NaN/Inf, naming ``name``)
+        return algo.quantize_weight(w, scheme, name=name, **options)
+    parts = [algo.quantize_weight(w[i : i + rows], scheme, name=name, **options) for i in range(0, w.shape[0], rows)]
     try:
         return QWeight.cat_rows(parts)
     except ValueError:
         del parts
-        return algo.quantize_weight(w.float(), scheme, name=name, **options)
+        return algo.quantize_weight(w, scheme, name=name, **options)
 
 
 def _module_for(mod: nn.Module, prefix: str, ck: Checkpoint) -> nn.Module:

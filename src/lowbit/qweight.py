@@ -164,8 +164,10 @@ class QWeight:
         return cls.from_codes(tuple(w.shape), scheme, quantize_codes(w2, qp, scheme), qp)
 
     @classmethod
-    def from_codes(cls, shape: tuple[int, ...], scheme: Scheme, codes: torch.Tensor, qp: QParams) -> QWeight:
-        """Pack ``codes`` ``(N, K)`` uint8 computed with ``qp`` (scales already storage-rounded).
+    def from_codes(cls, shape: tuple[int, ...], scheme: Scheme, codes: torch.Tensor, qp: QParams,
+                   packed: bool = False) -> QWeight:  # fmt: skip
+        """Pack ``codes`` ``(N, K)`` uint8 computed with ``qp`` (scales already storage-rounded);
+        ``packed``: ``codes`` are already :func:`lowbit.packing.pack`'s output.
 
         Integer zero points in range are bit-packed like the codes; fractional ones (HQQ) are
         stored as float16, which the caller must have rounded them to before computing codes.
@@ -179,7 +181,7 @@ class QWeight:
             else:
                 zero = z.to(torch.float16)
         scale = qp.scale.to(scale_storage_dtype(qp.scale, fmt))
-        return cls(scheme, tuple(shape), packing.pack(codes, fmt.bits), scale, zero)
+        return cls(scheme, tuple(shape), codes if packed else packing.pack(codes, fmt.bits), scale, zero)
 
     # ---- reading back -------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:

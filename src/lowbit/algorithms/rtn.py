@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives import check_finite, choose_qparams, mse_clip_search
+from ..primitives import QParams, check_finite, choose_qparams, mse_clip_search
 from ..qweight import QWeight
 from ..scheme import Scheme
 
@@ -18,9 +18,26 @@ CLIP_CHOICES = ("minmax", "mse")
 
 
 def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", clip: str = "minmax") -> QWeight:
-    """``w`` ``(N, ...)`` float -> :class:`QWeight` by round-to-nearest."""
+    """``w`` ``(N, ...)`` float (float32, bfloat16, float16) -> :class:`QWeight` by round-to-nearest.
+
+    Min/max integer schemes with float16 scales run fused in C when the CPU library is loaded
+    (:func:`lowbit.kernels.cpu.rtn_affine`: the same bytes, one pass over the weight, reading
+    bf16/fp16 without a float32 copy); everything else runs the torch operations.
+    Raises :class:`lowbit.primitives.NonFiniteError` for NaN/Inf weights."""
     if scheme.is_cast:
         return QWeight.from_float(w, scheme, name=name)
+    if clip == "minmax" and w.dim() >= 1 and w.shape[0]:
+        from ..kernels import cpu
+
+        w2 = w.detach().reshape(w.shape[0], -1)
+        fused = cpu.rtn_affine(w2, scheme, name)
+        if fused is not None:
+            codes, scales, zeros = fused
+            empty = (scales == 0).all(1)
+            if bool(empty.any()):
+                check_finite(w2[empty], name)  # warns about rows of subnormals, as the torch path does
+            return QWeight.from_codes(tuple(w.shape), scheme, codes, QParams(scales, zeros),
+                                      packed=scheme.fmt.bits in (2, 4, 8))  # fmt: skip
     check_finite(w, name)  # before the clip search, which would otherwise see NaNs
     w2 = w.detach().reshape(w.shape[0], -1).float()
     qp = mse_clip_search(w2, scheme) if clip == "mse" else choose_qparams(w2, scheme)

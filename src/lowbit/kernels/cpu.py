@@ -33,7 +33,7 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
+__all__ = ["rtn_affine", "supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
            "isa_reason", "fallback_notes", "IsaError", "ISAS"]  # fmt: skip
 
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -46,9 +46,9 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
     "portable": (("-march=native",), ()),
 }
-_SOURCES = ("common.h", "driver.h", "rows_avx2.h")
+_SOURCES = ("common.h", "driver.h", "rows_avx2.h", "quantize.h")
 NONFINITE = -3  # what the C entry points that round their inputs return for NaN/inf inputs
-_ABI = 13  # lb_abi_version() of the C sources this wrapper calls
+_ABI = 14  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -204,6 +204,8 @@ def _open(name: str) -> ctypes.CDLL | str:
                                    ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]  # fmt: skip
     lib.lb_decode_layer.restype = ctypes.c_int
     lib.lb_decode_layer.argtypes = [ctypes.POINTER(_LayerDesc), ptr, c64, ptr, ctypes.c_int]
+    lib.lb_rtn_affine.restype = ctypes.c_int
+    lib.lb_rtn_affine.argtypes = [ptr, i32, c64, c64, c64, i32, i32, f32, f32, i32, ptr, ptr, ptr, i32]
     lib.lb_linear_rows.restype = ctypes.c_int
     lib.lb_linear_rows.argtypes = [ctypes.POINTER(_Rows), ptr, c64, ptr, ctypes.c_int]
     lib.lb_dequant_rows.restype = ctypes.c_int
@@ -792,3 +794,43 @@ class DecodeLayer:
         if rc != 0:
             raise RuntimeError(f"lowbit CPU kernel rejected a decoder layer (code {rc})")
         return True
+
+
+_RTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def rtn_affine(w: torch.Tensor, scheme, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Round-to-nearest of ``w`` ``(N, K)`` (float32, bfloat16 or float16) under an affine,
+    grouped or per-channel ``scheme`` with float16 scales, fused in C (``lb_rtn_affine``):
+    ``(codes, scales (N, ng) float32, zero points (N, ng) float32 or None)``, the codes already
+    packed (:func:`lowbit.packing.pack`) for 2, 4 and 8 bits and ``(N, K)`` uint8 for 3 bits; bit
+    for bit what :func:`lowbit.primitives.choose_qparams` and :func:`~lowbit.primitives.quantize_codes`
+    give. ``None`` when it does not apply (no library, another format, a scale outside float16's
+    normal range: the caller runs the torch path). Raises ``ValueError`` (via
+    :func:`lowbit.primitives.check_finite`, naming ``name``) for NaN/Inf weights."""
+    from .. import packing
+
+    fmt = scheme.fmt
+    lib = load_library()
+    if (lib is None or fmt.kind != "affine" or scheme.per_tensor or scheme.is_cast or fmt.scale_dtype != torch.float16
+            or w.dim() != 2 or w.dtype not in _RTN_DTYPES or fmt.qmax > 255):  # fmt: skip
+        return None
+    w = w.contiguous()
+    n, k = w.shape
+    g = k if scheme.group_size is None else scheme.group_size
+    ng = -(-k // g) if k else 0
+    pack_bits = fmt.bits if fmt.bits in (2, 4) else 0
+    out = torch.empty(n, packing.packed_row_bytes(k, fmt.bits) if pack_bits else k, dtype=torch.uint8)
+    scales = torch.empty(n, ng, dtype=torch.float32)
+    zeros = None if scheme.symmetric else torch.empty(n, ng, dtype=torch.float32)
+    mode = 0 if not scheme.symmetric else (1 if fmt.sym_range == "full" else 2)
+    rc = lib.lb_rtn_affine(w.data_ptr(), _RTN_DTYPES[w.dtype], n, k, g, fmt.qmax, mode, float(fmt.sym_zero),
+                           float(fmt.sym_qmax), pack_bits, out.data_ptr(), scales.data_ptr(),
+                           zeros.data_ptr() if zeros is not None else None, torch.get_num_threads())  # fmt: skip
+    if rc == NONFINITE:
+        from ..primitives import check_finite
+
+        check_finite(w, name)  # raises, naming what is wrong
+    if rc != 0:
+        return None  # (1: a scale outside float16's normal range; -2: no memory) the torch path decides
+    return out, scales, zeros

@@ -624,3 +624,5 @@ refused: /* -3: a NaN or inf reached a projection's input; x is left as it came 
     memcpy(x, x0, sizeof(float) * D);
     return rc;
 }
+
+#include "quantize.h" /* lb_rtn_affine */

@@ -10,6 +10,7 @@
 #endif
 
 #define LB_ISA_NAME "portable"
+#define LB_NO_INTRINSICS /* quantize.h: its plain C loops, as on any CPU */
 #define TILE_M0 4
 
 /* Rows rb*16 .. +15 of the output for activation rows m .. m+MT-1 (int16 activations). */
