@@ -189,6 +189,21 @@ def _quantize_rows(algo, w: torch.Tensor, scheme, name: str, options: dict):
         return algo.quantize_weight(w, scheme, name=name, **options)
 
 
+def _read_ahead(ck: Checkpoint, layers: list[str]):
+    """``(layer, its stored weight)`` in order, the next layer's weight read from disk in a thread
+    while the caller quantizes this one (reads release the GIL): the disk and the CPU work at
+    once, for one more stored weight in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="lowbit-read") as pool:
+        nxt = pool.submit(ck.tensor, f"{layers[0]}.weight") if layers else None
+        for i, m in enumerate(layers):
+            w = nxt.result()
+            nxt = pool.submit(ck.tensor, f"{layers[i + 1]}.weight") if i + 1 < len(layers) else None
+            yield m, w
+            del w
+
+
 def _module_for(mod: nn.Module, prefix: str, ck: Checkpoint) -> nn.Module:
     """A copy of skeleton module ``mod`` (named ``prefix``) that a quantized module can be built
     from: its weight stays on the meta device (read and quantized separately), every other
@@ -204,14 +219,16 @@ def _module_for(mod: nn.Module, prefix: str, ck: Checkpoint) -> nn.Module:
 
 
 @torch.no_grad()
-def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme, algo, options: dict):
+def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme, algo, options: dict,
+                   weight: torch.Tensor | None = None):  # fmt: skip
     """Quantize planned layer ``mname`` (its skeleton module ``mod``) of checkpoint ``ck``: returns
-    its manifest entry and ``[(leaf name, tensor)]`` in the quantized module's state-dict order."""
+    its manifest entry and ``[(leaf name, tensor)]`` in the quantized module's state-dict order.
+    ``weight``: its stored weight, when already read (:func:`_read_ahead`)."""
     from .io.writer import module_entry
 
     real = _module_for(mod, mname, ck)
     with layer_errors(mname):
-        wt = ck.tensor(f"{mname}.weight")  # (out, in...) in the stored dtype
+        wt = ck.tensor(f"{mname}.weight") if weight is None else weight  # (out, in...) in the stored dtype
         src_dtype = wt.dtype
         if kind == "linear" and swappable.is_hf_conv1d(real):
             wt = wt.t()
@@ -466,8 +483,8 @@ def quantize_checkpoint(
         results = ray_layers(ray_address, str(ck.dir), [(m, planned[m][2], str(planned[m][3])) for m in layers],
                              method, algo_options, workers=ray_workers)  # fmt: skip
     else:
-        results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options)
-                   for m in layers)  # fmt: skip
+        results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options, weight=w)
+                   for m, w in _read_ahead(ck, layers))  # fmt: skip
     it = plan
     if progress:
         from tqdm.auto import tqdm

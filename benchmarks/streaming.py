@@ -1,0 +1,321 @@
+"""Issue 14's measurements: quantizing checkpoints larger than memory, layer by layer.
+
+Every measured run is its own process (``--child``), so its peak RSS (``VmHWM``, the whole process:
+interpreter, torch, buffers) is that run's alone; the page cache is dropped before each timed run
+when this runs as root, so every tool reads the checkpoint from disk. Results accumulate in
+``benchmarks/results/streaming.json`` keyed by run (a finished run is not repeated; ``--again``
+repeats it); ``benchmarks/report.py`` renders them into BENCHMARKS.md.
+
+Sections (``--sections``, in this order by default):
+
+* ``slice``: a checkpoint in Mistral-Small-24B's shapes with ``--slice-layers`` decoder layers (the
+  embedding and head, 2 x 1.3 GB, plus 0.9 GB per layer, bf16), quantized to w4g128 by lowbit
+  (``rtn``, streamed) and the same tensors, written as a bf16 GGUF, by llama.cpp's own quantizer
+  (``llama_model_quantize`` via llama-cpp-python, Q4_0: also 4-bit, groups of 32, fp16 scales;
+  ``benchmarks/peer_llamacpp_quantize.py``; its default mix, which puts the head in Q6_K, and
+  ``--pure``), 2 threads each: throughput side by side (lowbit's default keeps the embedding and
+  head in bf16 and copies them; llama.cpp quantizes them). Then ``hqq``
+  streamed on a 1-layer slice (its peak; its speed is stated, not hidden).
+* ``big``: the whole 24B-shaped checkpoint (47 GB of bf16, twice this machine's RAM) streamed with
+  rtn w4g128; the result loaded (peak RSS against the file size) and generating 16 tokens.
+* ``calibrated``: a checkpoint in TinyLlama-1.1B's shapes streamed with gptq and awq (w4g128,
+  16 x 512 calibration tokens, random ids: the weights are random too) against the in-memory path.
+* ``identity``: SmolLM2-135M (float32 checkpoint) streamed and in memory, for rtn, hqq, gptq and awq:
+  the output files compared byte for byte.
+* ``ray``: a 4-layer 1.1B-shaped checkpoint, rtn w4g128, in one process and on a local Ray cluster
+  with 1 and 2 workers: time and identical bytes.
+
+    python benchmarks/streaming.py [--sections slice big ...] [--work DIR] [--again]
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "streaming.json"
+SECTIONS = ("slice", "big", "calibrated", "identity", "ray")
+PEER = sys.executable  # an interpreter with llama_cpp and gguf (the dev extra installs both)
+
+
+# ---- children: one measured run each, printing one JSON line ---------------------------------
+def _vmhwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _calibration(vocab: int, n: int, seqlen: int, seed: int = 0) -> list:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def child_quantize(a: dict) -> dict:
+    """Quantize a checkpoint directory, streamed or in memory; peak RSS and seconds."""
+    import torch
+
+    import lowbit
+    from lowbit.checkpoint import quantize_checkpoint
+
+    torch.set_num_threads(a.get("threads", 2))
+    opts = {}
+    if a["method"] in ("gptq", "awq", "awq+gptq"):
+        cfg = json.loads((Path(a["src"]) / "config.json").read_text())
+        opts["calibration"] = _calibration(cfg["vocab_size"], a["nsamples"], a["seqlen"])
+    t0 = time.perf_counter()
+    if a["stream"]:
+        quantize_checkpoint(a["src"], a["spec"], a["out"], method=a["method"], max_shard_bytes=a["shard_bytes"], **opts)
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.float32)
+        model.lowbit_source = a["src"]
+        lowbit.quantize(model, a["spec"], method=a["method"], **opts)
+        lowbit.save(model, a["out"], max_shard_bytes=a["shard_bytes"])
+    secs = time.perf_counter() - t0
+    out = sum(p.stat().st_size for p in Path(a["out"]).glob("*.safetensors"))
+    return {"seconds": round(secs, 2), "peak_rss_mib": round(_vmhwm_mib(), 1), "out_bytes": out}
+
+
+def child_load(a: dict) -> dict:
+    """Load a lowbit directory and greedily generate tokens: peak RSS against the file size."""
+    import torch
+
+    import lowbit
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    model = lowbit.load(a["dir"])
+    t1 = time.perf_counter()
+    ids = torch.tensor([[1, 450, 4996, 310, 278, 3303]])
+    with torch.no_grad():
+        out = lowbit.generate(model, ids, a["tokens"], temperature=0.0, eos_token_id=[])
+    t2 = time.perf_counter()
+    new = out.shape[1] - ids.shape[1]
+    file_bytes = sum(p.stat().st_size for p in Path(a["dir"]).glob("*.safetensors"))
+    return {"load_seconds": round(t1 - t0, 2), "generate_seconds": round(t2 - t1, 2), "tokens": int(new),
+            "peak_rss_mib": round(_vmhwm_mib(), 1), "file_bytes": file_bytes}  # fmt: skip
+
+
+def child_ray(a: dict) -> dict:
+    import ray
+    import torch
+
+    from lowbit.checkpoint import quantize_checkpoint
+
+    torch.set_num_threads(1)
+    ray.init(num_cpus=a["workers"], include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        quantize_checkpoint(a["src"], a["spec"], a["out"], method="rtn", ray_address="auto", ray_workers=a["workers"])
+        secs = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"seconds": round(secs, 2), "peak_rss_mib_driver": round(_vmhwm_mib(), 1)}
+
+
+CHILDREN = {"quantize": child_quantize, "load": child_load, "ray": child_ray}
+
+
+# ---- the parent ----------------------------------------------------------------------------------
+def _drop_caches() -> bool:
+    if os.geteuid() != 0:
+        return False
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _run(job: str, args: dict, python: str = sys.executable, timeout: int = 7200) -> dict:
+    cold = _drop_caches()
+    p = subprocess.run([python, __file__, "--child", job, json.dumps(args)], capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"{job} {args} failed:\n{p.stderr[-3000:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["cold_cache"] = cold
+    return out
+
+
+def _peer(args: list[str], python: str) -> dict:
+    cold = _drop_caches()
+    p = subprocess.run([python, str(HERE / "peer_llamacpp_quantize.py"), *args], capture_output=True, text=True,
+                       timeout=7200)  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"llama.cpp quantizer failed:\n{p.stderr[-3000:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["cold_cache"] = cold
+    return out
+
+
+def _checkpoint(path: Path, shapes: str, layers: int | None, dtype: str = "bfloat16") -> Path:
+    if not (path / "config.json").is_file():
+        cmd = [sys.executable, str(HERE / "make_checkpoint.py"), str(path), "--shapes", shapes, "--dtype", dtype,
+               "--shard-gb", "4"] + (["--layers", str(layers)] if layers is not None else [])  # fmt: skip
+        subprocess.run(cmd, check=True)
+    return path
+
+
+def _bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+
+def _cpu() -> str:
+    from lowbit.kernels import cpu
+
+    return cpu.isa()
+
+
+class Book:
+    """results/streaming.json: finished runs by key."""
+
+    def __init__(self, again: bool, path: Path = RESULTS):
+        self.again, self.path = again, path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, fn) -> dict:
+        if key in self.data and not self.again:
+            return self.data[key]
+        print(f"  {key} ...", flush=True)
+        self.data[key] = fn()
+        self.data[key]["isa"] = _cpu()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.replace(self.path)
+        print(f"  {key}: {self.data[key]}", flush=True)
+        return self.data[key]
+
+
+def section_slice(book: Book, work: Path, layers: int, peer_python: str) -> None:
+    src = _checkpoint(work / f"m24b-{layers}L", "mistral-24b", layers)
+    n = _bytes(src)
+    key = f"slice/mistral-24b-{layers}L"
+    lb = book.get(f"{key}/lowbit-rtn-w4g128", lambda: _run("quantize", {
+        "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128", "method": "rtn", "stream": True,
+        "shard_bytes": 1 << 30}))  # fmt: skip
+    lb.setdefault("input_bytes", n)
+    gguf = work / f"m24b-{layers}L.bf16.gguf"
+    if not gguf.is_file():
+        _peer(["--write-gguf", str(gguf), str(src)], peer_python)
+    for pure in (False, True):  # llama.cpp's own Q4_0 mix (head in Q6_K), and every 2-D weight in Q4_0
+        book.get(f"{key}/llamacpp-Q4_0{'-pure' if pure else ''}", lambda p=pure: _peer(
+            ["--quantize", str(gguf), str(work / "q-slice.gguf"), "--type", "Q4_0", "--threads", "2"]
+            + (["--pure"] if p else []), peer_python))  # fmt: skip
+        (work / "q-slice.gguf").unlink(missing_ok=True)
+    gguf.unlink(missing_ok=True)
+    shutil.rmtree(work / "q-slice", ignore_errors=True)
+    one = _checkpoint(work / "m24b-1L", "mistral-24b", 1)
+    book.get("slice/mistral-24b-1L/lowbit-hqq-w4g128", lambda: _run("quantize", {
+        "src": str(one), "out": str(work / "q-hqq"), "spec": "w4g128", "method": "hqq", "stream": True,
+        "shard_bytes": 1 << 30}, timeout=6 * 3600))  # fmt: skip
+    shutil.rmtree(work / "q-hqq", ignore_errors=True)
+
+
+def section_big(book: Book, work: Path) -> None:
+    src = work / "m24b"
+    if "big/mistral-24b/lowbit-rtn-w4g128" not in book.data or book.again:
+        _checkpoint(src, "mistral-24b", None)
+    out = work / "q-big"
+    r = book.get("big/mistral-24b/lowbit-rtn-w4g128", lambda: {**_run("quantize", {
+        "src": str(src), "out": str(out), "spec": "w4g128", "method": "rtn", "stream": True,
+        "shard_bytes": 1 << 30}), "input_bytes": _bytes(src)})  # fmt: skip
+    del r
+    shutil.rmtree(src, ignore_errors=True)  # 47 GB: gone before the load test needs the disk cache
+    if out.is_dir():
+        book.get("big/mistral-24b/load-generate", lambda: _run("load", {"dir": str(out), "tokens": 16}))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def section_calibrated(book: Book, work: Path) -> None:
+    src = _checkpoint(work / "tl1b", "tinyllama-1.1b", None)
+    for method, stream in (("gptq", True), ("awq", True), ("gptq", False)):
+        way = "streamed" if stream else "in-memory"
+        book.get(f"calibrated/tinyllama-1.1b/{method}-w4g128/{way}", lambda m=method, s=stream: {**_run("quantize", {
+            "src": str(src), "out": str(work / "q-cal"), "spec": "w4g128", "method": m, "stream": s,
+            "shard_bytes": 1 << 30, "nsamples": 16, "seqlen": 512}), "input_bytes": _bytes(src)})  # fmt: skip
+        shutil.rmtree(work / "q-cal", ignore_errors=True)
+
+
+def section_identity(book: Book, work: Path) -> None:
+    src = work / "smollm2-fp32"
+    if not (src / "config.json").is_file():
+        from lowbit.models.zoo import load_model
+
+        zm = load_model("smollm2-135m")
+        zm.model.save_pretrained(src, max_shard_size="200MB")
+        zm.tokenizer.save_pretrained(src)
+    for method in ("rtn", "hqq", "gptq", "awq"):
+        def both(m=method) -> dict:
+            runs = {}
+            for stream in (True, False):
+                runs["streamed" if stream else "in-memory"] = _run("quantize", {
+                    "src": str(src), "out": str(work / f"q-id-{stream}"), "spec": "w4g64", "method": m,
+                    "stream": stream, "shard_bytes": 100 << 20, "nsamples": 16, "seqlen": 512})  # fmt: skip
+            a, b = work / "q-id-True", work / "q-id-False"
+            files = sorted(p.name for p in a.iterdir())
+            same = files == sorted(p.name for p in b.iterdir()) and all(
+                filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+            shutil.rmtree(a), shutil.rmtree(b)
+            return {"identical_bytes": same, "files": len(files), **runs}
+
+        book.get(f"identity/smollm2-135m/{method}-w4g64", both)
+
+
+def section_ray(book: Book, work: Path) -> None:
+    src = _checkpoint(work / "tl1b-4L", "tinyllama-1.1b", 4)
+    base = book.get("ray/tinyllama-4L/one-process", lambda: _run("quantize", {
+        "src": str(src), "out": str(work / "q-ray-0"), "spec": "w4g128", "method": "rtn", "stream": True,
+        "shard_bytes": 1 << 30, "threads": 1}))  # fmt: skip
+    del base
+    for n in (1, 2):
+        def go(n=n) -> dict:
+            r = _run("ray", {"src": str(src), "out": str(work / f"q-ray-{n}"), "spec": "w4g128", "workers": n})
+            a, b = work / "q-ray-0", work / f"q-ray-{n}"
+            files = sorted(p.name for p in a.iterdir()) if a.is_dir() else []
+            r["identical_bytes"] = bool(files) and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+            return r
+
+        book.get(f"ray/tinyllama-4L/ray-{n}-workers", go)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, metavar=("JOB", "ARGS"), help=argparse.SUPPRESS)
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lowbit-streaming"),
+                    help="scratch directory for the synthetic checkpoints (tens of GB; removed as it goes)")
+    ap.add_argument("--slice-layers", type=int, default=4)
+    ap.add_argument("--peer-python", default=PEER, help="interpreter with llama_cpp and gguf installed")
+    ap.add_argument("--again", action="store_true", help="repeat runs already in the results")
+    ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)  # (smoke tests)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(CHILDREN[a.child[0]](json.loads(a.child[1]))))
+        return
+    a.work.mkdir(parents=True, exist_ok=True)
+    book = Book(a.again, a.results)
+    for s in a.sections:
+        print(f"section {s}", flush=True)
+        if s == "slice":
+            section_slice(book, a.work, a.slice_layers, a.peer_python)
+        else:
+            globals()[f"section_{s}"](book, a.work)
+
+
+if __name__ == "__main__":
+    main()
