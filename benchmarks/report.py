@@ -673,6 +673,77 @@ def _qat_mobilenet(res: dict | None) -> list[str]:
     ]
 
 
+def _streaming(res: dict) -> str:
+    """Issue 14: benchmarks/streaming.py's runs (each its own process; peak RSS is the process's VmHWM)."""
+    def gb(b):
+        return f"{b / 1e9:.2f} GB"
+
+    def mib(x):
+        return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
+
+    lines = ["## Larger than memory: streamed quantization (issue 14)", "",
+             "Command: `python benchmarks/streaming.py` (sections slice, big, calibrated, identity, ray). Every run "
+             "is its own process; peak RSS is that process's VmHWM (interpreter and torch included); the page "
+             "cache is dropped before each run, so the checkpoint is read from disk. Synthetic checkpoints "
+             "(`benchmarks/make_checkpoint.py`: random bf16 weights in the real models' shapes) are removed "
+             "afterwards."]  # fmt: skip
+    isa = next((r.get("isa") for r in res.values() if isinstance(r, dict) and r.get("isa")), "?")
+    lines[-1] += f" lowbit's CPU kernels: {isa}; 2 threads."
+    rows = []
+    for key, r in res.items():
+        if not key.startswith(("slice/", "big/")) or "seconds" not in r:
+            continue
+        inp = r.get("input_bytes")
+        rate = f"{inp / 1e9 / r['seconds']:.2f}" if inp else "-"
+        peak = r.get("peak_rss_mib")
+        extra = ""
+        if "rss_anon_peak_mib" in r:
+            extra = f" (anonymous {mib(r['rss_anon_peak_mib'])}, file pages {mib(r.get('rss_file_peak_mib', 0))})"
+        rows.append([key.split("/")[1], key.split("/")[2], gb(inp) if inp else "-", gb(r.get("out_bytes") or
+                     r.get("output_bytes") or 0), f"{r['seconds']:.1f}", rate, (mib(peak) if peak else "-") + extra])  # fmt: skip
+    if rows:
+        lines += ["", "Quantizing (lowbit streamed vs llama.cpp's quantizer on the same tensors as a bf16 GGUF):", "",
+                  markdown_table(["checkpoint", "tool / method", "input", "output", "seconds", "input GB/s",
+                                  "peak RSS"], rows)]  # fmt: skip
+        for key, r in res.items():
+            if key.startswith("slice/") and key.endswith("lowbit-rtn-w4g128"):
+                base = key.rsplit("/", 1)[0]
+                for peer in ("llamacpp-Q4_0", "llamacpp-Q4_0-pure"):
+                    p = res.get(f"{base}/{peer}")
+                    if p:
+                        lines.append(f"\nlowbit rtn throughput / llama.cpp {peer.split('-', 1)[1]}: "
+                                     f"**{(r['input_bytes'] / r['seconds']) / (p['input_bytes'] / p['seconds']):.2f}x**")  # fmt: skip
+    load = res.get("big/mistral-24b/load-generate")
+    if load:
+        lines += ["", f"Loading the 24B-shaped result (`lowbit.load`, then 16 greedy tokens): file {gb(load['file_bytes'])}, "
+                  f"peak RSS {mib(load['peak_rss_mib'])} ({load['peak_rss_mib'] * 2**20 / load['file_bytes']:.2f}x the "
+                  f"file), load {load['load_seconds']:.0f} s, {load['tokens']} tokens in {load['generate_seconds']:.1f} s."]  # fmt: skip
+    cal = [(k, r) for k, r in res.items() if k.startswith("calibrated/")]
+    if cal:
+        lines += ["", "Calibrated methods on a TinyLlama-1.1B-shaped checkpoint (bf16, 2.2 GB; 16 x 512 calibration tokens):",
+                  "", markdown_table(["method", "path", "seconds", "peak RSS"],
+                                     [[k.split("/")[2], k.split("/")[3], f"{r['seconds']:.0f}", mib(r["peak_rss_mib"])]
+                                      for k, r in cal])]  # fmt: skip
+    ident = [(k, r) for k, r in res.items() if k.startswith("identity/")]
+    if ident:
+        lines += ["", "SmolLM2-135M (float32 checkpoint), streamed vs in memory, w4g64:", "",
+                  markdown_table(["method", "identical bytes", "streamed s / peak", "in-memory s / peak"],
+                                 [[k.split("/")[2], "yes" if r["identical_bytes"] else "**no**",
+                                   f"{r['streamed']['seconds']:.0f} / {mib(r['streamed']['peak_rss_mib'])}",
+                                   f"{r['in-memory']['seconds']:.0f} / {mib(r['in-memory']['peak_rss_mib'])}"]
+                                  for k, r in ident])]  # fmt: skip
+    ray = [(k, r) for k, r in res.items() if k.startswith("ray/")]
+    if ray:
+        lines += ["", "Ray (4-layer TinyLlama-shaped checkpoint, rtn w4g128, a local cluster on this 2-core machine: "
+                  "Ray's own processes and start-up compete for the same cores, so this shows correctness and overhead, "
+                  "not scaling):", "",
+                  markdown_table(["run", "seconds", "identical bytes"],
+                                 [[k.split("/")[2], f"{r['seconds']:.1f}",
+                                   "-" if "identical_bytes" not in r else ("yes" if r["identical_bytes"] else "**no**")]
+                                  for k, r in ray])]  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -686,7 +757,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
                          ("sym_range", _sym_range), ("domains", _domains),
-                         ("domains_minilm", _domains_minilm)):  # fmt: skip
+                         ("domains_minilm", _domains_minilm), ("streaming", _streaming)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "domains":

@@ -480,8 +480,8 @@ def quantize_checkpoint(
     if ray_address is not None:
         from .distributed import ray_layers
 
-        results = ray_layers(ray_address, str(ck.dir), [(m, planned[m][2], str(planned[m][3])) for m in layers],
-                             method, algo_options, workers=ray_workers)  # fmt: skip
+        results = ray_layers(ray_address, str(ck.dir), [(m, planned[m][1], planned[m][2], str(planned[m][3]))
+                                                         for m in layers], method, algo_options, workers=ray_workers)  # fmt: skip
     else:
         results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options, weight=w)
                    for m, w in _read_ahead(ck, layers))  # fmt: skip

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 __all__ = ["ray_layers", "RayError"]
 
-_WORKER_CACHE: dict = {}  # per worker process: checkpoint path -> (Checkpoint, meta skeleton modules)
+_WORKER_CACHE: dict = {}  # per worker process: checkpoint path -> Checkpoint
 
 
 class RayError(RuntimeError):
@@ -47,26 +47,26 @@ def _connect(address: str) -> None:
         raise RayError(f"cannot join the Ray cluster at {address!r}: {e}") from None
 
 
-def _layer_task(src: str, mname: str, kind: str, scheme: str, method: str, options: dict):
+def _layer_task(src: str, mname: str, mod, kind: str, scheme: str, method: str, options: dict):
     import torch
 
     from .algorithms import get_algorithm
-    from .checkpoint import Checkpoint, quantize_layer, skeleton
+    from .checkpoint import Checkpoint, quantize_layer
     from .scheme import parse_scheme
 
     torch.set_num_threads(1)  # one task per CPU: Ray schedules the parallelism
-    if src not in _WORKER_CACHE:
-        ck = Checkpoint(src)
-        _WORKER_CACHE[src] = (ck, dict(skeleton(ck).named_modules()))
-    ck, modules = _WORKER_CACHE[src]
-    return quantize_layer(ck, mname, modules[mname], kind, parse_scheme(scheme), get_algorithm(method), options)
+    if src not in _WORKER_CACHE:  # (the header of every shard, read once per worker)
+        _WORKER_CACHE[src] = Checkpoint(src)
+    return quantize_layer(_WORKER_CACHE[src], mname, mod, kind, parse_scheme(scheme), get_algorithm(method), options)
 
 
-def ray_layers(address: str, src: str, layers: list[tuple[str, str, str]], method: str, options: dict, *,
+def ray_layers(address: str, src: str, layers: list[tuple], method: str, options: dict, *,
                workers: int | None = None) -> Iterator:  # fmt: skip
-    """Results of :func:`lowbit.checkpoint.quantize_layer` for ``layers`` ``[(name, kind, scheme)]``
-    computed on the Ray cluster at ``address``, yielded in order, with at most ``workers`` (default:
-    the cluster's CPUs) tasks in flight. Raises :class:`RayError` (no Ray, no answer)."""
+    """Results of :func:`lowbit.checkpoint.quantize_layer` for ``layers`` ``[(name, skeleton module,
+    kind, scheme)]`` computed on the Ray cluster at ``address``, yielded in order, with at most
+    ``workers`` (default: the cluster's CPUs) tasks in flight. Each task carries its layer's module
+    on the meta device (a few hundred bytes), so workers never build the model's skeleton (nor
+    import transformers). Raises :class:`RayError` (no Ray, no answer)."""
     _connect(address)
     import ray
 
@@ -76,8 +76,8 @@ def ray_layers(address: str, src: str, layers: list[tuple[str, str, str]], metho
     todo = iter(layers)
 
     def submit() -> None:
-        for name, kind, scheme in todo:
-            pending.append(task.remote(src, name, kind, scheme, method, options))
+        for name, mod, kind, scheme in todo:
+            pending.append(task.remote(src, name, mod, kind, scheme, method, options))
             if len(pending) >= window:
                 return
 
