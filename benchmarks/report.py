@@ -713,11 +713,12 @@ def _streaming(res: dict) -> str:
                     if p:
                         lines.append(f"\nlowbit rtn throughput / llama.cpp {peer.split('-', 1)[1]}: "
                                      f"**{(r['input_bytes'] / r['seconds']) / (p['input_bytes'] / p['seconds']):.2f}x**")  # fmt: skip
-    load = res.get("big/mistral-24b/load-generate")
-    if load:
-        lines += ["", f"Loading the 24B-shaped result (`lowbit.load`, then 16 greedy tokens): file {gb(load['file_bytes'])}, "
-                  f"peak RSS {mib(load['peak_rss_mib'])} ({load['peak_rss_mib'] * 2**20 / load['file_bytes']:.2f}x the "
-                  f"file), load {load['load_seconds']:.0f} s, {load['tokens']} tokens in {load['generate_seconds']:.1f} s."]  # fmt: skip
+    for key, load in res.items():
+        if key.startswith("big/mistral-24b/load-generate"):
+            lines += ["", f"Loading the 24B-shaped result {key.rsplit('-', 1)[-1] if key.count('-') > 2 else ''} "
+                      f"(`lowbit.load`, then 16 greedy tokens): file {gb(load['file_bytes'])}, peak RSS "
+                      f"{mib(load['peak_rss_mib'])} (file + {(load['peak_rss_mib'] * 2**20 - load['file_bytes']) / 2**30:.2f} "
+                      f"GiB), load {load['load_seconds']:.0f} s, {load['tokens']} tokens in {load['generate_seconds']:.1f} s."]  # fmt: skip
     cal = [(k, r) for k, r in res.items() if k.startswith("calibrated/")]
     if cal:
         lines += ["", "Calibrated methods on a TinyLlama-1.1B-shaped checkpoint (bf16, 2.2 GB; 16 x 512 calibration tokens):",

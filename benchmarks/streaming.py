@@ -14,10 +14,11 @@ Sections (``--sections``, in this order by default):
   (``llama_model_quantize`` via llama-cpp-python, Q4_0: also 4-bit, groups of 32, fp16 scales;
   ``benchmarks/peer_llamacpp_quantize.py``; its default mix, which puts the head in Q6_K, and
   ``--pure``), 2 threads each: throughput side by side (lowbit's default keeps the embedding and
-  head in bf16 and copies them; llama.cpp quantizes them). Then ``hqq``
-  streamed on a 1-layer slice (its peak; its speed is stated, not hidden).
+  head in bf16 and copies them; llama.cpp quantizes them; ``-all`` quantizes them too).
+* ``hqq``: ``hqq`` streamed on a 1-layer slice (its peak; its speed is stated, not hidden).
 * ``big``: the whole 24B-shaped checkpoint (47 GB of bf16, twice this machine's RAM) streamed with
-  rtn w4g128; the result loaded (peak RSS against the file size) and generating 16 tokens.
+  rtn w4g128 (embedding and head kept in bf16, the default; and both in int8); each result loaded
+  (peak RSS against the file size) and generating 16 tokens.
 * ``calibrated``: a checkpoint in TinyLlama-1.1B's shapes streamed with gptq and awq (w4g128,
   16 x 512 calibration tokens, random ids: the weights are random too) against the in-memory path.
 * ``identity``: SmolLM2-135M (float32 checkpoint) streamed and in memory, for rtn, hqq, gptq and awq:
@@ -42,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "streaming.json"
-SECTIONS = ("slice", "big", "calibrated", "identity", "ray")
+SECTIONS = ("slice", "big", "calibrated", "identity", "ray", "hqq")
 PEER = sys.executable  # an interpreter with llama_cpp and gguf (the dev extra installs both)
 
 
@@ -74,14 +75,19 @@ def child_quantize(a: dict) -> dict:
         cfg = json.loads((Path(a["src"]) / "config.json").read_text())
         opts["calibration"] = _calibration(cfg["vocab_size"], a["nsamples"], a["seqlen"])
     t0 = time.perf_counter()
+    spec = a["spec"]
+    if spec.endswith("-all"):  # the scheme for every linear layer and embedding, the head included
+        spec = lowbit.Recipe(lowbit.parse_scheme(spec[:-4])).add("*embed_tokens", spec[:-4]).add("lm_head", spec[:-4])
+    elif spec.endswith("-head8"):  # the embedding and head in int8 (per channel) instead of kept in bf16
+        spec = lowbit.Recipe(lowbit.parse_scheme(spec[:-6])).add("*embed_tokens", "int8").add("lm_head", "int8")
     if a["stream"]:
-        quantize_checkpoint(a["src"], a["spec"], a["out"], method=a["method"], max_shard_bytes=a["shard_bytes"], **opts)
+        quantize_checkpoint(a["src"], spec, a["out"], method=a["method"], max_shard_bytes=a["shard_bytes"], **opts)
     else:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.float32)
         model.lowbit_source = a["src"]
-        lowbit.quantize(model, a["spec"], method=a["method"], **opts)
+        lowbit.quantize(model, spec, method=a["method"], **opts)
         lowbit.save(model, a["out"], max_shard_bytes=a["shard_bytes"])
     secs = time.perf_counter() - t0
     out = sum(p.stat().st_size for p in Path(a["out"]).glob("*.safetensors"))
@@ -219,26 +225,42 @@ def section_slice(book: Book, work: Path, layers: int, peer_python: str) -> None
         (work / "q-slice.gguf").unlink(missing_ok=True)
     gguf.unlink(missing_ok=True)
     shutil.rmtree(work / "q-slice", ignore_errors=True)
+    # every linear layer in 4 bits, the embedding and head too: the closest to llama.cpp's --pure
+    book.get(f"{key}/lowbit-rtn-w4g128-all", lambda: {**_run("quantize", {
+        "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128-all", "method": "rtn", "stream": True,
+        "shard_bytes": 1 << 30}), "input_bytes": n})  # fmt: skip
+    shutil.rmtree(work / "q-slice", ignore_errors=True)
+
+
+def section_hqq(book: Book, work: Path) -> None:
+    """HQQ streamed on one 24B-shaped layer: its peak memory (its speed is what it is: 20 iterations
+    of an l_p shrinkage per group in torch)."""
     one = _checkpoint(work / "m24b-1L", "mistral-24b", 1)
-    book.get("slice/mistral-24b-1L/lowbit-hqq-w4g128", lambda: _run("quantize", {
+    book.get("slice/mistral-24b-1L/lowbit-hqq-w4g128", lambda: {**_run("quantize", {
         "src": str(one), "out": str(work / "q-hqq"), "spec": "w4g128", "method": "hqq", "stream": True,
-        "shard_bytes": 1 << 30}, timeout=6 * 3600))  # fmt: skip
+        "shard_bytes": 1 << 30}, timeout=6 * 3600), "input_bytes": _bytes(one)})  # fmt: skip
     shutil.rmtree(work / "q-hqq", ignore_errors=True)
 
 
 def section_big(book: Book, work: Path) -> None:
+    """The whole 24B-shaped checkpoint: the default (embedding and head kept in bf16) and with the
+    embedding and head in int8 too; each result loaded and generating."""
     src = work / "m24b"
-    if "big/mistral-24b/lowbit-rtn-w4g128" not in book.data or book.again:
+    variants = (("w4g128", "default"), ("w4g128-head8", "embedding and head int8"))
+    todo = [v for v, _ in variants if f"big/mistral-24b/lowbit-rtn-{v}" not in book.data or book.again]
+    if todo:
         _checkpoint(src, "mistral-24b", None)
-    out = work / "q-big"
-    r = book.get("big/mistral-24b/lowbit-rtn-w4g128", lambda: {**_run("quantize", {
-        "src": str(src), "out": str(out), "spec": "w4g128", "method": "rtn", "stream": True,
-        "shard_bytes": 1 << 30}), "input_bytes": _bytes(src)})  # fmt: skip
-    del r
-    shutil.rmtree(src, ignore_errors=True)  # 47 GB: gone before the load test needs the disk cache
-    if out.is_dir():
-        book.get("big/mistral-24b/load-generate", lambda: _run("load", {"dir": str(out), "tokens": 16}))
-    shutil.rmtree(out, ignore_errors=True)
+    for v, _ in variants:
+        out = work / f"q-big-{v}"
+        book.get(f"big/mistral-24b/lowbit-rtn-{v}", lambda v=v, out=out: {**_run("quantize", {
+            "src": str(src), "out": str(out), "spec": v, "method": "rtn", "stream": True,
+            "shard_bytes": 1 << 30}), "input_bytes": _bytes(src)})  # fmt: skip
+    shutil.rmtree(src, ignore_errors=True)  # 47 GB
+    for v, _ in variants:
+        out = work / f"q-big-{v}"
+        if out.is_dir():
+            book.get(f"big/mistral-24b/load-generate-{v}", lambda out=out: _run("load", {"dir": str(out), "tokens": 16}))
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def section_calibrated(book: Book, work: Path) -> None:

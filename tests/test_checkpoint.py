@@ -3,6 +3,7 @@ in-memory path, source dtypes kept, bounded memory, and one clear error per bad 
 
 import filecmp
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -213,6 +214,51 @@ def test_an_interrupted_run_keeps_the_old_output_and_reruns_cleanly(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
     quantize_checkpoint(src, "w8g32", out)
     assert read_manifest(out)["modules"]["model.layers.2.self_attn.o_proj"]["scheme"] == "w8g32"
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_old_output(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    src = _checkpoint(tmp_path / "src")
+    out = quantize_checkpoint(src, "w4g32", tmp_path / "q", max_shard_bytes=50_000)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = safetensors.torch.save_file, []
+
+    def full(tensors, path, metadata=None):  # the disk fills up while the third shard is written
+        calls.append(path)
+        if len(calls) == 3:
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"writing shard 3 .* failed after .* MB of shards: .*No space left") as e:
+        quantize_checkpoint(src, "w8g32", tmp_path / "q", max_shard_bytes=50_000)
+    assert e.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]  # no temporary directory left behind
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_tmpfs(tmp_path):
+    """The same on a real filesystem that runs out of space (a 1 MiB tmpfs)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (no privilege in this container)")
+    try:
+        src = _checkpoint(tmp_path / "src", layers=4, hidden=128, inter=256)
+        out = quantize_checkpoint(src, "w2g32", mnt / "q", max_shard_bytes=100_000)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(OSError, match="failed after") as e:
+            quantize_checkpoint(src, "w8g32", mnt / "q", max_shard_bytes=100_000)
+        assert e.value.errno in (28, 122)  # ENOSPC (or EDQUOT)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert [p.name for p in mnt.iterdir()] == ["q"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_nan_weights_are_refused(tmp_path):

@@ -36,7 +36,7 @@ from torch import nn
 from . import swappable
 from .algorithms import get_algorithm
 from .driver import LayerRecord, QuantizeError, _plan, _set_module, _swap, layer_errors
-from .io.shards import DEFAULT_SHARD_BYTES, read_tensors
+from .io.shards import DEFAULT_SHARD_BYTES, DTYPES, read_header, read_tensors, shard_name
 from .io.writer import ModelWriter
 from .memory import trim
 from .nn import QuantModule
@@ -46,8 +46,7 @@ from .recipe import Recipe
 __all__ = ["Checkpoint", "CheckpointError", "BlockStream", "skeleton", "quantize_checkpoint", "tokenizer_of"]
 
 INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SINGLE = shard_name(1, 1)  # model.safetensors
 
 
 class CheckpointError(ValueError):
@@ -87,7 +86,8 @@ class Checkpoint:
                 + (f"; {', '.join(pickled[:3])} are pickle files, which lowbit never loads: convert them to safetensors"
                    if pickled else "")  # fmt: skip
             )
-        self.info: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+        self.info: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # name -> (file, safetensors dtype, shape)
+        self._headers: dict[str, tuple[int, dict]] = {}  # file -> read_header(), kept once read
         self.nbytes = 0
         for fname in files:
             f = self.dir / fname
@@ -113,7 +113,8 @@ class Checkpoint:
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The tensor's torch dtype if it is a float (BF16/F16/F32), else None."""
-        return _FLOATS.get(self.info[name][1])
+        t = DTYPES.get(self.info[name][1])
+        return t if t in (torch.bfloat16, torch.float16, torch.float32) else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info[name][2]
@@ -123,7 +124,10 @@ class Checkpoint:
         :func:`lowbit.io.shards.read_tensors`)."""
         if name not in self.info:
             raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
-        return read_tensors(self.dir / self.info[name][0], {name})[name]
+        fname = self.info[name][0]
+        if fname not in self._headers:
+            self._headers[fname] = read_header(self.dir / fname)
+        return read_tensors(self.dir / fname, {name}, header=self._headers[fname])[name]
 
 
 def skeleton(ck: Checkpoint) -> nn.Module:

@@ -15,6 +15,7 @@ no fixed order, and equal models must give equal bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "read_tensors",
-           "DEFAULT_SHARD_BYTES"]
+           "read_header", "DTYPES", "DEFAULT_SHARD_BYTES"]
 
 _FIXED = 8 + 256  # header length field, the metadata entry, padding
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: a shard is buffered whole, and the streaming peak includes it
@@ -61,35 +62,42 @@ def modules_digest(entries: dict) -> str:
 
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format description)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
 
 
-def read_tensors(path: str | os.PathLike, names=None) -> dict[str, torch.Tensor]:
+def read_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """``(offset of the data, header dict)`` of a safetensors file (see :func:`read_tensors`)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def read_tensors(path: str | os.PathLike, names=None, header: tuple[int, dict] | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (all, or those in ``names``) read with plain file reads into
     memory of their own: no memory map, so nothing stays resident but the tensors themselves
     (a mapping keeps every page read resident while any tensor of the file lives).
+    ``header``: the file's :func:`read_header`, when the caller keeps it (reading one tensor at a
+    time, a large file's header is not parsed again for each).
 
     The file must already have been opened once with ``safetensors.safe_open``, which validates
     the header (offsets inside the file, no overlaps); raises ``ValueError`` for a dtype this
     reader does not know and ``OSError`` for a short read."""
     out: dict[str, torch.Tensor] = {}
+    base, header = header if header is not None else read_header(path)
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        base = 8 + n
         for name, e in header.items():
             if name == "__metadata__" or (names is not None and name not in names):
                 continue
-            if e["dtype"] not in _DTYPES:
+            if e["dtype"] not in DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which lowbit does not read")
             lo, hi = e["data_offsets"]
             buf = torch.empty(hi - lo, dtype=torch.uint8)
             f.seek(base + lo)
             if hi > lo and f.readinto(memoryview(buf.numpy())) != hi - lo:
                 raise OSError(f"{path}: short read of tensor {name!r}")
-            out[name] = buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+            out[name] = buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
     return out
 
 
@@ -130,7 +138,15 @@ class ShardWriter:
 
         path = self.dir / f".shard-{len(self._done) + 1:05d}.tmp"
         mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
-        save_file(self._pending, str(path), metadata={"lowbit_modules_sha256": modules_digest(mods)})
+        try:
+            save_file(self._pending, str(path), metadata={"lowbit_modules_sha256": modules_digest(mods)})
+        except Exception as e:  # a full disk, a quota, an I/O error: say which file and how far it got
+            if isinstance(e, (MemoryError, KeyboardInterrupt)):
+                raise
+            written = sum(p.stat().st_size for p, _ in self._done)
+            raise OSError(getattr(e, "errno", None) or errno.EIO,
+                          f"writing shard {len(self._done) + 1} ({self._pending_bytes / 1e6:.1f} MB) in {self.dir} failed "
+                          f"after {written / 1e6:.1f} MB of shards: {e}") from e  # fmt: skip
         self._done.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, _FIXED
 
