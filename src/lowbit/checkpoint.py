@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -118,6 +119,11 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info[name][2]
+
+    def nbytes_of(self, name: str) -> int:
+        """Bytes of tensor ``name``'s data (from the header alone)."""
+        t = DTYPES.get(self.info[name][1])
+        return math.prod(self.info[name][2]) * (t.itemsize if t is not None else 1)
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, read into memory of its own (no memory map:
@@ -379,6 +385,7 @@ class BlockStream:
                 else:  # pragma: no cover - calibrate.run quantizes every planned layer of a block
                     raise RuntimeError(f"{item[1]} was planned but not quantized")
             elif b is None:
+                self.w.make_room(item[1], self.ck.nbytes_of(item[1]), len(self.ck.shape(item[1])))
                 self.w.add_tensor(item[1], self.ck.tensor(item[1]))
             else:
                 bname, sd = block
@@ -501,6 +508,7 @@ def quantize_checkpoint(
                 w.aliases[item[1]] = item[2]
                 continue
             if item[0] == "tensor":
+                w.make_room(item[1], ck.nbytes_of(item[1]), len(ck.shape(item[1])))  # before reading it
                 w.add_tensor(item[1], ck.tensor(item[1]))
                 continue
             mname = item[1]

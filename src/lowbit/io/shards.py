@@ -118,15 +118,26 @@ class ShardWriter:
         self.modules = modules if modules is not None else {}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = _FIXED
-        self._done: list[tuple[Path, list[str]]] = []
+        self._done: list[tuple] = []  # (temporary path, tensor names, future of its SHA-256)
+        self._hasher = None
         self._names: set[str] = set()
+
+    @staticmethod
+    def _cost(name: str, nbytes: int, dim: int) -> int:
+        """A tensor's data plus a generous bound on its header entry: the file stays within max_bytes."""
+        return nbytes + len(name.encode()) + 128 + 21 * dim
+
+    def make_room(self, name: str, nbytes: int, dim: int) -> None:
+        """Write the current shard now if a tensor of ``nbytes`` would not fit in it: called before
+        reading a large tensor, so the shard's buffer and the tensor are never in memory together."""
+        if self._pending and self._pending_bytes + self._cost(name, nbytes, dim) > self.max_bytes:
+            self._flush()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` under ``name``; writes the current shard first if it would overflow."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} added twice")
-        # the data plus a generous bound on its header entry: the file stays within max_bytes
-        nbytes = tensor.numel() * tensor.element_size() + len(name.encode()) + 128 + 21 * tensor.dim()
+        nbytes = self._cost(name, tensor.numel() * tensor.element_size(), tensor.dim())
         if self._pending and self._pending_bytes + nbytes > self.max_bytes:
             self._flush()
         self._names.add(name)
@@ -143,12 +154,26 @@ class ShardWriter:
         except Exception as e:  # a full disk, a quota, an I/O error: say which file and how far it got
             if isinstance(e, (MemoryError, KeyboardInterrupt)):
                 raise
-            written = sum(p.stat().st_size for p, _ in self._done)
-            raise OSError(getattr(e, "errno", None) or errno.EIO,
+            written = sum(p.stat().st_size for p, *_ in self._done)
+            code = getattr(e, "errno", None)  # safetensors' own error names it only in its text
+            if code is None and (m := re.search(r"os error (\d+)", str(e))):
+                code = int(m.group(1))
+            raise OSError(code or errno.EIO,
                           f"writing shard {len(self._done) + 1} ({self._pending_bytes / 1e6:.1f} MB) in {self.dir} failed "
                           f"after {written / 1e6:.1f} MB of shards: {e}") from e  # fmt: skip
-        self._done.append((path, list(self._pending)))
+        # hashed in a thread while the file is still in the page cache and the caller goes on
+        # (hashlib releases the GIL); a digest taken at close() would read the whole output again
+        if self._hasher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="lowbit-sha256")
+        self._done.append((path, list(self._pending), self._hasher.submit(sha256, path)))
         self._pending, self._pending_bytes = {}, _FIXED
+
+    def discard(self) -> None:
+        """Stop hashing (the caller removes the files)."""
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> tuple[list[dict], dict[str, str]]:
         """Write the last shard, give every shard its final name; returns the shard records
@@ -157,9 +182,11 @@ class ShardWriter:
             self._flush()  # (a model without tensors still gets its one, empty, shard)
         n = len(self._done)
         shards, weight_map = [], {}
-        for i, (tmp, names) in enumerate(self._done, 1):
+        digests = [d.result() for _, _, d in self._done]  # (before any file is renamed under its hasher)
+        for i, ((tmp, names, _), digest) in enumerate(zip(self._done, digests), 1):
             final = self.dir / shard_name(i, n)
             os.rename(tmp, final)
-            shards.append({"file": final.name, "bytes": final.stat().st_size, "sha256": sha256(final), "tensors": len(names)})
+            shards.append({"file": final.name, "bytes": final.stat().st_size, "sha256": digest, "tensors": len(names)})
             weight_map.update(dict.fromkeys(names, final.name))
+        self._hasher.shutdown()
         return shards, weight_map

@@ -134,7 +134,12 @@ class ModelWriter:
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.shards.add(name, tensor)
 
+    def make_room(self, name: str, nbytes: int, dim: int) -> None:
+        """See :meth:`ShardWriter.make_room`."""
+        self.shards.make_room(name, nbytes, dim)
+
     def abort(self) -> None:
+        self.shards.discard()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def finish(self, model: nn.Module, *, layers: dict, source: str | None = None, tokenizer=None) -> Path:
