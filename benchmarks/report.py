@@ -705,14 +705,17 @@ def _streaming(res: dict) -> str:
         lines += ["", "Quantizing (lowbit streamed vs llama.cpp's quantizer on the same tensors as a bf16 GGUF):", "",
                   markdown_table(["checkpoint", "tool / method", "input", "output", "seconds", "input GB/s",
                                   "peak RSS"], rows)]  # fmt: skip
-        for key, r in res.items():
-            if key.startswith("slice/") and key.endswith("lowbit-rtn-w4g128"):
-                base = key.rsplit("/", 1)[0]
-                for peer in ("llamacpp-Q4_0", "llamacpp-Q4_0-pure"):
-                    p = res.get(f"{base}/{peer}")
-                    if p:
-                        lines.append(f"\nlowbit rtn throughput / llama.cpp {peer.split('-', 1)[1]}: "
-                                     f"**{(r['input_bytes'] / r['seconds']) / (p['input_bytes'] / p['seconds']):.2f}x**")  # fmt: skip
+        pairs = (("lowbit-rtn-w4g128", "llamacpp-Q4_0", "defaults (lowbit keeps embedding and head bf16; llama.cpp's "
+                  "Q4_0 mix: embedding Q4_0, head Q6_K)"),
+                 ("lowbit-rtn-w4g128-all", "llamacpp-Q4_0-pure", "every weight in 4 bits (lowbit w4g128 everywhere; "
+                  "llama.cpp --pure Q4_0)"))  # fmt: skip
+        for key in [k for k in res if k.startswith("slice/") and k.endswith("/lowbit-rtn-w4g128")]:
+            base = key.rsplit("/", 1)[0]
+            for mine, peer, what in pairs:
+                r, p = res.get(f"{base}/{mine}"), res.get(f"{base}/{peer}")
+                if r and p:
+                    lines.append(f"\nThroughput, lowbit / llama.cpp, {what}: "
+                                 f"**{(r['input_bytes'] / r['seconds']) / (p['input_bytes'] / p['seconds']):.2f}x**")  # fmt: skip
     for key, load in res.items():
         if key.startswith("big/mistral-24b/load-generate"):
             lines += ["", f"Loading the 24B-shaped result {key.rsplit('-', 1)[-1] if key.count('-') > 2 else ''} "
@@ -736,8 +739,8 @@ def _streaming(res: dict) -> str:
     ray = [(k, r) for k, r in res.items() if k.startswith("ray/")]
     if ray:
         lines += ["", "Ray (4-layer TinyLlama-shaped checkpoint, rtn w4g128, a local cluster on this 2-core machine: "
-                  "Ray's own processes and start-up compete for the same cores, so this shows correctness and overhead, "
-                  "not scaling):", "",
+                  "Ray's own processes compete for the same cores, so this shows correctness and overhead, not scaling; "
+                  "the Ray times start after `ray.init`, whose start-up took ~8 s more):", "",
                   markdown_table(["run", "seconds", "identical bytes"],
                                  [[k.split("/")[2], f"{r['seconds']:.1f}",
                                    "-" if "identical_bytes" not in r else ("yes" if r["identical_bytes"] else "**no**")]

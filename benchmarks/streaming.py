@@ -250,17 +250,15 @@ def section_big(book: Book, work: Path) -> None:
     todo = [v for v, _ in variants if f"big/mistral-24b/lowbit-rtn-{v}" not in book.data or book.again]
     if todo:
         _checkpoint(src, "mistral-24b", None)
-    for v, _ in variants:
+    for v, _ in variants:  # one output at a time beside the 47 GB checkpoint (disk space)
         out = work / f"q-big-{v}"
         book.get(f"big/mistral-24b/lowbit-rtn-{v}", lambda v=v, out=out: {**_run("quantize", {
             "src": str(src), "out": str(out), "spec": v, "method": "rtn", "stream": True,
             "shard_bytes": 1 << 30}), "input_bytes": _bytes(src)})  # fmt: skip
-    shutil.rmtree(src, ignore_errors=True)  # 47 GB
-    for v, _ in variants:
-        out = work / f"q-big-{v}"
         if out.is_dir():
             book.get(f"big/mistral-24b/load-generate-{v}", lambda out=out: _run("load", {"dir": str(out), "tokens": 16}))
         shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)  # 47 GB
 
 
 def section_calibrated(book: Book, work: Path) -> None:
