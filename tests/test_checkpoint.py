@@ -91,6 +91,27 @@ def test_streamed_calibration_is_byte_identical_to_in_memory(tmp_path, method, s
     assert {r["method"] for r in layers.values() if r["status"] == "quantized"} <= {method, "rtn"}
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("rules", [{"model.embed_tokens": "int8"}, {"lm_head": "w8g32"},
+                                   {"model.embed_tokens": "int8", "lm_head": "w8g32"}])  # fmt: skip
+def test_a_tied_head_streams_whichever_side_is_quantized(tmp_path, method, rules):
+    """The head tied to the embedding, stored once: quantizing either side (or both) reads the
+    shared weight under its stored name, and the side left float is written as a float tensor of
+    its own (the alias to a quantized tensor would point at nothing)."""
+    src = _checkpoint(tmp_path / "src", tie=True)
+    spec = lowbit.Recipe(lowbit.parse_scheme("w4g32"))
+    for pattern, scheme in rules.items():
+        spec.add(pattern, scheme)
+    opts = {"calibration": _CAL} if method == "gptq" else {}
+    a = quantize_checkpoint(src, spec, tmp_path / "stream", method=method, max_shard_bytes=50_000, **opts)
+    b = _in_memory(src, spec, tmp_path / "mem", method=method, max_shard_bytes=50_000, **opts)
+    for f in sorted(p.name for p in a.iterdir()):
+        assert filecmp.cmp(a / f, b / f, shallow=False), f
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(a)(x).logits, lowbit.load(b)(x).logits)
+
+
 def test_streamed_calibration_of_a_bf16_encoder(tmp_path):
     """An encoder (BERT: blocks under encoder.layer, embeddings with their own LayerNorm) from a bf16
     checkpoint: unfolded norms stay bf16, folded ones float32; the result runs close to in-memory."""

@@ -199,18 +199,18 @@ def _quantize_rows(algo, w: torch.Tensor, scheme, name: str, options: dict):
         return algo.quantize_weight(w, scheme, name=name, **options)
 
 
-def _read_ahead(ck: Checkpoint, layers: list[str]):
-    """``(layer, its stored weight)`` in order, the next layer's weight read from disk in a thread
-    while the caller quantizes this one (reads release the GIL): the disk and the CPU work at
-    once, for one more stored weight in memory."""
+def _read_ahead(ck: Checkpoint, names: list[str]):
+    """The checkpoint's tensors ``names`` in order, the next one read from disk in a thread while
+    the caller quantizes this one (reads release the GIL): the disk and the CPU work at once, for
+    one more stored weight in memory."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="lowbit-read") as pool:
-        nxt = pool.submit(ck.tensor, f"{layers[0]}.weight") if layers else None
-        for i, m in enumerate(layers):
+        nxt = pool.submit(ck.tensor, names[0]) if names else None
+        for i in range(len(names)):
             w = nxt.result()
-            nxt = pool.submit(ck.tensor, f"{layers[i + 1]}.weight") if i + 1 < len(layers) else None
-            yield m, w
+            nxt = pool.submit(ck.tensor, names[i + 1]) if i + 1 < len(names) else None
+            yield w
             del w
 
 
@@ -230,15 +230,16 @@ def _module_for(mod: nn.Module, prefix: str, ck: Checkpoint) -> nn.Module:
 
 @torch.no_grad()
 def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme, algo, options: dict,
-                   weight: torch.Tensor | None = None):  # fmt: skip
+                   weight: torch.Tensor | None = None, weight_name: str | None = None):  # fmt: skip
     """Quantize planned layer ``mname`` (its skeleton module ``mod``) of checkpoint ``ck``: returns
     its manifest entry and ``[(leaf name, tensor)]`` in the quantized module's state-dict order.
-    ``weight``: its stored weight, when already read (:func:`_read_ahead`)."""
+    ``weight``: its stored weight, when already read (:func:`_read_ahead`); ``weight_name``: the
+    name the checkpoint stores it under, when not ``<mname>.weight`` (a head tied to the embedding)."""
     from .io.writer import module_entry
 
     real = _module_for(mod, mname, ck)
     with layer_errors(mname):
-        wt = ck.tensor(f"{mname}.weight") if weight is None else weight  # (out, in...) in the stored dtype
+        wt = ck.tensor(weight_name or f"{mname}.weight") if weight is None else weight  # (out, in...) stored dtype
         src_dtype = wt.dtype
         if kind == "linear" and swappable.is_hf_conv1d(real):
             wt = wt.t()
@@ -385,8 +386,8 @@ class BlockStream:
                 else:  # pragma: no cover - calibrate.run quantizes every planned layer of a block
                     raise RuntimeError(f"{item[1]} was planned but not quantized")
             elif b is None:
-                self.w.make_room(item[1], self.ck.nbytes_of(item[1]), len(self.ck.shape(item[1])))
-                self.w.add_tensor(item[1], self.ck.tensor(item[1]))
+                self.w.make_room(item[1], self.ck.nbytes_of(item[2]), len(self.ck.shape(item[2])))
+                self.w.add_tensor(item[1], self.ck.tensor(item[2]))
             else:
                 bname, sd = block
                 v = sd[item[1][len(bname) + 1 :]]
@@ -471,16 +472,27 @@ def quantize_checkpoint(
     for name in planned:
         for leaf, _ in planned[name][1].named_parameters():
             owner[f"{name}.{leaf}"] = name
-    # what to write, in state-dict order: ("tensor", name) copied through, ("alias", name, first
-    # name) for a tied tensor stored once, ("layer", module) for a planned layer
+    # what to write, in state-dict order: ("tensor", name, checkpoint name) copied through, ("alias",
+    # name, first name) for a tied tensor stored once, ("layer", module) for a planned layer
     plan: list[tuple] = []
     first: dict[int, str] = {}
     seen: set[str] = set()
-    for tname, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    in_ck: dict[int, str] = {}  # id(tensor) -> the name the checkpoint stores it under (tied: one of them)
+    for tname, t in state.items():
+        if tname in ck.info:
+            in_ck.setdefault(id(t), tname)
+    source = {tname: in_ck.get(id(t), tname) for tname, t in state.items()}
+    for tname, t in state.items():
         stored = first.setdefault(id(t), tname)
         mname = owner.get(tname)
         if mname is None:
-            plan.append(("alias", tname, stored) if stored != tname else ("tensor", tname))
+            if stored == tname:
+                plan.append(("tensor", tname, source[tname]))
+            elif owner.get(stored) is not None:  # tied to a layer that is quantized: stored float here
+                plan.append(("tensor", tname, source[tname]))
+            else:
+                plan.append(("alias", tname, stored))
         elif mname not in seen:
             seen.add(mname)
             plan.append(("layer", mname))
@@ -488,14 +500,16 @@ def quantize_checkpoint(
         return _calibrated(ck, model, plan, planned, todo, records, heads, algo, algo_options, method, out,
                            max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction)  # fmt: skip
     layers = [p[1] for p in plan if p[0] == "layer"]
+    wnames = [source[f"{m}.weight"] for m in layers]  # (a tied head's weight is stored under the embedding's name)
     if ray_address is not None:
         from .distributed import ray_layers
 
-        results = ray_layers(ray_address, str(ck.dir), [(m, planned[m][1], planned[m][2], str(planned[m][3]))
-                                                         for m in layers], method, algo_options, workers=ray_workers)  # fmt: skip
+        results = ray_layers(ray_address, str(ck.dir), [(m, planned[m][1], planned[m][2], str(planned[m][3]), wn)
+                                                         for m, wn in zip(layers, wnames)], method, algo_options,
+                             workers=ray_workers)  # fmt: skip
     else:
         results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options, weight=w)
-                   for m, w in _read_ahead(ck, layers))  # fmt: skip
+                   for m, w in zip(layers, _read_ahead(ck, wnames)))  # fmt: skip
     it = plan
     if progress:
         from tqdm.auto import tqdm
@@ -508,8 +522,8 @@ def quantize_checkpoint(
                 w.aliases[item[1]] = item[2]
                 continue
             if item[0] == "tensor":
-                w.make_room(item[1], ck.nbytes_of(item[1]), len(ck.shape(item[1])))  # before reading it
-                w.add_tensor(item[1], ck.tensor(item[1]))
+                w.make_room(item[1], ck.nbytes_of(item[2]), len(ck.shape(item[2])))  # before reading it
+                w.add_tensor(item[1], ck.tensor(item[2]))
                 continue
             mname = item[1]
             entry, tensors = next(results)

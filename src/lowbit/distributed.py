@@ -47,7 +47,7 @@ def _connect(address: str) -> None:
         raise RayError(f"cannot join the Ray cluster at {address!r}: {e}") from None
 
 
-def _layer_task(src: str, mname: str, mod, kind: str, scheme: str, method: str, options: dict):
+def _layer_task(src: str, mname: str, mod, kind: str, scheme: str, weight_name: str, method: str, options: dict):
     import torch
 
     from .algorithms import get_algorithm
@@ -57,13 +57,14 @@ def _layer_task(src: str, mname: str, mod, kind: str, scheme: str, method: str, 
     torch.set_num_threads(1)  # one task per CPU: Ray schedules the parallelism
     if src not in _WORKER_CACHE:  # (the header of every shard, read once per worker)
         _WORKER_CACHE[src] = Checkpoint(src)
-    return quantize_layer(_WORKER_CACHE[src], mname, mod, kind, parse_scheme(scheme), get_algorithm(method), options)
+    return quantize_layer(_WORKER_CACHE[src], mname, mod, kind, parse_scheme(scheme), get_algorithm(method), options,
+                          weight_name=weight_name)  # fmt: skip
 
 
 def ray_layers(address: str, src: str, layers: list[tuple], method: str, options: dict, *,
                workers: int | None = None) -> Iterator:  # fmt: skip
     """Results of :func:`lowbit.checkpoint.quantize_layer` for ``layers`` ``[(name, skeleton module,
-    kind, scheme)]`` computed on the Ray cluster at ``address``, yielded in order, with at most
+    kind, scheme, the checkpoint's name of its weight)]`` computed on the Ray cluster at ``address``, yielded in order, with at most
     ``workers`` (default: the cluster's CPUs) tasks in flight. Each task carries its layer's module
     on the meta device (a few hundred bytes), so workers never build the model's skeleton (nor
     import transformers). Raises :class:`RayError` (no Ray, no answer)."""
@@ -76,8 +77,8 @@ def ray_layers(address: str, src: str, layers: list[tuple], method: str, options
     todo = iter(layers)
 
     def submit() -> None:
-        for name, mod, kind, scheme in todo:
-            pending.append(task.remote(src, name, mod, kind, scheme, method, options))
+        for name, mod, kind, scheme, weight_name in todo:
+            pending.append(task.remote(src, name, mod, kind, scheme, weight_name, method, options))
             if len(pending) >= window:
                 return
 
