@@ -250,15 +250,22 @@ def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme
     return module_entry(new), list(new.state_dict().items())
 
 
+def _stored_names(state: dict, ck: Checkpoint) -> dict[int, str]:
+    """``id(tensor)`` -> the name checkpoint ``ck`` stores it under, for a skeleton's state dict
+    (``keep_vars``): a tied tensor (head and embedding) is stored once, under one of its names."""
+    out: dict[int, str] = {}
+    for name, t in state.items():
+        if name in ck.info:
+            out.setdefault(id(t), name)
+    return out
+
+
 class _Values:
     """Checkpoint values put into a meta skeleton's modules (as float32) and taken out again."""
 
-    def __init__(self, ck: Checkpoint, model: nn.Module):
+    def __init__(self, ck: Checkpoint, stored: dict[int, str]):
         self.ck = ck
-        self.stored: dict[int, str] = {}  # id(meta tensor) -> the name the checkpoint stores it under
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name in ck.info:
-                self.stored.setdefault(id(t), name)
+        self.stored = stored  # id(meta tensor) -> the name the checkpoint stores it under (_stored_names)
         self.real: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its values (tied tensors: once)
 
     def load(self, mod: nn.Module, recurse: bool = True) -> list:
@@ -299,10 +306,12 @@ class BlockStream:
     """
 
     def __init__(self, ck: Checkpoint, model: nn.Module, plan: list, planned: dict, writer: ModelWriter,
-                 records: dict, method: str, prefix: str):  # fmt: skip
+                 records: dict, method: str, prefix: str, stored: dict[int, str]):  # fmt: skip
         self.ck, self.model, self.plan, self.planned, self.w = ck, model, plan, planned, writer
         self.records, self.method, self.prefix = records, method, prefix + "."
-        self.values = _Values(ck, model)
+        self.values = _Values(ck, stored)
+        # each planned layer's weight as the checkpoint names it (a tied head: the embedding's name)
+        self.weight_names = {n: stored.get(id(t[1].weight)) for n, t in planned.items()}
         self.names = {id(t[1]): n for n, t in planned.items()}  # planned float module -> its name
         self.loaded: dict[int, list] = {}  # id(module) -> its values' undo list (blocks, embeddings)
         self.scopes: list[list] = []  # undo lists of the open outside() passes
@@ -358,8 +367,8 @@ class BlockStream:
 
     def _record(self, name: str, new) -> None:
         _, mod, _kind, scheme, why = self.planned[name]
-        w = f"{name}.weight"
-        new.orig_dtype = str(self.ck.dtype(w) if w in self.ck.info else torch.float32).replace("torch.", "")
+        w = self.weight_names[name]
+        new.orig_dtype = str(self.ck.dtype(w) if w is not None else torch.float32).replace("torch.", "")
         self.records[name] = LayerRecord(name, type(mod).__name__, "quantized", str(new.scheme), new.method, why)
 
     def _block_of(self, name: str) -> int | None:
@@ -391,7 +400,7 @@ class BlockStream:
             else:
                 bname, sd = block
                 v = sd[item[1][len(bname) + 1 :]]
-                src = self.ck.dtype(item[1]) or torch.float32
+                src = self.ck.dtype(item[2]) or torch.float32
                 stored = v.to(src)
                 self.w.add_tensor(item[1], stored if torch.equal(stored.to(v.dtype), v) else v)
 
@@ -478,18 +487,14 @@ def quantize_checkpoint(
     first: dict[int, str] = {}
     seen: set[str] = set()
     state = model.state_dict(keep_vars=True)
-    in_ck: dict[int, str] = {}  # id(tensor) -> the name the checkpoint stores it under (tied: one of them)
-    for tname, t in state.items():
-        if tname in ck.info:
-            in_ck.setdefault(id(t), tname)
+    in_ck = _stored_names(state, ck)
     source = {tname: in_ck.get(id(t), tname) for tname, t in state.items()}
     for tname, t in state.items():
         stored = first.setdefault(id(t), tname)
         mname = owner.get(tname)
         if mname is None:
-            if stored == tname:
-                plan.append(("tensor", tname, source[tname]))
-            elif owner.get(stored) is not None:  # tied to a layer that is quantized: stored float here
+            # a tied tensor whose first name is a quantized layer's is written float here, in full
+            if stored == tname or owner.get(stored) is not None:
                 plan.append(("tensor", tname, source[tname]))
             else:
                 plan.append(("alias", tname, stored))
@@ -498,7 +503,7 @@ def quantize_checkpoint(
             plan.append(("layer", mname))
     if algo.uses_calibration or static:
         return _calibrated(ck, model, plan, planned, todo, records, heads, algo, algo_options, method, out,
-                           max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction)  # fmt: skip
+                           max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction, in_ck)  # fmt: skip
     layers = [p[1] for p in plan if p[0] == "layer"]
     wnames = [source[f"{m}.weight"] for m in layers]  # (a tied head's weight is stored under the embedding's name)
     if ray_address is not None:
@@ -544,7 +549,7 @@ def quantize_checkpoint(
 
 
 def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, method, out, max_shard_bytes,
-                progress, tokenizer, calibration, observer, bias_correction) -> Path:  # fmt: skip
+                progress, tokenizer, calibration, observer, bias_correction, stored) -> Path:  # fmt: skip
     """The calibrated half of :func:`quantize_checkpoint`: :func:`lowbit.calibrate.run` on the
     skeleton with a :class:`BlockStream` reading and writing block by block."""
     from . import calibrate
@@ -570,7 +575,7 @@ def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, m
         raise QuantizeError(f"{ck.dir}: streaming calibration needs a model of repeated blocks; this one has none")
     head_quantized = any(t[0] in heads for t in todo)
     with ModelWriter(out, max_shard_bytes=max_shard_bytes) as w:
-        stream = BlockStream(ck, model, plan, planned, w, records, method, found[0])
+        stream = BlockStream(ck, model, plan, planned, w, records, method, found[0], stored)
         calibrate.run(model, todo, algo, calibration, options, progress=progress, method=method,
                       make_module=lambda mod, kind, qw, act: _swap(mod, kind, qw, method, act), observer=observer,
                       bias_correction=False, stream=stream)  # fmt: skip

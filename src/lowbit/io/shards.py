@@ -152,7 +152,7 @@ class ShardWriter:
         try:
             save_file(self._pending, str(path), metadata={"lowbit_modules_sha256": modules_digest(mods)})
         except Exception as e:  # a full disk, a quota, an I/O error: say which file and how far it got
-            if isinstance(e, (MemoryError, KeyboardInterrupt)):
+            if isinstance(e, MemoryError):
                 raise
             written = sum(p.stat().st_size for p, *_ in self._done)
             code = getattr(e, "errno", None)  # safetensors' own error names it only in its text
