@@ -292,6 +292,15 @@ def test_nan_weights_are_refused(tmp_path):
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj"):
         quantize_checkpoint(tmp_path / "src", "w4g32", tmp_path / "q", method="gptq", calibration=_CAL)
     assert not (tmp_path / "q").exists()
+    m = _llama()
+    with torch.no_grad():  # a tensor that is copied, not quantized
+        m.model.layers[2].post_attention_layernorm.weight[7] = float("inf")
+    m.save_pretrained(tmp_path / "src2")
+    for method in ("rtn", "awq"):
+        with pytest.raises(ValueError, match=r"model.layers.2.post_attention_layernorm.weight' has 1 NaN/Inf"):
+            quantize_checkpoint(tmp_path / "src2", "w4g32", tmp_path / "q", method=method,
+                                calibration=_CAL if method == "awq" else None)  # fmt: skip
+    assert not (tmp_path / "q").exists()
     with pytest.raises(LowbitFormatError, match="not a lowbit model"):
         (tmp_path / "foreign").mkdir()
         (tmp_path / "foreign" / "x.txt").write_text("keep")
@@ -378,24 +387,31 @@ def test_loading_holds_about_the_file(tmp_path):
     assert growth <= 1.25 * file_mib + 16, (growth, file_mib, float_mib)
 
 
-@pytest.mark.parametrize("spec", ["w4g32", "w3g32-asym", "int8"])
-def test_estimate_gives_the_exact_output_size_from_headers_alone(tmp_path, spec):
+@pytest.mark.parametrize("spec,tie", [("w4g32", False), ("w3g32-asym", False), ("int8", False),
+                                      ("w4g32+head", True), ("w4g32+head", False)])
+def test_estimate_gives_the_exact_output_size_from_headers_alone(tmp_path, spec, tie):
     from safetensors import safe_open
 
     from lowbit.estimate import estimate_checkpoint
 
-    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16, tie=False)
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16, tie=tie)
+    if spec.endswith("+head"):  # the LM head quantized too (tied: stored under the embedding's name)
+        spec = lowbit.Recipe.from_scheme("w4g32").add("lm_head", "int8")
     est = estimate_checkpoint(src, spec)
     out = quantize_checkpoint(src, spec, tmp_path / "q")
     data = 0
     for s in read_manifest(out)["shards"]:
         with safe_open(str(out / s["file"]), framework="pt") as f:
             data += sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys())
-    assert est.output_bytes == data and est.quantized_layers == len(read_manifest(out)["modules"]) == 21
+    assert est.output_bytes == data and est.quantized_layers == len(read_manifest(out)["modules"])
+    assert est.quantized_layers == 21 + isinstance(spec, lowbit.Recipe)
     assert est.source_bytes == sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    assert est.largest_layer.endswith(("gate_proj", "up_proj", "down_proj"))
+    assert est.largest_layer.endswith(("gate_proj", "up_proj", "down_proj", "lm_head"))
     assert 0 < est.load_peak and est.output_bytes < est.quantize_peak
-    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "estimate", "--model", str(src), "--scheme", spec],
+    if isinstance(spec, lowbit.Recipe):
+        spec.save(tmp_path / "recipe.json")
+    how = ["--recipe", str(tmp_path / "recipe.json")] if isinstance(spec, lowbit.Recipe) else ["--scheme", spec]
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "estimate", "--model", str(src), *how],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0 and "peak memory, streamed quantization" in p.stdout, p.stderr[-1000:]
 
@@ -440,3 +456,73 @@ def test_a_ray_address_that_does_not_answer_is_one_clear_error(tmp_path):
     with pytest.raises(RayError, match="does not answer"):
         quantize_checkpoint(src, "w4g32", tmp_path / "q", ray_address="127.0.0.1:9")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_killed_run_leaves_nothing_that_outlives_the_next_run(tmp_path):
+    """SIGKILL skips every cleanup: the next run removes the dead process's temporary directory."""
+    src = _checkpoint(tmp_path / "src")
+    code = ("import os, signal, lowbit.io.shards as s\n"
+            "real = s.ShardWriter._flush\n"
+            "def die(self):\n"
+            "    real(self); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "s.ShardWriter._flush = die\n"
+            f"from lowbit.checkpoint import quantize_checkpoint\nquantize_checkpoint({str(src)!r}, 'w4g32', "
+            f"{str(tmp_path / 'q')!r}, max_shard_bytes=20_000)\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    stale = [p.name for p in tmp_path.iterdir() if p.name.startswith(".q.tmp-")]
+    assert len(stale) == 1 and not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "q", max_shard_bytes=0)
+    quantize_checkpoint(src, "w4g32", tmp_path / "q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LowbitFormatError, match="is a file"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "file" / "q")
+
+
+def test_the_model_class_comes_from_the_stored_tensors(tmp_path):
+    """GPT-2's class is GPT2LMHeadModel (not a ...ForCausalLM name); a config without
+    ``architectures`` gets the class whose names the checkpoint holds (head or base model)."""
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    out = quantize_checkpoint(tmp_path / "gpt2", "w4g32", tmp_path / "q")
+    assert read_manifest(out)["model"]["class"] == "GPT2LMHeadModel"
+    ids = torch.randint(0, 256, (1, 12))
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    got = lowbit.load(out)
+    assert got(ids).logits.shape == ref(ids).logits.shape == (1, 12, 256)
+    for name, arch in (("causal", "LlamaForCausalLM"), ("base", "LlamaModel")):
+        m = _llama(tie=False) if name == "causal" else _llama(tie=False).model
+        m.save_pretrained(tmp_path / name)
+        c = json.loads((tmp_path / name / "config.json").read_text())
+        del c["architectures"]
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+        out = quantize_checkpoint(tmp_path / name, "w4g32", tmp_path / f"q{name}")
+        assert read_manifest(out)["model"]["class"] == arch
+
+
+def test_stored_tensors_the_model_does_not_use_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = _checkpoint(tmp_path / "src", shard="10MB")
+    t = load_file(src / "model.safetensors")
+    t["model.layers.0.mlp.extra_adapter.weight"] = torch.ones(4, 4)
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 stored tensor\(s\) are not part of LlamaForCausalLM .*extra_adapter"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "q")
+
+
+def test_an_hf_directory_with_only_pickle_weights_is_refused_in_memory_too(tmp_path):
+    from lowbit.models.source import load_source
+
+    d = tmp_path / "pickled"
+    _checkpoint(d, shard="10MB")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")  # (a name, not a pickle: never opened)
+    with pytest.raises(CheckpointError, match="pickle files, which lowbit never loads"):
+        load_source(str(d))
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", str(d), "--scheme", "w4g32", "--no-stream",
+                        "-o", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and "pickle files, which lowbit never loads" in r.stderr
+    assert "Traceback" not in r.stderr

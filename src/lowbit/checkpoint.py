@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,10 +42,10 @@ from .io.shards import DEFAULT_SHARD_BYTES, DTYPES, read_header, read_tensors, s
 from .io.writer import ModelWriter
 from .memory import trim
 from .nn import QuantModule
-from .primitives import check_finite
+from .primitives import NonFiniteError, check_finite
 from .recipe import Recipe
 
-__all__ = ["Checkpoint", "CheckpointError", "BlockStream", "skeleton", "quantize_checkpoint", "tokenizer_of"]
+__all__ = ["Checkpoint", "CheckpointError", "BlockStream", "skeleton", "model_classes", "quantize_checkpoint", "tokenizer_of"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = shard_name(1, 1)  # model.safetensors
@@ -127,13 +128,23 @@ class Checkpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, read into memory of its own (no memory map:
-        :func:`lowbit.io.shards.read_tensors`)."""
+        :func:`lowbit.io.shards.read_tensors`). Raises :class:`lowbit.primitives.NonFiniteError`
+        naming it when a float tensor holds NaN or Inf."""
         if name not in self.info:
             raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
         fname = self.info[name][0]
         if fname not in self._headers:
             self._headers[fname] = read_header(self.dir / fname)
-        return read_tensors(self.dir / fname, {name}, header=self._headers[fname])[name]
+        t = read_tensors(self.dir / fname, {name}, header=self._headers[fname])[name]
+        if t.is_floating_point():
+            flat = t.reshape(-1)
+            step = 1 << 24  # (isfinite's bool temporary stays at 16 MiB per step)
+            for i in range(0, flat.numel(), step):
+                if not bool(torch.isfinite(flat[i : i + step]).all()):
+                    bad = sum(int((~torch.isfinite(flat[j : j + step])).sum()) for j in range(0, flat.numel(), step))
+                    raise NonFiniteError(f"{self.dir}: tensor {name!r} has {bad} NaN/Inf value(s); lowbit "
+                                         "quantizes and copies finite models only")  # fmt: skip
+        return t
 
 
 def skeleton(ck: Checkpoint) -> nn.Module:
@@ -153,12 +164,54 @@ def skeleton(ck: Checkpoint) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(ck.dir))
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{ck.dir / 'config.json'} is not a transformers config: {str(e)[:200]}") from None
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    cls = transformers.AutoModelForCausalLM if arch.endswith("ForCausalLM") else transformers.AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config, dtype=torch.float32)
-    model.tie_weights()  # (from_config on empty weights leaves tied weights untied)
-    model.eval()
+    problems = []
+    for cls in model_classes(config):
+        with init_empty_weights(include_buffers=False):
+            model = cls._from_config(config, dtype=torch.float32)
+        model.tie_weights()  # (from_config on empty weights leaves tied weights untied)
+        model.eval()
+        problem = _mismatch(ck, model)
+        if problem is None:
+            break
+        problems.append(problem)
+    else:
+        raise CheckpointError(problems[0] if problems else f"{ck.dir}: transformers has no model class for this config")
+    used = set(model.state_dict(keep_vars=True))
+    unused = [n for n in ck.info if n not in used and not n.endswith(IGNORED)]
+    if unused:
+        warnings.warn(f"{ck.dir}: {len(unused)} stored tensor(s) are not part of {type(model).__name__} and are "
+                      f"not written, e.g. {', '.join(unused[:3])}", stacklevel=2)  # fmt: skip
+    model.lowbit_source = str(ck.dir)
+    return model
+
+
+IGNORED = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")  # buffers old transformers saved
+
+
+def model_classes(config) -> list:
+    """transformers classes that may build a checkpoint with ``config``, most likely first: those
+    its ``architectures`` name (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...), then the
+    config's causal-LM class and its base model (a config without ``architectures``)."""
+    import transformers
+
+    out = []
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            out.append(cls)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            cls = auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+        if cls not in out:
+            out.append(cls)
+    return out
+
+
+def _mismatch(ck: Checkpoint, model: nn.Module) -> str | None:
+    """Why checkpoint ``ck`` cannot fill skeleton ``model`` (None: it can): a tensor the model
+    needs is absent, or not a float tensor of the config's shape."""
     tied = {id(p) for n, p in model.named_parameters(remove_duplicate=False)}
     seen: dict[int, str] = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -166,14 +219,11 @@ def skeleton(ck: Checkpoint) -> nn.Module:
         if name not in ck.info:
             if first != name and id(t) in tied:
                 continue  # a tied weight stored once under its first name
-            raise CheckpointError(f"{ck.dir} lacks {name!r}, which the config's {type(model).__name__} needs")
+            return f"{ck.dir} lacks {name!r}, which the config's {type(model).__name__} needs"
         if ck.shape(name) != tuple(t.shape) or ck.dtype(name) is None:
-            raise CheckpointError(
-                f"{ck.dir}: {name!r} is {ck.info[name][1]} {ck.shape(name)}; the config's {type(model).__name__} "
-                f"needs a float tensor of shape {tuple(t.shape)}"
-            )
-    model.lowbit_source = str(ck.dir)
-    return model
+            return (f"{ck.dir}: {name!r} is {ck.info[name][1]} {ck.shape(name)}; the config's "
+                    f"{type(model).__name__} needs a float tensor of shape {tuple(t.shape)}")  # fmt: skip
+    return None
 
 
 CHUNK_BYTES = 64 << 20  # float32 rows quantized at a time: bounds a huge layer's temporaries
@@ -594,5 +644,7 @@ def tokenizer_of(d: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(d))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{d}: its tokenizer files cannot be read ({str(e)[:120]}); the output gets no tokenizer",
+                      stacklevel=2)  # fmt: skip
         return None

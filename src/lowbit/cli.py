@@ -677,8 +677,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
             UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
-            CliError, MixedPrecisionError, GenerateError, ValueError) as e:  # fmt: skip
+            CliError, MixedPrecisionError, GenerateError, ValueError, OSError) as e:  # fmt: skip
         return _err(str(e))
+    except KeyboardInterrupt:
+        _err("interrupted: nothing was written (an output from an earlier run is kept as it was)")
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

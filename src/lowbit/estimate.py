@@ -154,7 +154,7 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     the largest tensor copied through; loading holds the file, float tensors widened to float32,
     and one layer's layout conversion. Raises as :func:`lowbit.quantize_checkpoint` does for bad
     checkpoints and recipes."""
-    from .checkpoint import CHUNK_BYTES, Checkpoint, skeleton
+    from .checkpoint import CHUNK_BYTES, Checkpoint, _stored_names, skeleton
     from .driver import _plan
     from .io.shards import DEFAULT_SHARD_BYTES
     from .recipe import Recipe
@@ -165,10 +165,11 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     todo, _records, _heads = _plan(model, Recipe.coerce(spec), allow_meta=True)
     nbytes = {n: math.prod(ck.shape(n)) * ck.dtype(n).itemsize for n in ck.names() if ck.dtype(n) is not None}
     planned, out, widen = 0, 0, 0
-    biggest = ("", 0, 0)  # (name, source bytes, output bytes)
+    biggest, biggest_w = ("", 0, 0), ""  # (name, source bytes, output bytes), its stored weight
     owned = set()
+    stored = _stored_names(model.state_dict(keep_vars=True), ck)
     for name, mod, _kind, scheme, _why in todo:
-        w = f"{name}.weight"
+        w = stored[id(mod.weight)]  # (a head tied to the embedding: the embedding's name)
         rows, k = ck.shape(w)[0], math.prod(ck.shape(w)[1:])
         qbytes = math.ceil(rows * k * bits_per_weight(scheme, k) / 8)
         owned.update(f"{name}.{n}" for n, _ in mod.named_parameters())
@@ -176,14 +177,14 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
         out += qbytes + (bias * 4 // ck.dtype(f"{name}.bias").itemsize if bias else 0)
         planned += 1
         if nbytes[w] > biggest[1]:
-            biggest = (name, nbytes[w], qbytes)
+            biggest, biggest_w = (name, nbytes[w], qbytes), w
     copied = [b for n, b in nbytes.items() if n not in owned]
     out += sum(copied)
     for n, b in nbytes.items():
         if n not in owned:
             widen += b * (4 // ck.dtype(n).itemsize - 1)  # float tensors load as float32
     name, src_bytes, q_bytes = biggest
-    chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(f"{name}.weight").itemsize)) if name else 0
+    chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(biggest_w).itemsize)) if name else 0
     # the output buffer holds up to one shard, or one tensor larger than that (read whole)
     quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + max(min(shard, out), max(copied, default=0))
     load_peak = out + widen + 2 * q_bytes

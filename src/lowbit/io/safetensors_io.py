@@ -231,8 +231,14 @@ def _skeleton(d: Path, manifest: dict) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(str(d))
     # parameters on the meta device (each is then taken from the file, never allocated twice);
     # buffers that are not stored (rotary frequencies) real
+    # the saved class itself when transformers has it (GPT2LMHeadModel, not the Auto class's guess)
+    cls = getattr(transformers, str(manifest["model"].get("class")), None)
+    exact = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
     with no_init_weights(), init_empty_weights(include_buffers=False):
-        model = getattr(transformers, auto).from_config(config, dtype=torch.float32)
+        if exact:
+            model = cls._from_config(config, dtype=torch.float32)
+        else:
+            model = getattr(transformers, auto).from_config(config, dtype=torch.float32)
     model.tie_weights()  # from_config under no_init_weights leaves tied weights untied
     return model
 

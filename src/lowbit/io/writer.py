@@ -38,13 +38,15 @@ def auto_class_name(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_json_string"):
         return None
-    arch = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
-    if arch.endswith("ForCausalLM"):
-        return "AutoModelForCausalLM"
-    if arch.endswith("ForSequenceClassification"):
-        return "AutoModelForSequenceClassification"
-    if arch.endswith("ForMaskedLM"):
-        return "AutoModelForMaskedLM"
+    import transformers
+
+    for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForMaskedLM"):
+        mapping = getattr(transformers, auto)._model_mapping
+        try:
+            if mapping[type(cfg)] is type(model):
+                return auto
+        except KeyError:
+            continue
     return "AutoModel"
 
 
@@ -90,6 +92,25 @@ def _exchange(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old)
 
 
+def _remove_stale(dst: Path) -> None:
+    """Remove the temporary directories a killed earlier run (SIGKILL, power loss) left beside
+    ``dst``: ``.<name>.tmp-<pid>-*`` whose process no longer exists (a live writer's are kept)."""
+    prefix = f".{dst.name}.tmp-"
+    for d in dst.parent.iterdir():
+        if not d.name.startswith(prefix) or not d.is_dir():
+            continue
+        pid = d.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): not ours to remove
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, OSError):
+            continue
+
+
 def _permissions(d: Path) -> None:
     """Give the temp directory and its files the modes a plain mkdir/open would have (umask)."""
     umask = os.umask(0)
@@ -114,10 +135,15 @@ class ModelWriter:
             raise LowbitFormatError(f"{self.dst} exists and is not a directory")
         if self.dst.exists() and any(self.dst.iterdir()) and not (self.dst / MANIFEST).exists():
             raise LowbitFormatError(f"{self.dst} is a non-empty directory that is not a lowbit model; not overwriting it")
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        if self.dst.parent.exists() and not self.dst.parent.is_dir():
+            raise LowbitFormatError(f"cannot write {self.dst}: {self.dst.parent} is a file")
         self.dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.dst)
         self.modules: dict[str, dict] = {}
         self.aliases: dict[str, str] = {}
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-{os.getpid()}-", dir=self.dst.parent))
         self.shards = ShardWriter(self.tmp, max_shard_bytes, self.modules)
 
     def __enter__(self) -> ModelWriter:

@@ -14,23 +14,18 @@ class SourceError(ValueError):
 
 
 def _hf_dir(path: Path) -> ZooModel:
-    import json
-
     from .zoo import _offline
 
     _offline()
     import torch
-    import transformers
 
-    cfg = json.loads((path / "config.json").read_text())
-    arch = (cfg.get("architectures") or [""])[0]
-    cls = transformers.AutoModelForCausalLM if arch.endswith("ForCausalLM") else transformers.AutoModel
-    model = cls.from_pretrained(str(path), dtype=torch.float32).eval()
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        tok = None
-    task = "causal-lm" if arch.endswith("ForCausalLM") else "encoder"
+    from ..checkpoint import Checkpoint, skeleton, tokenizer_of
+
+    # the class whose tensor names the checkpoint holds; safetensors only (never a pickle .bin)
+    cls = type(skeleton(Checkpoint(path)))
+    model = cls.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
+    tok = tokenizer_of(path)  # (a warning when its files cannot be read)
+    task = "causal-lm" if model.can_generate() else "encoder"
     model.lowbit_source = str(path)
     return ZooModel(path.name, model, tok, task, str(path))
 
