@@ -139,6 +139,18 @@ def test_sequences_longer_than_the_context():
         lowbit.quantize(tiny_llama(), "w4g32", method="gptq", calibration=[torch.zeros(1, 100, dtype=torch.long)])
 
 
+def test_token_ids_outside_the_vocabulary_are_named_before_any_work():
+    m = tiny_llama()
+    vocab = m.get_input_embeddings().num_embeddings
+    before = copy.deepcopy(m.state_dict())
+    for bad in (vocab, -1):
+        ids = torch.zeros(1, 8, dtype=torch.long)
+        ids[0, 3] = bad
+        with pytest.raises(CalibrationError, match=f"vocabulary is 0..{vocab - 1}: was the text tokenized with another"):
+            lowbit.quantize(m, "w4g32", method="gptq", calibration=[torch.zeros(1, 8, dtype=torch.long), ids])
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the model unchanged
+
+
 def test_method_that_cannot_serve_the_scheme():
     with pytest.raises(lowbit.QuantizeError, match="cannot serve scheme fp16"):
         lowbit.quantize(tiny_llama(), "fp16", method="awq", calibration=batches())

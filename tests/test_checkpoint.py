@@ -19,10 +19,10 @@ from lowbit.io import LowbitFormatError, read_manifest
 transformers = pytest.importorskip("transformers")
 
 
-def _llama(layers: int = 3, hidden: int = 64, inter: int = 128, tie: bool = True, seed: int = 0):
+def _llama(layers: int = 3, hidden: int = 64, inter: int = 128, tie: bool = True, seed: int = 0, vocab: int = 256):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                    tie_word_embeddings=tie, max_position_embeddings=128)  # fmt: skip
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -47,6 +47,8 @@ def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, monkeypatch, m
     import lowbit.checkpoint
 
     monkeypatch.setattr(lowbit.checkpoint, "CHUNK_BYTES", 5000)  # every layer in blocks of a few rows
+    if method == "rtn":  # and read from the shards a block of rows at a time, as an LM head too large to read whole
+        monkeypatch.setattr(lowbit.checkpoint, "READ_AHEAD_BYTES", 0)
     src = _checkpoint(tmp_path / "src")
     assert len(list(src.glob("model-*.safetensors"))) > 3  # a sharded source with an index
     a = quantize_checkpoint(src, scheme, tmp_path / "stream", method=method, max_shard_bytes=50_000)
@@ -174,6 +176,18 @@ def test_bf16_source_keeps_bf16_for_what_is_not_quantized(tmp_path):
     model = lowbit.load(out)
     ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert ids.shape == (1, 7)
+    # loaded, the float embedding and head keep their bf16 storage (no float32 copy) and compute
+    # exactly what the in-memory float32 model does; size_of counts them as stored
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref = lowbit.load(mem)
+    assert ref.lm_head.weight.dtype == torch.float32
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert lowbit.size_of(ref).total_bytes - lowbit.size_of(model).total_bytes == 2 * 256 * 64 * 2
+    assert type(model.lm_head).__name__ == "HalfStoredLinear"
+    lowbit.quantize(model, lowbit.Recipe(default=None).add("lm_head", "int8"))  # still a layer lowbit quantizes
+    assert type(model.lm_head).__name__ == "QuantLinear" and model.lm_head.orig_dtype == "bfloat16"
 
 
 def test_bad_checkpoints_fail_clearly_and_leave_the_old_output(tmp_path):
@@ -356,9 +370,10 @@ def test_cli_streams_a_checkpoint_directory(tmp_path):
 
 
 _LOAD_PEAK = """
-import sys, json, torch
+import sys, json, torch, warnings
 import lowbit
 from lowbit import memory
+warnings.simplefilter("ignore")
 
 lowbit.load(sys.argv[2])  # imports, transformers' model code: not what is measured
 memory.trim()
@@ -373,8 +388,10 @@ print(json.dumps(memory.peak_rss_mib() - start))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
-def test_loading_holds_about_the_file(tmp_path):
-    src = _checkpoint(tmp_path / "src", layers=8, hidden=512, inter=2048, shard="20MB", tie=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_holds_about_the_file(tmp_path, dtype):
+    # (bf16: the unquantized embedding and LM head, a quarter of the file, stay bf16 when loaded)
+    src = _checkpoint(tmp_path / "src", dtype, layers=8, hidden=512, inter=2048, shard="20MB", tie=False, vocab=16384)
     small = quantize_checkpoint(_checkpoint(tmp_path / "small", layers=1), "w8g64", tmp_path / "small-q")
     out = quantize_checkpoint(src, "w8g64", tmp_path / "q", max_shard_bytes=8 << 20)
     file_mib = sum(s["bytes"] for s in read_manifest(out)["shards"]) / 2**20

@@ -473,13 +473,24 @@ def run(
 
 
 def _check_lengths(model: nn.Module, batches: list) -> None:
-    """Token batches longer than the model's context are an error, not a silent extrapolation."""
+    """Token batches longer than the model's context, or with token ids outside its vocabulary
+    (calibration text tokenized for another model), are an error before any work starts."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not limit:
-        return
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # (transformers models without a token embedding)
+        emb = None
+    vocab = getattr(emb, "num_embeddings", None)
     for b in batches:
         ids = b.get("input_ids") if isinstance(b, dict) else b
-        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.shape[-1] > limit:
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or not ids.numel():
+            continue
+        if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise CalibrationError(
+                f"calibration token ids span {int(ids.min())}..{int(ids.max())}; the model's vocabulary is "
+                f"0..{vocab - 1}: was the text tokenized with another model's tokenizer?"
+            )
+        if limit and ids.shape[-1] > limit:
             raise CalibrationError(
                 f"calibration sequences of {ids.shape[-1]} tokens exceed the model's context of {limit}; "
                 "use a shorter seqlen"

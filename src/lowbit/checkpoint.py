@@ -38,7 +38,7 @@ from torch import nn
 from . import swappable
 from .algorithms import get_algorithm
 from .driver import LayerRecord, QuantizeError, _plan, _set_module, _swap, layer_errors
-from .io.shards import DEFAULT_SHARD_BYTES, DTYPES, read_header, read_tensors, shard_name
+from .io.shards import DEFAULT_SHARD_BYTES, DTYPES, read_header, read_rows, read_tensors, shard_name
 from .io.writer import ModelWriter
 from .memory import trim
 from .nn import QuantModule
@@ -136,6 +136,21 @@ class Checkpoint:
         if fname not in self._headers:
             self._headers[fname] = read_header(self.dir / fname)
         t = read_tensors(self.dir / fname, {name}, header=self._headers[fname])[name]
+        self._check(name, t)
+        return t
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (dim 0), read alone; checked as :meth:`tensor`."""
+        if name not in self.info:
+            raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
+        fname = self.info[name][0]
+        if fname not in self._headers:
+            self._headers[fname] = read_header(self.dir / fname)
+        t = read_rows(self.dir / fname, name, start, stop, self._headers[fname])
+        self._check(name, t)
+        return t
+
+    def _check(self, name: str, t: torch.Tensor) -> None:
         if t.is_floating_point():
             flat = t.reshape(-1)
             step = 1 << 24  # (isfinite's bool temporary stays at 16 MiB per step)
@@ -144,7 +159,6 @@ class Checkpoint:
                     bad = sum(int((~torch.isfinite(flat[j : j + step])).sum()) for j in range(0, flat.numel(), step))
                     raise NonFiniteError(f"{self.dir}: tensor {name!r} has {bad} NaN/Inf value(s); lowbit "
                                          "quantizes and copies finite models only")  # fmt: skip
-        return t
 
 
 def skeleton(ck: Checkpoint) -> nn.Module:
@@ -229,37 +243,58 @@ def _mismatch(ck: Checkpoint, model: nn.Module) -> str | None:
 CHUNK_BYTES = 64 << 20  # float32 rows quantized at a time: bounds a huge layer's temporaries
 
 
-def _quantize_rows(algo, w: torch.Tensor, scheme, name: str, options: dict):
-    """Quantize ``w`` (2-D, in its stored float dtype: the data-free methods read bf16/fp16 and
-    convert what they need) in blocks of rows of at most :data:`CHUNK_BYTES` as float32, joined
-    (:meth:`QWeight.cat_rows`): the same bytes as one call on the whole float32
-    weight for the data-free methods, whose per-channel/per-group parameters never span rows;
-    per-tensor schemes, and the rare weight whose blocks chose different scale dtypes (some
-    outside float16's range), are quantized whole."""
+def _quantize_rows(algo, rows_of, shape: tuple[int, int], scheme, name: str, options: dict):
+    """Quantize a 2-D weight of ``shape`` whose rows ``rows_of(start, stop)`` gives (in the stored
+    float dtype: the data-free methods read bf16/fp16 and convert what they need) in blocks of
+    rows of at most :data:`CHUNK_BYTES` as float32, each block's codes and parameters copied into
+    the output as soon as it is quantized: a huge weight (an LM head) is never whole in memory,
+    stored or quantized twice. The same bytes as one call on the whole float32 weight for the
+    data-free methods, whose per-channel/per-group parameters never span rows; per-tensor schemes,
+    and the rare weight whose blocks chose different scale dtypes (some outside float16's range),
+    are quantized whole."""
     from .qweight import QWeight
 
-    rows = max(1, CHUNK_BYTES // (4 * max(1, w.shape[1])))
-    if scheme.per_tensor or w.shape[0] <= rows:  # (the methods refuse NaN/Inf, naming ``name``)
-        return algo.quantize_weight(w, scheme, name=name, **options)
-    parts = [algo.quantize_weight(w[i : i + rows], scheme, name=name, **options) for i in range(0, w.shape[0], rows)]
-    try:
-        return QWeight.cat_rows(parts)
-    except ValueError:
-        del parts
-        return algo.quantize_weight(w, scheme, name=name, **options)
+    n, k = shape
+    step = max(1, CHUNK_BYTES // (4 * max(1, k)))
+    if scheme.per_tensor or n <= step:  # (the methods refuse NaN/Inf, naming ``name``)
+        return algo.quantize_weight(rows_of(0, n), scheme, name=name, **options)
+    first, out = None, None
+    for i in range(0, n, step):
+        part = algo.quantize_weight(rows_of(i, min(n, i + step)), scheme, name=name, **options)
+        ts = (part.data, part.scale, part.zero)
+        if first is None:
+            first = part
+            out = [None if t is None else torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in ts]
+        if part.layout != "rows" or any(
+            (t is None) != (o is None) or (t is not None and (t.dtype != o.dtype or t.shape[1:] != o.shape[1:]))
+            for t, o in zip(ts, out)
+        ):  # fmt: skip
+            del out, part, ts
+            return algo.quantize_weight(rows_of(0, n), scheme, name=name, **options)
+        for t, o in zip(ts, out):
+            if t is not None:
+                o[i : i + t.shape[0]] = t
+    return QWeight(first.scheme, (n, k), *out)
+
+
+READ_AHEAD_BYTES = 512 << 20  # larger stored weights (an LM head) are read a block of rows at a time
 
 
 def _read_ahead(ck: Checkpoint, names: list[str]):
     """The checkpoint's tensors ``names`` in order, the next one read from disk in a thread while
     the caller quantizes this one (reads release the GIL): the disk and the CPU work at once, for
-    one more stored weight in memory."""
+    one more stored weight in memory. A weight over :data:`READ_AHEAD_BYTES` is not read (None):
+    :func:`quantize_layer` reads it in blocks of rows."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def read(name):
+        return ck.tensor(name) if ck.nbytes_of(name) <= READ_AHEAD_BYTES else None
+
     with ThreadPoolExecutor(1, thread_name_prefix="lowbit-read") as pool:
-        nxt = pool.submit(ck.tensor, names[0]) if names else None
+        nxt = pool.submit(read, names[0]) if names else None
         for i in range(len(names)):
             w = nxt.result()
-            nxt = pool.submit(ck.tensor, names[i + 1]) if i + 1 < len(names) else None
+            nxt = pool.submit(read, names[i + 1]) if i + 1 < len(names) else None
             yield w
             del w
 
@@ -288,15 +323,21 @@ def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme
     from .io.writer import module_entry
 
     real = _module_for(mod, mname, ck)
+    wname = weight_name or f"{mname}.weight"
     with layer_errors(mname):
-        wt = ck.tensor(weight_name or f"{mname}.weight") if weight is None else weight  # (out, in...) stored dtype
-        src_dtype = wt.dtype
-        if kind == "linear" and swappable.is_hf_conv1d(real):
-            wt = wt.t()
-        qw = _quantize_rows(algo, wt.reshape(wt.shape[0], -1), scheme, f"{mname}.weight", options)
-        qw.shape = tuple(wt.shape)
+        shape = ck.shape(wname)  # (out, in...); rows read in the stored dtype
+        if kind == "linear" and swappable.is_hf_conv1d(real):  # stored (in, out): read whole
+            wt = (ck.tensor(wname) if weight is None else weight).t()
+            shape = tuple(wt.shape)
+            rows_of = lambda a, b: wt[a:b]  # noqa: E731
+        elif weight is not None:
+            rows_of = lambda a, b: weight[a:b].reshape(b - a, -1)  # noqa: E731
+        else:
+            rows_of = lambda a, b: ck.rows(wname, a, b).reshape(b - a, -1)  # noqa: E731
+        qw = _quantize_rows(algo, rows_of, (shape[0], math.prod(shape[1:])), scheme, f"{mname}.weight", options)
+        qw.shape = tuple(shape)
         new: QuantModule = _swap(real, kind, qw, algo.name)
-    new.orig_dtype = str(src_dtype).replace("torch.", "")
+    new.orig_dtype = str(ck.dtype(wname)).replace("torch.", "")
     return module_entry(new), list(new.state_dict().items())
 
 
@@ -563,8 +604,8 @@ def quantize_checkpoint(
                                                          for m, wn in zip(layers, wnames)], method, algo_options,
                              workers=ray_workers)  # fmt: skip
     else:
-        results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options, weight=w)
-                   for m, w in zip(layers, _read_ahead(ck, wnames)))  # fmt: skip
+        results = (quantize_layer(ck, m, planned[m][1], planned[m][2], planned[m][3], algo, algo_options, weight=w,
+                                  weight_name=wn) for m, wn, w in zip(layers, wnames, _read_ahead(ck, wnames)))  # fmt: skip
     it = plan
     if progress:
         from tqdm.auto import tqdm

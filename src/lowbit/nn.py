@@ -32,7 +32,7 @@ from .qweight import QWeight
 from .scheme import Scheme, parse_scheme
 
 __all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "shared_row_conversion",
-           "quantized_summary"]
+           "quantized_summary", "HalfStoredLinear", "HalfStoredEmbedding", "keep_half_storage"]
 
 # While set (see shared_row_conversion), state_dict() converts each tiled weight to the row layout
 # once, so modules sharing one weight (a tied embedding and LM head) emit the same tensors.
@@ -334,6 +334,54 @@ class QuantEmbedding(QuantModule):
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
+
+HALF_TILE_BYTES = 4 << 20  # float32 weight rows widened at a time by HalfStoredLinear (and a GEMM packs a copy)
+
+
+class HalfStoredLinear(nn.Linear):
+    """An unquantized ``nn.Linear`` of a float32 model whose weight ``(N, K)`` stays in the
+    bf16/fp16 it was stored in (a bf16 checkpoint's LM head, loaded by :func:`lowbit.load`):
+    ``y = x @ W^T + b`` is computed in ``x``'s dtype from the weight widened a tile of rows
+    (:data:`HALF_TILE_BYTES` as float32) at a time; every bf16/fp16 value is exact in float32, so
+    the result is a float32 linear of the stored values, and no float32 copy of the weight exists.
+    When ``x`` has the weight's dtype (the model cast to bf16) this is ``nn.Linear`` itself."""
+
+    _lowbit_float_base = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype or not x.is_floating_point():
+            return super().forward(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        tile = max(16, HALF_TILE_BYTES // (4 * max(1, w.shape[1])))
+        for n0 in range(0, w.shape[0], tile):
+            y[:, n0 : n0 + tile] = x2 @ w[n0 : n0 + tile].to(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+class HalfStoredEmbedding(nn.Embedding):
+    """An unquantized ``nn.Embedding`` of a float32 model whose weight stays in the bf16/fp16 it
+    was stored in: a lookup gathers the stored rows and returns them as float32 (exact)."""
+
+    _lowbit_float_base = nn.Embedding
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = super().forward(idx)
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
+def keep_half_storage(mod: nn.Module) -> bool:
+    """Make a plain ``nn.Linear``/``nn.Embedding`` whose weight is bf16/fp16 compute in float32
+    from that storage (:class:`HalfStoredLinear`, :class:`HalfStoredEmbedding`, by class swap: its
+    state dict is unchanged); False (nothing done) for any other module."""
+    kind = {nn.Linear: HalfStoredLinear, nn.Embedding: HalfStoredEmbedding}.get(type(mod))
+    if kind is None or mod.weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    mod.__class__ = kind
+    return True
 
 
 def quantized_summary(model: nn.Module, most: int = 3) -> str:

@@ -66,7 +66,7 @@ def _base_class(mod: nn.Module) -> type:
     t = type(mod)
     if getattr(mod, "parametrizations", None) is not None and t.__name__.startswith("Parametrized"):
         return t.__bases__[0]
-    return t
+    return getattr(t, "_lowbit_float_base", t)  # (lowbit.nn.HalfStoredLinear: nn.Linear's computation)
 
 
 def _inherits(t: type, base: type, *methods: str) -> bool:

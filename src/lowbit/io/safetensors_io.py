@@ -36,7 +36,7 @@ from torch import nn
 from .. import __version__, kernels
 from ..driver import LayerRecord, outside_inference_mode
 from ..memory import trim
-from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
+from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, keep_half_storage
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
 from .shards import is_shard_name, module_of, modules_digest, read_tensors, sha256
@@ -388,10 +388,19 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         raise LowbitFormatError(f"module {name!r}: {e}") from None
 
 
-def _assign_meta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+def _assign_meta(model: nn.Module, tensors: dict[str, torch.Tensor], half: list) -> dict[str, tuple]:
     """Put the file's tensor in place of every meta parameter or buffer it holds (cast to the
     skeleton's dtype; tied tensors stay tied), so nothing is allocated twice; returns what puts
-    each back, as :func:`_materialize_meta` does."""
+    each back, as :func:`_materialize_meta` does. The bf16/fp16 weight of a plain float
+    ``nn.Linear``/``nn.Embedding`` (an unquantized embedding or LM head of a bf16 checkpoint) keeps
+    its stored dtype (no float32 copy); those modules are appended to ``half``, for
+    :func:`lowbit.nn.keep_half_storage` once the load has succeeded."""
+    users: dict[int, list] = {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for tname, t in store.items():
+                if t is not None:
+                    users.setdefault(id(t), []).append((mod, tname))
     done: dict[int, torch.Tensor] = {}
     out: dict[str, tuple] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
@@ -403,7 +412,11 @@ def _assign_meta(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
                 new = done.get(id(t))
                 if new is None:
                     v = tensors[full]
-                    if v.is_floating_point() and t.is_floating_point() and v.dtype != t.dtype:
+                    keep = (v.dtype in (torch.bfloat16, torch.float16) and t.dtype == torch.float32
+                            and all(type(m) in (nn.Linear, nn.Embedding) and n == "weight" for m, n in users[id(t)]))  # fmt: skip
+                    if keep:
+                        half.extend(m for m, _ in users[id(t)])
+                    elif v.is_floating_point() and t.is_floating_point() and v.dtype != t.dtype:
                         v = v.to(t.dtype)
                     new = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
                     done[id(t)] = new
@@ -491,7 +504,8 @@ def load(
             swapped.append((name, old))
             _set_module(model, name, new)
         _check_against(model.state_dict(keep_vars=True), tensors)
-        meta = _assign_meta(model, tensors)
+        half: list[nn.Module] = []
+        meta = _assign_meta(model, tensors, half)
         meta.update(_materialize_meta(model))
         unfilled = sorted(n for n, (_m, _s, _t, old_t) in meta.items() if n not in tensors and old_t.device.type == "meta")
         for n in [n for n in meta if n not in tensors and n not in unfilled]:  # an inference tensor kept as it is
@@ -519,6 +533,8 @@ def load(
         for name, old in reversed(swapped):
             _set_module(model, name, old)
         raise
+    for mod in half:
+        keep_half_storage(mod)
     model.lowbit_layers = {n: LayerRecord(**r) for n, r in manifest["layers"].items()}
     model.lowbit_source = manifest["model"].get("source")
     tensors.clear()  # the modules hold what they need: each row layout is freed as its kernel's replaces it

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "read_tensors",
-           "read_header", "DTYPES", "DEFAULT_SHARD_BYTES"]
+           "read_header", "read_rows", "DTYPES", "DEFAULT_SHARD_BYTES"]
 
 _FIXED = 8 + 256  # header length field, the metadata entry, padding
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: a shard is buffered whole, and the streaming peak includes it
@@ -190,3 +190,23 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(names, final.name))
         self._hasher.shutdown()
         return shards, weight_map
+
+
+def read_rows(path: str | os.PathLike, name: str, start: int, stop: int, header: tuple[int, dict]) -> torch.Tensor:
+    """Rows ``start:stop`` (along dim 0) of tensor ``name`` of a safetensors file, read alone
+    (a row block of a C-contiguous tensor is one byte range): a weight larger than memory allows
+    is read a block of rows at a time. ``header``: the file's :func:`read_header`; the file must
+    have been validated as :func:`read_tensors` requires. Raises ``OSError`` for a short read."""
+    base, h = header
+    e = h[name]
+    if e["dtype"] not in DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which lowbit does not read")
+    shape = e["shape"]
+    row = (e["data_offsets"][1] - e["data_offsets"][0]) // max(1, shape[0])
+    start, stop = max(0, start), min(shape[0], stop)
+    buf = torch.empty(max(0, stop - start) * row, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(base + e["data_offsets"][0] + start * row)
+        if buf.numel() and f.readinto(memoryview(buf.numpy())) != buf.numel():
+            raise OSError(f"{path}: short read of rows {start}:{stop} of tensor {name!r}")
+    return buf.view(DTYPES[e["dtype"]]).reshape(max(0, stop - start), *shape[1:])
