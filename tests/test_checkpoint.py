@@ -369,6 +369,18 @@ def test_cli_streams_a_checkpoint_directory(tmp_path):
     assert p.returncode == 2 and "not a size" in p.stderr
 
 
+def test_eval_compares_a_streamed_model_with_its_checkpoint(tmp_path, monkeypatch, capsys):
+    from lowbit import cli, memory
+
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16)
+    out = quantize_checkpoint(src, "w4g32", tmp_path / "q")
+    source = read_manifest(out)["model"]["source"]
+    assert cli._default_baseline(source) == str(src)  # the float model it came from, loaded as a baseline
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000)  # too large to hold in float32: said so
+    assert cli._default_baseline(source) is None and "no float32 baseline" in capsys.readouterr().err
+    assert cli._default_baseline(str(tmp_path / "gone")) is None
+
+
 _LOAD_PEAK = """
 import sys, json, torch, warnings
 import lowbit

@@ -174,13 +174,13 @@ def cmd_eval(args) -> int:
     _threads(args)
     variants = [load_source(m) for m in args.model]
     first = variants[0]
-    base_name = args.baseline or (first.source if first.source in ZOO else None)
+    base_name = args.baseline or _default_baseline(first.source)
     rows = []
     opts = dict(max_tokens=args.max_tokens, seqlen=args.seqlen, speed=not args.no_speed, progress=not args.quiet,
                 images=args.images)  # fmt: skip
     base = None
     if base_name and base_name not in args.model:
-        base = load_model(base_name)
+        base = load_model(base_name) if base_name in ZOO else load_source(base_name)
         rows.append(measure(base.model, base, label=f"{base_name} fp32", **opts))
     for name, zm in zip(args.model, variants):
         if base is not None:
@@ -206,6 +206,28 @@ def cmd_eval(args) -> int:
         path = _write_report(args.report, rows, headers, table)
         print(f"report -> {args.report} (plot {path.name})")
     return 0
+
+
+def _default_baseline(source: str | None) -> str | None:
+    """The model a quantized one is compared with: its source, a zoo model or a transformers
+    checkpoint directory (a streamed model's), when that still exists and fits in memory as
+    float32 (a note says so when it does not)."""
+    from lowbit.models.zoo import ZOO
+
+    if not source or source in ZOO:
+        return source or None
+    if not _is_checkpoint_dir(source):
+        return None
+    from lowbit.checkpoint import Checkpoint
+    from lowbit.memory import available_bytes
+
+    ck = Checkpoint(source)
+    fp32 = sum(ck.nbytes_of(n) * 4 // ck.dtype(n).itemsize if ck.dtype(n) else ck.nbytes_of(n) for n in ck.names())
+    if fp32 > available_bytes() // 2:
+        print(f"(no float32 baseline: the source {source} takes {fp32 / 1e9:.1f} GB as float32, more than half the "
+              "memory available; pass --baseline)", file=sys.stderr)  # fmt: skip
+        return None
+    return source
 
 
 def _eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import re
 from pathlib import Path
 
-__all__ = ["trim", "rss_mib", "peak_rss_mib", "reset_peak_rss"]
+__all__ = ["trim", "rss_mib", "peak_rss_mib", "reset_peak_rss", "available_bytes"]
 
 _libc: object = None
 
@@ -55,3 +56,18 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def available_bytes() -> int:
+    """Memory the system can give a new allocation without swapping (``MemAvailable`` of
+    ``/proc/meminfo``; elsewhere the physical memory), in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
