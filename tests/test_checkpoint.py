@@ -555,3 +555,17 @@ def test_an_hf_directory_with_only_pickle_weights_is_refused_in_memory_too(tmp_p
                         "-o", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode != 0 and "pickle files, which lowbit never loads" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_memory_mapped_load_computes_the_same_and_never_writes_the_file(tmp_path):
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16, tie=False)
+    out = quantize_checkpoint(src, "w4g32", tmp_path / "q")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    a, b = lowbit.load(out), lowbit.load(out, mmap=True)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+        b.lm_head.weight.mul_(2)  # copy-on-write: the model's pages, not the file's
+        b.model.embed_tokens.weight.zero_()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert torch.equal(lowbit.load(out, mmap=True).lm_head.weight, a.lm_head.weight)

@@ -39,7 +39,7 @@ from ..memory import trim
 from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, keep_half_storage
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
-from .shards import is_shard_name, module_of, modules_digest, read_tensors, sha256
+from .shards import is_shard_name, map_tensors, module_of, modules_digest, read_tensors, sha256
 from .writer import FORMAT_VERSION, MANIFEST, LowbitFormatError, save
 
 __all__ = ["save", "load", "LowbitFormatError", "FORMAT_VERSION", "read_manifest"]
@@ -145,7 +145,7 @@ def _manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
+def _read_tensors(d: Path, manifest: dict, verify: bool, mmap: bool = False) -> dict[str, torch.Tensor]:
     if manifest["format_version"] == 1:
         return _read_tensors_v1(d, manifest, verify)
     from safetensors import SafetensorError, safe_open
@@ -169,7 +169,7 @@ def _read_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, torch.Tens
                 if n in held:
                     raise LowbitFormatError(f"tensor {n!r} is in both {held[n]} and {sh['file']}")
                 held[n] = sh["file"]
-            tensors.update(read_tensors(f))
+            tensors.update(map_tensors(f) if mmap else read_tensors(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             if isinstance(e, LowbitFormatError):
                 raise
@@ -451,7 +451,8 @@ def _materialize_meta(model: nn.Module) -> dict[str, tuple]:
 
 @outside_inference_mode
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, kernel: str = "auto", verify: bool = True
+    path: str | os.PathLike, model: nn.Module | None = None, *, kernel: str = "auto", verify: bool = True,
+    mmap: bool = False,
 ) -> nn.Module:
     """Load a model saved by :func:`save`.
 
@@ -464,12 +465,17 @@ def load(
             :class:`LowbitFormatError` naming it.
         kernel: kernel preference for the quantized modules ("auto", "reference", ...).
         verify: check the tensor file's SHA-256 against the manifest.
+        mmap: map the tensor files (copy-on-write) instead of reading them: tensors kept in the
+            stored layout (float tensors, a bf16 embedding or head, quantized weights a kernel
+            runs as stored) stay file-backed pages the OS can evict and re-read, so resident
+            memory can stay below the file size; the files must not change while the model
+            lives. Tensors a kernel converts to its own layout are copied as without ``mmap``.
     """
     from ..driver import _set_module
 
     d = Path(path)
     manifest = read_manifest(d)
-    tensors = _read_tensors(d, manifest, verify)
+    tensors = _read_tensors(d, manifest, verify, mmap)
     if model is None:
         model = _skeleton(d, manifest)
     for alias, target in manifest["aliases"].items():

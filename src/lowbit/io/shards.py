@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_digest", "module_of", "read_tensors",
-           "read_header", "read_rows", "DTYPES", "DEFAULT_SHARD_BYTES"]
+           "read_header", "read_rows", "map_tensors", "DTYPES", "DEFAULT_SHARD_BYTES"]
 
 _FIXED = 8 + 256  # header length field, the metadata entry, padding
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: a shard is buffered whole, and the streaming peak includes it
@@ -72,6 +72,31 @@ def read_header(path: str | os.PathLike) -> tuple[int, dict]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return 8 + n, json.loads(f.read(n))
+
+
+def map_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of a private (copy-on-write) memory map of it:
+    nothing is read until used, pages stay file-backed (the OS can drop and re-read them) until
+    written, and writes never reach the file. The file must not be truncated or rewritten while
+    the tensors live (the process would get SIGBUS, as with any memory map). Validated as
+    :func:`read_tensors` requires."""
+    import mmap
+
+    base, header = read_header(path)
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if e["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which lowbit does not read")
+        lo, hi = e["data_offsets"]
+        buf = torch.frombuffer(mm, dtype=torch.uint8, count=hi - lo, offset=base + lo) if hi > lo else \
+            torch.empty(0, dtype=torch.uint8)  # fmt: skip
+        out[name] = buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out
 
 
 def read_tensors(path: str | os.PathLike, names=None, header: tuple[int, dict] | None = None) -> dict[str, torch.Tensor]:
