@@ -76,12 +76,21 @@ def _head_recipe(head: str, embedding: str | None = None):
     ("gptq", _head_recipe("w8g32", "w8g32"), {}, True), ("gptq", _head_recipe("w8g32"), {}, False),
     ("awq", _head_recipe("w4g32"), {}, True),
 ])  # fmt: skip
-def test_streamed_calibration_is_byte_identical_to_in_memory(tmp_path, method, spec, options, tie):
+def test_streamed_calibration_is_byte_identical_to_in_memory(tmp_path, monkeypatch, method, spec, options, tie):
     """Every calibrated path streamed block by block gives the in-memory bytes, including layers
-    after the blocks (a quantized head, tied to the embedding or not) calibrated on replayed outputs."""
+    after the blocks (a quantized head, tied to the embedding or not) calibrated on replayed outputs;
+    with a zero activation budget (gptq, awq) the activations live in memory-mapped files."""
+    from lowbit.checkpoint import BlockStream
+
+    spilled = []
+    real = BlockStream.spill
+    monkeypatch.setattr(BlockStream, "spill", lambda self, t: spilled.append(t.nbytes) or real(self, t))
     src = _checkpoint(tmp_path / "src", tie=tie)
+    budget = 0 if method in ("gptq", "awq") else None
     a = quantize_checkpoint(src, spec, tmp_path / "stream", method=method, calibration=_CAL, max_shard_bytes=50_000,
-                            bias_correction=False, **options)  # fmt: skip
+                            bias_correction=False, activation_budget=budget, **options)  # fmt: skip
+    assert (len(spilled) > 0) == (budget == 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "stream"]  # no activation file left
     b = _in_memory(src, spec, tmp_path / "mem", method=method, calibration=_CAL, bias_correction=False,
                    max_shard_bytes=50_000, **options)  # fmt: skip
     files = sorted(p.name for p in a.iterdir())

@@ -238,14 +238,17 @@ def _block_outputs(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _run_block(block: nn.Module, inputs: list, masks: list | None = None, current: list | None = None) -> list:
+def _run_block(block: nn.Module, inputs: list, masks: list | None = None, current: list | None = None,
+               keep: Callable | None = None) -> list:  # fmt: skip
     """The block's outputs on every input; with ``current``, ``current[0]`` is set to each
-    batch's token mask (``masks``) before its call, for hooks that gather statistics."""
+    batch's token mask (``masks``) before its call, for hooks that gather statistics.
+    ``keep(i, output)``: what is kept of output ``i`` (None: nothing; a copy spilled to disk)."""
     outs = []
     for i, (args, kwargs) in enumerate(inputs):
         if current is not None:
             current[0] = masks[i] if masks is not None else None
-        outs.append(_block_outputs(block(*args, **kwargs)))
+        out = _block_outputs(block(*args, **kwargs))
+        outs.append(out if keep is None else keep(i, out))
     return outs
 
 
@@ -394,6 +397,10 @@ def run(
                 prefix, blocks = found
                 with stream.outside(model, blocks) if stream is not None else contextlib.nullcontext():
                     inputs = _capture(model, blocks, batches)
+                keep = None
+                if stream is not None and stream.spills(sum(_hidden_in(*inp).nbytes for inp in inputs)):
+                    keep = lambda i, out: stream.spill(out)  # noqa: E731
+                    inputs = [_with_hidden(inp, stream.spill(_hidden_in(*inp))) for inp in inputs]
                 it = range(len(blocks))
                 if progress:
                     from tqdm.auto import tqdm
@@ -411,10 +418,10 @@ def run(
                         _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module,
                                         observer, sequential=sequential, masks=masks, unscaled=unscaled)  # fmt: skip
                     if i + 1 < len(blocks):  # the quantized block's outputs feed the next block
-                        inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs))]
+                        inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs, keep=keep))]
                     elif stream is not None and remaining:  # the layers after the blocks read these
                         args, kwargs = inputs[0]
-                        replay = (_run_block(block, inputs), isinstance(block(*args, **kwargs), (tuple, list)))
+                        replay = (_run_block(block, inputs, keep=keep), isinstance(block(*args, **kwargs), (tuple, list)))
                     if stream is not None:
                         stream.block_done(bname, block, done)
                         done.clear()
@@ -595,7 +602,7 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
             obs[n].update(x)
 
     with _hooks(local, collect):
-        ref_out = _run_block(block, inputs, masks, current)
+        ref_out = _run_block(block, inputs, masks, current, keep=lambda i, out: out if i == 0 else None)  # (_change)
     unreached = {f"{bname}.{n}" for n in local if n not in reached}
     _refuse_unreached_static(layers, unreached)
 

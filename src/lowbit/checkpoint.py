@@ -397,8 +397,10 @@ class BlockStream:
     """
 
     def __init__(self, ck: Checkpoint, model: nn.Module, plan: list, planned: dict, writer: ModelWriter,
-                 records: dict, method: str, prefix: str, stored: dict[int, str]):  # fmt: skip
+                 records: dict, method: str, prefix: str, stored: dict[int, str],
+                 activation_budget: int | None = None):  # fmt: skip
         self.ck, self.model, self.plan, self.planned, self.w = ck, model, plan, planned, writer
+        self.activation_budget, self.spilling, self.spilled = activation_budget, False, 0
         self.records, self.method, self.prefix = records, method, prefix + "."
         self.values = _Values(ck, stored)
         # each planned layer's weight as the checkpoint names it (a tied head: the embedding's name)
@@ -433,6 +435,33 @@ class BlockStream:
             for h in handles:
                 h.remove()
             self.values.unload(self.scopes.pop())
+
+    def spills(self, nbytes: int) -> bool:
+        """Whether the calibration activations (``nbytes`` per copy; a block's inputs and outputs
+        coexist) go to disk: when two copies exceed the budget (default a quarter of the memory
+        available now)."""
+        from .memory import available_bytes
+
+        budget = self.activation_budget if self.activation_budget is not None else available_bytes() // 4
+        self.spilling = 2 * nbytes > budget
+        return self.spilling
+
+    def spill(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` copied into a file-backed tensor (a shared memory map of an unlinked file beside
+        the output): its pages are written back and evicted under memory pressure instead of
+        staying resident; the file is gone as soon as the tensor is (nothing is left behind, even
+        by a killed run)."""
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix=f".{self.w.dst.name}.act-", dir=self.w.dst.parent)
+        try:
+            os.close(fd)
+            mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        finally:
+            os.unlink(path)
+        mapped.copy_(t)
+        self.spilled += t.nbytes
+        return mapped
 
     def take(self, quantized: list) -> None:
         """Quantized layers outside the blocks (their float values are freed)."""
@@ -520,6 +549,7 @@ def quantize_checkpoint(
     calibration=None,
     observer: str = "minmax",
     bias_correction: bool | None = None,
+    activation_budget: int | None = None,
     **options,
 ) -> Path:
     """Quantize the checkpoint in directory ``src`` layer by layer into the lowbit directory ``out``.
@@ -544,6 +574,9 @@ def quantize_checkpoint(
         calibration, observer: as for :func:`lowbit.quantize`.
         bias_correction: must be False or None when a static layer has a bias (bias correction
             needs the whole model's outputs; streaming refuses it).
+        activation_budget: bytes of calibration activations (a block's inputs and outputs, float32)
+            kept in memory; above it they live in memory-mapped files beside the output, which
+            the OS writes back and evicts as needed (default: a quarter of the memory available).
         **options: the method's options, as for :func:`lowbit.quantize`.
 
     Peak memory is about one layer's float32 weight with its quantization temporaries plus one
@@ -594,7 +627,8 @@ def quantize_checkpoint(
             plan.append(("layer", mname))
     if algo.uses_calibration or static:
         return _calibrated(ck, model, plan, planned, todo, records, heads, algo, algo_options, method, out,
-                           max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction, in_ck)  # fmt: skip
+                           max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction, in_ck,
+                           activation_budget)  # fmt: skip
     layers = [p[1] for p in plan if p[0] == "layer"]
     wnames = [source[f"{m}.weight"] for m in layers]  # (a tied head's weight is stored under the embedding's name)
     if ray_address is not None:
@@ -640,7 +674,7 @@ def quantize_checkpoint(
 
 
 def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, method, out, max_shard_bytes,
-                progress, tokenizer, calibration, observer, bias_correction, stored) -> Path:  # fmt: skip
+                progress, tokenizer, calibration, observer, bias_correction, stored, activation_budget) -> Path:  # fmt: skip
     """The calibrated half of :func:`quantize_checkpoint`: :func:`lowbit.calibrate.run` on the
     skeleton with a :class:`BlockStream` reading and writing block by block."""
     from . import calibrate
@@ -666,7 +700,7 @@ def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, m
         raise QuantizeError(f"{ck.dir}: streaming calibration needs a model of repeated blocks; this one has none")
     head_quantized = any(t[0] in heads for t in todo)
     with ModelWriter(out, max_shard_bytes=max_shard_bytes) as w:
-        stream = BlockStream(ck, model, plan, planned, w, records, method, found[0], stored)
+        stream = BlockStream(ck, model, plan, planned, w, records, method, found[0], stored, activation_budget)
         calibrate.run(model, todo, algo, calibration, options, progress=progress, method=method,
                       make_module=lambda mod, kind, qw, act: _swap(mod, kind, qw, method, act), observer=observer,
                       bias_correction=False, stream=stream)  # fmt: skip
