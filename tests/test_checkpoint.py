@@ -486,6 +486,40 @@ def test_ray_workers_give_the_same_bytes_as_one_process(tmp_path, ray_cluster):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", [("gptq", {}), ("awq", {}), ("awq+gptq", {"sequential": True})])
+def test_ray_workers_split_the_calibration_set(tmp_path, ray_cluster, method, options):
+    """Calibrated methods on Ray: each worker holds part of the calibration batches and sends back
+    its sums; the output equals one process's up to float summation order (Hessians): AWQ's scales
+    and sampled rows are exact, and GPTQ's codes may differ only where summation order tips a
+    rounding, by one step, in a tiny fraction of weights."""
+    from safetensors.torch import load_file
+
+    src = _checkpoint(tmp_path / "src", tie=False)
+    cal = [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    one = quantize_checkpoint(src, "w4g32", tmp_path / "one", method=method, calibration=cal, **options)
+    ref = load_file(str(one / "model.safetensors"))
+    for n in (1, 2):
+        out = quantize_checkpoint(src, "w4g32", tmp_path / f"ray{n}", method=method, calibration=cal,
+                                  ray_address="auto", ray_workers=n, **options)  # fmt: skip
+        got = load_file(str(out / "model.safetensors"))
+        assert sorted(got) == sorted(ref) and read_manifest(out)["modules"] == read_manifest(one)["modules"]
+        changed = total = 0
+        for k, v in ref.items():
+            if k.endswith(".qweight"):
+                a, b = (lowbit.packing.unpack(t, 4, 2 * v.shape[1]) for t in (v, got[k]))
+                changed += int((a != b).sum())
+                total += a.numel()
+                assert int((a.int() - b.int()).abs().max()) <= 1, k
+            elif method == "awq" or not k.endswith(".scales"):  # AWQ's scales and norms: exact
+                assert torch.equal(v, got[k]), k
+        assert changed <= 0.002 * total, (n, changed, total)
+        x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            la, lb = lowbit.load(one)(x).logits, lowbit.load(out)(x).logits
+        assert float((la - lb).norm() / la.norm()) < 0.01
+
+
 def test_a_ray_address_that_does_not_answer_is_one_clear_error(tmp_path):
     pytest.importorskip("ray")
     from lowbit.distributed import RayError

@@ -398,7 +398,12 @@ def run(
                 with stream.outside(model, blocks) if stream is not None else contextlib.nullcontext():
                     inputs = _capture(model, blocks, batches)
                 keep = None
-                if stream is not None and stream.spills(sum(_hidden_in(*inp).nbytes for inp in inputs)):
+                if stream is not None and getattr(stream, "ray", None) is not None:
+                    from .distributed import RayInputs
+
+                    inputs = RayInputs(stream.ray[0], inputs, masks, stream.ray[1])
+                    stream.opened.append(inputs)
+                elif stream is not None and stream.spills(sum(_hidden_in(*inp).nbytes for inp in inputs)):
                     keep = lambda i, out: stream.spill(out)  # noqa: E731
                     inputs = [_with_hidden(inp, stream.spill(_hidden_in(*inp))) for inp in inputs]
                 it = range(len(blocks))
@@ -417,11 +422,14 @@ def run(
                     if layers:
                         _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module,
                                         observer, sequential=sequential, masks=masks, unscaled=unscaled)  # fmt: skip
-                    if i + 1 < len(blocks):  # the quantized block's outputs feed the next block
+                    if i + 1 < len(blocks) and _distributed(inputs):
+                        inputs.advance(block)
+                    elif i + 1 < len(blocks):  # the quantized block's outputs feed the next block
                         inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, _run_block(block, inputs, keep=keep))]
                     elif stream is not None and remaining:  # the layers after the blocks read these
                         args, kwargs = inputs[0]
-                        replay = (_run_block(block, inputs, keep=keep), isinstance(block(*args, **kwargs), (tuple, list)))
+                        outs = inputs.outputs(block) if _distributed(inputs) else _run_block(block, inputs, keep=keep)
+                        replay = (outs, isinstance(block(*args, **kwargs), (tuple, list)))
                     if stream is not None:
                         stream.block_done(bname, block, done)
                         done.clear()
@@ -477,6 +485,11 @@ def run(
             if name in olds:
                 new.train(olds[name].training)
     return done
+
+
+def _distributed(inputs) -> bool:
+    """Whether the calibration inputs live on Ray workers (:class:`lowbit.distributed.RayInputs`)."""
+    return not isinstance(inputs, list)
 
 
 def _check_lengths(model: nn.Module, batches: list) -> None:
@@ -601,8 +614,15 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
         if n in obs and algo.smooth is None:
             obs[n].update(x)
 
-    with _hooks(local, collect):
-        ref_out = _run_block(block, inputs, masks, current, keep=lambda i, out: out if i == 0 else None)  # (_change)
+    if _distributed(inputs):  # the batches live on Ray workers: they send back the sums
+        if obs:  # pragma: no cover - quantize_checkpoint refuses static schemes with Ray
+            raise CalibrationError("static activation schemes calibrate in one process")
+        wanted = {n: stats[n] for n in stats if algo.needs and (not sequential or algo.smooth is not None)}
+        reached = inputs.stats(block, list(local), wanted)
+        ref_out = [_block_outputs(block(*inputs[0][0], **inputs[0][1]))]  # (_change reads the first batch)
+    else:
+        with _hooks(local, collect):
+            ref_out = _run_block(block, inputs, masks, current, keep=lambda i, out: out if i == 0 else None)  # (_change)
     unreached = {f"{bname}.{n}" for n in local if n not in reached}
     _refuse_unreached_static(layers, unreached)
 
@@ -639,7 +659,9 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
         # the Hessian gathered again here; AWQ's row sample (for its clip search) stays the one its
         # scales were searched on, gathered in the first pass
         st = Stats(_in_features(local[first]), needs - {"sample"}, seed=seed)
-        for b, inp in enumerate(inputs):
+        if _distributed(inputs):
+            inputs.stats(block, [first], {first: st}, stop=first)
+        for b, inp in enumerate(inputs if not _distributed(inputs) else []):
             mask = masks[b] if masks is not None else None
             x = _input_of(block, first, inp)
             if x is None or (x := _real_tokens(x, mask)).numel() == 0:

@@ -401,6 +401,8 @@ class BlockStream:
                  activation_budget: int | None = None):  # fmt: skip
         self.ck, self.model, self.plan, self.planned, self.w = ck, model, plan, planned, writer
         self.activation_budget, self.spilling, self.spilled = activation_budget, False, 0
+        self.ray: tuple | None = None  # (address, workers): the calibration batches on Ray workers
+        self.opened: list = []  # their RayInputs, closed at the end
         self.records, self.method, self.prefix = records, method, prefix + "."
         self.values = _Values(ck, stored)
         # each planned layer's weight as the checkpoint names it (a tied head: the embedding's name)
@@ -567,10 +569,16 @@ def quantize_checkpoint(
         max_shard_bytes: the largest output tensor file in bytes.
         tokenizer: saved beside the model when given (else the checkpoint's tokenizer files are
             copied as they are).
-        ray_address: quantize the layers on a Ray cluster (``"local"``: start one here; ``"auto"``
-            or ``"host:port"``: join one) whose nodes read ``src`` from the same path (shared
-            storage); the output is byte-identical to a run without Ray (:mod:`lowbit.distributed`).
-        ray_workers: at most this many layers in flight at once (default: the cluster's CPUs).
+        ray_address: run on a Ray cluster (``"local"``: start one here; ``"auto"`` or
+            ``"host:port"``: join one; :mod:`lowbit.distributed`). Data-free methods: the layers
+            are quantized on its nodes, which read ``src`` from the same path (shared storage);
+            the output is byte-identical to a run without Ray. Calibrated methods (not static
+            activation schemes): the calibration batches are split across workers that run each
+            block on their part and send back its statistics (Hessians, activation maxima,
+            sampled rows), summed here; the output equals one process's up to float summation
+            order in the Hessians.
+        ray_workers: at most this many layers in flight at once, or this many calibration
+            workers (default: the cluster's CPUs).
         calibration, observer: as for :func:`lowbit.quantize`.
         bias_correction: must be False or None when a static layer has a bias (bias correction
             needs the whole model's outputs; streaming refuses it).
@@ -598,8 +606,8 @@ def quantize_checkpoint(
         if problem:
             raise QuantizeError(f"method {method!r} cannot serve scheme {scheme}: {problem}")
     static = any(t[3].act_static for t in todo)
-    if (algo.uses_calibration or static) and ray_address is not None:
-        raise QuantizeError("--ray runs data-free methods; a calibrated method or static scheme streams in one process")
+    if static and ray_address is not None:
+        raise QuantizeError("--ray does not take static activation schemes (their observers calibrate in one process)")
     planned = {t[0]: t for t in todo}
     owner = {}  # state-dict name -> the planned module it belongs to
     for name in planned:
@@ -628,7 +636,7 @@ def quantize_checkpoint(
     if algo.uses_calibration or static:
         return _calibrated(ck, model, plan, planned, todo, records, heads, algo, algo_options, method, out,
                            max_shard_bytes, progress, tokenizer, calibration, observer, bias_correction, in_ck,
-                           activation_budget)  # fmt: skip
+                           activation_budget, None if ray_address is None else (ray_address, ray_workers))  # fmt: skip
     layers = [p[1] for p in plan if p[0] == "layer"]
     wnames = [source[f"{m}.weight"] for m in layers]  # (a tied head's weight is stored under the embedding's name)
     if ray_address is not None:
@@ -674,7 +682,8 @@ def quantize_checkpoint(
 
 
 def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, method, out, max_shard_bytes,
-                progress, tokenizer, calibration, observer, bias_correction, stored, activation_budget) -> Path:  # fmt: skip
+                progress, tokenizer, calibration, observer, bias_correction, stored, activation_budget,
+                ray=None) -> Path:  # fmt: skip
     """The calibrated half of :func:`quantize_checkpoint`: :func:`lowbit.calibrate.run` on the
     skeleton with a :class:`BlockStream` reading and writing block by block."""
     from . import calibrate
@@ -701,9 +710,14 @@ def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, m
     head_quantized = any(t[0] in heads for t in todo)
     with ModelWriter(out, max_shard_bytes=max_shard_bytes) as w:
         stream = BlockStream(ck, model, plan, planned, w, records, method, found[0], stored, activation_budget)
-        calibrate.run(model, todo, algo, calibration, options, progress=progress, method=method,
-                      make_module=lambda mod, kind, qw, act: _swap(mod, kind, qw, method, act), observer=observer,
-                      bias_correction=False, stream=stream)  # fmt: skip
+        stream.ray = ray
+        try:
+            calibrate.run(model, todo, algo, calibration, options, progress=progress, method=method,
+                          make_module=lambda mod, kind, qw, act: _swap(mod, kind, qw, method, act), observer=observer,
+                          bias_correction=False, stream=stream)  # fmt: skip
+        finally:
+            for inputs in stream.opened:
+                inputs.close()
         stream.finish()
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does

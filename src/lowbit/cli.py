@@ -586,9 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
                    help="largest output tensor file, e.g. 1GiB (default), 500MB: the streaming peak includes one")
     q.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="streamed, data-free: quantize the layers on a Ray cluster (host:port or auto; no address: "
-                   "start one here) that reads the checkpoint at the same path")
-    q.add_argument("--ray-workers", type=int, help="layers in flight at once on Ray (default: the cluster's CPUs)")
+                   help="streamed on a Ray cluster (host:port or auto; no address: start one here): data-free "
+                   "methods quantize the layers there (reading the checkpoint at the same path); calibrated ones "
+                   "split the calibration batches across workers, which send back their statistics per block")
+    q.add_argument("--ray-workers", type=int,
+                   help="layers in flight, or calibration workers, on Ray (default: the cluster's CPUs)")
     q.add_argument("--threads", type=int)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)

@@ -13,7 +13,7 @@ import socket
 from collections import deque
 from collections.abc import Iterator
 
-__all__ = ["ray_layers", "RayError"]
+__all__ = ["ray_layers", "RayError", "RayInputs"]
 
 _WORKER_CACHE: dict = {}  # per worker process: checkpoint path -> Checkpoint
 
@@ -92,3 +92,182 @@ def ray_layers(address: str, src: str, layers: list[tuple], method: str, options
             yield out
 
     return results()
+
+
+# ---- calibrated methods: the calibration set split across workers ------------------------------
+class _Shard:
+    """A Ray actor's part of the calibration set: the current block inputs ``(args, kwargs)`` of
+    the batches ``index`` (and their token masks). It runs whatever block the driver sends on them:
+    gathering the statistics the driver asks for, or moving them through the block."""
+
+    def __init__(self, index: list[int], inputs: list, masks: list, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.index, self.inputs, self.masks = index, inputs, masks
+
+    def stats(self, block, hooked: list[str], wanted: dict, stop: str | None = None):
+        """Run ``block`` on every input with pre-hooks on the submodules ``hooked``; for each name in
+        ``wanted`` (``name -> (K, needs, {batch: sorted row indices})``) sum what
+        :class:`lowbit.calibrate.Stats` sums: tokens, ``X^T X`` ("hessian"), the largest ``|x|`` per
+        column ("absmax"), and the rows the driver's sampling picked ("sample", per batch).
+        ``stop``: end each pass at that submodule (its input is all that is wanted).
+        Returns ``({name: (tokens, h, absmax, {batch: rows})}, names reached)``."""
+        import torch
+
+        from .calibrate import _real_tokens, _Stop
+
+        out = {n: [0, None, None, {}] for n in wanted}
+        reached: set[str] = set()
+        current = [None, None]  # (batch index, mask) of the pass running
+
+        def pre(n, x):
+            if x.numel() == 0:
+                return
+            reached.add(n)
+            if n in wanted:
+                x = _real_tokens(x, current[1])
+                if x.numel():
+                    k, needs, picks = wanted[n]
+                    x = x.detach().reshape(-1, k).float()
+                    if not torch.isfinite(x).all():
+                        from .calibrate import CalibrationError
+
+                        raise CalibrationError("calibration activations hold NaN/Inf; check the model and data")
+                    acc = out[n]
+                    acc[0] += x.shape[0]
+                    if "hessian" in needs:
+                        xx = x.t() @ x
+                        acc[1] = xx if acc[1] is None else acc[1] + xx
+                    if "absmax" in needs:
+                        m = x.abs().amax(0)
+                        acc[2] = m if acc[2] is None else torch.maximum(acc[2], m)
+                    idx = picks.get(current[0])
+                    if idx:
+                        if max(idx) >= x.shape[0]:
+                            raise RuntimeError(f"{n}: a batch has fewer input rows than its tokens (not a dense block)")
+                        acc[3][current[0]] = x[idx].clone()
+            if n == stop:
+                raise _Stop
+
+        mods = {n: block.get_submodule(n) for n in hooked}
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n: pre(n, a[0])) for n, m in mods.items()]
+        try:
+            with torch.no_grad():
+                for b, (args, kwargs), mask in zip(self.index, self.inputs, self.masks):
+                    current[0], current[1] = b, mask
+                    try:
+                        block(*args, **kwargs)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: tuple(v) for n, v in out.items()}, reached
+
+    def advance(self, block) -> None:
+        """The block's outputs become the inputs of the next block."""
+        import torch
+
+        from .calibrate import _block_outputs, _with_hidden
+
+        with torch.no_grad():
+            self.inputs = [_with_hidden(inp, _block_outputs(block(*inp[0], **inp[1]))) for inp in self.inputs]
+
+    def outputs(self, block) -> list:
+        import torch
+
+        from .calibrate import _block_outputs
+
+        with torch.no_grad():
+            return [_block_outputs(block(*inp[0], **inp[1])) for inp in self.inputs]
+
+
+class RayInputs:
+    """The calibration inputs of the current block, split across Ray actors (:class:`_Shard`) in
+    contiguous runs of batches; the driver keeps the first batch (the checks that run one batch).
+    Statistics come back summed per actor and are added up here in batch order: the same numbers as
+    one process up to float summation order (and the actors' thread count)."""
+
+    def __init__(self, address: str, inputs: list, masks: list, workers: int | None = None):
+        _connect(address)
+        import ray
+
+        n = max(1, min(len(inputs), workers or int(ray.cluster_resources().get("CPU", 1))))
+        bounds = [round(i * len(inputs) / n) for i in range(n + 1)]
+        actor = ray.remote(num_cpus=1)(_Shard)
+        self._ray = ray
+        self.first = inputs[0]
+        self.count = len(inputs)
+        self.rows = [int(m.sum()) if m is not None else _hidden_rows(inp) for inp, m in zip(inputs, masks)]
+        self.actors = [actor.remote(list(range(a, b)), inputs[a:b], masks[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if i == 0 or i == slice(None, 1, None):
+            return self.first if i == 0 else [self.first]
+        raise IndexError("the driver holds only the first calibration batch; the rest are on the Ray workers")
+
+    def _all(self, method: str, *args) -> list:
+        return self._ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def stats(self, block, hooked: list[str], wanted: dict, stop: str | None = None):
+        """Per name in ``wanted`` (``name -> Stats`` to add into, empty), the sums of every batch;
+        returns the names reached. Sampled rows are chosen here, as :meth:`Stats.add` would choose
+        them batch by batch, so the sample equals one process's."""
+        from .calibrate import SAMPLE_ROWS
+
+        spec = {}
+        for n, st in wanted.items():
+            picks = {}
+            if "sample" in st.need:
+                import random
+
+                rng, have = random.Random(st.seed), 0
+                for b, rows in enumerate(self.rows):
+                    take = min(rows, max(0, SAMPLE_ROWS - have))
+                    if rows and take:
+                        picks[b] = sorted(rng.sample(range(rows), take))
+                        have += take
+            spec[n] = (st.k, frozenset(st.need), picks)
+        block_ref = self._ray.put(block)
+        reached: set[str] = set()
+        for part, seen in self._all("stats", block_ref, hooked, spec, stop):
+            reached |= seen
+            for n, (tokens, h, absmax, rows) in part.items():
+                st = wanted[n]
+                st.tokens += tokens
+                if h is not None:
+                    st.h = h if st.h is None else st.h + h
+                if absmax is not None:
+                    st.absmax = absmax if st.absmax is None else st.absmax.maximum(absmax)
+                st.sample += [rows[b] for b in sorted(rows)]
+        return reached
+
+    def advance(self, block) -> None:
+        block_ref = self._ray.put(block)
+        self._all("advance", block_ref)
+        import torch
+
+        from .calibrate import _block_outputs, _with_hidden
+
+        with torch.no_grad():
+            self.first = _with_hidden(self.first, _block_outputs(block(*self.first[0], **self.first[1])))
+
+    def outputs(self, block) -> list:
+        block_ref = self._ray.put(block)
+        return [o for part in self._all("outputs", block_ref) for o in part]
+
+    def close(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
+        self.actors = []
+
+
+def _hidden_rows(inp: tuple) -> int:
+    from .calibrate import _hidden_in
+
+    h = _hidden_in(*inp)
+    return int(h.shape[0] * h.shape[1]) if h.dim() >= 3 else int(h.shape[0])
