@@ -121,17 +121,50 @@ def child_ray(a: dict) -> dict:
     from lowbit.checkpoint import quantize_checkpoint
 
     torch.set_num_threads(1)
+    opts = {}
+    if a.get("method", "rtn") != "rtn":
+        cfg = json.loads((Path(a["src"]) / "config.json").read_text())
+        opts["calibration"] = _calibration(cfg["vocab_size"], a["nsamples"], a["seqlen"])
     ray.init(num_cpus=a["workers"], include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        quantize_checkpoint(a["src"], a["spec"], a["out"], method="rtn", ray_address="auto", ray_workers=a["workers"])
+        quantize_checkpoint(a["src"], a["spec"], a["out"], method=a.get("method", "rtn"), ray_address="auto",
+                            ray_workers=a["workers"], **opts)  # fmt: skip
         secs = time.perf_counter() - t0
     finally:
         ray.shutdown()
     return {"seconds": round(secs, 2), "peak_rss_mib_driver": round(_vmhwm_mib(), 1)}
 
 
-CHILDREN = {"quantize": child_quantize, "load": child_load, "ray": child_ray}
+def child_compare(a: dict) -> dict:
+    """Two lowbit outputs of one checkpoint: the fraction of 4-bit codes that differ (and by how
+    much at most) and the relative difference of their logits on random token ids."""
+    import torch
+    from safetensors.torch import load_file
+
+    import lowbit
+    from lowbit import packing
+
+    x, y = Path(a["a"]), Path(a["b"])
+    changed = total = step = 0
+    for f in sorted(p.name for p in x.glob("*.safetensors")):
+        ta, tb = load_file(str(x / f)), load_file(str(y / f))
+        for k, v in ta.items():
+            if k.endswith(".qweight"):
+                ca, cb = (packing.unpack(t, 4, 2 * v.shape[1]).int() for t in (v, tb[k]))
+                changed += int((ca != cb).sum())
+                total += ca.numel()
+                step = max(step, int((ca - cb).abs().max()))
+    cfg = json.loads((x / "config.json").read_text())
+    ids = torch.randint(0, cfg["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la = lowbit.load(x)(ids).logits
+        lb = lowbit.load(y)(ids).logits
+    return {"codes_changed": changed / max(1, total), "max_code_step": step,
+            "logits_rel_diff": float((la - lb).norm() / la.norm())}  # fmt: skip
+
+
+CHILDREN = {"quantize": child_quantize, "load": child_load, "ray": child_ray, "compare": child_compare}
 
 
 # ---- the parent ----------------------------------------------------------------------------------
@@ -311,6 +344,16 @@ def section_ray(book: Book, work: Path) -> None:
             return r
 
         book.get(f"ray/tinyllama-4L/ray-{n}-workers", go)
+    # calibrated: the calibration batches split across workers (GPTQ, 8 x 512 random tokens)
+    cal = {"src": str(src), "spec": "w4g128", "method": "gptq", "nsamples": 8, "seqlen": 512}
+    book.get("ray-gptq/tinyllama-4L/one-process", lambda: _run("quantize", {
+        **cal, "out": str(work / "q-rayc-0"), "stream": True, "shard_bytes": 1 << 30, "threads": 1}))  # fmt: skip
+    for n in (1, 2):
+        def calibrated(n=n) -> dict:
+            r = _run("ray", {**cal, "out": str(work / f"q-rayc-{n}"), "workers": n})
+            return {**r, **_run("compare", {"a": str(work / "q-rayc-0"), "b": str(work / f"q-rayc-{n}")})}
+
+        book.get(f"ray-gptq/tinyllama-4L/ray-{n}-workers", calibrated)
 
 
 def main() -> None:
