@@ -119,8 +119,8 @@ def find_blocks(model: nn.Module, outermost: bool = False) -> tuple[str, nn.Modu
     best = None
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
-            continue
+        if not isinstance(mod, nn.ModuleList) or len(mod) < (1 if outermost else 2):
+            continue  # (streaming: a decoder of one layer is still its chain of blocks)
         if outermost and any(name.startswith(o + ".") for o in lists):
             continue
         if len({type(m) for m in mod}) != 1:

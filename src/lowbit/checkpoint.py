@@ -587,6 +587,7 @@ def quantize_checkpoint(
             the OS writes back and evicts as needed (default: a quarter of the memory available).
         **options: the method's options, as for :func:`lowbit.quantize`.
 
+    Sets glibc's mmap threshold for the process (:func:`lowbit.memory.release_large_frees`).
     Peak memory is about one layer's float32 weight with its quantization temporaries plus one
     output shard (``max_shard_bytes``), independent of the number of layers; calibrated methods
     add one block's float32 weights, the block's inputs and outputs for every calibration batch
@@ -595,10 +596,13 @@ def quantize_checkpoint(
     :class:`CheckpointError` for unreadable checkpoints, :class:`lowbit.driver.QuantizeError`
     (bad method, options or scheme), ``ValueError`` for NaN/Inf weights (naming the layer).
     """
+    from .memory import release_large_frees
+
     algo = get_algorithm(method)
     algo_options = algo.check_options(options)
     recipe = Recipe.coerce(spec)
     ck = Checkpoint(src)
+    release_large_frees()  # layer after layer of large buffers: each returned to the OS when freed
     model = skeleton(ck)
     todo, records, heads = _plan(model, recipe, allow_meta=True)
     for scheme in sorted({t[3] for t in todo}, key=str):

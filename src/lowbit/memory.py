@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["trim", "rss_mib", "peak_rss_mib", "reset_peak_rss", "available_bytes"]
+__all__ = ["trim", "rss_mib", "peak_rss_mib", "reset_peak_rss", "available_bytes", "release_large_frees"]
 
 _libc: object = None
 
@@ -29,6 +29,25 @@ def trim() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+def _lib():
+    if _libc is None:
+        trim()  # (loads libc once)
+    return _libc
+
+
+def release_large_frees(threshold: int = 1 << 20) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own memory map,
+    returned to the OS the moment it is freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops
+    glibc raising that threshold after large frees; a no-op elsewhere). For jobs that allocate and
+    free one layer's buffers after another (streamed quantization): without it freed layer-sized
+    buffers come from the heap, fragment it, and the peak RSS creeps up with the number of layers
+    (a streamed GPTQ run of 8 small blocks: 250 MiB instead of 169). Process-wide; the cost is a
+    system call and fresh zeroed pages per large allocation."""
+    lib = _lib()
+    if lib:
+        lib.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
 
 
 def _status(field: str) -> float | None:
