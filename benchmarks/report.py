@@ -687,8 +687,9 @@ def _streaming(res: dict) -> str:
              "cache is dropped before each run, so the checkpoint is read from disk. Synthetic checkpoints "
              "(`benchmarks/make_checkpoint.py`: random bf16 weights in the real models' shapes) are removed "
              "afterwards."]  # fmt: skip
-    isa = next((r.get("isa") for r in res.values() if isinstance(r, dict) and r.get("isa")), "?")
-    lines[-1] += f" lowbit's CPU kernels: {isa}; 2 threads."
+    isas = sorted({r.get("isa", "?") for r in res.values() if isinstance(r, dict)})
+    lines[-1] += (f" 2 threads. The machines differ between runs (this project's machines are AVX-512 VNNI or AVX2 "
+                  f"only; here: {', '.join(isas)}): each row states the ISA lowbit's CPU kernels ran on.")  # fmt: skip
     rows = []
     for key, r in res.items():
         if not key.startswith(("slice/", "big/")) or "seconds" not in r:
@@ -700,11 +701,12 @@ def _streaming(res: dict) -> str:
         if "rss_anon_peak_mib" in r:
             extra = f" (anonymous {mib(r['rss_anon_peak_mib'])}, file pages {mib(r.get('rss_file_peak_mib', 0))})"
         rows.append([key.split("/")[1], key.split("/")[2], gb(inp) if inp else "-", gb(r.get("out_bytes") or
-                     r.get("output_bytes") or 0), f"{r['seconds']:.1f}", rate, (mib(peak) if peak else "-") + extra])  # fmt: skip
+                     r.get("output_bytes") or 0), f"{r['seconds']:.1f}", rate, (mib(peak) if peak else "-") + extra,
+                     r.get("isa", "?")])  # fmt: skip
     if rows:
         lines += ["", "Quantizing (lowbit streamed vs llama.cpp's quantizer on the same tensors as a bf16 GGUF):", "",
                   markdown_table(["checkpoint", "tool / method", "input", "output", "seconds", "input GB/s",
-                                  "peak RSS"], rows)]  # fmt: skip
+                                  "peak RSS", "ISA"], rows)]  # fmt: skip
         pairs = (("lowbit-rtn-w4g128", "llamacpp-Q4_0", "defaults (lowbit keeps embedding and head bf16; llama.cpp's "
                   "Q4_0 mix: embedding Q4_0, head Q6_K)"),
                  ("lowbit-rtn-w4g128-all", "llamacpp-Q4_0-pure", "every weight in 4 bits (lowbit w4g128 everywhere; "
@@ -721,7 +723,8 @@ def _streaming(res: dict) -> str:
             lines += ["", f"Loading the 24B-shaped result {key.rsplit('-', 1)[-1] if key.count('-') > 2 else ''} "
                       f"(`lowbit.load`, then 16 greedy tokens): file {gb(load['file_bytes'])}, peak RSS "
                       f"{mib(load['peak_rss_mib'])} (file + {(load['peak_rss_mib'] * 2**20 - load['file_bytes']) / 2**30:.2f} "
-                      f"GiB), load {load['load_seconds']:.0f} s, {load['tokens']} tokens in {load['generate_seconds']:.1f} s."]  # fmt: skip
+                      f"GiB), load {load['load_seconds']:.0f} s, {load['tokens']} tokens in {load['generate_seconds']:.1f} s "
+                      f"({load.get('isa', '?')})."]  # fmt: skip
     cal = [(k, r) for k, r in res.items() if k.startswith("calibrated/")]
     if cal:
         lines += ["", "Calibrated methods on a TinyLlama-1.1B-shaped checkpoint (bf16, 2.2 GB; 16 x 512 calibration tokens):",
