@@ -151,8 +151,9 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     tensors in their stored dtype). Peaks follow how the streaming code works: quantizing holds the
     largest layer in its stored dtype, one block of rows (``lowbit.checkpoint.CHUNK_BYTES`` as
     float32) with about three times that in temporaries, the layer's output, one output shard and
-    the largest tensor copied through; loading holds the file, float tensors widened to float32,
-    and one layer's layout conversion. Raises as :func:`lowbit.quantize_checkpoint` does for bad
+    the largest tensor copied through; loading holds the file, float tensors widened to float32
+    (not a plain Linear's or Embedding's weight: those keep their stored dtype), and one layer's
+    layout conversion. Raises as :func:`lowbit.quantize_checkpoint` does for bad
     checkpoints and recipes."""
     from .checkpoint import CHUNK_BYTES, Checkpoint, _stored_names, skeleton
     from .driver import _plan
@@ -180,12 +181,15 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
             biggest, biggest_w = (name, nbytes[w], qbytes), w
     copied = [b for n, b in nbytes.items() if n not in owned]
     out += sum(copied)
+    # float tensors load as float32, except the weight of a plain float Linear/Embedding (a bf16
+    # embedding or head), which keeps its stored dtype (lowbit.nn.HalfStoredLinear)
+    kept = {f"{m}.weight" for m, mod in model.named_modules() if type(mod) in (nn.Linear, nn.Embedding)}
     for n, b in nbytes.items():
-        if n not in owned:
-            widen += b * (4 // ck.dtype(n).itemsize - 1)  # float tensors load as float32
+        if n not in owned and n not in kept:
+            widen += b * (4 // ck.dtype(n).itemsize - 1)
     name, src_bytes, q_bytes = biggest
     chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(biggest_w).itemsize)) if name else 0
     # the output buffer holds up to one shard, or one tensor larger than that (read whole)
     quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + max(min(shard, out), max(copied, default=0))
-    load_peak = out + widen + 2 * q_bytes
+    load_peak = out + widen + q_bytes  # (+ the largest layer converted to its kernel's layout)
     return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-")
