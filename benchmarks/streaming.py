@@ -85,10 +85,13 @@ def child_quantize(a: dict) -> dict:
     else:
         import transformers
 
+        from lowbit.checkpoint import tokenizer_of
+
         model = transformers.AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.float32)
         model.lowbit_source = a["src"]
         lowbit.quantize(model, spec, method=a["method"], **opts)
-        lowbit.save(model, a["out"], max_shard_bytes=a["shard_bytes"])
+        # the tokenizer saved beside it, as the streamed path (and the CLI) do
+        lowbit.save(model, a["out"], max_shard_bytes=a["shard_bytes"], tokenizer=tokenizer_of(Path(a["src"])))
     secs = time.perf_counter() - t0
     out = sum(p.stat().st_size for p in Path(a["out"]).glob("*.safetensors"))
     return {"seconds": round(secs, 2), "peak_rss_mib": round(_vmhwm_mib(), 1), "out_bytes": out}
@@ -323,7 +326,8 @@ def section_identity(book: Book, work: Path) -> None:
             files = sorted(p.name for p in a.iterdir())
             same = files == sorted(p.name for p in b.iterdir()) and all(
                 filecmp.cmp(a / f, b / f, shallow=False) for f in files)
-            shutil.rmtree(a), shutil.rmtree(b)
+            if same:
+                shutil.rmtree(a), shutil.rmtree(b)
             return {"identical_bytes": same, "files": len(files), **runs}
 
         book.get(f"identity/smollm2-135m/{method}-w4g64", both)

@@ -733,10 +733,15 @@ def tokenizer_of(d: Path):
     """The checkpoint's tokenizer, or None when it has none (or none transformers can read)."""
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
+    from .models.zoo import _offline
+
+    _offline()
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(d))
+        tok = AutoTokenizer.from_pretrained(str(d))
+        tok.init_kwargs.pop("local_files_only", None)  # how it was loaded here, not part of the tokenizer
+        return tok
     except (OSError, ValueError) as e:
         warnings.warn(f"{d}: its tokenizer files cannot be read ({str(e)[:120]}); the output gets no tokenizer",
                       stacklevel=2)  # fmt: skip
