@@ -297,13 +297,14 @@ def section_big(book: Book, work: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)  # 47 GB
 
 
-def section_calibrated(book: Book, work: Path) -> None:
+def section_calibrated(book: Book, work: Path, nsamples: int = 16) -> None:
     src = _checkpoint(work / "tl1b", "tinyllama-1.1b", None)
     for method, stream in (("gptq", True), ("awq", True), ("gptq", False)):
         way = "streamed" if stream else "in-memory"
         book.get(f"calibrated/tinyllama-1.1b/{method}-w4g128/{way}", lambda m=method, s=stream: {**_run("quantize", {
             "src": str(src), "out": str(work / "q-cal"), "spec": "w4g128", "method": m, "stream": s,
-            "shard_bytes": 1 << 30, "nsamples": 16, "seqlen": 512}), "input_bytes": _bytes(src)})  # fmt: skip
+            "shard_bytes": 1 << 30, "nsamples": nsamples, "seqlen": 512}), "input_bytes": _bytes(src),
+            "calibration": f"{nsamples} x 512"})  # fmt: skip
         shutil.rmtree(work / "q-cal", ignore_errors=True)
 
 
@@ -367,6 +368,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lowbit-streaming"),
                     help="scratch directory for the synthetic checkpoints (tens of GB; removed as it goes)")
     ap.add_argument("--slice-layers", type=int, default=4)
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (section calibrated)")
     ap.add_argument("--peer-python", default=PEER, help="interpreter with llama_cpp and gguf installed")
     ap.add_argument("--again", action="store_true", help="repeat runs already in the results")
     ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)  # (smoke tests)
@@ -380,6 +382,8 @@ def main() -> None:
         print(f"section {s}", flush=True)
         if s == "slice":
             section_slice(book, a.work, a.slice_layers, a.peer_python)
+        elif s == "calibrated":
+            section_calibrated(book, a.work, a.nsamples)
         else:
             globals()[f"section_{s}"](book, a.work)
 
