@@ -755,11 +755,13 @@ def _streaming(res: dict) -> str:
         lines += ["", "Ray with a calibrated method (same checkpoint, GPTQ w4g128, 8 x 512 calibration tokens split "
                   "across the workers, which send back each block's Hessian sums; one process with 1 thread; the "
                   "same caveat on 2 cores). Against one process:", "",
-                  markdown_table(["run", "seconds", "codes that differ", "largest code step", "logits rel. diff"],
+                  markdown_table(["run", "seconds", "codes that differ", "largest code step", "logits rel. diff",
+                                  "KL to float: one process / this run"],
                                  [[k.split("/")[2], f"{r['seconds']:.1f}",
                                    f"{r['codes_changed']:.2e}" if "codes_changed" in r else "-",
                                    str(r.get("max_code_step", "-")),
-                                   f"{r['logits_rel_diff']:.1e}" if "logits_rel_diff" in r else "-"]
+                                   f"{r['logits_rel_diff']:.1e}" if "logits_rel_diff" in r else "-",
+                                   " / ".join(f"{v:.4f}" for v in r["kl_to_float"]) if "kl_to_float" in r else "-"]
                                   for k, r in rayc])]  # fmt: skip
     return "\n".join(lines)
 

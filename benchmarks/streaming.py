@@ -159,12 +159,23 @@ def child_compare(a: dict) -> dict:
                 total += ca.numel()
                 step = max(step, int((ca - cb).abs().max()))
     cfg = json.loads((x / "config.json").read_text())
-    ids = torch.randint(0, cfg["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 128), generator=torch.Generator().manual_seed(0))
+    out = {"codes_changed": changed / max(1, total), "max_code_step": step}
     with torch.no_grad():
         la = lowbit.load(x)(ids).logits
         lb = lowbit.load(y)(ids).logits
-    return {"codes_changed": changed / max(1, total), "max_code_step": step,
-            "logits_rel_diff": float((la - lb).norm() / la.norm())}  # fmt: skip
+        out["logits_rel_diff"] = float((la - lb).norm() / la.norm())
+        if a.get("src"):  # each one's distance from the float model: equally good, or not
+            import transformers
+
+            lf = transformers.AutoModelForCausalLM.from_pretrained(a["src"], dtype=torch.float32)(ids).logits
+
+            def kl(lq):
+                p = lf.log_softmax(-1)
+                return float((p.exp() * (p - lq.log_softmax(-1))).sum(-1).mean())
+
+            out["kl_to_float"] = [kl(la), kl(lb)]
+    return out
 
 
 CHILDREN = {"quantize": child_quantize, "load": child_load, "ray": child_ray, "compare": child_compare}
@@ -356,7 +367,8 @@ def section_ray(book: Book, work: Path) -> None:
     for n in (1, 2):
         def calibrated(n=n) -> dict:
             r = _run("ray", {**cal, "out": str(work / f"q-rayc-{n}"), "workers": n})
-            return {**r, **_run("compare", {"a": str(work / "q-rayc-0"), "b": str(work / f"q-rayc-{n}")})}
+            return {**r, **_run("compare", {"a": str(work / "q-rayc-0"), "b": str(work / f"q-rayc-{n}"),
+                                            "src": str(src)})}  # fmt: skip
 
         book.get(f"ray-gptq/tinyllama-4L/ray-{n}-workers", calibrated)
 
