@@ -153,8 +153,10 @@ def test_streamed_calibration_of_a_bf16_encoder(tmp_path):
 
 
 def test_streamed_calibration_refuses_what_it_cannot_do(tmp_path):
+    from lowbit.calibrate import CalibrationError
+
     src = _checkpoint(tmp_path / "src")
-    with pytest.raises(lowbit.calibrate.CalibrationError, match="needs calibration data"):
+    with pytest.raises(CalibrationError, match="needs calibration data"):
         quantize_checkpoint(src, "w4g32", tmp_path / "q", method="gptq")
     with pytest.raises(lowbit.driver.QuantizeError, match="bias correction"):
         quantize_checkpoint(src, "w8a8-static", tmp_path / "q", calibration=_CAL, bias_correction=True)
