@@ -354,7 +354,7 @@ print(json.dumps(memory.peak_rss_mib() - start))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn"])  # (calibrated methods keep glibc's defaults: memory.release_large_frees)
 def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path, method):
     growth = {}
     warm = _checkpoint(tmp_path / "L1", layers=1, hidden=512, inter=2048, shard="20MB")
