@@ -57,5 +57,8 @@ def test_mobilenet_v2_static_int8_keeps_fp32_top1_with_bias_correction():
     assert got[None]["confident"] >= 60
     assert got[None]["agreement"] >= 0.98, got
     # With int8 weights on +-127 (formats.py) the uncorrected model has less systematic shift to
-    # remove than under the earlier -128 convention; correction still cuts the KL.
-    assert got[None]["mean_kl"] < 0.9 * got[False]["mean_kl"], got
+    # remove than under the earlier -128 convention; correction still cuts the KL, and never costs
+    # agreement. How much it cuts depends on the ISA's int8 kernel (AVX2: >10%; AVX-512 VNNI, whose
+    # unsigned-activation path rounds differently: 8.7%, agreement 98.9% -> 100%).
+    assert got[None]["mean_kl"] < 0.95 * got[False]["mean_kl"], got
+    assert got[None]["agreement"] >= got[False]["agreement"], got
