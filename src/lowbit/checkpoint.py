@@ -130,25 +130,26 @@ class Checkpoint:
         """Tensor ``name`` in its stored dtype, read into memory of its own (no memory map:
         :func:`lowbit.io.shards.read_tensors`). Raises :class:`lowbit.primitives.NonFiniteError`
         naming it when a float tensor holds NaN or Inf."""
-        if name not in self.info:
-            raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
-        fname = self.info[name][0]
-        if fname not in self._headers:
-            self._headers[fname] = read_header(self.dir / fname)
-        t = read_tensors(self.dir / fname, {name}, header=self._headers[fname])[name]
+        path, header = self._shard_of(name)
+        t = read_tensors(path, {name}, header=header)[name]
         self._check(name, t)
         return t
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of tensor ``name`` (dim 0), read alone; checked as :meth:`tensor`."""
+        path, header = self._shard_of(name)
+        t = read_rows(path, name, start, stop, header)
+        self._check(name, t)
+        return t
+
+    def _shard_of(self, name: str) -> tuple[Path, tuple[int, dict]]:
+        """The shard holding ``name`` and its parsed header (read once per shard)."""
         if name not in self.info:
             raise CheckpointError(f"{self.dir} holds no tensor {name!r}")
         fname = self.info[name][0]
         if fname not in self._headers:
             self._headers[fname] = read_header(self.dir / fname)
-        t = read_rows(self.dir / fname, name, start, stop, self._headers[fname])
-        self._check(name, t)
-        return t
+        return self.dir / fname, self._headers[fname]
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         if t.is_floating_point():

@@ -115,9 +115,11 @@ class _Shard:
         Returns ``({name: (tokens, h, absmax, {batch: rows})}, names reached)``."""
         import torch
 
-        from .calibrate import _real_tokens, _Stop
+        from .calibrate import Stats, _real_tokens, _Stop
 
-        out = {n: [0, None, None, {}] for n in wanted}
+        # the sums as the driver's Stats.add makes them; the sampled rows by the driver's picks
+        sums = {n: Stats(k, frozenset(needs) - {"sample"}) for n, (k, needs, _) in wanted.items()}
+        rows: dict[str, dict] = {n: {} for n in wanted}
         reached: set[str] = set()
         current = [None, None]  # (batch index, mask) of the pass running
 
@@ -128,25 +130,14 @@ class _Shard:
             if n in wanted:
                 x = _real_tokens(x, current[1])
                 if x.numel():
-                    k, needs, picks = wanted[n]
-                    x = x.detach().reshape(-1, k).float()
-                    if not torch.isfinite(x).all():
-                        from .calibrate import CalibrationError
-
-                        raise CalibrationError("calibration activations hold NaN/Inf; check the model and data")
-                    acc = out[n]
-                    acc[0] += x.shape[0]
-                    if "hessian" in needs:
-                        xx = x.t() @ x
-                        acc[1] = xx if acc[1] is None else acc[1] + xx
-                    if "absmax" in needs:
-                        m = x.abs().amax(0)
-                        acc[2] = m if acc[2] is None else torch.maximum(acc[2], m)
+                    k, _needs, picks = wanted[n]
+                    sums[n].add(x)  # (raises CalibrationError for NaN/Inf)
                     idx = picks.get(current[0])
                     if idx:
+                        x = x.detach().reshape(-1, k).float()
                         if max(idx) >= x.shape[0]:
                             raise RuntimeError(f"{n}: a batch has fewer input rows than its tokens (not a dense block)")
-                        acc[3][current[0]] = x[idx].clone()
+                        rows[n][current[0]] = x[idx].clone()
             if n == stop:
                 raise _Stop
 
@@ -163,7 +154,7 @@ class _Shard:
         finally:
             for h in handles:
                 h.remove()
-        return {n: tuple(v) for n, v in out.items()}, reached
+        return {n: (st.tokens, st.h, st.absmax, rows[n]) for n, st in sums.items()}, reached
 
     def advance(self, block) -> None:
         """The block's outputs become the inputs of the next block."""
