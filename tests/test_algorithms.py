@@ -124,6 +124,56 @@ def test_hqq_symmetric_lowers_its_weighted_error(scheme):
     assert err(q.dequantize()) < err(rtn)
 
 
+def _lp(w, q, imp):
+    return float(((q.dequantize().double() - w.double()).abs().pow(0.7) * w.double().abs().pow(imp)).sum())
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w4g64-asym", "w3g64-asym", "w2g32-asym", "w8g128-asym", "w4"])
+def test_hqq_fused_in_c_matches_the_torch_iteration(isa, scheme):
+    """The C iteration (one group at a time in L1) is the torch one at float32 rounding level: its
+    weighted l_p objective within 0.1%, parameters within float16 steps, bf16 read in place."""
+    from lowbit.kernels import cpu
+
+    w = _heavy_tailed(96, 300)  # 300 columns: a short last group
+    s = parse_scheme(scheme)
+    imp = hqq.default_importance(s)
+    torch_q = hqq.quantize_weight(w, s, fused=False)
+    assert cpu.hqq_affine(w, s, "w", p=0.7, beta=10.0, kappa=1.01, iters=20, importance=imp,
+                          optimize_scale=True, shift=0) is not None  # fmt: skip
+    fused = hqq.quantize_weight(w, s)
+    assert fused.scale.dtype == torch_q.scale.dtype and fused.data.shape == torch_q.data.shape
+    assert _lp(w, fused, imp) == pytest.approx(_lp(w, torch_q, imp), rel=1e-3)
+    assert torch.allclose(fused.scale.float(), torch_q.scale.float(), rtol=4e-3)
+    if s.symmetric:
+        assert fused.zero is None
+    else:
+        assert fused.zero.dtype == torch.float16
+        assert (fused.zero.float() - torch_q.zero.float()).abs().max() < 0.05
+    agree = float((fused.dequantize() == torch_q.dequantize()).float().mean())
+    assert agree > 0.99
+    wb = w.to(torch.bfloat16)  # read as stored: the same bytes as its float32 values
+    a, b = hqq.quantize_weight(wb, s), hqq.quantize_weight(wb.float(), s)
+    assert torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+
+
+def test_hqq_fused_is_the_same_on_every_isa():
+    """Sums run in 16 fixed lanes: the bytes do not depend on the vector width."""
+    from lowbit.kernels import cpu
+
+    w = _heavy_tailed(64, 1000)
+    s = parse_scheme("w3g64-asym")
+    got = []
+    try:
+        for name in cpu.available_isas()[:-1]:  # (reference: the torch iteration)
+            cpu.use_isa(name)
+            got.append(hqq.quantize_weight(w, s))
+    finally:
+        cpu.use_isa(None)
+    assert got, "no CPU kernel library builds here"
+    for q in got[1:]:
+        assert torch.equal(q.data, got[0].data) and torch.equal(q.scale, got[0].scale) and torch.equal(q.zero, got[0].zero)
+
+
 def test_hqq_refuses_what_it_cannot_optimise():
     w, _ = _problem()
     for bad in ("nf4g64", "w8-tensor", "fp8"):

@@ -588,7 +588,7 @@ def quantize_checkpoint(
             the OS writes back and evicts as needed (default: a quarter of the memory available).
         **options: the method's options, as for :func:`lowbit.quantize`.
 
-    With ``method="rtn"`` sets glibc's mmap threshold for the process
+    With ``method="rtn"`` or ``"hqq"`` (both fused in C) sets glibc's mmap threshold for the process
     (:func:`lowbit.memory.release_large_frees`).
     Peak memory is about one layer's float32 weight with its quantization temporaries plus one
     output shard (``max_shard_bytes``), independent of the number of layers; calibrated methods
@@ -604,8 +604,8 @@ def quantize_checkpoint(
     algo_options = algo.check_options(options)
     recipe = Recipe.coerce(spec)
     ck = Checkpoint(src)
-    if method == "rtn":  # layer after layer of large buffers, each returned to the OS when freed (the
-        release_large_frees()  # torch-heavy methods would pay 3-5x in page faults: glibc's defaults there)
+    if method in ("rtn", "hqq"):  # layer after layer of large buffers, each returned to the OS when freed
+        release_large_frees()  # (torch-heavy methods would pay 3-5x in page faults: glibc's defaults there)
     model = skeleton(ck)
     todo, records, heads = _plan(model, recipe, allow_meta=True)
     for scheme in sorted({t[3] for t in todo}, key=str):

@@ -28,6 +28,13 @@ defaults were chosen; the same sweep on the disjoint train split confirms them (
 ``python benchmarks/run_all.py --sections sweeps``). The weighting needs no data; ``importance``
 is an option of ``method="hqq"`` (CLI ``--importance``).
 
+Speed: integer schemes with float16 scales run the same iteration fused in C
+(``kernels/csrc/hqq.h``, :func:`lowbit.kernels.cpu.hqq_affine`): each group's 20 iterations run
+while it sits in L1, vectorised, with ``|x|^p`` by polynomials; 15-60x faster than the torch
+operations here and equal to them at float32 rounding level (the weighted l_p objective within
+0.1%, identical bytes on every CPU ISA: sums run in 16 fixed lanes). The torch version below is
+the reference (``fused=False``, and what runs without the CPU library).
+
 Input ``w (N, K)``; output a :class:`~lowbit.qweight.QWeight`. No data needed.
 """
 
@@ -137,17 +144,41 @@ _BAND = 8
 
 def _magnitude_shift(w: torch.Tensor) -> int:
     """The power of two that brings ``w``'s RMS within 2^8 of :data:`REFERENCE_RMS` (0 if it is)."""
-    rms = float(w.double().pow(2).mean().sqrt())
+    rms = float(torch.linalg.vector_norm(w, dtype=torch.float64)) / math.sqrt(max(1, w.numel()))
     if rms == 0.0:
         return 0
     e = math.log2(rms / REFERENCE_RMS)
     return 0 if abs(e) <= _BAND else -round(e)
 
 
-def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", **options) -> QWeight:
-    """HQQ-quantize ``w`` ``(N, ...)`` (flattened to ``(N, K)``); options as :func:`optimize_qparams`."""
+def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", fused: bool = True, **options) -> QWeight:
+    """HQQ-quantize ``w`` ``(N, ...)`` (float32, bfloat16 or float16; flattened to ``(N, K)``);
+    options as :func:`optimize_qparams`. Integer schemes with float16 scales run fused in C when
+    the CPU library is loaded (:func:`lowbit.kernels.cpu.hqq_affine`: each group's iterations in
+    L1, 20-50x faster than the torch operations, equal to them at float32 rounding level;
+    ``fused=False`` runs the torch version). Raises
+    :class:`lowbit.primitives.NonFiniteError` for NaN/Inf weights, ``ValueError`` for a scheme
+    HQQ cannot optimise."""
+    if scheme.fmt.kind != "affine" or scheme.per_tensor:
+        raise ValueError(f"HQQ optimises per-channel or per-group integer formats, not {scheme}")
+    w2 = w.detach().reshape(w.shape[0], -1)
+    if fused and w2.numel():
+        from ..kernels import cpu
+
+        opts = {"p": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20, "optimize_scale": True, **options}
+        if opts.get("importance") is None:
+            opts["importance"] = default_importance(scheme)
+        # (the C iteration's exponents stay in float32's range for 0 < p < 1, the l_p norms HQQ uses)
+        got = cpu.hqq_affine(w2, scheme, name, shift=_magnitude_shift(w2), **opts) if 0 < opts["p"] < 1 else None
+        if got is not None:
+            codes, scales, zeros = got
+            empty = (scales == 0).all(1)
+            if bool(empty.any()):
+                check_finite(w2[empty], name)  # warns about rows of subnormals, as the torch path does
+            return QWeight.from_codes(tuple(w.shape), scheme, codes, QParams(scales, zeros),
+                                      packed=scheme.fmt.bits in (2, 4, 8))  # fmt: skip
     check_finite(w, name)
-    w2 = w.detach().reshape(w.shape[0], -1).float()
+    w2 = w2.float()
     shift = _magnitude_shift(w2)
     if shift == 0:
         return QWeight.from_float(w, scheme, optimize_qparams(w2, scheme, **options), name=name, check=False)

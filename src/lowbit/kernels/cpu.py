@@ -33,7 +33,7 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["rtn_affine", "supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
+__all__ = ["rtn_affine", "hqq_affine", "supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
            "isa_reason", "fallback_notes", "IsaError", "ISAS"]  # fmt: skip
 
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -46,9 +46,9 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx2": (("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
     "portable": (("-march=native",), ()),
 }
-_SOURCES = ("common.h", "driver.h", "rows_avx2.h", "quantize.h")
+_SOURCES = ("common.h", "driver.h", "rows_avx2.h", "quantize.h", "hqq.h")
 NONFINITE = -3  # what the C entry points that round their inputs return for NaN/inf inputs
-_ABI = 14  # lb_abi_version() of the C sources this wrapper calls
+_ABI = 15  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -206,6 +206,8 @@ def _open(name: str) -> ctypes.CDLL | str:
     lib.lb_decode_layer.argtypes = [ctypes.POINTER(_LayerDesc), ptr, c64, ptr, ctypes.c_int]
     lib.lb_rtn_affine.restype = ctypes.c_int
     lib.lb_rtn_affine.argtypes = [ptr, i32, c64, c64, c64, i32, i32, f32, f32, i32, ptr, ptr, ptr, i32]
+    lib.lb_hqq_affine.restype = ctypes.c_int
+    lib.lb_hqq_affine.argtypes = lib.lb_rtn_affine.argtypes + [f32, ctypes.c_double, ctypes.c_double, i32, f32, i32, f32]
     lib.lb_linear_rows.restype = ctypes.c_int
     lib.lb_linear_rows.argtypes = [ctypes.POINTER(_Rows), ptr, c64, ptr, ctypes.c_int]
     lib.lb_dequant_rows.restype = ctypes.c_int
@@ -808,6 +810,20 @@ def rtn_affine(w: torch.Tensor, scheme, name: str = "weight") -> tuple[torch.Ten
     give. ``None`` when it does not apply (no library, another format, a scale outside float16's
     normal range: the caller runs the torch path). Raises ``ValueError`` (via
     :func:`lowbit.primitives.check_finite`, naming ``name``) for NaN/Inf weights."""
+    return _affine(w, scheme, name, None)
+
+
+def hqq_affine(w: torch.Tensor, scheme, name: str, *, p: float, beta: float, kappa: float, iters: int,
+               importance: float, optimize_scale: bool, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+    """:func:`lowbit.algorithms.hqq.optimize_qparams` and the codes of its parameters, fused in C
+    (``lb_hqq_affine``: each group optimised while it sits in L1; the torch version's iteration,
+    at float32 rounding level, see ``csrc/hqq.h``), for ``w * 2**shift`` (``shift``: the
+    magnitude band's power of two; the scales come back divided by it). Returns and refuses as
+    :func:`rtn_affine`; scales and zero points are float16 values."""
+    return _affine(w, scheme, name, (p, beta, kappa, iters, importance, int(optimize_scale), 2.0**shift))
+
+
+def _affine(w: torch.Tensor, scheme, name: str, hqq: tuple | None):
     from .. import packing
 
     fmt = scheme.fmt
@@ -824,9 +840,10 @@ def rtn_affine(w: torch.Tensor, scheme, name: str = "weight") -> tuple[torch.Ten
     scales = torch.empty(n, ng, dtype=torch.float32)
     zeros = None if scheme.symmetric else torch.empty(n, ng, dtype=torch.float32)
     mode = 0 if not scheme.symmetric else (1 if fmt.sym_range == "full" else 2)
-    rc = lib.lb_rtn_affine(w.data_ptr(), _RTN_DTYPES[w.dtype], n, k, g, fmt.qmax, mode, float(fmt.sym_zero),
-                           float(fmt.sym_qmax), pack_bits, out.data_ptr(), scales.data_ptr(),
-                           zeros.data_ptr() if zeros is not None else None, torch.get_num_threads())  # fmt: skip
+    args = (w.data_ptr(), _RTN_DTYPES[w.dtype], n, k, g, fmt.qmax, mode, float(fmt.sym_zero), float(fmt.sym_qmax),
+            pack_bits, out.data_ptr(), scales.data_ptr(), zeros.data_ptr() if zeros is not None else None,
+            torch.get_num_threads())  # fmt: skip
+    rc = lib.lb_rtn_affine(*args) if hqq is None else lib.lb_hqq_affine(*args, *hqq)
     if rc == NONFINITE:
         from ..primitives import check_finite
 

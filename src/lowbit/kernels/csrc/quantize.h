@@ -113,6 +113,36 @@ INLINE void round_group(const float* v, int64_t len, float s, float z, float top
     }
 }
 
+/* One group's min/max parameters (v[0..len)), as choose_qparams + round_scale give them for mode
+ * 0 / 1 / 2 (see lb_rtn_affine): 0, LB_NONFINITE for a NaN/inf value, LB_OUT_OF_RANGE for a
+ * non-zero scale outside float16's normal range. */
+INLINE int rtn_qparams(const float* v, int64_t len, int qmax, int mode, float zc, float sqmax, float* sp, float* zp) {
+    float lo, hi, amax, m, s, z;
+    if (scan_group(v, len, &lo, &hi)) return LB_NONFINITE;
+    amax = hi > -lo ? hi : -lo;
+    const int tiny = amax < LB_TOO_SMALL; /* the whole group counts as zero */
+    if (mode == 0) {
+        if (tiny) lo = hi = 0.0f;
+        s = round_scale_f16((hi - lo) / (float)qmax);
+        z = nearbyintf(-lo / (s == 0.0f ? 1.0f : s));
+        z = z < 0.0f ? 0.0f : (z > (float)qmax ? (float)qmax : z);
+    } else if (mode == 1) {
+        m = 0.0f;
+        if (!tiny)
+            for (int64_t k = 0; k < len; k++)
+                if (fabsf(v[k]) == amax) { m = v[k]; break; }
+        s = round_scale_f16(m / -zc);
+        z = zc;
+    } else {
+        s = round_scale_f16((tiny ? 0.0f : amax) / sqmax);
+        z = zc;
+    }
+    if (s == -1.0f) return LB_OUT_OF_RANGE;
+    *sp = s;
+    *zp = z;
+    return 0;
+}
+
 /* Rows of w (N, K), dtype 0 float32 / 1 bfloat16 / 2 float16, in groups of G columns (the last one
  * may be shorter) -> out: codes (N, K) uint8, or with pack_bits 2 or 4 the rows packed as
  * packing.pack packs them (N, ceil(K / (8 / pack_bits))); scales (N, ng) and, for mode 0, zero
@@ -122,8 +152,32 @@ INLINE void round_group(const float* v, int64_t len, float s, float z, float top
  * -zc); mode 2: symmetric, restricted (s = max |x| / sqmax); symmetric codes use z = zc.
  * Returns 0; LB_NONFINITE (-3) for a NaN/inf input; -2 out of memory; LB_OUT_OF_RANGE when a non-zero scale lies outside
  * float16's normal range (then nothing is meaningful: the caller quantizes with float32 scales). */
-int lb_rtn_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int qmax, int mode, float zc,
-                  float sqmax, int pack_bits, uint8_t* out, float* scales, float* zeros, int nthreads) {
+#include "hqq.h"
+
+/* One group's final parameters when HQQ optimises them (h): the min/max ones of g = v * mult as
+ * the start, the optimised scale rounded as round_scale does and divided by mult again, the zero
+ * point rounded to float16. LB_OUT_OF_RANGE when either leaves float16's range. */
+INLINE int hqq_qparams(const float* v, int64_t len, int qmax, int mode, float zc, float sqmax, const hqq_opts* h,
+                       float mult, float* ws, float* sp, float* zp) {
+    float* g = ws;
+    for (int64_t k = 0; k < len; k++) g[k] = v[k] * mult;
+    float s, z;
+    const int bad = rtn_qparams(g, len, qmax, mode, zc, sqmax, &s, &z);
+    if (bad) return bad;
+    hqq_group(g, len, &s, &z, h, ws + len);
+    s = round_scale_f16(s);
+    if (s == -1.0f) return LB_OUT_OF_RANGE;
+    s = s / mult; /* a power of two: exact while it stays a float16 normal */
+    if (s != 0.0f && !(fabsf(s) >= 6.103515625e-05f && fabsf(s) <= 65504.0f)) return LB_OUT_OF_RANGE;
+    if (h->asym && round_half(z, &z)) return LB_OUT_OF_RANGE;
+    *sp = s;
+    *zp = h->asym ? z : zc;
+    return 0;
+}
+
+static int affine_rows(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int qmax, int mode, float zc,
+                       float sqmax, int pack_bits, uint8_t* out, float* scales, float* zeros, int nthreads,
+                       const hqq_opts* h, float mult) {
     const int64_t ng = (K + G - 1) / G;
     const int64_t per = pack_bits == 2 ? 4 : (pack_bits == 4 ? 2 : 1), ldo = (K + per - 1) / per;
     int status = 0;
@@ -131,7 +185,8 @@ int lb_rtn_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int
     {
         float* buf = dtype == 0 ? NULL : (float*)malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
         uint8_t* row = per == 1 ? NULL : (uint8_t*)malloc((size_t)(ldo * per));
-        if ((dtype != 0 && !buf) || (per != 1 && !row)) {
+        float* ws = h ? (float*)malloc(sizeof(float) * 6 * (size_t)(G < K ? G : (K > 0 ? K : 1))) : NULL;
+        if ((dtype != 0 && !buf) || (per != 1 && !row) || (h && !ws)) {
 #pragma omp atomic write
             status = -2;
         }
@@ -143,34 +198,12 @@ int lb_rtn_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int
             for (int64_t g = 0; g < ng; g++) {
                 const int64_t k0 = g * G, len = K - k0 < G ? K - k0 : G;
                 const float* v = x + k0;
-                float lo, hi, amax, m;
-                if (scan_group(v, len, &lo, &hi)) {
-#pragma omp atomic write
-                    status = LB_NONFINITE;
-                    break;
-                }
-                amax = hi > -lo ? hi : -lo;
-                const int tiny = amax < LB_TOO_SMALL; /* the whole group counts as zero */
                 float s, z;
-                if (mode == 0) {
-                    if (tiny) lo = hi = 0.0f;
-                    s = round_scale_f16((hi - lo) / (float)qmax);
-                    z = nearbyintf(-lo / (s == 0.0f ? 1.0f : s));
-                    z = z < 0.0f ? 0.0f : (z > (float)qmax ? (float)qmax : z);
-                } else if (mode == 1) {
-                    m = 0.0f;
-                    if (!tiny)
-                        for (int64_t k = 0; k < len; k++)
-                            if (fabsf(v[k]) == amax) { m = v[k]; break; }
-                    s = round_scale_f16(m / -zc);
-                    z = zc;
-                } else {
-                    s = round_scale_f16((tiny ? 0.0f : amax) / sqmax);
-                    z = zc;
-                }
-                if (s == -1.0f) {
+                const int bad = h ? hqq_qparams(v, len, qmax, mode, zc, sqmax, h, mult, ws, &s, &z)
+                                  : rtn_qparams(v, len, qmax, mode, zc, sqmax, &s, &z);
+                if (bad) {
 #pragma omp atomic write
-                    status = LB_OUT_OF_RANGE;
+                    status = bad;
                     break;
                 }
                 scales[n * ng + g] = s;
@@ -190,6 +223,25 @@ int lb_rtn_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int
         }
         free(buf);
         free(row);
+        free(ws);
     }
     return status;
+}
+
+int lb_rtn_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int qmax, int mode, float zc,
+                  float sqmax, int pack_bits, uint8_t* out, float* scales, float* zeros, int nthreads) {
+    return affine_rows(w, dtype, N, K, G, qmax, mode, zc, sqmax, pack_bits, out, scales, zeros, nthreads, NULL, 1.0f);
+}
+
+/* lb_rtn_affine's output (codes, packed as there; scales; zero points for asymmetric schemes) with
+ * HQQ-optimised parameters (hqq.h): each group of w * mult (mult: a power of two, see
+ * lowbit.algorithms.hqq._magnitude_shift) optimised for iters iterations of the l_p norm p with
+ * coupling beta growing by kappa, errors weighted by |w|^importance; the zero point moves when
+ * asym, the scale when opt_scale. Scales are float16 values (as float32), zero points too.
+ * Returns as lb_rtn_affine. */
+int lb_hqq_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int qmax, int mode, float zc,
+                  float sqmax, int pack_bits, uint8_t* out, float* scales, float* zeros, int nthreads, float p,
+                  double beta, double kappa, int iters, float importance, int opt_scale, float mult) {
+    const hqq_opts h = {p, beta, kappa, importance, (float)qmax, iters, zeros != NULL, opt_scale};
+    return affine_rows(w, dtype, N, K, G, qmax, mode, zc, sqmax, pack_bits, out, scales, zeros, nthreads, &h, mult);
 }
