@@ -541,7 +541,26 @@ def test_a_ray_address_that_does_not_answer_is_one_clear_error(tmp_path):
     src = _checkpoint(tmp_path / "src", layers=1)
     with pytest.raises(RayError, match="does not answer"):
         quantize_checkpoint(src, "w4g32", tmp_path / "q", ray_address="127.0.0.1:9")
+    with pytest.raises(RayError, match="HOST:PORT"):
+        quantize_checkpoint(src, "w4g32", tmp_path / "q", ray_address="localhost")
     assert not (tmp_path / "q").exists()
+    # the CLI: one line and exit status 2, like every other bad input
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", str(src), "--scheme", "w4g32", "-q",
+                        "--ray", "127.0.0.1:9", "-o", str(tmp_path / "q")], capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 2 and "does not answer" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_an_output_path_that_is_a_symlink_is_written_through(tmp_path):
+    """The directory the link names gets the new model (the old one stays whole until then); the
+    link stays a link."""
+    src = _checkpoint(tmp_path / "src", layers=1)
+    old = quantize_checkpoint(src, "w8", tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    out = quantize_checkpoint(src, "w4g32", link)
+    assert link.is_symlink() and out == (tmp_path / "real").resolve() == old.resolve()
+    assert read_manifest(link)["layers"]["model.layers.0.mlp.down_proj"]["scheme"] == "w4g32"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
 
 
 def test_a_killed_run_leaves_nothing_that_outlives_the_next_run(tmp_path):

@@ -237,7 +237,7 @@ def _mismatch(ck: Checkpoint, model: nn.Module) -> str | None:
             return f"{ck.dir} lacks {name!r}, which the config's {type(model).__name__} needs"
         if ck.shape(name) != tuple(t.shape) or ck.dtype(name) is None:
             return (f"{ck.dir}: {name!r} is {ck.info[name][1]} {ck.shape(name)}; the config's "
-                    f"{type(model).__name__} needs a float tensor of shape {tuple(t.shape)}")  # fmt: skip
+                    f"{type(model).__name__} needs a bf16, fp16 or fp32 tensor of shape {tuple(t.shape)}")  # fmt: skip
     return None
 
 
@@ -684,7 +684,7 @@ def quantize_checkpoint(
             model.config.tie_word_embeddings = False  # as lowbit.quantize does
         if tokenizer is None:
             tokenizer = tokenizer_of(ck.dir)
-        return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir),
+        return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir.resolve()),
                         tokenizer=tokenizer)  # fmt: skip
 
 
@@ -728,7 +728,7 @@ def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, m
         stream.finish()
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does
-        return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir),
+        return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir.resolve()),
                         tokenizer=tokenizer if tokenizer is not None else tokenizer_of(ck.dir))  # fmt: skip
 
 

@@ -100,7 +100,8 @@ def cmd_quantize(args) -> int:
                             calibration=calibration, observer=args.observer,
                             bias_correction=args.bias_correction, **options)  # fmt: skip
     t2 = time.perf_counter()
-    out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=args.model, max_shard_bytes=args.shard_size)
+    out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=getattr(zm.model, "lowbit_source", None) or args.model,
+                      max_shard_bytes=args.shard_size)  # fmt: skip
     size = lowbit.size_of(model)
     print(
         f"quantized {args.model} with {spec} ({args.method}) in {t2 - t1:.1f}s (load {t1 - t0:.1f}s): "
@@ -217,6 +218,8 @@ def _default_baseline(source: str | None) -> str | None:
     if not source or source in ZOO:
         return source or None
     if not _is_checkpoint_dir(source):
+        print(f"(no baseline: the source {source} recorded in the model is not a checkpoint directory from here; "
+              "pass --baseline)", file=sys.stderr)  # fmt: skip
         return None
     from lowbit.checkpoint import Checkpoint
     from lowbit.memory import available_bytes
@@ -597,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure a model against its FP32 original")
     e.add_argument("model", nargs="+", help="lowbit model directories (or zoo models), compared side by side")
-    e.add_argument("--baseline", help="zoo model to compare with (default: the model's source)")
+    e.add_argument("--baseline", help="zoo model or transformers checkpoint directory to compare with (default: the model's source)")
     e.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens for perplexity")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--images", type=int, default=256, help="eval photo crops for ImageNet models (default 256)")
@@ -685,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lowbit.calibrate import CalibrationError
+    from lowbit.distributed import RayError
     from lowbit.driver import QuantizeError, UnsupportedModuleError
     from lowbit.evaluate.data import DataError
     from lowbit.generate import GenerateError
@@ -701,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
             UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
-            CliError, MixedPrecisionError, GenerateError, ValueError, OSError) as e:  # fmt: skip
+            CliError, MixedPrecisionError, GenerateError, RayError, ValueError, OSError) as e:  # fmt: skip
         return _err(str(e))
     except KeyboardInterrupt:
         _err("interrupted: nothing was written (an output from an earlier run is kept as it was)")

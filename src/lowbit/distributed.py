@@ -30,6 +30,9 @@ def _connect(address: str) -> None:
     if address not in ("local", "auto"):  # an explicit address must answer, whatever else runs here
         host, _, port = address.rpartition(":")
         host = host.removeprefix("ray://")
+        if not host or not port.isdigit():
+            raise RayError(f"--ray {address!r}: give HOST:PORT (e.g. 10.0.0.5:6379), 'auto' (the cluster this "
+                           "machine belongs to) or 'local'")  # fmt: skip
         try:
             with socket.create_connection((host, int(port)), timeout=5):
                 pass
@@ -44,7 +47,9 @@ def _connect(address: str) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
-        raise RayError(f"cannot join the Ray cluster at {address!r}: {e}") from None
+        raise RayError(f"cannot join the Ray cluster at {address!r}: {e} (Ray's log lines above name the cause, e.g. "
+                       "a missing authentication token; on a node of that cluster, --ray auto joins it with the "
+                       "node's own credentials)") from None  # fmt: skip
 
 
 def _layer_task(src: str, mname: str, mod, kind: str, scheme: str, weight_name: str, method: str, options: dict):

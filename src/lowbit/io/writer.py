@@ -81,11 +81,12 @@ def _exchange(tmp: Path, dst: Path) -> None:
         renameat2 = libc.renameat2
         renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
         at_fdcwd, rename_exchange = -100, 2
-        if renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(dst), rename_exchange) == 0:
-            shutil.rmtree(tmp)  # tmp now holds the old output
-            return
+        exchanged = renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(dst), rename_exchange) == 0
     except (AttributeError, OSError):
-        pass
+        exchanged = False
+    if exchanged:  # the new output is in place; tmp now holds the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
     os.rename(dst, old)
     os.rename(tmp, dst)
@@ -130,7 +131,8 @@ class ModelWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.dst = Path(path)
+        # a symbolic link is written through: the directory it names is replaced, the link stays
+        self.dst = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
         if self.dst.exists() and not self.dst.is_dir():
             raise LowbitFormatError(f"{self.dst} exists and is not a directory")
         if self.dst.exists() and any(self.dst.iterdir()) and not (self.dst / MANIFEST).exists():
@@ -200,7 +202,12 @@ class ModelWriter:
                 if gen is not None:
                     gen.save_pretrained(self.tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(self.tmp)
+                try:
+                    tokenizer.save_pretrained(self.tmp)
+                except OSError:
+                    raise
+                except Exception as e:  # the tokenizers library raises plain Exceptions for I/O errors
+                    raise OSError(f"writing the tokenizer into {self.tmp} failed: {e}") from None
             (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             _permissions(self.tmp)
             _exchange(self.tmp, self.dst)

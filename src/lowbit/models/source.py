@@ -26,7 +26,7 @@ def _hf_dir(path: Path) -> ZooModel:
     model = cls.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
     tok = tokenizer_of(path)  # (a warning when its files cannot be read)
     task = "causal-lm" if model.can_generate() else "encoder"
-    model.lowbit_source = str(path)
+    model.lowbit_source = str(path.resolve())  # absolute: found again from any directory
     return ZooModel(path.name, model, tok, task, str(path))
 
 
