@@ -468,6 +468,24 @@ def test_estimate_gives_the_exact_output_size_from_headers_alone(tmp_path, spec,
     assert p.returncode == 0 and "peak memory, streamed quantization" in p.stdout, p.stderr[-1000:]
 
 
+def test_estimate_models_the_calibrated_block_phase(tmp_path):
+    """Calibrated methods add one block's float32 work, its activations for every window and its
+    statistics: more for GPTQ (K x K Hessians) than for round-to-nearest, growing with the
+    calibration tokens; bad methods are refused."""
+    from lowbit.estimate import estimate_checkpoint
+
+    src = _checkpoint(tmp_path / "src", dtype=torch.bfloat16, vocab=64)
+    rtn = estimate_checkpoint(src, "w4g32", max_shard_bytes=1 << 20)
+    small = estimate_checkpoint(src, "w4g32", max_shard_bytes=1 << 20, method="gptq", nsamples=4, seqlen=32)
+    big = estimate_checkpoint(src, "w4g32", max_shard_bytes=1 << 20, method="gptq", nsamples=64, seqlen=128)
+    assert rtn.quantize_peak < small.quantize_peak < big.quantize_peak
+    assert big.output_bytes == rtn.output_bytes and big.calibration == "64 x 128" and rtn.calibration == ""
+    hidden = 64  # the tiny Llama's width: 64 windows x 128 tokens of inputs and outputs, float32
+    assert big.quantize_peak - small.quantize_peak >= 2 * 4 * hidden * (64 * 128 - 4 * 32)
+    with pytest.raises(ValueError):
+        estimate_checkpoint(src, "w4g32", method="nope")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")

@@ -440,7 +440,8 @@ def cmd_estimate(args) -> int:
         from lowbit.estimate import estimate_checkpoint
 
         spec = lowbit.Recipe.load(args.recipe) if args.recipe else args.scheme
-        print(estimate_checkpoint(args.model, spec, max_shard_bytes=args.shard_size).table())
+        print(estimate_checkpoint(args.model, spec, max_shard_bytes=args.shard_size, method=args.method,
+                                  nsamples=args.nsamples, seqlen=args.seqlen).table())  # fmt: skip
         return 0
     if args.model:
         from lowbit.models.source import load_source
@@ -653,6 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", help="a recipe JSON file (with a checkpoint directory)")
     s.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
                    help="output shard size the quantization peak assumes (checkpoint directories)")
+    s.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS),
+                   help="method the quantization peak assumes (checkpoint directories; calibrated ones add a block's work)")
+    s.add_argument("--nsamples", type=int, default=64, help="calibration windows the peak assumes (calibrated methods)")
+    s.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (calibrated methods)")
     s.set_defaults(fn=cmd_estimate)
 
     b = sub.add_parser("bench", help="kernel speed vs torch FP32/BF16")

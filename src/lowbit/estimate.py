@@ -122,9 +122,11 @@ class CheckpointEstimate:
     source_bytes: int  # tensor data of the checkpoint
     output_bytes: int  # tensor data lowbit would write (headers add ~100 bytes a tensor)
     quantized_layers: int
-    quantize_peak: int  # streamed quantization (data-free methods), above the runtime
+    quantize_peak: int  # streamed quantization with ``method``, above the runtime
     load_peak: int  # lowbit.load of the output, above the runtime
     largest_layer: str
+    method: str = "rtn"
+    calibration: str = ""  # "N x L tokens" for calibrated methods
 
     def table(self) -> str:
         g = 2**30
@@ -132,9 +134,11 @@ class CheckpointEstimate:
             f"checkpoint tensors  {self.source_bytes / g:10.2f} GiB",
             f"quantized output    {self.output_bytes / g:10.2f} GiB  ({self.quantized_layers} layers quantized; "
             f"{self.source_bytes / max(self.output_bytes, 1):.2f}x smaller)",
-            f"peak memory, streamed quantization  {self.quantize_peak / g:6.2f} GiB  (largest layer {self.largest_layer})",
+            f"peak memory, streamed quantization  {self.quantize_peak / g:6.2f} GiB  ({self.method}"
+            + (f", {self.calibration} calibration tokens" if self.calibration else "")
+            + f"; largest layer {self.largest_layer})",
             f"peak memory, loading the output     {self.load_peak / g:6.2f} GiB",
-            "(peaks above the Python/torch runtime itself, ~0.3-0.5 GiB; data-free methods; the model behind them: "
+            "(peaks above the Python/torch runtime itself, ~0.3-0.5 GiB; the model behind them: "
             "lowbit.estimate.estimate_checkpoint)",
         ])  # fmt: skip
 
@@ -142,10 +146,12 @@ class CheckpointEstimate:
         return self.table()
 
 
-def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = None) -> CheckpointEstimate:
+def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = None, method: str = "rtn",
+                        nsamples: int = 64, seqlen: int = 512) -> CheckpointEstimate:  # fmt: skip
     """Sizes and peak memory of quantizing the transformers checkpoint at ``path`` with ``spec``
-    (scheme string, Scheme or Recipe) by streaming (:func:`lowbit.quantize_checkpoint`), and of
-    loading the result, from the checkpoint's headers and config alone (no weight is read).
+    (scheme string, Scheme or Recipe) by streaming (:func:`lowbit.quantize_checkpoint`) with
+    ``method``, and of loading the result, from the checkpoint's headers and config alone (no
+    weight is read).
 
     Sizes are exact (per-row packing, scales and zero points of each planned layer; other
     tensors in their stored dtype). Peaks follow how the streaming code works: quantizing holds the
@@ -153,8 +159,14 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     float32) with about three times that in temporaries, the layer's output, one output shard and
     the largest tensor copied through; loading holds the file, float tensors widened to float32
     (not a plain Linear's or Embedding's weight: those keep their stored dtype), and one layer's
-    layout conversion. Raises as :func:`lowbit.quantize_checkpoint` does for bad
-    checkpoints and recipes."""
+    layout conversion. Calibrated methods (``nsamples`` windows of ``seqlen`` tokens) add one
+    decoder block in float32, its inputs and outputs for every window (float32, before any
+    spill to disk), the statistics of each of its inputs (a ``K x K`` float32 Hessian for GPTQ,
+    2,048 sampled rows for AWQ) with GPTQ's working copies of the largest, and one window's
+    forward temporaries (the MLP's intermediate activations, the attention scores); the embedding
+    phase (its float32 copy while the inputs are captured) counts when larger. Raises as
+    :func:`lowbit.quantize_checkpoint` does for bad checkpoints, recipes and methods."""
+    from .algorithms import get_algorithm
     from .checkpoint import CHUNK_BYTES, Checkpoint, _stored_names, skeleton
     from .driver import _plan
     from .io.shards import DEFAULT_SHARD_BYTES
@@ -192,4 +204,44 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     # the output buffer holds up to one shard, or one tensor larger than that (read whole)
     quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + max(min(shard, out), max(copied, default=0))
     load_peak = out + widen + q_bytes  # (+ the largest layer converted to its kernel's layout)
-    return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-")
+    algo = get_algorithm(method)
+    calibration = ""
+    if algo.uses_calibration:
+        calibration = f"{nsamples} x {seqlen}"
+        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, stored, nbytes)
+                            + max(min(shard, out), max(copied, default=0)))  # fmt: skip
+    return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-", method, calibration)
+
+
+def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, stored: dict, nbytes: dict) -> int:
+    """The block phase of a streamed calibrated run (see :func:`estimate_checkpoint`), bytes."""
+    from .calibrate import SAMPLE_ROWS, find_blocks
+
+    found = find_blocks(model, outermost=True)
+    if found is None:
+        return 0
+    prefix, blocks = found
+    cfg = getattr(model, "config", None)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    tokens = nsamples * seqlen
+    block_f32 = 0
+    for i in range(len(blocks)):
+        block_f32 = max(block_f32, sum(b * 4 // ck.dtype(n).itemsize for n, b in nbytes.items()
+                                       if n.startswith(f"{prefix}.{i}.")))  # fmt: skip
+    # each distinct input of the block's linear layers: its width (q/k/v share one, gate/up another)
+    widths, inter = [], 0
+    for _n, mod in blocks[0].named_modules():
+        if isinstance(mod, nn.Linear):
+            widths.append(mod.in_features)
+            inter = max(inter, mod.out_features)
+    distinct = sorted(set(widths)) + sorted(set(widths))[:1]  # (attention output: another input of width hidden)
+    stats = 0
+    if "hessian" in algo.needs:
+        stats += sum(4 * k * k for k in distinct) + 4 * 4 * max(distinct, default=0) ** 2  # GPTQ's working copies
+    if "sample" in algo.needs:
+        stats += sum(4 * SAMPLE_ROWS * k for k in distinct) + 4 * SAMPLE_ROWS * inter * 3  # AWQ's grid forwards
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    forward = 4 * seqlen * (3 * inter + 2 * heads * seqlen)  # one window: MLP activations, attention scores
+    acts = 2 * 4 * tokens * hidden + 4 * seqlen * hidden  # inputs and outputs of every window, the reference
+    embed = max((b * 4 // ck.dtype(n).itemsize for n, b in nbytes.items() if "embed" in n), default=0)
+    return max(block_f32 * 3 // 2 + acts + stats + forward, embed + acts)
