@@ -162,9 +162,13 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     layout conversion. Calibrated methods (``nsamples`` windows of ``seqlen`` tokens) add one
     decoder block in float32, its inputs and outputs for every window (float32, before any
     spill to disk), the statistics of each of its inputs (a ``K x K`` float32 Hessian for GPTQ,
-    2,048 sampled rows for AWQ) with GPTQ's working copies of the largest, and one window's
+    2,048 sampled rows for AWQ) with GPTQ's working copies of the largest or AWQ's clip-search
+    errors (output channels x 512 rows x groups, twice) of the largest layer, and one window's
     forward temporaries (the MLP's intermediate activations, the attention scores); the embedding
-    phase (its float32 copy while the inputs are captured) counts when larger. Raises as
+    phase (its float32 copy while the inputs are captured) counts when larger. Against measured
+    peaks (VmHWM less ~0.4 GiB of runtime): TinyLlama-1.1B-shaped GPTQ / AWQ with 4 x 512 tokens
+    1.71 / 1.63 GiB modelled vs ~1.8 GiB measured, SmolLM2-135M 16 x 512 0.30 / 0.35 vs ~0.37 /
+    0.42: a model within ~15%, on the low side. Raises as
     :func:`lowbit.quantize_checkpoint` does for bad checkpoints, recipes and methods."""
     from .algorithms import get_algorithm
     from .checkpoint import CHUNK_BYTES, Checkpoint, _stored_names, skeleton
@@ -208,13 +212,15 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     calibration = ""
     if algo.uses_calibration:
         calibration = f"{nsamples} x {seqlen}"
-        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, stored, nbytes)
+        schemes = {name: scheme for name, _mod, _kind, scheme, _why in todo}
+        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, schemes, nbytes)
                             + max(min(shard, out), max(copied, default=0)))  # fmt: skip
     return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-", method, calibration)
 
 
-def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, stored: dict, nbytes: dict) -> int:
+def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, schemes: dict, nbytes: dict) -> int:
     """The block phase of a streamed calibrated run (see :func:`estimate_checkpoint`), bytes."""
+    from .algorithms import CLIP_ROWS
     from .calibrate import SAMPLE_ROWS, find_blocks
 
     found = find_blocks(model, outermost=True)
@@ -229,17 +235,21 @@ def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, stored: dict, 
         block_f32 = max(block_f32, sum(b * 4 // ck.dtype(n).itemsize for n, b in nbytes.items()
                                        if n.startswith(f"{prefix}.{i}.")))  # fmt: skip
     # each distinct input of the block's linear layers: its width (q/k/v share one, gate/up another)
-    widths, inter = [], 0
-    for _n, mod in blocks[0].named_modules():
+    widths, inter, clip = [], 0, 0
+    for n, mod in blocks[0].named_modules():
         if isinstance(mod, nn.Linear):
             widths.append(mod.in_features)
             inter = max(inter, mod.out_features)
+            scheme = schemes.get(f"{prefix}.0.{n}")
+            if scheme is not None:  # AWQ's clip search: errors (N, CLIP_ROWS, groups) and their squares
+                groups = -(-mod.in_features // (scheme.group_size or mod.in_features))
+                clip = max(clip, 2 * 4 * mod.out_features * CLIP_ROWS * groups)
     distinct = sorted(set(widths)) + sorted(set(widths))[:1]  # (attention output: another input of width hidden)
     stats = 0
     if "hessian" in algo.needs:
         stats += sum(4 * k * k for k in distinct) + 4 * 4 * max(distinct, default=0) ** 2  # GPTQ's working copies
     if "sample" in algo.needs:
-        stats += sum(4 * SAMPLE_ROWS * k for k in distinct) + 4 * SAMPLE_ROWS * inter * 3  # AWQ's grid forwards
+        stats += sum(4 * SAMPLE_ROWS * k for k in distinct) + 4 * SAMPLE_ROWS * inter * 3 + clip  # AWQ's searches
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     forward = 4 * seqlen * (3 * inter + 2 * heads * seqlen)  # one window: MLP activations, attention scores
     acts = 2 * 4 * tokens * hidden + 4 * seqlen * hidden  # inputs and outputs of every window, the reference
