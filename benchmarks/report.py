@@ -711,16 +711,17 @@ def _streaming(res: dict) -> str:
                   "Q4_0 mix: embedding Q4_0, head Q6_K)"),
                  ("lowbit-rtn-w4g128-all", "llamacpp-Q4_0-pure", "every weight in 4 bits (lowbit w4g128 everywhere; "
                   "llama.cpp --pure Q4_0)"))  # fmt: skip
+        pairs += tuple((m.replace("rtn", "hqq"), p, w) for m, p, w in pairs)
         for key in [k for k in res if k.startswith("slice/") and k.endswith("/lowbit-rtn-w4g128")]:
             base = key.rsplit("/", 1)[0]
             for mine, peer, what in pairs:
                 r, p = res.get(f"{base}/{mine}"), res.get(f"{base}/{peer}")
                 if r and p:
-                    lines.append(f"\nThroughput, lowbit / llama.cpp, {what}: "
+                    lines.append(f"\nThroughput, lowbit {mine.split('-')[1]} / llama.cpp, {what}: "
                                  f"**{(r['input_bytes'] / r['seconds']) / (p['input_bytes'] / p['seconds']):.2f}x**")  # fmt: skip
     for key, load in res.items():
         if key.startswith("big/mistral-24b/load-generate"):
-            lines += ["", f"Loading the 24B-shaped result {key.rsplit('-', 1)[-1] if key.count('-') > 2 else ''} "
+            lines += ["", f"Loading the 24B-shaped result {key.split('load-generate-', 1)[1]} "
                       f"(`lowbit.load`, then 16 greedy tokens): file {gb(load['file_bytes'])}, peak RSS "
                       f"{mib(load['peak_rss_mib'])} (file + {(load['peak_rss_mib'] * 2**20 - load['file_bytes']) / 2**30:.2f} "
                       f"GiB), load {load['load_seconds']:.0f} s, {load['tokens']} tokens in {load['generate_seconds']:.1f} s "

@@ -10,14 +10,13 @@ Sections (``--sections``, in this order by default):
 
 * ``slice``: a checkpoint in Mistral-Small-24B's shapes with ``--slice-layers`` decoder layers (the
   embedding and head, 2 x 1.3 GB, plus 0.9 GB per layer, bf16), quantized to w4g128 by lowbit
-  (``rtn``, streamed) and the same tensors, written as a bf16 GGUF, by llama.cpp's own quantizer
+  (``rtn`` and ``hqq``, streamed) and the same tensors, written as a bf16 GGUF, by llama.cpp's own quantizer
   (``llama_model_quantize`` via llama-cpp-python, Q4_0: also 4-bit, groups of 32, fp16 scales;
   ``benchmarks/peer_llamacpp_quantize.py``; its default mix, which puts the head in Q6_K, and
   ``--pure``), 2 threads each: throughput side by side (lowbit's default keeps the embedding and
   head in bf16 and copies them; llama.cpp quantizes them; ``-all`` quantizes them too).
-* ``hqq``: ``hqq`` streamed on a 1-layer slice (its peak; its speed is stated, not hidden).
 * ``big``: the whole 24B-shaped checkpoint (47 GB of bf16, twice this machine's RAM) streamed with
-  rtn w4g128 (embedding and head kept in bf16, the default; and both in int8); each result loaded
+  rtn w4g128 (embedding and head kept in bf16, the default; and both in int8) and hqq w4g128; each result loaded
   (peak RSS against the file size) and generating 16 tokens.
 * ``calibrated``: a checkpoint in TinyLlama-1.1B's shapes streamed with gptq and awq (w4g128,
   16 x 512 calibration tokens, random ids: the weights are random too) against the in-memory path.
@@ -43,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "streaming.json"
-SECTIONS = ("slice", "big", "calibrated", "identity", "ray", "hqq")
+SECTIONS = ("slice", "big", "calibrated", "identity", "ray")
 PEER = sys.executable  # an interpreter with llama_cpp and gguf (the dev extra installs both)
 
 
@@ -258,10 +257,11 @@ def section_slice(book: Book, work: Path, layers: int, peer_python: str) -> None
     src = _checkpoint(work / f"m24b-{layers}L", "mistral-24b", layers)
     n = _bytes(src)
     key = f"slice/mistral-24b-{layers}L"
-    lb = book.get(f"{key}/lowbit-rtn-w4g128", lambda: _run("quantize", {
-        "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128", "method": "rtn", "stream": True,
-        "shard_bytes": 1 << 30}))  # fmt: skip
-    lb.setdefault("input_bytes", n)
+    for method in ("rtn", "hqq"):
+        book.get(f"{key}/lowbit-{method}-w4g128", lambda m=method: {**_run("quantize", {
+            "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128", "method": m, "stream": True,
+            "shard_bytes": 1 << 30}), "input_bytes": n})  # fmt: skip
+        shutil.rmtree(work / "q-slice", ignore_errors=True)
     gguf = work / f"m24b-{layers}L.bf16.gguf"
     if not gguf.is_file():
         _peer(["--write-gguf", str(gguf), str(src)], peer_python)
@@ -273,37 +273,29 @@ def section_slice(book: Book, work: Path, layers: int, peer_python: str) -> None
     gguf.unlink(missing_ok=True)
     shutil.rmtree(work / "q-slice", ignore_errors=True)
     # every linear layer in 4 bits, the embedding and head too: the closest to llama.cpp's --pure
-    book.get(f"{key}/lowbit-rtn-w4g128-all", lambda: {**_run("quantize", {
-        "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128-all", "method": "rtn", "stream": True,
-        "shard_bytes": 1 << 30}), "input_bytes": n})  # fmt: skip
-    shutil.rmtree(work / "q-slice", ignore_errors=True)
-
-
-def section_hqq(book: Book, work: Path) -> None:
-    """HQQ streamed on one 24B-shaped layer: its peak memory (its speed is what it is: 20 iterations
-    of an l_p shrinkage per group in torch)."""
-    one = _checkpoint(work / "m24b-1L", "mistral-24b", 1)
-    book.get("slice/mistral-24b-1L/lowbit-hqq-w4g128", lambda: {**_run("quantize", {
-        "src": str(one), "out": str(work / "q-hqq"), "spec": "w4g128", "method": "hqq", "stream": True,
-        "shard_bytes": 1 << 30}, timeout=6 * 3600), "input_bytes": _bytes(one)})  # fmt: skip
-    shutil.rmtree(work / "q-hqq", ignore_errors=True)
+    for method in ("rtn", "hqq"):
+        book.get(f"{key}/lowbit-{method}-w4g128-all", lambda m=method: {**_run("quantize", {
+            "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128-all", "method": m, "stream": True,
+            "shard_bytes": 1 << 30}), "input_bytes": n})  # fmt: skip
+        shutil.rmtree(work / "q-slice", ignore_errors=True)
 
 
 def section_big(book: Book, work: Path) -> None:
     """The whole 24B-shaped checkpoint: the default (embedding and head kept in bf16) and with the
     embedding and head in int8 too; each result loaded and generating."""
     src = work / "m24b"
-    variants = (("w4g128", "default"), ("w4g128-head8", "embedding and head int8"))
-    todo = [v for v, _ in variants if f"big/mistral-24b/lowbit-rtn-{v}" not in book.data or book.again]
+    variants = (("rtn", "w4g128"), ("rtn", "w4g128-head8"), ("hqq", "w4g128"))  # head8: embedding and head int8
+    todo = [(m, v) for m, v in variants if f"big/mistral-24b/lowbit-{m}-{v}" not in book.data or book.again]
     if todo:
         _checkpoint(src, "mistral-24b", None)
-    for v, _ in variants:  # one output at a time beside the 47 GB checkpoint (disk space)
-        out = work / f"q-big-{v}"
-        book.get(f"big/mistral-24b/lowbit-rtn-{v}", lambda v=v, out=out: {**_run("quantize", {
-            "src": str(src), "out": str(out), "spec": v, "method": "rtn", "stream": True,
+    for m, v in variants:  # one output at a time beside the 47 GB checkpoint (disk space)
+        out = work / f"q-big-{m}-{v}"
+        book.get(f"big/mistral-24b/lowbit-{m}-{v}", lambda m=m, v=v, out=out: {**_run("quantize", {
+            "src": str(src), "out": str(out), "spec": v, "method": m, "stream": True,
             "shard_bytes": 1 << 30}), "input_bytes": _bytes(src)})  # fmt: skip
         if out.is_dir():
-            book.get(f"big/mistral-24b/load-generate-{v}", lambda out=out: _run("load", {"dir": str(out), "tokens": 16}))
+            name = v if m == "rtn" else f"{m}-{v}"  # (the rtn keys predate hqq)
+            book.get(f"big/mistral-24b/load-generate-{name}", lambda out=out: _run("load", {"dir": str(out), "tokens": 16}))
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)  # 47 GB
 

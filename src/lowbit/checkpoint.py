@@ -126,20 +126,23 @@ class Checkpoint:
         t = DTYPES.get(self.info[name][1])
         return math.prod(self.info[name][2]) * (t.itemsize if t is not None else 1)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, *, check: bool = True) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, read into memory of its own (no memory map:
         :func:`lowbit.io.shards.read_tensors`). Raises :class:`lowbit.primitives.NonFiniteError`
-        naming it when a float tensor holds NaN or Inf."""
+        naming it when a float tensor holds NaN or Inf (``check=False``: the caller checks, as
+        every quantization method does for the weight it quantizes)."""
         path, header = self._shard_of(name)
         t = read_tensors(path, {name}, header=header)[name]
-        self._check(name, t)
+        if check:
+            self._check(name, t)
         return t
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def rows(self, name: str, start: int, stop: int, *, check: bool = True) -> torch.Tensor:
         """Rows ``start:stop`` of tensor ``name`` (dim 0), read alone; checked as :meth:`tensor`."""
         path, header = self._shard_of(name)
         t = read_rows(path, name, start, stop, header)
-        self._check(name, t)
+        if check:
+            self._check(name, t)
         return t
 
     def _shard_of(self, name: str) -> tuple[Path, tuple[int, dict]]:
@@ -152,14 +155,17 @@ class Checkpoint:
         return self.dir / fname, self._headers[fname]
 
     def _check(self, name: str, t: torch.Tensor) -> None:
-        if t.is_floating_point():
-            flat = t.reshape(-1)
-            step = 1 << 24  # (isfinite's bool temporary stays at 16 MiB per step)
-            for i in range(0, flat.numel(), step):
-                if not bool(torch.isfinite(flat[i : i + step]).all()):
-                    bad = sum(int((~torch.isfinite(flat[j : j + step])).sum()) for j in range(0, flat.numel(), step))
-                    raise NonFiniteError(f"{self.dir}: tensor {name!r} has {bad} NaN/Inf value(s); lowbit "
-                                         "quantizes and copies finite models only")  # fmt: skip
+        if not t.is_floating_point():
+            return
+        from .kernels import cpu
+
+        bad = cpu.count_nonfinite(t)  # exponent bits tested in C: no float copy of a bf16 tensor
+        if bad is None:  # (no CPU library, or float64)
+            flat, step = t.reshape(-1), 1 << 24  # (isfinite's bool temporary stays at 16 MiB per step)
+            bad = sum(int((~torch.isfinite(flat[j : j + step])).sum()) for j in range(0, flat.numel(), step))
+        if bad:
+            raise NonFiniteError(f"{self.dir}: tensor {name!r} has {bad} NaN/Inf value(s); lowbit "
+                                 "quantizes and copies finite models only")  # fmt: skip
 
 
 def skeleton(ck: Checkpoint) -> nn.Module:
@@ -289,7 +295,8 @@ def _read_ahead(ck: Checkpoint, names: list[str]):
     from concurrent.futures import ThreadPoolExecutor
 
     def read(name):
-        return ck.tensor(name) if ck.nbytes_of(name) <= READ_AHEAD_BYTES else None
+        # (unchecked: every method refuses NaN/Inf in the weight it quantizes, naming the layer)
+        return ck.tensor(name, check=False) if ck.nbytes_of(name) <= READ_AHEAD_BYTES else None
 
     with ThreadPoolExecutor(1, thread_name_prefix="lowbit-read") as pool:
         nxt = pool.submit(read, names[0]) if names else None
@@ -328,13 +335,13 @@ def quantize_layer(ck: Checkpoint, mname: str, mod: nn.Module, kind: str, scheme
     with layer_errors(mname):
         shape = ck.shape(wname)  # (out, in...); rows read in the stored dtype
         if kind == "linear" and swappable.is_hf_conv1d(real):  # stored (in, out): read whole
-            wt = (ck.tensor(wname) if weight is None else weight).t()
+            wt = (ck.tensor(wname, check=False) if weight is None else weight).t()
             shape = tuple(wt.shape)
             rows_of = lambda a, b: wt[a:b]  # noqa: E731
         elif weight is not None:
             rows_of = lambda a, b: weight[a:b].reshape(b - a, -1)  # noqa: E731
         else:
-            rows_of = lambda a, b: ck.rows(wname, a, b).reshape(b - a, -1)  # noqa: E731
+            rows_of = lambda a, b: ck.rows(wname, a, b, check=False).reshape(b - a, -1)  # noqa: E731
         qw = _quantize_rows(algo, rows_of, (shape[0], math.prod(shape[1:])), scheme, f"{mname}.weight", options)
         qw.shape = tuple(shape)
         new: QuantModule = _swap(real, kind, qw, algo.name)

@@ -58,6 +58,13 @@ def _shrink(x: torch.Tensor, beta: float, p: float, weight: torch.Tensor) -> tor
 
 BLOCK_ELEMENTS = 1 << 18  # weights optimised together (rows of one block): ~1 MiB of float32
 
+# A group stops after this many iterations without a lower error. On SmolLM2's layers most groups
+# last improve around iteration 3 (under 10% after iteration 10), and stopping after 3 idle ones
+# keeps 97-100% of the 20 iterations' objective gain (w4g128 0.0184 vs 0.0190, w4g64-asym 0.2759
+# vs 0.2759, w3g64-asym 0.0662 vs 0.0663, one down_proj) at about a third of the work. The
+# reference implementation stops the whole tensor at its first iteration without a gain.
+PATIENCE = 3
+
 
 def default_importance(scheme: Scheme) -> float:
     """The error weighting exponent used when none is given (see the module docstring)."""
@@ -74,11 +81,14 @@ def optimize_qparams(
     iters: int = 20,
     optimize_scale: bool = True,
     importance: float | None = None,
+    patience: int = PATIENCE,
 ) -> QParams:
     """Half-quadratic optimised parameters for ``w`` ``(N, K)``: shapes as :func:`choose_qparams`.
 
     ``importance``: each weight's error counts ``|w|^importance`` times (normalised per group);
     0 gives the paper's unweighted objective; ``None`` picks :func:`default_importance`.
+    ``patience``: a group stops after that many iterations without a lower error (0: all
+    ``iters``; see :data:`PATIENCE`).
     """
     fmt = scheme.fmt
     if fmt.kind != "affine" or scheme.per_tensor:
@@ -90,7 +100,7 @@ def optimize_qparams(
     rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
     if w.shape[0] > rows:
         parts = [optimize_qparams(w[i : i + rows], scheme, p=p, beta=beta, kappa=kappa, iters=iters,
-                                  optimize_scale=optimize_scale, importance=importance)
+                                  optimize_scale=optimize_scale, importance=importance, patience=patience)
                  for i in range(0, w.shape[0], rows)]  # fmt: skip
         return QParams(torch.cat([q.scale for q in parts]),
                        None if parts[0].zero is None else torch.cat([q.zero for q in parts]))  # fmt: skip
@@ -111,6 +121,8 @@ def optimize_qparams(
 
     best_err, q = lp_error(s, z)
     best_s, best_z = s.clone(), z.clone()
+    stale = torch.zeros_like(best_err)  # iterations since each group's error last fell
+    live = torch.ones_like(best_err, dtype=torch.bool)  # groups still iterating
     for _ in range(iters):
         we = _shrink(g - (q - z) * s, beta, p, omega) * real
         target = (g - we) * real  # what deq(q) should reproduce
@@ -124,10 +136,15 @@ def optimize_qparams(
             s = torch.where(denom == 0, s, s_new)
         beta *= kappa
         err, q = lp_error(s, z)
-        better = err < best_err
+        better = (err < best_err) & live
+        if patience > 0:
+            stale = torch.where(better, 0.0, stale + 1)
+            live &= stale < patience
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
+        if not bool(live.any()):
+            break
     scale = round_scale(best_s.squeeze(-1), fmt)
     if scheme.symmetric:
         return QParams(scale, None)
@@ -165,7 +182,8 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", fu
     if fused and w2.numel():
         from ..kernels import cpu
 
-        opts = {"p": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20, "optimize_scale": True, **options}
+        opts = {"p": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20, "optimize_scale": True, "patience": PATIENCE,
+                **options}  # fmt: skip
         if opts.get("importance") is None:
             opts["importance"] = default_importance(scheme)
         # (the C iteration's exponents stay in float32's range for 0 < p < 1, the l_p norms HQQ uses)

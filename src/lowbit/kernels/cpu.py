@@ -33,7 +33,7 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["rtn_affine", "hqq_affine", "supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
+__all__ = ["rtn_affine", "hqq_affine", "count_nonfinite", "supports", "linear", "supports_rows", "linear_rows", "load_library", "unavailable_reason", "isa", "use_isa", "available_isas",
            "isa_reason", "fallback_notes", "IsaError", "ISAS"]  # fmt: skip
 
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -48,7 +48,7 @@ ISAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 _SOURCES = ("common.h", "driver.h", "rows_avx2.h", "quantize.h", "hqq.h")
 NONFINITE = -3  # what the C entry points that round their inputs return for NaN/inf inputs
-_ABI = 15  # lb_abi_version() of the C sources this wrapper calls
+_ABI = 17  # lb_abi_version() of the C sources this wrapper calls
 ENV = "LOWBIT_ISA"
 
 
@@ -206,8 +206,10 @@ def _open(name: str) -> ctypes.CDLL | str:
     lib.lb_decode_layer.argtypes = [ctypes.POINTER(_LayerDesc), ptr, c64, ptr, ctypes.c_int]
     lib.lb_rtn_affine.restype = ctypes.c_int
     lib.lb_rtn_affine.argtypes = [ptr, i32, c64, c64, c64, i32, i32, f32, f32, i32, ptr, ptr, ptr, i32]
+    lib.lb_count_nonfinite.restype = ctypes.c_int64
+    lib.lb_count_nonfinite.argtypes = [ptr, i32, c64, i32]
     lib.lb_hqq_affine.restype = ctypes.c_int
-    lib.lb_hqq_affine.argtypes = lib.lb_rtn_affine.argtypes + [f32, ctypes.c_double, ctypes.c_double, i32, f32, i32, f32]
+    lib.lb_hqq_affine.argtypes = lib.lb_rtn_affine.argtypes + [f32, ctypes.c_double, ctypes.c_double, i32, f32, i32, f32, i32]
     lib.lb_linear_rows.restype = ctypes.c_int
     lib.lb_linear_rows.argtypes = [ctypes.POINTER(_Rows), ptr, c64, ptr, ctypes.c_int]
     lib.lb_dequant_rows.restype = ctypes.c_int
@@ -813,14 +815,24 @@ def rtn_affine(w: torch.Tensor, scheme, name: str = "weight") -> tuple[torch.Ten
     return _affine(w, scheme, name, None)
 
 
+def count_nonfinite(t: torch.Tensor) -> int | None:
+    """How many values of float tensor ``t`` (float32, bfloat16 or float16, contiguous) are NaN or
+    infinite, by their exponent bits in C (``lb_count_nonfinite``: no converted copy, both
+    threads); ``None`` when it does not apply (no library, another dtype, not contiguous)."""
+    lib = load_library()
+    if lib is None or t.dtype not in _RTN_DTYPES or not t.is_contiguous():
+        return None
+    return int(lib.lb_count_nonfinite(t.data_ptr(), _RTN_DTYPES[t.dtype], t.numel(), torch.get_num_threads()))
+
+
 def hqq_affine(w: torch.Tensor, scheme, name: str, *, p: float, beta: float, kappa: float, iters: int,
-               importance: float, optimize_scale: bool, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+               importance: float, optimize_scale: bool, shift: int, patience: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
     """:func:`lowbit.algorithms.hqq.optimize_qparams` and the codes of its parameters, fused in C
     (``lb_hqq_affine``: each group optimised while it sits in L1; the torch version's iteration,
     at float32 rounding level, see ``csrc/hqq.h``), for ``w * 2**shift`` (``shift``: the
     magnitude band's power of two; the scales come back divided by it). Returns and refuses as
     :func:`rtn_affine`; scales and zero points are float16 values."""
-    return _affine(w, scheme, name, (p, beta, kappa, iters, importance, int(optimize_scale), 2.0**shift))
+    return _affine(w, scheme, name, (p, beta, kappa, iters, importance, int(optimize_scale), 2.0**shift, patience))
 
 
 def _affine(w: torch.Tensor, scheme, name: str, hqq: tuple | None):

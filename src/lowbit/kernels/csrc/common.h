@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define LB_ABI 15
+#define LB_ABI 17
 
 /* This thread's number in the current OpenMP team (0 without OpenMP). */
 INLINE int thread_num(void) {

@@ -9,7 +9,7 @@
  *   z = sum(omega (q - t / s)) / sum(omega)                       (asymmetric schemes)
  *   s = sum(omega t (q - z)) / sum(omega (q - z)^2)               (when the scale is optimised)
  *   beta *= kappa,  q = clamp(round(g / s + z), 0, qmax),  keep (s, z) of the lowest
- *   sum(omega |e|^p).
+ *   sum(omega |e|^p); a group stops after `patience` iterations without a lower error.
  * Differences from the torch version, all at float32 rounding level: |x|^p is a polynomial
  * (log2 / exp2, relative error below 5e-7) instead of torch's pow; |e|^(p-1) is |e|^p / |e|;
  * g / s is g * (1 / s); sums run in 16 fixed lanes (the same order on every ISA) instead of
@@ -69,6 +69,7 @@ typedef struct {
     double beta, kappa;    /* its coupling and growth per iteration (in double, as Python's floats) */
     float importance, top; /* |w| weighting exponent, qmax */
     int iters, asym, scale; /* iterations; whether the zero point / the scale are optimised */
+    int patience;           /* a group stops after this many iterations without a lower error (0: never) */
 } hqq_opts;
 
 /* One element of hqq_error: its code c, |e|^p (returned in AD) and the next iteration's target
@@ -144,7 +145,7 @@ static void hqq_group(const float* g, int64_t len, float* sp, float* zp, const h
     float s = *sp, z = *zp, zsum;
     double beta = h->beta;
     float best = hqq_error(g, om, len, s, z, (float)(1.0 / beta), h, q, t, &zsum), bs = s, bz = z;
-    for (int it = 0; it < h->iters; it++) {
+    for (int it = 0, stale = 0; it < h->iters; it++) {
         if (h->asym) z = zsum / som;
         if (h->scale) {
             for (k = 0; k < LB_LANES; k++) acc[k] = acc2[k] = 0.0f;
@@ -170,6 +171,9 @@ static void hqq_group(const float* g, int64_t len, float* sp, float* zp, const h
             best = err;
             bs = s;
             bz = z;
+            stale = 0;
+        } else if (++stale == h->patience) {
+            break;
         }
     }
     *sp = bs;

@@ -237,11 +237,29 @@ int lb_rtn_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int
  * HQQ-optimised parameters (hqq.h): each group of w * mult (mult: a power of two, see
  * lowbit.algorithms.hqq._magnitude_shift) optimised for iters iterations of the l_p norm p with
  * coupling beta growing by kappa, errors weighted by |w|^importance; the zero point moves when
- * asym, the scale when opt_scale. Scales are float16 values (as float32), zero points too.
+ * asym, the scale when opt_scale; a group stops after patience iterations without a lower error
+ * (0: all iters). Scales are float16 values (as float32), zero points too.
  * Returns as lb_rtn_affine. */
 int lb_hqq_affine(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int qmax, int mode, float zc,
                   float sqmax, int pack_bits, uint8_t* out, float* scales, float* zeros, int nthreads, float p,
-                  double beta, double kappa, int iters, float importance, int opt_scale, float mult) {
-    const hqq_opts h = {p, beta, kappa, importance, (float)qmax, iters, zeros != NULL, opt_scale};
+                  double beta, double kappa, int iters, float importance, int opt_scale, float mult, int patience) {
+    const hqq_opts h = {p, beta, kappa, importance, (float)qmax, iters, zeros != NULL, opt_scale, patience};
     return affine_rows(w, dtype, N, K, G, qmax, mode, zc, sqmax, pack_bits, out, scales, zeros, nthreads, &h, mult);
+}
+
+/* How many of the n values at w (dtype 0 float32 / 1 bfloat16 / 2 float16) are NaN or infinite:
+ * an all-ones exponent field, tested on the bits (no conversion), threads splitting the range. */
+int64_t lb_count_nonfinite(const void* w, int dtype, int64_t n, int nthreads) {
+    int64_t bad = 0;
+    if (dtype == 0) {
+        const uint32_t* p = (const uint32_t*)w;
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) reduction(+ : bad) schedule(static)
+        for (int64_t i = 0; i < n; i++) bad += (p[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t* p = (const uint16_t*)w;
+        const uint16_t m = dtype == 1 ? 0x7F80u : 0x7C00u;
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) reduction(+ : bad) schedule(static)
+        for (int64_t i = 0; i < n; i++) bad += (p[i] & m) == m;
+    }
+    return bad;
 }
