@@ -189,12 +189,9 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", fu
         # (the C iteration's exponents stay in float32's range for 0 < p < 1, the l_p norms HQQ uses)
         got = cpu.hqq_affine(w2, scheme, name, shift=_magnitude_shift(w2), **opts) if 0 < opts["p"] < 1 else None
         if got is not None:
-            codes, scales, zeros = got
-            empty = (scales == 0).all(1)
-            if bool(empty.any()):
-                check_finite(w2[empty], name)  # warns about rows of subnormals, as the torch path does
-            return QWeight.from_codes(tuple(w.shape), scheme, codes, QParams(scales, zeros),
-                                      packed=scheme.fmt.bits in (2, 4, 8))  # fmt: skip
+            from .rtn import from_fused
+
+            return from_fused(got, w, w2, scheme, name)
     check_finite(w, name)
     w2 = w2.float()
     shift = _magnitude_shift(w2)

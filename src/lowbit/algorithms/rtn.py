@@ -17,6 +17,17 @@ from ..scheme import Scheme
 CLIP_CHOICES = ("minmax", "mse")
 
 
+def from_fused(fused: tuple, w: torch.Tensor, w2: torch.Tensor, scheme: Scheme, name: str) -> QWeight:
+    """The :class:`QWeight` of a fused C quantizer's ``(codes, scales, zero points)`` for ``w``
+    (``w2``: its ``(N, K)`` view); rows the C code stored as zero (only subnormals) get the torch
+    path's warning."""
+    codes, scales, zeros = fused
+    empty = (scales == 0).all(1)
+    if bool(empty.any()):
+        check_finite(w2[empty], name)  # warns about rows of subnormals, as the torch path does
+    return QWeight.from_codes(tuple(w.shape), scheme, codes, QParams(scales, zeros), packed=scheme.fmt.bits in (2, 4, 8))
+
+
 def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", clip: str = "minmax") -> QWeight:
     """``w`` ``(N, ...)`` float (float32, bfloat16, float16) -> :class:`QWeight` by round-to-nearest.
 
@@ -32,12 +43,7 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, *, name: str = "weight", cl
         w2 = w.detach().reshape(w.shape[0], -1)
         fused = cpu.rtn_affine(w2, scheme, name)
         if fused is not None:
-            codes, scales, zeros = fused
-            empty = (scales == 0).all(1)
-            if bool(empty.any()):
-                check_finite(w2[empty], name)  # warns about rows of subnormals, as the torch path does
-            return QWeight.from_codes(tuple(w.shape), scheme, codes, QParams(scales, zeros),
-                                      packed=scheme.fmt.bits in (2, 4, 8))  # fmt: skip
+            return from_fused(fused, w, w2, scheme, name)
     check_finite(w, name)  # before the clip search, which would otherwise see NaNs
     w2 = w.detach().reshape(w.shape[0], -1).float()
     qp = mse_clip_search(w2, scheme) if clip == "mse" else choose_qparams(w2, scheme)
