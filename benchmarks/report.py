@@ -731,9 +731,9 @@ def _streaming(res: dict) -> str:
         size = cal[0][1].get("calibration", "16 x 512")
         lines += ["", f"Calibrated methods on a TinyLlama-1.1B-shaped checkpoint (bf16, 2.2 GB; {size} calibration tokens, "
                   "random ids; command: `python benchmarks/streaming.py --sections calibrated --nsamples N`):",
-                  "", markdown_table(["method", "path", "seconds", "peak RSS"],
-                                     [[k.split("/")[2], k.split("/")[3], f"{r['seconds']:.0f}", mib(r["peak_rss_mib"])]
-                                      for k, r in cal])]  # fmt: skip
+                  "", markdown_table(["method", "path", "seconds", "peak RSS", "ISA", "note"],
+                                     [[k.split("/")[2], k.split("/")[3], f"{r['seconds']:.0f}", mib(r["peak_rss_mib"]),
+                                       r.get("isa", "?"), r.get("note", "")] for k, r in cal])]  # fmt: skip
     ident = [(k, r) for k, r in res.items() if k.startswith("identity/")]
     if ident:
         lines += ["", "SmolLM2-135M (float32 checkpoint), streamed vs in memory, w4g64:", "",
