@@ -41,8 +41,8 @@ def _connect(address: str) -> None:
                            "or use 'local'") from None  # fmt: skip
     if ray.is_initialized():  # this process already joined (or started) a cluster: use it
         return
-    if address == "local":
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address == "local":  # a new cluster in this process, even where `ray start` left a record of another
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         return
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
