@@ -27,12 +27,12 @@ INLINE uint16_t float_to_half_normal(float f) {
 }
 
 /* round_scale for float16 storage: 0 stays 0 (with its sign); else the nearest float16, moved one
- * step away from zero if it is smaller in magnitude than s. -1.0 marks a scale outside float16's
- * normal range (the caller stores float32 scales instead). */
+ * step away from zero if it is smaller in magnitude than s. NaN marks a scale outside float16's
+ * normal range (the caller stores float32 scales instead; -1.0 is a real scale). */
 INLINE float round_scale_f16(float s) {
     const float a = fabsf(s);
     if (a == 0.0f) return s;
-    if (!(a >= 6.103515625e-05f && a <= 65504.0f)) return -1.0f;
+    if (!(a >= 6.103515625e-05f && a <= 65504.0f)) return NAN;
     uint16_t h = float_to_half_normal(s);
     if (fabsf(half_to_float(h)) < a) h++; /* magnitude bits + 1: away from zero */
     return half_to_float(h);
@@ -137,7 +137,7 @@ INLINE int rtn_qparams(const float* v, int64_t len, int qmax, int mode, float zc
         s = round_scale_f16((tiny ? 0.0f : amax) / sqmax);
         z = zc;
     }
-    if (s == -1.0f) return LB_OUT_OF_RANGE;
+    if (s != s) return LB_OUT_OF_RANGE;
     *sp = s;
     *zp = z;
     return 0;
@@ -166,7 +166,7 @@ INLINE int hqq_qparams(const float* v, int64_t len, int qmax, int mode, float zc
     if (bad) return bad;
     hqq_group(g, len, &s, &z, h, ws + len);
     s = round_scale_f16(s);
-    if (s == -1.0f) return LB_OUT_OF_RANGE;
+    if (s != s) return LB_OUT_OF_RANGE;
     s = s / mult; /* a power of two: exact while it stays a float16 normal */
     if (s != 0.0f && !(fabsf(s) >= 6.103515625e-05f && fabsf(s) <= 65504.0f)) return LB_OUT_OF_RANGE;
     if (h->asym && round_half(z, &z)) return LB_OUT_OF_RANGE;
