@@ -1025,7 +1025,9 @@ def section_domains(quick: bool) -> dict:
             cache[key] = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
                           "quantize_seconds": round(seconds, 1)}  # fmt: skip
             print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)
-            DOMAIN_CACHE.write_text(json.dumps(cache, indent=1) + "\n")
+            tmp = DOMAIN_CACHE.with_suffix(".tmp")  # atomic: an interrupted run keeps every finished cell
+            tmp.write_text(json.dumps(cache, indent=1) + "\n")
+            tmp.replace(DOMAIN_CACHE)
         return cache[key]
 
     rows = [cell("fp32", "fp32", "-", 0, lambda: zoo.model)]
