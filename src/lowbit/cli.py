@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
                    help="largest output tensor file, e.g. 1GiB (default), 500MB: the streaming peak includes one")
     q.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="streamed on a Ray cluster (host:port or auto; no address: start one here): data-free "
+                   help="streamed on a Ray cluster (host:port, or auto: the cluster this node belongs to, which also "
+                   "works where the cluster requires Ray's authentication token; no address: start one here): data-free "
                    "methods quantize the layers there (reading the checkpoint at the same path); calibrated ones "
                    "split the calibration batches across workers, which send back their statistics per block")
     q.add_argument("--ray-workers", type=int,
