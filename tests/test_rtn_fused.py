@@ -62,6 +62,17 @@ def test_scales_outside_float16_fall_back_to_the_torch_path(isa, scheme):
         assert q.scale.dtype == torch.float32 and _same(q, _torch_path(w, s))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_count_nonfinite_matches_isfinite(isa, dtype):
+    """The exponent-bit count the streaming check uses equals torch's isfinite, on every ISA."""
+    w = torch.randn(3, 1001).to(dtype)
+    assert cpu.count_nonfinite(w) == 0
+    w[0, 5], w[1, 0], w[2, -1] = float("nan"), float("inf"), float("-inf")
+    w[1, 7] = torch.finfo(dtype).max  # largest finite: not counted
+    assert cpu.count_nonfinite(w) == int((~torch.isfinite(w)).sum()) == 3
+    assert cpu.count_nonfinite(w.t()) is None  # not contiguous: the caller uses torch
+
+
 def test_nonfinite_and_subnormal_weights_are_reported_as_on_the_torch_path(isa):
     s = lowbit.parse_scheme("w4g32")
     w = torch.randn(8, 64)

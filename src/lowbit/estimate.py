@@ -206,15 +206,15 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     name, src_bytes, q_bytes = biggest
     chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(biggest_w).itemsize)) if name else 0
     # the output buffer holds up to one shard, or one tensor larger than that (read whole)
-    quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + max(min(shard, out), max(copied, default=0))
+    buffer = max(min(shard, out), max(copied, default=0))
+    quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + buffer
     load_peak = out + widen + q_bytes  # (+ the largest layer converted to its kernel's layout)
     algo = get_algorithm(method)
     calibration = ""
     if algo.uses_calibration:
         calibration = f"{nsamples} x {seqlen}"
         schemes = {name: scheme for name, _mod, _kind, scheme, _why in todo}
-        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, schemes, nbytes)
-                            + max(min(shard, out), max(copied, default=0)))  # fmt: skip
+        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, schemes, nbytes) + buffer)
     return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-", method, calibration)
 
 

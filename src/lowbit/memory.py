@@ -46,7 +46,7 @@ def release_large_frees(threshold: int = 1 << 20) -> None:
     (a streamed GPTQ run of 8 small blocks: 250 MiB instead of 169). Process-wide; the cost is a
     system call and fresh zeroed pages per large allocation: nothing for the fused round-to-nearest
     path, 3-5x for torch code that makes many ~1 MiB temporaries (HQQ: 3.2 s -> 16 s on a 1024 x
-    4096 weight), so only round-to-nearest streaming sets it."""
+    4096 weight, before HQQ ran in C), so only streaming with the fused C methods (rtn, hqq) sets it."""
     lib = _lib()
     if lib:
         lib.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD

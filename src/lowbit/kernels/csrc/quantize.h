@@ -29,10 +29,12 @@ INLINE uint16_t float_to_half_normal(float f) {
 /* round_scale for float16 storage: 0 stays 0 (with its sign); else the nearest float16, moved one
  * step away from zero if it is smaller in magnitude than s. NaN marks a scale outside float16's
  * normal range (the caller stores float32 scales instead; -1.0 is a real scale). */
+INLINE int half_normal(float a) { return a >= 6.103515625e-05f && a <= 65504.0f; } /* |a| in float16's normal range */
+
 INLINE float round_scale_f16(float s) {
     const float a = fabsf(s);
     if (a == 0.0f) return s;
-    if (!(a >= 6.103515625e-05f && a <= 65504.0f)) return NAN;
+    if (!half_normal(a)) return NAN;
     uint16_t h = float_to_half_normal(s);
     if (fabsf(half_to_float(h)) < a) h++; /* magnitude bits + 1: away from zero */
     return half_to_float(h);
@@ -143,15 +145,6 @@ INLINE int rtn_qparams(const float* v, int64_t len, int qmax, int mode, float zc
     return 0;
 }
 
-/* Rows of w (N, K), dtype 0 float32 / 1 bfloat16 / 2 float16, in groups of G columns (the last one
- * may be shorter) -> out: codes (N, K) uint8, or with pack_bits 2 or 4 the rows packed as
- * packing.pack packs them (N, ceil(K / (8 / pack_bits))); scales (N, ng) and, for mode 0, zero
- * points (N, ng) float32.
- * mode 0: asymmetric (s = (max(hi, 0) - min(lo, 0)) / qmax, z = clamp(round(-lo / s), 0, qmax));
- * mode 1: symmetric, full range (s = the signed value of largest magnitude, first one on ties, over
- * -zc); mode 2: symmetric, restricted (s = max |x| / sqmax); symmetric codes use z = zc.
- * Returns 0; LB_NONFINITE (-3) for a NaN/inf input; -2 out of memory; LB_OUT_OF_RANGE when a non-zero scale lies outside
- * float16's normal range (then nothing is meaningful: the caller quantizes with float32 scales). */
 #include "hqq.h"
 
 /* One group's final parameters when HQQ optimises them (h): the min/max ones of g = v * mult as
@@ -168,13 +161,22 @@ INLINE int hqq_qparams(const float* v, int64_t len, int qmax, int mode, float zc
     s = round_scale_f16(s);
     if (s != s) return LB_OUT_OF_RANGE;
     s = s / mult; /* a power of two: exact while it stays a float16 normal */
-    if (s != 0.0f && !(fabsf(s) >= 6.103515625e-05f && fabsf(s) <= 65504.0f)) return LB_OUT_OF_RANGE;
+    if (s != 0.0f && !half_normal(fabsf(s))) return LB_OUT_OF_RANGE;
     if (h->asym && round_half(z, &z)) return LB_OUT_OF_RANGE;
     *sp = s;
     *zp = h->asym ? z : zc;
     return 0;
 }
 
+/* Rows of w (N, K), dtype 0 float32 / 1 bfloat16 / 2 float16, in groups of G columns (the last one
+ * may be shorter) -> out: codes (N, K) uint8, or with pack_bits 2 or 4 the rows packed as
+ * packing.pack packs them (N, ceil(K / (8 / pack_bits))); scales (N, ng) and, for mode 0, zero
+ * points (N, ng) float32.
+ * mode 0: asymmetric (s = (max(hi, 0) - min(lo, 0)) / qmax, z = clamp(round(-lo / s), 0, qmax));
+ * mode 1: symmetric, full range (s = the signed value of largest magnitude, first one on ties, over
+ * -zc); mode 2: symmetric, restricted (s = max |x| / sqmax); symmetric codes use z = zc.
+ * Returns 0; LB_NONFINITE (-3) for a NaN/inf input; -2 out of memory; LB_OUT_OF_RANGE when a non-zero scale lies outside
+ * float16's normal range (then nothing is meaningful: the caller quantizes with float32 scales). */
 static int affine_rows(const void* w, int dtype, int64_t N, int64_t K, int64_t G, int qmax, int mode, float zc,
                        float sqmax, int pack_bits, uint8_t* out, float* scales, float* zeros, int nthreads,
                        const hqq_opts* h, float mult) {
@@ -185,7 +187,8 @@ static int affine_rows(const void* w, int dtype, int64_t N, int64_t K, int64_t G
     {
         float* buf = dtype == 0 ? NULL : (float*)malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
         uint8_t* row = per == 1 ? NULL : (uint8_t*)malloc((size_t)(ldo * per));
-        float* ws = h ? (float*)malloc(sizeof(float) * 6 * (size_t)(G < K ? G : (K > 0 ? K : 1))) : NULL;
+        /* HQQ: one group scaled (hqq_qparams) and hqq_group's 3 arrays of a group */
+        float* ws = h ? (float*)malloc(sizeof(float) * 4 * (size_t)(G < K ? G : (K > 0 ? K : 1))) : NULL;
         if ((dtype != 0 && !buf) || (per != 1 && !row) || (h && !ws)) {
 #pragma omp atomic write
             status = -2;
