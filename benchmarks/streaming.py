@@ -67,6 +67,7 @@ def child_quantize(a: dict) -> dict:
 
     import lowbit
     from lowbit.checkpoint import quantize_checkpoint
+    from lowbit.io.shards import DEFAULT_SHARD_BYTES
 
     torch.set_num_threads(a.get("threads", 2))
     opts = {}
@@ -79,8 +80,9 @@ def child_quantize(a: dict) -> dict:
         spec = lowbit.Recipe(lowbit.parse_scheme(spec[:-4])).add("*embed_tokens", spec[:-4]).add("lm_head", spec[:-4])
     elif spec.endswith("-head8"):  # the embedding and head in int8 (per channel) instead of kept in bf16
         spec = lowbit.Recipe(lowbit.parse_scheme(spec[:-6])).add("*embed_tokens", "int8").add("lm_head", "int8")
+    shard = a.get("shard_bytes", DEFAULT_SHARD_BYTES)
     if a["stream"]:
-        quantize_checkpoint(a["src"], spec, a["out"], method=a["method"], max_shard_bytes=a["shard_bytes"], **opts)
+        quantize_checkpoint(a["src"], spec, a["out"], method=a["method"], max_shard_bytes=shard, **opts)
     else:
         import transformers
 
@@ -90,10 +92,10 @@ def child_quantize(a: dict) -> dict:
         model.lowbit_source = a["src"]
         lowbit.quantize(model, spec, method=a["method"], **opts)
         # the tokenizer saved beside it, as the streamed path (and the CLI) do
-        lowbit.save(model, a["out"], max_shard_bytes=a["shard_bytes"], tokenizer=tokenizer_of(Path(a["src"])))
+        lowbit.save(model, a["out"], max_shard_bytes=shard, tokenizer=tokenizer_of(Path(a["src"])))
     secs = time.perf_counter() - t0
     out = sum(p.stat().st_size for p in Path(a["out"]).glob("*.safetensors"))
-    return {"seconds": round(secs, 2), "peak_rss_mib": round(_vmhwm_mib(), 1), "out_bytes": out}
+    return {"seconds": round(secs, 2), "peak_rss_mib": round(_vmhwm_mib(), 1), "out_bytes": out, "shard_bytes": shard}
 
 
 def child_load(a: dict) -> dict:
@@ -259,8 +261,7 @@ def section_slice(book: Book, work: Path, layers: int, peer_python: str) -> None
     key = f"slice/mistral-24b-{layers}L"
     for method in ("rtn", "hqq"):
         book.get(f"{key}/lowbit-{method}-w4g128", lambda m=method: {**_run("quantize", {
-            "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128", "method": m, "stream": True,
-            "shard_bytes": 1 << 30}), "input_bytes": n})  # fmt: skip
+            "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128", "method": m, "stream": True}), "input_bytes": n})  # fmt: skip
         shutil.rmtree(work / "q-slice", ignore_errors=True)
     gguf = work / f"m24b-{layers}L.bf16.gguf"
     if not gguf.is_file():
@@ -275,8 +276,7 @@ def section_slice(book: Book, work: Path, layers: int, peer_python: str) -> None
     # every linear layer in 4 bits, the embedding and head too: the closest to llama.cpp's --pure
     for method in ("rtn", "hqq"):
         book.get(f"{key}/lowbit-{method}-w4g128-all", lambda m=method: {**_run("quantize", {
-            "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128-all", "method": m, "stream": True,
-            "shard_bytes": 1 << 30}), "input_bytes": n})  # fmt: skip
+            "src": str(src), "out": str(work / "q-slice"), "spec": "w4g128-all", "method": m, "stream": True}), "input_bytes": n})  # fmt: skip
         shutil.rmtree(work / "q-slice", ignore_errors=True)
 
 
@@ -291,8 +291,7 @@ def section_big(book: Book, work: Path) -> None:
     for m, v in variants:  # one output at a time beside the 47 GB checkpoint (disk space)
         out = work / f"q-big-{m}-{v}"
         book.get(f"big/mistral-24b/lowbit-{m}-{v}", lambda m=m, v=v, out=out: {**_run("quantize", {
-            "src": str(src), "out": str(out), "spec": v, "method": m, "stream": True,
-            "shard_bytes": 1 << 30}), "input_bytes": _bytes(src)})  # fmt: skip
+            "src": str(src), "out": str(out), "spec": v, "method": m, "stream": True}), "input_bytes": _bytes(src)})  # fmt: skip
         if out.is_dir():
             name = v if m == "rtn" else f"{m}-{v}"  # (the rtn keys predate hqq)
             book.get(f"big/mistral-24b/load-generate-{name}", lambda out=out: _run("load", {"dir": str(out), "tokens": 16}))

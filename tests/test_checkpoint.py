@@ -663,3 +663,38 @@ def test_a_memory_mapped_load_computes_the_same_and_never_writes_the_file(tmp_pa
         b.model.embed_tokens.weight.zero_()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert torch.equal(lowbit.load(out, mmap=True).lm_head.weight, a.lm_head.weight)
+
+
+def test_a_shard_is_written_while_the_next_fills_and_at_most_one_is_in_flight(tmp_path, monkeypatch):
+    import threading
+
+    import safetensors.torch
+
+    from lowbit.io.shards import ShardWriter, read_tensors
+
+    real, gate, calls = safetensors.torch.save_file, threading.Event(), []
+
+    def held(tensors, path, metadata=None):  # the first shard's write waits until the test lets it go
+        calls.append(path)
+        if len(calls) == 1:
+            assert gate.wait(30)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", held)
+    t = {f"t{i}": torch.full((256,), float(i)) for i in range(3)}  # 1 KiB each: one per shard
+    w = ShardWriter(tmp_path, max_bytes=1500)
+    w.add("t0", t["t0"])
+    w.add("t1", t["t1"])  # shard 1 goes to the writer thread, which holds it; this call returns
+    assert calls == [] or len(calls) == 1
+    third = threading.Thread(target=w.add, args=("t2", t["t2"]))  # shard 2 must wait for shard 1
+    third.start()
+    third.join(0.5)
+    assert third.is_alive(), "a second shard was handed over while the first was still being written"
+    gate.set()
+    third.join(30)
+    shards, weight_map = w.close()
+    assert [s["tensors"] for s in shards] == [1, 1, 1] and len(calls) == 3
+    got = {}
+    for s in shards:
+        got.update(read_tensors(tmp_path / s["file"]))
+    assert all(torch.equal(got[k], v) for k, v in t.items()) and set(weight_map) == set(t)

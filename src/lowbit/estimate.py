@@ -156,7 +156,8 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     Sizes are exact (per-row packing, scales and zero points of each planned layer; other
     tensors in their stored dtype). Peaks follow how the streaming code works: quantizing holds the
     largest layer in its stored dtype, one block of rows (``lowbit.checkpoint.CHUNK_BYTES`` as
-    float32) with about three times that in temporaries, the layer's output, one output shard and
+    float32) with about three times that in temporaries, the layer's output, two output shards (one
+    filled while the one before it is written) and
     the largest tensor copied through; loading holds the file, float tensors widened to float32
     (not a plain Linear's or Embedding's weight: those keep their stored dtype), and one layer's
     layout conversion. Calibrated methods (``nsamples`` windows of ``seqlen`` tokens) add one
@@ -205,8 +206,9 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
             widen += b * (4 // ck.dtype(n).itemsize - 1)
     name, src_bytes, q_bytes = biggest
     chunk = min(CHUNK_BYTES, src_bytes * 4 // max(1, ck.dtype(biggest_w).itemsize)) if name else 0
-    # the output buffer holds up to one shard, or one tensor larger than that (read whole)
-    buffer = max(min(shard, out), max(copied, default=0))
+    # the output buffers: the shard being filled and the one being written, or a tensor larger
+    # than that, read whole (the shard in flight is waited for first)
+    buffer = max(min(2 * shard, out), max(copied, default=0))
     quantize_peak = src_bytes + 4 * chunk + 2 * q_bytes + buffer
     load_peak = out + widen + q_bytes  # (+ the largest layer converted to its kernel's layout)
     algo = get_algorithm(method)

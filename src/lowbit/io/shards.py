@@ -1,8 +1,9 @@
 """Tensors in safetensors shards of bounded size: written in the order given, read back lazily.
 
-A model of any size is written without ever holding more than one shard's tensors: each tensor
-is added as it is produced, and a shard is written out (and its SHA-256 taken) when the next
-tensor would take it past ``max_bytes`` (a tensor larger than that gets a shard of its own).
+A model of any size is written without ever holding more than two shards' tensors: each tensor
+is added as it is produced, and a shard is handed to a writer thread (which writes it and takes its
+SHA-256 while the next one fills) when the next tensor would take it past ``max_bytes`` (a tensor
+larger than that gets a shard of its own).
 Shards are named as transformers names them: ``model.safetensors`` when there is one, else
 ``model-00001-of-00003.safetensors`` and so on (the count is known only at the end, so shards
 are written under temporary names and renamed by :meth:`ShardWriter.close`).
@@ -28,7 +29,8 @@ __all__ = ["ShardWriter", "shard_name", "is_shard_name", "sha256", "modules_dige
            "read_header", "read_rows", "map_tensors", "DTYPES", "DEFAULT_SHARD_BYTES"]
 
 _FIXED = 8 + 256  # header length field, the metadata entry, padding
-DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: a shard is buffered whole, and the streaming peak includes it
+DEFAULT_SHARD_BYTES = 1 << 29  # 512 MiB: a shard is buffered whole while the one before it is written, and the
+# streaming peak includes both
 _SHARD_RE = re.compile(r"model(-(\d{5})-of-(\d{5}))?\.safetensors")
 
 
@@ -143,8 +145,9 @@ class ShardWriter:
         self.modules = modules if modules is not None else {}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = _FIXED
-        self._done: list[tuple] = []  # (temporary path, tensor names, future of its SHA-256)
-        self._hasher = None
+        self._done: list[tuple] = []  # (temporary path, tensor names, future of its write: its SHA-256)
+        self._writer = None
+        self._flight_bytes = 0  # bytes of the shard being written (0 once it is known to be done)
         self._names: set[str] = set()
 
     @staticmethod
@@ -153,10 +156,20 @@ class ShardWriter:
         return nbytes + len(name.encode()) + 128 + 21 * dim
 
     def make_room(self, name: str, nbytes: int, dim: int) -> None:
-        """Write the current shard now if a tensor of ``nbytes`` would not fit in it: called before
-        reading a large tensor, so the shard's buffer and the tensor are never in memory together."""
-        if self._pending and self._pending_bytes + self._cost(name, nbytes, dim) > self.max_bytes:
+        """Write the current shard now if a tensor of ``nbytes`` would not fit in it, and wait for
+        the shard in flight if the tensor would take what is held past two shards: called before
+        reading a large tensor, so the buffers and the tensor never hold more than
+        ``max(2 * max_bytes, the tensor)`` together."""
+        cost = self._cost(name, nbytes, dim)
+        if self._pending and self._pending_bytes + cost > self.max_bytes:
             self._flush()
+        self._hold(self._pending_bytes + cost)
+
+    def _hold(self, nbytes: int) -> None:
+        """Wait for the shard in flight if it and ``nbytes`` more would exceed two shards."""
+        if self._done and self._flight_bytes and self._flight_bytes + nbytes > 2 * self.max_bytes:
+            self._done[-1][2].result()
+            self._flight_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` under ``name``; writes the current shard first if it would overflow."""
@@ -165,40 +178,55 @@ class ShardWriter:
         nbytes = self._cost(name, tensor.numel() * tensor.element_size(), tensor.dim())
         if self._pending and self._pending_bytes + nbytes > self.max_bytes:
             self._flush()
+        self._hold(self._pending_bytes + nbytes)
         self._names.add(name)
         self._pending[name] = tensor.detach().contiguous()
         self._pending_bytes += nbytes
 
     def _flush(self) -> None:
+        """Hand the current shard to the writer thread: it writes the file, then takes its SHA-256
+        while the file is still in the page cache (safetensors and hashlib release the GIL), and
+        the caller goes on quantizing the next block meanwhile. One shard is in flight at a time:
+        the previous one is waited for first, so at most two shards' tensors are ever held
+        (``2 * max_bytes``, which the streaming peak counts) and a failed write is raised here or
+        by :meth:`close`, naming its shard."""
         from safetensors.torch import save_file
 
-        path = self.dir / f".shard-{len(self._done) + 1:05d}.tmp"
+        if self._done:
+            self._done[-1][2].result()  # the shard in flight is written (or its error raised) first
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="lowbit-shard")
+        index = len(self._done) + 1
+        path = self.dir / f".shard-{index:05d}.tmp"
         mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
+        meta = {"lowbit_modules_sha256": modules_digest(mods)}
+        written = sum(p.stat().st_size for p, *_ in self._done)
+        job = self._writer.submit(self._write, save_file, self._pending, path, meta, index, self._pending_bytes, written)
+        self._done.append((path, list(self._pending), job))
+        self._flight_bytes = self._pending_bytes
+        self._pending, self._pending_bytes = {}, _FIXED
+
+    def _write(self, save_file, tensors: dict, path: Path, meta: dict, index: int, nbytes: int, written: int) -> str:
+        """Write one shard (in the writer thread); returns its SHA-256."""
         try:
-            save_file(self._pending, str(path), metadata={"lowbit_modules_sha256": modules_digest(mods)})
+            save_file(tensors, str(path), metadata=meta)
         except Exception as e:  # a full disk, a quota, an I/O error: say which file and how far it got
             if isinstance(e, MemoryError):
                 raise
-            written = sum(p.stat().st_size for p, *_ in self._done)
             code = getattr(e, "errno", None)  # safetensors' own error names it only in its text
             if code is None and (m := re.search(r"os error (\d+)", str(e))):
                 code = int(m.group(1))
             raise OSError(code or errno.EIO,
-                          f"writing shard {len(self._done) + 1} ({self._pending_bytes / 1e6:.1f} MB) in {self.dir} failed "
+                          f"writing shard {index} ({nbytes / 1e6:.1f} MB) in {self.dir} failed "
                           f"after {written / 1e6:.1f} MB of shards: {e}") from e  # fmt: skip
-        # hashed in a thread while the file is still in the page cache and the caller goes on
-        # (hashlib releases the GIL); a digest taken at close() would read the whole output again
-        if self._hasher is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="lowbit-sha256")
-        self._done.append((path, list(self._pending), self._hasher.submit(sha256, path)))
-        self._pending, self._pending_bytes = {}, _FIXED
+        return sha256(path)
 
     def discard(self) -> None:
-        """Stop hashing (the caller removes the files)."""
-        if self._hasher is not None:
-            self._hasher.shutdown(wait=True, cancel_futures=True)
+        """Stop writing (the shard in flight is finished first; the caller removes the files)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> tuple[list[dict], dict[str, str]]:
         """Write the last shard, give every shard its final name; returns the shard records
@@ -207,13 +235,13 @@ class ShardWriter:
             self._flush()  # (a model without tensors still gets its one, empty, shard)
         n = len(self._done)
         shards, weight_map = [], {}
-        digests = [d.result() for _, _, d in self._done]  # (before any file is renamed under its hasher)
+        digests = [d.result() for _, _, d in self._done]  # (before any file is renamed under its writer)
         for i, ((tmp, names, _), digest) in enumerate(zip(self._done, digests), 1):
             final = self.dir / shard_name(i, n)
             os.rename(tmp, final)
             shards.append({"file": final.name, "bytes": final.stat().st_size, "sha256": digest, "tensors": len(names)})
             weight_map.update(dict.fromkeys(names, final.name))
-        self._hasher.shutdown()
+        self._writer.shutdown()
         return shards, weight_map
 
 
