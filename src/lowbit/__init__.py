@@ -13,6 +13,7 @@ The public face::
     model = lowbit.prepare_qat(model, "w4g64")         # QAT: fake quantization, learned steps
     model = lowbit.convert(model)                      # ... then the same packed modules as PTQ
     ids = lowbit.generate(model, input_ids, 64)        # lean batch-1 decode (Llama family)
+    lowbit.export(model, "gguf", "m.gguf")             # llama.cpp's format, exact where it can be
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .driver import QuantizeError, UnsupportedModuleError, quantize  # noqa: E40
 from .estimate import estimate  # noqa: E402
 from .evaluate.domains import calibration_batches  # noqa: E402
 from .evaluate.size import size_of  # noqa: E402
+from .export import export  # noqa: E402
 from .generate import GenerateError, generate  # noqa: E402
 from .io import LowbitFormatError, load, save  # noqa: E402
 from .qat import QATError, convert, prepare_qat  # noqa: E402
@@ -43,6 +45,7 @@ __all__ = [
     "estimate",
     "generate",
     "GenerateError",
+    "export",
     "Recipe",
     "Scheme",
     "parse_scheme",

@@ -7,6 +7,7 @@
     lowbit sensitivity smollm2-135m --candidates w3g64,w4g64,int8 --target-bpw 4.25 --recipe-out r.json
     lowbit bench                          # kernel speed vs FP32/BF16
     lowbit generate out/ --prompt "..."   # stream a batch-1 decode (Llama-family models)
+    lowbit export out/ --to gguf -o m.gguf   # llama.cpp's format (exact Q4_0 / Q8_0 where it maps)
     lowbit formats                        # the format table and scheme presets
 """
 
@@ -542,11 +543,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---- export -------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    import lowbit
+    from lowbit.models.source import load_source
+
+    _threads(args)
+    if Path(args.output).exists() and not args.force:
+        return _err(f"{args.output} exists; pass --force to replace it")
+    if args.to != "gguf" and (args.float_type or args.tokenizer_gguf):
+        return _err("--float-type and --tokenizer-gguf apply to --to gguf")
+    if args.to != "compressed-tensors" and args.dtype:
+        return _err("--dtype applies to --to compressed-tensors")
+    if (args.scheme or args.recipe) and (Path(args.model) / "lowbit.json").is_file():
+        return _err(f"{args.model} is already quantized; --scheme / --recipe quantize a float source first")
+    zm = load_source(args.model)
+    model = zm.model
+    if args.scheme or args.recipe:
+        from lowbit.algorithms import get_algorithm
+
+        spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
+        calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration else None
+        model = lowbit.quantize(model, spec, method=args.method, calibration=calibration, progress=not args.quiet)
+    options = {"exact": args.exact, "overwrite": args.force}
+    if args.requantize:
+        options["requantize"] = args.requantize
+    if args.to == "gguf":
+        options["float_type"] = args.float_type or "F32"
+        if args.tokenizer_gguf:
+            options["tokenizer_gguf"] = args.tokenizer_gguf
+    if args.to == "compressed-tensors":
+        options["dtype"] = args.dtype or "float32"
+        options["tokenizer"] = zm.tokenizer
+    t0 = time.perf_counter()
+    rep = lowbit.export(model, args.to, args.output, **options)
+    secs = time.perf_counter() - t0
+    for t in rep.entries:
+        if t.mapping == "requantized" and t.scheme != "-":
+            print(f"  {t.source}: {t.scheme} has no exact {args.to} form -> {t.target}, "
+                  f"added error {100 * t.rel_rms_error:.3f}% of the weight's RMS")  # fmt: skip
+        elif t.mapping == "zero point rounded":
+            print(f"  {t.source}: {t.target}, zero point rounded to float16 in {100 * (1 - t.exact_fraction):.1f}% "
+                  f"of blocks (at most {t.max_abs_error:.2e} per weight)")  # fmt: skip
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items()))
+    print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {rep.nbytes / 1e6:.1f} MB -> {rep.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
     from lowbit.algorithms import ALGORITHMS
     from lowbit.algorithms.gptq import CLIP_CHOICES as GPTQ_CLIPS
     from lowbit.algorithms.rtn import CLIP_CHOICES
+    from lowbit.export import EXPORT_FORMATS
     from lowbit.kernels import KERNELS
     from lowbit.models.zoo import ZOO
     from lowbit.observers import OBSERVERS
@@ -587,8 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read a checkpoint directory layer by layer instead of loading the model (default: on for "
                    "a transformers checkpoint directory, any method; calibrated ones go block by block)")
-    q.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
-                   help="largest output tensor file, e.g. 1GiB (default), 500MB: the streaming peak includes one")
+    q.add_argument("--shard-size", type=_bytes, default="512MiB", metavar="SIZE",
+                   help="largest output tensor file, e.g. 512MiB (default), 2GB: the streaming peak includes two (one "
+                   "being filled while the one before it is written)")
     q.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="streamed on a Ray cluster (host:port, or auto: the cluster this node belongs to, which also "
                    "works where the cluster requires Ray's authentication token; no address: start one here): data-free "
@@ -653,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="a zoo model or model directory instead of --params")
     s.add_argument("--scheme", default="w4g128")
     s.add_argument("--recipe", help="a recipe JSON file (with a checkpoint directory)")
-    s.add_argument("--shard-size", type=_bytes, default="1GiB", metavar="SIZE",
+    s.add_argument("--shard-size", type=_bytes, default="512MiB", metavar="SIZE",
                    help="output shard size the quantization peak assumes (checkpoint directories)")
     s.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS),
                    help="method the quantization peak assumes (checkpoint directories; calibrated ones add a block's work)")
@@ -685,6 +735,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--threads", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write a model in a runtime's format (gguf: llama.cpp)")
+    x.add_argument("model", help=f"a lowbit model directory, or a zoo model ({zoo}) / transformers directory "
+                   "quantized first with --scheme / --recipe")
+    x.add_argument("--to", required=True, choices=sorted(EXPORT_FORMATS), help="target format")
+    x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory (compressed-tensors)")
+    x.add_argument("--force", action="store_true", help="replace an existing output file")
+    x.add_argument("--scheme", help="quantize a float source with this scheme first")
+    x.add_argument("--recipe", help="... or with this recipe JSON file")
+    x.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS), help="method for --scheme / --recipe")
+    x.add_argument("--exact", action="store_true", help="refuse layers the format cannot hold exactly (named) "
+                   "instead of requantizing them")
+    x.add_argument("--requantize", metavar="TYPE",
+                   help="what layers without an exact mapping become (gguf: a GGUF type, Q8_0 default, Q4_0, Q4_1, "
+                   "Q5_0, Q5_1, F16, F32; compressed-tensors: a lowbit scheme, w8 default)")
+    x.add_argument("--float-type", help="gguf: unquantized 2-D weights (F32 exact, default; F16, BF16, Q8_0)")
+    x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="compressed-tensors: dense tensors and config dtype (float32 exact, default)")
+    x.add_argument("--tokenizer-gguf", metavar="FILE", help="gguf: copy the tokenizer metadata from this GGUF "
+                   "(same vocabulary; the zoo's smollm2-135m uses its own)")
+    x.add_argument("--nsamples", type=int, default=64)
+    x.add_argument("--seqlen", type=int, default=512)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--calib", help="calibration text file (calibrated methods)")
+    x.add_argument("--calib-domains", help="calibration domains (default: mixed)")
+    x.add_argument("--threads", type=int)
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(fn=cmd_export)
 
     f = sub.add_parser("formats", help="the format table and scheme presets")
     f.set_defaults(fn=cmd_formats)

@@ -1,0 +1,394 @@
+"""GGUF export (llama.cpp) of lowbit Llama-family decoders: lowbit's own codes and scales written
+into llama.cpp's block types, bit-exact where the mapping is.
+
+Block layouts follow ggml's ``ggml-common.h`` (block_q4_0, block_q4_1, block_q8_0) as the ``gguf``
+package (gguf-py, the writer llama.cpp ships) mirrors them; the file is written with
+``gguf.GGUFWriter``. What maps (``../shared/notes/exports.md`` section 1.2):
+
+* symmetric int4 / int3 / int2, groups of a multiple of 32 (or per channel / per tensor, the input
+  width a multiple of 32) -> **Q4_0**, exact: ``d`` is lowbit's float16 scale (signed, as ggml's),
+  the 4-bit code is lowbit's (int3 / int2 codes shifted by 4 / 6 onto Q4_0's offset of 8), and
+  ggml's nibble order (byte ``j`` holds elements ``j`` and ``j + 16`` of a block) replaces
+  lowbit's (elements ``2j``, ``2j + 1``);
+* symmetric int8 -> **Q8_0**, exact: ``qs = q - 128`` (-128 included, which ggml's dot products
+  take);
+* asymmetric int4 / int3 / int2 (integer or fractional zero points) -> **Q4_1**: ``d = s``, the
+  code kept, ``m = -s * z`` rounded to float16 once; exact when ``s * z`` fits float16's
+  significand, otherwise off by at most half a float16 ulp of ``s * z`` (reported per layer);
+* anything else (asymmetric int8, nf4, fp8, groups of 8 / 16 / 24, an input width that is not a
+  multiple of 32, float32 scales): lowbit's weight dequantized and quantized again to a named
+  type (``requantize``, default Q8_0) with the error that adds reported per layer, or refused
+  (``exact=True``).
+
+Unquantized float weights are written F32 (exact) or, when asked, F16 / BF16 / Q8_0; norms are
+F32. The q and k projections' rows are permuted into the order llama.cpp's rotary embedding
+expects (a row permutation: scales move with their rows, exactness is kept). A tied LM head is
+written once, as ``token_embd`` (llama.cpp's Llama loader uses it as the output matrix when no
+``output.weight`` exists). Tokenizer metadata is copied field by field from a GGUF that holds the
+same vocabulary (for the zoo's SmolLM2, the GGUF it comes from), as llama.cpp's own
+``gguf_new_metadata`` script copies fields; llama.cpp needs the tokenizer's pre-tokenizer name,
+which only its converter knows for other tokenizers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .report import ExportEntry, ExportReport
+
+__all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
+           "dequantized_tensors"]
+
+QK = 32  # elements per block of the 32-block types (QK4_0 = QK4_1 = QK8_0 in ggml-common.h)
+
+# the block types lowbit writes from its own codes and scales, and what each holds
+GGUF_TYPES = {
+    "Q4_0": "symmetric int4 / int3 / int2, groups of a multiple of 32 (exact)",
+    "Q4_1": "asymmetric int4 / int3 / int2, groups of a multiple of 32 (zero point rounded to float16 once)",
+    "Q8_0": "symmetric int8, groups of a multiple of 32 (exact)",
+}
+# the types a weight that maps onto none of them can be requantized to (gguf.quants' own quantizers)
+REQUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32")
+FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+class GGUFExportError(ValueError):
+    """A model or option the GGUF export cannot serve (an architecture llama.cpp's Llama loader
+    does not read, ``exact=True`` with layers that need requantizing, no tokenizer source)."""
+
+
+# ---- one weight -------------------------------------------------------------------------------
+def gguf_mapping(qw) -> tuple[str | None, str]:
+    """The GGUF block type a :class:`lowbit.qweight.QWeight` maps onto without requantizing,
+    ``("Q4_0" | "Q4_1" | "Q8_0", "")``, or ``(None, reason)``."""
+    s = qw.scheme
+    fmt = s.fmt
+    if fmt.kind != "affine":
+        return None, f"{fmt.name} has no GGUF block type"
+    if qw.cols % QK:
+        return None, f"input width {qw.cols} is not a multiple of {QK}"
+    if s.group_size is not None and s.group_size % QK:
+        return None, f"group size {s.group_size} is not a multiple of {QK}"
+    if qw.scale.dtype != torch.float16:
+        return None, "its scales are float32 (out of float16's range), GGUF blocks hold float16"
+    if fmt.bits == 8:
+        return ("Q8_0", "") if s.symmetric else (None, "asymmetric int8 (q - z spans -255..255) does not fit Q8_0")
+    if fmt.bits <= 4:
+        return ("Q4_0", "") if s.symmetric else ("Q4_1", "")
+    return None, f"{fmt.bits}-bit codes have no GGUF block type"
+
+
+def _per_block(t: torch.Tensor, qw) -> torch.Tensor:
+    """Per-row, per-group parameters ``(R, ng)`` -> one per 32-block ``(N, K / 32)``."""
+    n, k = qw.rows, qw.cols
+    g = qw.scheme.group_size or k
+    idx = torch.arange(k // QK) * QK // g
+    return t.expand(n, t.shape[1])[:, idx] if t.shape[0] == 1 else t[:, idx]
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``(N, K)`` (0..15) -> ggml's 4-bit block bytes ``(N, K / 32, 16)``: byte ``j`` holds
+    element ``j`` (low nibble) and element ``j + 16`` (high) of its block."""
+    c = codes.reshape(codes.shape[0], -1, QK)
+    return c[..., :16] | (c[..., 16:] << 4)
+
+
+def _half_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).contiguous().view(torch.uint8).reshape(*t.shape, 2)
+
+
+def encode_gguf_weight(qw, gguf_type: str) -> tuple[np.ndarray, dict]:
+    """Blocks of GGUF type ``gguf_type`` holding ``qw`` exactly as :func:`gguf_mapping` says
+    (``gguf_type`` must be what it returned): uint8 ``(N, K / 32 * block bytes)``, the byte shape
+    ``gguf.GGUFWriter.add_tensor`` takes with ``raw_dtype``; and what the mapping cost (Q4_1:
+    ``max_abs_error``, ``exact_blocks``)."""
+    qw = qw.to_layout("rows")
+    codes = qw.codes()
+    d = _per_block(qw.scale, qw)  # float16 (N, nb)
+    n = qw.rows
+    info: dict = {}
+    if gguf_type == "Q4_0":
+        shift = 8 - qw.scheme.fmt.sym_zero  # int3 / int2 codes onto Q4_0's offset of 8
+        blocks = torch.cat([_half_bytes(d), _nibbles(codes + shift if shift else codes)], dim=-1)
+    elif gguf_type == "Q8_0":
+        qs = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8).reshape(n, -1, QK)
+        blocks = torch.cat([_half_bytes(d), qs], dim=-1)
+    elif gguf_type == "Q4_1":
+        s = _per_block(qw.scales(), qw)
+        z = _per_block(qw.zero_points(), qw)
+        m = -s * z  # exact in float32: an 11-bit significand times a code or a float16 zero point
+        m16 = m.to(torch.float16)
+        err = (m16.float() - m).abs()
+        info = {"max_abs_error": float(err.max()) if err.numel() else 0.0,
+                "exact_blocks": float((err == 0).float().mean()) if err.numel() else 1.0}  # fmt: skip
+        blocks = torch.cat([_half_bytes(d), _half_bytes(m16), _nibbles(codes)], dim=-1)
+    else:
+        raise ValueError(f"lowbit writes Q4_0, Q4_1 and Q8_0 blocks itself, not {gguf_type}")
+    return blocks.reshape(n, -1).numpy(), info
+
+
+def _requantize(w: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, float]:
+    """``w`` (float32 ``(N, K)``) in ``gguf_type`` by gguf's own quantizer; the relative RMS error
+    that adds against ``w``."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType[gguf_type]
+    a = w.float().numpy()
+    if gguf_type == "F32":
+        return a, 0.0
+    if gguf_type == "F16":
+        out = a.astype(np.float16)
+        back = out.astype(np.float32)
+    else:
+        out = gguf.quants.quantize(a, t)
+        back = gguf.quants.dequantize(out, t).reshape(a.shape)
+    ref = float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) or 1.0
+    return out, float(np.sqrt(np.mean((back.astype(np.float64) - a) ** 2))) / ref
+
+
+# ---- the model --------------------------------------------------------------------------------
+def _llama_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in ("llama", "mistral"):
+        kind = getattr(cfg, "model_type", type(model).__name__)
+        raise GGUFExportError(f"GGUF export writes Llama-family decoders (llama, mistral); this model is {kind}")
+    for key in ("attention_bias", "mlp_bias"):
+        if getattr(cfg, key, False):
+            raise GGUFExportError(f"{key}=True: llama.cpp's Llama graph has no such bias")
+    kind = _rope(cfg).get("rope_type", _rope(cfg).get("type"))
+    if kind not in (None, "default"):
+        raise GGUFExportError(f"rope scaling {kind!r} is not exported (llama.cpp needs rope_freqs / scaling keys)")
+    return cfg
+
+
+def _rope(cfg) -> dict:
+    """The rotary embedding's parameters (transformers 5 keeps them in ``rope_parameters``, older
+    versions in ``rope_theta`` / ``rope_scaling``)."""
+    out = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if getattr(cfg, "rope_theta", None) is not None:
+        out.setdefault("rope_theta", cfg.rope_theta)
+    return out
+
+
+def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's rotary embedding expects for a q or k projection of ``heads`` heads:
+    each head's two halves interleaved (the inverse of transformers' GGUF loader's
+    ``reverse_permute``; llama.cpp's converter applies it to HF checkpoints)."""
+    idx = torch.arange(rows).reshape(heads, 2, rows // heads // 2)
+    return idx.transpose(1, 2).reshape(rows)
+
+
+def _tokenizer_source(model: nn.Module, tokenizer_gguf) -> Path:
+    if tokenizer_gguf is not None:
+        return Path(tokenizer_gguf)
+    if getattr(model, "lowbit_source", None) == "smollm2-135m":
+        from ..models.zoo import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    raise GGUFExportError(
+        "GGUF export needs the tokenizer's llama.cpp metadata (its pre-tokenizer name): pass tokenizer_gguf= "
+        "(CLI --tokenizer-gguf) a GGUF of the same vocabulary, e.g. one llama.cpp's convert_hf_to_gguf.py "
+        "--vocab-only wrote for this model")
+
+
+def _copy_tokenizer(writer, src: Path, vocab: int) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    fields = reader.fields
+    if "tokenizer.ggml.tokens" not in fields:
+        raise GGUFExportError(f"{src} holds no tokenizer (no tokenizer.ggml.tokens)")
+    n = len(fields["tokenizer.ggml.tokens"].data)
+    if n != vocab:
+        raise GGUFExportError(f"{src} has a vocabulary of {n} tokens, the model {vocab}: not this model's tokenizer")
+    for name, f in fields.items():
+        if name.startswith("tokenizer."):
+            arr = f.types[0] == gguf.GGUFValueType.ARRAY
+            writer.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if arr else None)
+
+
+def _is_tied(model: nn.Module) -> bool:
+    from ..nn import QuantModule
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return True
+    if isinstance(emb, QuantModule) and isinstance(head, QuantModule):
+        return emb.qweight.data_ptr() == head.qweight.data_ptr()
+    if isinstance(emb, QuantModule) or isinstance(head, QuantModule):
+        return False
+    return emb.weight.data_ptr() == head.weight.data_ptr()
+
+
+def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = False, requantize: str = "Q8_0",
+                float_type: str = "F32", tokenizer_gguf: str | os.PathLike | None = None,
+                name: str | None = None, overwrite: bool = False) -> ExportReport:  # fmt: skip
+    """Write a lowbit-quantized (or float) transformers Llama-family decoder as a GGUF file
+    llama.cpp runs (GGUF v3, ``gguf.GGUFWriter``; block layouts of ggml-common.h; see the module
+    docstring for what maps exactly).
+
+    Args:
+        model: a ``LlamaForCausalLM``-like model, quantized by lowbit or loaded with
+            :func:`lowbit.load` (any layout; the tiled CPU layouts are converted back per layer).
+        path: the ``.gguf`` file; written to a temporary file beside it and renamed (atomic).
+        exact: refuse (``GGUFExportError`` naming the layers) instead of requantizing weights no
+            GGUF block type holds exactly.
+        requantize: the type those weights are requantized to (one of ``REQUANT_TYPES``); the
+            error added is reported per layer.
+        float_type: unquantized 2-D weights (an embedding or head kept in float): ``F32``
+            (exact), ``F16``, ``BF16`` or ``Q8_0``.
+        tokenizer_gguf: a GGUF whose ``tokenizer.*`` fields are copied (same vocabulary size
+            required); the zoo's SmolLM2 uses its own GGUF when this is None.
+        name: ``general.name`` (default: the model's source).
+        overwrite: replace an existing file at ``path`` (otherwise ``FileExistsError``).
+
+    Returns an :class:`lowbit.io.report.ExportReport` (per tensor: GGUF type, exact / zero point
+    rounded / requantized and the error). Raises ``GGUFExportError`` for other architectures, a missing tokenizer source or
+    ``exact`` refusals, ``ValueError`` for unknown type names, ``FileExistsError`` for an existing
+    ``path`` without ``overwrite``, ``OSError`` for write errors; nothing is left half-written and
+    a previous file at ``path`` is kept unless the new one is complete.
+    """
+    import gguf
+
+    from ..nn import QuantModule
+
+    if requantize not in REQUANT_TYPES:
+        raise ValueError(f"requantize must be one of {', '.join(REQUANT_TYPES)}, got {requantize!r}")
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+    path = Path(path)
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it" if not path.is_dir()
+                              else f"{path} is a directory; give a file name (e.g. {path / 'model.gguf'})")  # fmt: skip
+    cfg = _llama_config(model)
+    nblocks = int(cfg.num_hidden_layers)
+    heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    tok_src = _tokenizer_source(model, tokenizer_gguf)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, nblocks)
+    tied = _is_tied(model)
+
+    # plan every tensor first: a refusal is raised before anything is written
+    plan, refused = [], []
+    modules = dict(model.named_modules())
+    for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
+        mod_name, _, leaf = pname.rpartition(".")
+        mod = modules.get(mod_name)
+        if isinstance(mod, QuantModule):
+            if leaf != "qweight":
+                if leaf == "bias" and p is not None:
+                    raise GGUFExportError(f"{mod_name} has a bias; llama.cpp's Llama graph has none")
+                continue
+            pname = f"{mod_name}.weight"
+        elif leaf not in ("weight",):
+            if "rotary_emb" in mod_name:
+                continue  # recomputed by llama.cpp from rope.freq_base
+            raise GGUFExportError(f"{pname}: llama.cpp's Llama graph has no such tensor")
+        if tied and mod is model.get_output_embeddings():
+            continue
+        gname = tmap.get_name(pname, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise GGUFExportError(f"{pname}: no GGUF tensor name for it in the Llama architecture")
+        if isinstance(mod, QuantModule):
+            gtype, why = gguf_mapping(mod.qw)
+            if gtype is None and exact:
+                refused.append(f"{mod_name} ({mod.scheme}: {why})")
+        plan.append((pname, gname, mod_name, mod))
+    if refused:
+        raise GGUFExportError("these layers have no exact GGUF type (exact=True): " + "; ".join(refused))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    report = ExportReport(path, 0, tokenizer_from=str(tok_src))
+    try:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(name or str(getattr(model, "lowbit_source", None) or "lowbit model"))
+        w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+        w.add_embedding_length(int(cfg.hidden_size))
+        w.add_block_count(nblocks)
+        w.add_feed_forward_length(int(cfg.intermediate_size))
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv_heads)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(float(_rope(cfg).get("rope_theta", 10000.0)))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(int(cfg.vocab_size))
+        if head_dim != cfg.hidden_size // heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        _copy_tokenizer(w, tok_src, int(cfg.vocab_size))
+        types: dict[str, int] = {}
+        for _pname, gname, mod_name, mod in plan:
+            perm = None
+            if gname.endswith(("attn_q.weight", "attn_k.weight")):
+                perm = _qk_permutation(heads * head_dim if "attn_q" in gname else kv_heads * head_dim,
+                                       heads if "attn_q" in gname else kv_heads)  # fmt: skip
+            rec = ExportEntry(gname, mod_name, "F32", "float")
+            if isinstance(mod, QuantModule):
+                qw = mod.qw.to_layout("rows")
+                rec.scheme = str(mod.scheme)
+                gtype, _why = gguf_mapping(qw)
+                if gtype is not None:
+                    data, info = encode_gguf_weight(qw, gtype)
+                    rec.target, rec.mapping = gtype, "exact"
+                    if gtype == "Q4_1" and info["exact_blocks"] < 1.0:
+                        rec.mapping = "zero point rounded"
+                        rec.max_abs_error, rec.exact_fraction = info["max_abs_error"], info["exact_blocks"]
+                else:
+                    wd = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
+                    data, rec.rel_rms_error = _requantize(wd, requantize)
+                    rec.target, rec.mapping = requantize, "requantized"
+            else:
+                t = dict(mod.named_parameters(recurse=False))["weight"].detach()
+                if t.dim() == 1:
+                    data = t.float().numpy()
+                else:
+                    data, err = _requantize(t.float(), float_type)
+                    rec.target, rec.rel_rms_error = float_type, err
+                    rec.mapping = "float" if float_type == "F32" else "requantized"
+            if perm is not None:
+                data = data[perm.numpy()]
+            raw = None if rec.target in ("F32", "F16") else gguf.GGMLQuantizationType[rec.target]
+            w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=raw)
+            rec.nbytes = int(data.nbytes)
+            types[rec.target] = types.get(rec.target, 0) + rec.nbytes * (data.ndim > 1)
+            report.entries.append(rec)
+        ftype = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
+                 "BF16": "MOSTLY_BF16"}.get(max(types, key=types.get) if types else "F32", "ALL_F32")  # fmt: skip
+        w.add_file_type(int(gguf.LlamaFileType[ftype]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report.nbytes = path.stat().st_size
+    return report
+
+
+def dequantized_tensors(path: str | os.PathLike, heads: int, kv_heads: int) -> dict[str, torch.Tensor]:
+    """Every 2-D tensor of a GGUF file as llama.cpp's own block formulas (``gguf.dequantize``, the
+    numpy mirror of ggml's) read it, float32 ``(N, K)``, the q / k rows put back in transformers'
+    order: the tensor-level check of an export."""
+    import gguf
+
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if len(t.shape) < 2:
+            continue
+        a = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        a = a.reshape(int(t.shape[1]), int(t.shape[0]))  # GGUF dims are reversed
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            h = heads if "attn_q" in t.name else kv_heads
+            inv = torch.argsort(_qk_permutation(a.shape[0], h))
+            a = a[inv]
+        out[t.name] = a
+    return out

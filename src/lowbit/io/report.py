@@ -1,0 +1,44 @@
+"""What an export wrote, layer by layer (shared by the writers in :mod:`lowbit.io`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ExportEntry", "ExportReport"]
+
+
+@dataclass
+class ExportEntry:
+    """One tensor or layer as written.
+
+    ``mapping``: ``"exact"`` (the runtime reads lowbit's values bit for bit), ``"zero point
+    rounded"`` (GGUF Q4_1: ``max_abs_error`` is the largest change of a weight, ``exact_fraction``
+    the share of blocks untouched), ``"requantized"`` (``rel_rms_error`` = RMS(written - lowbit)
+    / RMS(lowbit)), ``"rounded"`` (a float weight stored narrower) or ``"float"``."""
+
+    name: str  # the name in the target (blk.0.attn_q.weight, or the module path)
+    source: str  # the module's name in the model
+    target: str  # the target's type or format (Q4_0, pack-quantized, F32, dense ...)
+    mapping: str
+    scheme: str = "-"  # lowbit's scheme of the layer ("-": a float tensor)
+    nbytes: int = 0
+    rel_rms_error: float = 0.0
+    max_abs_error: float = 0.0
+    exact_fraction: float = 1.0
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    nbytes: int
+    entries: list[ExportEntry] = field(default_factory=list)
+    tokenizer_from: str = ""
+
+    def counts(self) -> dict[str, int]:
+        """``{"<target> <mapping>": count}``."""
+        out: dict[str, int] = {}
+        for e in self.entries:
+            key = f"{e.target} {e.mapping}"
+            out[key] = out.get(key, 0) + 1
+        return out

@@ -1,0 +1,124 @@
+"""compressed-tensors export: the library's own unpacking reads lowbit's codes back exactly, and
+transformers loads the directory (CPU) and computes lowbit's logits."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.io.compressed_tensors import CTExportError, ct_mapping, export_compressed_tensors
+from lowbit.qweight import QWeight
+from lowbit.scheme import parse_scheme
+
+ct = pytest.importorskip("compressed_tensors")
+
+
+def _qw(spec: str, n: int = 40, k: int = 256, seed: int = 0) -> QWeight:
+    g = torch.Generator().manual_seed(seed)
+    return QWeight.from_float(torch.randn(n, k, generator=g) * 0.05, parse_scheme(spec))
+
+
+@pytest.mark.parametrize("spec", ["w4g64", "w4g32-asym", "w4", "w4-asym", "w8", "w8g64-asym", "w2g32", "w2g64-asym"])
+def test_pack_quantized_is_lowbits_bytes_and_the_library_unpacks_lowbits_codes(spec):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from lowbit.io.compressed_tensors import _tensors
+
+    qw = _qw(spec)
+    assert ct_mapping(qw) == ("pack-quantized", "")
+    t = _tensors("l", qw, "pack-quantized")
+    b = qw.scheme.bits
+    codes = unpack_from_int32(t["l.weight_packed"], b, torch.Size([qw.rows, qw.cols]))  # signed
+    assert torch.equal(codes.to(torch.int32) + (1 << (b - 1)), qw.codes().to(torch.int32))
+    if qw.zero is not None:
+        zp = unpack_from_int32(t["l.weight_zero_point"], b, torch.Size([qw.rows, qw.n_groups]), packed_dim=0)
+        assert torch.equal(zp.to(torch.int32) + (1 << (b - 1)), qw.zero_points().to(torch.int32))
+    else:
+        assert "l.weight_zero_point" not in t
+    assert t["l.weight_scale"].dtype == torch.float32 and torch.equal(t["l.weight_scale"], qw.scales())
+
+
+@pytest.mark.parametrize("spec,why", [("w3g64", "3-bit"), ("nf4g64", "nf4"), ("w4-tensor", "one per tensor"),
+                                      ("w8a8-static", "static"), ("w8a8g64", "grouped")])  # fmt: skip
+def test_schemes_without_a_format_say_why(spec, why):
+    assert why in ct_mapping(_qw(spec))[1]
+
+
+def test_groups_that_do_not_divide_the_row_have_no_format():
+    assert "does not divide the row" in ct_mapping(_qw("w4g64", k=200))[1]
+
+
+@pytest.fixture(scope="module")
+def models(smollm2):
+    base = smollm2.model
+    return {
+        "w4g64-asym": lowbit.quantize(copy.deepcopy(base), "w4g64-asym"),
+        "mixed": lowbit.quantize(copy.deepcopy(base), lowbit.Recipe(parse_scheme("w4g32")).add("*mlp.down_proj", "w8")),
+    }
+
+
+def _ref_logits(model, ids):
+    from lowbit import kernels
+
+    with torch.no_grad():
+        kernels.use_kernel(model, "reference")
+        out = model(input_ids=ids).logits
+        kernels.use_kernel(model, "auto")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["w4g64-asym", "mixed"])
+def test_transformers_loads_the_export_and_computes_lowbits_logits(models, smollm2, which, tmp_path):
+    import transformers
+
+    m = models[which]
+    rep = export_compressed_tensors(m, tmp_path / "ct", tokenizer=smollm2.tokenizer)
+    assert {(r.target, r.mapping) for r in rep.entries} == {("pack-quantized", "exact")}
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    ct.quantization.QuantizationConfig.model_validate(qc)
+    assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
+    assert len(qc["config_groups"]) == (1 if which == "w4g64-asym" else 2)
+    # transformers 5.x with compressed-tensors 0.20 builds asymmetric layers' zero points unpacked on
+    # the meta device and refuses the packed ones (llm-compressor#1618): those load dequantized
+    opts = {}
+    if which.endswith("asym"):
+        opts["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32, **opts)
+    ids = torch.tensor([list(range(300, 364))])
+    ref = _ref_logits(m, ids)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+    assert float((theirs - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.slow
+def test_requantized_or_refused_and_nothing_overwritten(smollm2, tmp_path):
+    m = lowbit.quantize(copy.deepcopy(smollm2.model), lowbit.Recipe(parse_scheme("w4g64")).add("model.layers.2.mlp.up_proj", "w3g64"))
+    out = tmp_path / "ct"
+    with pytest.raises(CTExportError, match=r"model\.layers\.2\.mlp\.up_proj \(w3g64: 3-bit"):
+        export_compressed_tensors(m, out, exact=True)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    rep = export_compressed_tensors(m, out, requantize="w8")
+    req = [r for r in rep.entries if r.mapping == "requantized"]
+    assert [r.name for r in req] == ["model.layers.2.mlp.up_proj"] and 0 < req[0].rel_rms_error < 0.02
+    with pytest.raises(FileExistsError):
+        export_compressed_tensors(m, out)
+
+
+@pytest.mark.slow
+def test_cli_exports_compressed_tensors_and_rejects_options_of_other_formats(tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "ct"
+    assert main(["export", "smollm2-135m", "--scheme", "w4g128", "--to", "compressed-tensors", "-o", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    assert "pack-quantized exact" in capsys.readouterr().out
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["export", "smollm2-135m", "--scheme", "w4g128", "--to", "compressed-tensors", "-o", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["export", "smollm2-135m", "--to", "compressed-tensors", "--float-type", "F16", "-o",
+                 str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "apply to --to gguf" in capsys.readouterr().err
