@@ -55,51 +55,31 @@ from pathlib import Path
 
 import numpy as np
 
-# Llama-architecture tensors: Hugging Face name -> llama.cpp name (llama.cpp's gguf-py tensor map,
-# gguf/tensor_mapping.py, and the LLM_TENSOR_NAMES table of src/llama-arch.cpp for LLM_ARCH_LLAMA).
-GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-LAYER_NAMES = {
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 # safetensors dtype -> (numpy dtype of the raw bytes, GGML type name)
 DTYPES = {"BF16": (np.uint16, "BF16"), "F16": (np.float16, "F16"), "F32": (np.float32, "F32")}
 
 
-def gguf_name(hf_name: str) -> tuple[str, tuple[int, int]]:
-    """llama.cpp's name for a Hugging Face tensor, and a sort key putting the file in llama.cpp's order."""
-    if hf_name in GLOBAL_NAMES:
-        name = GLOBAL_NAMES[hf_name]
-        return name, ((-1, 0) if name == "token_embd.weight" else (1 << 30, 0 if name == "output_norm.weight" else 1))
-    m = LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}", (int(m.group(1)), list(LAYER_NAMES).index(m.group(2)))
-    raise SystemExit(f"unsupported tensor {hf_name!r}: only plain Llama checkpoints (no biases, no extra tensors)")
+def gguf_name(hf_name: str, n_layers: int) -> tuple[str, tuple[int, str]]:
+    """llama.cpp's name for a Hugging Face tensor (gguf-py's own Llama tensor map), and a sort key
+    putting the file in llama.cpp's order (embedding, the blocks in order, the final norm and head)."""
+    import gguf
+
+    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers).get_name(hf_name, try_suffixes=(".weight",))
+    if name is None or hf_name.endswith(".bias"):
+        raise SystemExit(f"unsupported tensor {hf_name!r}: only plain Llama checkpoints (no biases, no extra tensors)")
+    m = LAYER_RE.fullmatch(name)
+    if m:
+        return name, (int(m.group(1)), m.group(2))
+    return name, ((-1, "") if name == "token_embd.weight" else (1 << 30, name))
 
 
 def permute_rows(w, n_head: int):
-    """llama.cpp's row order for a Llama q_proj / k_proj weight (torch tensor, rows = heads x head_dim).
+    """llama.cpp's row order for a Llama q_proj / k_proj weight (torch tensor, rows = heads x
+    head_dim): lowbit's GGUF export's permutation (lowbit.io.gguf.qk_permutation)."""
+    from lowbit.io.gguf import qk_permutation
 
-    Hugging Face stores each head's rotary dimensions as two halves (rotate_half); llama.cpp's RoPE
-    (mode 0) rotates adjacent pairs. ``convert_hf_to_gguf.py`` (LlamaModel.permute) therefore views the
-    rows as (n_head, 2, head_dim / 2, cols) and swaps axes 1 and 2, interleaving the two halves; for
-    k_proj, n_head is the number of key-value heads. Written here from that description.
-    """
-    rows = w.shape[0]
-    half = rows // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+    return w[qk_permutation(w.shape[0], n_head)].contiguous()
 
 
 def read_config(ckpt: Path) -> dict:
@@ -183,7 +163,7 @@ def write_gguf(ckpt: Path, out: Path, tokenizer: bool = True) -> dict:
         with safe_open(f, "pt") as st:
             for name in names:
                 sl = st.get_slice(name)
-                plan.append((*gguf_name(name), f, name, tuple(sl.get_shape()), sl.get_dtype()))
+                plan.append((*gguf_name(name, c["layers"]), f, name, tuple(sl.get_shape()), sl.get_dtype()))
     plan.sort(key=lambda p: p[1])
     for p in plan:
         if p[5] not in DTYPES:

@@ -42,7 +42,7 @@ from torch import nn
 from .report import ExportEntry, ExportReport
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
-           "dequantized_tensors"]
+           "dequantized_tensors", "qk_permutation"]
 
 QK = 32  # elements per block of the 32-block types (QK4_0 = QK4_1 = QK8_0 in ggml-common.h)
 
@@ -175,7 +175,7 @@ def _rope(cfg) -> dict:
     return out
 
 
-def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
+def qk_permutation(rows: int, heads: int) -> torch.Tensor:
     """Row order llama.cpp's rotary embedding expects for a q or k projection of ``heads`` heads:
     each head's two halves interleaved (the inverse of transformers' GGUF loader's
     ``reverse_permute``; llama.cpp's converter applies it to HF checkpoints)."""
@@ -326,7 +326,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         for _pname, gname, mod_name, mod in plan:
             perm = None
             if gname.endswith(("attn_q.weight", "attn_k.weight")):
-                perm = _qk_permutation(heads * head_dim if "attn_q" in gname else kv_heads * head_dim,
+                perm = qk_permutation(heads * head_dim if "attn_q" in gname else kv_heads * head_dim,
                                        heads if "attn_q" in gname else kv_heads)  # fmt: skip
             rec = ExportEntry(gname, mod_name, "F32", "float")
             if isinstance(mod, QuantModule):
@@ -388,7 +388,7 @@ def dequantized_tensors(path: str | os.PathLike, heads: int, kv_heads: int) -> d
         a = a.reshape(int(t.shape[1]), int(t.shape[0]))  # GGUF dims are reversed
         if t.name.endswith(("attn_q.weight", "attn_k.weight")):
             h = heads if "attn_q" in t.name else kv_heads
-            inv = torch.argsort(_qk_permutation(a.shape[0], h))
+            inv = torch.argsort(qk_permutation(a.shape[0], h))
             a = a[inv]
         out[t.name] = a
     return out
