@@ -7,8 +7,8 @@ device (transformers' class from the config, built under accelerate's ``init_emp
 For each layer the recipe quantizes, its weight is read, converted to float32, quantized, written
 to the output's current shard (:class:`lowbit.io.writer.ModelWriter`) and freed; every other
 tensor is copied through in its source dtype (a bf16 embedding stays bf16). Peak memory is one
-layer's float32 weight and its quantization temporaries plus one output shard's buffer, whatever
-the model's size.
+layer's float32 weight and its quantization temporaries plus two output shards' buffers (one
+filling while the one before it is written), whatever the model's size.
 
 The output is the native format (:mod:`lowbit.io.safetensors_io`) and holds exactly the tensors,
 in the same order, that quantizing the loaded model in memory and calling :func:`lowbit.save`
@@ -597,8 +597,8 @@ def quantize_checkpoint(
 
     With ``method="rtn"`` or ``"hqq"`` (both fused in C) sets glibc's mmap threshold for the process
     (:func:`lowbit.memory.release_large_frees`).
-    Peak memory is about one layer's float32 weight with its quantization temporaries plus one
-    output shard (``max_shard_bytes``), independent of the number of layers; calibrated methods
+    Peak memory is about one layer's float32 weight with its quantization temporaries plus two
+    output shards (``2 * max_shard_bytes``: one fills while the other is written), independent of the number of layers; calibrated methods
     add one block's float32 weights, the block's inputs and outputs for every calibration batch
     and the block's statistics (Hessians), and the modules before the first block (the
     embedding, as float32) while the calibration inputs are captured. Raises

@@ -203,8 +203,9 @@ class ShardWriter:
         mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
         meta = {"lowbit_modules_sha256": modules_digest(mods)}
         written = sum(p.stat().st_size for p, *_ in self._done)
+        names = list(self._pending)  # (before the writer thread owns, and finally clears, the dict)
         job = self._writer.submit(self._write, save_file, self._pending, path, meta, index, self._pending_bytes, written)
-        self._done.append((path, list(self._pending), job))
+        self._done.append((path, names, job))
         self._flight_bytes = self._pending_bytes
         self._pending, self._pending_bytes = {}, _FIXED
 
@@ -213,6 +214,7 @@ class ShardWriter:
         try:
             save_file(tensors, str(path), metadata=meta)
         except Exception as e:  # a full disk, a quota, an I/O error: say which file and how far it got
+            tensors.clear()  # (a kept exception must not keep the shard's tensors)
             if isinstance(e, MemoryError):
                 raise
             code = getattr(e, "errno", None)  # safetensors' own error names it only in its text
@@ -221,12 +223,23 @@ class ShardWriter:
             raise OSError(code or errno.EIO,
                           f"writing shard {index} ({nbytes / 1e6:.1f} MB) in {self.dir} failed "
                           f"after {written / 1e6:.1f} MB of shards: {e}") from e  # fmt: skip
+        tensors.clear()
         return sha256(path)
 
-    def discard(self) -> None:
-        """Stop writing (the shard in flight is finished first; the caller removes the files)."""
+    def discard(self):
+        """Stop writing without waiting (an interrupt during an abort must not strand the files):
+        queued work is cancelled and the tensors are dropped; returns the future of a shard still
+        being written in its thread (``None`` if none), so the caller can remove the files again
+        once that write ends."""
+        running = None
         if self._writer is not None:
-            self._writer.shutdown(wait=True, cancel_futures=True)
+            self._writer.shutdown(wait=False, cancel_futures=True)
+            running = next((job for *_, job in self._done if not job.done()), None)
+        # a failed write's exception holds the caller's frames (and through them this writer):
+        # drop the tensors now rather than when the garbage collector finds that cycle
+        self._done.clear()
+        self._pending, self._flight_bytes = {}, 0
+        return running
 
     def close(self) -> tuple[list[dict], dict[str, str]]:
         """Write the last shard, give every shard its final name; returns the shard records

@@ -167,8 +167,11 @@ class ModelWriter:
         self.shards.make_room(name, nbytes, dim)
 
     def abort(self) -> None:
-        self.shards.discard()
+        running = self.shards.discard()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if running is not None:  # a shard still being written: its thread's file goes once it ends
+            tmp = self.tmp
+            running.add_done_callback(lambda _job: shutil.rmtree(tmp, ignore_errors=True))
 
     def finish(self, model: nn.Module, *, layers: dict, source: str | None = None, tokenizer=None) -> Path:
         """Write the last shard, the manifest and (transformers models) ``config.json``; swap the
