@@ -698,3 +698,43 @@ def test_a_shard_is_written_while_the_next_fills_and_at_most_one_is_in_flight(tm
     for s in shards:
         got.update(read_tensors(tmp_path / s["file"]))
     assert all(torch.equal(got[k], v) for k, v in t.items()) and set(weight_map) == set(t)
+
+
+def test_an_abort_does_not_wait_for_the_shard_in_flight_and_leaves_nothing(tmp_path, monkeypatch):
+    import threading
+
+    import safetensors.torch
+
+    from lowbit.io.writer import ModelWriter
+
+    real, gate, started = safetensors.torch.save_file, threading.Event(), threading.Event()
+
+    def held(tensors, path, metadata=None):
+        started.set()
+        assert gate.wait(30)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", held)
+    out = tmp_path / "out"
+
+    def run():
+        try:
+            with ModelWriter(out, max_shard_bytes=1500) as w:
+                w.add_tensor("a", torch.ones(256))
+                w.add_tensor("b", torch.ones(256))  # shard 1 goes to the writer thread, which blocks
+                assert started.wait(30)
+                raise KeyboardInterrupt  # (a Ctrl-C while shard 1 is being written)
+        except KeyboardInterrupt:
+            pass
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the abort waited for the blocked shard write"
+    assert list(tmp_path.iterdir()) == []  # the temporary directory went at once
+    gate.set()  # the write ends (into a removed directory); nothing reappears
+    for _ in range(100):
+        if not any(th.name.startswith("lowbit-shard") for th in threading.enumerate()):
+            break
+        threading.Event().wait(0.05)
+    assert list(tmp_path.iterdir()) == []
