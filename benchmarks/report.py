@@ -767,6 +767,41 @@ def _streaming(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _gguf_table(res: dict) -> str:
+    """issue 15: SmolLM2 in llama.cpp, lowbit's exact exports vs llama.cpp's quantizer."""
+    rows = res["rows"]
+    cal = res["calibration"]
+    domains = sorted({d for r in rows.values() for d in r.get("ppl", {})})
+    seen = set(cal["domains"])
+    head = ["file", "tensor types", "size"] + [f"{d}{'' if d in seen else ' (unseen)'}" for d in domains] + ["decode tok/s"]
+    table = []
+    for name, r in rows.items():
+        types = ", ".join(f"{k} {v}" for k, v in sorted(r.get("types", {}).items(), key=lambda kv: -kv[1]))
+        dec = r.get("decode", {}).get("decode_tok_s_median")
+        table.append([name, types, f"{r['file_bytes'] / 1e6:.1f} MB"] + [f"{r['ppl'][d]:.3f}" if d in r.get("ppl", {}) else "-"
+                      for d in domains] + [f"{dec:.1f}" if dec else "-"])  # fmt: skip
+    im = res.get("imatrix", {})
+    lines = [
+        "## SmolLM2-135M in llama.cpp: lowbit's exports vs llama.cpp's quantizer (issue 15)",
+        "",
+        f"Command: `{res.get('command', 'python benchmarks/gguf_table.py')}`. Every perplexity is computed by llama.cpp "
+        "(llama-cpp-python, F32 KV cache, 2 threads) on the same token ids lowbit evaluates: the eval split of each "
+        "domain, 4,096 tokens in windows of 512. lowbit's rows are lowbit's models exported with `lowbit.export` "
+        "(4-bit: w4g32 written as exact Q4_0, the tied embedding/head w8g32 as exact Q8_0, the types llama.cpp's "
+        "own Q4_0 picks for this model); llama.cpp's rows come from `llama-quantize` on the F32 export of the float "
+        f"model. Calibration (GPTQ, AWQ) and the importance matrix: {cal['windows']} x {cal['seqlen']} tokens of "
+        f"{', '.join(cal['domains'])} (imatrix: {im.get('chunks', '-')} chunks of {im.get('ctx', '-')}); the domains "
+        "marked unseen were seen by neither. Decode: `benchmarks/peer_llamacpp.py` (llama.cpp's counters, batch 1, "
+        f"64 tokens, median of 5), one file at a time, ISA {res.get('isa', '-')}.",
+        "",
+        markdown_table(head, table),
+    ]
+    fb = sorted({f for r in rows.values() for f in r.get("fallbacks", [])})
+    if fb:
+        lines += ["", "llama-quantize's fallbacks (rows not a multiple of 256): " + "; ".join(fb)]
+    return "\n".join(lines)
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -780,7 +815,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
                          ("sym_range", _sym_range), ("domains", _domains),
-                         ("domains_minilm", _domains_minilm), ("streaming", _streaming)):  # fmt: skip
+                         ("domains_minilm", _domains_minilm), ("streaming", _streaming),
+                         ("gguf_table", _gguf_table)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "domains":

@@ -1,0 +1,244 @@
+"""SmolLM2-135M in llama.cpp: lowbit's exports (RTN, GPTQ, AWQ+GPTQ written as exact Q4_0 / Q8_0)
+against llama.cpp's own quantizer (Q4_0, Q4_0 with an importance matrix, Q4_K_M, Q5_0, Q8_0) from
+the same F32 GGUF, every perplexity *computed by llama.cpp* (issue 15).
+
+* The F32 GGUF is lowbit's export of the float model (every tensor F32, exact); llama.cpp's
+  ``llama-quantize`` makes its variants from it, the ``imatrix`` one with an importance matrix
+  that ``llama-imatrix`` computes on the calibration text lowbit's calibrated methods use
+  (``--calib-domains``, default python-docs + handbook: the licences and quotes domains are seen
+  by neither).
+* lowbit's variants are quantized in memory and exported with :func:`lowbit.export`; 4-bit ones
+  are w4g32 (one float16 scale per 32 weights: Q4_0's layout, so the same size as llama.cpp's
+  Q4_0) with the tied embedding / head in w8g32 (Q8_0), the types llama.cpp's own Q4_0 mix picks
+  for this model (its head type, Q6_K, falls back to Q8_0 on 576-wide rows).
+* Perplexity: llama.cpp (llama-cpp-python, F32 KV cache, 2 threads) on the same token ids lowbit
+  evaluates (``lowbit.evaluate.domains``, eval split, 4,096 tokens per domain, windows of 512):
+  the mean NLL of every next token of every window.
+* Decode: ``benchmarks/peer_llamacpp.py`` (llama.cpp's own counters; batch 1, 64 tokens,
+  median of 5) on each file, one after another (never two runs at once).
+
+    python benchmarks/gguf_table.py --tools /path/to/llama.cpp/build/bin [--again] [--only ppl|speed]
+
+``--tools``: a llama.cpp build holding ``llama-quantize`` and ``llama-imatrix`` (``make
+peers-llamacpp-tools`` builds them from the llama-cpp-python sdist). Results:
+``benchmarks/results/gguf_table.json`` (resumable; ``--again`` redoes every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "gguf_table.json"
+WORK = Path("/tmp/lowbit-gguf")
+DOMAINS_TOKENS = 4096
+SEQLEN = 512
+LOWBIT = {  # name -> (method, recipe of (pattern, scheme) over a default scheme)
+    "lowbit-rtn-Q4_0": ("rtn", "w4g32", "w8g32"),
+    "lowbit-gptq-Q4_0": ("gptq", "w4g32", "w8g32"),
+    "lowbit-awq+gptq-Q4_0": ("awq+gptq", "w4g32", "w8g32"),
+    "lowbit-rtn-Q8_0": ("rtn", "w8g32", "w8g32"),
+}
+LLAMACPP = {  # name -> (llama-quantize type, with the importance matrix)
+    "llamacpp-Q4_0": ("Q4_0", False),
+    "llamacpp-Q4_0-imatrix": ("Q4_0", True),
+    "llamacpp-Q4_K_M": ("Q4_K_M", False),
+    "llamacpp-Q4_K_M-imatrix": ("Q4_K_M", True),
+    "llamacpp-Q5_0": ("Q5_0", False),
+    "llamacpp-Q8_0": ("Q8_0", False),
+}
+
+
+def _save(data: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def _calibration(tok, domains: tuple[str, ...], nsamples: int, seed: int = 0):
+    import lowbit
+
+    return lowbit.calibration_batches(tok, domains, nsamples=nsamples, seqlen=SEQLEN, seed=seed)
+
+
+def make_lowbit(name: str, out: Path, domains: tuple[str, ...], nsamples: int) -> dict:
+    import lowbit
+    from lowbit.models.zoo import load_model
+
+    method, base, embed = LOWBIT[name]
+    zoo = load_model("smollm2-135m")
+    recipe = lowbit.Recipe(lowbit.parse_scheme(base)).add("*embed_tokens", embed).add("lm_head", embed)
+    cal = _calibration(zoo.tokenizer, domains, nsamples) if method != "rtn" else None
+    t0 = time.perf_counter()
+    model = lowbit.quantize(copy.deepcopy(zoo.model), recipe, method=method, calibration=cal)
+    secs = time.perf_counter() - t0
+    rep = lowbit.export(model, "gguf", out, overwrite=True)
+    return {"quantize_seconds": round(secs, 1), "mappings": rep.counts()}
+
+
+def make_fp32(out: Path) -> None:
+    import lowbit
+    from lowbit.models.zoo import load_model
+
+    lowbit.export(load_model("smollm2-135m").model, "gguf", out, float_type="F32", overwrite=True)
+
+
+def make_calib_text(out: Path, domains: tuple[str, ...], nsamples: int) -> int:
+    """The calibration windows lowbit's methods see, decoded to text for llama-imatrix (which
+    tokenizes it again with the same vocabulary)."""
+    from lowbit.models.zoo import load_model
+
+    tok = load_model("smollm2-135m").tokenizer
+    windows = _calibration(tok, domains, nsamples)
+    text = "".join(tok.decode(w.reshape(-1).tolist()) for w in windows)
+    out.write_text(text)
+    return sum(w.numel() for w in windows)
+
+
+def child_ppl(path: str) -> dict:
+    """Perplexity computed by llama.cpp on every available domain's eval tokens."""
+    import llama_cpp
+    import numpy as np
+
+    from lowbit.evaluate.domains import available_domains, domain_token_ids
+    from lowbit.models.zoo import load_model
+
+    tok = load_model("smollm2-135m").tokenizer
+    llm = llama_cpp.Llama(model_path=path, n_ctx=SEQLEN, n_batch=SEQLEN, n_ubatch=SEQLEN, n_threads=2,
+                          logits_all=True, type_k=0, type_v=0, flash_attn=False, verbose=False)  # fmt: skip
+    out = {}
+    for d in available_domains():
+        ids = domain_token_ids(tok, d, "eval", DOMAINS_TOKENS)
+        n = len(ids) // SEQLEN
+        nll, count = 0.0, 0
+        for w in ids[: n * SEQLEN].reshape(n, SEQLEN).tolist():
+            llm.reset()
+            llm.eval(w)
+            logits = np.array(llm.scores[: SEQLEN - 1], dtype=np.float64)
+            m = logits.max(-1, keepdims=True)
+            lse = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
+            nll += float((lse - logits[np.arange(SEQLEN - 1), w[1:]]).sum())
+            count += SEQLEN - 1
+        out[d] = round(float(np.exp(nll / count)), 4)
+    return out
+
+
+def _child(fn: str, arg: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--child", fn, arg], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    if p.returncode:
+        raise RuntimeError(f"{fn} {arg} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _speed(path: Path) -> dict:
+    p = subprocess.run([sys.executable, str(HERE / "peer_llamacpp.py"), "--model", str(path), "--threads", "2",
+                        "--tokens", "64", "--reps", "5"], capture_output=True, text=True)  # fmt: skip
+    if p.returncode:
+        raise RuntimeError(f"decode of {path} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _types(path: Path) -> dict[str, int]:
+    import gguf
+
+    out: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--tools", type=Path, help="llama.cpp build bin/ with llama-quantize and llama-imatrix")
+    ap.add_argument("--calib-domains", default="python-docs,handbook")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--again", action="store_true")
+    ap.add_argument("--only", choices=["ppl", "speed"], help="one half (speed needs a quiet machine)")
+    ap.add_argument("--skip", default="", help="comma-separated rows to leave out of this run")
+    a = ap.parse_args()
+    if a.child:
+        fn, arg = a.child
+        if fn == "ppl":
+            print(json.dumps(child_ppl(arg)))
+        elif fn == "fp32":
+            make_fp32(Path(arg))
+            print("{}")
+        else:
+            spec = json.loads(arg)
+            print(json.dumps(make_lowbit(spec["name"], Path(spec["out"]), tuple(spec["domains"]), spec["nsamples"])))
+        return
+    domains = tuple(d for d in a.calib_domains.split(",") if d)
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() and not a.again else {}
+    data.setdefault("rows", {})
+    data["calibration"] = {"domains": list(domains), "windows": a.nsamples, "seqlen": SEQLEN}
+    WORK.mkdir(parents=True, exist_ok=True)
+    fp32 = WORK / "smollm2-f32.gguf"
+    if not fp32.exists():
+        _child("fp32", str(fp32))
+    files = {"F32": fp32}
+    skip = set(a.skip.split(","))
+    for name in [n for n in LOWBIT if n not in skip]:
+        f = WORK / f"{name}.gguf"
+        row = data["rows"].setdefault(name, {})
+        if not f.exists() or "mappings" not in row:
+            print(f"  {name} ...", flush=True)
+            row.update(_child("make", json.dumps({"name": name, "out": str(f), "domains": domains, "nsamples": a.nsamples})))
+            _save(data)
+        files[name] = f
+    if any(imat for _t, imat in LLAMACPP.values()):
+        imatrix = WORK / "imatrix.gguf"
+        if not imatrix.exists():
+            if a.tools is None:
+                raise SystemExit("--tools is needed for llama.cpp's quantizer and imatrix")
+            calib = WORK / "calib.txt"
+            ntok = make_calib_text(calib, domains, a.nsamples)
+            subprocess.run([str(a.tools / "llama-imatrix"), "-m", str(fp32), "-f", str(calib), "-o", str(imatrix),
+                            "-c", str(SEQLEN), "-t", "2", "--chunks", str(a.nsamples), "-b", str(SEQLEN)],
+                           check=True, capture_output=True)  # fmt: skip
+            data["imatrix"] = {"calibration_tokens": ntok, "chunks": a.nsamples, "ctx": SEQLEN}
+            _save(data)
+    for name, (qtype, imat) in [kv for kv in LLAMACPP.items() if kv[0] not in skip]:
+        f = WORK / f"{name}.gguf"
+        row = data["rows"].setdefault(name, {})
+        if not f.exists():
+            if a.tools is None:
+                raise SystemExit("--tools is needed for llama.cpp's quantizer")
+            cmd = [str(a.tools / "llama-quantize")] + (["--imatrix", str(WORK / "imatrix.gguf")] if imat else [])
+            p = subprocess.run(cmd + [str(fp32), str(f), qtype, "2"], capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(p.stderr[-3000:])
+            row["fallbacks"] = sorted({ln.strip() for ln in p.stdout.splitlines() + p.stderr.splitlines()
+                                       if "fallback" in ln.lower()})[:5]  # fmt: skip
+        files[name] = f
+    for name, f in files.items():
+        row = data["rows"].setdefault(name, {})
+        row["file_bytes"] = f.stat().st_size
+        row["types"] = _types(f)
+        if a.only != "speed" and "ppl" not in row:
+            print(f"  {name}: perplexity ...", flush=True)
+            row["ppl"] = _child("ppl", str(f))
+            _save(data)
+    if a.only != "ppl":
+        for name, f in files.items():
+            print(f"  {name}: decode ...", flush=True)
+            data["rows"][name]["decode"] = _speed(f)
+            _save(data)
+    from lowbit.kernels import cpu
+
+    data["isa"] = cpu.isa()
+    data["command"] = "python benchmarks/gguf_table.py --tools LLAMA_CPP_BUILD/bin"
+    _save(data)
+
+
+if __name__ == "__main__":
+    main()
