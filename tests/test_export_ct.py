@@ -122,3 +122,15 @@ def test_cli_exports_compressed_tensors_and_rejects_options_of_other_formats(tmp
     assert main(["export", "smollm2-135m", "--to", "compressed-tensors", "--float-type", "F16", "-o",
                  str(tmp_path / "x")]) == 2  # fmt: skip
     assert "apply to --to gguf" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_an_earlier_export(toy, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("mine")
+    q = lowbit.quantize(toy, "w4g32")
+    with pytest.raises(FileExistsError, match="not a compressed-tensors export; not replacing it"):
+        export_compressed_tensors(q, precious, overwrite=True)
+    with pytest.raises(FileExistsError, match="is a file"):
+        export_compressed_tensors(q, precious / "thesis.txt", overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "mine" and len(list(precious.iterdir())) == 1

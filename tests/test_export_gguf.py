@@ -227,3 +227,10 @@ def test_cli_exports_a_saved_model_and_a_zoo_model_quantized_first(q4, smollm2, 
     assert main(["export", "smollm2-135m", "--scheme", "w4g16", "--to", "gguf", "--exact", "-o",
                  str(tmp_path / "c.gguf"), "--quiet"]) == 2  # fmt: skip
     assert "no exact GGUF type" in capsys.readouterr().err and not (tmp_path / "c.gguf").exists()
+
+
+def test_a_q4_1_offset_beyond_float16_has_no_exact_type():
+    g = torch.Generator().manual_seed(5)
+    qw = QWeight.from_float(torch.randn(8, 64, generator=g) * 3e4 - 4e4, parse_scheme("w4g64-asym"))
+    assert qw.scale.dtype == torch.float16  # the scales fit; s * z does not
+    assert gguf_mapping(qw) == (None, "its Q4_1 offset -s*z overflows float16")

@@ -113,6 +113,17 @@ def _tensors(prefix: str, qw, fmt_name: str, scale_dtype: torch.dtype = torch.fl
     return out
 
 
+def _is_ct_export(path: Path) -> bool:
+    """Whether directory ``path`` holds an earlier compressed-tensors export (what ``overwrite``
+    may replace; never a source model or an unrelated directory)."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and not (path / "lowbit.json").exists()
+
+
 def _requantize(qw, target: str):
     """lowbit's weight dequantized and quantized again with scheme ``target``; its relative RMS
     error against lowbit's weight."""
@@ -164,8 +175,14 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     target = parse_scheme(requantize)
     path = Path(path)
-    if path.exists() and (not overwrite or not path.is_dir()):
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} is a file; a compressed-tensors export is a directory")
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+        if any(path.iterdir()) and not _is_ct_export(path):
+            raise FileExistsError(f"{path} is a non-empty directory that is not a compressed-tensors export; "
+                                  "not replacing it")  # fmt: skip
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         raise CTExportError(f"compressed-tensors export writes transformers models; {type(model).__name__} has no config")

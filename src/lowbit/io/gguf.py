@@ -79,7 +79,11 @@ def gguf_mapping(qw) -> tuple[str | None, str]:
     if fmt.bits == 8:
         return ("Q8_0", "") if s.symmetric else (None, "asymmetric int8 (q - z spans -255..255) does not fit Q8_0")
     if fmt.bits <= 4:
-        return ("Q4_0", "") if s.symmetric else ("Q4_1", "")
+        if s.symmetric:
+            return "Q4_0", ""
+        if not bool(torch.isfinite((qw.scales() * qw.zero_points()).to(torch.float16)).all()):
+            return None, "its Q4_1 offset -s*z overflows float16"
+        return "Q4_1", ""
     return None, f"{fmt.bits}-bit codes have no GGUF block type"
 
 
@@ -298,6 +302,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             gtype, why = gguf_mapping(mod.qw)
             if gtype is None and exact:
                 refused.append(f"{mod_name} ({mod.scheme}: {why})")
+            elif gtype is None and mod.qw.cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[requantize]][0]:
+                raise GGUFExportError(f"{mod_name}: its rows of {mod.qw.cols} are not whole {requantize} blocks; "
+                                      "requantize it to F16 or F32 instead")  # fmt: skip
+        elif p is not None and p.dim() == 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[float_type]][0]:
+            raise GGUFExportError(f"{pname}: its rows of {p.shape[-1]} are not whole {float_type} blocks; use F16 or F32")
         plan.append((pname, gname, mod_name, mod))
     if refused:
         raise GGUFExportError("these layers have no exact GGUF type (exact=True): " + "; ".join(refused))
