@@ -741,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "quantized first with --scheme / --recipe")
     x.add_argument("--to", required=True, choices=sorted(EXPORT_FORMATS), help="target format")
     x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory (compressed-tensors)")
-    x.add_argument("--force", action="store_true", help="replace an existing output file")
+    x.add_argument("--force", action="store_true", help="replace an existing output (compressed-tensors: only an "
+                   "earlier compressed-tensors export)")
     x.add_argument("--scheme", help="quantize a float source with this scheme first")
     x.add_argument("--recipe", help="... or with this recipe JSON file")
     x.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS), help="method for --scheme / --recipe")
