@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport
+from .report import ExportEntry, ExportReport, rel_rms_error
 
 __all__ = ["CTExportError", "ct_mapping", "export_compressed_tensors"]
 
@@ -132,9 +132,7 @@ def _requantize(qw, target: str):
 
     w = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
     new = QWeight.from_float(w, parse_scheme(target))
-    back = new.dequantize(torch.float32)
-    ref = float(w.double().pow(2).mean().sqrt()) or 1.0
-    return new, float((back.double() - w.double()).pow(2).mean().sqrt()) / ref
+    return new, rel_rms_error(w, new.dequantize(torch.float32))
 
 
 def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exact: bool = False,

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport
+from .report import ExportEntry, ExportReport, rel_rms_error
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
            "dequantized_tensors", "qk_permutation"]
@@ -151,8 +151,7 @@ def _requantize(w: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, float]:
     else:
         out = gguf.quants.quantize(a, t)
         back = gguf.quants.dequantize(out, t).reshape(a.shape)
-    ref = float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) or 1.0
-    return out, float(np.sqrt(np.mean((back.astype(np.float64) - a) ** 2))) / ref
+    return out, rel_rms_error(a, back)
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -164,7 +163,8 @@ def _llama_config(model: nn.Module):
     for key in ("attention_bias", "mlp_bias"):
         if getattr(cfg, key, False):
             raise GGUFExportError(f"{key}=True: llama.cpp's Llama graph has no such bias")
-    kind = _rope(cfg).get("rope_type", _rope(cfg).get("type"))
+    rope = _rope(cfg)
+    kind = rope.get("rope_type", rope.get("type"))
     if kind not in (None, "default"):
         raise GGUFExportError(f"rope scaling {kind!r} is not exported (llama.cpp needs rope_freqs / scaling keys)")
     return cfg
@@ -266,9 +266,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     path = Path(path)
-    if path.is_dir() or (path.exists() and not overwrite):
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it" if not path.is_dir()
-                              else f"{path} is a directory; give a file name (e.g. {path / 'model.gguf'})")  # fmt: skip
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.gguf'})")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
     cfg = _llama_config(model)
     nblocks = int(cfg.num_hidden_layers)
     heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -298,6 +299,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         gname = tmap.get_name(pname, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise GGUFExportError(f"{pname}: no GGUF tensor name for it in the Llama architecture")
+        gtype = None
         if isinstance(mod, QuantModule):
             gtype, why = gguf_mapping(mod.qw)
             if gtype is None and exact:
@@ -307,7 +309,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                                       "requantize it to F16 or F32 instead")  # fmt: skip
         elif p is not None and p.dim() == 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[float_type]][0]:
             raise GGUFExportError(f"{pname}: its rows of {p.shape[-1]} are not whole {float_type} blocks; use F16 or F32")
-        plan.append((pname, gname, mod_name, mod))
+        plan.append((gname, mod_name, mod, gtype))
     if refused:
         raise GGUFExportError("these layers have no exact GGUF type (exact=True): " + "; ".join(refused))
 
@@ -332,7 +334,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             w.add_value_length(head_dim)
         _copy_tokenizer(w, tok_src, int(cfg.vocab_size))
         types: dict[str, int] = {}
-        for _pname, gname, mod_name, mod in plan:
+        for gname, mod_name, mod, gtype in plan:
             perm = None
             if gname.endswith(("attn_q.weight", "attn_k.weight")):
                 perm = qk_permutation(heads * head_dim if "attn_q" in gname else kv_heads * head_dim,
@@ -341,7 +343,6 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             if isinstance(mod, QuantModule):
                 qw = mod.qw.to_layout("rows")
                 rec.scheme = str(mod.scheme)
-                gtype, _why = gguf_mapping(qw)
                 if gtype is not None:
                     data, info = encode_gguf_weight(qw, gtype)
                     rec.target, rec.mapping = gtype, "exact"
@@ -353,7 +354,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                     data, rec.rel_rms_error = _requantize(wd, requantize)
                     rec.target, rec.mapping = requantize, "requantized"
             else:
-                t = dict(mod.named_parameters(recurse=False))["weight"].detach()
+                t = mod.weight.detach()
                 if t.dim() == 1:
                     data = t.float().numpy()
                 else:

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExportEntry", "ExportReport"]
+__all__ = ["ExportEntry", "ExportReport", "rel_rms_error"]
+
+
+def rel_rms_error(ref, approx) -> float:
+    """RMS(approx - ref) / RMS(ref) in float64 (torch tensors or numpy arrays of one shape; 0 for
+    an all-zero ``ref`` is measured against 1): what :attr:`ExportEntry.rel_rms_error` holds."""
+    import numpy as np
+
+    a = np.asarray(ref, dtype=np.float64)
+    b = np.asarray(approx, dtype=np.float64).reshape(a.shape)
+    return float(np.sqrt(np.mean((b - a) ** 2))) / (float(np.sqrt(np.mean(a**2))) or 1.0)
 
 
 @dataclass
