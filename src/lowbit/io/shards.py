@@ -167,9 +167,14 @@ class ShardWriter:
 
     def _hold(self, nbytes: int) -> None:
         """Wait for the shard in flight if it and ``nbytes`` more would exceed two shards."""
-        if self._done and self._flight_bytes and self._flight_bytes + nbytes > 2 * self.max_bytes:
+        if self._flight_bytes and self._flight_bytes + nbytes > 2 * self.max_bytes:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait until the shard in flight is written (its error, if any, is raised here)."""
+        if self._done:
             self._done[-1][2].result()
-            self._flight_bytes = 0
+        self._flight_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` under ``name``; writes the current shard first if it would overflow."""
@@ -190,10 +195,7 @@ class ShardWriter:
         the previous one is waited for first, so at most two shards' tensors are ever held
         (``2 * max_bytes``, which the streaming peak counts) and a failed write is raised here or
         by :meth:`close`, naming its shard."""
-        from safetensors.torch import save_file
-
-        if self._done:
-            self._done[-1][2].result()  # the shard in flight is written (or its error raised) first
+        self._settle()  # one shard in flight at a time
         if self._writer is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -202,21 +204,24 @@ class ShardWriter:
         path = self.dir / f".shard-{index:05d}.tmp"
         mods = {m: self.modules[m] for m in (module_of(n, self.modules) for n in self._pending) if m is not None}
         meta = {"lowbit_modules_sha256": modules_digest(mods)}
-        written = sum(p.stat().st_size for p, *_ in self._done)
         names = list(self._pending)  # (before the writer thread owns, and finally clears, the dict)
-        job = self._writer.submit(self._write, save_file, self._pending, path, meta, index, self._pending_bytes, written)
+        earlier = [p for p, *_ in self._done]  # (all written: their sizes, should this one fail)
+        job = self._writer.submit(self._write, self._pending, path, meta, index, self._pending_bytes, earlier)
         self._done.append((path, names, job))
         self._flight_bytes = self._pending_bytes
         self._pending, self._pending_bytes = {}, _FIXED
 
-    def _write(self, save_file, tensors: dict, path: Path, meta: dict, index: int, nbytes: int, written: int) -> str:
+    def _write(self, tensors: dict, path: Path, meta: dict, index: int, nbytes: int, earlier: list) -> str:
         """Write one shard (in the writer thread); returns its SHA-256."""
+        from safetensors.torch import save_file
+
         try:
             save_file(tensors, str(path), metadata=meta)
         except Exception as e:  # a full disk, a quota, an I/O error: say which file and how far it got
             tensors.clear()  # (a kept exception must not keep the shard's tensors)
             if isinstance(e, MemoryError):
                 raise
+            written = sum(p.stat().st_size for p in earlier)
             code = getattr(e, "errno", None)  # safetensors' own error names it only in its text
             if code is None and (m := re.search(r"os error (\d+)", str(e))):
                 code = int(m.group(1))
