@@ -134,3 +134,25 @@ def test_overwrite_replaces_only_an_earlier_export(toy, tmp_path):
     with pytest.raises(FileExistsError, match="is a file"):
         export_compressed_tensors(q, precious / "thesis.txt", overwrite=True)
     assert (precious / "thesis.txt").read_text() == "mine" and len(list(precious.iterdir())) == 1
+
+
+def test_tie_is_decided_from_the_weights_not_the_config(tmp_path):
+    """A config that still says tied over a head that no longer shares the embedding's weights
+    (untied after loading) is exported untied: the head is stored and the config says so."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach() * 1.5)  # untied, config unchanged
+    lowbit.quantize(m, "w4g32")
+    assert m.config.tie_word_embeddings  # float head and embedding: the driver left the config alone
+    export_compressed_tensors(m, tmp_path / "ct")
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    assert torch.equal(hf.lm_head.weight, m.lm_head.weight)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    ref = _ref_logits(m, ids)
+    with torch.no_grad():
+        assert float((hf(input_ids=ids).logits - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

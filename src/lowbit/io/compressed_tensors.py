@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, rel_rms_error
+from .report import ExportEntry, ExportReport, is_tied, rel_rms_error
 
 __all__ = ["CTExportError", "ct_mapping", "export_compressed_tensors"]
 
@@ -187,8 +187,9 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
 
     layers, groups, refused, tensors = [], {}, [], {}
     quantized: set[str] = set()
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # from the data: a config saying "tied" over an untied head would load the embedding as the head
+    tied = head is not None and is_tied(model)
     fdtype = getattr(torch, dtype)
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantModule):
@@ -270,6 +271,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
                   metadata={"format": "pt"})  # fmt: skip
         d = cfg.to_dict()
         d.pop("quantization_config", None)
+        if head is not None:
+            d["tie_word_embeddings"] = tied
         d["quantization_config"] = qdict
         d["dtype"] = dtype
         d.pop("torch_dtype", None)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, rel_rms_error
+from .report import ExportEntry, ExportReport, is_tied, rel_rms_error
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
            "dequantized_tensors", "qk_permutation"]
@@ -216,19 +216,6 @@ def _copy_tokenizer(writer, src: Path, vocab: int) -> None:
             writer.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if arr else None)
 
 
-def _is_tied(model: nn.Module) -> bool:
-    from ..nn import QuantModule
-
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None:
-        return True
-    if isinstance(emb, QuantModule) and isinstance(head, QuantModule):
-        return emb.qweight.data_ptr() == head.qweight.data_ptr()
-    if isinstance(emb, QuantModule) or isinstance(head, QuantModule):
-        return False
-    return emb.weight.data_ptr() == head.weight.data_ptr()
-
-
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = False, requantize: str = "Q8_0",
                 float_type: str = "F32", tokenizer_gguf: str | os.PathLike | None = None,
                 name: str | None = None, overwrite: bool = False) -> ExportReport:  # fmt: skip
@@ -276,7 +263,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     tok_src = _tokenizer_source(model, tokenizer_gguf)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, nblocks)
-    tied = _is_tied(model)
+    tied = is_tied(model)
 
     # plan every tensor first: a refusal is raised before anything is written
     plan, refused = [], []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExportEntry", "ExportReport", "rel_rms_error"]
+__all__ = ["ExportEntry", "ExportReport", "is_tied", "rel_rms_error"]
 
 
 def rel_rms_error(ref, approx) -> float:
@@ -16,6 +16,23 @@ def rel_rms_error(ref, approx) -> float:
     a = np.asarray(ref, dtype=np.float64)
     b = np.asarray(approx, dtype=np.float64).reshape(a.shape)
     return float(np.sqrt(np.mean((b - a) ** 2))) / (float(np.sqrt(np.mean(a**2))) or 1.0)
+
+
+def is_tied(model) -> bool:
+    """Whether ``model``'s output head holds the very weights of its input embedding (the same
+    float storage, or one shared packed tensor), decided from the data rather than the config's
+    ``tie_word_embeddings``, which a model edited after loading need not keep true. A model
+    without an output head counts as tied (there is nothing else to write)."""
+    from ..nn import QuantModule
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return True
+    if isinstance(emb, QuantModule) and isinstance(head, QuantModule):
+        return emb.qweight.data_ptr() == head.qweight.data_ptr()
+    if isinstance(emb, QuantModule) or isinstance(head, QuantModule):
+        return False
+    return emb.weight.data_ptr() == head.weight.data_ptr()
 
 
 @dataclass
