@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 LLAMA_CPP := 0.3.36
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-7
+STAMP := $(VENV)/.lowbit-setup-8
 DOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc peers-llamacpp-tools

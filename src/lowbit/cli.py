@@ -545,6 +545,8 @@ def cmd_generate(args) -> int:
 
 # ---- export -------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
+    import torch
+
     import lowbit
     from lowbit.models.source import load_source
 
@@ -555,6 +557,16 @@ def cmd_export(args) -> int:
         return _err("--float-type and --tokenizer-gguf apply to --to gguf")
     if args.to != "compressed-tensors" and args.dtype:
         return _err("--dtype applies to --to compressed-tensors")
+    if args.to != "onnx" and (args.accuracy_level is not None or args.input_shape):
+        return _err("--accuracy-level and --input-shape apply to --to onnx")
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+            if not shape or min(shape) < 1:
+                raise ValueError
+        except ValueError:
+            return _err(f"--input-shape takes positive integers separated by commas (e.g. 1,3,224,224), got {args.input_shape!r}")
     if (args.scheme or args.recipe) and (Path(args.model) / "lowbit.json").is_file():
         return _err(f"{args.model} is already quantized; --scheme / --recipe quantize a float source first")
     zm = load_source(args.model)
@@ -563,7 +575,9 @@ def cmd_export(args) -> int:
         from lowbit.algorithms import get_algorithm
 
         spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
-        calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration else None
+        recipe = lowbit.Recipe.coerce(spec)
+        static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+        calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
         model = lowbit.quantize(model, spec, method=args.method, calibration=calibration, progress=not args.quiet)
     options = {"exact": args.exact, "overwrite": args.force}
     if args.requantize:
@@ -575,6 +589,15 @@ def cmd_export(args) -> int:
     if args.to == "compressed-tensors":
         options["dtype"] = args.dtype or "float32"
         options["tokenizer"] = zm.tokenizer
+    if args.to == "onnx":
+        from lowbit.models.zoo import INPUT_SHAPES
+
+        if args.accuracy_level is not None:
+            options["accuracy_level"] = args.accuracy_level
+        src = getattr(model, "lowbit_source", None) or zm.source
+        shape = shape or INPUT_SHAPES.get(src) or INPUT_SHAPES.get(args.model)
+        if shape is not None:
+            options["example_inputs"] = torch.rand(shape)
     t0 = time.perf_counter()
     rep = lowbit.export(model, args.to, args.output, **options)
     secs = time.perf_counter() - t0
@@ -736,11 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
 
-    x = sub.add_parser("export", help="write a model in a runtime's format (gguf: llama.cpp)")
+    x = sub.add_parser("export", help="write a model in a runtime's format (gguf: llama.cpp; compressed-tensors: "
+                       "transformers / vLLM; onnx: ONNX Runtime)")
     x.add_argument("model", help=f"a lowbit model directory, or a zoo model ({zoo}) / transformers directory "
                    "quantized first with --scheme / --recipe")
     x.add_argument("--to", required=True, choices=sorted(EXPORT_FORMATS), help="target format")
-    x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory (compressed-tensors)")
+    x.add_argument("-o", "--output", required=True, help="output file (gguf, onnx) or directory (compressed-tensors)")
     x.add_argument("--force", action="store_true", help="replace an existing output (compressed-tensors: only an "
                    "earlier compressed-tensors export)")
     x.add_argument("--scheme", help="quantize a float source with this scheme first")
@@ -750,12 +774,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of requantizing them")
     x.add_argument("--requantize", metavar="TYPE",
                    help="what layers without an exact mapping become (gguf: a GGUF type, Q8_0 default, Q4_0, Q4_1, "
-                   "Q5_0, Q5_1, F16, F32; compressed-tensors: a lowbit scheme, w8 default)")
+                   "Q5_0, Q5_1, F16, F32; compressed-tensors and onnx: a lowbit scheme, w8 default)")
     x.add_argument("--float-type", help="gguf: unquantized 2-D weights (F32 exact, default; F16, BF16, Q8_0)")
     x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="compressed-tensors: dense tensors and config dtype (float32 exact, default)")
     x.add_argument("--tokenizer-gguf", metavar="FILE", help="gguf: copy the tokenizer metadata from this GGUF "
                    "(same vocabulary; the zoo's smollm2-135m uses its own)")
+    x.add_argument("--accuracy-level", type=int, choices=[1, 4],
+                   help="onnx: MatMulNBits arithmetic for weight-only layers (1: float32 on the exact weights, "
+                   "default; 4: ONNX Runtime rounds activations to int8 per block, faster)")
+    x.add_argument("--input-shape", metavar="DIMS", help="onnx: one input's shape for a model that is not a "
+                   "transformers model (e.g. 1,3,224,224; the zoo's image models have theirs)")
     x.add_argument("--nsamples", type=int, default=64)
     x.add_argument("--seqlen", type=int, default=512)
     x.add_argument("--seed", type=int, default=0)

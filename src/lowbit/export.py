@@ -29,10 +29,17 @@ def _compressed_tensors(model, path, **options):
     return export_compressed_tensors(model, path, **options)
 
 
+def _onnx(model, path, **options):
+    from .io.onnx import export_onnx
+
+    return export_onnx(model, path, **options)
+
+
 # format name -> (writer, what it targets)
 EXPORT_FORMATS = {
     "gguf": (_gguf, "llama.cpp: Llama-family decoders; Q4_0 / Q8_0 exact, Q4_1 with its zero point rounded"),
     "compressed-tensors": (_compressed_tensors, "transformers / vLLM: pack-quantized int2/4/8, W8A8 int, FP8 (a directory)"),
+    "onnx": (_onnx, "ONNX Runtime: MatMulNBits int2/3/4/8, QDQ static W8A8, GatherBlockQuantized embeddings"),
 }
 
 
@@ -40,7 +47,8 @@ def export(model: nn.Module, fmt: str, path: str | os.PathLike, **options):
     """Write ``model`` (quantized by lowbit, or loaded with :func:`lowbit.load`) to ``path`` in
     format ``fmt`` (a key of :data:`EXPORT_FORMATS`); ``options`` go to that format's writer
     (:func:`lowbit.io.gguf.export_gguf` for ``"gguf"``,
-    :func:`lowbit.io.compressed_tensors.export_compressed_tensors` for ``"compressed-tensors"``). Returns the writer's report. Raises
+    :func:`lowbit.io.compressed_tensors.export_compressed_tensors` for ``"compressed-tensors"``,
+    :func:`lowbit.io.onnx.export_onnx` for ``"onnx"``). Returns the writer's report. Raises
     ``ValueError`` for an unknown format, and whatever the writer raises for models or options it
     cannot serve."""
     if fmt not in EXPORT_FORMATS:

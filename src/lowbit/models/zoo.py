@@ -246,6 +246,8 @@ def _mobilenet_skeleton() -> nn.Module:
 
 
 SKELETONS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "mobilenet-v2": _mobilenet_skeleton}
+# One input of the zoo's image models (batch 1), e.g. to trace a graph for ONNX.
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits-cnn": (1, 1, 8, 8), "mobilenet-v2": (1, 3, 224, 224)}
 
 ZOO: dict[str, Callable[[], ZooModel]] = {
     "smollm2-135m": load_smollm2,

@@ -1,0 +1,505 @@
+"""ONNX export (ONNX Runtime): a lowbit model as an ONNX graph whose quantized layers are ONNX
+Runtime's quantized operators reading lowbit's own codes and scales.
+
+Layer by layer (``../shared/notes/exports.md`` section 3; ONNX Runtime ``docs/ContribOperators.md``
+and the ONNX operator documents for DequantizeLinear / QuantizeLinear):
+
+* **Linear, weight-only int2 / int3 / int4 / int8** -> ``com.microsoft.MatMulNBits``: ``B`` uint8
+  ``(N, k_blocks, block_size * bits / 8)`` packed along K, first element in the low bits (lowbit's
+  row packing, cut into blocks); ``scales`` float32 ``(N, k_blocks)``; ``zero_points`` uint8 packed
+  ``(N, ceil(k_blocks * bits / 8))`` for asymmetric weights (absent for symmetric ones: the
+  operator's default zero point ``2^(bits-1)`` is lowbit's implicit one), float32 ``(N, k_blocks)``
+  for HQQ's fractional zero points. ``block_size`` is lowbit's group size when it is a power of two
+  from 16 to 128, else the largest such power dividing it (the scale repeated per block); a
+  per-channel or per-tensor scale is repeated over blocks of 128. 3-bit codes are stored as 4-bit
+  (``bits = 4`` with an explicit zero point: ``4`` symmetric, ``z`` asymmetric), so 4 bits a weight.
+  Dequantization ``(q - z) * s`` in float32: lowbit's values bit for bit (``accuracy_level = 1``;
+  ``4`` makes ONNX Runtime quantize the activations to int8 per block: faster, not exact).
+* **Linear with dynamic int8 activations** (``w8a8``, ``w4a8`` ...) -> the same MatMulNBits with
+  ``accuracy_level = 4``: the weights exact, the activations rounded by ONNX Runtime (int8 per
+  block of K) rather than lowbit's per token.
+* **Static activations** (``w8a8-static``: calibrated int8 scale and zero point on the input) ->
+  a QDQ graph: ``QuantizeLinear -> DequantizeLinear`` on the input, ``DequantizeLinear`` on the
+  int8 weight (``q - 128``, zero point 0; asymmetric weights as uint8 with their zero points), per
+  output channel, into ``MatMul`` / ``Conv``, the pattern ONNX Runtime fuses to integer kernels.
+  ONNX's QuantizeLinear saturates at -128, lowbit at -127: a ``Clip`` at the -127 step before
+  QuantizeLinear makes the graph round exactly as lowbit does.
+* **Conv2d, weight-only int8 per channel** -> ``DequantizeLinear`` on the weight into ``Conv``.
+* **Embedding int4 / int8** -> ``com.microsoft.GatherBlockQuantized`` (uint8 data in
+  MatMulNBits' conventions, ``quantize_axis = 1``); a head tied to it reads the same initializers.
+* **float16 / bfloat16** weights are stored in their type and cast to float32 (exact weights; lowbit
+  also rounds these layers' inputs and outputs to the half type).
+
+Anything else (nf4, fp8, groups with no power-of-two block from 16, other convolutions) has no exact
+ONNX Runtime operator here: a Linear layer is requantized to a named scheme (default ``w8``) with
+the added error reported, any other layer is written as its dequantized float32 weight (lowbit's
+values, float size), or, with ``exact=True``, requantization is refused by name.
+
+The graph is traced with ``torch.onnx.export(dynamo=True)`` (quantized layers swapped for export
+modules that emit the operators through ``torch.onnx.ops.symbolic``), dynamic batch and sequence
+dimensions; a transformers decoder maps ``input_ids -> logits`` (no KV cache), an encoder
+``input_ids, attention_mask -> last_hidden_state``, any other model ``input -> output``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .report import ExportEntry, ExportReport, rel_rms_error
+
+__all__ = ["ONNXExportError", "export_onnx", "onnx_mapping", "pack_blocks"]
+
+MS = "com.microsoft"
+MAX_BLOCK = 128  # ONNX Runtime 1.26 returned zeros for block_size 512 on its CPU EP (onnxruntime#28551)
+FLOAT_LIMIT = 2_000_000_000  # protobuf's 2 GiB: larger graphs keep their tensors in a .data file
+
+
+class ONNXExportError(ValueError):
+    """A model or option the ONNX export cannot serve."""
+
+
+# ---- the mapping table ------------------------------------------------------------------------
+def _pow2_block(qw) -> int | None:
+    """MatMulNBits / GatherBlockQuantized block size for ``qw``'s grouping, or None."""
+    s = qw.scheme
+    if s.group_size is None or s.per_tensor or s.group_size >= qw.cols:
+        return min(MAX_BLOCK, max(16, 1 << (qw.cols - 1).bit_length()))
+    g = s.group_size
+    b = min(g & -g, MAX_BLOCK)
+    return b if b >= 16 else None
+
+
+def onnx_mapping(qw, kind: str) -> tuple[str | None, str]:
+    """The ONNX Runtime operator that reads :class:`lowbit.qweight.QWeight` ``qw`` of a layer of
+    ``kind`` (``"linear"``, ``"conv2d"``, ``"embedding"``) exactly: ``"MatMulNBits"``, ``"QDQ"``,
+    ``"DequantizeLinear"``, ``"GatherBlockQuantized"``, ``"Cast"``, or ``(None, reason)``."""
+    s, fmt = qw.scheme, qw.scheme.fmt
+    if s.is_cast:
+        return "Cast", ""
+    if fmt.kind != "affine":
+        return None, f"{fmt.name}: no ONNX Runtime CPU operator reads this format"
+    bits = fmt.bits
+    if s.act_static:
+        if kind == "embedding" or bits != 8 or s.group_size is not None:
+            return None, "QDQ here holds static activations with int8 weights per channel or tensor"
+        return "QDQ", ""
+    if kind == "conv2d":
+        if bits != 8 or s.group_size is not None or s.act_bits:
+            return None, "ONNX Runtime has no weight-only quantized convolution below 8 bits or with groups"
+        return "DequantizeLinear", ""
+    block = _pow2_block(qw)
+    if block is None:
+        return None, f"groups of {s.group_size} hold no power-of-two block of 16 or more"
+    if kind == "embedding":
+        if bits not in (4, 8):
+            return None, f"GatherBlockQuantized reads 4- and 8-bit codes, not {bits}-bit"
+        if qw.zero is not None and qw.zero.dtype != torch.uint8:
+            return None, "GatherBlockQuantized takes integer zero points (HQQ's are fractional)"
+        return "GatherBlockQuantized", ""
+    return "MatMulNBits", ""
+
+
+def pack_blocks(codes: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """``(N, K)`` uint8 codes -> uint8 ``(N, k_blocks, block * bits / 8)``, K padded with code 0 to
+    whole blocks, ``8 / bits`` codes a byte, the first in the low bits (MatMulNBits' ``B``)."""
+    n, k = codes.shape
+    kb = -(-k // block)
+    c = torch.zeros(n, kb * block, dtype=torch.int32)
+    c[:, :k] = codes.to(torch.int32)
+    per = 8 // bits
+    c = c.reshape(n, -1, per)
+    out = torch.zeros(c.shape[:2], dtype=torch.int32)
+    for i in range(per):
+        out |= c[:, :, i] << (bits * i)
+    return out.to(torch.uint8).reshape(n, kb, block * bits // 8)
+
+
+def _block_params(qw, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales float32 ``(N, k_blocks)`` and zero points (``(N, k_blocks)`` float32, integral or
+    not; None for symmetric) repeated from lowbit's groups onto blocks of ``block``."""
+    kb = -(-qw.cols // block)
+    col = torch.arange(kb) * block  # first column of each block
+    g = qw.cols if qw.scheme.group_size is None or qw.scheme.per_tensor else qw.scheme.group_size
+    idx = (col // g).clamp(max=qw.n_groups - 1)
+    scales = qw.scales().expand(qw.rows, -1)[:, idx].contiguous()
+    zp = qw.zero_points()
+    return scales, (None if zp is None else zp.expand(qw.rows, -1)[:, idx].contiguous())
+
+
+def _matmul_nbits_tensors(qw) -> tuple[dict[str, torch.Tensor], dict]:
+    """``B``, ``scales`` and (when needed) ``zero_points`` of MatMulNBits for ``qw``; the attributes."""
+    bits = qw.scheme.fmt.bits
+    block = _pow2_block(qw)
+    scales, zp = _block_params(qw, block)
+    obits = 4 if bits == 3 else bits
+    if bits == 3 and zp is None:
+        zp = torch.full_like(scales, 4.0)
+    t = {"B": pack_blocks(qw.codes(), obits, block), "scales": scales}
+    if zp is not None:
+        if qw.zero is not None and qw.zero.dtype != torch.uint8:
+            t["zero_points"] = zp  # HQQ: fractional, in A's dtype
+        else:
+            kb = zp.shape[1]
+            per = 8 // obits
+            t["zero_points"] = pack_blocks(zp.to(torch.uint8), obits, per * -(-kb // per)).reshape(qw.rows, -1)
+    return t, {"K": qw.cols, "N": qw.rows, "bits": obits, "block_size": block}
+
+
+# ---- export modules: what the tracer sees in place of lowbit's ---------------------------------
+def _sym(op: str, inputs, attrs: dict, dtype, shape):
+    return torch.onnx.ops.symbolic(op, tuple(inputs), attrs, dtype=dtype, shape=shape,
+                                   version=1 if op.startswith(MS) else None)  # fmt: skip
+
+
+class _MatMulNBits(nn.Module):
+    def __init__(self, t: dict, attrs: dict, bias, accuracy_level: int, tied: nn.Module | None = None):
+        super().__init__()
+        self.attrs = dict(attrs, accuracy_level=accuracy_level)
+        self.blob_shape = tuple(t["B"].shape)
+        # A head tied to a GatherBlockQuantized embedding holds that module itself (one module
+        # under two parents: its initializers are written once) and reads its 2-D data.
+        self.tied = tied
+        self.register_buffer("B", None if tied is not None else t["B"])
+        self.register_buffer("scales", None if tied is not None else t["scales"])
+        self.register_buffer("zero_points", None if tied is not None else t.get("zero_points"))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x):
+        src = self.tied if self.tied is not None else self
+        b = src.B if self.tied is None else src.data.reshape(self.blob_shape)
+        ins = [x.float(), b, src.scales] + ([src.zero_points] if src.zero_points is not None else [])
+        y = _sym(f"{MS}::MatMulNBits", ins, self.attrs, torch.float32, (*x.shape[:-1], self.attrs["N"]))
+        return y if self.bias is None else y + self.bias
+
+
+class _GatherBlockQuantized(nn.Module):
+    def __init__(self, data, scales, zp, attrs: dict, dim: int):
+        super().__init__()
+        self.attrs, self.dim = attrs, dim
+        # parameters, not buffers: torch.export writes a parameter shared by two modules once
+        self.data = nn.Parameter(data, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.register_buffer("zero_points", zp)
+
+    def forward(self, idx):
+        ins = [self.data, idx, self.scales] + ([self.zero_points] if self.zero_points is not None else [])
+        return _sym(f"{MS}::GatherBlockQuantized", ins, self.attrs, torch.float32, (*idx.shape, self.dim))
+
+
+def _dq(q, scale, zp, axis: int | None, shape):
+    attrs = {} if axis is None else {"axis": axis}
+    return _sym("DequantizeLinear", [q, scale, zp], attrs, torch.float32, shape)
+
+
+def _int8_weight(qw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """DequantizeLinear's ``(x, x_scale, x_zero_point)`` for an 8-bit weight ``(N, K)``: int8 ``q -
+    128`` with zero point 0 (symmetric) or uint8 codes with their zero points, float32 scales, per
+    output channel (``(N,)``) or one (``()``); and whether it is per channel."""
+    codes = qw.codes().to(torch.int16)
+    zp = qw.zero_points()
+    per_axis = not qw.scheme.per_tensor
+    shape = (qw.rows,) if per_axis else ()
+    if zp is None:
+        w, z = (codes - 128).to(torch.int8), torch.zeros(shape, dtype=torch.int8)
+    else:
+        w, z = codes.to(torch.uint8), zp.reshape(-1)[: qw.rows if per_axis else 1].reshape(shape).to(torch.uint8)
+    return w, z, qw.scales().reshape(-1)[: qw.rows if per_axis else 1].reshape(shape).float(), per_axis
+
+
+class _QDQ(nn.Module):
+    """Static activations (Q -> DQ on the input) and/or an int8 weight through DQ, into MatMul or
+    Conv: the QDQ pattern ONNX Runtime fuses to its integer kernels."""
+
+    def __init__(self, mod, qw, act: bool):
+        super().__init__()
+        self.conv = mod.op == "conv2d"
+        w, z, s, self.per_axis = _int8_weight(qw)
+        if self.conv:
+            self.wshape, self.axis = tuple(mod.weight_shape), 0
+            w = w.reshape(self.wshape)
+            self.conv_args = (mod.stride, mod.padding, mod.dilation, mod.groups)
+        else:  # MatMul's B is (K, N): the output channels are axis 1
+            self.wshape, self.axis = (qw.cols, qw.rows), 1
+            w = w.t().contiguous()
+        self.register_buffer("w", w)
+        self.register_buffer("w_scale", s)
+        self.register_buffer("w_zero", z)
+        self.register_buffer("a_scale", mod.act_scale.detach().float().reshape(()) if act else None)
+        self.register_buffer("a_zero", mod.act_zero.detach().to(torch.int8).reshape(()) if act else None)
+        # lowbit saturates at -127, QuantizeLinear at -128: clip to the -127 step first (exact:
+        # lo / scale rounds to -127 - zero)
+        self.a_min = float((-127 - mod.act_zero.float()) * mod.act_scale.float()) if act else None
+        self.register_buffer("bias", None if mod.bias is None else mod.bias.detach().float())
+
+    def forward(self, x):
+        x = x.float()
+        if self.a_scale is not None:
+            x = torch.clamp(x, min=self.a_min)
+            q = _sym("QuantizeLinear", [x, self.a_scale, self.a_zero], {}, torch.int8, x.shape)
+            x = _dq(q, self.a_scale, self.a_zero, None, x.shape)
+        wd = _dq(self.w, self.w_scale, self.w_zero, self.axis if self.per_axis else None, self.wshape)
+        if self.conv:
+            stride, padding, dilation, groups = self.conv_args
+            return F.conv2d(x, wd, self.bias, stride, padding, dilation, groups)
+        y = torch.matmul(x, wd)
+        return y if self.bias is None else y + self.bias
+
+
+class _Float(nn.Module):
+    """A weight stored as a float tensor (float16 / bfloat16 as lowbit holds it, or lowbit's
+    dequantized float32 values), widened to float32 in the graph."""
+
+    def __init__(self, mod, w: torch.Tensor):
+        super().__init__()
+        self.op = mod.op
+        self.register_buffer("w", w)
+        self.register_buffer("bias", None if mod.bias is None else mod.bias.detach().float())
+        if self.op == "conv2d":
+            self.conv_args = (mod.stride, mod.padding, mod.dilation, mod.groups)
+
+    def forward(self, x):
+        w = self.w.float()
+        if self.op == "embedding":
+            return F.embedding(x, w)
+        if self.op == "conv2d":
+            return F.conv2d(x.float(), w, self.bias, *self.conv_args)
+        return F.linear(x.float(), w, self.bias)
+
+
+# ---- graph inputs and outputs -------------------------------------------------------------------
+class _CausalLM(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, use_cache=False).logits
+
+
+class _Encoder(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def _io(model: nn.Module, example_inputs):
+    """(wrapper, example args, input names, output names, dynamic shapes)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("sequence", min=2, max=1 << 16)
+    is_hf = hasattr(model, "config") and hasattr(model, "get_input_embeddings")
+    if example_inputs is None and is_hf:
+        ids = torch.arange(3, 19).reshape(2, 8) % max(4, int(getattr(model.config, "vocab_size", 16) or 16))
+        if type(model).__name__.endswith("ForCausalLM"):
+            return _CausalLM(model), (ids,), ["input_ids"], ["logits"], ({0: batch, 1: seq},)
+        return (_Encoder(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["last_hidden_state"],
+                ({0: batch, 1: seq}, {0: batch, 1: seq}))  # fmt: skip
+    if example_inputs is None:
+        raise ONNXExportError(f"{type(model).__name__} is not a transformers model: give example_inputs (a tensor or a "
+                              "tuple of tensors with a batch dimension first; CLI --input-shape)")  # fmt: skip
+    xs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    xs = tuple(x.expand(2, *x.shape[1:]).contiguous() if x.shape[0] == 1 else x for x in xs)  # batch 1 would be fixed
+    names = ["input"] if len(xs) == 1 else [f"input_{i}" for i in range(len(xs))]
+    return model, xs, names, ["output"], tuple({0: batch} for _ in xs)
+
+
+# ---- the writer ---------------------------------------------------------------------------------
+def _requantize(qw, target):
+    from ..qweight import QWeight
+
+    w = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
+    new = QWeight.from_float(w, target)
+    return new, rel_rms_error(w, new.dequantize(torch.float32))
+
+
+def _no_initializer_copies(node) -> bool | None:
+    """Constant folding, except a Reshape of a stored tensor (a tied head's view of its
+    embedding's codes): folded, it would be written twice."""
+    if node.op_type == "Reshape" and node.inputs and node.inputs[0] is not None and node.inputs[0].is_initializer():
+        return False
+    return None
+
+
+def _nbytes(m: nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in m.buffers())
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, swaps: dict[str, nn.Module]):
+    from ..driver import _set_module
+
+    old = {name: model.get_submodule(name) for name in swaps}
+    try:
+        for name, new in swaps.items():
+            _set_module(model, name, new)
+        yield
+    finally:
+        for name, mod in old.items():
+            _set_module(model, name, mod)
+
+
+def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
+    """Export modules by name, and the report's entries."""
+    from ..nn import QuantModule
+
+    swaps: dict[str, nn.Module] = {}
+    entries: list[ExportEntry] = []
+    refused: list[str] = []
+    shared: dict[int, _GatherBlockQuantized] = {}  # qweight storage -> the embedding written for it
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    # embeddings first, so a head tied to one finds its initializers
+    for name, mod in sorted(mods, key=lambda nm: nm[1].op != "embedding"):
+        qw, kind = mod.qw.to_layout("rows") if mod.qw.layout != "rows" else mod.qw, mod.op
+        op, why = onnx_mapping(qw, kind)
+        if op == "GatherBlockQuantized" and qw.cols % _pow2_block(qw):
+            op, why = None, "GatherBlockQuantized needs whole blocks per row"
+        rec = ExportEntry(name, name, op or "", "exact", str(mod.scheme))
+        if op is None and kind == "linear" and target is not None:
+            if exact:
+                refused.append(f"{name} ({mod.scheme}: {why})")
+                continue
+            qw, rec.rel_rms_error = _requantize(qw, target)
+            op, rec.target, rec.mapping = "MatMulNBits", f"MatMulNBits ({target})", "requantized"
+        if op == "MatMulNBits":
+            t, attrs = _matmul_nbits_tensors(qw)
+            level = 4 if qw.scheme.act_bits else accuracy_level
+            if qw.scheme.act_bits:
+                rec.mapping = "weights exact"  # the activations are ONNX Runtime's int8 per block
+            emb = shared.get(mod.qweight.data_ptr())
+            if emb is not None and emb.attrs["block_size"] == attrs["block_size"] and attrs["bits"] == emb.attrs["bits"]:
+                new = _MatMulNBits(t, attrs, mod.bias, level, tied=emb)
+                rec.target = "MatMulNBits (tied to the embedding)"
+            else:
+                new = _MatMulNBits(t, attrs, mod.bias, level)
+        elif op == "GatherBlockQuantized":
+            block, bits = _pow2_block(qw), qw.scheme.fmt.bits
+            scales, zp = _block_params(qw, block)
+            if zp is not None:
+                per = 8 // bits
+                zp = pack_blocks(zp.to(torch.uint8), bits, per * -(-zp.shape[1] // per)).reshape(qw.rows, -1)
+            data = pack_blocks(qw.codes(), bits, block).reshape(qw.rows, -1)
+            attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
+            new = _GatherBlockQuantized(data, scales, zp, attrs, qw.cols)
+            shared[mod.qweight.data_ptr()] = new
+        elif op in ("QDQ", "DequantizeLinear"):
+            new = _QDQ(mod, qw, act=op == "QDQ")
+        elif op == "Cast":
+            new = _Float(mod, qw.data.reshape(mod.weight_shape))
+        else:
+            if exact and kind == "linear":
+                refused.append(f"{name} ({mod.scheme}: {why})")
+                continue
+            new = _Float(mod, qw.dequantize(torch.float32).reshape(mod.weight_shape))
+            rec.target, rec.mapping = "float32", "dequantized"
+        rec.nbytes = _nbytes(new) - (0 if getattr(new, "bias", None) is None else new.bias.numel() * 4)
+        swaps[name] = new
+        entries.append(rec)
+    if refused:
+        raise ONNXExportError("these layers have no exact ONNX Runtime operator (exact=True): " + "; ".join(refused))
+    return swaps, entries
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = False, requantize: str | None = "w8",
+                accuracy_level: int = 1, example_inputs=None, overwrite: bool = False) -> ExportReport:  # fmt: skip
+    """Write a lowbit-quantized (or float) model as an ONNX graph that ONNX Runtime runs with its
+    quantized operators on lowbit's codes (see the module docstring for the layer mappings).
+
+    Args:
+        model: a model quantized by :func:`lowbit.quantize` (or loaded with :func:`lowbit.load`), or a
+            float one. transformers decoders are traced as ``input_ids (batch, sequence) int64 ->
+            logits (batch, sequence, vocab) float32`` without a KV cache; transformers encoders as
+            ``input_ids, attention_mask -> last_hidden_state``; other models need ``example_inputs``.
+        path: the ``.onnx`` file to write (a graph over 2 GB keeps its tensors in ``path.data``).
+        exact: refuse Linear layers with no exact ONNX Runtime operator (named in the error) instead
+            of requantizing them.
+        requantize: the lowbit scheme such layers become (its MatMulNBits, the added error reported
+            per layer), default ``"w8"``; ``None`` writes their dequantized float32 weights.
+        accuracy_level: MatMulNBits' ``accuracy_level`` for weight-only layers: 1 (float32
+            arithmetic on lowbit's exact weights, default) or 4 (ONNX Runtime rounds the
+            activations to int8 per block: faster, not exact). Layers with dynamic int8
+            activations always use 4.
+        example_inputs: a tensor or tuple of tensors, batch first (the batch dimension is exported
+            dynamic).
+        overwrite: replace an existing file at ``path`` (otherwise ``FileExistsError``).
+
+    Returns an :class:`~lowbit.io.report.ExportReport`, one entry per quantized module (operator,
+    mapping ``exact`` / ``weights exact`` / ``requantized`` with its error / ``dequantized``,
+    bytes of its initializers). Raises ``ONNXExportError`` for ``exact`` refusals, a model that
+    needs ``example_inputs``, a ``requantize`` scheme with no MatMulNBits form or a graph the
+    exporter cannot trace; ``ValueError`` for a bad ``accuracy_level`` or scheme string;
+    ``FileExistsError`` for an existing ``path`` without ``overwrite`` or a directory; ``OSError``
+    for write errors. Nothing is left half-written and the model is left as it was.
+    """
+    from ..scheme import parse_scheme
+
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level!r}")
+    target = None
+    if requantize is not None:
+        target = parse_scheme(requantize)
+        from ..qweight import QWeight
+
+        probe = QWeight.from_float(torch.zeros(1, 64), target)
+        if onnx_mapping(probe, "linear")[0] != "MatMulNBits":
+            raise ONNXExportError(f"requantize={requantize!r} has no MatMulNBits form either: "
+                                  f"{onnx_mapping(probe, 'linear')[1] or 'not a weight-only integer scheme'}")  # fmt: skip
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.onnx'})")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+    swaps, entries = _plan(model, exact, target, accuracy_level)
+    wrapper, args, in_names, out_names, dyn = _io(model, example_inputs)
+    was_training = model.training
+    model.eval()
+    quiet = logging.getLogger("torch.onnx"), logging.getLogger("onnxscript")
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with _swapped(model, swaps), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
+                                         dynamic_shapes=dyn, verbose=False, optimize=False)  # fmt: skip
+                import onnxscript.optimizer
+
+                onnxscript.optimizer.optimize_ir(prog.model, should_fold=_no_initializer_copies)
+            except Exception as e:  # the exporter's own error types
+                raise ONNXExportError(f"torch.onnx could not trace {type(model).__name__}: {str(e).splitlines()[0]}") from e
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
+        model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        big = sum(_nbytes(m) for m in swaps.values()) + sum(p.numel() * p.element_size() for p in model.parameters()) > FLOAT_LIMIT
+        with contextlib.redirect_stdout(io.StringIO()):
+            prog.save(str(tmp / path.name), external_data=big)
+        from .writer import _permissions
+
+        _permissions(tmp)
+        data = tmp / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, path.with_name(data.name))
+        os.replace(tmp / path.name, path)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    extra = path.with_name(f"{path.name}.data")
+    nbytes = path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
+    return ExportReport(path, nbytes, entries)

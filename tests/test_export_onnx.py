@@ -1,0 +1,233 @@
+"""ONNX export, verified by ONNX Runtime: each quantized layer's operator reads lowbit's codes
+back bit for bit (an identity matrix as input gives the dequantized weight), and whole graphs
+compute lowbit's outputs."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit import kernels
+from lowbit.io.onnx import ONNXExportError, export_onnx, onnx_mapping
+from lowbit.scheme import parse_scheme
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def _session(path, optimize=True):
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ref(model, *xs):
+    kernels.use_kernel(model, "reference")
+    with torch.no_grad():
+        out = model(*xs)
+    kernels.use_kernel(model, "auto")
+    return out
+
+
+@pytest.mark.parametrize("spec", ["w4g32", "w4g64-asym", "w4g128", "w4", "w4-asym", "w8", "w8-asym", "w8g64",
+                                  "w2g32", "w2g64-asym", "w3g64", "w3g32-asym", "w4g48", "w4g96-asym", "w4-tensor"])
+def test_matmul_nbits_reads_lowbits_weights_bit_for_bit(spec, tmp_path):
+    """K = 200: the last group (and block) is short for every group size here."""
+    torch.manual_seed(0)
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(200, 24)), spec, progress=False)
+    rep = export_onnx(q, tmp_path / "l.onnx", example_inputs=torch.zeros(2, 200))
+    assert [(e.target, e.mapping) for e in rep.entries] == [("MatMulNBits", "exact")]
+    nodes = [n.op_type for n in onnx.load(str(tmp_path / "l.onnx")).graph.node]
+    assert "MatMulNBits" in nodes and "MatMul" not in nodes  # never a float weight in the graph
+    y = _session(tmp_path / "l.onnx").run(None, {"input": np.eye(200, dtype=np.float32)})[0]
+    want = q[0].qw.dequantize(torch.float32).t() + q[0].bias.detach()
+    assert np.array_equal(y, want.numpy())
+
+
+def test_hqq_fractional_zero_points_are_exact(tmp_path):
+    torch.manual_seed(0)
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16, bias=False)), "w4g64-asym", method="hqq",
+                        progress=False)  # fmt: skip
+    assert q[0].qw.zero.dtype == torch.float16
+    export_onnx(q, tmp_path / "h.onnx", example_inputs=torch.zeros(2, 128))
+    y = _session(tmp_path / "h.onnx").run(None, {"input": np.eye(128, dtype=np.float32)})[0]
+    assert np.array_equal(y, q[0].qw.dequantize(torch.float32).t().numpy())
+
+
+def test_dynamic_activations_keep_exact_weights_and_say_who_rounds_the_activations(tmp_path):
+    torch.manual_seed(0)
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16)), "w8a8", progress=False)
+    rep = export_onnx(q, tmp_path / "a.onnx", example_inputs=torch.zeros(2, 128))
+    assert [(e.target, e.mapping) for e in rep.entries] == [("MatMulNBits", "weights exact")]
+    node = next(n for n in onnx.load(str(tmp_path / "a.onnx")).graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 4
+    x = torch.randn(5, 128)
+    y = _session(tmp_path / "a.onnx").run(None, {"input": x.numpy()})[0]
+    ref = _ref(q, x).numpy()
+    assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()  # two int8 roundings of the activations
+
+
+@pytest.mark.parametrize("spec,why", [("nf4g64", "nf4"), ("fp8", "fp8"), ("w4g8", "power-of-two block")])
+def test_layers_without_an_operator_are_requantized_or_refused(spec, why, tmp_path):
+    torch.manual_seed(0)
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16)), spec, progress=False)
+    assert why in onnx_mapping(q[0].qw, "linear")[1]
+    out = tmp_path / "r.onnx"
+    with pytest.raises(ONNXExportError, match=r"^these layers .*: 0 \(" + spec):
+        export_onnx(q, out, exact=True, example_inputs=torch.zeros(2, 128))
+    assert list(tmp_path.iterdir()) == []
+    rep = export_onnx(q, out, example_inputs=torch.zeros(2, 128))
+    (e,) = rep.entries
+    assert (e.target, e.mapping) == ("MatMulNBits (int8)", "requantized") and 0 < e.rel_rms_error < 0.02
+    rep = export_onnx(q, out, requantize=None, example_inputs=torch.zeros(2, 128), overwrite=True)
+    assert [(e.target, e.mapping) for e in rep.entries] == [("float32", "dequantized")]
+    y = _session(out).run(None, {"input": np.eye(128, dtype=np.float32)})[0]
+    assert np.array_equal(y, (q[0].qw.dequantize(torch.float32).t() + q[0].bias.detach()).numpy())
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "w4g32", progress=False)
+    with pytest.raises(ONNXExportError, match="give example_inputs"):
+        export_onnx(q, tmp_path / "x.onnx")
+    with pytest.raises(ONNXExportError, match="no MatMulNBits form"):
+        export_onnx(q, tmp_path / "x.onnx", requantize="nf4g64", example_inputs=torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="accuracy_level"):
+        export_onnx(q, tmp_path / "x.onnx", accuracy_level=7, example_inputs=torch.zeros(2, 64))
+    with pytest.raises(FileExistsError, match="is a directory"):
+        export_onnx(q, tmp_path, example_inputs=torch.zeros(2, 64))
+    (tmp_path / "x.onnx").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite"):
+        export_onnx(q, tmp_path / "x.onnx", example_inputs=torch.zeros(2, 64))
+    assert (tmp_path / "x.onnx").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
+def _tiny_llama(tie=True):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_decoder_graph_computes_lowbits_logits_with_one_copy_of_a_tied_embedding(tmp_path):
+    m = _tiny_llama()
+    rec = lowbit.Recipe(parse_scheme("w4g32")).add("*embed_tokens", "w4g32").add("lm_head", "w4g32")
+    q = lowbit.quantize(m, rec, progress=False)
+    rep = export_onnx(q, tmp_path / "m.onnx")
+    assert rep.counts() == {"GatherBlockQuantized exact": 1, "MatMulNBits exact": 14,
+                            "MatMulNBits (tied to the embedding) exact": 1}  # fmt: skip
+    g = onnx.load(str(tmp_path / "m.onnx")).graph
+    big = [i for i in g.initializer if i.data_type == onnx.TensorProto.UINT8 and list(i.dims) in ([256, 32], [256, 2, 16])]
+    assert len(big) == 1  # the embedding's codes are stored once, the head reads them
+    s = _session(tmp_path / "m.onnx")
+    for ids in (torch.tensor([[5, 9, 200, 3, 77]]), torch.randint(0, 256, (3, 17))):  # dynamic batch and length
+        ref = _ref(q, ids).logits
+        y = s.run(None, {"input_ids": ids.numpy()})[0]
+        assert np.abs(y - ref.numpy()).max() <= 1e-4 * float(ref.abs().max())
+
+
+def test_encoder_graph_takes_the_attention_mask(tmp_path):
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    q = lowbit.quantize(transformers.BertModel(cfg).eval(), "w4g32", progress=False)
+    export_onnx(q, tmp_path / "e.onnx")
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ref = _ref(q, ids, mask).last_hidden_state
+    y = _session(tmp_path / "e.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert np.abs(y - ref.numpy()).max() <= 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("spec", ["w8a8-static", "w8a8-tensor-static", "w8a8-asym-static", "int8"])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_qdq_rounds_activations_as_lowbit_does(spec, layer, tmp_path):
+    """Inputs well outside the calibrated range: lowbit saturates at -127, so must the graph."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        m, shape = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, groups=2)), (4, 8, 10, 10)
+    else:
+        m, shape = torch.nn.Sequential(torch.nn.Linear(64, 32)), (4, 64)
+    cal = [torch.randn(*shape) for _ in range(2)]
+    q = lowbit.quantize(m, spec, calibration=cal if "static" in spec else None, progress=False)
+    rep = export_onnx(q, tmp_path / "q.onnx", example_inputs=torch.zeros(2, *shape[1:]))
+    target = "QDQ" if "static" in spec else ("DequantizeLinear" if layer == "conv" else "MatMulNBits")
+    assert [(e.target, e.mapping) for e in rep.entries] == [(target, "exact")]
+    x = torch.randn(*shape) * 3
+    ref = _ref(q, x).numpy()
+    for optimize in (False, True):  # as written, and with ONNX Runtime's fused integer kernels
+        y = _session(tmp_path / "q.onnx", optimize).run(None, {"input": x.numpy()})[0]
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_mobilenet_static_w8a8_layers_exact_and_model_agrees(tmp_path):
+    """Every tenth QDQ convolution, fed the input lowbit's own forward gives it, computes lowbit's
+    output (to float32 summation order). Whole-model logits cannot match to 1e-4: an activation
+    rounding flipped by summation order moves the next layer's input a step, and that compounds
+    (lowbit's own int8 kernels differ from its reference as much). So the graph must be as close
+    to lowbit as lowbit's kernels are, and as far from FP32 as lowbit is."""
+    from lowbit.evaluate.classification import confident_agreement
+    from lowbit.evaluate.images import photo_crops
+    from lowbit.models.zoo import load_model
+
+    fp = load_model("mobilenet-v2").model.eval()
+    cal = photo_crops(32, split="calib")
+    q = lowbit.quantize(copy.deepcopy(fp), "w8a8-static", calibration=[cal[:16], cal[16:]], progress=False)
+    ev = photo_crops(96, split="eval")
+    rep = export_onnx(q, tmp_path / "mb.onnx", example_inputs=ev[:1])
+    assert rep.counts() == {"QDQ exact": 53}
+    ref = _ref(q, ev)
+    with torch.no_grad():
+        f, fast = fp(ev), q(ev)  # lowbit's int8 kernels
+    y = torch.from_numpy(_session(tmp_path / "mb.onnx").run(None, {"input": ev.numpy()})[0])
+    ours, theirs = confident_agreement(f, ref), confident_agreement(f, y)
+    assert theirs["agreement"] >= ours["agreement"] - 1 / ours["confident"]
+    assert abs(theirs["mean_kl"] - ours["mean_kl"]) <= 0.1 * ours["mean_kl"]
+    assert confident_agreement(ref, y)["mean_kl"] <= 1.5 * confident_agreement(ref, fast)["mean_kl"]
+    from lowbit.nn import QuantConv2d
+
+    inputs = {}
+    convs = [(n, m) for n, m in q.named_modules() if isinstance(m, QuantConv2d)][::10]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, a[0][:2].clone())) for n, m in convs]
+    _ref(q, ev[:2])
+    for h in hooks:
+        h.remove()
+    for n, m in convs:
+        one = torch.nn.Sequential(m)
+        export_onnx(one, tmp_path / "c.onnx", example_inputs=inputs[n], overwrite=True)
+        want = _ref(one, inputs[n]).numpy()
+        got = _session(tmp_path / "c.onnx").run(None, {"input": inputs[n].numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), n
+
+
+@pytest.mark.slow
+def test_smollm2_graph_computes_lowbits_logits(smollm2, tmp_path):
+    q = lowbit.quantize(copy.deepcopy(smollm2.model), "w4g64", progress=False)
+    rep = export_onnx(q, tmp_path / "s.onnx")
+    assert rep.counts() == {"MatMulNBits exact": 210}
+    ids = torch.tensor([list(range(300, 364))])
+    ref = _ref(q, ids).logits
+    y = _session(tmp_path / "s.onnx").run(None, {"input_ids": ids.numpy()})[0]
+    assert np.abs(y - ref.numpy()).max() <= 1e-4 * float(ref.abs().max())
+
+
+def test_cli_exports_onnx(tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "d.onnx"
+    assert main(["export", "digits-cnn", "--scheme", "int8", "--to", "onnx", "-o", str(out), "--quiet"]) == 0
+    assert "exported digits-cnn to onnx" in capsys.readouterr().out
+    x = torch.rand(3, 1, 8, 8)
+    assert _session(out).run(None, {"input": x.numpy()})[0].shape == (3, 10)
+    assert main(["export", "digits-cnn", "--scheme", "int8", "--to", "onnx", "-o", str(tmp_path / "e.onnx"),
+                 "--input-shape", "1,x"]) == 2  # fmt: skip
+    assert "--input-shape takes positive integers" in capsys.readouterr().err
