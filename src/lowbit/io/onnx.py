@@ -332,6 +332,23 @@ def _no_initializer_copies(node) -> bool | None:
     return None
 
 
+def _tidy(model) -> None:
+    """The exported graph (an ``onnx_ir`` model), cleaned in place: functions inlined, constants
+    folded (see :func:`_no_initializer_copies`), unused nodes dropped, equal initializers and
+    subexpressions merged. onnxscript's pattern rewriter (torch.onnx's ``optimize=True``) is left
+    out: it took two thirds of SmolLM2's export for rewrites ONNX Runtime makes itself at load."""
+    import onnx_ir.passes.common as passes
+    from onnxscript.optimizer import fold_constants_ir
+
+    passes.InlinePass()(model)
+    fold_constants_ir(model, onnx_shape_inference=True, should_fold=_no_initializer_copies)
+    for p in (passes.RemoveUnusedNodesPass(), passes.RemoveUnusedFunctionsPass(), passes.RemoveUnusedOpsetsPass(),
+              passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+              passes.DeduplicateInitializersPass(), passes.CommonSubexpressionEliminationPass(),
+              passes.NameFixPass()):  # fmt: skip
+        p(model)
+
+
 def _nbytes(m: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in m.buffers())
 
@@ -474,9 +491,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             try:
                 prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
                                          dynamic_shapes=dyn, verbose=False, optimize=False)  # fmt: skip
-                import onnxscript.optimizer
-
-                onnxscript.optimizer.optimize_ir(prog.model, should_fold=_no_initializer_copies)
+                _tidy(prog.model)
             except Exception as e:  # the exporter's own error types
                 raise ONNXExportError(f"torch.onnx could not trace {type(model).__name__}: {str(e).splitlines()[0]}") from e
     finally:
