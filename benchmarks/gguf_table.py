@@ -71,14 +71,20 @@ def _calibration(tok, domains: tuple[str, ...], nsamples: int, seed: int = 0):
 
 def make_lowbit(name: str, out: Path, domains: tuple[str, ...], nsamples: int) -> dict:
     import lowbit
+    from lowbit.io.report import is_tied
     from lowbit.models.zoo import load_model
 
     method, base, embed = LOWBIT[name]
     zoo = load_model("smollm2-135m")
-    recipe = lowbit.Recipe(lowbit.parse_scheme(base)).add("*embed_tokens", embed).add("lm_head", embed)
     cal = _calibration(zoo.tokenizer, domains, nsamples) if method != "rtn" else None
     t0 = time.perf_counter()
-    model = lowbit.quantize(copy.deepcopy(zoo.model), recipe, method=method, calibration=cal)
+    # The tied embedding / head first, round-to-nearest, as one tensor (a calibrated method would
+    # fit the head to its inputs and untie it: a second 8-bit copy in the file); then the decoder.
+    model = lowbit.quantize(copy.deepcopy(zoo.model), lowbit.Recipe(None).add("*embed_tokens", embed).add("lm_head", embed),
+                            method="rtn", progress=False)  # fmt: skip
+    decoder = lowbit.Recipe(lowbit.parse_scheme(base)).add("*embed_tokens", "skip").add("lm_head", "skip")
+    model = lowbit.quantize(model, decoder, method=method, calibration=cal)
+    assert is_tied(model)
     secs = time.perf_counter() - t0
     rep = lowbit.export(model, "gguf", out, overwrite=True)
     return {"quantize_seconds": round(secs, 1), "mappings": rep.counts()}

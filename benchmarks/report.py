@@ -802,6 +802,70 @@ def _gguf_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _onnx_table(res: dict) -> str:
+    """issue 15: lowbit's ONNX exports in ONNX Runtime vs ONNX Runtime's own quantizers."""
+    lines = ["## ONNX Runtime: lowbit's exports vs ONNX Runtime's quantizers (issue 15)", "",
+             f"Command: `{res.get('command', 'python benchmarks/onnx_table.py')}`, onnxruntime {res.get('onnxruntime', '-')}. "
+             "Every output below is computed by ONNX Runtime (CPU execution provider, 2 threads) unless the row "
+             "says lowbit."]  # fmt: skip
+    sm = res.get("smollm2")
+    if sm:
+        cal = res.get("smollm2_calibration", {"domains": [], "windows": "-", "seqlen": "-"})
+        domains = sorted({d for r in sm.values() for d in r.get("ppl", {})})
+        seen = set(cal["domains"])
+        head = ["model", "MatMulNBits", "file"] + [f"{d}{'' if d in seen else ' (unseen)'}" for d in domains] + ["quantize s"]
+        table = [[name, str(r.get("matmul_nbits", "-")), f"{r['file_bytes'] / 1e6:.1f} MB"]
+                 + [f"{r['ppl'][d]:.3f}" if d in r.get("ppl", {}) else "-" for d in domains]
+                 + [str(r.get("quantize_seconds", "-"))] for name, r in sm.items()]  # fmt: skip
+        lines += ["", "### SmolLM2-135M, 4-bit groups of 64: perplexity computed by ONNX Runtime", "",
+                  "The graph is `input_ids -> logits` (no KV cache); 4,096 eval tokens per domain in windows of 512. "
+                  "lowbit's rows: lowbit's models exported with `lowbit.export(model, \"onnx\", path)` (MatMulNBits on "
+                  "lowbit's codes, accuracy level 1). ONNX Runtime's rows: `MatMulNBitsQuantizer` (block 64, 4 bits) "
+                  "on lowbit's float32 export of the float model. The tied embedding / head stays float on both "
+                  f"sides. Calibrated methods (GPTQ, AWQ) see {cal['windows']} x {cal['seqlen']} tokens of "
+                  f"{', '.join(cal['domains'])}; domains marked unseen were seen by no calibration.", "",
+                  markdown_table(head, table)]  # fmt: skip
+    gv = res.get("gemv")
+    if gv:
+        names = list(gv["rows"][0]["ms"])
+        table = [[r["shape"], r["scheme"], str(r["tokens"])] + [f"{r['ms'][n]:.3f}" for n in names] for r in gv["rows"]]
+        lines += ["", f"### One layer: ONNX Runtime's MatMulNBits on lowbit's weights vs lowbit's kernel (ms, ISA {gv['isa']}, "
+                  f"{gv['threads']} threads)", "",
+                  "Medians of 5 interleaved rounds. Accuracy level 1 computes in float32 on the exact weights (what the "
+                  "export writes by default); level 4 (`--accuracy-level 4`) rounds the activations to int8 per block "
+                  "(not lowbit's arithmetic). lowbit's kernel keeps float activations for weight-only schemes.", "",
+                  markdown_table(["N x K", "scheme", "tokens"] + names, table)]  # fmt: skip
+    mb = res.get("mobilenet")
+    if mb:
+        table = [[r["variant"], f"{100 * r['agreement']:.1f}% of {r['confident']}", f"{100 * r['agreement_all']:.1f}%",
+                  f"{r['mean_kl']:.4f}", f"{r['file_bytes'] / 1e6:.2f} MB" if r.get("file_bytes") else "-",
+                  f"{r['latency_ms']:.2f}"] for r in mb["rows"]]  # fmt: skip
+        lines += ["", f"### MobileNetV2 static W8A8 (ISA {mb['isa']}, {mb['threads']} threads)", "",
+                  f"Agreement with FP32 (top-1) on the {mb['eval_crops']} eval crops where FP32 is confident, on all of "
+                  f"them, and mean KL(FP32 || model). Both quantizers calibrate on the same {mb['calib_crops']} crops; "
+                  "ONNX Runtime's `quantize_static` with QDQ, per-channel int8 weights, int8 activations. Latency: batch 1, "
+                  "median of 5 interleaved rounds of 20.", "",
+                  markdown_table(["model", "agreement (confident)", "agreement (all)", "mean KL", "file", "latency ms"], table)]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _ct_ppl(res: dict) -> str:
+    """issue 15: compressed-tensors exports loaded by transformers compute lowbit's perplexity."""
+    domains = list(res["rows"][0]["lowbit"])
+    table = [[r["scheme"], ", ".join(f"{k} {v}" for k, v in r["formats"].items())]
+             + [f"{r['lowbit'][d]:.4f} / {r['transformers'][d]:.4f}" for d in domains]
+             + [f"{100 * r['max_rel_diff']:.4f}%"] for r in res["rows"]]  # fmt: skip
+    return "\n".join([
+        "## compressed-tensors exports in transformers (issue 15)", "",
+        f"Command: `{res['command']}`, transformers {res['transformers']}. SmolLM2-135M quantized by lowbit "
+        "(round-to-nearest), exported with `lowbit.export(model, \"compressed-tensors\", dir)`, loaded by "
+        "`AutoModelForCausalLM.from_pretrained` on CPU in float32; perplexity lowbit / transformers, 4,096 eval "
+        "tokens per domain. W8A8: transformers runs the int8 weights with float activations on CPU, lowbit "
+        "rounds activations to int8 per token, so that row differs by the activation rounding. vLLM reads the "
+        "same `quantization_config`; no GPU here to run it.", "",
+        markdown_table(["scheme", "written as"] + domains + ["largest difference"], table)])  # fmt: skip
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -816,7 +880,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
                          ("sym_range", _sym_range), ("domains", _domains),
                          ("domains_minilm", _domains_minilm), ("streaming", _streaming),
-                         ("gguf_table", _gguf_table)):  # fmt: skip
+                         ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "domains":

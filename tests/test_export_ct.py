@@ -156,3 +156,23 @@ def test_tie_is_decided_from_the_weights_not_the_config(tmp_path):
     ref = _ref_logits(m, ids)
     with torch.no_grad():
         assert float((hf(input_ids=ids).logits - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_half_precision_layers_are_dense_and_ignored(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    rec = lowbit.Recipe(parse_scheme("w4g32")).add("model.layers.0.mlp.up_proj", "bf16")
+    lowbit.quantize(m, rec)
+    rep = export_compressed_tensors(m, tmp_path / "ct", exact=True)
+    assert {(e.source, e.target, e.mapping) for e in rep.entries if e.target == "dense"} == {
+        ("model.layers.0.mlp.up_proj", "dense", "exact")}
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.up_proj" in qc["ignore"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    assert torch.equal(hf.model.layers[0].mlp.up_proj.weight, m.model.layers[0].mlp.up_proj.qw.dequantize(torch.float32))
+    with pytest.raises(CTExportError, match=r"up_proj \(bf16: dense float16 rounds"):
+        export_compressed_tensors(m, tmp_path / "ct16", exact=True, dtype="float16")

@@ -234,3 +234,28 @@ def test_a_q4_1_offset_beyond_float16_has_no_exact_type():
     qw = QWeight.from_float(torch.randn(8, 64, generator=g) * 3e4 - 4e4, parse_scheme("w4g64-asym"))
     assert qw.scale.dtype == torch.float16  # the scales fit; s * z does not
     assert gguf_mapping(qw) == (None, "its Q4_1 offset -s*z overflows float16")
+
+
+@pytest.mark.parametrize("spec,gtype", [("fp16", "F16"), ("bf16", "BF16")])
+def test_half_precision_weights_are_written_as_stored(spec, gtype):
+    qw = _qw(spec, k=200)  # no block constraint on the width
+    assert gguf_mapping(qw) == (gtype, "")
+    data, _ = encode_gguf_weight(qw, gtype)
+    back = np.asarray(gguf.dequantize(data, gguf.GGMLQuantizationType[gtype]), dtype=np.float32).reshape(qw.rows, qw.cols)
+    assert np.array_equal(back, qw.dequantize(torch.float32).numpy())
+
+
+@pytest.mark.slow
+def test_half_precision_layers_reach_the_file_exactly(smollm2, tmp_path):
+    rec = lowbit.Recipe(parse_scheme("w4g64")).add("model.layers.1.self_attn.q_proj", "bf16").add("model.layers.2.mlp.up_proj", "fp16")
+    m = lowbit.quantize(copy.deepcopy(smollm2.model), rec)
+    rep = export_gguf(m, tmp_path / "h.gguf", exact=True)
+    got = {t.source: (t.target, t.mapping) for t in rep.entries}
+    assert got["model.layers.1.self_attn.q_proj"] == ("BF16", "exact")
+    assert got["model.layers.2.mlp.up_proj"] == ("F16", "exact")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "h.gguf")).tensors}
+    up = tensors["blk.2.ffn_up.weight"]
+    back = np.asarray(gguf.dequantize(up.data, up.tensor_type), dtype=np.float32).reshape(m.model.layers[2].mlp.up_proj.qw.shape)
+    assert np.array_equal(back, m.model.layers[2].mlp.up_proj.qw.dequantize(torch.float32).numpy())
+    q = tensors["blk.1.attn_q.weight"]
+    assert q.tensor_type == gguf.GGMLQuantizationType.BF16

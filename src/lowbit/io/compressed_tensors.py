@@ -206,6 +206,17 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             layers.append(ExportEntry(name, name, "dense", "exact" if dtype == "float32" else "rounded", str(mod.scheme)))
             continue
         qw = mod.qw
+        if qw.scheme.is_cast:  # float16 / bfloat16: a dense tensor as stored, listed in "ignore"
+            half = str(qw.data.dtype).replace("torch.", "")
+            ok = dtype in ("float32", half)
+            if exact and not ok:
+                refused.append(f"{name} ({mod.scheme}: dense {dtype} rounds its {half} weights)")
+                continue
+            tensors[f"{name}.weight"] = qw.data.reshape(mod.weight_shape).clone()
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().to(fdtype)
+            layers.append(ExportEntry(name, name, "dense", "exact" if ok else "rounded", str(mod.scheme)))
+            continue
         fmt_name, why = ct_mapping(qw)
         rec = ExportEntry(name, name, fmt_name or "", "exact", str(mod.scheme))
         if fmt_name is None:

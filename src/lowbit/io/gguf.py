@@ -64,10 +64,13 @@ class GGUFExportError(ValueError):
 
 # ---- one weight -------------------------------------------------------------------------------
 def gguf_mapping(qw) -> tuple[str | None, str]:
-    """The GGUF block type a :class:`lowbit.qweight.QWeight` maps onto without requantizing,
-    ``("Q4_0" | "Q4_1" | "Q8_0", "")``, or ``(None, reason)``."""
+    """The GGUF type a :class:`lowbit.qweight.QWeight` maps onto without requantizing,
+    ``("Q4_0" | "Q4_1" | "Q8_0" | "F16" | "BF16", "")`` (the last two: fp16 / bf16 weights as
+    stored), or ``(None, reason)``."""
     s = qw.scheme
     fmt = s.fmt
+    if s.is_cast and qw.data.dtype in (torch.float16, torch.bfloat16):
+        return ("F16" if qw.data.dtype == torch.float16 else "BF16"), ""  # stored as is
     if fmt.kind != "affine":
         return None, f"{fmt.name} has no GGUF block type"
     if qw.cols % QK:
@@ -112,10 +115,13 @@ def encode_gguf_weight(qw, gguf_type: str) -> tuple[np.ndarray, dict]:
     ``gguf.GGUFWriter.add_tensor`` takes with ``raw_dtype``; and what the mapping cost (Q4_1:
     ``max_abs_error``, ``exact_blocks``)."""
     qw = qw.to_layout("rows")
+    info: dict = {}
+    if gguf_type in ("F16", "BF16"):  # the half-precision weight's own bits; BF16 as bytes
+        data = qw.data.reshape(qw.rows, qw.cols)
+        return (data.numpy() if gguf_type == "F16" else data.view(torch.uint8).numpy()), info
     codes = qw.codes()
     d = _per_block(qw.scale, qw)  # float16 (N, nb)
     n = qw.rows
-    info: dict = {}
     if gguf_type == "Q4_0":
         shift = 8 - qw.scheme.fmt.sym_zero  # int3 / int2 codes onto Q4_0's offset of 8
         blocks = torch.cat([_half_bytes(d), _nibbles(codes + shift if shift else codes)], dim=-1)
