@@ -176,6 +176,21 @@ def test_other_architectures_and_bad_options_are_one_clear_error(toy, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_bad_tokenizer_gguf_is_named_and_nothing_is_created(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    m = lowbit.quantize(transformers.LlamaForCausalLM(cfg).eval(), "w4g32")
+    out = tmp_path / "new" / "dir" / "x.gguf"
+    with pytest.raises(GGUFExportError, match=r"tokenizer GGUF .*missing\.gguf: no such file"):
+        export_gguf(m, out, tokenizer_gguf=tmp_path / "missing.gguf")
+    (tmp_path / "notes.gguf").write_text("not a gguf at all")
+    with pytest.raises(GGUFExportError, match=r"notes\.gguf is not a readable GGUF file"):
+        export_gguf(m, out, tokenizer_gguf=tmp_path / "notes.gguf")
+    assert not (tmp_path / "new").exists()  # no directories left behind either
+
+
 # ---- llama.cpp runs it ----------------------------------------------------------------------------
 def _softmax_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """Mean KL(p || q) over positions, from logits (float64)."""

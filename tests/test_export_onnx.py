@@ -231,3 +231,10 @@ def test_cli_exports_onnx(tmp_path, capsys):
     assert main(["export", "digits-cnn", "--scheme", "int8", "--to", "onnx", "-o", str(tmp_path / "e.onnx"),
                  "--input-shape", "1,x"]) == 2  # fmt: skip
     assert "--input-shape takes positive integers" in capsys.readouterr().err
+
+
+def test_many_refusals_are_summarized_by_scheme_and_reason(tmp_path):
+    q = lowbit.quantize(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)]), "nf4g32", progress=False)
+    with pytest.raises(ONNXExportError) as e:
+        export_onnx(q, tmp_path / "x.onnx", exact=True, example_inputs=torch.zeros(2, 64))
+    assert str(e.value).endswith("0, 1, 2 and 3 more (nf4g32: nf4: no ONNX Runtime CPU operator reads this format)")

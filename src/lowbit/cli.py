@@ -557,6 +557,8 @@ def cmd_export(args) -> int:
         return _err("--float-type and --tokenizer-gguf apply to --to gguf")
     if args.to != "compressed-tensors" and args.dtype:
         return _err("--dtype applies to --to compressed-tensors")
+    if args.tokenizer_gguf and not Path(args.tokenizer_gguf).is_file():
+        return _err(f"--tokenizer-gguf {args.tokenizer_gguf}: no such file")
     if args.to != "onnx" and (args.accuracy_level is not None or args.input_shape):
         return _err("--accuracy-level and --input-shape apply to --to onnx")
     shape = None
@@ -601,13 +603,16 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     rep = lowbit.export(model, args.to, args.output, **options)
     secs = time.perf_counter() - t0
-    for t in rep.entries:
+    for t in [] if args.quiet else rep.entries:
         if t.mapping == "requantized" and t.scheme != "-":
             print(f"  {t.source}: {t.scheme} has no exact {args.to} form -> {t.target}, "
                   f"added error {100 * t.rel_rms_error:.3f}% of the weight's RMS")  # fmt: skip
         elif t.mapping == "zero point rounded":
             print(f"  {t.source}: {t.target}, zero point rounded to float16 in {100 * (1 - t.exact_fraction):.1f}% "
                   f"of blocks (at most {t.max_abs_error:.2e} per weight)")  # fmt: skip
+    if args.to == "compressed-tensors" and any(t.scheme.endswith("-asym") or "-asym-" in t.scheme for t in rep.entries):
+        print("  note: transformers 5 loads asymmetric compressed-tensors layers only dequantized: "
+              "from_pretrained(..., quantization_config=CompressedTensorsConfig(dequantize=True)) (llm-compressor#1618)")  # fmt: skip
     counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items()))
     print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {rep.nbytes / 1e6:.1f} MB -> {rep.path}")
     return 0

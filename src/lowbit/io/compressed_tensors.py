@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, is_tied, rel_rms_error
+from .report import ExportEntry, ExportReport, is_tied, refusals, rel_rms_error
 
 __all__ = ["CTExportError", "ct_mapping", "export_compressed_tensors"]
 
@@ -200,7 +200,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         if not isinstance(mod, QuantLinear):
             # compressed-tensors quantizes Linear layers: an embedding stays dense (lowbit's values)
             if exact and dtype != "float32":
-                refused.append(f"{name} ({type(mod).__name__}: dense {dtype} rounds lowbit's values)")
+                refused.append((name, type(mod).__name__, f"dense {dtype} rounds lowbit's values"))
                 continue
             tensors[f"{name}.weight"] = mod.qw.dequantize(torch.float32).reshape(mod.weight_shape).to(fdtype)
             layers.append(ExportEntry(name, name, "dense", "exact" if dtype == "float32" else "rounded", str(mod.scheme)))
@@ -210,7 +210,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             half = str(qw.data.dtype).replace("torch.", "")
             ok = dtype in ("float32", half)
             if exact and not ok:
-                refused.append(f"{name} ({mod.scheme}: dense {dtype} rounds its {half} weights)")
+                refused.append((name, str(mod.scheme), f"dense {dtype} rounds its {half} weights"))
                 continue
             tensors[f"{name}.weight"] = qw.data.reshape(mod.weight_shape).clone()
             if mod.bias is not None:
@@ -221,7 +221,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         rec = ExportEntry(name, name, fmt_name or "", "exact", str(mod.scheme))
         if fmt_name is None:
             if exact:
-                refused.append(f"{name} ({mod.scheme}: {why})")
+                refused.append((name, str(mod.scheme), why))
                 continue
             qw, rec.rel_rms_error = _requantize(qw, str(target))
             fmt_name, why2 = ct_mapping(qw)
@@ -236,7 +236,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         layers.append(rec)
     if refused:
         raise CTExportError("these layers have no exact compressed-tensors format" + (" (exact=True)" if exact else "")
-                            + ": " + "; ".join(refused))  # fmt: skip
+                            + ": " + refusals(refused))  # fmt: skip
     if not groups:
         raise CTExportError("no Linear layer of this model is quantized: nothing for compressed-tensors to describe")
     seen: set[tuple] = set()

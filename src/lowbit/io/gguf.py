@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, is_tied, rel_rms_error
+from .report import ExportEntry, ExportReport, is_tied, refusals, rel_rms_error
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
            "dequantized_tensors", "qk_permutation"]
@@ -206,20 +206,31 @@ def _tokenizer_source(model: nn.Module, tokenizer_gguf) -> Path:
         "--vocab-only wrote for this model")
 
 
-def _copy_tokenizer(writer, src: Path, vocab: int) -> None:
+def _tokenizer_fields(src: Path, vocab: int) -> list:
+    """The ``tokenizer.*`` fields of the GGUF ``src``, checked to hold a vocabulary of ``vocab``
+    tokens (read before anything is written)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(src))
-    fields = reader.fields
+    if not src.is_file():
+        raise GGUFExportError(f"tokenizer GGUF {src}: no such file")
+    try:
+        fields = gguf.GGUFReader(str(src)).fields
+    except Exception as e:  # gguf raises ValueError / struct errors / numpy errors on foreign files
+        raise GGUFExportError(f"tokenizer GGUF {src} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     if "tokenizer.ggml.tokens" not in fields:
         raise GGUFExportError(f"{src} holds no tokenizer (no tokenizer.ggml.tokens)")
     n = len(fields["tokenizer.ggml.tokens"].data)
     if n != vocab:
         raise GGUFExportError(f"{src} has a vocabulary of {n} tokens, the model {vocab}: not this model's tokenizer")
-    for name, f in fields.items():
-        if name.startswith("tokenizer."):
-            arr = f.types[0] == gguf.GGUFValueType.ARRAY
-            writer.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if arr else None)
+    return [f for name, f in fields.items() if name.startswith("tokenizer.")]
+
+
+def _copy_tokenizer(writer, fields: list) -> None:
+    import gguf
+
+    for f in fields:
+        arr = f.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if arr else None)
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = False, requantize: str = "Q8_0",
@@ -268,6 +279,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     tok_src = _tokenizer_source(model, tokenizer_gguf)
+    tok_fields = _tokenizer_fields(tok_src, int(cfg.vocab_size))
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, nblocks)
     tied = is_tied(model)
 
@@ -296,7 +308,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         if isinstance(mod, QuantModule):
             gtype, why = gguf_mapping(mod.qw)
             if gtype is None and exact:
-                refused.append(f"{mod_name} ({mod.scheme}: {why})")
+                refused.append((mod_name, str(mod.scheme), why))
             elif gtype is None and mod.qw.cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[requantize]][0]:
                 raise GGUFExportError(f"{mod_name}: its rows of {mod.qw.cols} are not whole {requantize} blocks; "
                                       "requantize it to F16 or F32 instead")  # fmt: skip
@@ -304,7 +316,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             raise GGUFExportError(f"{pname}: its rows of {p.shape[-1]} are not whole {float_type} blocks; use F16 or F32")
         plan.append((gname, mod_name, mod, gtype))
     if refused:
-        raise GGUFExportError("these layers have no exact GGUF type (exact=True): " + "; ".join(refused))
+        raise GGUFExportError("these layers have no exact GGUF type (exact=True): " + refusals(refused))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -325,7 +337,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         if head_dim != cfg.hidden_size // heads:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        _copy_tokenizer(w, tok_src, int(cfg.vocab_size))
+        _copy_tokenizer(w, tok_fields)
         types: dict[str, int] = {}
         for gname, mod_name, mod, gtype in plan:
             perm = None

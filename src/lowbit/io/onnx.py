@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .report import ExportEntry, ExportReport, rel_rms_error
+from .report import ExportEntry, ExportReport, refusals, rel_rms_error
 
 __all__ = ["ONNXExportError", "export_onnx", "onnx_mapping", "pack_blocks"]
 
@@ -385,7 +385,7 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
         rec = ExportEntry(name, name, op or "", "exact", str(mod.scheme))
         if op is None and kind == "linear" and target is not None:
             if exact:
-                refused.append(f"{name} ({mod.scheme}: {why})")
+                refused.append((name, str(mod.scheme), why))
                 continue
             qw, rec.rel_rms_error = _requantize(qw, target)
             op, rec.target, rec.mapping = "MatMulNBits", f"MatMulNBits ({target})", "requantized"
@@ -416,7 +416,7 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
             new = _Float(mod, qw.data.reshape(mod.weight_shape))
         else:
             if exact and kind == "linear":
-                refused.append(f"{name} ({mod.scheme}: {why})")
+                refused.append((name, str(mod.scheme), why))
                 continue
             new = _Float(mod, qw.dequantize(torch.float32).reshape(mod.weight_shape))
             rec.target, rec.mapping = "float32", "dequantized"
@@ -424,7 +424,7 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
         swaps[name] = new
         entries.append(rec)
     if refused:
-        raise ONNXExportError("these layers have no exact ONNX Runtime operator (exact=True): " + "; ".join(refused))
+        raise ONNXExportError("these layers have no exact ONNX Runtime operator (exact=True): " + refusals(refused))
     return swaps, entries
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExportEntry", "ExportReport", "is_tied", "rel_rms_error"]
+__all__ = ["ExportEntry", "ExportReport", "is_tied", "refusals", "rel_rms_error"]
 
 
 def rel_rms_error(ref, approx) -> float:
@@ -16,6 +16,19 @@ def rel_rms_error(ref, approx) -> float:
     a = np.asarray(ref, dtype=np.float64)
     b = np.asarray(approx, dtype=np.float64).reshape(a.shape)
     return float(np.sqrt(np.mean((b - a) ** 2))) / (float(np.sqrt(np.mean(a**2))) or 1.0)
+
+
+def refusals(items: list[tuple[str, str, str]], shown: int = 3) -> str:
+    """``(layer, scheme, reason)`` refusals as one message, grouped by scheme and reason:
+    ``"a, b, c and 207 more (w3g64: 3-bit ...)"``; a group of one reads ``"a (w3g64: ...)"``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, scheme, why in items:
+        groups.setdefault((scheme, why), []).append(name)
+    parts = []
+    for (scheme, why), names in groups.items():
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        parts.append(f"{listed} ({scheme}: {why})")
+    return "; ".join(parts)
 
 
 def is_tied(model) -> bool:
