@@ -260,17 +260,23 @@ def test_half_precision_weights_are_written_as_stored(spec, gtype):
     assert np.array_equal(back, qw.dequantize(torch.float32).numpy())
 
 
-@pytest.mark.slow
-def test_half_precision_layers_reach_the_file_exactly(smollm2, tmp_path):
-    rec = lowbit.Recipe(parse_scheme("w4g64")).add("model.layers.1.self_attn.q_proj", "bf16").add("model.layers.2.mlp.up_proj", "fp16")
-    m = lowbit.quantize(copy.deepcopy(smollm2.model), rec)
-    rep = export_gguf(m, tmp_path / "h.gguf", exact=True)
+def test_half_precision_layers_reach_the_file_exactly(tmp_path):
+    import transformers
+
+    from lowbit.models.zoo import smollm2_gguf_path
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    rec = lowbit.Recipe(parse_scheme("w4g32")).add("model.layers.1.self_attn.q_proj", "bf16").add("model.layers.2.mlp.up_proj", "fp16")
+    m = lowbit.quantize(transformers.LlamaForCausalLM(cfg).eval(), rec)
+    rep = export_gguf(m, tmp_path / "h.gguf", exact=True, tokenizer_gguf=smollm2_gguf_path())
     got = {t.source: (t.target, t.mapping) for t in rep.entries}
     assert got["model.layers.1.self_attn.q_proj"] == ("BF16", "exact")
     assert got["model.layers.2.mlp.up_proj"] == ("F16", "exact")
     tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "h.gguf")).tensors}
     up = tensors["blk.2.ffn_up.weight"]
-    back = np.asarray(gguf.dequantize(up.data, up.tensor_type), dtype=np.float32).reshape(m.model.layers[2].mlp.up_proj.qw.shape)
-    assert np.array_equal(back, m.model.layers[2].mlp.up_proj.qw.dequantize(torch.float32).numpy())
-    q = tensors["blk.1.attn_q.weight"]
-    assert q.tensor_type == gguf.GGMLQuantizationType.BF16
+    qw = m.model.layers[2].mlp.up_proj.qw
+    back = np.asarray(gguf.dequantize(up.data, up.tensor_type), dtype=np.float32).reshape(qw.shape)
+    assert np.array_equal(back, qw.dequantize(torch.float32).numpy())
+    assert tensors["blk.1.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.BF16

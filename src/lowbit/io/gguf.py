@@ -32,6 +32,7 @@ which only its converter knows for other tokenizers.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -208,11 +209,19 @@ def _tokenizer_source(model: nn.Module, tokenizer_gguf) -> Path:
 
 def _tokenizer_fields(src: Path, vocab: int) -> list:
     """The ``tokenizer.*`` fields of the GGUF ``src``, checked to hold a vocabulary of ``vocab``
-    tokens (read before anything is written)."""
-    import gguf
-
+    tokens (read before anything is written; parsing a 49k-token vocabulary takes seconds, so a
+    file unchanged since the last export is read once)."""
     if not src.is_file():
         raise GGUFExportError(f"tokenizer GGUF {src}: no such file")
+    st = src.stat()
+    return _read_tokenizer_fields(str(src.resolve()), st.st_mtime_ns, st.st_size, vocab)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_tokenizer_fields(path: str, _mtime: int, _size: int, vocab: int) -> list:
+    import gguf
+
+    src = Path(path)
     try:
         fields = gguf.GGUFReader(str(src)).fields
     except Exception as e:  # gguf raises ValueError / struct errors / numpy errors on foreign files
