@@ -238,3 +238,46 @@ def test_many_refusals_are_summarized_by_scheme_and_reason(tmp_path):
     with pytest.raises(ONNXExportError) as e:
         export_onnx(q, tmp_path / "x.onnx", exact=True, example_inputs=torch.zeros(2, 64))
     assert str(e.value).endswith("0, 1, 2 and 3 more (nf4g32: nf4: no ONNX Runtime CPU operator reads this format)")
+
+
+def test_a_half_precision_model_is_refused_until_made_float32(tmp_path):
+    """ONNX Runtime's CPU kernels lack bfloat16 versions of most operators: a bf16 graph would not
+    load. The model is refused with the fix named; after model.float() (codes unchanged) it runs."""
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    q = lowbit.quantize(m.to(torch.bfloat16), "w4g32", progress=False)
+    with pytest.raises(ONNXExportError, match=r"computes in bfloat16.*call model\.float\(\) first"):
+        export_onnx(q, tmp_path / "h.onnx", example_inputs=torch.zeros(2, 64, dtype=torch.bfloat16))
+    assert not list(tmp_path.iterdir())
+    export_onnx(q.float(), tmp_path / "h.onnx", example_inputs=torch.zeros(2, 64))
+    x = torch.randn(3, 64)
+    y = _session(tmp_path / "h.onnx").run(None, {"input": x.numpy()})[0]
+    ref = _ref(q, x).numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_trace_failures_name_the_cause_and_stale_tensor_files_go(tmp_path):
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), "int8", progress=False)
+    with pytest.raises(ONNXExportError, match=r"could not trace Sequential: .*to have 1 channels, but got 3"):
+        export_onnx(q, tmp_path / "c.onnx", example_inputs=torch.zeros(1, 3, 8, 8))
+    (tmp_path / "c.onnx.data").write_bytes(b"x" * 1000)  # an earlier big export's tensors
+    with pytest.raises(FileExistsError, match=r"c\.onnx\.data exists"):
+        export_onnx(q, tmp_path / "c.onnx", example_inputs=torch.zeros(1, 1, 8, 8))
+    rep = export_onnx(q, tmp_path / "c.onnx", example_inputs=torch.zeros(1, 1, 8, 8), overwrite=True)
+    assert not (tmp_path / "c.onnx.data").exists() and rep.nbytes == (tmp_path / "c.onnx").stat().st_size
+
+
+def test_embedding_bytes_are_counted_once_and_task_heads_export_logits(tmp_path):
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128, num_labels=3)  # fmt: skip
+    m = transformers.BertForSequenceClassification(cfg).eval()
+    q = lowbit.quantize(m, lowbit.Recipe(parse_scheme("w4g32")).add("*word_embeddings", "w4g32"), progress=False)
+    rep = export_onnx(q, tmp_path / "b.onnx")
+    (emb,) = [e for e in rep.entries if e.target == "GatherBlockQuantized"]
+    assert emb.nbytes == 128 * 64 // 2 + 128 * 2 * 4  # codes + float32 scales
+    s = _session(tmp_path / "b.onnx")
+    assert [o.name for o in s.get_outputs()] == ["logits"]
+    ids = torch.randint(0, 128, (2, 7))
+    y = s.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 7), dtype=np.int64)})[0]
+    assert y.shape == (2, 3)

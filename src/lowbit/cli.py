@@ -571,8 +571,20 @@ def cmd_export(args) -> int:
             return _err(f"--input-shape takes positive integers separated by commas (e.g. 1,3,224,224), got {args.input_shape!r}")
     if (args.scheme or args.recipe) and (Path(args.model) / "lowbit.json").is_file():
         return _err(f"{args.model} is already quantized; --scheme / --recipe quantize a float source first")
+    # what can be checked before minutes of quantizing
+    if args.to in ("gguf", "onnx") and Path(args.output).is_dir():
+        return _err(f"{args.output} is a directory; --to {args.to} writes a file (e.g. {Path(args.output) / 'model.' + args.to})")
+    if args.requantize:
+        from lowbit.io.gguf import REQUANT_TYPES
+
+        if args.to == "gguf" and args.requantize not in REQUANT_TYPES:
+            return _err(f"--requantize for gguf is one of {', '.join(REQUANT_TYPES)}, got {args.requantize!r}")
+        if args.to != "gguf":
+            lowbit.parse_scheme(args.requantize)  # a SchemeError is reported as usual
     zm = load_source(args.model)
     model = zm.model
+    if shape is not None and hasattr(model, "config"):
+        return _err("--input-shape is for models that are not transformers models (those take input_ids)")
     if args.scheme or args.recipe:
         from lowbit.algorithms import get_algorithm
 
@@ -613,7 +625,7 @@ def cmd_export(args) -> int:
     if args.to == "compressed-tensors" and any(t.scheme.endswith("-asym") or "-asym-" in t.scheme for t in rep.entries):
         print("  note: transformers 5 loads asymmetric compressed-tensors layers only dequantized: "
               "from_pretrained(..., quantization_config=CompressedTensorsConfig(dequantize=True)) (llm-compressor#1618)")  # fmt: skip
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items()))
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items())) or "no quantized layers"
     print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {rep.nbytes / 1e6:.1f} MB -> {rep.path}")
     return 0
 

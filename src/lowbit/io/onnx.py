@@ -304,7 +304,9 @@ def _io(model: nn.Module, example_inputs):
         ids = torch.arange(3, 19).reshape(2, 8) % max(4, int(getattr(model.config, "vocab_size", 16) or 16))
         if type(model).__name__.endswith("ForCausalLM"):
             return _CausalLM(model), (ids,), ["input_ids"], ["logits"], ({0: batch, 1: seq},)
-        return (_Encoder(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], ["last_hidden_state"],
+        # a bare encoder (BertModel) returns hidden states; one with a task head (...For...) logits
+        out = "last_hidden_state" if type(model).__name__.endswith("Model") else "logits"
+        return (_Encoder(model), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], [out],
                 ({0: batch, 1: seq}, {0: batch, 1: seq}))  # fmt: skip
     if example_inputs is None:
         raise ONNXExportError(f"{type(model).__name__} is not a transformers model: give example_inputs (a tensor or a "
@@ -349,8 +351,36 @@ def _tidy(model) -> None:
         p(model)
 
 
+def _half_dtypes(model: nn.Module) -> list[str]:
+    """Half-precision dtypes the model's float (unquantized) tensors are in; a quantized module's
+    stored codes and float16 scales are a format, not the dtype the model computes in."""
+    from ..nn import QuantModule
+
+    found = set()
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            continue
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+                found.add(str(t.dtype).replace("torch.", ""))
+    return sorted(found)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception's message (the tracer's own complaint, not the
+    exporter's wrapping of it), without terminal colour codes."""
+    import re
+
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _nbytes(m: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in m.buffers())
+    """Bytes of a module's stored tensors (buffers and parameters, each once)."""
+    seen = {id(t): t for t in [*m.buffers(), *m.parameters()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 @contextlib.contextmanager
@@ -421,6 +451,8 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
             new = _Float(mod, qw.dequantize(torch.float32).reshape(mod.weight_shape))
             rec.target, rec.mapping = "float32", "dequantized"
         rec.nbytes = _nbytes(new) - (0 if getattr(new, "bias", None) is None else new.bias.numel() * 4)
+        if getattr(new, "tied", None) is not None:
+            rec.nbytes -= _nbytes(new.tied)  # the embedding's tensors, counted there
         swaps[name] = new
         entries.append(rec)
     if refused:
@@ -443,17 +475,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             of requantizing them.
         requantize: the lowbit scheme such layers become (its MatMulNBits, the added error reported
             per layer), default ``"w8"``; ``None`` writes their dequantized float32 weights.
-        accuracy_level: MatMulNBits' ``accuracy_level`` for weight-only layers: 1 (float32
-            arithmetic on lowbit's exact weights, default) or 4 (ONNX Runtime rounds the
-            activations to int8 per block: faster, not exact). Layers with dynamic int8
-            activations always use 4.
+        accuracy_level: MatMulNBits' ``accuracy_level`` for weight-only layers, as ONNX Runtime
+            defines it (0 unset, 1 float32, 2 float16, 3 bfloat16, 4 int8): 1 (float32 arithmetic
+            on lowbit's exact weights) by default; 4 makes ONNX Runtime round the activations to
+            int8 per block (faster, not exact). Layers with dynamic int8 activations always use 4.
         example_inputs: a tensor or tuple of tensors, batch first (the batch dimension is exported
             dynamic).
         overwrite: replace an existing file at ``path`` (otherwise ``FileExistsError``).
 
     Returns an :class:`~lowbit.io.report.ExportReport`, one entry per quantized module (operator,
-    mapping ``exact`` / ``weights exact`` / ``requantized`` with its error / ``dequantized``,
-    bytes of its initializers). Raises ``ONNXExportError`` for ``exact`` refusals, a model that
+    mapping ``exact`` / ``weights exact`` / ``requantized`` with its error / ``dequantized``: a
+    convolution or embedding with no operator here, written as lowbit's float32 values, exact
+    but float-sized, and not refused by ``exact``; bytes of its initializers). Raises ``ONNXExportError`` for ``exact`` refusals, a model that
     needs ``example_inputs``, a ``requantize`` scheme with no MatMulNBits form or a graph the
     exporter cannot trace; ``ValueError`` for a bad ``accuracy_level`` or scheme string;
     ``FileExistsError`` for an existing ``path`` without ``overwrite`` or a directory; ``OSError``
@@ -461,8 +494,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     """
     from ..scheme import parse_scheme
 
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ValueError(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level!r}")
+    if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be an int 0-4 (MatMulNBits), got {accuracy_level!r}")
     target = None
     if requantize is not None:
         target = parse_scheme(requantize)
@@ -473,48 +506,62 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             raise ONNXExportError(f"requantize={requantize!r} has no MatMulNBits form either: "
                                   f"{onnx_mapping(probe, 'linear')[1] or 'not a weight-only integer scheme'}")  # fmt: skip
     path = Path(path)
+    data_path = path.with_name(f"{path.name}.data")  # where a graph over 2 GB keeps its tensors
     if path.is_dir():
         raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.onnx'})")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise FileExistsError(f"{path.parent} is a file, not a directory to write {path.name} in")
+    for p in (path, data_path):
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p} exists; pass overwrite=True (CLI --force) to replace it")
+    half = _half_dtypes(model)
+    if half:
+        raise ONNXExportError(f"the model computes in {', '.join(half)}; the graph is float32 (ONNX Runtime's CPU "
+                              "kernels lack half-precision versions of most operators): call model.float() first "
+                              "(lowbit's codes and scales keep their types)")  # fmt: skip
     swaps, entries = _plan(model, exact, target, accuracy_level)
     wrapper, args, in_names, out_names, dyn = _io(model, example_inputs)
     was_training = model.training
     model.eval()
-    quiet = logging.getLogger("torch.onnx"), logging.getLogger("onnxscript")
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._export",
+                                            "torch._dynamo", "torch.fx", "torch._subclasses")]  # fmt: skip
     levels = [lg.level for lg in quiet]
     try:
         for lg in quiet:
-            lg.setLevel(logging.ERROR)
+            lg.setLevel(logging.CRITICAL)
         with _swapped(model, swaps), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
                 prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names, output_names=out_names,
                                          dynamic_shapes=dyn, verbose=False, optimize=False)  # fmt: skip
                 _tidy(prog.model)
-            except Exception as e:  # the exporter's own error types
-                raise ONNXExportError(f"torch.onnx could not trace {type(model).__name__}: {str(e).splitlines()[0]}") from e
+            except Exception as e:  # the exporter's own error types, wrapping the tracer's
+                raise ONNXExportError(f"torch.onnx could not trace {type(model).__name__}: {_root_cause(e)}") from e
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
         model.train(was_training)
+    big = sum(_nbytes(m) for m in swaps.values()) + sum(p.numel() * p.element_size() for p in model.parameters()) > FLOAT_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    tmp = None
     try:
-        big = sum(_nbytes(m) for m in swaps.values()) + sum(p.numel() * p.element_size() for p in model.parameters()) > FLOAT_LIMIT
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
         with contextlib.redirect_stdout(io.StringIO()):
             prog.save(str(tmp / path.name), external_data=big)
         from .writer import _permissions
 
         _permissions(tmp)
-        data = tmp / f"{path.name}.data"
-        if data.exists():
-            os.replace(data, path.with_name(data.name))
-        os.replace(tmp / path.name, path)
+        files = [f for f in (tmp / data_path.name, tmp / path.name) if f.exists()]
+        nbytes = sum(f.stat().st_size for f in files)
+        for f in files:  # the tensors first: the graph that names them lands last
+            os.replace(f, path.with_name(f.name))
+        if len(files) == 1:
+            data_path.unlink(missing_ok=True)  # an earlier export's tensors, not this graph's
+    except OSError as e:
+        raise OSError(e.errno, f"writing {path}: {e.strerror or e}") from e
     finally:
-        import shutil
+        if tmp is not None:
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    extra = path.with_name(f"{path.name}.data")
-    nbytes = path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
+            shutil.rmtree(tmp, ignore_errors=True)
     return ExportReport(path, nbytes, entries)
