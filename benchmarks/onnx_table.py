@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -174,19 +173,10 @@ def _ort_quantize(algo: str, symmetric: bool, src: Path, dst: Path, calib) -> di
 
 
 # ---- one layer: ONNX Runtime MatMulNBits vs lowbit's kernel ------------------------------------
-def _time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def section_gemv(data: dict) -> None:
     import lowbit
     from lowbit import kernels
+    from lowbit.evaluate.speed import median_times_interleaved
     from lowbit.kernels import cpu
 
     torch.set_num_threads(THREADS)
@@ -210,13 +200,9 @@ def section_gemv(data: dict) -> None:
                        f"lowbit {q[0].kernel}": lambda x=x, q=q: q(x),
                        "onnxruntime MatMulNBits acc1": lambda xn=xn, s=s1: s.run(None, {"input": xn}),
                        "onnxruntime MatMulNBits acc4": lambda xn=xn, s=s4: s.run(None, {"input": xn})}  # fmt: skip
-                reps = 200 if m == 1 else 20
-                times: dict[str, list[float]] = {name: [] for name in fns}
-                with torch.no_grad():
-                    for _ in range(5):  # interleaved rounds: noise hits every contender alike
-                        for name, fn in fns.items():
-                            times[name].append(_time(fn, reps // 5))
-                med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+                with torch.no_grad():  # round-robin: noise hits every contender alike
+                    secs = median_times_interleaved(list(fns.values()), reps=200 if m == 1 else 20)
+                med = {name: t * 1e3 for name, t in zip(fns, secs)}
                 rows.append({"shape": f"{n}x{k}", "scheme": spec, "tokens": m, "ms": {a: round(b, 4) for a, b in med.items()}})
                 print("  gemv", rows[-1], file=sys.stderr, flush=True)
     data["gemv"] = {"rows": rows, "isa": cpu.isa(), "threads": THREADS}
@@ -237,6 +223,7 @@ def section_mobilenet(data: dict) -> None:
     from lowbit import kernels
     from lowbit.evaluate.classification import confident_agreement, logits_of
     from lowbit.evaluate.images import photo_crops
+    from lowbit.evaluate.speed import median_times_interleaved
     from lowbit.models.zoo import load_model
 
     torch.set_num_threads(THREADS)
@@ -276,15 +263,12 @@ def section_mobilenet(data: dict) -> None:
     with torch.no_grad():
         rows.append({"variant": "lowbit w8a8-static (its own kernels)", **confident_agreement(ref, logits_of(q, ev)),
                      "file_bytes": None})  # fmt: skip
-    times: dict[str, list[float]] = {r["variant"]: [] for r in rows}
     fns = {name: (lambda s=s: s.run(None, {"input": x1})) for name, s in sessions.items()}
     fns["lowbit w8a8-static (its own kernels)"] = lambda: q(ev[:1])
     with torch.no_grad():
-        for _ in range(5):
-            for name, fn in fns.items():
-                times[name].append(_time(fn, 20))
+        secs = dict(zip(fns, median_times_interleaved(list(fns.values()), reps=100)))
     for r in rows:
-        r["latency_ms"] = round(statistics.median(times[r["variant"]]) * 1e3, 3)
+        r["latency_ms"] = round(secs[r["variant"]] * 1e3, 3)
     from lowbit.kernels import cpu
 
     data["mobilenet"] = {"rows": rows, "isa": cpu.isa(), "threads": THREADS, "eval_crops": len(ev), "calib_crops": len(cal)}

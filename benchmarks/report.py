@@ -831,7 +831,7 @@ def _onnx_table(res: dict) -> str:
         table = [[r["shape"], r["scheme"], str(r["tokens"])] + [f"{r['ms'][n]:.3f}" for n in names] for r in gv["rows"]]
         lines += ["", f"### One layer: ONNX Runtime's MatMulNBits on lowbit's weights vs lowbit's kernel (ms, ISA {gv['isa']}, "
                   f"{gv['threads']} threads)", "",
-                  "Medians of 5 interleaved rounds. Accuracy level 1 computes in float32 on the exact weights (what the "
+                  "Medians of round-robin repetitions (`median_times_interleaved`). Accuracy level 1 computes in float32 on the exact weights (what the "
                   "export writes by default); level 4 (`--accuracy-level 4`) rounds the activations to int8 per block "
                   "(not lowbit's arithmetic). lowbit's kernel keeps float activations for weight-only schemes.", "",
                   markdown_table(["N x K", "scheme", "tokens"] + names, table)]  # fmt: skip
@@ -844,7 +844,7 @@ def _onnx_table(res: dict) -> str:
                   f"Agreement with FP32 (top-1) on the {mb['eval_crops']} eval crops where FP32 is confident, on all of "
                   f"them, and mean KL(FP32 || model). Both quantizers calibrate on the same {mb['calib_crops']} crops; "
                   "ONNX Runtime's `quantize_static` with QDQ, per-channel int8 weights, int8 activations. Latency: batch 1, "
-                  "median of 5 interleaved rounds of 20.", "",
+                  "median of 100 round-robin repetitions.", "",
                   markdown_table(["model", "agreement (confident)", "agreement (all)", "mean KL", "file", "latency ms"], table)]  # fmt: skip
     return "\n".join(lines)
 
