@@ -85,7 +85,7 @@ def _matmul_nbits_count(path: Path) -> int:
     return sum(n.op_type == "MatMulNBits" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def section_smollm2(data: dict, domains: tuple[str, ...], nsamples: int) -> None:
+def section_smollm2(data: dict, domains: tuple[str, ...], nsamples: int, skip: set[str]) -> None:
     import lowbit
     from lowbit.models.zoo import load_model
 
@@ -105,15 +105,17 @@ def section_smollm2(data: dict, domains: tuple[str, ...], nsamples: int) -> None
         lowbit.export(zoo.model, "onnx", fp32, overwrite=True)
     todo = {"fp32": None,
             "lowbit rtn w4g64": ("rtn", "w4g64"), "lowbit gptq w4g64": ("gptq", "w4g64"),
-            "lowbit awq+gptq w4g64": ("awq+gptq", "w4g64"),
-            "lowbit rtn w4g64-asym": ("rtn", "w4g64-asym"), "lowbit hqq w4g64-asym": ("hqq", "w4g64-asym"),
-            "lowbit awq+gptq w4g64-asym": ("awq+gptq", "w4g64-asym"),
             "onnxruntime default w4g64 (sym)": ("ort-default", True),
             "onnxruntime default w4g64-asym": ("ort-default", False),
             "onnxruntime hqq w4g64-asym": ("ort-hqq", False),
-            "onnxruntime gptq w4g64-asym": ("ort-gptq", False)}  # fmt: skip
+            "lowbit rtn w4g64-asym": ("rtn", "w4g64-asym"), "lowbit hqq w4g64-asym": ("hqq", "w4g64-asym"),
+            "lowbit awq+gptq w4g64": ("awq+gptq", "w4g64"),
+            "onnxruntime gptq w4g64-asym": ("ort-gptq", False),
+            "lowbit awq+gptq w4g64-asym": ("awq+gptq", "w4g64-asym")}  # fmt: skip
     for name, how in todo.items():
         row = rows.get(name, {})
+        if name in skip:
+            continue
         if "ppl" in row:
             continue
         print(f"  smollm2 {name} ...", file=sys.stderr, flush=True)
@@ -281,6 +283,7 @@ def main() -> None:
     ap.add_argument("--calib-domains", default="python-docs,handbook")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--again", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated smollm2 rows to leave out of this run")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() and not a.again else {}
@@ -289,7 +292,7 @@ def main() -> None:
     data["onnxruntime"] = onnxruntime.__version__
     for sec in a.sections.split(","):
         if sec == "smollm2":
-            section_smollm2(data, tuple(d for d in a.calib_domains.split(",") if d), a.nsamples)
+            section_smollm2(data, tuple(d for d in a.calib_domains.split(",") if d), a.nsamples, set(a.skip.split(",")))
         elif sec == "gemv":
             section_gemv(data)
         elif sec == "mobilenet":

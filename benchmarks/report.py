@@ -776,6 +776,8 @@ def _gguf_table(res: dict) -> str:
     head = ["file", "tensor types", "size"] + [f"{d}{'' if d in seen else ' (unseen)'}" for d in domains] + ["decode tok/s"]
     table = []
     for name, r in rows.items():
+        if "file_bytes" not in r:
+            continue  # not measured yet
         types = ", ".join(f"{k} {v}" for k, v in sorted(r.get("types", {}).items(), key=lambda kv: -kv[1]))
         dec = r.get("decode", {}).get("decode_tok_s_median")
         table.append([name, types, f"{r['file_bytes'] / 1e6:.1f} MB"] + [f"{r['ppl'][d]:.3f}" if d in r.get("ppl", {}) else "-"
@@ -860,7 +862,9 @@ def _ct_ppl(res: dict) -> str:
         f"Command: `{res['command']}`, transformers {res['transformers']}. SmolLM2-135M quantized by lowbit "
         "(round-to-nearest), exported with `lowbit.export(model, \"compressed-tensors\", dir)`, loaded by "
         "`AutoModelForCausalLM.from_pretrained` on CPU in float32; perplexity lowbit / transformers, 4,096 eval "
-        "tokens per domain. W8A8: transformers runs the int8 weights with float activations on CPU, lowbit "
+        "tokens per domain. w4g128 shows the requantize path: groups of 128 do not divide SmolLM2's rows of 576, "
+        "so those layers are requantized (to w8) with their error reported, and the perplexity moves with them. "
+        "W8A8: transformers runs the int8 weights with float activations on CPU, lowbit "
         "rounds activations to int8 per token, so that row differs by the activation rounding. vLLM reads the "
         "same `quantization_config`; no GPU here to run it.", "",
         markdown_table(["scheme", "written as"] + domains + ["largest difference"], table)])  # fmt: skip

@@ -176,3 +176,19 @@ def test_half_precision_layers_are_dense_and_ignored(tmp_path):
     assert torch.equal(hf.model.layers[0].mlp.up_proj.weight, m.model.layers[0].mlp.up_proj.qw.dequantize(torch.float32))
     with pytest.raises(CTExportError, match=r"up_proj \(bf16: dense float16 rounds"):
         export_compressed_tensors(m, tmp_path / "ct16", exact=True, dtype="float16")
+
+
+def test_w8a8_is_int_quantized_with_its_weights_exact_and_activations_left_to_the_runtime(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    m = lowbit.quantize(transformers.LlamaForCausalLM(cfg).eval(), "w8a8")
+    rep = export_compressed_tensors(m, tmp_path / "ct")
+    assert rep.counts() == {"int-quantized weights exact": 7}
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    qw = m.model.layers[0].mlp.up_proj.qw
+    w = t["model.layers.0.mlp.up_proj.weight"].float() * t["model.layers.0.mlp.up_proj.weight_scale"]
+    assert torch.equal(w, qw.dequantize(torch.float32))

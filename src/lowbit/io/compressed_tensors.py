@@ -218,7 +218,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             layers.append(ExportEntry(name, name, "dense", "exact" if ok else "rounded", str(mod.scheme)))
             continue
         fmt_name, why = ct_mapping(qw)
-        rec = ExportEntry(name, name, fmt_name or "", "exact", str(mod.scheme))
+        # int-quantized W8A8: the weights are exact; the runtime rounds the activations its own way
+        rec = ExportEntry(name, name, fmt_name or "", "weights exact" if qw.scheme.act_bits else "exact", str(mod.scheme))
         if fmt_name is None:
             if exact:
                 refused.append((name, str(mod.scheme), why))

@@ -359,7 +359,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                 rec.scheme = str(mod.scheme)
                 if gtype is not None:
                     data, info = encode_gguf_weight(qw, gtype)
-                    rec.target, rec.mapping = gtype, "exact"
+                    # llama.cpp quantizes activations itself (Q8_0 blocks), whatever lowbit's a8 did
+                    rec.target, rec.mapping = gtype, "weights exact" if qw.scheme.act_bits else "exact"
                     if gtype == "Q4_1" and info["exact_blocks"] < 1.0:
                         rec.mapping = "zero point rounded"
                         rec.max_abs_error, rec.exact_fraction = info["max_abs_error"], info["exact_blocks"]

@@ -52,7 +52,9 @@ def is_tied(model) -> bool:
 class ExportEntry:
     """One tensor or layer as written.
 
-    ``mapping``: ``"exact"`` (the runtime reads lowbit's values bit for bit), ``"zero point
+    ``mapping``: ``"exact"`` (the runtime reads lowbit's values bit for bit), ``"weights exact"``
+    (so are the weights of a layer with dynamic int8 activations, but the runtime rounds the
+    activations its own way), ``"zero point
     rounded"`` (GGUF Q4_1: ``max_abs_error`` is the largest change of a weight, ``exact_fraction``
     the share of blocks untouched), ``"requantized"`` (``rel_rms_error`` = RMS(written - lowbit)
     / RMS(lowbit)), ``"rounded"`` (a float weight stored narrower) or ``"float"``."""
