@@ -523,7 +523,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     wrapper, args, in_names, out_names, dyn = _io(model, example_inputs)
     was_training = model.training
     model.eval()
-    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._export",
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._export",
                                             "torch._dynamo", "torch.fx", "torch._subclasses")]  # fmt: skip
     levels = [lg.level for lg in quiet]
     try:
