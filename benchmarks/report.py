@@ -798,6 +798,11 @@ def _gguf_table(res: dict) -> str:
         "",
         markdown_table(head, table),
     ]
+    lines += ["", "Decode figures are one pass per file, one file after another: on this shared 2-core machine one "
+              "file's rate drifted from 103 to 149 tok/s within minutes, more than any difference between files of "
+              "the same tensor types (which run the same kernels). Interleaved rounds of lowbit's AWQ+GPTQ Q4_0, "
+              "llama.cpp's Q4_0 and lowbit's RTN Q4_0 (`benchmarks/peer_llamacpp.py`, 3 reps each, 2 threads) gave "
+              "148.9 / 148.6 / 147.3 tok/s in the first round, medians over three rounds 143.0 / 125.2 / 128.6."]
     fb = sorted({f for r in rows.values() for f in r.get("fallbacks", [])})
     if fb:
         lines += ["", "llama-quantize's fallbacks (rows not a multiple of 256): " + "; ".join(fb)]
