@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, is_tied, refusals, rel_rms_error
+from .report import ExportEntry, ExportReport, is_tied, refusals, requantize_weight
 
 __all__ = ["CTExportError", "ct_mapping", "export_compressed_tensors"]
 
@@ -122,17 +122,6 @@ def _is_ct_export(path: Path) -> bool:
         return False
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and not (path / "lowbit.json").exists()
-
-
-def _requantize(qw, target: str):
-    """lowbit's weight dequantized and quantized again with scheme ``target``; its relative RMS
-    error against lowbit's weight."""
-    from ..qweight import QWeight
-    from ..scheme import parse_scheme
-
-    w = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
-    new = QWeight.from_float(w, parse_scheme(target))
-    return new, rel_rms_error(w, new.dequantize(torch.float32))
 
 
 def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exact: bool = False,
@@ -224,7 +213,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             if exact:
                 refused.append((name, str(mod.scheme), why))
                 continue
-            qw, rec.rel_rms_error = _requantize(qw, str(target))
+            qw, rec.rel_rms_error = requantize_weight(qw, target)
             fmt_name, why2 = ct_mapping(qw)
             if fmt_name is None:
                 raise ValueError(f"requantize={requantize!r} has no compressed-tensors format either: {why2}")

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .report import ExportEntry, ExportReport, refusals, rel_rms_error
+from .report import ExportEntry, ExportReport, refusals, requantize_weight
 
 __all__ = ["ONNXExportError", "export_onnx", "onnx_mapping", "pack_blocks"]
 
@@ -318,14 +318,6 @@ def _io(model: nn.Module, example_inputs):
 
 
 # ---- the writer ---------------------------------------------------------------------------------
-def _requantize(qw, target):
-    from ..qweight import QWeight
-
-    w = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
-    new = QWeight.from_float(w, target)
-    return new, rel_rms_error(w, new.dequantize(torch.float32))
-
-
 def _no_initializer_copies(node) -> bool | None:
     """Constant folding, except a Reshape of a stored tensor (a tied head's view of its
     embedding's codes): folded, it would be written twice."""
@@ -417,7 +409,7 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
             if exact:
                 refused.append((name, str(mod.scheme), why))
                 continue
-            qw, rec.rel_rms_error = _requantize(qw, target)
+            qw, rec.rel_rms_error = requantize_weight(qw, target)
             op, rec.target, rec.mapping = "MatMulNBits", f"MatMulNBits ({target})", "requantized"
         if op == "MatMulNBits":
             t, attrs = _matmul_nbits_tensors(qw)

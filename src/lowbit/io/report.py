@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExportEntry", "ExportReport", "is_tied", "refusals", "rel_rms_error"]
+__all__ = ["ExportEntry", "ExportReport", "is_tied", "refusals", "rel_rms_error", "requantize_weight"]
 
 
 def rel_rms_error(ref, approx) -> float:
@@ -16,6 +16,20 @@ def rel_rms_error(ref, approx) -> float:
     a = np.asarray(ref, dtype=np.float64)
     b = np.asarray(approx, dtype=np.float64).reshape(a.shape)
     return float(np.sqrt(np.mean((b - a) ** 2))) / (float(np.sqrt(np.mean(a**2))) or 1.0)
+
+
+def requantize_weight(qw, scheme):
+    """lowbit's weight ``qw`` (a :class:`~lowbit.qweight.QWeight`) dequantized and quantized again
+    with ``scheme`` (a scheme string or :class:`~lowbit.scheme.Scheme`), for a target that cannot
+    hold ``qw`` as it is; returns the new QWeight and its :func:`rel_rms_error` against ``qw``."""
+    import torch
+
+    from ..qweight import QWeight
+    from ..scheme import parse_scheme
+
+    w = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
+    new = QWeight.from_float(w, parse_scheme(scheme) if isinstance(scheme, str) else scheme)
+    return new, rel_rms_error(w, new.dequantize(torch.float32))
 
 
 def refusals(items: list[tuple[str, str, str]], shown: int = 3) -> str:
