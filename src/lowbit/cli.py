@@ -44,6 +44,15 @@ def _calibration(args, zm) -> list:
                          getattr(args, "calib_domains", None))
 
 
+def _has_static(spec) -> bool:
+    """Whether a scheme or recipe quantizes some layer's activations statically (so needs
+    calibration inputs whatever the method)."""
+    import lowbit
+
+    recipe = lowbit.Recipe.coerce(spec)
+    return any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+
+
 def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, name: str,
                   domains: str | None = None) -> list:
     """``n`` samples of the model's kind of input drawn (seeded) from calibration data, never
@@ -86,8 +95,7 @@ def cmd_quantize(args) -> int:
     options = {k: v for k, v in (("clip", args.clip), ("damp", args.damp), ("act_order", args.act_order),
                                  ("alpha", args.alpha), ("importance", args.importance)) if v is not None}  # fmt: skip
     t0 = time.perf_counter()
-    recipe = lowbit.Recipe.coerce(spec)
-    static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
+    static = _has_static(spec)
     if args.ray is not None:
         args.stream = True
     if args.stream is None:  # a transformers checkpoint directory streams, whatever the method
@@ -589,9 +597,7 @@ def cmd_export(args) -> int:
         from lowbit.algorithms import get_algorithm
 
         spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
-        recipe = lowbit.Recipe.coerce(spec)
-        static = any(s is not None and s.act_static for s in [recipe.default, *(r.scheme for r in recipe.rules)])
-        calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
+        calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or _has_static(spec) else None
         model = lowbit.quantize(model, spec, method=args.method, calibration=calibration, progress=not args.quiet)
     options = {"exact": args.exact, "overwrite": args.force}
     if args.requantize:

@@ -111,17 +111,21 @@ def onnx_mapping(qw, kind: str) -> tuple[str | None, str]:
 
 def pack_blocks(codes: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """``(N, K)`` uint8 codes -> uint8 ``(N, k_blocks, block * bits / 8)``, K padded with code 0 to
-    whole blocks, ``8 / bits`` codes a byte, the first in the low bits (MatMulNBits' ``B``)."""
+    whole blocks, ``8 / bits`` codes a byte, the first in the low bits (MatMulNBits' ``B``: lowbit's
+    own row packing, :func:`lowbit.packing.pack`, of the padded rows, cut into blocks)."""
+    from .. import packing
+
     n, k = codes.shape
     kb = -(-k // block)
-    c = torch.zeros(n, kb * block, dtype=torch.int32)
-    c[:, :k] = codes.to(torch.int32)
+    padded = F.pad(codes.to(torch.uint8), (0, kb * block - k))
+    return packing.pack(padded, bits).reshape(n, kb, block * bits // 8)
+
+
+def _pack_zero_points(zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer zero points ``(N, k_blocks)`` -> uint8 ``(N, ceil(k_blocks * bits / 8))``, packed
+    like the codes (the layout MatMulNBits and GatherBlockQuantized take)."""
     per = 8 // bits
-    c = c.reshape(n, -1, per)
-    out = torch.zeros(c.shape[:2], dtype=torch.int32)
-    for i in range(per):
-        out |= c[:, :, i] << (bits * i)
-    return out.to(torch.uint8).reshape(n, kb, block * bits // 8)
+    return pack_blocks(zp.to(torch.uint8), bits, per * -(-zp.shape[1] // per)).reshape(zp.shape[0], -1)
 
 
 def _block_params(qw, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -149,9 +153,7 @@ def _matmul_nbits_tensors(qw) -> tuple[dict[str, torch.Tensor], dict]:
         if qw.zero is not None and qw.zero.dtype != torch.uint8:
             t["zero_points"] = zp  # HQQ: fractional, in A's dtype
         else:
-            kb = zp.shape[1]
-            per = 8 // obits
-            t["zero_points"] = pack_blocks(zp.to(torch.uint8), obits, per * -(-kb // per)).reshape(qw.rows, -1)
+            t["zero_points"] = _pack_zero_points(zp, obits)
     return t, {"K": qw.cols, "N": qw.rows, "bits": obits, "block_size": block}
 
 
@@ -400,7 +402,7 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
     mods = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
     # embeddings first, so a head tied to one finds its initializers
     for name, mod in sorted(mods, key=lambda nm: nm[1].op != "embedding"):
-        qw, kind = mod.qw.to_layout("rows") if mod.qw.layout != "rows" else mod.qw, mod.op
+        qw, kind = mod.qw.to_layout("rows"), mod.op
         op, why = onnx_mapping(qw, kind)
         if op == "GatherBlockQuantized" and qw.cols % _pow2_block(qw):
             op, why = None, "GatherBlockQuantized needs whole blocks per row"
@@ -426,8 +428,7 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
             block, bits = _pow2_block(qw), qw.scheme.fmt.bits
             scales, zp = _block_params(qw, block)
             if zp is not None:
-                per = 8 // bits
-                zp = pack_blocks(zp.to(torch.uint8), bits, per * -(-zp.shape[1] // per)).reshape(qw.rows, -1)
+                zp = _pack_zero_points(zp, bits)
             data = pack_blocks(qw.codes(), bits, block).reshape(qw.rows, -1)
             attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
             new = _GatherBlockQuantized(data, scales, zp, attrs, qw.cols)
@@ -493,10 +494,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         target = parse_scheme(requantize)
         from ..qweight import QWeight
 
-        probe = QWeight.from_float(torch.zeros(1, 64), target)
-        if onnx_mapping(probe, "linear")[0] != "MatMulNBits":
+        op, why = onnx_mapping(QWeight.from_float(torch.zeros(1, 64), target), "linear")
+        if op != "MatMulNBits":
             raise ONNXExportError(f"requantize={requantize!r} has no MatMulNBits form either: "
-                                  f"{onnx_mapping(probe, 'linear')[1] or 'not a weight-only integer scheme'}")  # fmt: skip
+                                  f"{why or 'not a weight-only integer scheme'}")  # fmt: skip
     path = Path(path)
     data_path = path.with_name(f"{path.name}.data")  # where a graph over 2 GB keeps its tensors
     if path.is_dir():
