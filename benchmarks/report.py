@@ -793,16 +793,28 @@ def _gguf_table(res: dict) -> str:
         "own Q4_0 picks for this model); llama.cpp's rows come from `llama-quantize` on the F32 export of the float "
         f"model. Calibration (GPTQ, AWQ) and the importance matrix: {cal['windows']} x {cal['seqlen']} tokens of "
         f"{', '.join(cal['domains'])} (imatrix: {im.get('chunks', '-')} chunks of {im.get('ctx', '-')}); the domains "
-        "marked unseen were seen by neither. Decode: `benchmarks/peer_llamacpp.py` (llama.cpp's counters, batch 1, "
-        f"64 tokens, median of 5), one file at a time, ISA {res.get('isa', '-')}.",
+        "marked unseen were seen by neither.",
         "",
         markdown_table(head, table),
     ]
-    lines += ["", "Decode figures are one pass per file, one file after another: on this shared 2-core machine one "
-              "file's rate drifted from 103 to 149 tok/s within minutes, more than any difference between files of "
-              "the same tensor types (which run the same kernels). Interleaved rounds of lowbit's AWQ+GPTQ Q4_0, "
-              "llama.cpp's Q4_0 and lowbit's RTN Q4_0 (`benchmarks/peer_llamacpp.py`, 3 reps each, 2 threads) gave "
-              "148.9 / 148.6 / 147.3 tok/s in the first round, medians over three rounds 143.0 / 125.2 / 128.6."]
+    rounds = {r.get("decode", {}).get("rounds") for r in rows.values() if r.get("decode")}
+    if rounds and None not in rounds:
+        lines += ["", f"Decode: every file loaded in one process and run round-robin, {max(rounds)} rounds of 64 new "
+                  "tokens at batch 1 with every model in turn (llama.cpp's own counters; the median per file), so a "
+                  f"slow spell of the shared machine lands on every row alike; 2 threads, ISA {res.get('isa', '-')}. "
+                  "Files of the same tensor types run the same kernels: their differences are the noise."]  # fmt: skip
+    elif rounds:
+        lines += ["", "Decode: `benchmarks/peer_llamacpp.py` (llama.cpp's counters, batch 1, 64 tokens, median of 5), "
+                  f"one file after another, ISA {res.get('isa', '-')}; one file's rate drifted from 103 to 149 tok/s "
+                  "within minutes on this shared machine, more than any difference between files of the same types."]
+    mixed = {n: r for n, r in rows.items() if r.get("schemes")}
+    for name, r in mixed.items():
+        lines += ["", f"`{name}`: each decoder layer w4g32 (Q4_0) or w8g32 (Q8_0), chosen by `lowbit.mixed.allocate` "
+                  f"({', '.join(f'{c} {k}' for c, k in r['schemes'].items())}) for the least predicted KL within the "
+                  "bytes of the llama.cpp file named after the @; the per-layer KL was measured by "
+                  "`lowbit.mixed.sensitivity` around the all-w4g32 GPTQ model on "
+                  f"{r.get('sensitivity_windows', '-')} windows of the calibration domains (predicted KL "
+                  f"{r['predicted_kl']} nats, all-w4g32 {r['base_kl']}). Quantize time includes the sensitivity."]
     fb = sorted({f for r in rows.values() for f in r.get("fallbacks", [])})
     if fb:
         lines += ["", "llama-quantize's fallbacks (rows not a multiple of 256): " + "; ".join(fb)]

@@ -280,3 +280,117 @@ def test_half_precision_layers_reach_the_file_exactly(tmp_path):
     back = np.asarray(gguf.dequantize(up.data, up.tensor_type), dtype=np.float32).reshape(qw.shape)
     assert np.array_equal(back, qw.dequantize(torch.float32).numpy())
     assert tensors["blk.1.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+
+
+# ---- llama.cpp's own quantizer (llama_quantize=) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A Llama with rows of 256 (K-quants' super-block) and SmolLM2's vocabulary (its tokenizer)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _tok_gguf():
+    from lowbit.models.zoo import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+def test_importance_matrix_is_the_mean_square_of_each_input_column(tiny_llama):
+    from lowbit.io.gguf import importance_matrix
+
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 49152, (2, 16), generator=g), torch.randint(0, 49152, (1, 24), generator=g)]
+    seen = []
+    h = tiny_llama.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 512)))
+    imp = importance_matrix(tiny_llama, batches)
+    h.remove()
+    x = torch.cat(seen).double()
+    assert x.shape[0] == 2 * 16 + 24
+    assert torch.allclose(imp["model.layers.1.mlp.down_proj"].double(), x.square().mean(0), rtol=1e-5)
+    assert set(imp) == {n for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_llama_quantize_writes_llama_cpps_k_quant_mix_and_reports_each_error(tiny_llama, tmp_path):
+    import llama_cpp  # built by `make setup`: the runtime check is not skipped silently
+
+    rep = export_gguf(tiny_llama, tmp_path / "k.gguf", llama_quantize="Q4_K_M", tokenizer_gguf=_tok_gguf())
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
+    assert {e.name: e.target for e in rep.entries} == {n: t.tensor_type.name for n, t in tensors.items()}
+    kinds = {e.target for e in rep.entries}
+    assert {"Q4_K", "Q6_K"} <= kinds, kinds  # Q4_K_M: Q4_K, with Q6_K for half the ffn_down / attn_v
+    ref = dict(tiny_llama.named_parameters())
+    down = tensors["blk.0.ffn_down.weight"]
+    back = np.asarray(gguf.dequantize(down.data, down.tensor_type), dtype=np.float32).reshape(256, 512)
+    entry = next(e for e in rep.entries if e.name == "blk.0.ffn_down.weight")
+    w = ref["model.layers.0.mlp.down_proj.weight"].detach().numpy()
+    assert entry.source == "model.layers.0.mlp.down_proj.weight" and entry.mapping == "requantized"
+    assert entry.rel_rms_error == pytest.approx(float(np.sqrt(((back - w) ** 2).mean() / (w**2).mean())), rel=1e-6)
+    assert all(0 < e.rel_rms_error < 0.2 for e in rep.entries if e.target != "F32")
+    assert rep.nbytes == (tmp_path / "k.gguf").stat().st_size and not list(tmp_path.glob(".*"))  # no temporaries
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "k.gguf"), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    ids = list(range(100, 132))
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = tiny_llama(input_ids=torch.tensor([ids])).logits[0]
+    assert float(torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1]) > 0.95
+
+
+def test_an_importance_matrix_steers_llama_cpps_rounding(tiny_llama, tmp_path):
+    """Columns given a large importance come out of llama.cpp's quantizer with less error than
+    without it: the matrix reaches the quantizer."""
+    from lowbit.io.gguf import importance_matrix
+
+    imp = importance_matrix(tiny_llama, [torch.arange(64).reshape(1, 64)])
+    imp["model.layers.0.self_attn.o_proj"] = torch.ones(256)
+    imp["model.layers.0.self_attn.o_proj"][:16] = 1e4
+    errs = []
+    for i, importance in enumerate((None, imp)):
+        export_gguf(tiny_llama, tmp_path / f"{i}.gguf", llama_quantize="Q4_K_S", importance=importance,
+                    tokenizer_gguf=_tok_gguf())  # fmt: skip
+        t = next(t for t in gguf.GGUFReader(str(tmp_path / f"{i}.gguf")).tensors if t.name == "blk.0.attn_output.weight")
+        back = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(256, 256)
+        w = tiny_llama.model.layers[0].self_attn.o_proj.weight.detach().numpy()
+        errs.append(float(((back - w)[:, :16] ** 2).mean()))
+    assert errs[1] < 0.9 * errs[0], errs  # deterministic: equal errors would mean the matrix was ignored
+
+
+def test_llama_quantize_refusals_are_one_clear_error_and_leave_nothing(tiny_llama, tmp_path):
+    path = tmp_path / "x.gguf"
+    with pytest.raises(GGUFExportError, match="requires an imatrix"):
+        export_gguf(tiny_llama, path, llama_quantize="IQ2_XS", tokenizer_gguf=_tok_gguf())
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="llama.cpp file type"):
+        export_gguf(tiny_llama, path, llama_quantize="Q4_K_X", tokenizer_gguf=_tok_gguf())
+    with pytest.raises(ValueError, match="applies with llama_quantize"):
+        export_gguf(tiny_llama, path, importance={}, tokenizer_gguf=_tok_gguf())
+    with pytest.raises(GGUFExportError, match="NaN"):
+        export_gguf(tiny_llama, path, llama_quantize="Q4_K_M", tokenizer_gguf=_tok_gguf(),
+                    importance={"model.layers.0.mlp.up_proj": torch.full((256,), float("nan"))})  # fmt: skip
+    q = lowbit.quantize(copy.deepcopy(tiny_llama), "w4g32")
+    with pytest.raises(GGUFExportError, match="quantized by lowbit"):
+        export_gguf(q, path, llama_quantize="Q4_K_M", tokenizer_gguf=_tok_gguf())
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_llama_quantize(tiny_llama, tmp_path, capsys):
+    from lowbit.cli import main
+
+    tiny_llama.save_pretrained(tmp_path / "src")
+    out = str(tmp_path / "k.gguf")
+    assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--llama-quantize", "Q4_K_M", "--no-imatrix",
+                 "--tokenizer-gguf", str(_tok_gguf()), "-o", out]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "Q4_K requantized" in text and "by llama.cpp, error" in text
+    assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--llama-quantize", "Q4_K_M", "--scheme", "w4g32",
+                 "-o", str(tmp_path / "b.gguf")]) == 2  # fmt: skip
+    assert "drop --scheme" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "src"), "--to", "onnx", "--llama-quantize", "Q4_K_M", "-o", str(tmp_path / "b.onnx")]) == 2
+    assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--no-imatrix", "-o", str(tmp_path / "b.gguf")]) == 2
+    assert "applies with --llama-quantize" in capsys.readouterr().err
+    assert not (tmp_path / "b.gguf").exists()

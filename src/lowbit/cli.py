@@ -569,6 +569,20 @@ def cmd_export(args) -> int:
         return _err(f"--tokenizer-gguf {args.tokenizer_gguf}: no such file")
     if args.to != "onnx" and (args.accuracy_level is not None or args.input_shape):
         return _err("--accuracy-level and --input-shape apply to --to onnx")
+    if args.llama_quantize:
+        from lowbit.io.gguf import llama_quantize_types
+
+        if args.to != "gguf":
+            return _err("--llama-quantize applies to --to gguf")
+        clash = [f for f, v in (("--scheme", args.scheme), ("--recipe", args.recipe), ("--exact", args.exact),
+                                ("--requantize", args.requantize), ("--float-type", args.float_type)) if v]  # fmt: skip
+        if clash:
+            return _err(f"--llama-quantize quantizes the float model with llama.cpp's quantizer; drop {', '.join(clash)}")
+        types = llama_quantize_types()
+        if args.llama_quantize not in types:
+            return _err(f"--llama-quantize takes a llama.cpp file type ({', '.join(types)}), got {args.llama_quantize!r}")
+    elif not args.imatrix:
+        return _err("--no-imatrix applies with --llama-quantize")
     shape = None
     if args.input_shape:
         try:
@@ -603,9 +617,17 @@ def cmd_export(args) -> int:
     if args.requantize:
         options["requantize"] = args.requantize
     if args.to == "gguf":
-        options["float_type"] = args.float_type or "F32"
         if args.tokenizer_gguf:
             options["tokenizer_gguf"] = args.tokenizer_gguf
+        if args.llama_quantize:
+            del options["exact"]
+            options["llama_quantize"] = args.llama_quantize
+            if args.imatrix:
+                from lowbit.io.gguf import importance_matrix
+
+                options["importance"] = importance_matrix(model, _calibration(args, zm))
+        else:
+            options["float_type"] = args.float_type or "F32"
     if args.to == "compressed-tensors":
         options["dtype"] = args.dtype or "float32"
         options["tokenizer"] = zm.tokenizer
@@ -625,12 +647,16 @@ def cmd_export(args) -> int:
         if t.mapping == "requantized" and t.scheme != "-":
             print(f"  {t.source}: {t.scheme} has no exact {args.to} form -> {t.target}, "
                   f"added error {100 * t.rel_rms_error:.3f}% of the weight's RMS")  # fmt: skip
+        elif t.mapping == "requantized" and args.llama_quantize and t.target != "F32":
+            print(f"  {t.name}: {t.target} by llama.cpp, error {100 * t.rel_rms_error:.3f}% of the weight's RMS")
         elif t.mapping == "zero point rounded":
             print(f"  {t.source}: {t.target}, zero point rounded to float16 in {100 * (1 - t.exact_fraction):.1f}% "
                   f"of blocks (at most {t.max_abs_error:.2e} per weight)")  # fmt: skip
     if args.to == "compressed-tensors" and any(t.scheme.endswith("-asym") or "-asym-" in t.scheme for t in rep.entries):
         print("  note: transformers 5 loads asymmetric compressed-tensors layers only dequantized: "
               "from_pretrained(..., quantization_config=CompressedTensorsConfig(dequantize=True)) (llm-compressor#1618)")  # fmt: skip
+    for note in rep.notes:
+        print(f"  llama.cpp: {note}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items())) or "no quantized layers"
     print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {rep.nbytes / 1e6:.1f} MB -> {rep.path}")
     return 0
@@ -799,6 +825,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what layers without an exact mapping become (gguf: a GGUF type, Q8_0 default, Q4_0, Q4_1, "
                    "Q5_0, Q5_1, F16, F32; compressed-tensors and onnx: a lowbit scheme, w8 default)")
     x.add_argument("--float-type", help="gguf: unquantized 2-D weights (F32 exact, default; F16, BF16, Q8_0)")
+    x.add_argument("--llama-quantize", metavar="TYPE", help="gguf: quantize the float model with llama.cpp's own "
+                   "quantizer to this file type (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, ...) instead of writing lowbit's codes")
+    x.add_argument("--imatrix", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --llama-quantize: an importance matrix lowbit measures on the calibration text "
+                   "(--calib / --calib-domains, --nsamples, --seqlen; default on)")
     x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="compressed-tensors: dense tensors and config dtype (float32 exact, default)")
     x.add_argument("--tokenizer-gguf", metavar="FILE", help="gguf: copy the tokenizer metadata from this GGUF "

@@ -21,7 +21,11 @@ package (gguf-py, the writer llama.cpp ships) mirrors them; the file is written 
   (``exact=True``).
 
 Unquantized float weights are written F32 (exact) or, when asked, F16 / BF16 / Q8_0; norms are
-F32. The q and k projections' rows are permuted into the order llama.cpp's rotary embedding
+F32. A *float* model can instead go through llama.cpp's own quantizer (``llama_quantize=``, any of
+its file types: the K-quants Q4_K_M, Q5_K_M, Q6_K, ..., the IQ types), optionally with an importance
+matrix lowbit measures on calibration data (:func:`importance_matrix`): lowbit writes the F32 file,
+``llama_model_quantize`` (llama-cpp-python's binding of ``llama-quantize``) makes the typed file,
+and every tensor's added error is read back with gguf's dequantizers. The q and k projections' rows are permuted into the order llama.cpp's rotary embedding
 expects (a row permutation: scales move with their rows, exactness is kept). A tied LM head is
 written once, as ``token_embd`` (llama.cpp's Llama loader uses it as the output matrix when no
 ``output.weight`` exists). Tokenizer metadata is copied field by field from a GGUF that holds the
@@ -43,7 +47,7 @@ from torch import nn
 from .report import ExportEntry, ExportReport, is_tied, refusals, rel_rms_error
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
-           "dequantized_tensors", "qk_permutation"]
+           "dequantized_tensors", "qk_permutation", "importance_matrix", "llama_quantize_types"]
 
 QK = 32  # elements per block of the 32-block types (QK4_0 = QK4_1 = QK8_0 in ggml-common.h)
 
@@ -244,7 +248,8 @@ def _copy_tokenizer(writer, fields: list) -> None:
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = False, requantize: str = "Q8_0",
                 float_type: str = "F32", tokenizer_gguf: str | os.PathLike | None = None,
-                name: str | None = None, overwrite: bool = False) -> ExportReport:  # fmt: skip
+                name: str | None = None, overwrite: bool = False, llama_quantize: str | None = None,
+                importance: dict[str, torch.Tensor] | None = None) -> ExportReport:  # fmt: skip
     """Write a lowbit-quantized (or float) transformers Llama-family decoder as a GGUF file
     llama.cpp runs (GGUF v3, ``gguf.GGUFWriter``; block layouts of ggml-common.h; see the module
     docstring for what maps exactly).
@@ -263,9 +268,16 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             required); the zoo's SmolLM2 uses its own GGUF when this is None.
         name: ``general.name`` (default: the model's source).
         overwrite: replace an existing file at ``path`` (otherwise ``FileExistsError``).
+        llama_quantize: a llama.cpp file type (:func:`llama_quantize_types`: ``"Q4_K_M"``,
+            ``"Q6_K"``, ``"IQ4_XS"`` ...): quantize a float model with llama.cpp's own quantizer
+            (its per-tensor type mix and fallbacks) instead of writing lowbit's codes; needs
+            ``llama_cpp`` (``pip install lowbit[export]``) and disk for the F32 file beside ``path``.
+        importance: with ``llama_quantize``, llama.cpp's importance matrix per layer, from
+            :func:`importance_matrix` (transformers module name -> float32 ``(K,)``); the IQ1/IQ2
+            types require one.
 
     Returns an :class:`lowbit.io.report.ExportReport` (per tensor: GGUF type, exact / zero point
-    rounded / requantized and the error). Raises ``GGUFExportError`` for other architectures, a missing tokenizer source or
+    rounded / requantized and the error; ``notes``: llama.cpp's fallbacks). Raises ``GGUFExportError`` for other architectures, a missing tokenizer source or
     ``exact`` refusals, ``ValueError`` for unknown type names, ``FileExistsError`` for an existing
     ``path`` without ``overwrite``, ``OSError`` for write errors; nothing is left half-written and
     a previous file at ``path`` is kept unless the new one is complete.
@@ -274,6 +286,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
 
     from ..nn import QuantModule
 
+    if llama_quantize is not None:
+        return _export_llama_quantized(model, Path(path), llama_quantize, importance, tokenizer_gguf=tokenizer_gguf,
+                                       name=name, overwrite=overwrite)  # fmt: skip
+    if importance is not None:
+        raise ValueError("importance= applies with llama_quantize= (llama.cpp's quantizer reads it)")
     if requantize not in REQUANT_TYPES:
         raise ValueError(f"requantize must be one of {', '.join(REQUANT_TYPES)}, got {requantize!r}")
     if float_type not in FLOAT_TYPES:
@@ -417,3 +434,145 @@ def dequantized_tensors(path: str | os.PathLike, heads: int, kv_heads: int) -> d
             a = a[inv]
         out[t.name] = a
     return out
+
+
+# ---- llama.cpp's own quantizer (K-quants, IQ types) ------------------------------------------------
+def llama_quantize_types() -> list[str]:
+    """The file types llama.cpp's quantizer makes (``LLAMA_FTYPE_MOSTLY_*`` of the installed
+    llama-cpp-python, e.g. Q4_K_M, Q5_K_S, Q6_K, IQ4_XS). Raises ``ImportError`` naming the extra
+    when llama-cpp-python is missing."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ImportError("llama.cpp's quantizer needs llama-cpp-python: pip install 'lowbit[export]'") from e
+    return sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+
+
+def importance_matrix(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """llama.cpp's importance matrix, measured by lowbit: for every ``nn.Linear`` of ``model``
+    (transformers module name), the mean over all calibration tokens of each input column's
+    square, float32 ``(K,)``. It is what ``llama-imatrix`` accumulates (``in_sum2 / counts``) and
+    what ``llama_model_quantize`` weighs each weight's rounding error by (llama.cpp
+    ``tools/imatrix``, ``tools/quantize/quantize.cpp``). ``batches``: model inputs as
+    :func:`lowbit.calibration_batches` makes them; padding is not excluded."""
+    from .. import calibrate
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            for b in calibrate.as_batches(batches, "importance_matrix"):
+                calibrate._call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in sums}
+
+
+def _export_llama_quantized(model: nn.Module, path: Path, ftype: str, importance, **options) -> ExportReport:
+    """``llama_quantize=``: the F32 export, then ``llama_model_quantize`` into ``path``."""
+    import gguf
+
+    from ..nn import quantized_summary
+
+    types = llama_quantize_types()
+    if ftype not in types:
+        raise ValueError(f"llama_quantize must be a llama.cpp file type ({', '.join(types)}), got {ftype!r}")
+    done = quantized_summary(model)
+    if done:
+        raise GGUFExportError(
+            f"llama_quantize= quantizes a float model with llama.cpp's quantizer; this one is quantized by lowbit "
+            f"({done}): export it without llama_quantize (its codes go out exact), or pass the float model")
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.gguf'})")
+    if path.exists() and not options["overwrite"]:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+    cfg = _llama_config(model)
+    nblocks = int(cfg.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, nblocks)
+    imatrix = {}
+    for mod_name, v in (importance or {}).items():
+        mod = model.get_submodule(mod_name) if mod_name else None
+        if mod is model.get_output_embeddings() and is_tied(model):
+            gname = "token_embd.weight"  # llama.cpp multiplies by the embedding when the head is tied
+        else:
+            gname = tmap.get_name(f"{mod_name}.weight", try_suffixes=(".weight",))
+        if gname is None:
+            raise GGUFExportError(f"importance for {mod_name}: no GGUF tensor of that name in the Llama architecture")
+        v = np.ascontiguousarray(np.asarray(v, dtype=np.float32).reshape(-1))
+        if not np.isfinite(v).all():
+            raise GGUFExportError(f"importance for {mod_name} holds NaN or Inf")
+        imatrix[gname] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = path.with_name(f".{path.name}.f32-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        export_gguf(model, src, float_type="F32", **{**options, "overwrite": True})
+        log = _llama_model_quantize(src, tmp, ftype, imatrix)
+        report = ExportReport(path, 0, tokenizer_from=str(_tokenizer_source(model, options.get("tokenizer_gguf"))))
+        report.notes = sorted({ln.strip() for ln in log if "fallback" in ln.lower()})
+        source = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+        names = {gn: n for n, _ in model.named_parameters() if (gn := tmap.get_name(n, try_suffixes=(".weight",)))}
+        for t in gguf.GGUFReader(str(tmp)).tensors:
+            kind = t.tensor_type.name
+            rec = ExportEntry(t.name, names.get(t.name, t.name), kind, "float" if kind == "F32" else "requantized")
+            rec.nbytes = int(t.n_bytes)
+            if kind != "F32":
+                ref = np.asarray(source[t.name].data, dtype=np.float32)
+                rec.rel_rms_error = rel_rms_error(ref, gguf.dequantize(t.data, t.tensor_type))
+            report.entries.append(rec)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        src.unlink(missing_ok=True)
+    report.nbytes = path.stat().st_size
+    return report
+
+
+def _llama_model_quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, np.ndarray]) -> list[str]:
+    """llama.cpp's ``llama_model_quantize`` (through llama-cpp-python) from the GGUF ``src`` into
+    ``dst``; its log lines. Raises ``GGUFExportError`` with llama.cpp's reason when it fails."""
+    import ctypes
+
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(_level, text, _user):
+        lines.append(text.decode("utf-8", "replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = torch.get_num_threads()
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # NULL-name terminated
+    keep = []
+    for i, (gname, v) in enumerate(imatrix.items()):
+        keep.append(gname.encode())
+        entries[i].name, entries[i].data, entries[i].size = keep[-1], v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+    if imatrix:
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if rc != 0:
+        text = "".join(lines)
+        why = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "requires" in ln.lower()]
+        raise GGUFExportError(f"llama.cpp's quantizer failed to make {ftype}: {why[-1] if why else text[-300:].strip()}")
+    return "".join(lines).splitlines()

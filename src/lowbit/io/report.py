@@ -90,6 +90,7 @@ class ExportReport:
     nbytes: int
     entries: list[ExportEntry] = field(default_factory=list)
     tokenizer_from: str = ""
+    notes: list[str] = field(default_factory=list)  # what the target's own tools said (GGUF: llama.cpp's fallbacks)
 
     def counts(self) -> dict[str, int]:
         """``{"<target> <mapping>": count}``."""
