@@ -11,6 +11,12 @@ the same F32 GGUF, every perplexity *computed by llama.cpp* (issue 15).
   are w4g32 (one float16 scale per 32 weights: Q4_0's layout, so the same size as llama.cpp's
   Q4_0) with the tied embedding / head in w8g32 (Q8_0), the types llama.cpp's own Q4_0 mix picks
   for this model (its head type, Q6_K, falls back to Q8_0 on 576-wide rows).
+* ``lowbit-gptq-mixed@Q4_K_M``: mixed precision at llama.cpp's Q4_K_M file size: each decoder
+  layer exact Q4_0 or Q8_0, chosen by ``lowbit.mixed`` (KL of each layer measured around the
+  all-w4g32 GPTQ model on calibration-domain windows, then the least predicted KL within the bytes).
+* ``llamacpp-*+lowbit-imatrix``: llama.cpp's quantizer fed the importance matrix lowbit measures
+  (``lowbit.export(..., llama_quantize=, importance=)``) on the same calibration windows, beside
+  the files ``llama-imatrix`` + ``llama-quantize`` make.
 * Perplexity: llama.cpp (llama-cpp-python, F32 KV cache, 2 threads) on the same token ids lowbit
   evaluates (``lowbit.evaluate.domains``, eval split, 4,096 tokens per domain, windows of 512):
   the mean NLL of every next token of every window.
@@ -49,6 +55,9 @@ LOWBIT = {  # name -> (method, decoder scheme, embedding / head scheme, size bud
     "lowbit-rtn-Q8_0": ("rtn", "w8g32", "w8g32", None),
     # mixed precision at Q4_K_M's file size: each decoder layer Q4_0 or Q8_0, chosen by lowbit.mixed
     "lowbit-gptq-mixed@Q4_K_M": ("gptq", "w4g32|w8g32", "w8g32", "llamacpp-Q4_K_M"),
+    # llama.cpp's quantizer fed lowbit's importance matrix (lowbit.export(..., llama_quantize=))
+    "llamacpp-Q4_0+lowbit-imatrix": ("llama:Q4_0", "", "", None),
+    "llamacpp-Q4_K_M+lowbit-imatrix": ("llama:Q4_K_M", "", "", None),
 }
 PROMPT = "The Python programming language is"
 DECODE_TOKENS = 64
@@ -105,6 +114,12 @@ def make_lowbit(name: str, out: Path, domains: tuple[str, ...], nsamples: int, e
     zoo = load_model("smollm2-135m")
     cal = _calibration(zoo.tokenizer, domains, nsamples) if method != "rtn" else None
     t0 = time.perf_counter()
+    if method.startswith("llama:"):
+        from lowbit.io.gguf import importance_matrix
+
+        rep = lowbit.export(zoo.model, "gguf", out, overwrite=True, llama_quantize=method.split(":")[1],
+                            importance=importance_matrix(zoo.model, cal))  # fmt: skip
+        return {"quantize_seconds": round(time.perf_counter() - t0, 1), "mappings": rep.counts()}
     extra: dict = {}
     if "|" in base:
         decoder, extra = _mixed_recipe(zoo, base.split("|"), method, cal, domains, extra_bytes,
@@ -263,6 +278,7 @@ def main() -> None:
                            check=True, capture_output=True)  # fmt: skip
             data["imatrix"] = {"calibration_tokens": ntok, "chunks": a.nsamples, "ctx": SEQLEN}
             _save(data)
+        data.setdefault("imatrix", {"chunks": a.nsamples, "ctx": SEQLEN})  # made by an earlier run
     for name, (qtype, imat) in [kv for kv in LLAMACPP.items() if kv[0] not in skip]:
         f = WORK / f"{name}.gguf"
         row = data["rows"].setdefault(name, {})

@@ -114,15 +114,17 @@ def _tiny_llama(tie=True):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def test_decoder_graph_computes_lowbits_logits_with_one_copy_of_a_tied_embedding(tmp_path):
+@pytest.mark.parametrize("emb", ["w4g32", "w3g32", "w2g32-asym", "w8g32"])
+def test_decoder_graph_computes_lowbits_logits_with_one_copy_of_a_tied_embedding(tmp_path, emb):
     m = _tiny_llama()
-    rec = lowbit.Recipe(parse_scheme("w4g32")).add("*embed_tokens", "w4g32").add("lm_head", "w4g32")
+    rec = lowbit.Recipe(parse_scheme("w4g32")).add("*embed_tokens", emb).add("lm_head", emb)
     q = lowbit.quantize(m, rec, progress=False)
     rep = export_onnx(q, tmp_path / "m.onnx")
     assert rep.counts() == {"GatherBlockQuantized exact": 1, "MatMulNBits exact": 14,
                             "MatMulNBits (tied to the embedding) exact": 1}  # fmt: skip
     g = onnx.load(str(tmp_path / "m.onnx")).graph
-    big = [i for i in g.initializer if i.data_type == onnx.TensorProto.UINT8 and list(i.dims) in ([256, 32], [256, 2, 16])]
+    width = 64 if emb == "w8g32" else 32  # 2- and 3-bit codes are stored 4-bit
+    big = [i for i in g.initializer if i.data_type == onnx.TensorProto.UINT8 and list(i.dims) in ([256, width], [256, 2, width // 2])]
     assert len(big) == 1  # the embedding's codes are stored once, the head reads them
     s = _session(tmp_path / "m.onnx")
     for ids in (torch.tensor([[5, 9, 200, 3, 77]]), torch.randint(0, 256, (3, 17))):  # dynamic batch and length

@@ -25,8 +25,9 @@ and the ONNX operator documents for DequantizeLinear / QuantizeLinear):
   ONNX's QuantizeLinear saturates at -128, lowbit at -127: a ``Clip`` at the -127 step before
   QuantizeLinear makes the graph round exactly as lowbit does.
 * **Conv2d, weight-only int8 per channel** -> ``DequantizeLinear`` on the weight into ``Conv``.
-* **Embedding int4 / int8** -> ``com.microsoft.GatherBlockQuantized`` (uint8 data in
-  MatMulNBits' conventions, ``quantize_axis = 1``); a head tied to it reads the same initializers.
+* **Embedding int2 / int3 / int4 / int8** -> ``com.microsoft.GatherBlockQuantized`` (uint8 data in
+  MatMulNBits' conventions, ``quantize_axis = 1``; 2- and 3-bit codes stored 4-bit with explicit
+  zero points); a head tied to it reads the same initializers.
 * **float16 / bfloat16** weights are stored in their type and cast to float32 (exact weights; lowbit
   also rounds these layers' inputs and outputs to the half type).
 
@@ -101,8 +102,6 @@ def onnx_mapping(qw, kind: str) -> tuple[str | None, str]:
     if block is None:
         return None, f"groups of {s.group_size} hold no power-of-two block of 16 or more"
     if kind == "embedding":
-        if bits not in (4, 8):
-            return None, f"GatherBlockQuantized reads 4- and 8-bit codes, not {bits}-bit"
         if qw.zero is not None and qw.zero.dtype != torch.uint8:
             return None, "GatherBlockQuantized takes integer zero points (HQQ's are fractional)"
         return "GatherBlockQuantized", ""
@@ -140,20 +139,29 @@ def _block_params(qw, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     return scales, (None if zp is None else zp.expand(qw.rows, -1)[:, idx].contiguous())
 
 
-def _matmul_nbits_tensors(qw) -> tuple[dict[str, torch.Tensor], dict]:
-    """``B``, ``scales`` and (when needed) ``zero_points`` of MatMulNBits for ``qw``; the attributes."""
+def _blocks(qw, obits: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``qw``'s codes as ``obits``-bit blocks (MatMulNBits' and GatherBlockQuantized's layout):
+    the block size, packed data ``(N, k_blocks, block * obits / 8)``, float32 scales ``(N,
+    k_blocks)`` and zero points (packed uint8, or float32 for HQQ's fractional ones; None when
+    the operator's default ``2^(obits-1)`` is lowbit's). Narrower codes stored wider keep their
+    values: symmetric ones get their own midpoint as an explicit zero point, so it is exact."""
     bits = qw.scheme.fmt.bits
     block = _pow2_block(qw)
     scales, zp = _block_params(qw, block)
-    obits = 4 if bits == 3 else bits
-    if bits == 3 and zp is None:
-        zp = torch.full_like(scales, 4.0)
-    t = {"B": pack_blocks(qw.codes(), obits, block), "scales": scales}
-    if zp is not None:
-        if qw.zero is not None and qw.zero.dtype != torch.uint8:
-            t["zero_points"] = zp  # HQQ: fractional, in A's dtype
-        else:
-            t["zero_points"] = _pack_zero_points(zp, obits)
+    if obits != bits and zp is None:
+        zp = torch.full_like(scales, float(qw.scheme.fmt.sym_zero))
+    if zp is not None and (qw.zero is None or qw.zero.dtype == torch.uint8):
+        zp = _pack_zero_points(zp, obits)
+    return block, pack_blocks(qw.codes(), obits, block), scales, zp
+
+
+def _matmul_nbits_tensors(qw, obits: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``B``, ``scales`` and (when needed) ``zero_points`` of MatMulNBits for ``qw``; the
+    attributes. 3-bit codes are stored 4-bit (MatMulNBits takes 2, 4 and 8), or ``obits``."""
+    bits = qw.scheme.fmt.bits
+    obits = obits or (4 if bits == 3 else bits)
+    block, b, scales, zp = _blocks(qw, obits)
+    t = {"B": b, "scales": scales} | ({} if zp is None else {"zero_points": zp})
     return t, {"K": qw.cols, "N": qw.rows, "bits": obits, "block_size": block}
 
 
@@ -414,22 +422,20 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
             qw, rec.rel_rms_error = requantize_weight(qw, target)
             op, rec.target, rec.mapping = "MatMulNBits", f"MatMulNBits ({target})", "requantized"
         if op == "MatMulNBits":
-            t, attrs = _matmul_nbits_tensors(qw)
+            emb = shared.get(mod.qweight.data_ptr())
+            t, attrs = _matmul_nbits_tensors(qw, emb.attrs["bits"] if emb is not None else None)
             level = 4 if qw.scheme.act_bits else accuracy_level
             if qw.scheme.act_bits:
                 rec.mapping = "weights exact"  # the activations are ONNX Runtime's int8 per block
-            emb = shared.get(mod.qweight.data_ptr())
             if emb is not None and emb.attrs["block_size"] == attrs["block_size"] and attrs["bits"] == emb.attrs["bits"]:
                 new = _MatMulNBits(t, attrs, mod.bias, level, tied=emb)
                 rec.target = "MatMulNBits (tied to the embedding)"
             else:
                 new = _MatMulNBits(t, attrs, mod.bias, level)
         elif op == "GatherBlockQuantized":
-            block, bits = _pow2_block(qw), qw.scheme.fmt.bits
-            scales, zp = _block_params(qw, block)
-            if zp is not None:
-                zp = _pack_zero_points(zp, bits)
-            data = pack_blocks(qw.codes(), bits, block).reshape(qw.rows, -1)
+            bits = 8 if qw.scheme.fmt.bits == 8 else 4  # 2- and 3-bit codes stored 4-bit, exact
+            block, data, scales, zp = _blocks(qw, bits)
+            data = data.reshape(qw.rows, -1)
             attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
             new = _GatherBlockQuantized(data, scales, zp, attrs, qw.cols)
             shared[mod.qweight.data_ptr()] = new
