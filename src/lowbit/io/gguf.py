@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, is_tied, refusals, rel_rms_error
+from .report import ExportEntry, ExportReport, check_output_file, is_tied, refusals, rel_rms_error
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
            "dequantized_tensors", "qk_permutation", "importance_matrix", "llama_quantize_types"]
@@ -296,10 +296,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     path = Path(path)
-    if path.is_dir():
-        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.gguf'})")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+    check_output_file(path, overwrite, "model.gguf")
     cfg = _llama_config(model)
     nblocks = int(cfg.num_hidden_layers)
     heads, kv_heads = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -493,10 +490,7 @@ def _export_llama_quantized(model: nn.Module, path: Path, ftype: str, importance
         raise GGUFExportError(
             f"llama_quantize= quantizes a float model with llama.cpp's quantizer; this one is quantized by lowbit "
             f"({done}): export it without llama_quantize (its codes go out exact), or pass the float model")
-    if path.is_dir():
-        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.gguf'})")
-    if path.exists() and not options["overwrite"]:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI --force) to replace it")
+    check_output_file(path, options["overwrite"], "model.gguf")
     cfg = _llama_config(model)
     nblocks = int(cfg.num_hidden_layers)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, nblocks)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .report import ExportEntry, ExportReport, refusals, requantize_weight
+from .report import ExportEntry, ExportReport, check_output_file, refusals, requantize_weight
 
 __all__ = ["ONNXExportError", "export_onnx", "onnx_mapping", "pack_blocks"]
 
@@ -506,13 +506,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                                   f"{why or 'not a weight-only integer scheme'}")  # fmt: skip
     path = Path(path)
     data_path = path.with_name(f"{path.name}.data")  # where a graph over 2 GB keeps its tensors
-    if path.is_dir():
-        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / 'model.onnx'})")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise FileExistsError(f"{path.parent} is a file, not a directory to write {path.name} in")
-    for p in (path, data_path):
-        if p.exists() and not overwrite:
-            raise FileExistsError(f"{p} exists; pass overwrite=True (CLI --force) to replace it")
+    check_output_file(path, overwrite, "model.onnx", data_path)
     half = _half_dtypes(model)
     if half:
         raise ONNXExportError(f"the model computes in {', '.join(half)}; the graph is float32 (ONNX Runtime's CPU "

@@ -5,7 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExportEntry", "ExportReport", "is_tied", "refusals", "rel_rms_error", "requantize_weight"]
+__all__ = ["ExportEntry", "ExportReport", "check_output_file", "is_tied", "refusals", "rel_rms_error",
+           "requantize_weight"]  # fmt: skip
+
+
+def check_output_file(path: Path, overwrite: bool, example: str, *also: Path) -> None:
+    """Refuse, before anything is written, an output file ``path`` that is a directory (the
+    message suggests ``path / example``), one whose parent is a file, or an existing ``path`` (or
+    companion file in ``also``) without ``overwrite``: ``FileExistsError``."""
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / example})")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise FileExistsError(f"{path.parent} is a file, not a directory to write {path.name} in")
+    for p in (path, *also):
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p} exists; pass overwrite=True (CLI --force) to replace it")
 
 
 def rel_rms_error(ref, approx) -> float:
