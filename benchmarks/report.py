@@ -807,6 +807,11 @@ def _gguf_table(res: dict) -> str:
         lines += ["", "Decode: `benchmarks/peer_llamacpp.py` (llama.cpp's counters, batch 1, 64 tokens, median of 5), "
                   f"one file after another, ISA {res.get('isa', '-')}; one file's rate drifted from 103 to 149 tok/s "
                   "within minutes on this shared machine, more than any difference between files of the same types."]
+    if any(n.endswith("+lowbit-imatrix") for n in rows):
+        lines += ["", "`*+lowbit-imatrix`: llama.cpp's quantizer (`llama_model_quantize`) given the importance matrix lowbit "
+                  "measures (`lowbit.export(model, \"gguf\", path, llama_quantize=TYPE, importance=importance_matrix(model, "
+                  "calibration))`, CLI `lowbit export --llama-quantize TYPE`) on the same calibration windows as "
+                  "`llama-imatrix`: the mean square of each layer's input columns."]  # fmt: skip
     mixed = {n: r for n, r in rows.items() if r.get("schemes")}
     for name, r in mixed.items():
         lines += ["", f"`{name}`: each decoder layer w4g32 (Q4_0) or w8g32 (Q8_0), chosen by `lowbit.mixed.allocate` "
