@@ -192,3 +192,96 @@ def test_w8a8_is_int_quantized_with_its_weights_exact_and_activations_left_to_th
     qw = m.model.layers[0].mlp.up_proj.qw
     w = t["model.layers.0.mlp.up_proj.weight"].float() * t["model.layers.0.mlp.up_proj.weight_scale"]
     assert torch.equal(w, qw.dequantize(torch.float32))
+
+
+def _small_llama(seed=0):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_float32_scales_in_a_float16_export_are_reported_with_their_error_or_refused(tmp_path):
+    """A layer of tiny weights keeps float32 scales (float16 would lose them); a float16 export
+    cannot keep them: the layer is labelled "scales rounded" with the error measured against
+    lowbit's weights, and exact=True refuses it. A float32 export stays exact."""
+    from safetensors.torch import load_file
+
+    m = _small_llama()
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.mul_(1e-7)
+    lowbit.quantize(m, "w4g32")
+    qw = m.model.layers[0].mlp.down_proj.qw
+    assert qw.scale.dtype == torch.float32
+    assert export_compressed_tensors(m, tmp_path / "f32").counts() == {"pack-quantized exact": 7}
+    rep = export_compressed_tensors(m, tmp_path / "f16", dtype="float16")
+    (e,) = [e for e in rep.entries if e.mapping != "exact"]
+    assert (e.source, e.mapping) == ("model.layers.0.mlp.down_proj", "scales rounded") and "float16" in e.why
+    t = load_file(str(tmp_path / "f16" / "model.safetensors"))
+    s16 = t["model.layers.0.mlp.down_proj.weight_scale"].float()
+    w16 = (qw.codes().float() - 8) * s16.repeat_interleave(32, dim=1)
+    ref = qw.dequantize(torch.float32)
+    err = float((w16 - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+    assert err > 1e-3 and abs(e.rel_rms_error - err) <= 1e-6 + 1e-3 * err
+    with pytest.raises(CTExportError, match=r"down_proj \(w4g32: its float32 scales are out of float16's range"):
+        export_compressed_tensors(m, tmp_path / "x", dtype="float16", exact=True)
+
+
+def test_overwrite_keeps_files_an_export_does_not_write(tmp_path):
+    q = lowbit.quantize(_small_llama(), "w4g32")
+    out = tmp_path / "ct"
+    export_compressed_tensors(q, out)
+    (out / "my_eval_results.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="also holds my_eval_results.txt"):
+        export_compressed_tensors(q, out, overwrite=True)
+    assert (out / "my_eval_results.txt").read_text() == "mine"
+    (out / "my_eval_results.txt").unlink()
+    export_compressed_tensors(q, out, overwrite=True)  # an export alone is replaced
+
+
+def test_asymmetric_note_only_when_an_asymmetric_layer_is_written(tmp_path):
+    m = _small_llama()
+    sym = export_compressed_tensors(lowbit.quantize(copy.deepcopy(m), "w4g32"), tmp_path / "a")
+    assert not any("asymmetric" in n for n in sym.notes)
+    asym = export_compressed_tensors(lowbit.quantize(copy.deepcopy(m), "w4g32-asym"), tmp_path / "b")
+    assert any("dequantize=True" in n for n in asym.notes)
+    # HQQ's fractional zero points are requantized to symmetric w8: nothing asymmetric is written
+    hqq = export_compressed_tensors(lowbit.quantize(copy.deepcopy(m), "w4g32-asym", method="hqq"), tmp_path / "c")
+    assert {e.target for e in hqq.entries} == {"pack-quantized int8"} and not any("asymmetric" in n for n in hqq.notes)
+
+
+def test_static_activations_are_said_to_go_out_weight_only(tmp_path):
+    m = _small_llama()
+    ids = [torch.randint(0, 64, (1, 8))]
+    q = lowbit.quantize(m, "w8a8-static", calibration=ids)
+    rep = export_compressed_tensors(q, tmp_path / "ct")
+    assert {e.mapping for e in rep.entries} == {"requantized"}
+    assert all("weight-only" in e.why for e in rep.entries)
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert all(g["input_activations"] is None for g in cfg["config_groups"].values())
+
+
+def test_the_sources_tokenizer_is_written_unless_told_otherwise(smollm2, tmp_path):
+    m = _small_llama()
+    m.lowbit_source = "smollm2-135m"  # as the zoo's loader marks it: its tokenizer is the zoo's
+    q = lowbit.quantize(m, "w4g32")
+    rep = export_compressed_tensors(q, tmp_path / "ct")
+    assert (tmp_path / "ct" / "tokenizer.json").is_file() and not rep.notes
+    rep = export_compressed_tensors(q, tmp_path / "none", tokenizer=False)
+    assert not (tmp_path / "none" / "tokenizer.json").exists()
+    m2 = lowbit.quantize(_small_llama(), "w4g32")  # no source known: said in the notes
+    rep = export_compressed_tensors(m2, tmp_path / "unknown")
+    assert any("no tokenizer written" in n for n in rep.notes)
+
+
+def test_nan_in_an_unquantized_tensor_is_refused(tmp_path):
+    from lowbit.primitives import NonFiniteError
+
+    q = lowbit.quantize(_small_llama(), "w4g32")
+    with torch.no_grad():
+        q.model.embed_tokens.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match="embed_tokens.weight holds 1 NaN"):
+        export_compressed_tensors(q, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

@@ -171,7 +171,7 @@ def test_layers_without_an_exact_type_are_requantized_with_the_error_reported_or
 def test_other_architectures_and_bad_options_are_one_clear_error(toy, tmp_path):
     with pytest.raises(GGUFExportError, match="Llama-family decoders .* this model is Toy"):
         export_gguf(lowbit.quantize(toy, "w4g32"), tmp_path / "x.gguf")
-    with pytest.raises(ValueError, match="requantize must be one of"):
+    with pytest.raises(ValueError, match=r"requantize \(CLI --requantize\) must be one of"):
         export_gguf(toy, tmp_path / "x.gguf", requantize="Q4_K")
     assert not any(tmp_path.iterdir())
 
@@ -383,10 +383,11 @@ def test_cli_llama_quantize(tiny_llama, tmp_path, capsys):
 
     tiny_llama.save_pretrained(tmp_path / "src")
     out = str(tmp_path / "k.gguf")
-    assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--llama-quantize", "Q4_K_M", "--no-imatrix",
+    # GGUF type names as llama.cpp spells them, in any case
+    assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--llama-quantize", "q4_k_m", "--no-imatrix",
                  "--tokenizer-gguf", str(_tok_gguf()), "-o", out]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "Q4_K requantized" in text and "by llama.cpp, error" in text
+    assert "12 Q4_K requantized" in text and "-> Q4_K by llama.cpp, added error" in text
     assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--llama-quantize", "Q4_K_M", "--scheme", "w4g32",
                  "-o", str(tmp_path / "b.gguf")]) == 2  # fmt: skip
     assert "drop --scheme" in capsys.readouterr().err
@@ -394,3 +395,58 @@ def test_cli_llama_quantize(tiny_llama, tmp_path, capsys):
     assert main(["export", str(tmp_path / "src"), "--to", "gguf", "--no-imatrix", "-o", str(tmp_path / "b.gguf")]) == 2
     assert "applies with --llama-quantize" in capsys.readouterr().err
     assert not (tmp_path / "b.gguf").exists()
+
+
+# ---- what a float16 block scale, Q4_1's offset and NaN cannot hold ---------------------------------
+def test_a_layer_float16_scales_cannot_hold_goes_out_f32_not_zeroed(tiny_llama, tmp_path):
+    """Weights so small that lowbit keeps float32 scales underflow Q8_0's float16 block scale
+    (requantized, the layer would be zeros): the layer is written F32 (lowbit's exact values),
+    saying why. The file type names what most quantized weights are (Q4_0), and general.name is
+    the source's name, not a path."""
+    m = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(1e-7)
+    lowbit.quantize(m, "w4g32")
+    qw = m.model.layers[1].mlp.down_proj.qw
+    assert qw.scale.dtype == torch.float32
+    m.lowbit_source = str(tmp_path / "some" / "model-dir")
+    rep = export_gguf(m, tmp_path / "m.gguf", tokenizer_gguf=_tok_gguf())
+    (e,) = [e for e in rep.entries if e.source == "model.layers.1.mlp.down_proj"]
+    assert (e.target, e.mapping) == ("F32", "exact") and "float16 scales cannot hold" in e.why
+    back = dequantized_tensors(tmp_path / "m.gguf", 4, 2)["blk.1.ffn_down.weight"]
+    assert torch.equal(back, qw.dequantize(torch.float32))
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    assert fields["general.name"].contents() == "model-dir"
+    # a weight of ordinary size is requantized as asked, with no fallback
+    rep = export_gguf(lowbit.quantize(copy.deepcopy(tiny_llama), "nf4g64"), tmp_path / "n.gguf", tokenizer_gguf=_tok_gguf())
+    assert {(e.target, e.mapping, e.why.count("F32")) for e in rep.entries if e.scheme != "-"} == {("Q8_0", "requantized", 0)}
+
+
+def test_exact_refuses_q4_1_layers_whose_zero_point_rounds(tiny_llama, tmp_path):
+    q = lowbit.quantize(copy.deepcopy(tiny_llama), "w4g32-asym")
+    with pytest.raises(GGUFExportError, match=r"Q4_1 holds the offset -s\*z in float16"):
+        export_gguf(q, tmp_path / "a.gguf", exact=True, tokenizer_gguf=_tok_gguf())
+    assert not (tmp_path / "a.gguf").exists()
+    rep = export_gguf(q, tmp_path / "a.gguf", tokenizer_gguf=_tok_gguf())
+    assert {e.mapping for e in rep.entries if e.scheme != "-"} == {"zero point rounded"}
+
+
+def test_nan_in_an_unquantized_tensor_is_refused(tiny_llama, tmp_path):
+    from lowbit.primitives import NonFiniteError
+
+    q = lowbit.quantize(copy.deepcopy(tiny_llama), "w4g32")
+    with torch.no_grad():
+        q.model.norm.weight[7] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"model\.norm\.weight holds 1 NaN or Inf"):
+        export_gguf(q, tmp_path / "x.gguf", tokenizer_gguf=_tok_gguf())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_exports_temporary_file_is_removed_by_the_next(tiny_llama, tmp_path):
+    stale = tmp_path / ".m.gguf.tmp-999999999"  # no such process
+    stale.write_bytes(b"half a model")
+    live = tmp_path / f".m.gguf.tmp-{__import__('os').getppid()}"  # a running process's: kept
+    live.write_bytes(b"being written")
+    export_gguf(tiny_llama, tmp_path / "m.gguf", tokenizer_gguf=_tok_gguf())
+    assert not stale.exists() and live.exists()

@@ -105,10 +105,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
 
 
-def _tiny_llama(tie=True):
+def _tiny_llama(tie=True, hidden=64):
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)  # fmt: skip
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
@@ -283,3 +283,93 @@ def test_embedding_bytes_are_counted_once_and_task_heads_export_logits(tmp_path)
     ids = torch.randint(0, 128, (2, 7))
     y = s.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 7), dtype=np.int64)})[0]
     assert y.shape == (2, 3)
+
+
+@pytest.mark.parametrize("emb", ["w8", "w4g128"])
+def test_a_per_channel_embedding_on_a_row_no_128_block_divides_stays_quantized_and_tied(tmp_path, emb):
+    """A 96-wide row: the block is the largest power of two that divides it (32), so the
+    embedding is GatherBlockQuantized and the head shares it, not a float32 copy."""
+    q = lowbit.quantize(_tiny_llama(hidden=96), lowbit.Recipe(parse_scheme("w4g32")).add("*embed_tokens", emb)
+                        .add("lm_head", emb), progress=False)  # fmt: skip
+    rep = export_onnx(q, tmp_path / "m.onnx", exact=True)
+    assert rep.counts() == {"GatherBlockQuantized exact": 1, "MatMulNBits exact": 14,
+                            "MatMulNBits (tied to the embedding) exact": 1}  # fmt: skip
+    ids = torch.randint(0, 256, (2, 9))
+    ref = _ref(q, ids).logits
+    y = _session(tmp_path / "m.onnx").run(None, {"input_ids": ids.numpy()})[0]
+    assert np.abs(y - ref.numpy()).max() <= 1e-4 * float(ref.abs().max())
+
+
+def test_accuracy_level_4_is_weights_exact_and_level_1_is_refused_for_dynamic_activations(tmp_path):
+    torch.manual_seed(0)
+    q = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16)), "w4g32", progress=False)
+    rep = export_onnx(q, tmp_path / "a.onnx", accuracy_level=4, example_inputs=torch.zeros(2, 128))
+    assert [(e.target, e.mapping) for e in rep.entries] == [("MatMulNBits", "weights exact")]
+    q8 = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16)), "w8a8", progress=False)
+    with pytest.raises(ONNXExportError, match="dynamically to int8, which MatMulNBits does at accuracy_level 4"):
+        export_onnx(q8, tmp_path / "b.onnx", accuracy_level=1, example_inputs=torch.zeros(2, 128))
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_an_error_not_a_file(tmp_path):
+    """An example input of the wrong size traces (the MatMulNBits stand-in does not check K) but
+    gives a graph ONNX Runtime refuses: the export checks it with ONNX Runtime before renaming."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 8))
+    q = lowbit.quantize(net, lowbit.Recipe(parse_scheme("w4g16")).add("0", "int8"), progress=False)
+    export_onnx(q, tmp_path / "ok.onnx", example_inputs=torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ONNXExportError, match="ONNX Runtime rejects the exported graph.*example|input shape"):
+        export_onnx(q, tmp_path / "bad.onnx", example_inputs=torch.zeros(1, 1, 16, 16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]
+
+
+def test_cli_refuses_bad_options_before_loading_anything(tmp_path, capsys):
+    from lowbit.cli import main
+
+    (tmp_path / "adir").mkdir()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "lowbit.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"mine")
+    cases = [
+        (["digits-cnn", "--to", "onnx", "-o", str(tmp_path / "adir"), "--force"], "adir is a directory; --to onnx writes a file (e.g. "),
+        (["digits-cnn", "--to", "onnx", "-o", str(tmp_path / "adir")], "adir is a directory"),
+        (["digits-cnn", "--to", "onnx", "-o", str(tmp_path / "new") + "/"], "new/ names a directory"),
+        (["digits-cnn", "--to", "onnx", "-o", ""], "-o is empty"),
+        ([str(src), "--to", "onnx", "-o", str(src / "model.safetensors"), "--force"], "is part of the source model"),
+        ([str(src), "--to", "compressed-tensors", "-o", str(src), "--force"], "is part of the source model"),
+        (["digits-cnn", "--to", "onnx", "--scheme", "w4g32", "--recipe", "r.json", "-o", "x.onnx"], "at most one of --scheme or --recipe"),
+        (["digits-cnn", "--to", "onnx", "--threads", "-3", "-o", "x.onnx"], "--threads takes a positive number"),
+        (["digits-cnn", "--to", "onnx", "--exact", "--requantize", "w8", "-o", "x.onnx"], "give one of them"),
+        (["digits-cnn", "--to", "onnx", "--method", "gptq", "-o", "x.onnx"], "--method applies when the export quantizes"),
+        (["digits-cnn", "--to", "onnx", "--requantize", "Q8_0", "-o", "x.onnx"], "--requantize for onnx takes a lowbit scheme"),
+        (["digits-cnn", "--to", "gguf", "--float-type", "q4_0", "-o", "x.gguf"], "--float-type is one of F32, F16, BF16, Q8_0, got 'Q4_0'"),
+        ([str(tmp_path / "nosuchdir"), "--to", "onnx", "-o", "x.onnx"], "no such file or directory, and not a zoo model"),
+    ]  # fmt: skip
+    for argv, msg in cases:
+        assert main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (argv, err)
+    assert (src / "model.safetensors").read_bytes() == b"mine"
+
+
+def test_sigterm_during_an_export_leaves_nothing_and_keeps_the_earlier_output(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import lowbit.io.onnx as lo
+    from lowbit.cli import main
+
+    out = tmp_path / "d.onnx"
+    out.write_bytes(b"earlier")
+    real = lo._check_runs
+
+    def killed(graph, user_shape):  # SIGTERM while the graph sits in its temporary directory
+        real(graph, user_shape)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(lo, "_check_runs", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["export", "digits-cnn", "--scheme", "w8", "--to", "onnx", "-o", str(out), "--force", "-q"]) == 143
+    assert "interrupted: nothing was written" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx"]
+    assert signal.getsignal(signal.SIGTERM) is before  # lowbit's handler is put back

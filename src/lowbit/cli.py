@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,11 @@ def _err(msg: str) -> int:
 def _threads(args) -> None:
     import torch
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    n = getattr(args, "threads", None)
+    if n is not None:
+        if n < 1:
+            raise CliError(f"--threads takes a positive number of threads, got {n}")
+        torch.set_num_threads(n)
 
 
 # ---- quantize ---------------------------------------------------------------------------------
@@ -552,6 +556,115 @@ def cmd_generate(args) -> int:
 
 
 # ---- export -------------------------------------------------------------------------------------
+def _export_checks(args) -> None:
+    """What ``lowbit export`` can refuse before loading or quantizing anything (CliError)."""
+    import lowbit
+    from lowbit.scheme import SchemeError
+
+    out = args.output
+    file_out = args.to in ("gguf", "onnx")
+    if not out.strip():
+        raise CliError("-o is empty; give the output path")
+    if (args.scheme is not None) and (args.recipe is not None):
+        raise CliError("give at most one of --scheme or --recipe")
+    if args.exact and args.requantize:
+        raise CliError("--exact refuses layers without an exact mapping; --requantize says what they become: "
+                       "give one of them")  # fmt: skip
+    quantizing = args.scheme is not None or args.recipe is not None
+    if not quantizing and not args.llama_quantize:
+        given = [f for f, v in (("--method", args.method != "rtn"), ("--calib", args.calib),
+                                ("--calib-domains", args.calib_domains)) if v]  # fmt: skip
+        if given:
+            raise CliError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} when the export quantizes (--scheme / --recipe, or "
+                           "--llama-quantize's importance matrix)")  # fmt: skip
+    path = Path(out)
+    if file_out and (path.is_dir() or out.endswith(("/", os.sep))):
+        what = "is a directory" if path.is_dir() else "names a directory"
+        raise CliError(f"{out} {what}; --to {args.to} writes a file (e.g. {path / ('model.' + args.to)})")
+    if path.exists() and not args.force:
+        raise CliError(f"{out} exists; pass --force to replace it")
+    src = Path(args.model)
+    if src.is_dir():
+        s, o = src.resolve(), path.resolve()
+        if o == s or (s in o.parents and o.exists()):
+            raise CliError(f"{out} is part of the source model {args.model}; write the export elsewhere")
+    if args.to == "gguf":
+        from lowbit.io.gguf import FLOAT_TYPES, REQUANT_TYPES
+
+        for attr in ("requantize", "float_type", "llama_quantize"):
+            if getattr(args, attr):
+                setattr(args, attr, getattr(args, attr).upper())  # GGUF type names, as llama.cpp spells them
+        if args.requantize and args.requantize not in REQUANT_TYPES:
+            raise CliError(f"--requantize for gguf is one of {', '.join(REQUANT_TYPES)}, got {args.requantize!r}")
+        if args.float_type and args.float_type not in FLOAT_TYPES:
+            raise CliError(f"--float-type is one of {', '.join(FLOAT_TYPES)}, got {args.float_type!r}")
+    elif args.requantize:
+        try:
+            lowbit.parse_scheme(args.requantize)
+        except SchemeError as e:
+            raise CliError(f"--requantize for {args.to} takes a lowbit scheme (e.g. w8, w4g32): {e}") from None
+    if args.to != "gguf" and (args.float_type or args.tokenizer_gguf):
+        raise CliError("--float-type and --tokenizer-gguf apply to --to gguf")
+    if args.to != "compressed-tensors" and args.dtype:
+        raise CliError("--dtype applies to --to compressed-tensors")
+    if args.tokenizer_gguf and not Path(args.tokenizer_gguf).is_file():
+        raise CliError(f"--tokenizer-gguf {args.tokenizer_gguf}: no such file")
+    if args.to != "onnx" and (args.accuracy_level is not None or args.input_shape):
+        raise CliError("--accuracy-level and --input-shape apply to --to onnx")
+    if args.llama_quantize:
+        from lowbit.io.gguf import llama_quantize_types
+
+        if args.to != "gguf":
+            raise CliError("--llama-quantize applies to --to gguf")
+        clash = [f for f, v in (("--scheme", args.scheme), ("--recipe", args.recipe), ("--exact", args.exact),
+                                ("--requantize", args.requantize), ("--float-type", args.float_type)) if v]  # fmt: skip
+        if clash:
+            raise CliError(f"--llama-quantize quantizes the float model with llama.cpp's quantizer; drop {', '.join(clash)}")
+        types = llama_quantize_types()
+        if args.llama_quantize not in types:
+            raise CliError(f"--llama-quantize takes a llama.cpp file type ({', '.join(types)}), got {args.llama_quantize!r}")
+    elif not args.imatrix:
+        raise CliError("--no-imatrix applies with --llama-quantize")
+    if quantizing and (src / "lowbit.json").is_file():
+        raise CliError(f"{args.model} is already quantized; --scheme / --recipe quantize a float source first")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 2 else f"{len(names)} layers ({names[0]} ... {names[-1]})"
+
+
+def _pct(lo: float, hi: float) -> str:
+    if lo != lo or hi != hi:  # NaN: not measured (the reason is in the line)
+        return "n/a"
+    return f"{100 * hi:.3f}%" if abs(hi - lo) < 5e-6 else f"{100 * lo:.3f}-{100 * hi:.3f}%"
+
+
+def _export_lines(rep, every: bool, by: str = "") -> list[str]:
+    """The report's layers that are not simply exact, one line per kind (``every``: per layer)."""
+    groups: dict[tuple, list] = {}
+    for t in rep.entries:
+        if t.mapping in ("exact", "weights exact", "float") and not t.why:
+            continue
+        key = (t.scheme, t.target, t.mapping, t.why, t.name if every else "")
+        groups.setdefault(key, []).append(t)
+    lines = []
+    for (scheme, target, mapping, why, _), ts in groups.items():
+        names = _names([t.source if t.scheme != "-" else t.name for t in ts])
+        errs = [t.rel_rms_error for t in ts]
+        frm = scheme if scheme != "-" else "float"
+        because = f" ({why})" if why else ""
+        if mapping == "zero point rounded":
+            lines.append(f"{names}: {scheme} -> {target}, zero point rounded to float16 in "
+                         f"{_pct(min(1 - t.exact_fraction for t in ts), max(1 - t.exact_fraction for t in ts))} "
+                         f"of blocks (a weight moves by up to {max(t.max_abs_error for t in ts):.2e})")  # fmt: skip
+        elif mapping in ("requantized", "scales rounded", "rounded"):
+            lines.append(f"{names}: {frm} -> {target}{by if scheme == '-' else ''}{because}, added error {_pct(min(errs), max(errs))} of the "
+                         "weight's RMS")  # fmt: skip
+        else:
+            lines.append(f"{names}: {frm} -> {target} {mapping}{because}")
+    return lines
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -559,30 +672,7 @@ def cmd_export(args) -> int:
     from lowbit.models.source import load_source
 
     _threads(args)
-    if Path(args.output).exists() and not args.force:
-        return _err(f"{args.output} exists; pass --force to replace it")
-    if args.to != "gguf" and (args.float_type or args.tokenizer_gguf):
-        return _err("--float-type and --tokenizer-gguf apply to --to gguf")
-    if args.to != "compressed-tensors" and args.dtype:
-        return _err("--dtype applies to --to compressed-tensors")
-    if args.tokenizer_gguf and not Path(args.tokenizer_gguf).is_file():
-        return _err(f"--tokenizer-gguf {args.tokenizer_gguf}: no such file")
-    if args.to != "onnx" and (args.accuracy_level is not None or args.input_shape):
-        return _err("--accuracy-level and --input-shape apply to --to onnx")
-    if args.llama_quantize:
-        from lowbit.io.gguf import llama_quantize_types
-
-        if args.to != "gguf":
-            return _err("--llama-quantize applies to --to gguf")
-        clash = [f for f, v in (("--scheme", args.scheme), ("--recipe", args.recipe), ("--exact", args.exact),
-                                ("--requantize", args.requantize), ("--float-type", args.float_type)) if v]  # fmt: skip
-        if clash:
-            return _err(f"--llama-quantize quantizes the float model with llama.cpp's quantizer; drop {', '.join(clash)}")
-        types = llama_quantize_types()
-        if args.llama_quantize not in types:
-            return _err(f"--llama-quantize takes a llama.cpp file type ({', '.join(types)}), got {args.llama_quantize!r}")
-    elif not args.imatrix:
-        return _err("--no-imatrix applies with --llama-quantize")
+    _export_checks(args)
     shape = None
     if args.input_shape:
         try:
@@ -591,22 +681,14 @@ def cmd_export(args) -> int:
                 raise ValueError
         except ValueError:
             return _err(f"--input-shape takes positive integers separated by commas (e.g. 1,3,224,224), got {args.input_shape!r}")
-    if (args.scheme or args.recipe) and (Path(args.model) / "lowbit.json").is_file():
-        return _err(f"{args.model} is already quantized; --scheme / --recipe quantize a float source first")
-    # what can be checked before minutes of quantizing
-    if args.to in ("gguf", "onnx") and Path(args.output).is_dir():
-        return _err(f"{args.output} is a directory; --to {args.to} writes a file (e.g. {Path(args.output) / 'model.' + args.to})")
-    if args.requantize:
-        from lowbit.io.gguf import REQUANT_TYPES
-
-        if args.to == "gguf" and args.requantize not in REQUANT_TYPES:
-            return _err(f"--requantize for gguf is one of {', '.join(REQUANT_TYPES)}, got {args.requantize!r}")
-        if args.to != "gguf":
-            lowbit.parse_scheme(args.requantize)  # a SchemeError is reported as usual
     zm = load_source(args.model)
     model = zm.model
     if shape is not None and hasattr(model, "config"):
         return _err("--input-shape is for models that are not transformers models (those take input_ids)")
+    if args.to == "gguf":  # what the GGUF writer would refuse, before minutes of quantizing
+        from lowbit.io.gguf import check_gguf_source
+
+        check_gguf_source(model, args.tokenizer_gguf)
     if args.scheme or args.recipe:
         from lowbit.algorithms import get_algorithm
 
@@ -643,20 +725,11 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     rep = lowbit.export(model, args.to, args.output, **options)
     secs = time.perf_counter() - t0
-    for t in [] if args.quiet else rep.entries:
-        if t.mapping == "requantized" and t.scheme != "-":
-            print(f"  {t.source}: {t.scheme} has no exact {args.to} form -> {t.target}, "
-                  f"added error {100 * t.rel_rms_error:.3f}% of the weight's RMS")  # fmt: skip
-        elif t.mapping == "requantized" and args.llama_quantize and t.target != "F32":
-            print(f"  {t.name}: {t.target} by llama.cpp, error {100 * t.rel_rms_error:.3f}% of the weight's RMS")
-        elif t.mapping == "zero point rounded":
-            print(f"  {t.source}: {t.target}, zero point rounded to float16 in {100 * (1 - t.exact_fraction):.1f}% "
-                  f"of blocks (at most {t.max_abs_error:.2e} per weight)")  # fmt: skip
-    if args.to == "compressed-tensors" and any(t.scheme.endswith("-asym") or "-asym-" in t.scheme for t in rep.entries):
-        print("  note: transformers 5 loads asymmetric compressed-tensors layers only dequantized: "
-              "from_pretrained(..., quantization_config=CompressedTensorsConfig(dequantize=True)) (llm-compressor#1618)")  # fmt: skip
-    for note in rep.notes:
-        print(f"  llama.cpp: {note}")
+    if not args.quiet:
+        for line in _export_lines(rep, args.verbose, " by llama.cpp" if args.llama_quantize else ""):
+            print(f"  {line}")
+        for note in rep.notes:
+            print(f"  note: {note}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items())) or "no quantized layers"
     print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {rep.nbytes / 1e6:.1f} MB -> {rep.path}")
     return 0
@@ -819,11 +892,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scheme", help="quantize a float source with this scheme first")
     x.add_argument("--recipe", help="... or with this recipe JSON file")
     x.add_argument("--method", default="rtn", choices=sorted(ALGORITHMS), help="method for --scheme / --recipe")
-    x.add_argument("--exact", action="store_true", help="refuse layers the format cannot hold exactly (named) "
-                   "instead of requantizing them")
+    x.add_argument("--exact", action="store_true", help="refuse (naming them) layers whose values the format "
+                   "cannot hold exactly instead of requantizing them; onnx still writes a quantized convolution or "
+                   "embedding it has no operator for as its exact float32 values (reported)")
     x.add_argument("--requantize", metavar="TYPE",
                    help="what layers without an exact mapping become (gguf: a GGUF type, Q8_0 default, Q4_0, Q4_1, "
-                   "Q5_0, Q5_1, F16, F32; compressed-tensors and onnx: a lowbit scheme, w8 default)")
+                   "Q5_0, Q5_1, F16, BF16, F32; compressed-tensors and onnx: a lowbit scheme, w8 default)")
     x.add_argument("--float-type", help="gguf: unquantized 2-D weights (F32 exact, default; F16, BF16, Q8_0)")
     x.add_argument("--llama-quantize", metavar="TYPE", help="gguf: quantize the float model with llama.cpp's own "
                    "quantizer to this file type (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, ...) instead of writing lowbit's codes")
@@ -839,13 +913,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "default; 4: ONNX Runtime rounds activations to int8 per block, faster)")
     x.add_argument("--input-shape", metavar="DIMS", help="onnx: one input's shape for a model that is not a "
                    "transformers model (e.g. 1,3,224,224; the zoo's image models have theirs)")
-    x.add_argument("--nsamples", type=int, default=64)
-    x.add_argument("--seqlen", type=int, default=512)
-    x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--calib", help="calibration text file (calibrated methods)")
-    x.add_argument("--calib-domains", help="calibration domains (default: mixed)")
-    x.add_argument("--threads", type=int)
-    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
+    x.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    x.add_argument("--seed", type=int, default=0, help="which calibration samples are drawn (default 0)")
+    x.add_argument("--calib", help="calibration text file (calibrated methods, the importance matrix)")
+    x.add_argument("--calib-domains", metavar="NAMES", help="built-in text domains to calibrate on, comma-separated "
+                   "(python-docs, licences, handbook, quotes; default mixed)")
+    x.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    x.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    x.add_argument("-v", "--verbose", action="store_true", help="one line per layer that is not exact "
+                   "(default: one line per kind)")
     x.set_defaults(fn=cmd_export)
 
     f = sub.add_parser("formats", help="the format table and scheme presets")
@@ -853,8 +930,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Kubernetes) turned into an exception, so that the
+    writers' clean-up runs as it does for Ctrl-C."""
+
+
+def _on_sigterm(_signum, _frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     from lowbit.calibrate import CalibrationError
     from lowbit.distributed import RayError
     from lowbit.driver import QuantizeError, UnsupportedModuleError
@@ -875,9 +967,12 @@ def main(argv: list[str] | None = None) -> int:
             UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
             CliError, MixedPrecisionError, GenerateError, RayError, ValueError, OSError) as e:  # fmt: skip
         return _err(str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _err("interrupted: nothing was written (an output from an earlier run is kept as it was)")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

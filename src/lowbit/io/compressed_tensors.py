@@ -27,6 +27,7 @@ groups. Embeddings and the LM head stay dense (``ignore``), in the model's float
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, is_tied, refusals, requantize_weight
+from .report import ExportEntry, ExportReport, check_finite, is_tied, refusals, rel_rms_error, requantize_weight
 
 __all__ = ["CTExportError", "ct_mapping", "export_compressed_tensors"]
 
@@ -50,8 +51,10 @@ def ct_mapping(qw) -> tuple[str | None, str]:
     (``"pack-quantized"``, ``"int-quantized"``, ``"float-quantized"``), or ``(None, reason)``."""
     s, fmt = qw.scheme, qw.scheme.fmt
     if s.act_bits is not None:
-        if s.act_static or s.act_group is not None:
-            return None, "static or grouped activations have no compressed-tensors scheme vLLM runs"
+        if s.act_static:
+            return None, "lowbit writes no static input scales to compressed-tensors (the layer goes out weight-only)"
+        if s.act_group is not None:
+            return None, "grouped activations have no compressed-tensors scheme vLLM runs"
         if fmt.bits != 8 or not s.symmetric or s.group_size is not None or s.per_tensor:
             return None, "W8A8 there is symmetric int8 weights per channel"
         return "int-quantized", ""
@@ -113,6 +116,16 @@ def _tensors(prefix: str, qw, fmt_name: str, scale_dtype: torch.dtype = torch.fl
     return out
 
 
+# what a compressed-tensors export directory holds (anything else in it is not replaced by overwrite=True)
+_CT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "recipe.yaml", "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
+             "chat_template.json")  # fmt: skip
+
+
+def _ct_file(name: str) -> bool:
+    return name in _CT_FILES or name.startswith(("tokenizer", "vocab.", "model-0")) and not name.endswith("/")
+
+
 def _is_ct_export(path: Path) -> bool:
     """Whether directory ``path`` holds an earlier compressed-tensors export (what ``overwrite``
     may replace; never a source model or an unrelated directory)."""
@@ -143,7 +156,9 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         dtype: dtype of the dense tensors and of ``config.json`` (``float32``: lowbit's values
             exactly; ``float16`` / ``bfloat16``: what GPU servers run; bf16 rounds the float16
             scales when a runtime casts them).
-        tokenizer: saved beside the model when given.
+        tokenizer: saved beside the model; None (default): the tokenizer of the model's source
+            (a zoo model, a model directory), if it has one (the report's ``notes`` say when
+            none was written); False: none.
         overwrite: replace an existing directory at ``path`` (otherwise ``FileExistsError``).
 
     Returns an :class:`lowbit.io.report.ExportReport` (per layer: format, exact or requantized
@@ -170,11 +185,22 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         if any(path.iterdir()) and not _is_ct_export(path):
             raise FileExistsError(f"{path} is a non-empty directory that is not a compressed-tensors export; "
                                   "not replacing it")  # fmt: skip
+        foreign = sorted(f.name for f in path.iterdir() if f.is_dir() or not _ct_file(f.name))
+        if foreign:
+            raise FileExistsError(f"{path} also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                                  "which an export does not write; replacing the directory would delete "
+                                  "them: move them or choose another path")  # fmt: skip
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         raise CTExportError(f"compressed-tensors export writes transformers models; {type(model).__name__} has no config")
 
     layers, groups, refused, tensors = [], {}, [], {}
+    asym = False  # an asymmetric layer is written
+    task_has_text = hasattr(model, "get_input_embeddings") and tokenizer is None
+    if tokenizer is None:
+        from ..models.zoo import source_tokenizer
+
+        tokenizer = source_tokenizer(getattr(model, "lowbit_source", None))
     quantized: set[str] = set()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # from the data: a config saying "tied" over an untied head would load the embedding as the head
@@ -216,16 +242,30 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             qw, rec.rel_rms_error = requantize_weight(qw, target)
             fmt_name, why2 = ct_mapping(qw)
             if fmt_name is None:
-                raise ValueError(f"requantize={requantize!r} has no compressed-tensors format either: {why2}")
-            rec.target, rec.mapping = fmt_name, "requantized"
+                raise ValueError(f"requantize={requantize!r} (CLI --requantize) has no compressed-tensors format "
+                                 f"either: {why2}")  # fmt: skip
+            rec.target, rec.mapping, rec.why = f"{fmt_name} {qw.scheme}", "requantized", why
+        elif dtype != "float32" and qw.scale.dtype == torch.float32 and fmt_name != "float-quantized":
+            # float32 scales (lowbit keeps them when float16 would lose them) in a float16 export
+            sd = torch.float16
+            if not torch.equal(qw.scale.to(sd).float(), qw.scale):
+                if exact:
+                    refused.append((name, str(mod.scheme), f"its float32 scales are out of float16's range ({dtype} "
+                                                            "export); use dtype float32"))  # fmt: skip
+                    continue
+                w = qw.dequantize(torch.float32)
+                rounded = dataclasses.replace(qw, scale=qw.scale.to(sd).float()).dequantize(torch.float32)
+                rec.mapping, rec.rel_rms_error = "scales rounded", rel_rms_error(w, rounded)
+                rec.why = f"its float32 scales are out of float16's range; a {dtype} export rounds them (float32 keeps them)"
         if mod.bias is not None:
             tensors[f"{name}.bias"] = mod.bias.detach().to(fdtype)
         tensors.update(_tensors(name, qw, fmt_name, torch.float32 if dtype == "float32" else torch.float16))
+        asym = asym or not qw.scheme.symmetric
         key = json.dumps({"format": fmt_name, **_args(qw, fmt_name)}, sort_keys=True)
         groups.setdefault(key, []).append(name)
         layers.append(rec)
     if refused:
-        raise CTExportError("these layers have no exact compressed-tensors format" + (" (exact=True)" if exact else "")
+        raise CTExportError("these layers have no exact compressed-tensors format" + (" (exact=True, CLI --exact)" if exact else "")
                             + ": " + refusals(refused))  # fmt: skip
     if not groups:
         raise CTExportError("no Linear layer of this model is quantized: nothing for compressed-tensors to describe")
@@ -235,6 +275,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         if mod in quantized or name in tensors:
             continue
         t = t.detach()
+        check_finite(name, t)
         key = (t.data_ptr(), t.dtype, tuple(t.shape))
         if t.numel() and key in seen:
             if tied and head is not None and name.startswith(next(n for n, m in model.named_modules() if m is head)):
@@ -281,11 +322,19 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        if tokenizer is not None:
+        if tokenizer:
             tokenizer.save_pretrained(tmp)
         _permissions(tmp)
         _exchange(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportReport(path, sum(f.stat().st_size for f in path.iterdir() if f.is_file()), layers)
+    report = ExportReport(path, sum(f.stat().st_size for f in path.iterdir() if f.is_file()), layers)
+    if tokenizer is None and task_has_text:
+        report.notes.append("no tokenizer written (the model's source has none): pass tokenizer= to include one")
+    if asym:
+        report.notes.append(
+            "transformers 5 loads asymmetric compressed-tensors layers only dequantized: from_pretrained(..., "
+            "quantization_config=CompressedTensorsConfig(dequantize=True)) (llm-compressor#1618)"
+            + ("; a model that mixes them with other layer formats does not load that way either" if len(groups) > 1 else ""))
+    return report

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .report import ExportEntry, ExportReport, check_output_file, is_tied, refusals, rel_rms_error
+from .report import ExportEntry, ExportReport, check_finite, check_output_file, is_tied, refusals, rel_rms_error
 
 __all__ = ["GGUF_TYPES", "REQUANT_TYPES", "GGUFExportError", "gguf_mapping", "encode_gguf_weight", "export_gguf",
-           "dequantized_tensors", "qk_permutation", "importance_matrix", "llama_quantize_types"]
+           "dequantized_tensors", "qk_permutation", "importance_matrix", "llama_quantize_types", "check_gguf_source"]
 
 QK = 32  # elements per block of the 32-block types (QK4_0 = QK4_1 = QK8_0 in ggml-common.h)
 
@@ -134,35 +134,59 @@ def encode_gguf_weight(qw, gguf_type: str) -> tuple[np.ndarray, dict]:
         qs = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8).reshape(n, -1, QK)
         blocks = torch.cat([_half_bytes(d), qs], dim=-1)
     elif gguf_type == "Q4_1":
-        s = _per_block(qw.scales(), qw)
-        z = _per_block(qw.zero_points(), qw)
-        m = -s * z  # exact in float32: an 11-bit significand times a code or a float16 zero point
-        m16 = m.to(torch.float16)
-        err = (m16.float() - m).abs()
-        info = {"max_abs_error": float(err.max()) if err.numel() else 0.0,
-                "exact_blocks": float((err == 0).float().mean()) if err.numel() else 1.0}  # fmt: skip
-        blocks = torch.cat([_half_bytes(d), _half_bytes(m16), _nibbles(codes)], dim=-1)
+        m = -_per_block(qw.scales(), qw) * _per_block(qw.zero_points(), qw)  # exact in float32: an 11-bit
+        # significand times a code or a float16 zero point
+        max_err, exact_blocks = _q4_1_offsets(qw)
+        info = {"max_abs_error": max_err, "exact_blocks": exact_blocks}
+        blocks = torch.cat([_half_bytes(d), _half_bytes(m.to(torch.float16)), _nibbles(codes)], dim=-1)
     else:
         raise ValueError(f"lowbit writes Q4_0, Q4_1 and Q8_0 blocks itself, not {gguf_type}")
     return blocks.reshape(n, -1).numpy(), info
 
 
-def _requantize(w: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, float]:
-    """``w`` (float32 ``(N, K)``) in ``gguf_type`` by gguf's own quantizer; the relative RMS error
-    that adds against ``w``."""
-    import gguf
-
-    t = gguf.GGMLQuantizationType[gguf_type]
+def _requantize(w: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, float, str, str]:
+    """``w`` (float32 ``(N, K)``) in ``gguf_type`` by gguf's own quantizer: ``(data, relative RMS
+    error against w, the type written, why it differs)``. The block types hold float16 scales
+    (and F16 the values themselves): when float16's range, not the type's bits, makes the error
+    (tiny or huge weights; the same weight scaled by a power of two to unit RMS quantizes better
+    than 2/3 of the error), F32 is written instead and ``why`` says so."""
     a = w.float().numpy()
     if gguf_type == "F32":
-        return a, 0.0
+        return a, 0.0, "F32", ""
+    out, err = _quantize_as(a, gguf_type)
+    rms = float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))
+    if err > 0 and rms > 0 and np.isfinite(rms):
+        k = np.float32(2.0 ** round(float(np.log2(rms))))  # exact rescaling
+        _, ideal = _quantize_as(a / k, gguf_type)
+        if err > 1.5 * ideal + 1e-4:
+            why = (f"{gguf_type}'s float16 {'values' if gguf_type == 'F16' else 'scales'} cannot hold this weight's "
+                   f"range ({100 * err:.1f}% error against {100 * ideal:.1f}% at unit scale): written F32")
+            return a, 0.0, "F32", why
+    return out, err, gguf_type, ""
+
+
+def _quantize_as(a: np.ndarray, gguf_type: str) -> tuple[np.ndarray, float]:
+    import gguf
+
     if gguf_type == "F16":
         out = a.astype(np.float16)
         back = out.astype(np.float32)
     else:
+        t = gguf.GGMLQuantizationType[gguf_type]
         out = gguf.quants.quantize(a, t)
         back = gguf.quants.dequantize(out, t).reshape(a.shape)
     return out, rel_rms_error(a, back)
+
+
+def _q4_1_offsets(qw) -> tuple[float, float]:
+    """Q4_1's cost for an asymmetric ``qw``: the largest change of a weight when the offset
+    ``m = -s * z`` is rounded to float16, and the share of 32-blocks it leaves exact."""
+    s = _per_block(qw.scales(), qw)
+    m = -s * _per_block(qw.zero_points(), qw)  # exact in float32 (see encode_gguf_weight)
+    err = (m.to(torch.float16).float() - m).abs()
+    if not err.numel():
+        return 0.0, 1.0
+    return float(err.max()), float((err == 0).float().mean())
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -209,6 +233,13 @@ def _tokenizer_source(model: nn.Module, tokenizer_gguf) -> Path:
         "GGUF export needs the tokenizer's llama.cpp metadata (its pre-tokenizer name): pass tokenizer_gguf= "
         "(CLI --tokenizer-gguf) a GGUF of the same vocabulary, e.g. one llama.cpp's convert_hf_to_gguf.py "
         "--vocab-only wrote for this model")
+
+
+def check_gguf_source(model: nn.Module, tokenizer_gguf: str | os.PathLike | None = None) -> None:
+    """What :func:`export_gguf` checks of the model before writing (its architecture, the
+    tokenizer source and vocabulary), for callers that quantize first: ``GGUFExportError``."""
+    cfg = _llama_config(model)
+    _tokenizer_fields(_tokenizer_source(model, tokenizer_gguf), int(cfg.vocab_size))
 
 
 def _tokenizer_fields(src: Path, vocab: int) -> list:
@@ -291,10 +322,11 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                                        name=name, overwrite=overwrite)  # fmt: skip
     if importance is not None:
         raise ValueError("importance= applies with llama_quantize= (llama.cpp's quantizer reads it)")
+    requantize, float_type = str(requantize).upper(), str(float_type).upper()
     if requantize not in REQUANT_TYPES:
-        raise ValueError(f"requantize must be one of {', '.join(REQUANT_TYPES)}, got {requantize!r}")
+        raise ValueError(f"requantize (CLI --requantize) must be one of {', '.join(REQUANT_TYPES)}, got {requantize!r}")
     if float_type not in FLOAT_TYPES:
-        raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+        raise ValueError(f"float_type (CLI --float-type) must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     path = Path(path)
     check_output_file(path, overwrite, "model.gguf")
     cfg = _llama_config(model)
@@ -327,26 +359,31 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         gname = tmap.get_name(pname, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise GGUFExportError(f"{pname}: no GGUF tensor name for it in the Llama architecture")
-        gtype = None
+        gtype, why = None, ""
         if isinstance(mod, QuantModule):
             gtype, why = gguf_mapping(mod.qw)
+            if gtype == "Q4_1" and exact:
+                if _q4_1_offsets(mod.qw.to_layout("rows"))[1] < 1.0:
+                    gtype, why = None, "Q4_1 holds the offset -s*z in float16, which rounds it in some blocks"
             if gtype is None and exact:
                 refused.append((mod_name, str(mod.scheme), why))
             elif gtype is None and mod.qw.cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[requantize]][0]:
                 raise GGUFExportError(f"{mod_name}: its rows of {mod.qw.cols} are not whole {requantize} blocks; "
                                       "requantize it to F16 or F32 instead")  # fmt: skip
-        elif p is not None and p.dim() == 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[float_type]][0]:
+        else:
+            check_finite(pname, p)
+        if not isinstance(mod, QuantModule) and p is not None and p.dim() == 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[float_type]][0]:
             raise GGUFExportError(f"{pname}: its rows of {p.shape[-1]} are not whole {float_type} blocks; use F16 or F32")
-        plan.append((gname, mod_name, mod, gtype))
+        plan.append((gname, mod_name, mod, gtype, why))
     if refused:
-        raise GGUFExportError("these layers have no exact GGUF type (exact=True): " + refusals(refused))
+        raise GGUFExportError("these layers have no exact GGUF type (exact=True, CLI --exact): " + refusals(refused))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     report = ExportReport(path, 0, tokenizer_from=str(tok_src))
     try:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(name or str(getattr(model, "lowbit_source", None) or "lowbit model"))
+        w.add_name(name or Path(str(getattr(model, "lowbit_source", None) or "lowbit model")).name)
         w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
         w.add_embedding_length(int(cfg.hidden_size))
         w.add_block_count(nblocks)
@@ -361,8 +398,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         _copy_tokenizer(w, tok_fields)
-        types: dict[str, int] = {}
-        for gname, mod_name, mod, gtype in plan:
+        types: dict[str, int] = {}  # elements per type, quantized layers
+        floats: dict[str, int] = {}  # ... and unquantized 2-D weights (the file type of a float model)
+        for gname, mod_name, mod, gtype, why in plan:
             perm = None
             if gname.endswith(("attn_q.weight", "attn_k.weight")):
                 perm = qk_permutation(heads * head_dim if "attn_q" in gname else kv_heads * head_dim,
@@ -380,25 +418,27 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                         rec.max_abs_error, rec.exact_fraction = info["max_abs_error"], info["exact_blocks"]
                 else:
                     wd = qw.dequantize(torch.float32).reshape(qw.rows, qw.cols)
-                    data, rec.rel_rms_error = _requantize(wd, requantize)
-                    rec.target, rec.mapping = requantize, "requantized"
+                    data, rec.rel_rms_error, rec.target, fallback = _requantize(wd, requantize)
+                    rec.mapping = "requantized" if rec.target != "F32" else "exact"
+                    rec.why = f"{why}; {fallback}" if fallback else why
+                # the file type llama.cpp reports: what most quantized weights are
+                types[rec.target] = types.get(rec.target, 0) + qw.rows * qw.cols
             else:
                 t = mod.weight.detach()
                 if t.dim() == 1:
                     data = t.float().numpy()
                 else:
-                    data, err = _requantize(t.float(), float_type)
-                    rec.target, rec.rel_rms_error = float_type, err
-                    rec.mapping = "float" if float_type == "F32" else "requantized"
+                    data, rec.rel_rms_error, rec.target, rec.why = _requantize(t.float(), float_type)
+                    rec.mapping = "float" if rec.target == "F32" else "requantized"
+                    floats[rec.target] = floats.get(rec.target, 0) + t.numel()
             if perm is not None:
                 data = data[perm.numpy()]
             raw = None if rec.target in ("F32", "F16") else gguf.GGMLQuantizationType[rec.target]
             w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=raw)
             rec.nbytes = int(data.nbytes)
-            types[rec.target] = types.get(rec.target, 0) + rec.nbytes * (data.ndim > 1)
             report.entries.append(rec)
         ftype = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
-                 "BF16": "MOSTLY_BF16"}.get(max(types, key=types.get) if types else "F32", "ALL_F32")  # fmt: skip
+                 "BF16": "MOSTLY_BF16"}.get(max(types or floats, key=(types or floats).get) if types or floats else "F32", "ALL_F32")  # fmt: skip
         w.add_file_type(int(gguf.LlamaFileType[ftype]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.write_header_to_file()
@@ -514,7 +554,7 @@ def _export_llama_quantized(model: nn.Module, path: Path, ftype: str, importance
         export_gguf(model, src, float_type="F32", **{**options, "overwrite": True})
         log = _llama_model_quantize(src, tmp, ftype, imatrix)
         report = ExportReport(path, 0, tokenizer_from=str(_tokenizer_source(model, options.get("tokenizer_gguf"))))
-        report.notes = sorted({ln.strip() for ln in log if "fallback" in ln.lower()})
+        report.notes = sorted({f"llama.cpp: {ln.strip()}" for ln in log if "fallback" in ln.lower()})
         source = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
         names = {gn: n for n, _ in model.named_parameters() if (gn := tmap.get_name(n, try_suffixes=(".weight",)))}
         for t in gguf.GGUFReader(str(tmp)).tensors:
@@ -523,7 +563,10 @@ def _export_llama_quantized(model: nn.Module, path: Path, ftype: str, importance
             rec.nbytes = int(t.n_bytes)
             if kind != "F32":
                 ref = np.asarray(source[t.name].data, dtype=np.float32)
-                rec.rel_rms_error = rel_rms_error(ref, gguf.dequantize(t.data, t.tensor_type))
+                try:
+                    rec.rel_rms_error = rel_rms_error(ref, gguf.dequantize(t.data, t.tensor_type))
+                except NotImplementedError:  # a type newer than the installed gguf package's dequantizers
+                    rec.rel_rms_error, rec.why = float("nan"), "the gguf package cannot read it back: error not measured"
             report.entries.append(rec)
         os.replace(tmp, path)
     except BaseException:
@@ -567,6 +610,12 @@ def _llama_model_quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, n
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     if rc != 0:
         text = "".join(lines)
-        why = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "requires" in ln.lower()]
-        raise GGUFExportError(f"llama.cpp's quantizer failed to make {ftype}: {why[-1] if why else text[-300:].strip()}")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # llama.cpp's own summary line first ("failed to quantize: <reason>"), else its last error
+        why = [ln.split("failed to quantize:", 1)[1].strip() for ln in lines if "failed to quantize:" in ln]
+        why = why or [ln for ln in lines if "error" in ln.lower() or "requires" in ln.lower()]
+        reason = why[-1] if why else (lines[-1] if lines else "no reason logged")
+        if "invalid output file type" in reason:
+            reason = f"the installed llama.cpp does not make this type ({reason})"
+        raise GGUFExportError(f"llama.cpp's quantizer failed to make {ftype}: {reason}")
     return "".join(lines).splitlines()

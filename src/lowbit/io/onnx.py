@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .report import ExportEntry, ExportReport, check_output_file, refusals, requantize_weight
+from .report import ExportEntry, ExportReport, check_finite, check_output_file, refusals, requantize_weight
 
 __all__ = ["ONNXExportError", "export_onnx", "onnx_mapping", "pack_blocks"]
 
@@ -71,13 +71,19 @@ class ONNXExportError(ValueError):
 
 # ---- the mapping table ------------------------------------------------------------------------
 def _pow2_block(qw) -> int | None:
-    """MatMulNBits / GatherBlockQuantized block size for ``qw``'s grouping, or None."""
+    """MatMulNBits / GatherBlockQuantized block size for ``qw``'s grouping, or None: the largest
+    power of two from 16 to ``MAX_BLOCK`` that lies within one of lowbit's groups and divides the
+    row (whole blocks, which GatherBlockQuantized needs and a head tied to it shares); a row no
+    such block divides is padded to whole blocks (MatMulNBits only)."""
     s = qw.scheme
-    if s.group_size is None or s.per_tensor or s.group_size >= qw.cols:
-        return min(MAX_BLOCK, max(16, 1 << (qw.cols - 1).bit_length()))
-    g = s.group_size
-    b = min(g & -g, MAX_BLOCK)
-    return b if b >= 16 else None
+    whole_row = s.group_size is None or s.per_tensor or s.group_size >= qw.cols
+    top = min(MAX_BLOCK, 1 << (qw.cols - 1).bit_length()) if whole_row else min(s.group_size & -s.group_size, MAX_BLOCK)
+    if top < 16:
+        return None
+    b = top
+    while b >= 16 and qw.cols % b:
+        b //= 2
+    return b if b >= 16 else max(16, top)
 
 
 def onnx_mapping(qw, kind: str) -> tuple[str | None, str]:
@@ -424,9 +430,13 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
         if op == "MatMulNBits":
             emb = shared.get(mod.qweight.data_ptr())
             t, attrs = _matmul_nbits_tensors(qw, emb.attrs["bits"] if emb is not None else None)
-            level = 4 if qw.scheme.act_bits else accuracy_level
-            if qw.scheme.act_bits:
-                rec.mapping = "weights exact"  # the activations are ONNX Runtime's int8 per block
+            if qw.scheme.act_bits and accuracy_level not in (None, 4):
+                raise ONNXExportError(f"{name} ({qw.scheme}) quantizes its activations dynamically to int8, which "
+                                      f"MatMulNBits does at accuracy_level 4; accuracy_level={accuracy_level} "
+                                      "(CLI --accuracy-level) would run it on float activations")  # fmt: skip
+            level = 4 if qw.scheme.act_bits else (1 if accuracy_level is None else accuracy_level)
+            if level > 1:
+                rec.mapping = "weights exact"  # the activations are rounded by ONNX Runtime (level 4: int8 per block)
             if emb is not None and emb.attrs["block_size"] == attrs["block_size"] and attrs["bits"] == emb.attrs["bits"]:
                 new = _MatMulNBits(t, attrs, mod.bias, level, tied=emb)
                 rec.target = "MatMulNBits (tied to the embedding)"
@@ -448,19 +458,20 @@ def _plan(model: nn.Module, exact: bool, target, accuracy_level: int):
                 refused.append((name, str(mod.scheme), why))
                 continue
             new = _Float(mod, qw.dequantize(torch.float32).reshape(mod.weight_shape))
-            rec.target, rec.mapping = "float32", "dequantized"
+            rec.target, rec.mapping, rec.why = "float32", "dequantized", why
         rec.nbytes = _nbytes(new) - (0 if getattr(new, "bias", None) is None else new.bias.numel() * 4)
         if getattr(new, "tied", None) is not None:
             rec.nbytes -= _nbytes(new.tied)  # the embedding's tensors, counted there
         swaps[name] = new
         entries.append(rec)
     if refused:
-        raise ONNXExportError("these layers have no exact ONNX Runtime operator (exact=True): " + refusals(refused))
+        raise ONNXExportError("these layers have no exact ONNX Runtime operator (exact=True, CLI --exact): "
+                              + refusals(refused))  # fmt: skip
     return swaps, entries
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = False, requantize: str | None = "w8",
-                accuracy_level: int = 1, example_inputs=None, overwrite: bool = False) -> ExportReport:  # fmt: skip
+                accuracy_level: int | None = None, example_inputs=None, overwrite: bool = False) -> ExportReport:  # fmt: skip
     """Write a lowbit-quantized (or float) model as an ONNX graph that ONNX Runtime runs with its
     quantized operators on lowbit's codes (see the module docstring for the layer mappings).
 
@@ -476,8 +487,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             per layer), default ``"w8"``; ``None`` writes their dequantized float32 weights.
         accuracy_level: MatMulNBits' ``accuracy_level`` for weight-only layers, as ONNX Runtime
             defines it (0 unset, 1 float32, 2 float16, 3 bfloat16, 4 int8): 1 (float32 arithmetic
-            on lowbit's exact weights) by default; 4 makes ONNX Runtime round the activations to
-            int8 per block (faster, not exact). Layers with dynamic int8 activations always use 4.
+            on lowbit's exact weights) by default (None); 4 makes ONNX Runtime round the activations
+            to int8 per block (faster; such layers are reported "weights exact"). Layers with
+            dynamic int8 activations use 4 (an explicit other level is refused for them).
         example_inputs: a tensor or tuple of tensors, batch first (the batch dimension is exported
             dynamic).
         overwrite: replace an existing file at ``path`` (otherwise ``FileExistsError``).
@@ -493,7 +505,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     """
     from ..scheme import parse_scheme
 
-    if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
+    if accuracy_level is not None and (isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4)):
         raise ValueError(f"accuracy_level must be an int 0-4 (MatMulNBits), got {accuracy_level!r}")
     target = None
     if requantize is not None:
@@ -502,7 +514,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
 
         op, why = onnx_mapping(QWeight.from_float(torch.zeros(1, 64), target), "linear")
         if op != "MatMulNBits":
-            raise ONNXExportError(f"requantize={requantize!r} has no MatMulNBits form either: "
+            raise ONNXExportError(f"requantize={requantize!r} (CLI --requantize: a lowbit scheme) has no MatMulNBits form: "
                                   f"{why or 'not a weight-only integer scheme'}")  # fmt: skip
     path = Path(path)
     data_path = path.with_name(f"{path.name}.data")  # where a graph over 2 GB keeps its tensors
@@ -512,6 +524,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
         raise ONNXExportError(f"the model computes in {', '.join(half)}; the graph is float32 (ONNX Runtime's CPU "
                               "kernels lack half-precision versions of most operators): call model.float() first "
                               "(lowbit's codes and scales keep their types)")  # fmt: skip
+    for pname, t in [*model.named_parameters(), *model.named_buffers()]:
+        check_finite(pname, t.detach())
     swaps, entries = _plan(model, exact, target, accuracy_level)
     wrapper, args, in_names, out_names, dyn = _io(model, example_inputs)
     was_training = model.training
@@ -529,7 +543,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                                          dynamic_shapes=dyn, verbose=False, optimize=False)  # fmt: skip
                 _tidy(prog.model)
             except Exception as e:  # the exporter's own error types, wrapping the tracer's
-                raise ONNXExportError(f"torch.onnx could not trace {type(model).__name__}: {_root_cause(e)}") from e
+                hint = ("; check that example_inputs (CLI --input-shape) is an input the model takes"
+                        if example_inputs is not None else "")  # fmt: skip
+                raise ONNXExportError(f"torch.onnx could not trace {type(model).__name__}: {_root_cause(e)}{hint}") from e
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
@@ -543,6 +559,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             prog.save(str(tmp / path.name), external_data=big)
         from .writer import _permissions
 
+        _check_runs(tmp / path.name, example_inputs is not None)
         _permissions(tmp)
         files = [f for f in (tmp / data_path.name, tmp / path.name) if f.exists()]
         nbytes = sum(f.stat().st_size for f in files)
@@ -557,4 +574,29 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(path, nbytes, entries)
+    report = ExportReport(path, nbytes, entries)
+    floats = [e for e in entries if e.mapping == "dequantized"]
+    if floats:
+        report.notes.append(f"{len(floats)} layer(s) ({floats[0].name}{', ...' if len(floats) > 1 else ''}) have no "
+                            f"ONNX Runtime operator for their scheme ({floats[0].why}): written as lowbit's float32 "
+                            "values, exact but float-sized")  # fmt: skip
+    return report
+
+
+def _check_runs(graph: Path, user_shape: bool) -> None:
+    """Load the written graph into an ONNX Runtime session (its shape inference checks every
+    operator's inputs) before it takes the target's name; ``ONNXExportError`` with ONNX Runtime's
+    reason when it refuses. Skipped when onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        msg = str(e).strip().splitlines()[-1][:400]
+        hint = " (is the input shape, CLI --input-shape, one the model takes?)" if user_shape else ""
+        raise ONNXExportError(f"ONNX Runtime rejects the exported graph{hint}: {msg}") from None

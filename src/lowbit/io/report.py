@@ -5,14 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ExportEntry", "ExportReport", "check_output_file", "is_tied", "refusals", "rel_rms_error",
-           "requantize_weight"]  # fmt: skip
+__all__ = ["ExportEntry", "ExportReport", "check_finite", "check_output_file", "is_tied", "refusals",
+           "rel_rms_error", "requantize_weight"]  # fmt: skip
 
 
 def check_output_file(path: Path, overwrite: bool, example: str, *also: Path) -> None:
     """Refuse, before anything is written, an output file ``path`` that is a directory (the
     message suggests ``path / example``), one whose parent is a file, or an existing ``path`` (or
-    companion file in ``also``) without ``overwrite``: ``FileExistsError``."""
+    companion file in ``also``) without ``overwrite``: ``FileExistsError``. Temporary files a
+    killed earlier export left beside ``path`` are removed."""
+    from .writer import _remove_stale
+
+    if not path.name:
+        raise FileExistsError("the output path is empty; give a file name")
     if path.is_dir():
         raise FileExistsError(f"{path} is a directory; give a file name (e.g. {path / example})")
     if path.parent.exists() and not path.parent.is_dir():
@@ -20,6 +25,20 @@ def check_output_file(path: Path, overwrite: bool, example: str, *also: Path) ->
     for p in (path, *also):
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p} exists; pass overwrite=True (CLI --force) to replace it")
+    _remove_stale(path)
+
+
+def check_finite(name: str, t) -> None:
+    """Raise :class:`lowbit.primitives.NonFiniteError` naming ``name`` when the float tensor ``t``
+    holds NaN or Inf: an export writes no tensor a runtime would turn into garbage silently (the
+    quantized layers were checked when they were quantized)."""
+    import torch
+
+    from ..primitives import NonFiniteError
+
+    if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{name} holds {bad} NaN or Inf values; fix the model before exporting it")
 
 
 def rel_rms_error(ref, approx) -> float:
@@ -96,6 +115,7 @@ class ExportEntry:
     rel_rms_error: float = 0.0
     max_abs_error: float = 0.0
     exact_fraction: float = 1.0
+    why: str = ""  # why a layer is not "exact" (no exact form, what a fallback avoided)
 
 
 @dataclass

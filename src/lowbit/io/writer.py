@@ -94,21 +94,31 @@ def _exchange(tmp: Path, dst: Path) -> None:
 
 
 def _remove_stale(dst: Path) -> None:
-    """Remove the temporary directories a killed earlier run (SIGKILL, power loss) left beside
-    ``dst``: ``.<name>.tmp-<pid>-*`` whose process no longer exists (a live writer's are kept)."""
-    prefix = f".{dst.name}.tmp-"
+    """Remove what a killed earlier run (SIGTERM before lowbit handled it, SIGKILL, power loss)
+    left beside ``dst``: temporary files or directories ``.<name>.<tag>-<pid>[-*]`` (tag ``tmp``,
+    or ``f32`` for the GGUF a llama.cpp quantization starts from) whose process no longer exists
+    (a live writer's are kept)."""
+    if not dst.parent.is_dir():
+        return
     for d in dst.parent.iterdir():
-        if not d.name.startswith(prefix) or not d.is_dir():
+        for tag in ("tmp", "f32"):
+            prefix = f".{dst.name}.{tag}-"
+            if d.name.startswith(prefix):
+                break
+        else:
             continue
         pid = d.name[len(prefix) :].split("-", 1)[0]
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
             continue  # alive (or another user's): not ours to remove
         except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (PermissionError, OSError):
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+        except OSError:
             continue
 
 

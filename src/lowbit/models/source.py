@@ -54,6 +54,8 @@ def load_source(spec: str) -> ZooModel:
         return ZooModel(path.name, model, tok, task, src or str(path))
     if (path / "config.json").is_file():
         return _hf_dir(path)
+    if not path.exists():
+        raise SourceError(f"{spec!r}: no such file or directory, and not a zoo model ({', '.join(ZOO)})")
     raise SourceError(
         f"{spec!r} is not a zoo model ({', '.join(ZOO)}), a lowbit model directory, "
         "or a transformers model directory"

