@@ -36,7 +36,11 @@ def check_finite(name: str, t) -> None:
 
     from ..primitives import NonFiniteError
 
-    if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t is None or not t.is_floating_point():
+        return
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # fp8: torch has no isfinite for it
+    if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"{name} holds {bad} NaN or Inf values; fix the model before exporting it")
 
