@@ -450,3 +450,19 @@ def test_a_killed_exports_temporary_file_is_removed_by_the_next(tiny_llama, tmp_
     live.write_bytes(b"being written")
     export_gguf(tiny_llama, tmp_path / "m.gguf", tokenizer_gguf=_tok_gguf())
     assert not stale.exists() and live.exists()
+
+
+def test_nan_scales_and_special_files_are_refused(tiny_llama, tmp_path):
+    import os
+
+    from lowbit.primitives import NonFiniteError
+
+    q = lowbit.quantize(copy.deepcopy(tiny_llama), "w4g32")
+    os.mkfifo(tmp_path / "pipe")  # like /dev/null: never replaced by a regular file, even with overwrite
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        export_gguf(q, tmp_path / "pipe", overwrite=True, tokenizer_gguf=_tok_gguf())
+    with torch.no_grad():
+        q.model.layers[1].mlp.up_proj.qw.scale[3, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj scales holds 1 NaN"):
+        export_gguf(q, tmp_path / "x.gguf", tokenizer_gguf=_tok_gguf())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

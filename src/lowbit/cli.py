@@ -674,7 +674,7 @@ def cmd_export(args) -> int:
     _threads(args)
     _export_checks(args)
     shape = None
-    if args.input_shape:
+    if args.input_shape is not None:
         try:
             shape = tuple(int(d) for d in args.input_shape.split(","))
             if not shape or min(shape) < 1:
@@ -963,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `lowbit inspect ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        return 0
     except (SchemeError, RecipeError, LowbitFormatError, SourceError, ZooError, QuantizeError,
             UnsupportedModuleError, KernelError, NonFiniteError, FileNotFoundError, CalibrationError, DataError,
             CliError, MixedPrecisionError, GenerateError, RayError, ValueError, OSError) as e:  # fmt: skip

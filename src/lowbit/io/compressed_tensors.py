@@ -177,6 +177,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     target = parse_scheme(requantize)
     path = Path(path)
+    from .writer import _remove_stale
+
     if path.exists():
         if not path.is_dir():
             raise FileExistsError(f"{path} is a file; a compressed-tensors export is a directory")
@@ -190,6 +192,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             raise FileExistsError(f"{path} also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
                                   "which an export does not write; replacing the directory would delete "
                                   "them: move them or choose another path")  # fmt: skip
+    _remove_stale(path)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         raise CTExportError(f"compressed-tensors export writes transformers models; {type(model).__name__} has no config")
@@ -221,6 +224,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
             layers.append(ExportEntry(name, name, "dense", "exact" if dtype == "float32" else "rounded", str(mod.scheme)))
             continue
         qw = mod.qw
+        for part, t in (("scales", qw.scale), ("zero points", qw.zero)):
+            check_finite(f"{name} {part}", t)
         if qw.scheme.is_cast:  # float16 / bfloat16: a dense tensor as stored, listed in "ignore"
             half = str(qw.data.dtype).replace("torch.", "")
             ok = dtype in ("float32", half)
@@ -245,21 +250,28 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
                 raise ValueError(f"requantize={requantize!r} (CLI --requantize) has no compressed-tensors format "
                                  f"either: {why2}")  # fmt: skip
             rec.target, rec.mapping, rec.why = f"{fmt_name} {qw.scheme}", "requantized", why
-        elif dtype != "float32" and qw.scale.dtype == torch.float32 and fmt_name != "float-quantized":
-            # float32 scales (lowbit keeps them when float16 would lose them) in a float16 export
-            sd = torch.float16
-            if not torch.equal(qw.scale.to(sd).float(), qw.scale):
-                if exact:
-                    refused.append((name, str(mod.scheme), f"its float32 scales are out of float16's range ({dtype} "
-                                                            "export); use dtype float32"))  # fmt: skip
+            if rec.rel_rms_error == 0.0:  # the same codes and scales (w8a8-static's weights): only activations go
+                rec.mapping = "weights exact" if mod.scheme.act_bits else "exact"
+        scale_dtype = torch.float32 if dtype == "float32" else torch.float16  # lowbit's float16 scales, exact
+        if dtype != "float32" and qw.scale.dtype == torch.float32 and fmt_name != "float-quantized":
+            # float32 scales (lowbit keeps them when float16 would lose them): the export's dtype
+            # decides (bfloat16 holds their range, float16 may not)
+            scale_dtype = fdtype
+            cast = qw.scale.to(fdtype).float()
+            if not torch.equal(cast, qw.scale):
+                lost = ~torch.isfinite(cast) | ((cast == 0) & (qw.scale != 0))
+                if exact or bool(lost.any()):
+                    why = (f"its float32 scales do not fit {dtype} ({int(lost.sum())} of {lost.numel()} become 0 or Inf)"
+                           if bool(lost.any()) else f"its float32 scales are rounded to {dtype}")  # fmt: skip
+                    refused.append((name, str(mod.scheme), f"{why}; use dtype float32"))
                     continue
                 w = qw.dequantize(torch.float32)
-                rounded = dataclasses.replace(qw, scale=qw.scale.to(sd).float()).dequantize(torch.float32)
+                rounded = dataclasses.replace(qw, scale=cast).dequantize(torch.float32)
                 rec.mapping, rec.rel_rms_error = "scales rounded", rel_rms_error(w, rounded)
-                rec.why = f"its float32 scales are out of float16's range; a {dtype} export rounds them (float32 keeps them)"
+                rec.why = f"its float32 scales are rounded to {dtype} (a float32 export keeps them)"
         if mod.bias is not None:
             tensors[f"{name}.bias"] = mod.bias.detach().to(fdtype)
-        tensors.update(_tensors(name, qw, fmt_name, torch.float32 if dtype == "float32" else torch.float16))
+        tensors.update(_tensors(name, qw, fmt_name, scale_dtype))
         asym = asym or not qw.scheme.symmetric
         key = json.dumps({"format": fmt_name, **_args(qw, fmt_name)}, sort_keys=True)
         groups.setdefault(key, []).append(name)
@@ -330,6 +342,8 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = ExportReport(path, sum(f.stat().st_size for f in path.iterdir() if f.is_file()), layers)
+    if dtype != "float32":
+        report.notes.append(f"float tensors (embeddings, norms, unquantized layers) are written in {dtype}, rounded")
     if tokenizer is None and task_has_text:
         report.notes.append("no tokenizer written (the model's source has none): pass tokenizer= to include one")
     if asym:

@@ -361,6 +361,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             raise GGUFExportError(f"{pname}: no GGUF tensor name for it in the Llama architecture")
         gtype, why = None, ""
         if isinstance(mod, QuantModule):
+            for part, t in (("scales", mod.qw.scale), ("zero points", mod.qw.zero)):
+                check_finite(f"{mod_name} {part}", t)
             gtype, why = gguf_mapping(mod.qw)
             if gtype == "Q4_1" and exact:
                 if _q4_1_offsets(mod.qw.to_layout("rows"))[1] < 1.0:
@@ -413,6 +415,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                     data, info = encode_gguf_weight(qw, gtype)
                     # llama.cpp quantizes activations itself (Q8_0 blocks), whatever lowbit's a8 did
                     rec.target, rec.mapping = gtype, "weights exact" if qw.scheme.act_bits else "exact"
+                    if qw.scheme.act_static:
+                        rec.why = "its static input scales are not written (llama.cpp quantizes activations itself)"
                     if gtype == "Q4_1" and info["exact_blocks"] < 1.0:
                         rec.mapping = "zero point rounded"
                         rec.max_abs_error, rec.exact_fraction = info["max_abs_error"], info["exact_blocks"]

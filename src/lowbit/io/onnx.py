@@ -574,13 +574,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    report = ExportReport(path, nbytes, entries)
-    floats = [e for e in entries if e.mapping == "dequantized"]
-    if floats:
-        report.notes.append(f"{len(floats)} layer(s) ({floats[0].name}{', ...' if len(floats) > 1 else ''}) have no "
-                            f"ONNX Runtime operator for their scheme ({floats[0].why}): written as lowbit's float32 "
-                            "values, exact but float-sized")  # fmt: skip
-    return report
+    return ExportReport(path, nbytes, entries)
 
 
 def _check_runs(graph: Path, user_shape: bool) -> None:

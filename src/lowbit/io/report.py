@@ -23,6 +23,8 @@ def check_output_file(path: Path, overwrite: bool, example: str, *also: Path) ->
     if path.parent.exists() and not path.parent.is_dir():
         raise FileExistsError(f"{path.parent} is a file, not a directory to write {path.name} in")
     for p in (path, *also):
+        if p.exists() and not p.is_file():  # a FIFO, a device (/dev/null), a socket: never replaced
+            raise FileExistsError(f"{p} exists and is not a regular file; not replacing it")
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p} exists; pass overwrite=True (CLI --force) to replace it")
     _remove_stale(path)
@@ -122,13 +124,17 @@ class ExportEntry:
     why: str = ""  # why a layer is not "exact" (no exact form, what a fallback avoided)
 
 
-@dataclass
+@dataclass(repr=False)
 class ExportReport:
     path: Path
     nbytes: int
     entries: list[ExportEntry] = field(default_factory=list)
     tokenizer_from: str = ""
     notes: list[str] = field(default_factory=list)  # what the target's own tools said (GGUF: llama.cpp's fallbacks)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "no quantized layers"
+        return f"ExportReport({str(self.path)!r}, {self.nbytes} bytes: {counts}; {len(self.notes)} notes)"
 
     def counts(self) -> dict[str, int]:
         """``{"<target> <mapping>": count}``."""
