@@ -849,6 +849,7 @@ def _onnx_table(res: dict) -> str:
                   f"sides. Calibrated methods (GPTQ, AWQ) see {cal['windows']} x {cal['seqlen']} tokens of "
                   f"{', '.join(cal['domains'])}; domains marked unseen were seen by no calibration.", "",
                   markdown_table(head, table)]  # fmt: skip
+        lines += [f"\n{name}: {r['note']}." for name, r in sm.items() if r.get("note")]
     gv = res.get("gemv")
     if gv:
         names = list(gv["rows"][0]["ms"])
