@@ -23,6 +23,11 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _size(nbytes: int) -> str:
+    """Bytes for a summary line: MB with one decimal, kB below 0.1 MB (a 59 kB model is not "0.0 MB")."""
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 100_000 else f"{nbytes / 1e3:.1f} kB"
+
+
 def _err(msg: str) -> int:
     print(f"lowbit: error: {msg}", file=sys.stderr)
     return 2
@@ -119,7 +124,7 @@ def cmd_quantize(args) -> int:
     print(
         f"quantized {args.model} with {spec} ({args.method}) in {t2 - t1:.1f}s (load {t1 - t0:.1f}s): "
         f"{size.quantized_bits_per_weight:.3f} bits/weight over {len(size.quantized)} layers, "
-        f"{size.quantized_compression:.2f}x smaller than FP32; model {size.total_bytes / 1e6:.1f} MB -> {out}"
+        f"{size.quantized_compression:.2f}x smaller than FP32; model {_size(size.total_bytes)} -> {out}"
     )
     return 0
 
@@ -157,7 +162,7 @@ def _quantize_streaming(args, spec, options, calibrated: bool) -> int:
     print(
         f"quantized {args.model} with {spec} ({args.method}, streamed layer by layer"
         f"{', on Ray' if args.ray else ''}) in {secs:.1f}s: "
-        f"{len(m['modules'])} layers quantized; {src_bytes / 1e6:.1f} MB of checkpoint -> {out_bytes / 1e6:.1f} MB "
+        f"{len(m['modules'])} layers quantized; {_size(src_bytes)} of checkpoint -> {_size(out_bytes)} "
         f"in {len(m['shards'])} shard(s) ({src_bytes / max(out_bytes, 1):.2f}x smaller) -> {out}"
     )
     return 0
@@ -731,7 +736,7 @@ def cmd_export(args) -> int:
         for note in rep.notes:
             print(f"  note: {note}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items())) or "no quantized layers"
-    print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {rep.nbytes / 1e6:.1f} MB -> {rep.path}")
+    print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {_size(rep.nbytes)} -> {rep.path}")
     return 0
 
 
