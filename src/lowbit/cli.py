@@ -735,8 +735,7 @@ def cmd_export(args) -> int:
             print(f"  {line}")
         for note in rep.notes:
             print(f"  note: {note}")
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(rep.counts().items())) or "no quantized layers"
-    print(f"exported {args.model} to {args.to} in {secs:.1f}s: {counts}; {_size(rep.nbytes)} -> {rep.path}")
+    print(f"exported {args.model} to {args.to} in {secs:.1f}s: {rep.summary()}; {_size(rep.nbytes)} -> {rep.path}")
     return 0
 
 

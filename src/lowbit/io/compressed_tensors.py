@@ -123,7 +123,7 @@ _CT_FILES = ("config.json", "generation_config.json", "model.safetensors", "mode
 
 
 def _ct_file(name: str) -> bool:
-    return name in _CT_FILES or name.startswith(("tokenizer", "vocab.", "model-0")) and not name.endswith("/")
+    return name in _CT_FILES or name.startswith(("tokenizer", "vocab.", "model-0"))
 
 
 def _is_ct_export(path: Path) -> bool:
@@ -199,7 +199,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
 
     layers, groups, refused, tensors = [], {}, [], {}
     asym = False  # an asymmetric layer is written
-    task_has_text = hasattr(model, "get_input_embeddings") and tokenizer is None
+    text_model = hasattr(model, "get_input_embeddings")
     if tokenizer is None:
         from ..models.zoo import source_tokenizer
 
@@ -344,7 +344,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
     report = ExportReport(path, sum(f.stat().st_size for f in path.iterdir() if f.is_file()), layers)
     if dtype != "float32":
         report.notes.append(f"float tensors (embeddings, norms, unquantized layers) are written in {dtype}, rounded")
-    if tokenizer is None and task_has_text:
+    if tokenizer is None and text_model:
         report.notes.append("no tokenizer written (the model's source has none): pass tokenizer= to include one")
     if asym:
         report.notes.append(

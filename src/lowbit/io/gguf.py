@@ -134,9 +134,7 @@ def encode_gguf_weight(qw, gguf_type: str) -> tuple[np.ndarray, dict]:
         qs = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8).reshape(n, -1, QK)
         blocks = torch.cat([_half_bytes(d), qs], dim=-1)
     elif gguf_type == "Q4_1":
-        m = -_per_block(qw.scales(), qw) * _per_block(qw.zero_points(), qw)  # exact in float32: an 11-bit
-        # significand times a code or a float16 zero point
-        max_err, exact_blocks = _q4_1_offsets(qw)
+        m, max_err, exact_blocks = _q4_1_offsets(qw)
         info = {"max_abs_error": max_err, "exact_blocks": exact_blocks}
         blocks = torch.cat([_half_bytes(d), _half_bytes(m.to(torch.float16)), _nibbles(codes)], dim=-1)
     else:
@@ -178,15 +176,15 @@ def _quantize_as(a: np.ndarray, gguf_type: str) -> tuple[np.ndarray, float]:
     return out, rel_rms_error(a, back)
 
 
-def _q4_1_offsets(qw) -> tuple[float, float]:
-    """Q4_1's cost for an asymmetric ``qw``: the largest change of a weight when the offset
-    ``m = -s * z`` is rounded to float16, and the share of 32-blocks it leaves exact."""
-    s = _per_block(qw.scales(), qw)
-    m = -s * _per_block(qw.zero_points(), qw)  # exact in float32 (see encode_gguf_weight)
+def _q4_1_offsets(qw) -> tuple[torch.Tensor, float, float]:
+    """Q4_1's offset ``m = -s * z`` for an asymmetric ``qw``, one per 32-block (float32, exact: an
+    11-bit significand times a code or a float16 zero point), and what storing it in float16
+    costs: the largest change of a weight and the share of blocks left exact."""
+    m = -_per_block(qw.scales(), qw) * _per_block(qw.zero_points(), qw)
     err = (m.to(torch.float16).float() - m).abs()
     if not err.numel():
-        return 0.0, 1.0
-    return float(err.max()), float((err == 0).float().mean())
+        return m, 0.0, 1.0
+    return m, float(err.max()), float((err == 0).float().mean())
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -365,7 +363,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                 check_finite(f"{mod_name} {part}", t)
             gtype, why = gguf_mapping(mod.qw)
             if gtype == "Q4_1" and exact:
-                if _q4_1_offsets(mod.qw.to_layout("rows"))[1] < 1.0:
+                if _q4_1_offsets(mod.qw.to_layout("rows"))[2] < 1.0:
                     gtype, why = None, "Q4_1 holds the offset -s*z in float16, which rounds it in some blocks"
             if gtype is None and exact:
                 refused.append((mod_name, str(mod.scheme), why))
@@ -374,8 +372,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
                                       "requantize it to F16 or F32 instead")  # fmt: skip
         else:
             check_finite(pname, p)
-        if not isinstance(mod, QuantModule) and p is not None and p.dim() == 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[float_type]][0]:
-            raise GGUFExportError(f"{pname}: its rows of {p.shape[-1]} are not whole {float_type} blocks; use F16 or F32")
+            if p is not None and p.dim() == 2 and p.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[float_type]][0]:
+                raise GGUFExportError(f"{pname}: its rows of {p.shape[-1]} are not whole {float_type} blocks; use F16 or F32")
         plan.append((gname, mod_name, mod, gtype, why))
     if refused:
         raise GGUFExportError("these layers have no exact GGUF type (exact=True, CLI --exact): " + refusals(refused))
@@ -441,8 +439,10 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
             w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=raw)
             rec.nbytes = int(data.nbytes)
             report.entries.append(rec)
+        elements = types or floats
+        main_type = max(elements, key=elements.get) if elements else "F32"
         ftype = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
-                 "BF16": "MOSTLY_BF16"}.get(max(types or floats, key=(types or floats).get) if types or floats else "F32", "ALL_F32")  # fmt: skip
+                 "BF16": "MOSTLY_BF16"}.get(main_type, "ALL_F32")  # fmt: skip
         w.add_file_type(int(gguf.LlamaFileType[ftype]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.write_header_to_file()
@@ -613,12 +613,11 @@ def _llama_model_quantize(src: Path, dst: Path, ftype: str, imatrix: dict[str, n
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     if rc != 0:
-        text = "".join(lines)
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        logged = [ln.strip() for ln in "".join(lines).splitlines() if ln.strip()]
         # llama.cpp's own summary line first ("failed to quantize: <reason>"), else its last error
-        why = [ln.split("failed to quantize:", 1)[1].strip() for ln in lines if "failed to quantize:" in ln]
-        why = why or [ln for ln in lines if "error" in ln.lower() or "requires" in ln.lower()]
-        reason = why[-1] if why else (lines[-1] if lines else "no reason logged")
+        why = [ln.split("failed to quantize:", 1)[1].strip() for ln in logged if "failed to quantize:" in ln]
+        why = why or [ln for ln in logged if "error" in ln.lower() or "requires" in ln.lower()]
+        reason = why[-1] if why else (logged[-1] if logged else "no reason logged")
         if "invalid output file type" in reason:
             reason = f"the installed llama.cpp does not make this type ({reason})"
         raise GGUFExportError(f"llama.cpp's quantizer failed to make {ftype}: {reason}")

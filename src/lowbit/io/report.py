@@ -133,8 +133,11 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)  # what the target's own tools said (GGUF: llama.cpp's fallbacks)
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "no quantized layers"
-        return f"ExportReport({str(self.path)!r}, {self.nbytes} bytes: {counts}; {len(self.notes)} notes)"
+        return f"ExportReport({str(self.path)!r}, {self.nbytes} bytes: {self.summary()}; {len(self.notes)} notes)"
+
+    def summary(self) -> str:
+        """The counts as one phrase: ``"62 F32 float, 210 Q4_0 exact"``."""
+        return ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "no quantized layers"
 
     def counts(self) -> dict[str, int]:
         """``{"<target> <mapping>": count}``."""
