@@ -61,6 +61,22 @@ def _session(path, level=None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _int8_convs(path: Path) -> str:
+    """How many of the graph's convolutions ONNX Runtime runs as QLinearConv (int8 in and out),
+    from the graph it writes after its optimizations."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return f"{ops['QLinearConv']} of {ops['QLinearConv'] + ops['Conv'] + ops['FusedConv']}"
+
+
 # ---- SmolLM2 perplexity computed by ONNX Runtime ------------------------------------------------
 def _ppl(path: Path, tok) -> dict:
     from lowbit.evaluate.domains import available_domains, domain_token_ids
@@ -260,7 +276,8 @@ def section_mobilenet(data: dict) -> None:
     sessions = {name: _session(p) for name, p in graphs.items()}
     for name, s in sessions.items():
         y = torch.cat([torch.from_numpy(s.run(None, {"input": ev[i : i + 32].numpy()})[0]) for i in range(0, len(ev), 32)])
-        rows.append({"variant": name, **confident_agreement(ref, y), "file_bytes": graphs[name].stat().st_size})
+        rows.append({"variant": name, **confident_agreement(ref, y), "file_bytes": graphs[name].stat().st_size,
+                     "int8_convs": _int8_convs(graphs[name])})  # fmt: skip
     kernels.use_kernel(q, "auto")
     with torch.no_grad():
         rows.append({"variant": "lowbit w8a8-static (its own kernels)", **confident_agreement(ref, logits_of(q, ev)),

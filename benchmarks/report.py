@@ -864,13 +864,18 @@ def _onnx_table(res: dict) -> str:
     if mb:
         table = [[r["variant"], f"{100 * r['agreement']:.1f}% of {r['confident']}", f"{100 * r['agreement_all']:.1f}%",
                   f"{r['mean_kl']:.4f}", f"{r['file_bytes'] / 1e6:.2f} MB" if r.get("file_bytes") else "-",
-                  f"{r['latency_ms']:.2f}"] for r in mb["rows"]]  # fmt: skip
+                  r.get("int8_convs", "-"), f"{r['latency_ms']:.2f}"] for r in mb["rows"]]  # fmt: skip
         lines += ["", f"### MobileNetV2 static W8A8 (ISA {mb['isa']}, {mb['threads']} threads)", "",
                   f"Agreement with FP32 (top-1) on the {mb['eval_crops']} eval crops where FP32 is confident, on all of "
                   f"them, and mean KL(FP32 || model). Both quantizers calibrate on the same {mb['calib_crops']} crops; "
                   "ONNX Runtime's `quantize_static` with QDQ, per-channel int8 weights, int8 activations. Latency: batch 1, "
-                  "median of 100 round-robin repetitions.", "",
-                  markdown_table(["model", "agreement (confident)", "agreement (all)", "mean KL", "file", "latency ms"], table)]  # fmt: skip
+                  "median of 100 round-robin repetitions. int8 convs: how many convolutions ONNX Runtime runs as "
+                  "QLinearConv (int8 in and out) after its graph optimizations; the others run in float32 on dequantized "
+                  "weights. lowbit's graph rounds a convolution's output only where lowbit's model does (before the next "
+                  "layer, through the ReLU6): the projections into the residual additions stay float, where "
+                  "`quantize_static` adds its own calibrated rounding of each addition.", "",
+                  markdown_table(["model", "agreement (confident)", "agreement (all)", "mean KL", "file", "int8 convs",
+                                  "latency ms"], table)]  # fmt: skip
     return "\n".join(lines)
 
 

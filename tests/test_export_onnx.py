@@ -173,7 +173,7 @@ def test_qdq_rounds_activations_as_lowbit_does(spec, layer, tmp_path):
 @pytest.mark.slow
 def test_mobilenet_static_w8a8_layers_exact_and_model_agrees(tmp_path):
     """Every tenth QDQ convolution, fed the input lowbit's own forward gives it, computes lowbit's
-    output (to float32 summation order). Whole-model logits cannot match to 1e-4: an activation
+    output (to float32 summation order); ONNX Runtime fuses the ReLU6 convolutions to QLinearConv. Whole-model logits cannot match to 1e-4: an activation
     rounding flipped by summation order moves the next layer's input a step, and that compounds
     (lowbit's own int8 kernels differ from its reference as much). So the graph must be as close
     to lowbit as lowbit's kernels are, and as far from FP32 as lowbit is."""
@@ -187,13 +187,24 @@ def test_mobilenet_static_w8a8_layers_exact_and_model_agrees(tmp_path):
     ev = photo_crops(96, split="eval")
     rep = export_onnx(q, tmp_path / "mb.onnx", example_inputs=ev[:1])
     assert rep.counts() == {"QDQ exact": 53}
+    assert _ort_ops(tmp_path / "mb.onnx", tmp_path)["QLinearConv"] >= 35  # every conv before a ReLU6
     ref = _ref(q, ev)
     with torch.no_grad():
         f, fast = fp(ev), q(ev)  # lowbit's int8 kernels
     y = torch.from_numpy(_session(tmp_path / "mb.onnx").run(None, {"input": ev.numpy()})[0])
     ours, theirs = confident_agreement(f, ref), confident_agreement(f, y)
-    assert theirs["agreement"] >= ours["agreement"] - 1 / ours["confident"]
-    assert abs(theirs["mean_kl"] - ours["mean_kl"]) <= 0.1 * ours["mean_kl"]
+    # ONNX Runtime runs the convolutions as QLinearConv: its int32 requantization flips an
+    # intermediate rounding where lowbit's float32 sum lands near a half step; a couple of the ~50
+    # confident crops may change with it, the KLs barely
+    n = ours["confident"]
+    assert round(theirs["agreement"] * n) >= round(ours["agreement"] * n) - 2
+    # no further from FP32 than lowbit (per-crop KL, paired): within 10% plus two standard errors,
+    # as a flipped rounding early in the network moves a crop's KL either way
+    def kl(logits):
+        return (f.log_softmax(-1).exp() * (f.log_softmax(-1) - logits.float().log_softmax(-1))).sum(-1)
+
+    d = kl(y) - kl(ref)
+    assert float(d.mean()) <= 0.1 * float(kl(ref).mean()) + 2 * float(d.std()) / len(d) ** 0.5
     assert confident_agreement(ref, y)["mean_kl"] <= 1.5 * confident_agreement(ref, fast)["mean_kl"]
     from lowbit.nn import QuantConv2d
 
@@ -373,3 +384,45 @@ def test_sigterm_during_an_export_leaves_nothing_and_keeps_the_earlier_output(tm
     assert "interrupted: nothing was written" in capsys.readouterr().err
     assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx"]
     assert signal.getsignal(signal.SIGTERM) is before  # lowbit's handler is put back
+
+
+def _ort_ops(path, tmp_path) -> dict:
+    """Operator counts of the graph ONNX Runtime runs after its optimizations."""
+    import collections
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("spec", ["w8a8-static", "w8a8-asym-static"])
+@pytest.mark.parametrize("act", ["relu", "relu6", "none", "hardtanh-on-grid", "hardtanh-off-grid"])
+def test_static_conv_output_rounded_for_qlinearconv(spec, act, tmp_path):
+    """A static conv whose output reaches the next layer's quantizer through ReLU / clips gets that
+    quantizer on its own output, so ONNX Runtime runs it as QLinearConv (int8 out), and the graph
+    still computes lowbit's values (as written: to float32 summation order). A clip bound inside
+    the grid but off its points would not commute with rounding: that conv is left float."""
+    torch.manual_seed(0)
+    acts = {"relu": torch.nn.ReLU(), "relu6": torch.nn.ReLU6(), "none": torch.nn.Identity(),
+            "hardtanh-on-grid": torch.nn.Hardtanh(-0.3, 0.3), "hardtanh-off-grid": torch.nn.Hardtanh(-0.3, 5.0)}  # fmt: skip
+    m = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), acts[act],
+                            torch.nn.Conv2d(16, 8, 3, padding=1, groups=2))  # fmt: skip
+    shape = (4, 8, 10, 10)
+    cal = [torch.randn(*shape) * 4 for _ in range(2)]
+    q = lowbit.quantize(m, spec, calibration=cal, progress=False)
+    export_onnx(q, tmp_path / "q.onnx", example_inputs=torch.zeros(2, *shape[1:]))
+    written = [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node]
+    fused = act != "hardtanh-off-grid"
+    assert written.count("QuantizeLinear") == (3 if fused else 2)
+    assert _ort_ops(tmp_path / "q.onnx", tmp_path)["QLinearConv"] == (1 if fused else 0)
+    if act in ("relu", "relu6"):  # the -127-step clamp after a ReLU is an identity, dropped
+        assert written.count("Clip") == (1 if act == "relu" else 2)
+    x = torch.randn(*shape) * 12  # well outside the calibrated range: saturation on both sides
+    ref = _ref(q, x).numpy()
+    y = _session(tmp_path / "q.onnx", optimize=False).run(None, {"input": x.numpy()})[0]
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    # fused: ONNX Runtime requantizes the int32 sums itself; an intermediate rounding may flip a step
+    y = _session(tmp_path / "q.onnx").run(None, {"input": x.numpy()})[0]
+    assert np.abs(y - ref).max() <= 5e-3 * np.abs(ref).max()

@@ -23,7 +23,12 @@ and the ONNX operator documents for DequantizeLinear / QuantizeLinear):
   int8 weight (``q - 128``, zero point 0; asymmetric weights as uint8 with their zero points), per
   output channel, into ``MatMul`` / ``Conv``, the pattern ONNX Runtime fuses to integer kernels.
   ONNX's QuantizeLinear saturates at -128, lowbit at -127: a ``Clip`` at the -127 step before
-  QuantizeLinear makes the graph round exactly as lowbit does.
+  QuantizeLinear makes the graph round exactly as lowbit does. A Conv whose only consumer is a
+  chain of Relu / Clip ending in the next layer's QuantizeLinear also gets that QuantizeLinear ->
+  DequantizeLinear on its own output (:func:`_quantize_conv_outputs`: the same rounding, moved
+  ahead of the clip), so ONNX Runtime fuses it to ``QLinearConv`` with int8 in and out; without it
+  the convolution stays float on dequantized values. The -127-step ``Clip`` is dropped where a
+  ReLU / ReLU6 before it already bounds the values from below (an identity there).
 * **Conv2d, weight-only int8 per channel** -> ``DequantizeLinear`` on the weight into ``Conv``.
 * **Embedding int2 / int3 / int4 / int8** -> ``com.microsoft.GatherBlockQuantized`` (uint8 data in
   MatMulNBits' conventions, ``quantize_axis = 1``; 2- and 3-bit codes stored 4-bit with explicit
@@ -345,7 +350,8 @@ def _no_initializer_copies(node) -> bool | None:
 def _tidy(model) -> None:
     """The exported graph (an ``onnx_ir`` model), cleaned in place: functions inlined, constants
     folded (see :func:`_no_initializer_copies`), unused nodes dropped, equal initializers and
-    subexpressions merged. onnxscript's pattern rewriter (torch.onnx's ``optimize=True``) is left
+    subexpressions merged, quantized convolutions' outputs rounded where ONNX Runtime can then
+    fuse them (:func:`_quantize_conv_outputs`). onnxscript's pattern rewriter (torch.onnx's ``optimize=True``) is left
     out: it took two thirds of SmolLM2's export for rewrites ONNX Runtime makes itself at load."""
     import onnx_ir.passes.common as passes
     from onnxscript.optimizer import fold_constants_ir
@@ -354,9 +360,96 @@ def _tidy(model) -> None:
     fold_constants_ir(model, onnx_shape_inference=True, should_fold=_no_initializer_copies)
     for p in (passes.RemoveUnusedNodesPass(), passes.RemoveUnusedFunctionsPass(), passes.RemoveUnusedOpsetsPass(),
               passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-              passes.DeduplicateInitializersPass(), passes.CommonSubexpressionEliminationPass(),
-              passes.NameFixPass()):  # fmt: skip
+              passes.DeduplicateInitializersPass(), passes.CommonSubexpressionEliminationPass()):  # fmt: skip
         p(model)
+    if _drop_redundant_clips(model.graph) + _quantize_conv_outputs(model.graph):
+        passes.RemoveUnusedNodesPass()(model)  # a dropped Clip's bound
+    passes.NameFixPass()(model)
+
+
+def _const(value) -> float | None:
+    """A scalar constant input's value (None for an absent input or one computed in the graph)."""
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(-1)[0])
+
+
+def _drop_redundant_clips(graph) -> int:
+    """Remove each ``Clip`` with only a lower bound whose input comes from a ``Relu`` or ``Clip``
+    with a lower bound at least as high (lowbit's -127-step clamp after a ReLU6: an identity).
+    ``graph`` is an ``onnx_ir`` graph, edited in place; returns the number removed."""
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Clip" or len(node.inputs) < 2 or (len(node.inputs) > 2 and node.inputs[2] is not None):
+            continue
+        lo, src = _const(node.inputs[1]), node.inputs[0].producer()
+        if lo is None or src is None or node.outputs[0].is_graph_output():
+            continue
+        lo_src = None
+        if src.op_type == "Relu":
+            lo_src = 0.0
+        elif src.op_type == "Clip" and len(src.inputs) > 1:
+            lo_src = _const(src.inputs[1])
+        if lo_src is not None and lo_src >= lo:
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+            removed += 1
+    return removed
+
+
+def _on_grid_or_outside(bound, scale, zero) -> bool:
+    """Whether a clip bound (a scalar constant) is a point of the int8 grid ``(q - zero) * scale``,
+    or lies at or beyond its ends, so that clipping commutes with rounding to the grid."""
+    if bound is None:
+        return True
+    b, s, z = _const(bound), _const(scale), _const(zero)
+    if b is None:
+        return False
+    k = b / s + z
+    return k <= -128 or k >= 127 or abs(k - round(k)) <= 1e-4
+
+
+def _quantize_conv_outputs(graph) -> int:
+    """Add ``QuantizeLinear -> DequantizeLinear`` on the output of each quantized Conv whose value
+    reaches only the next layer's QuantizeLinear through Relu / Clip nodes, with that
+    QuantizeLinear's scale and zero point; ONNX Runtime then fuses the Conv to ``QLinearConv``
+    (int8 output) instead of a float convolution. Exact: a Relu or Clip whose bounds lie on the
+    grid (or beyond its ends) commutes with rounding to it, so ``Q(clip(DQ(Q(x)))) = Q(clip(x))``;
+    a chain with another bound is left alone. ``graph`` is an ``onnx_ir`` graph, edited in place;
+    returns the number of convolutions changed. (ONNX Runtime's ``quantize_static`` writes the same
+    pattern, from its own calibration; here the scale is lowbit's.)"""
+    import onnx_ir as ir
+
+    def only_consumer(value):
+        uses = list(value.uses())
+        return None if value.is_graph_output() or len(uses) != 1 else uses[0]
+
+    changed = 0
+    for node in list(graph):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        if any(v is None or v.producer() is None or v.producer().op_type != "DequantizeLinear" for v in node.inputs[:2]):
+            continue
+        out = node.outputs[0]
+        first = use = only_consumer(out)
+        chain = []
+        while use is not None and use[0].op_type in ("Relu", "Clip"):
+            chain.append(use[0])
+            use = only_consumer(use[0].outputs[0])
+        if first is None or not chain or use is None or use[0].op_type != "QuantizeLinear":
+            continue
+        quant = use[0]
+        scale, zero = quant.inputs[1], quant.inputs[2] if len(quant.inputs) > 2 else None
+        if _const(scale) is None or _const(zero) is None:
+            continue
+        if not all(_on_grid_or_outside(b, scale, zero) for c in chain if c.op_type == "Clip" for b in c.inputs[1:3]):
+            continue
+        q = ir.Node("", "QuantizeLinear", [out, scale, zero], num_outputs=1)
+        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero], num_outputs=1)
+        graph.insert_after(node, [q, dq])
+        first[0].replace_input_with(first[1], dq.outputs[0])
+        changed += 1
+    return changed
 
 
 def _half_dtypes(model: nn.Module) -> list[str]:
