@@ -58,6 +58,9 @@ def _session(path, level=None):
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
+    # ONNX Runtime's pool threads spin after each run by default; timed round-robin with other
+    # sessions and lowbit's kernels, the spinning would take the cores the next one times on
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
