@@ -856,7 +856,9 @@ def _onnx_table(res: dict) -> str:
         table = [[r["shape"], r["scheme"], str(r["tokens"])] + [f"{r['ms'][n]:.3f}" for n in names] for r in gv["rows"]]
         lines += ["", f"### One layer: ONNX Runtime's MatMulNBits on lowbit's weights vs lowbit's kernel (ms, ISA {gv['isa']}, "
                   f"{gv['threads']} threads)", "",
-                  "Medians of round-robin repetitions (`median_times_interleaved`). Accuracy level 1 computes in float32 on the exact weights (what the "
+                  "Medians of round-robin repetitions (`median_times_interleaved`, ONNX Runtime's thread spinning off): "
+                  "each call finds its weights evicted from cache by the others' (as in decoding, where they come from "
+                  "memory). Accuracy level 1 computes in float32 on the exact weights (what the "
                   "export writes by default); level 4 (`--accuracy-level 4`) rounds the activations to int8 per block "
                   "(not lowbit's arithmetic). lowbit's kernel keeps float activations for weight-only schemes.", "",
                   markdown_table(["N x K", "scheme", "tokens"] + names, table)]  # fmt: skip
