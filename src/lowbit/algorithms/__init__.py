@@ -15,6 +15,10 @@ awq             yes           activation-aware channel scaling + output-aware cl
 awq+gptq        yes           AWQ's channel scaling, then GPTQ
 smoothquant     yes           outlier migration into the weights for W8A8 (``w8a8`` schemes)
 ==============  ============  =================================================================
+
+Beside them, for compression beyond quantization (issue 16): :mod:`.pruning` (magnitude, Wanda
+and N:M masks, SparseGPT with optional joint quantization) and :mod:`.lowrank` (truncated SVD,
+plain or weighted by the input Hessian, also used on a quantized layer's error).
 """
 
 from __future__ import annotations
