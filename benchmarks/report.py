@@ -838,7 +838,7 @@ def _onnx_table(res: dict) -> str:
         domains = sorted({d for r in sm.values() for d in r.get("ppl", {})})
         seen = set(cal["domains"])
         head = ["model", "MatMulNBits", "file"] + [f"{d}{'' if d in seen else ' (unseen)'}" for d in domains] + ["quantize s"]
-        table = [[name, str(r.get("matmul_nbits", "-")), f"{r['file_bytes'] / 1e6:.1f} MB"]
+        table = [[name, str(r.get("matmul_nbits", "-")), f"{r['file_bytes'] / 1e6:.1f} MB" if "file_bytes" in r else "-"]
                  + [f"{r['ppl'][d]:.3f}" if d in r.get("ppl", {}) else "-" for d in domains]
                  + [str(r.get("quantize_seconds", "-"))] for name, r in sm.items()]  # fmt: skip
         lines += ["", "### SmolLM2-135M, 4-bit groups of 64: perplexity computed by ONNX Runtime", "",
