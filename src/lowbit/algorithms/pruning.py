@@ -18,7 +18,10 @@ Scores (higher = kept):
 * **SparseGPT** (Frantar, Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
   One-Shot", ICML 2023, Algorithm 1): columns are visited left to right with the upper Cholesky
   factor ``U`` of ``H^-1`` (``H = X X^T``); the mask of each block of columns is chosen when the
-  block is reached, keeping the weights with the largest ``w^2 / U_jj^2`` (the OBS saliency); each
+  block is reached, keeping the weights with the largest ``w^2 / U_jj^2`` (the OBS saliency) in
+  each row of the block (the paper compares over all rows of the block; per row, every row keeps
+  the same count, so the kept codes pack as a dense matrix, and Wanda found per-output comparison
+  groups the better choice for LLMs); each
   removed weight's error ``w / U_jj`` is spread over the columns not yet visited, as GPTQ does with
   rounding errors. With a ``scheme`` the kept weights are quantized in the same pass (the paper's
   joint sparsification and quantization, section 3.5), the group parameters chosen from the
@@ -122,8 +125,8 @@ def sparsegpt(
 ) -> SparseGPTResult:
     """SparseGPT-prune ``w`` ``(N, K)`` given the input Hessian ``h`` ``(K, K)`` (any positive scale).
 
-    ``sparsity`` removes that fraction of each block of ``block`` columns (over all rows together,
-    as the paper); ``nm = (n, m)`` instead keeps ``n`` of every ``m`` consecutive weights per row.
+    ``sparsity`` removes ``floor(sparsity * block)`` weights of each row in each block of ``block``
+    columns (the last block: of its width); ``nm = (n, m)`` instead keeps ``n`` of every ``m`` consecutive weights per row.
     ``scheme`` (an integer or codebook format) quantizes the kept weights in the same pass, GPTQ's
     group parameters chosen by ``clip`` (see :mod:`lowbit.algorithms.gptq`). Raises
     :class:`PruningError` for a bad sparsity or N:M pattern, :class:`HessianError` for a singular
@@ -166,7 +169,7 @@ def sparsegpt(
         u1 = U[i1:i2, i1:i2]
         if nm is None and sparsity > 0:  # the block's mask, from the weights as updated so far
             sal = w1.pow(2) / torch.diag(u1).pow(2).unsqueeze(0)
-            mask[:, i1:i2] = unstructured_mask(sal, sparsity, per_row=False)
+            mask[:, i1:i2] = unstructured_mask(sal, sparsity, per_row=True)
         for i in range(i2 - i1):
             j = i1 + i
             if nm is not None and j % nm[1] == 0:
