@@ -24,9 +24,9 @@ and the ONNX operator documents for DequantizeLinear / QuantizeLinear):
   output channel, into ``MatMul`` / ``Conv``, the pattern ONNX Runtime fuses to integer kernels.
   ONNX's QuantizeLinear saturates at -128, lowbit at -127: a ``Clip`` at the -127 step before
   QuantizeLinear makes the graph round exactly as lowbit does. A Conv whose only consumer is a
-  chain of Relu / Clip ending in the next layer's QuantizeLinear also gets that QuantizeLinear ->
-  DequantizeLinear on its own output (:func:`_quantize_conv_outputs`: the same rounding, moved
-  ahead of the clip), so ONNX Runtime fuses it to ``QLinearConv`` with int8 in and out; without it
+  chain of Relu / Clip / MaxPool / Reshape ending in the next layer's QuantizeLinear also gets that
+  QuantizeLinear -> DequantizeLinear on its own output (:func:`_quantize_conv_outputs`: the same
+  rounding, moved ahead of operators that commute with it), so ONNX Runtime fuses it to ``QLinearConv`` with int8 in and out; without it
   the convolution stays float on dequantized values. The -127-step ``Clip`` is dropped where a
   ReLU / ReLU6 before it already bounds the values from below (an identity there).
 * **Conv2d, weight-only int8 per channel** -> ``DequantizeLinear`` on the weight into ``Conv``.
@@ -252,6 +252,12 @@ class _QDQ(nn.Module):
         else:  # MatMul's B is (K, N): the output channels are axis 1
             self.wshape, self.axis = (qw.cols, qw.rows), 1
             w = w.t().contiguous()
+        if self.per_axis:
+            # a channel of zero weights (codes at the zero point) is zero at any scale: give it a
+            # usual one, as ONNX Runtime divides the bias by input scale x weight scale into int32
+            empty = (w.reshape(w.shape[0], -1) if self.conv else w.t()).eq(z.reshape(-1, 1).to(w.dtype)).all(1)
+            if bool(empty.any()):
+                s = torch.where(empty, s[~empty].max() if bool((~empty).any()) else torch.ones(()), s)
         self.register_buffer("w", w)
         self.register_buffer("w_scale", s)
         self.register_buffer("w_zero", z)
@@ -261,6 +267,13 @@ class _QDQ(nn.Module):
         # lo / scale rounds to -127 - zero)
         self.a_min = float((-127 - mod.act_zero.float()) * mod.act_scale.float()) if act else None
         self.register_buffer("bias", None if mod.bias is None else mod.bias.detach().float())
+        # ONNX Runtime's integer convolution takes the bias as int32 in steps of input scale x
+        # weight scale; where a step that small would overflow int32, the bias is added after the
+        # convolution instead (which then stays float: exact, not fused)
+        self.bias_after = False
+        if self.conv and act and self.bias is not None:
+            steps = self.bias.abs() / (self.a_scale * s.reshape(-1)).clamp_min(torch.finfo(torch.float32).tiny)
+            self.bias_after = bool((steps >= 2**30).any())
 
     def forward(self, x):
         x = x.float()
@@ -271,6 +284,8 @@ class _QDQ(nn.Module):
         wd = _dq(self.w, self.w_scale, self.w_zero, self.axis if self.per_axis else None, self.wshape)
         if self.conv:
             stride, padding, dilation, groups = self.conv_args
+            if self.bias_after:
+                return F.conv2d(x, wd, None, stride, padding, dilation, groups) + self.bias.reshape(1, -1, 1, 1)
             return F.conv2d(x, wd, self.bias, stride, padding, dilation, groups)
         y = torch.matmul(x, wd)
         return y if self.bias is None else y + self.bias
@@ -397,27 +412,20 @@ def _drop_redundant_clips(graph) -> int:
     return removed
 
 
-def _on_grid_or_outside(bound, scale, zero) -> bool:
-    """Whether a clip bound (a scalar constant) is a point of the int8 grid ``(q - zero) * scale``,
-    or lies at or beyond its ends, so that clipping commutes with rounding to the grid."""
-    if bound is None:
-        return True
-    b, s, z = _const(bound), _const(scale), _const(zero)
-    if b is None:
-        return False
-    k = b / s + z
-    return k <= -128 or k >= 127 or abs(k - round(k)) <= 1e-4
+# Operators that commute with rounding to an int8 grid: for a non-decreasing rounding ``Q``,
+# ``Q(max(a, b)) = max(Q(a), Q(b))`` (so Relu, Clip with any bounds, MaxPool), and data movement.
+_COMMUTE_WITH_Q = {"Relu": 0, "Clip": 0, "MaxPool": 0, "Reshape": 0, "Flatten": 0}
 
 
 def _quantize_conv_outputs(graph) -> int:
     """Add ``QuantizeLinear -> DequantizeLinear`` on the output of each quantized Conv whose value
-    reaches only the next layer's QuantizeLinear through Relu / Clip nodes, with that
-    QuantizeLinear's scale and zero point; ONNX Runtime then fuses the Conv to ``QLinearConv``
-    (int8 output) instead of a float convolution. Exact: a Relu or Clip whose bounds lie on the
-    grid (or beyond its ends) commutes with rounding to it, so ``Q(clip(DQ(Q(x)))) = Q(clip(x))``;
-    a chain with another bound is left alone. ``graph`` is an ``onnx_ir`` graph, edited in place;
-    returns the number of convolutions changed. (ONNX Runtime's ``quantize_static`` writes the same
-    pattern, from its own calibration; here the scale is lowbit's.)"""
+    reaches only the next layer's QuantizeLinear through Relu / Clip / MaxPool / Reshape / Flatten
+    nodes, with that QuantizeLinear's scale and zero point; ONNX Runtime then fuses the Conv to
+    ``QLinearConv`` (int8 output) instead of a float convolution. Exact: each of those operators
+    is a max, a min or a data movement, which commute with a non-decreasing rounding ``Q``, and
+    ``Q(DQ(Q(v))) = Q(v)``; so ``Q(f(DQ(Q(v)))) = Q(f(v))``. ``graph`` is an ``onnx_ir`` graph,
+    edited in place; returns the number of convolutions changed. (ONNX Runtime's
+    ``quantize_static`` writes the same pattern from its own calibration; here the scale is lowbit's.)"""
     import onnx_ir as ir
 
     def only_consumer(value):
@@ -432,17 +440,15 @@ def _quantize_conv_outputs(graph) -> int:
             continue
         out = node.outputs[0]
         first = use = only_consumer(out)
-        chain = []
-        while use is not None and use[0].op_type in ("Relu", "Clip"):
-            chain.append(use[0])
+        n_chain = 0
+        while use is not None and _COMMUTE_WITH_Q.get(use[0].op_type) == use[1] and len(use[0].outputs) == 1:
+            n_chain += 1
             use = only_consumer(use[0].outputs[0])
-        if first is None or not chain or use is None or use[0].op_type != "QuantizeLinear":
+        if first is None or not n_chain or use is None or use[0].op_type != "QuantizeLinear" or use[1] != 0:
             continue
         quant = use[0]
         scale, zero = quant.inputs[1], quant.inputs[2] if len(quant.inputs) > 2 else None
         if _const(scale) is None or _const(zero) is None:
-            continue
-        if not all(_on_grid_or_outside(b, scale, zero) for c in chain if c.op_type == "Clip" for b in c.inputs[1:3]):
             continue
         q = ir.Node("", "QuantizeLinear", [out, scale, zero], num_outputs=1)
         dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero], num_outputs=1)
