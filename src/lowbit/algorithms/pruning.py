@@ -30,6 +30,7 @@ Scores (higher = kept):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,11 @@ def wanda_scores(w: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
     """Keep the highest scores: ``floor(sparsity * K)`` removed in each row (``per_row``, Wanda's
     comparison group; every row equally sparse) or ``floor(sparsity * N * K)`` over the whole
-    tensor. Ties are broken by position, so the count removed is exact. bool ``(N, K)``."""
+    tensor (up to 1e-9 below a whole count: ``1 - c / G`` removes exactly ``G - c``). Ties are
+    broken by position, so the count removed is exact. bool ``(N, K)``."""
     sparsity = check_sparsity(sparsity)
     flat = scores if per_row else scores.reshape(1, -1)
-    drop = int(sparsity * flat.shape[1])
+    drop = math.floor(sparsity * flat.shape[1] + 1e-9)  # 1 - c/G removes exactly G - c
     keep = torch.ones_like(flat, dtype=torch.bool)
     if drop:
         idx = torch.argsort(flat, dim=1, stable=True)[:, :drop]
@@ -121,12 +123,14 @@ def sparsegpt(
     name: str = "weight",
     damp: float = 0.01,
     block: int = 128,
+    mask_block: int | None = None,
     clip: str = "hessian",
 ) -> SparseGPTResult:
     """SparseGPT-prune ``w`` ``(N, K)`` given the input Hessian ``h`` ``(K, K)`` (any positive scale).
 
-    ``sparsity`` removes ``floor(sparsity * block)`` weights of each row in each block of ``block``
-    columns (the last block: of its width); ``nm = (n, m)`` instead keeps ``n`` of every ``m`` consecutive weights per row.
+    ``sparsity`` removes ``floor(sparsity * mask_block)`` weights of each row in each run of
+    ``mask_block`` columns (default ``block``; it must divide ``block``; the last run: of its
+    width), chosen when the run is reached; ``nm = (n, m)`` instead keeps ``n`` of every ``m`` consecutive weights per row.
     ``scheme`` (an integer or codebook format) quantizes the kept weights in the same pass, GPTQ's
     group parameters chosen by ``clip`` (see :mod:`lowbit.algorithms.gptq`). Raises
     :class:`PruningError` for a bad sparsity or N:M pattern, :class:`HessianError` for a singular
@@ -141,6 +145,9 @@ def sparsegpt(
         sparsity = check_sparsity(sparsity)
     if clip not in CLIP_CHOICES:
         raise ValueError(f"clip={clip!r}: choose from {CLIP_CHOICES}")
+    mask_block = block if mask_block is None else mask_block
+    if not isinstance(mask_block, int) or mask_block < 1 or block % mask_block:
+        raise PruningError(f"mask_block must be a positive divisor of block={block}, got {mask_block!r}")
     if scheme is not None and scheme.fmt.kind not in ("affine", "codebook"):
         raise ValueError(f"SparseGPT quantizes integer or codebook formats, not {scheme}")
     if h.shape != (k, k) or not bool(torch.isfinite(h).all()):
@@ -167,11 +174,12 @@ def sparsegpt(
         w1 = W[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = U[i1:i2, i1:i2]
-        if nm is None and sparsity > 0:  # the block's mask, from the weights as updated so far
-            sal = w1.pow(2) / torch.diag(u1).pow(2).unsqueeze(0)
-            mask[:, i1:i2] = unstructured_mask(sal, sparsity, per_row=True)
         for i in range(i2 - i1):
             j = i1 + i
+            if nm is None and sparsity > 0 and j % mask_block == 0:  # from the weights as updated so far
+                width = min(mask_block, i2 - j)
+                sal = w1[:, i : i + width].pow(2) / torch.diag(u1)[i : i + width].pow(2).unsqueeze(0)
+                mask[:, j : j + width] = unstructured_mask(sal, sparsity, per_row=True)
             if nm is not None and j % nm[1] == 0:
                 sal = w1[:, i : i + nm[1]].pow(2) / torch.diag(u1)[i : i + nm[1]].pow(2).unsqueeze(0)
                 mask[:, j : j + nm[1]] = nm_mask(sal, *nm)
