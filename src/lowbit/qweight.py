@@ -117,18 +117,11 @@ def _checked_cast(w2: torch.Tensor, scheme: Scheme, name: str) -> torch.Tensor:
     return out
 
 
-@dataclass
-class QWeight:
-    """A quantized weight; see the module docstring for the tensors' layouts."""
+class WeightShape:
+    """Geometry of a stored weight of original shape ``shape`` ``(N, ...)``, flattened to ``(N, K)``."""
 
-    scheme: Scheme
     shape: tuple[int, ...]
-    data: torch.Tensor
-    scale: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-    layout: str = "rows"
 
-    # ---- geometry ---------------------------------------------------------------------------
     @property
     def rows(self) -> int:
         return self.shape[0]
@@ -141,6 +134,19 @@ class QWeight:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+
+@dataclass
+class QWeight(WeightShape):
+    """A quantized weight; see the module docstring for the tensors' layouts."""
+
+    scheme: Scheme
+    shape: tuple[int, ...]
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    layout: str = "rows"
+
+    # ---- geometry (rows, cols, numel: WeightShape) --------------------------------------------
     @property
     def n_groups(self) -> int:
         if self.scheme.per_tensor:

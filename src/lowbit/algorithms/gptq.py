@@ -43,7 +43,7 @@ from ..primitives import (
 from ..qweight import QWeight
 from ..scheme import Scheme
 
-__all__ = ["quantize_weight", "group_qparams", "HessianError", "DAMP_STEPS", "CLIP_CHOICES"]
+__all__ = ["quantize_weight", "group_qparams", "open_group", "HessianError", "DAMP_STEPS", "CLIP_CHOICES"]
 
 # Damping tried in turn (fraction of the mean Hessian diagonal) until H is positive definite.
 DAMP_STEPS = (0.01, 0.1, 1.0)
@@ -87,6 +87,24 @@ def group_qparams(w: torch.Tensor, hdiag: torch.Tensor, scheme: Scheme, clip: st
         d = torch.where(live, d, d[live].mean() if bool(live.any()) else torch.ones(()))
         return mse_clip_search(w, scheme, weight=d)
     raise ValueError(f"clip={clip!r}: choose from {CLIP_CHOICES}")
+
+
+def open_group(W: torch.Tensor, w1: torch.Tensor, i1: int, i2: int, col: int, gs: int, hdiag: torch.Tensor,
+               scheme: Scheme, clip: str, scale: torch.Tensor, zero: torch.Tensor | None,
+               keep: torch.Tensor | None = None) -> None:  # fmt: skip
+    """At the first column ``col`` of a group of ``gs`` columns, inside the block ``[i1, i2)``
+    being quantized: choose the group's parameters from its columns as updated so far (within the
+    block: ``w1``; beyond it: ``W``), times ``keep`` (bool ``(N, K)``) where given, and write them
+    into column ``col // gs`` of ``scale`` and ``zero`` (in place)."""
+    hi = min(col + gs, W.shape[1])
+    i = col - i1
+    cur = torch.cat([w1[:, i : min(hi, i2) - i1], W[:, i2:hi]], dim=1) if hi > i2 else w1[:, i : hi - i1]
+    if keep is not None:
+        cur = cur * keep[:, col:hi]
+    qp = group_qparams(cur, hdiag[col:hi], scheme, clip)  # at most one group's columns: one group
+    scale[:, col // gs] = qp.scale[:, 0]
+    if zero is not None:
+        zero[:, col // gs] = qp.zero[:, 0]
 
 
 def quantize_weight(
@@ -155,14 +173,8 @@ def quantize_weight(
         for i in range(i2 - i1):
             col = int(perm[i1 + i])  # original column index
             g = col // gs
-            if static is None and col % gs == 0:
-                # this group's columns, as updated so far (within this block: w1; beyond: W)
-                hi = min(col + gs, k)
-                cur = torch.cat([w1[:, i : min(hi, i2) - i1], W[:, i2:hi]], dim=1) if hi > i2 else w1[:, i : hi - i1]
-                qp = group_qparams(cur, hdiag[col:hi], scheme, clip)  # at most one group's columns: one group
-                scale[:, g] = qp.scale[:, 0]
-                if zero is not None:
-                    zero[:, g] = qp.zero[:, 0]
+            if static is None and col % gs == 0:  # without act_order: col is the position i1 + i
+                open_group(W, w1, i1, i2, col, gs, hdiag, scheme, clip, scale, zero)
             s = scale[:, g] if not scheme.per_tensor else scale[0, 0].expand(n)
             z = None if zero is None else (zero[:, g] if not scheme.per_tensor else zero[0, 0].expand(n))
             x = w1[:, i]

@@ -38,7 +38,7 @@ import torch
 from ..primitives import QParams, check_finite, dequantize_values, quantize_values
 from ..qweight import QWeight
 from ..scheme import Scheme
-from .gptq import CLIP_CHOICES, HessianError, _inverse_cholesky, group_qparams
+from .gptq import CLIP_CHOICES, HessianError, _inverse_cholesky, group_qparams, open_group
 
 __all__ = ["PruningError", "check_sparsity", "check_nm", "magnitude_scores", "wanda_scores", "unstructured_mask",
            "nm_mask", "SparseGPTResult", "sparsegpt"]  # fmt: skip
@@ -140,7 +140,6 @@ def sparsegpt(
     n_out, k = w.shape
     if nm is not None:
         check_nm(*nm, k, name)
-        sparsity = 1 - nm[0] / nm[1]
     else:
         sparsity = check_sparsity(sparsity)
     if clip not in CLIP_CHOICES:
@@ -189,14 +188,8 @@ def sparsegpt(
                 new = torch.where(keep, x, torch.zeros_like(x))
             else:
                 g = j // gs
-                if not scheme.per_tensor and j % gs == 0:
-                    hi = min(j + gs, k)
-                    cur = torch.cat([w1[:, i : min(hi, i2) - i1], W[:, i2:hi]], dim=1) if hi > i2 else w1[:, i : hi - i1]
-                    known = mask[:, j : j + cur.shape[1]]  # masks chosen so far; later ones count as kept
-                    qp = group_qparams(cur * known, hdiag[j : j + cur.shape[1]], scheme, clip)
-                    scale[:, g] = qp.scale[:, 0]
-                    if zero is not None:
-                        zero[:, g] = qp.zero[:, 0]
+                if not scheme.per_tensor and j % gs == 0:  # masks chosen so far; later ones count as kept
+                    open_group(W, w1, i1, i2, j, gs, hdiag, scheme, clip, scale, zero, keep=mask)
                 s = scale[:, g] if not scheme.per_tensor else scale[0, 0].expand(n_out)
                 z = None if zero is None else (zero[:, g] if not scheme.per_tensor else zero[0, 0].expand(n_out))
                 q = quantize_values(torch.where(keep, x, torch.zeros_like(x)), s, z, scheme)

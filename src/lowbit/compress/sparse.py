@@ -19,14 +19,13 @@ the last, shorter group keeps what remains. :func:`group_keep` says how many are
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..algorithms.pruning import PruningError, check_sparsity
 from ..primitives import check_finite
-from ..qweight import QWeight
+from ..qweight import QWeight, WeightShape
 from ..scheme import Scheme
 
 __all__ = ["SparseWeight", "pack_mask", "unpack_mask", "group_keep", "kept_scheme"]
@@ -83,24 +82,12 @@ def _check_mask(mask: torch.Tensor, group: int | None) -> int:
 
 
 @dataclass
-class SparseWeight:
+class SparseWeight(WeightShape):
     """A pruned weight: see the module docstring. ``shape`` is the original weight's shape."""
 
     shape: tuple[int, ...]
     mask: torch.Tensor
     kept: QWeight | torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return math.prod(self.shape[1:])
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def sparsity(self) -> float:
@@ -131,13 +118,11 @@ class SparseWeight:
         w2 = w.detach().reshape(w.shape[0], -1).float()
         if mask.shape != w2.shape or mask.dtype != torch.bool:
             raise PruningError(f"{name}: the mask must be bool {tuple(w2.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-        group = None if scheme is None or scheme.per_tensor else scheme.group_size
-        _check_mask(mask, group)
+        c = _check_mask(mask, None if scheme is None or scheme.per_tensor else scheme.group_size)
         kept = w2[mask].reshape(w2.shape[0], -1)
         if scheme is None:
             kept_w: QWeight | torch.Tensor = kept.to(float_dtype)
         else:
-            c = _check_mask(mask, group)
             kept_w = QWeight.from_float(kept, kept_scheme(scheme, c), name=name, check=False)
         return cls(tuple(w.shape), pack_mask(mask), kept_w)
 

@@ -26,8 +26,9 @@ and the ONNX operator documents for DequantizeLinear / QuantizeLinear):
   QuantizeLinear makes the graph round exactly as lowbit does. A Conv whose only consumer is a
   chain of Relu / Clip / MaxPool / Reshape ending in the next layer's QuantizeLinear also gets that
   QuantizeLinear -> DequantizeLinear on its own output (:func:`_quantize_conv_outputs`: the same
-  rounding, moved ahead of operators that commute with it), so ONNX Runtime fuses it to ``QLinearConv`` with int8 in and out; without it
-  the convolution stays float on dequantized values. The -127-step ``Clip`` is dropped where a
+  rounding, moved ahead of operators that commute with it), so ONNX Runtime fuses it to
+  ``QLinearConv`` with int8 in and out; without it the convolution stays float on dequantized
+  values. The -127-step ``Clip`` is dropped where a
   ReLU / ReLU6 before it already bounds the values from below (an identity there).
 * **Conv2d, weight-only int8 per channel** -> ``DequantizeLinear`` on the weight into ``Conv``.
 * **Embedding int2 / int3 / int4 / int8** -> ``com.microsoft.GatherBlockQuantized`` (uint8 data in
@@ -366,8 +367,8 @@ def _tidy(model) -> None:
     """The exported graph (an ``onnx_ir`` model), cleaned in place: functions inlined, constants
     folded (see :func:`_no_initializer_copies`), unused nodes dropped, equal initializers and
     subexpressions merged, quantized convolutions' outputs rounded where ONNX Runtime can then
-    fuse them (:func:`_quantize_conv_outputs`). onnxscript's pattern rewriter (torch.onnx's ``optimize=True``) is left
-    out: it took two thirds of SmolLM2's export for rewrites ONNX Runtime makes itself at load."""
+    fuse them (:func:`_quantize_conv_outputs`). onnxscript's pattern rewriter (torch.onnx's
+    ``optimize=True``) is left out: it took two thirds of SmolLM2's export for rewrites ONNX Runtime makes itself at load."""
     import onnx_ir.passes.common as passes
     from onnxscript.optimizer import fold_constants_ir
 
@@ -414,7 +415,8 @@ def _drop_redundant_clips(graph) -> int:
 
 # Operators that commute with rounding to an int8 grid: for a non-decreasing rounding ``Q``,
 # ``Q(max(a, b)) = max(Q(a), Q(b))`` (so Relu, Clip with any bounds, MaxPool), and data movement.
-_COMMUTE_WITH_Q = {"Relu": 0, "Clip": 0, "MaxPool": 0, "Reshape": 0, "Flatten": 0}
+# Each takes the data as its input 0.
+_COMMUTE_WITH_Q = frozenset({"Relu", "Clip", "MaxPool", "Reshape", "Flatten"})
 
 
 def _quantize_conv_outputs(graph) -> int:
@@ -441,10 +443,10 @@ def _quantize_conv_outputs(graph) -> int:
         out = node.outputs[0]
         first = use = only_consumer(out)
         n_chain = 0
-        while use is not None and _COMMUTE_WITH_Q.get(use[0].op_type) == use[1] and len(use[0].outputs) == 1:
+        while use is not None and use[0].op_type in _COMMUTE_WITH_Q and use[1] == 0 and len(use[0].outputs) == 1:
             n_chain += 1
             use = only_consumer(use[0].outputs[0])
-        if first is None or not n_chain or use is None or use[0].op_type != "QuantizeLinear" or use[1] != 0:
+        if not n_chain or use is None or use[0].op_type != "QuantizeLinear" or use[1] != 0:
             continue
         quant = use[0]
         scale, zero = quant.inputs[1], quant.inputs[2] if len(quant.inputs) > 2 else None
