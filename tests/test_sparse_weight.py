@@ -1,4 +1,4 @@
-"""SparseWeight (lowbit.compress.sparse): bitmask + kept weights, exact round trips and
+"""SparseWeight (lowbit.sparse): bitmask + kept weights, exact round trips and
 byte-exact sizes, and SparseGPT's joint result stored without changing a value."""
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.algorithms.pruning import PruningError, magnitude_scores, nm_mask, sparsegpt, unstructured_mask
-from lowbit.compress.sparse import SparseWeight, group_keep, pack_mask, unpack_mask
+from lowbit.sparse import SparseWeight, group_keep, pack_mask, unpack_mask
 from lowbit.qweight import QWeight
 from lowbit.scheme import parse_scheme
 

@@ -609,6 +609,9 @@ def quantize_checkpoint(
 
     algo = get_algorithm(method)
     algo_options = algo.check_options(options)
+    if algo.prunes:
+        raise QuantizeError(f"{method} prunes weights, which streaming quantization does not do yet: load the model "
+                            "and use lowbit.quantize (or the CLI without --stream)")  # fmt: skip
     recipe = Recipe.coerce(spec)
     ck = Checkpoint(src)
     if method in ("rtn", "hqq"):  # layer after layer of large buffers, each returned to the OS when freed

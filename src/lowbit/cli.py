@@ -102,7 +102,10 @@ def cmd_quantize(args) -> int:
         return _err("give exactly one of --scheme or --recipe")
     spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
     options = {k: v for k, v in (("clip", args.clip), ("damp", args.damp), ("act_order", args.act_order),
-                                 ("alpha", args.alpha), ("importance", args.importance)) if v is not None}  # fmt: skip
+                                 ("alpha", args.alpha), ("importance", args.importance),
+                                 ("sparsity", args.sparsity), ("nm", args.nm)) if v is not None}  # fmt: skip
+    if get_algorithm(args.method).prunes and "sparsity" not in options and "nm" not in options:
+        return _err(f"--method {args.method} prunes: give --sparsity FRACTION or --nm N:M")
     t0 = time.perf_counter()
     static = _has_static(spec)
     if args.ray is not None:
@@ -352,11 +355,14 @@ def cmd_inspect(args) -> int:
         note = mod.kernel_note if isinstance(mod, QuantModule) else ""
         if isinstance(mod, QuantModule) and mod.storage_note():
             note = "; ".join(x for x in (mod.storage_note(), note) if x)
+        scheme = rec.scheme or (sz.scheme if sz else "-")
+        if sz and sz.sparsity:
+            scheme += f" ({sz.sparsity:.0%} pruned)"
         cells = [
             name,
             rec.type,
             rec.status,
-            rec.scheme or (sz.scheme if sz else "-"),
+            scheme,
             rec.method or "-",
             kernel,
             f"{sz.bytes:,}" if sz else "-",
@@ -780,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: layers that have a bias; --bias-correction adds one where missing)")
     q.add_argument("--importance", type=float,
                    help="hqq: weight each error by |w|^importance (default 1.5 symmetric, 0.5 asymmetric; 0 = paper)")
+    q.add_argument("--sparsity", type=float,
+                   help="magnitude, wanda, sparsegpt: fraction of each layer's weights removed, in [0, 1) (with a "
+                        "grouped scheme rounded so each group keeps a multiple of 8)")
+    q.add_argument("--nm", metavar="N:M", help="magnitude, wanda, sparsegpt: keep N of every M weights, e.g. 2:4")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,

@@ -24,6 +24,7 @@ from .nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule
 from .primitives import check_finite
 from .recipe import Recipe
 from .scheme import Scheme
+from .sparse import SparseWeight
 
 __all__ = ["quantize", "LayerRecord", "UnsupportedModuleError", "QuantizeError"]
 
@@ -130,15 +131,19 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | None = None) -> QuantModule:
-    """The quantized module for ``mod``; ``act``: the static activations' (scale, zero point)."""
+    """The quantized module for ``mod`` from a :class:`QWeight` or a pruned
+    :class:`~lowbit.sparse.SparseWeight` (run as dense codes, stored as mask + kept codes);
+    ``act``: the static activations' (scale, zero point)."""
     dtype = str(mod.weight.dtype).replace("torch.", "")
     a = {} if act is None else {"act_scale": act[0], "act_zero": act[1]}
+    if isinstance(qw, SparseWeight):
+        qw, a["mask"] = qw.to_qweight(), qw.mask
     if kind == "linear":
         return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype, **a)
     if kind == "conv2d":
         conv = QuantConv2d.conv_args(mod)
         return QuantConv2d(qw, mod.bias, conv, method=method, orig_dtype=dtype, **a)
-    return QuantEmbedding(qw, mod.padding_idx, method=method, orig_dtype=dtype)
+    return QuantEmbedding(qw, mod.padding_idx, method=method, orig_dtype=dtype, **a)
 
 
 def _float_weight(mod: nn.Module, kind: str) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sparse import SparseWeight, kept_count, sparse_from_tensors, sparse_nbytes, unpack_mask
 from .qweight import QWeight
 from .scheme import Scheme, parse_scheme
 
@@ -49,6 +50,14 @@ def shared_row_conversion():
         _ROWS_MEMO.reset(token)
 
 
+def _checked_mask(mask: torch.Tensor, qw: QWeight) -> torch.Tensor:
+    """A pruned weight's packed mask, ``(N, ceil(K / 8))`` uint8 (:mod:`lowbit.sparse`)."""
+    want = (qw.rows, -(-qw.cols // 8))
+    if mask.dtype != torch.uint8 or tuple(mask.shape) != want:
+        raise ValueError(f"a pruned weight's mask is uint8 {want}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask
+
+
 class QuantModule(nn.Module):
     """Common storage of the quantized modules; subclasses define ``forward``."""
 
@@ -62,6 +71,7 @@ class QuantModule(nn.Module):
         orig_dtype: str = "float32",
         act_scale: float | torch.Tensor | None = None,
         act_zero: int | torch.Tensor = 0,
+        mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.orig_dtype = orig_dtype  # dtype of the float weight this replaced (recorded in lowbit.json)
@@ -93,6 +103,7 @@ class QuantModule(nn.Module):
         else:
             self.register_buffer("act_scale", None)
             self.register_buffer("act_zero", None)
+        self.register_buffer("mask", None if mask is None else _checked_mask(mask, qw))
         self.kernel = "reference"
         self.kernel_note = ""
         self.kernel_pref = "auto"  # what the user asked for; re-applied after a reload
@@ -142,8 +153,24 @@ class QuantModule(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes of the weight (codes + scales + zeros); the bias is counted apart."""
-        return self.qw.nbytes
+        """Stored bytes of the weight (codes + scales + zeros, and for a pruned weight its mask
+        with only the kept codes: :class:`~lowbit.sparse.SparseWeight`); the bias is
+        counted apart."""
+        if self.mask is None:
+            return self.qw.nbytes
+        return sparse_nbytes(self.scheme, self.weight_shape, self.mask, self.scales, self.zeros)
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the weight pruned (0.0 for a dense weight)."""
+        return 0.0 if self.mask is None else 1 - kept_count(self.mask, self.qw.cols) / self.qw.cols
+
+    def sparse_weight(self) -> SparseWeight:
+        """The pruned weight as stored (mask + kept codes), from the dense codes this module runs."""
+        if self.mask is None:
+            raise ValueError(f"{type(self).__name__} ({self.extra_repr()}) is not pruned")
+        rows = self.qw.to_layout("rows")
+        return SparseWeight.from_qweight(rows, unpack_mask(self.mask, rows.cols))
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_impl is None:
@@ -162,12 +189,13 @@ class QuantModule(nn.Module):
         return self._kernel_impl(self, x)
 
     def extra_repr(self) -> str:
-        return f"shape={self.weight_shape}, scheme={self.scheme}, method={self.method}, kernel={self.kernel}"
+        sparse = "" if self.mask is None else f", sparsity={self.sparsity:.3g}"
+        return f"shape={self.weight_shape}, scheme={self.scheme}{sparse}, method={self.method}, kernel={self.kernel}"
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() cast every floating buffer; the stored codes, scales and zero
         # points are a format, not a dtype preference, so they keep their dtypes (devices move).
-        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale", "act_zero")}
+        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale", "act_zero", "mask")}
         super()._apply(fn, recurse)
         for n, old in kept.items():
             new = getattr(self, n)
@@ -184,17 +212,20 @@ class QuantModule(nn.Module):
         return state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # State dicts (and so files) always hold the row layout, whatever the kernel reads.
+        # State dicts (and so files) always hold the row layout, whatever the kernel reads; a
+        # pruned weight holds its mask and only the kept codes (SparseWeight's tensors).
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout == "rows":
+        if self.layout == "rows" and self.mask is None:
             return
         memo = _ROWS_MEMO.get()
         key = self.qweight.data_ptr()
         qw = memo.get(key) if memo is not None else None
         if qw is None:
-            qw = self.qw.to_layout("rows")
+            qw = self.qw.to_layout("rows") if self.mask is None else self.sparse_weight()
             if memo is not None:
                 memo[key] = qw
+        for name in ("qweight", "scales", "zeros"):
+            destination.pop(prefix + name, None)
         for name, t in qw.tensors().items():
             destination[prefix + name] = t
 
@@ -205,6 +236,13 @@ class QuantModule(nn.Module):
             self.set_qweight(self.qw.to_layout("rows"))
         self._kernel_impl = None
         self._kernel_state = None
+        if self.mask is not None and isinstance(state_dict.get(prefix + "mask"), torch.Tensor):
+            # the file's kept codes, expanded to the dense codes the kernels run (a copy of the
+            # dict's entries is changed: load_state_dict hands each module its own copy)
+            dense = sparse_from_tensors(self.scheme, self.weight_shape, state_dict, prefix).to_qweight()
+            for name in ("qweight", "scales", "zeros"):
+                state_dict.pop(prefix + name, None)
+            state_dict.update({prefix + n: t for n, t in dense.tensors().items()})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -221,8 +259,9 @@ class QuantLinear(QuantModule):
         orig_dtype: str = "float32",
         act_scale: float | torch.Tensor | None = None,
         act_zero: int | torch.Tensor = 0,
+        mask: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero)
+        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero, mask)
         self.out_features, self.in_features = qw.shape
 
     @classmethod
@@ -266,8 +305,9 @@ class QuantConv2d(QuantModule):
         orig_dtype: str = "float32",
         act_scale: float | torch.Tensor | None = None,
         act_zero: int | torch.Tensor = 0,
+        mask: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero)
+        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero, mask)
         self.stride = tuple(conv["stride"])
         self.padding = conv["padding"] if isinstance(conv["padding"], str) else tuple(conv["padding"])
         self.dilation = tuple(conv["dilation"])
@@ -313,9 +353,10 @@ class QuantEmbedding(QuantModule):
     op = "embedding"
 
     def __init__(
-        self, qw: QWeight, padding_idx: int | None = None, method: str = "rtn", orig_dtype: str = "float32"
+        self, qw: QWeight, padding_idx: int | None = None, method: str = "rtn", orig_dtype: str = "float32",
+        mask: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(qw, None, method, orig_dtype)
+        super().__init__(qw, None, method, orig_dtype, mask=mask)
         self.num_embeddings, self.embedding_dim = qw.shape
         self.padding_idx = padding_idx
 

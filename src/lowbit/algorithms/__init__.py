@@ -14,11 +14,16 @@ gptq            yes           Hessian-aware column-by-column rounding with error
 awq             yes           activation-aware channel scaling + output-aware clipping, then RTN
 awq+gptq        yes           AWQ's channel scaling, then GPTQ
 smoothquant     yes           outlier migration into the weights for W8A8 (``w8a8`` schemes)
+magnitude       no            prune the smallest ``|W|`` (``sparsity=`` or ``nm="2:4"``), round the rest
+wanda           yes           prune the smallest ``|W| * ||x||`` per row (Wanda), round the rest
+sparsegpt       yes           SparseGPT: prune and quantize jointly with Hessian error feedback
 ==============  ============  =================================================================
 
-Beside them, for compression beyond quantization (issue 16): :mod:`.pruning` (magnitude, Wanda
-and N:M masks, SparseGPT with optional joint quantization) and :mod:`.lowrank` (truncated SVD,
-plain or weighted by the input Hessian, also used on a quantized layer's error).
+The pruning methods (:mod:`.pruning`) return a :class:`~lowbit.sparse.SparseWeight`: the mask plus
+the kept weights quantized by the scheme. With a grouped scheme every group of ``G`` columns keeps
+the same multiple of 8 weights (:func:`~lowbit.sparse.group_keep`), so ``sparsity=`` is rounded to
+the nearest such count (``w4g64`` at 0.6 removes 40 of 64: 0.625). :mod:`.lowrank` holds truncated
+SVD, plain or weighted by the input Hessian, also used on a quantized layer's error.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import torch
 
 from ..qweight import QWeight
 from ..scheme import Scheme
-from . import awq, gptq, hqq, rtn, smoothquant
+from ..sparse import SparseWeight, group_keep
+from . import awq, gptq, hqq, pruning, rtn, smoothquant
 
 __all__ = ["Algorithm", "ALGORITHMS", "get_algorithm"]
 
@@ -58,7 +64,8 @@ def _int(lo: int, hi: int) -> Callable[[Any], str | None]:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """One method: ``quantize_weight(w, scheme, name=, stats=, **options) -> QWeight`` and, for
+    """One method: ``quantize_weight(w, scheme, name=, stats=, **options) -> QWeight`` (a
+    :class:`~lowbit.sparse.SparseWeight` for the methods that prune, ``prunes``) and, for
     methods that move activation scales into weights, ``smooth(weights, stats, scheme, **options)
     -> s (K,)``. ``needs`` names the input statistics the calibration driver must gather."""
 
@@ -70,6 +77,7 @@ class Algorithm:
     smooth: Callable | None = None
     serves: Callable[[Scheme], str | None] = lambda s: None
     doc: str = ""
+    prunes: bool = False  # returns a SparseWeight (lowbit.sparse) rather than a QWeight
 
     def check_options(self, options: dict) -> dict:
         """Validate keyword options for this method; unknown or bad ones raise ``ValueError``."""
@@ -140,6 +148,82 @@ def _awq_gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, blo
     return _reshaped(qw, w)
 
 
+def _nm(v) -> str | None:
+    ok = isinstance(v, str) and len(v.split(":")) == 2 and all(p.strip().isdigit() for p in v.split(":"))
+    ok = ok and 0 < int(v.split(":")[0]) < int(v.split(":")[1])
+    return None if ok else "an N:M pattern such as '2:4' (keep N of every M consecutive weights, 0 < N < M)"
+
+
+def _pattern(w2: torch.Tensor, scheme: Scheme, sparsity, nm, name: str) -> tuple[float | None, tuple | None, int | None]:
+    """``(sparsity, (n, m), group)`` of one layer: exactly one of ``sparsity`` / ``nm``, checked
+    against the layer (:class:`~lowbit.algorithms.pruning.PruningError`); a grouped scheme's
+    sparsity rounded so each group keeps a multiple of 8 (``group``: the columns compared)."""
+    if (sparsity is None) == (nm is None):
+        raise pruning.PruningError(f"{name}: pruning needs one of sparsity= (a fraction) or nm= ('2:4'), "
+                                   f"got sparsity={sparsity!r}, nm={nm!r}")  # fmt: skip
+    k = w2.shape[1]
+    group = None if scheme.per_tensor or scheme.group_size is None else scheme.group_size
+    if nm is not None:
+        n, m = (int(v) for v in nm.split(":"))
+        pruning.check_nm(n, m, k, name)
+        if group is not None and (group % m or (group * n // m) % 8):
+            raise pruning.PruningError(f"{name}: {n}:{m} keeps {group * n // m} of each group of {group}; the kept "
+                                       "weights of a group must be a multiple of 8 (use a larger group)")  # fmt: skip
+        return None, (n, m), group
+    sparsity = pruning.check_sparsity(sparsity)
+    if group is None:
+        return sparsity, None, None
+    rounded = 1 - group_keep(sparsity, group, k) / group
+    if sparsity > 0 and rounded == 0:
+        raise pruning.PruningError(f"{name}: sparsity {sparsity} of groups of {group} rounds to none removed (a group "
+                                   "keeps a multiple of 8 weights): use a higher sparsity or larger groups")  # fmt: skip
+    return rounded, None, group
+
+
+def _prune_mask(scores: torch.Tensor, sparsity, nm, group) -> torch.Tensor:
+    if nm is not None:
+        return pruning.nm_mask(scores, *nm)
+    n, k = scores.shape
+    if group is None:
+        return pruning.unstructured_mask(scores, sparsity)
+    full = k // group * group
+    mask = torch.ones(n, k, dtype=torch.bool)
+    if full:
+        mask[:, :full] = pruning.unstructured_mask(scores[:, :full].reshape(-1, group), sparsity).reshape(n, full)
+    if full < k:  # the last, shorter group: the same fraction, at most the full groups' count
+        mask[:, full:] = pruning.unstructured_mask(scores[:, full:], sparsity)
+    return mask
+
+
+def _kept(w, scheme, mask, name):
+    return SparseWeight.from_dense(w, mask, scheme, name=name)
+
+
+def _magnitude(w, scheme, *, name="weight", stats=None, sparsity=None, nm=None, **_):
+    w2 = _flat(w)
+    s, pat, group = _pattern(w2, scheme, sparsity, nm, name)
+    return _kept(w, scheme, _prune_mask(pruning.magnitude_scores(w2), s, pat, group), name)
+
+
+def _wanda(w, scheme, *, name="weight", stats, sparsity=None, nm=None, **_):
+    w2 = _flat(w)
+    s, pat, group = _pattern(w2, scheme, sparsity, nm, name)
+    scores = pruning.wanda_scores(w2, torch.diagonal(stats.hessian))
+    return _kept(w, scheme, _prune_mask(scores, s, pat, group), name)
+
+
+def _sparsegpt(w, scheme, *, name="weight", stats, sparsity=None, nm=None, damp=0.01, block=128, clip="hessian", **_):
+    w2 = _flat(w)
+    s, pat, group = _pattern(w2, scheme, sparsity, nm, name)
+    if group is not None and block % group:
+        block = group * max(1, block // group)
+    res = pruning.sparsegpt(w2, stats.hessian, sparsity=s or 0.0, nm=pat, scheme=scheme, name=name, damp=damp,
+                            block=block, mask_block=group, clip=clip)  # fmt: skip
+    sw = SparseWeight.from_qweight(res.qweight, res.mask)
+    sw.shape = tuple(w.shape)
+    return sw
+
+
 def _sq_smooth(weights, stats, scheme, *, alpha=0.5, **_):
     return smoothquant.smooth_scales(stats.absmax, weights, alpha)
 
@@ -158,6 +242,11 @@ def _activation_scheme(s: Scheme) -> str | None:
     return None if s.act_bits else f"{s} has float activations; SmoothQuant is for W8A8 schemes (e.g. w8a8)"
 
 
+def _exact_zero(s: Scheme) -> str | None:
+    return None if s.fmt.kind in ("affine", "codebook", "float") else f"{s} cannot store a pruned weight"
+
+
+_PRUNE_OPTS = {"sparsity": _number(0.0, 0.99), "nm": _nm}
 _GPTQ_OPTS = {"damp": _number(1e-6, 1.0), "act_order": _flag, "block": _int(8, 4096), "sequential": _flag,
               "clip": _choice(*gptq.CLIP_CHOICES)}
 
@@ -176,6 +265,13 @@ ALGORITHMS: dict[str, Algorithm] = {
                   smooth=_awq_smooth, serves=_integer_or_codebook, doc="AWQ channel scaling, then GPTQ"),
         Algorithm("smoothquant", _rtn, True, {"alpha": _number(0.0, 1.0)}, needs=("absmax",),
                   smooth=_sq_smooth, serves=_activation_scheme, doc="SmoothQuant outlier migration for W8A8"),
+        Algorithm("magnitude", _magnitude, False, _PRUNE_OPTS, serves=_exact_zero,
+                  doc="magnitude pruning (sparsity= or nm='2:4'), the kept weights rounded to nearest", prunes=True),
+        Algorithm("wanda", _wanda, True, _PRUNE_OPTS, needs=("hessian",), serves=_exact_zero,
+                  doc="Wanda pruning (|W| times input norm, per row), the kept weights rounded to nearest", prunes=True),
+        Algorithm("sparsegpt", _sparsegpt, True, {**_PRUNE_OPTS, **{k: v for k, v in _GPTQ_OPTS.items() if k in ("damp", "block", "clip", "sequential")}},
+                  needs=("hessian",), serves=_integer_or_codebook,
+                  doc="SparseGPT: pruning and quantization in one Hessian-aware pass", prunes=True),
     )  # fmt: skip
 }
 

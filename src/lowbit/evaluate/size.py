@@ -1,6 +1,7 @@
 """Byte-exact size accounting: per layer and for the whole model.
 
-Quantized layers count their stored codes, scales and zero points (:attr:`QWeight.nbytes`);
+Quantized layers count their stored codes, scales and zero points (:attr:`QWeight.nbytes`), pruned
+ones their mask and only the kept codes (:attr:`QuantModule.nbytes`);
 float layers count their parameters; tensors shared between modules (tied embeddings) count
 once. The totals equal what :func:`lowbit.save` writes as tensor data.
 """
@@ -25,6 +26,7 @@ class LayerSize:
     numel: int  # weight elements
     bytes: int  # stored weight bytes (codes + scales + zeros)
     bias_bytes: int = 0  # the bias, plus a static activation scale (4 bytes) and zero point (1)
+    sparsity: float = 0.0  # fraction of the weight pruned (its mask is counted in ``bytes``)
 
     @property
     def bits_per_weight(self) -> float:
@@ -77,6 +79,7 @@ class SizeReport:
                     "numel": r.numel,
                     "bytes": r.bytes,
                     "bits_per_weight": r.bits_per_weight,
+                    "sparsity": r.sparsity,
                 }
                 for r in self.layers
             ],
@@ -104,13 +107,14 @@ def size_of(model: nn.Module) -> SizeReport:
 
     for name, mod in model.named_modules():
         if isinstance(mod, QuantModule):
-            qw = mod.qw
-            stored = qw.nbytes if once(mod.qweight) else 0  # row-layout bytes, as saved
+            qw, nbytes = mod.qw, mod.nbytes
+            stored = nbytes if once(mod.qweight) else 0  # row-layout bytes, as saved
             bias = mod.bias.numel() * mod.bias.element_size() if mod.bias is not None and once(mod.bias) else 0
             # static activations: a float32 scale and an int8 zero point, counted with the bias
             act_bytes = sum(t.numel() * t.element_size() for t in (mod.act_scale, mod.act_zero) if t is not None)
             rep.layers.append(
-                LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, qw.nbytes, bias + act_bytes)
+                LayerSize(name, type(mod).__name__, str(mod.scheme), mod.kernel, qw.numel, nbytes, bias + act_bytes,
+                          mod.sparsity)  # fmt: skip
             )
             rep.total_bytes += stored + bias + act_bytes
             rep.total_params += (qw.numel if stored else 0) + (mod.bias.numel() if bias else 0)

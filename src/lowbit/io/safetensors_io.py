@@ -10,7 +10,10 @@ writer is :mod:`lowbit.io.writer`).
   module its type, scheme, method, original weight shape and dtype (plus conv/embedding
   arguments), the per-layer records ``lowbit inspect`` prints, aliases, the source model, and
   (version 2) ``shards`` (file, size, SHA-256, tensor count of each) and ``weight_map``
-  (tensor -> shard file). Version 1 (still read) had one file, ``model.safetensors``, described by
+  (tensor -> shard file). Version 3 is version 2 with pruned weights: a module entry with
+  ``"sparse": "bitmask"`` stores ``<path>.mask`` and only its kept codes
+  (:mod:`lowbit.sparse`); lowbit writes 3 only when a weight is pruned, so files without
+  one stay readable by version-2 readers. Version 1 (still read) had one file, ``model.safetensors``, described by
   a ``tensors`` section, whose metadata held the digest of the whole manifest; a version-2 shard's
   metadata holds the digest of the entries of the modules it stores. Either way a manifest edited
   after saving is found.
@@ -34,6 +37,8 @@ import torch
 from torch import nn
 
 from .. import __version__, kernels
+from ..algorithms.pruning import PruningError
+from ..sparse import sparse_from_tensors
 from ..driver import LayerRecord, outside_inference_mode
 from ..memory import trim
 from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, keep_half_storage
@@ -44,7 +49,7 @@ from .writer import FORMAT_VERSION, MANIFEST, LowbitFormatError, save
 
 __all__ = ["save", "load", "LowbitFormatError", "FORMAT_VERSION", "read_manifest"]
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 TENSORS = "model.safetensors"  # version 1's one tensor file
 MAX_MANIFEST_BYTES = 256 << 20
 _DIGEST = "_digest"  # read_manifest's note of the manifest's digest as read (never saved)
@@ -290,6 +295,21 @@ def _check_weight_tensors(name: str, scheme, shape: tuple[int, ...], tensors: di
             raise LowbitFormatError(f"module {name!r}: its zero points hold NaN/Inf")
 
 
+def _sparse_weight(name: str, entry: dict, scheme, shape: tuple[int, ...], tensors: dict) -> tuple[QWeight, torch.Tensor]:
+    """A pruned module's dense QWeight (the code of 0 where weights were removed) and packed mask,
+    from its mask and kept codes, each checked (:mod:`lowbit.sparse`)."""
+    if entry["sparse"] != "bitmask":
+        raise LowbitFormatError(f"module {name!r}: unknown sparse storage {entry['sparse']!r} (this lowbit reads 'bitmask')")
+    n, k = shape[0], math.prod(shape[1:])
+    _expect(name, "mask", tensors.get(f"{name}.mask"), (n, -(-k // 8)), (torch.uint8,))
+    try:
+        sw = sparse_from_tensors(scheme, shape, tensors, f"{name}.")
+        _check_weight_tensors(name, sw.kept.scheme, sw.kept.shape, tensors)
+        return sw.to_qweight(), sw.mask
+    except PruningError as e:
+        raise LowbitFormatError(f"module {name!r}: {e}") from None
+
+
 def _conv_entry(name: str, entry: dict, float_mod: nn.Module) -> dict:
     """The manifest's convolution arguments, checked against the skeleton's (which must agree)."""
     conv = entry.get("conv")
@@ -348,8 +368,12 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         raise LowbitFormatError(
             f"module {name!r}: the file's weight is {shape}, the model's is {want_shape}; wrong skeleton?"
         )
-    _check_weight_tensors(name, scheme, shape, tensors)
-    qw = QWeight(scheme, shape, tensors[f"{name}.qweight"], tensors.get(f"{name}.scales"), tensors.get(f"{name}.zeros"))
+    mask = None
+    if "sparse" in entry:
+        qw, mask = _sparse_weight(name, entry, scheme, shape, tensors)
+    else:
+        _check_weight_tensors(name, scheme, shape, tensors)
+        qw = QWeight(scheme, shape, tensors[f"{name}.qweight"], tensors.get(f"{name}.scales"), tensors.get(f"{name}.zeros"))
     bias = tensors.get(f"{name}.bias")
     if bias is not None and (tuple(bias.shape) != (shape[0],) or not bias.is_floating_point()):
         raise LowbitFormatError(f"module {name!r}: its bias is {bias.dtype} {tuple(bias.shape)}, not a float ({shape[0]},)")
@@ -372,16 +396,17 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         a = {"act_scale": act, "act_zero": zero}
     try:
         if kind == "QuantLinear":
-            return QuantLinear(qw, bias, method=method, orig_dtype=orig, **a)
+            return QuantLinear(qw, bias, method=method, orig_dtype=orig, mask=mask, **a)
         if kind == "QuantConv2d":
-            return QuantConv2d(qw, bias, _conv_entry(name, entry, float_mod), method=method, orig_dtype=orig, **a)
+            return QuantConv2d(qw, bias, _conv_entry(name, entry, float_mod), method=method, orig_dtype=orig, mask=mask,
+                               **a)
         pad = entry.get("padding_idx")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not -shape[0] <= pad < shape[0]):
             raise LowbitFormatError(f"module {name!r}: bad padding_idx {pad!r}")
         have = getattr(float_mod, "padding_idx", pad)
         if pad != have:
             raise LowbitFormatError(f"module {name!r}: the file's padding_idx {pad} differs from the model's {have}")
-        return QuantEmbedding(qw, pad, method=method, orig_dtype=orig)
+        return QuantEmbedding(qw, pad, method=method, orig_dtype=orig, mask=mask)
     except (ValueError, TypeError) as e:
         if isinstance(e, LowbitFormatError):
             raise

@@ -1,4 +1,4 @@
-"""Writing lowbit's native format (``format_version`` 2): a directory of safetensors shards plus
+"""Writing lowbit's native format (``format_version`` 2, or 3 when a weight is pruned): a directory of safetensors shards plus
 ``lowbit.json``, written piece by piece and swapped into place atomically.
 
 :class:`ModelWriter` is the one writer: :func:`lowbit.save` hands it a whole model's tensors,
@@ -23,9 +23,11 @@ from .. import __version__
 from ..nn import QuantConv2d, QuantEmbedding, QuantModule, shared_row_conversion
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
-__all__ = ["ModelWriter", "save", "module_entry", "auto_class_name", "FORMAT_VERSION", "MANIFEST"]
+__all__ = ["ModelWriter", "save", "module_entry", "auto_class_name", "FORMAT_VERSION", "SPARSE_FORMAT_VERSION",
+           "MANIFEST"]
 
 FORMAT_VERSION = 2
+SPARSE_FORMAT_VERSION = 3  # a file with a pruned weight (module entry "sparse"): older readers refuse it
 MANIFEST = "lowbit.json"
 
 
@@ -68,6 +70,8 @@ def module_entry(mod: QuantModule) -> dict[str, Any]:
         }
     if isinstance(mod, QuantEmbedding):
         entry["padding_idx"] = mod.padding_idx
+    if mod.mask is not None:
+        entry["sparse"] = "bitmask"  # <name>.mask + only the kept codes (lowbit.sparse)
     return entry
 
 
@@ -193,7 +197,8 @@ class ModelWriter:
             auto = auto_class_name(model)
             manifest = {
                 "format": "lowbit",
-                "format_version": FORMAT_VERSION,
+                "format_version": SPARSE_FORMAT_VERSION if any("sparse" in e for e in self.modules.values())
+                else FORMAT_VERSION,
                 "lowbit_version": __version__,
                 "modules": self.modules,
                 "layers": dict(sorted(layers.items(), key=lambda kv: order.get(kv[0], len(order)))),

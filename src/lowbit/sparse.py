@@ -19,16 +19,18 @@ the last, shorter group keeps what remains. :func:`group_keep` says how many are
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..algorithms.pruning import PruningError, check_sparsity
-from ..primitives import check_finite
-from ..qweight import QWeight, WeightShape
-from ..scheme import Scheme
+from .algorithms.pruning import PruningError, check_sparsity
+from .primitives import QParams, check_finite, dequantize_codes, quantize_codes
+from .qweight import QWeight, WeightShape
+from .scheme import Scheme
 
-__all__ = ["SparseWeight", "pack_mask", "unpack_mask", "group_keep", "kept_scheme"]
+__all__ = ["SparseWeight", "pack_mask", "unpack_mask", "group_keep", "kept_scheme", "kept_count", "sparse_nbytes",
+           "sparse_from_tensors"]
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -63,6 +65,57 @@ def kept_scheme(scheme: Scheme, keep: int) -> Scheme:
     return scheme if scheme.group_size is None else dataclasses.replace(scheme, group_size=keep)
 
 
+def kept_count(packed: torch.Tensor, k: int, group: int | None = None) -> int:
+    """Weights kept per row of a packed mask (``(N, ceil(K / 8))`` uint8) of ``k`` columns (read
+    from its first row: every row keeps the same number); with ``group``, kept in its first
+    group of ``group`` columns (the count every full group has)."""
+    row = unpack_mask(packed[:1], k)[0]
+    return int(row[: group or k].sum())
+
+
+def sparse_nbytes(scheme: Scheme, shape: tuple[int, ...], packed: torch.Tensor, scales: torch.Tensor | None,
+                  zeros: torch.Tensor | None) -> int:  # fmt: skip
+    """Bytes a pruned weight stores (:attr:`SparseWeight.nbytes`) from its packed mask and its
+    dense parameters' dtypes, without unpacking its codes: the mask, the kept codes (or stored
+    floats), and the scales and zero points of the kept weights' groups."""
+    from .packing import packed_row_bytes
+
+    n, k = shape[0], math.prod(shape[1:])
+    kk = kept_count(packed, k)
+    fmt, grouped = scheme.fmt, not scheme.per_tensor and scheme.group_size is not None
+    c = kept_count(packed, k, scheme.group_size) if grouped and k >= scheme.group_size else kk
+    ng = (-(-kk // c) if c else 0) if grouped else 1
+    r = 1 if scheme.per_tensor else n
+    out = packed.numel()
+    if fmt.kind == "float":
+        out += n * kk * fmt.torch_dtype.itemsize
+        return out + (0 if scales is None else scales.numel() * scales.element_size())
+    out += n * packed_row_bytes(kk, fmt.bits)
+    if scales is not None:
+        out += r * ng * scales.element_size()
+    if zeros is not None:
+        out += r * (packed_row_bytes(ng, fmt.bits) if zeros.dtype == torch.uint8 else ng * zeros.element_size())
+    return out
+
+
+def sparse_from_tensors(scheme: Scheme, shape: tuple[int, ...], tensors: dict[str, torch.Tensor],
+                        prefix: str = "") -> SparseWeight:  # fmt: skip
+    """The :class:`SparseWeight` stored as ``<prefix>mask`` and the kept weights' ``qweight`` /
+    ``scales`` / ``zeros`` in ``tensors``, of dense ``shape`` and ``scheme``. Raises
+    :class:`~lowbit.algorithms.pruning.PruningError` for a mask of the wrong shape or without
+    equal counts per row and group."""
+    n, k = shape[0], math.prod(shape[1:])
+    packed = tensors[prefix + "mask"]
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (n, -(-k // 8)):
+        raise PruningError(f"{prefix}mask must be uint8 {(n, -(-k // 8))}, got {packed.dtype} {tuple(packed.shape)}")
+    mask = unpack_mask(packed, k)
+    c = _check_mask(mask, None if scheme.per_tensor else scheme.group_size)
+    kk = int(mask[0].sum()) if n else 0
+    kept = QWeight(kept_scheme(scheme, c), (n, kk), tensors[prefix + "qweight"], tensors.get(prefix + "scales"),
+                   tensors.get(prefix + "zeros"))  # fmt: skip
+    return SparseWeight(tuple(shape), packed, kept, scheme)
+
+
 def _check_mask(mask: torch.Tensor, group: int | None) -> int:
     """The per-group kept count ``c`` of a mask that has one (every row, every full group: the same
     count, a multiple of 8 when grouped; the last group no more); :class:`PruningError` otherwise."""
@@ -71,6 +124,8 @@ def _check_mask(mask: torch.Tensor, group: int | None) -> int:
     full = k // g
     counts = mask[:, : full * g].reshape(n, full, g).sum(-1) if full else torch.zeros(n, 0, dtype=torch.long)
     c = int(counts.flatten()[0]) if counts.numel() else int(mask.sum(1)[0])
+    if not full and group is not None:  # one short group: any group size that holds it
+        c = max(8, -(-c // 8) * 8)
     if counts.numel() and not bool((counts == c).all()):
         raise PruningError(f"every row must keep the same number of weights in each group of {g} columns")
     if group is not None and c % 8:
@@ -88,6 +143,7 @@ class SparseWeight(WeightShape):
     shape: tuple[int, ...]
     mask: torch.Tensor
     kept: QWeight | torch.Tensor
+    scheme: Scheme | None = None  # the dense weight's scheme (its group size over the original columns)
 
     @property
     def sparsity(self) -> float:
@@ -124,19 +180,55 @@ class SparseWeight(WeightShape):
             kept_w: QWeight | torch.Tensor = kept.to(float_dtype)
         else:
             kept_w = QWeight.from_float(kept, kept_scheme(scheme, c), name=name, check=False)
-        return cls(tuple(w.shape), pack_mask(mask), kept_w)
+        return cls(tuple(w.shape), pack_mask(mask), kept_w, scheme)
 
     @classmethod
     def from_qweight(cls, qw: QWeight, mask: torch.Tensor) -> SparseWeight:
-        """Keep only ``mask``'s codes of a dense QWeight whose removed weights are to be dropped
-        (e.g. SparseGPT's joint result): the kept codes with their groups' scales, exactly.
-        ``mask`` bool ``(N, K)`` with equal counts per row and group."""
+        """Keep only ``mask``'s entries of a dense QWeight (row layout) whose removed weights are
+        to be dropped (e.g. SparseGPT's joint result): the kept codes (or stored floats) with their
+        groups' scales, exactly. ``mask`` bool ``(N, K)`` with equal counts per row and group."""
+        qw = qw.to_layout("rows")
         group = None if qw.scheme.per_tensor else qw.scheme.group_size
         c = _check_mask(mask, group)
+        if qw.scheme.fmt.kind == "float":  # casts and scaled floats: the stored values themselves
+            data = qw.data[mask].reshape(qw.rows, -1)
+            kept = QWeight(kept_scheme(qw.scheme, c), (qw.rows, data.shape[1]), data, qw.scale, qw.zero)
+            return cls(tuple(qw.shape), pack_mask(mask), kept, qw.scheme)
         codes = qw.codes()[mask].reshape(qw.rows, -1)
         qp = qw.qparams()
+        ng = -(-codes.shape[1] // c) if group is not None and codes.shape[1] else qp.scale.shape[1]
+        qp = QParams(qp.scale[:, :ng], None if qp.zero is None else qp.zero[:, :ng])  # a last group left empty
         kept = QWeight.from_codes((qw.rows, codes.shape[1]), kept_scheme(qw.scheme, c), codes, qp)
-        return cls(tuple(qw.shape), pack_mask(mask), kept)
+        return cls(tuple(qw.shape), pack_mask(mask), kept, qw.scheme)
+
+    def to_qweight(self) -> QWeight:
+        """The dense weight as a :class:`QWeight` of the original scheme and shape (row layout):
+        the kept codes in place and, at every removed position, the code whose value is exactly 0
+        (the zero point of an asymmetric group, the middle code of a symmetric one, a codebook's 0
+        level), so a dense kernel computes exactly :meth:`dequantize`'s weight. Raises
+        :class:`~lowbit.algorithms.pruning.PruningError` for kept weights in float (no scheme) or a
+        scheme with no exact 0 (fractional zero points, e.g. HQQ's)."""
+        if self.scheme is None or not isinstance(self.kept, QWeight):
+            raise PruningError("kept weights stored in float have no dense quantized form")
+        mask, n, k = self.dense_mask(), self.rows, self.cols
+        if self.scheme.fmt.kind == "float":
+            data = torch.zeros(n, k, dtype=self.kept.data.dtype)
+            data[mask] = self.kept.data.reshape(-1)
+            return QWeight(self.scheme, self.shape, data, self.kept.scale, self.kept.zero)
+        scales, zeros = self.kept.scales(), self.kept.zero_points()
+        ng = 1 if self.scheme.per_tensor or self.scheme.group_size is None else -(-k // self.scheme.group_size)
+        if scales.shape[1] < ng:  # the last, shorter group kept nothing: any scale, 0 at code 0
+            scales = torch.cat([scales, torch.ones(scales.shape[0], ng - scales.shape[1])], 1)
+            zeros = None if zeros is None else torch.cat([zeros, torch.zeros(zeros.shape[0], ng - zeros.shape[1])], 1)
+        qp = QParams(scales.to(self.kept.scale.dtype).float(), zeros)
+        rows = qp.scale.shape[0]
+        zero_codes = quantize_codes(torch.zeros(rows, k), qp, self.scheme)  # (R, K): the code of 0 per column
+        if bool(dequantize_codes(zero_codes, qp, self.scheme).ne(0).any()):
+            raise PruningError(f"{self.scheme} with these zero points has no code for exactly 0 (fractional zero "
+                               "points): a pruned weight must use integer zero points or a symmetric scheme")  # fmt: skip
+        codes = zero_codes.expand(n, k).clone()
+        codes[mask] = self.kept.codes().reshape(-1)
+        return QWeight.from_codes(self.shape, self.scheme, codes, qp)
 
     def dense_mask(self) -> torch.Tensor:
         """bool ``(N, K)``: the kept positions."""
