@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.algorithms.pruning import PruningError, magnitude_scores, nm_mask, sparsegpt, unstructured_mask
-from lowbit.sparse import SparseWeight, group_keep, pack_mask, unpack_mask
 from lowbit.qweight import QWeight
 from lowbit.scheme import parse_scheme
+from lowbit.sparse import SparseWeight, group_keep, pack_mask, unpack_mask
 
 
 @settings(max_examples=50, deadline=None)

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sparse import SparseWeight, kept_count, sparse_from_tensors, sparse_nbytes, unpack_mask
 from .qweight import QWeight
 from .scheme import Scheme, parse_scheme
+from .sparse import SparseWeight, kept_count, sparse_from_tensors, sparse_nbytes, unpack_mask
 
 __all__ = ["QuantModule", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QUANT_MODULES", "shared_row_conversion",
            "quantized_summary", "HalfStoredLinear", "HalfStoredEmbedding", "keep_half_storage"]

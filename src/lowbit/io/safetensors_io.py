@@ -38,12 +38,12 @@ from torch import nn
 
 from .. import __version__, kernels
 from ..algorithms.pruning import PruningError
-from ..sparse import sparse_from_tensors
 from ..driver import LayerRecord, outside_inference_mode
 from ..memory import trim
 from ..nn import QuantConv2d, QuantEmbedding, QuantLinear, QuantModule, keep_half_storage
 from ..qweight import QWeight
 from ..scheme import SchemeError, parse_scheme
+from ..sparse import sparse_from_tensors
 from .shards import is_shard_name, map_tensors, module_of, modules_digest, read_tensors, sha256
 from .writer import FORMAT_VERSION, MANIFEST, LowbitFormatError, save
 
