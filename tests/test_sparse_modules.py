@@ -211,3 +211,74 @@ def test_unknown_sparse_storage_is_refused(saved_sparse):
     _edit(saved_sparse, fn_manifest=lambda mf: mf["modules"]["0"].__setitem__("sparse", "csr"))
     with pytest.raises(LowbitFormatError, match="unknown sparse storage 'csr'"):
         lowbit.load(saved_sparse, model=_mlp())
+
+
+# ---- low-rank corrections ------------------------------------------------------------------------
+@pytest.mark.parametrize("method,opts", [("rtn", {}), ("gptq", {}), ("sparsegpt", {"nm": "2:4"})])
+def test_a_low_rank_correction_cuts_the_output_error_and_is_stored_exactly(tmp_path, method, opts):
+    m, x = _mlp(), _correlated()
+    ref = torch.cat([m(b) for b in x]).detach()
+
+    def err(q):
+        with torch.no_grad():
+            return float((torch.cat([q(b) for b in x]) - ref).norm() / ref.norm())
+
+    plain = lowbit.quantize(copy.deepcopy(m), "w3g64", method=method, calibration=x, **opts)
+    q = lowbit.quantize(copy.deepcopy(m), "w3g64", method=method, calibration=x, correction_rank=16, **opts)
+    assert q[0].rank == 16 and q[2].rank == 16
+    assert err(q) < 0.85 * err(plain)
+    extra = sum(16 * (layer.in_features + layer.out_features) * 2 for layer in (q[0], q[2]))
+    assert lowbit.size_of(q).quantized_bytes == lowbit.size_of(plain).quantized_bytes + extra
+    with torch.no_grad():  # the module computes with deq(Q) + A @ B
+        w = q[0].dequantized()
+        assert torch.allclose(q[0](x[0]), x[0] @ w.t() + q[0].bias, atol=1e-3, rtol=1e-3)
+    out = lowbit.save(q, tmp_path / "c")
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored["0.lowrank_a"].shape == (192, 16) and stored["0.lowrank_b"].dtype == torch.float16
+    assert lowbit.size_of(q).total_bytes == sum(t.numel() * t.element_size() for t in stored.values())
+    back = lowbit.load(out, model=_mlp())
+    with torch.no_grad():
+        assert torch.equal(back(x[0]), q(x[0]))
+
+
+def test_calibrated_methods_weight_the_correction_by_the_inputs_data_free_ones_do_not():
+    """The correction is EoRA's (the error's SVD whitened by the inputs' Hessian) for a calibrated
+    method, the plain SVD for a data-free one; and the weighted one fits the inputs better."""
+    from lowbit.algorithms.lowrank import low_rank
+
+    m, x = _mlp(), _correlated()
+    xs = torch.cat(x)
+    h = xs.t() @ xs
+    w = m[0].weight.detach()
+    for method in ("gptq", "rtn"):
+        q = lowbit.quantize(copy.deepcopy(m), "w3g64", method=method, calibration=x, correction_rank=8)
+        err = w - q[0].qw.dequantize()
+        a, b = low_rank(err, h if method == "gptq" else None, rank=8)
+        got = q[0].lowrank_a.float() @ q[0].lowrank_b.float()
+        assert torch.allclose(got, a @ b, atol=2e-3, rtol=2e-2), method
+        other = low_rank(err, None if method == "gptq" else h, rank=8)
+        fit = [float(((err - ab) @ xs.t()).norm()) for ab in (a @ b, other[0] @ other[1])]
+        assert (fit[0] < fit[1]) == (method == "gptq"), (method, fit)
+
+
+@pytest.mark.parametrize("rank,match", [(0, "positive integer"), (True, "positive integer"), (2.5, "positive integer"),
+                                        (64, "not below the smaller side")])  # fmt: skip
+def test_bad_correction_ranks_leave_the_model_unchanged(rank, match):
+    m = _mlp()
+    with pytest.raises(QuantizeError, match=match):
+        lowbit.quantize(m, "w4g64", correction_rank=rank)
+    assert isinstance(m[0], nn.Linear) and isinstance(m[2], nn.Linear)
+
+
+def test_exports_refuse_corrections_and_damaged_ones_fail_to_load(tmp_path):
+    q = lowbit.quantize(_mlp(), "w4g64", correction_rank=4)
+    with pytest.raises(ValueError, match="cannot hold low-rank corrections"):
+        lowbit.export(q, "gguf", tmp_path / "x.gguf")
+    out = lowbit.save(q, tmp_path / "c")
+    _edit(out, fn_tensors=lambda t: t["0.lowrank_a"].__setitem__((0, 0), float("nan")))
+    with pytest.raises(LowbitFormatError, match="NaN"):
+        lowbit.load(out, model=_mlp())
+    out = lowbit.save(q, tmp_path / "d")
+    _edit(out, fn_manifest=lambda mf: mf["modules"]["0"].__setitem__("rank", 5))
+    with pytest.raises(LowbitFormatError, match="lowrank_a"):
+        lowbit.load(out, model=_mlp())

@@ -112,14 +112,16 @@ def cmd_quantize(args) -> int:
         args.stream = True
     if args.stream is None:  # a transformers checkpoint directory streams, whatever the method
         args.stream = _is_checkpoint_dir(args.model)
+    if args.stream and args.correction_rank is not None:
+        return _err("--correction-rank is not available when streaming (--stream, --ray): load the model instead")
     if args.stream:
         return _quantize_streaming(args, spec, options, get_algorithm(args.method).uses_calibration or static)
     zm = load_source(args.model)
     calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
     t1 = time.perf_counter()
     model = lowbit.quantize(zm.model, spec, method=args.method, kernel=args.kernel, progress=not args.quiet,
-                            calibration=calibration, observer=args.observer,
-                            bias_correction=args.bias_correction, **options)  # fmt: skip
+                            calibration=calibration, observer=args.observer, bias_correction=args.bias_correction,
+                            correction_rank=args.correction_rank, **options)  # fmt: skip
     t2 = time.perf_counter()
     out = lowbit.save(model, args.output, tokenizer=zm.tokenizer, source=getattr(zm.model, "lowbit_source", None) or args.model,
                       max_shard_bytes=args.shard_size)  # fmt: skip
@@ -358,6 +360,8 @@ def cmd_inspect(args) -> int:
         scheme = rec.scheme or (sz.scheme if sz else "-")
         if sz and sz.sparsity:
             scheme += f" ({sz.sparsity:.0%} pruned)"
+        if isinstance(mod, QuantModule) and mod.rank:
+            scheme += f" + rank {mod.rank}"
         cells = [
             name,
             rec.type,
@@ -377,7 +381,7 @@ def cmd_inspect(args) -> int:
                 fm = ref[name]
                 w = _linear_weight(fm) if mod.op == "linear" else fm.weight
                 with torch.no_grad():
-                    d = mod.qw.dequantize().reshape(w.shape)
+                    d = mod.dequantized().reshape(w.shape)
                     cells.append(f"{float((d - w).norm() / w.norm()):.4f}")
             else:
                 cells.append("-")
@@ -790,6 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="magnitude, wanda, sparsegpt: fraction of each layer's weights removed, in [0, 1) (with a "
                         "grouped scheme rounded so each group keeps a multiple of 8)")
     q.add_argument("--nm", metavar="N:M", help="magnitude, wanda, sparsegpt: keep N of every M weights, e.g. 2:4")
+    q.add_argument("--correction-rank", type=int, metavar="R",
+                   help="give each quantized linear layer a float16 rank-R correction of its weight error (weighted "
+                        "by the calibration inputs for calibrated methods: EoRA), counted in its size")
     q.add_argument("--kernel", default="auto", choices=["auto"] + sorted({k.name for k in KERNELS}))
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,

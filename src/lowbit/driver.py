@@ -10,10 +10,12 @@ default scheme are listed in a warning and in ``lowbit inspect``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -130,12 +132,42 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(p, c, new)
 
 
+class Corrected(NamedTuple):
+    """A quantized (or pruned) weight with its low-rank correction ``A (N, r)``, ``B (r, K)``."""
+
+    weight: object  # QWeight | SparseWeight
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _with_correction(algo, rank: int, linear: set[str]):
+    """``algo`` whose ``quantize_weight`` also fits a rank-``rank`` correction ``A @ B`` to each
+    linear weight's error ``W - deq(Q)`` (:func:`lowbit.algorithms.lowrank.low_rank`), weighted by
+    the calibration inputs' Hessian when the method gathers statistics (EoRA), plain SVD otherwise.
+    ``linear``: the ``<layer>.weight`` names of the linear layers (the only ones corrected)."""
+    from .algorithms import lowrank
+
+    def quantize_weight(w, scheme, *, name="weight", stats=None, **options):
+        q = algo.quantize_weight(w, scheme, name=name, stats=stats, **options)
+        if name not in linear:  # convolutions and embeddings take no correction
+            return q
+        err = w.detach().float() - q.dequantize(torch.float32).reshape(w.shape)
+        h = getattr(stats, "hessian", None) if stats is not None else None
+        a, b = lowrank.low_rank(err, h, rank=min(rank, *w.shape), name=name)
+        return Corrected(q, a, b)
+
+    needs = tuple(dict.fromkeys((*algo.needs, "hessian"))) if algo.uses_calibration else algo.needs
+    return dataclasses.replace(algo, quantize_weight=quantize_weight, needs=needs)
+
+
 def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | None = None) -> QuantModule:
     """The quantized module for ``mod`` from a :class:`QWeight` or a pruned
     :class:`~lowbit.sparse.SparseWeight` (run as dense codes, stored as mask + kept codes);
     ``act``: the static activations' (scale, zero point)."""
     dtype = str(mod.weight.dtype).replace("torch.", "")
     a = {} if act is None else {"act_scale": act[0], "act_zero": act[1]}
+    if isinstance(qw, Corrected):
+        qw, a["lowrank"] = qw.weight, (qw.a, qw.b)
     if isinstance(qw, SparseWeight):
         qw, a["mask"] = qw.to_qweight(), qw.mask
     if kind == "linear":
@@ -285,6 +317,14 @@ def _plan(model: nn.Module, recipe: Recipe, allow_meta: bool = False) -> tuple[l
             "lowbit keeps these modules in float: " + "; ".join(unsupported_default),
             stacklevel=5,  # the caller of quantize() (past _plan, quantize, no_grad's and our wrapper)
         )
+    names = [n for n, _ in model.named_modules() if n]
+    unused = [r.pattern for r in recipe.rules if not any(r.matches(n) for n in names)]
+    if unused:  # a typo, or a regex written without "re:": say so rather than quietly doing less
+        warnings.warn(
+            f"recipe rule(s) {', '.join(map(repr, unused[:4]))}{', ...' if len(unused) > 4 else ''} match no module "
+            f"of this {type(model).__name__} (patterns are shell globs; prefix a regular expression with 're:')",
+            stacklevel=5,
+        )
     return todo, records, heads
 
 
@@ -301,6 +341,7 @@ def quantize(
     observer: str = "minmax",
     fold_bn: bool = True,
     bias_correction: bool | None = None,
+    correction_rank: int | None = None,
     **options,
 ) -> nn.Module:
     """Quantize ``model`` in place by module swap and return it.
@@ -327,6 +368,11 @@ def quantize(
             channel) into its bias (Nagel et al. 2019). ``None`` (default): layers that have a
             bias (convolutions after BatchNorm folding do); ``True``: every static layer, adding a
             bias where there was none; ``False``: off.
+        correction_rank: give each quantized linear layer a float16 low-rank correction of this
+            rank, ``W ~ deq(Q) + A @ B`` with ``A (N, r)``, ``B (r, K)``, fitted to its weight error
+            (after pruning, for the pruning methods) by truncated SVD weighted by the calibration
+            inputs' Hessian for calibrated methods (EoRA, Liu et al. 2024), unweighted for
+            data-free ones; counted in the layer's bytes. Convolutions and embeddings get none.
         **options: the method's options (``lowbit.algorithms.ALGORITHMS[method].options``):
             rtn ``clip="minmax" | "mse"``; gptq and awq+gptq ``damp`` (0.01), ``act_order``
             (True), ``clip="hessian" | "mse" | "minmax"`` (awq+gptq also ``"awq"``),
@@ -344,6 +390,9 @@ def quantize(
     recipe = Recipe.coerce(spec)
     algo = get_algorithm(method)  # data-free methods ignore ``calibration``, as documented
     algo_options = algo.check_options(options)
+    if correction_rank is not None and (not isinstance(correction_rank, int) or isinstance(correction_rank, bool)
+                                        or correction_rank < 1):  # fmt: skip
+        raise QuantizeError(f"correction_rank must be a positive integer, got {correction_rank!r}")
     from .observers import OBSERVERS
 
     if observer not in OBSERVERS:
@@ -369,6 +418,17 @@ def quantize(
         )
     for name, mod, kind, _scheme, _why in todo:  # before any work, so the error names the layer
         check_finite(_float_weight(mod, kind), f"{name}.weight")
+    if correction_rank is not None:
+        linear = {f"{t[0]}.weight" for t in todo if t[2] == "linear"}
+        if not linear:
+            raise QuantizeError("correction_rank applies to linear layers; the plan quantizes none")
+        too_big = [f"{t[0]} {tuple(_float_weight(t[1], t[2]).shape)}" for t in todo
+                   if t[2] == "linear" and correction_rank >= min(_float_weight(t[1], t[2]).shape)]  # fmt: skip
+        if too_big:
+            raise QuantizeError(f"correction_rank {correction_rank} is not below the smaller side of "
+                                f"{', '.join(too_big[:3])}{', ...' if len(too_big) > 3 else ''}: a correction "
+                                "that large costs more than the float weight")  # fmt: skip
+        algo = _with_correction(algo, correction_rank, linear)
     undo_folds = _fold_batchnorms(model, todo, records) if fold_bn else (lambda: None)
     try:
         if algo.uses_calibration or static:

@@ -49,8 +49,15 @@ def export(model: nn.Module, fmt: str, path: str | os.PathLike, **options):
     (:func:`lowbit.io.gguf.export_gguf` for ``"gguf"``,
     :func:`lowbit.io.compressed_tensors.export_compressed_tensors` for ``"compressed-tensors"``,
     :func:`lowbit.io.onnx.export_onnx` for ``"onnx"``). Returns the writer's report. Raises
-    ``ValueError`` for an unknown format, and whatever the writer raises for models or options it
+    ``ValueError`` for an unknown format or a model with low-rank corrections (pruned weights
+    export as their dense codes: exact, without the size saving), and whatever the writer raises for models or options it
     cannot serve."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
+    from .nn import QuantModule
+
+    corrected = [n for n, m in model.named_modules() if isinstance(m, QuantModule) and m.lowrank_a is not None]
+    if corrected:  # no target runtime has a place for A @ B beside the codes: refuse, never drop it
+        raise ValueError(f"{fmt} cannot hold low-rank corrections ({', '.join(corrected[:3])}"
+                         f"{', ...' if len(corrected) > 3 else ''}): quantize without correction_rank to export")  # fmt: skip
     return EXPORT_FORMATS[fmt][0](model, path, **options)

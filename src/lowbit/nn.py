@@ -50,6 +50,21 @@ def shared_row_conversion():
         _ROWS_MEMO.reset(token)
 
 
+def _checked_lowrank(lowrank, qw: QWeight, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A low-rank correction ``(A (N, r), B (r, K))`` as stored: float16, finite."""
+    if op != "linear":
+        raise ValueError(f"a low-rank correction applies to linear layers, not a {op}")
+    a, b = lowrank
+    r = a.shape[1] if a.dim() == 2 else -1
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != qw.rows or tuple(b.shape) != (r, qw.cols) or r < 1:
+        raise ValueError(f"a low-rank correction of a {tuple(qw.shape)} weight is A (N, r), B (r, K); got "
+                         f"{tuple(a.shape)}, {tuple(b.shape)}")  # fmt: skip
+    a, b = a.detach().to(torch.float16).contiguous(), b.detach().to(torch.float16).contiguous()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("a low-rank correction holds NaN/Inf (or values beyond float16's range)")
+    return a, b
+
+
 def _checked_mask(mask: torch.Tensor, qw: QWeight) -> torch.Tensor:
     """A pruned weight's packed mask, ``(N, ceil(K / 8))`` uint8 (:mod:`lowbit.sparse`)."""
     want = (qw.rows, -(-qw.cols // 8))
@@ -72,6 +87,7 @@ class QuantModule(nn.Module):
         act_scale: float | torch.Tensor | None = None,
         act_zero: int | torch.Tensor = 0,
         mask: torch.Tensor | None = None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.orig_dtype = orig_dtype  # dtype of the float weight this replaced (recorded in lowbit.json)
@@ -104,6 +120,9 @@ class QuantModule(nn.Module):
             self.register_buffer("act_scale", None)
             self.register_buffer("act_zero", None)
         self.register_buffer("mask", None if mask is None else _checked_mask(mask, qw))
+        a, b = (None, None) if lowrank is None else _checked_lowrank(lowrank, qw, self.op)
+        self.register_buffer("lowrank_a", a)  # (N, r) float16: the correction A of W ~ deq(Q) + A @ B
+        self.register_buffer("lowrank_b", b)  # (r, K) float16
         self.kernel = "reference"
         self.kernel_note = ""
         self.kernel_pref = "auto"  # what the user asked for; re-applied after a reload
@@ -139,8 +158,16 @@ class QuantModule(nn.Module):
                 stacklevel=2,
             )
         dtype = getattr(torch, self.orig_dtype, torch.float32)
-        w = self.qw.dequantize(torch.float32)
+        w = self.dequantized()
         return w.to(dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this module computes with, float32 in the original shape: the dequantized
+        codes (zeros where pruned) plus the low-rank correction ``A @ B`` if it has one."""
+        w = self.qw.dequantize(torch.float32)
+        if self.lowrank_a is not None:
+            w = w + (self.lowrank_a.float() @ self.lowrank_b.float()).reshape(w.shape)
+        return w
 
     def storage_note(self) -> str:
         """What is stored unlike the format's default ("" when nothing is): float32 scales for a
@@ -154,11 +181,20 @@ class QuantModule(nn.Module):
     @property
     def nbytes(self) -> int:
         """Stored bytes of the weight (codes + scales + zeros, and for a pruned weight its mask
-        with only the kept codes: :class:`~lowbit.sparse.SparseWeight`); the bias is
-        counted apart."""
+        with only the kept codes: :class:`~lowbit.sparse.SparseWeight`), plus a low-rank
+        correction's float16 ``A`` and ``B``; the bias is counted apart."""
         if self.mask is None:
-            return self.qw.nbytes
-        return sparse_nbytes(self.scheme, self.weight_shape, self.mask, self.scales, self.zeros)
+            out = self.qw.nbytes
+        else:
+            out = sparse_nbytes(self.scheme, self.weight_shape, self.mask, self.scales, self.zeros)
+        if self.lowrank_a is not None:
+            out += (self.lowrank_a.numel() + self.lowrank_b.numel()) * self.lowrank_a.element_size()
+        return out
+
+    @property
+    def rank(self) -> int:
+        """The rank of the low-rank correction (0: none)."""
+        return 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
 
     @property
     def sparsity(self) -> float:
@@ -185,17 +221,24 @@ class QuantModule(nn.Module):
             # a bias made trainable) needs autograd, which only the reference kernel (torch ops) records.
             from .kernels import reference
 
-            return getattr(reference, self.op)(self, x)
-        return self._kernel_impl(self, x)
+            y = getattr(reference, self.op)(self, x)
+        else:
+            y = self._kernel_impl(self, x)
+        if self.lowrank_a is not None:  # the correction, in x's float dtype: y += (x B^T) A^T
+            dt = x.dtype if x.is_floating_point() else torch.float32
+            y = y + F.linear(F.linear(x.to(dt), self.lowrank_b.to(dt)), self.lowrank_a.to(dt)).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         sparse = "" if self.mask is None else f", sparsity={self.sparsity:.3g}"
+        sparse += f", rank={self.rank}" if self.rank else ""
         return f"shape={self.weight_shape}, scheme={self.scheme}{sparse}, method={self.method}, kernel={self.kernel}"
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() cast every floating buffer; the stored codes, scales and zero
         # points are a format, not a dtype preference, so they keep their dtypes (devices move).
-        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale", "act_zero", "mask")}
+        kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale", "act_zero", "mask", "lowrank_a",
+                                             "lowrank_b")}  # fmt: skip
         super()._apply(fn, recurse)
         for n, old in kept.items():
             new = getattr(self, n)
@@ -260,8 +303,9 @@ class QuantLinear(QuantModule):
         act_scale: float | torch.Tensor | None = None,
         act_zero: int | torch.Tensor = 0,
         mask: torch.Tensor | None = None,
+        lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero, mask)
+        super().__init__(qw, bias, method, orig_dtype, act_scale, act_zero, mask, lowrank)
         self.out_features, self.in_features = qw.shape
 
     @classmethod

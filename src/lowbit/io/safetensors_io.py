@@ -12,8 +12,10 @@ writer is :mod:`lowbit.io.writer`).
   (version 2) ``shards`` (file, size, SHA-256, tensor count of each) and ``weight_map``
   (tensor -> shard file). Version 3 is version 2 with pruned weights: a module entry with
   ``"sparse": "bitmask"`` stores ``<path>.mask`` and only its kept codes
-  (:mod:`lowbit.sparse`); lowbit writes 3 only when a weight is pruned, so files without
-  one stay readable by version-2 readers. Version 1 (still read) had one file, ``model.safetensors``, described by
+  (:mod:`lowbit.sparse`), and with low-rank corrections: a linear module entry with ``"rank": r``
+  stores ``<path>.lowrank_a`` ``(N, r)`` and ``<path>.lowrank_b`` ``(r, K)`` float16 (the layer
+  computes with ``deq(Q) + A @ B``); lowbit writes 3 only when a file has one of these, so other
+  files stay readable by version-2 readers. Version 1 (still read) had one file, ``model.safetensors``, described by
   a ``tensors`` section, whose metadata held the digest of the whole manifest; a version-2 shard's
   metadata holds the digest of the entries of the modules it stores. Either way a manifest edited
   after saving is found.
@@ -382,6 +384,16 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
     if bias is None and getattr(float_mod, "bias", None) is not None and kind != "QuantEmbedding":
         # quantization never drops a bias (folding and bias correction may add one)
         raise LowbitFormatError(f"module {name!r}: the model's layer has a bias and the file holds none")
+    lowrank = None
+    if "rank" in entry:
+        r = entry["rank"]
+        if kind != "QuantLinear" or not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(shape):
+            raise LowbitFormatError(f"module {name!r}: bad low-rank correction rank {r!r} for a {kind} {shape}")
+        lowrank = tensors.get(f"{name}.lowrank_a"), tensors.get(f"{name}.lowrank_b")
+        _expect(name, "lowrank_a", lowrank[0], (shape[0], r), (torch.float16,))
+        _expect(name, "lowrank_b", lowrank[1], (r, shape[1]), (torch.float16,))
+        if not all(bool(torch.isfinite(t).all()) for t in lowrank):
+            raise LowbitFormatError(f"module {name!r}: its low-rank correction holds NaN/Inf")
     act = tensors.get(f"{name}.act_scale")
     if scheme.act_static and act is None:
         raise LowbitFormatError(f"module {name!r} ({scheme}) lacks its activation scale {name}.act_scale")
@@ -396,7 +408,7 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         a = {"act_scale": act, "act_zero": zero}
     try:
         if kind == "QuantLinear":
-            return QuantLinear(qw, bias, method=method, orig_dtype=orig, mask=mask, **a)
+            return QuantLinear(qw, bias, method=method, orig_dtype=orig, mask=mask, lowrank=lowrank, **a)
         if kind == "QuantConv2d":
             return QuantConv2d(qw, bias, _conv_entry(name, entry, float_mod), method=method, orig_dtype=orig, mask=mask,
                                **a)

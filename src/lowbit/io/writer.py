@@ -1,4 +1,5 @@
-"""Writing lowbit's native format (``format_version`` 2, or 3 when a weight is pruned): a directory of safetensors shards plus
+"""Writing lowbit's native format (``format_version`` 2, or 3 when a weight is pruned or has a
+low-rank correction): a directory of safetensors shards plus
 ``lowbit.json``, written piece by piece and swapped into place atomically.
 
 :class:`ModelWriter` is the one writer: :func:`lowbit.save` hands it a whole model's tensors,
@@ -27,7 +28,7 @@ __all__ = ["ModelWriter", "save", "module_entry", "auto_class_name", "FORMAT_VER
            "MANIFEST"]
 
 FORMAT_VERSION = 2
-SPARSE_FORMAT_VERSION = 3  # a file with a pruned weight (module entry "sparse"): older readers refuse it
+SPARSE_FORMAT_VERSION = 3  # a file with a pruned weight or a low-rank correction: older readers refuse it
 MANIFEST = "lowbit.json"
 
 
@@ -72,6 +73,8 @@ def module_entry(mod: QuantModule) -> dict[str, Any]:
         entry["padding_idx"] = mod.padding_idx
     if mod.mask is not None:
         entry["sparse"] = "bitmask"  # <name>.mask + only the kept codes (lowbit.sparse)
+    if mod.lowrank_a is not None:
+        entry["rank"] = mod.rank  # <name>.lowrank_a (N, r), .lowrank_b (r, K) float16
     return entry
 
 
@@ -197,7 +200,7 @@ class ModelWriter:
             auto = auto_class_name(model)
             manifest = {
                 "format": "lowbit",
-                "format_version": SPARSE_FORMAT_VERSION if any("sparse" in e for e in self.modules.values())
+                "format_version": SPARSE_FORMAT_VERSION if any("sparse" in e or "rank" in e for e in self.modules.values())
                 else FORMAT_VERSION,
                 "lowbit_version": __version__,
                 "modules": self.modules,
