@@ -282,3 +282,34 @@ def test_exports_refuse_corrections_and_damaged_ones_fail_to_load(tmp_path):
     _edit(out, fn_manifest=lambda mf: mf["modules"]["0"].__setitem__("rank", 5))
     with pytest.raises(LowbitFormatError, match="lowrank_a"):
         lowbit.load(out, model=_mlp())
+
+
+# ---- QAT from a pruned post-training result ------------------------------------------------------
+def test_qat_restarts_from_a_pruned_ptq_model_and_keeps_its_mask(digits):
+    from lowbit.qat import QATError, QATLayer, fit
+
+    zoo, data = digits
+    fp = zoo.model
+    cal = [data["x_train"][i : i + 64] for i in range(0, 256, 64)]
+    q = lowbit.quantize(copy.deepcopy(fp), "w3g64", method="sparsegpt", calibration=cal, sparsity=0.75)
+    with torch.no_grad():
+        ptq_out = q(data["x_test"][:64])
+    masks = {n: m.mask.clone() for n, m in q.named_modules() if isinstance(m, QuantModule)}
+    lowbit.prepare_qat(q)
+    assert all(isinstance(q.get_submodule(n), QATLayer) for n in masks)
+    with torch.no_grad():  # training starts exactly where post-training quantization ended
+        assert torch.allclose(q(data["x_test"][:64]), ptq_out, atol=1e-4, rtol=1e-4)
+    losses = fit(q, [data["x_train"][i : i + 64] for i in range(0, 640, 64)], steps=40, teacher=fp, lr=1e-3,
+                 step_lr=1e-3)  # fmt: skip
+    assert sum(losses[-5:]) < sum(losses[:5])
+    lowbit.convert(q)
+    for n, mask in masks.items():
+        mod = q.get_submodule(n)
+        assert torch.equal(mod.mask, mask) and mod.method == "qat"  # the same pattern, only kept weights stored
+        w = mod.qw.dequantize().reshape(mod.qw.rows, -1)
+        assert not bool(w[~unpack_mask(mask, w.shape[1])].any())
+    assert q.lowbit_layers["fc1"].method == "sparsegpt+qat"
+    with pytest.raises(QATError, match="has none"):
+        lowbit.prepare_qat(copy.deepcopy(fp))
+    with pytest.raises(QATError, match="low-rank"):
+        lowbit.prepare_qat(lowbit.quantize(_mlp(), "w4g64", correction_rank=4))

@@ -70,14 +70,17 @@ def lsq_fake_quantize(
 class _WeightQuant(nn.Module):
     """Learned per-group steps (and zero points) of one weight ``(N, K)``; groups as stored."""
 
-    def __init__(self, w2d: torch.Tensor, scheme: Scheme, init: str) -> None:
+    def __init__(self, w2d: torch.Tensor, scheme: Scheme, init: str, start=None) -> None:
         super().__init__()
         fmt = scheme.fmt
         if fmt.kind != "affine":
             raise QATError(f"QAT learns integer steps: {scheme} ({fmt.name}) is not an integer format")
         self.scheme = scheme
         self.shape = tuple(w2d.shape)
-        qp = mse_clip_search(w2d.detach(), scheme) if init == "mse" else choose_qparams(w2d.detach(), scheme)
+        if start is not None:  # a post-training quantization's scales and zero points
+            qp = start
+        else:
+            qp = mse_clip_search(w2d.detach(), scheme) if init == "mse" else choose_qparams(w2d.detach(), scheme)
         self.step = nn.Parameter(qp.scale.clone())  # (R, ng), R = N or 1 (per tensor)
         self.zero = nn.Parameter(qp.zero.clone()) if qp.zero is not None else None  # (R, ng) asym only
         self.group = self.shape[1] if scheme.group_size is None else scheme.group_size
@@ -156,18 +159,24 @@ class QATLayer(nn.Module):
 
     lowbit_qat = True  # the driver's planning skips what is inside (it does not import this file)
 
-    def __init__(self, layer: nn.Module, scheme: Scheme, init: str = "minmax") -> None:
+    def __init__(self, layer: nn.Module, scheme: Scheme, init: str = "minmax", *, start=None,
+                 mask: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise QATError(f"QAT wraps nn.Linear and nn.Conv2d, not {type(layer).__name__}")
         self.layer = layer
         self.scheme = scheme
-        self.wq = _WeightQuant(layer.weight.detach().reshape(layer.weight.shape[0], -1), scheme, init)
+        self.wq = _WeightQuant(layer.weight.detach().reshape(layer.weight.shape[0], -1), scheme, init, start)
         self.aq = _ActQuant(scheme) if scheme.act_bits else None
+        # a pruned layer's kept positions, bool (N, K): fixed; the removed weights stay exactly 0
+        self.register_buffer("mask", mask)
 
     def fake_weight(self) -> torch.Tensor:
         w = self.layer.weight
-        return self.wq(w.reshape(w.shape[0], -1)).reshape(w.shape)
+        w2 = w.reshape(w.shape[0], -1)
+        if self.mask is not None:
+            w2 = w2 * self.mask
+        return self.wq(w2).reshape(w.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aq is not None:
@@ -178,13 +187,57 @@ class QATLayer(nn.Module):
         return self.layer._conv_forward(x, w, self.layer.bias)
 
     def extra_repr(self) -> str:
-        return f"scheme={self.scheme}"
+        kept = "" if self.mask is None else f", sparsity={1 - float(self.mask.float().mean()):.3g}"
+        return f"scheme={self.scheme}{kept}"
+
+
+def _from_ptq(model: nn.Module) -> nn.Module:
+    """Wrap every quantized (and pruned) module of a post-training-quantized model in a
+    :class:`QATLayer` that starts from its weight, scales, zero points and mask."""
+    from . import driver
+    from .nn import QuantModule
+    from .sparse import unpack_mask
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    if not layers:
+        raise QATError("prepare_qat(model) without a scheme trains a quantized model's layers; this one has none "
+                       "(give a scheme or recipe to start from float)")  # fmt: skip
+    bad = [f"{n} ({m.scheme}{', rank ' + str(m.rank) if m.rank else ''}, {m.op})" for n, m in layers
+           if m.op not in ("linear", "conv2d") or m.scheme.fmt.kind != "affine" or m.scheme.act_static or m.rank]
+    if bad:
+        raise QATError("QAT restarts integer weight-only or dynamic-activation linear and conv2d layers without "
+                       f"low-rank corrections; not {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")  # fmt: skip
+    new = []
+    for name, m in layers:
+        w = m.qw.dequantize(torch.float32)
+        if m.op == "linear":
+            f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        else:
+            f = nn.Conv2d(m.weight_shape[1] * m.groups, m.weight_shape[0], m.weight_shape[2:], stride=m.stride,
+                          padding=m.padding, dilation=m.dilation, groups=m.groups, bias=m.bias is not None)  # fmt: skip
+        with torch.no_grad():
+            f.weight.copy_(w)
+            if m.bias is not None:
+                f.bias.copy_(m.bias.detach())
+        qp = m.qw.qparams()
+        mask = None if m.mask is None else unpack_mask(m.mask, m.qw.cols)
+        new.append((name, QATLayer(f, m.scheme, start=type(qp)(qp.scale.clone(), None if qp.zero is None else qp.zero.clone()),
+                                   mask=mask)))  # fmt: skip
+    records = dict(getattr(model, "lowbit_layers", {}) or {})
+    for name, q in new:
+        old = model.get_submodule(name)
+        driver._set_module(model, name, q)
+        rec = records.get(name)
+        records[name] = driver.LayerRecord(name, rec.type if rec else type(old).__name__, "quantized", str(q.scheme),
+                                           f"{old.method}+qat", rec.reason if rec else "")  # fmt: skip
+    model.lowbit_layers = records
+    return model
 
 
 @outside_inference_mode
 def prepare_qat(
     model: nn.Module,
-    spec: str | Scheme | Recipe,
+    spec: str | Scheme | Recipe | None = None,
     calibration: Iterable | None = None,
     *,
     observer: str = "minmax",
@@ -193,6 +246,12 @@ def prepare_qat(
     bias_correction: bool | None = None,
 ) -> nn.Module:
     """Wrap the layers ``spec`` selects in :class:`QATLayer` (in place); returns ``model``.
+
+    Without ``spec``, ``model`` is a post-training-quantized (possibly pruned) model: every
+    quantized linear and conv2d layer is wrapped starting from its dequantized weight, its scales
+    and zero points and, for a pruned layer, its mask, which stays fixed (removed weights stay 0),
+    so training starts exactly where PTQ (GPTQ, SparseGPT, ...) ended and :func:`convert` gives
+    back the same storage, pruned layers included.
 
     ``calibration`` (model inputs) starts static activation steps from ``observer``; without it
     they start from the first batch seen. ``init``: ``"minmax"`` or ``"mse"`` weight steps.
@@ -204,6 +263,8 @@ def prepare_qat(
 
     if init not in ("minmax", "mse"):
         raise QATError(f"init must be 'minmax' or 'mse', got {init!r}")
+    if spec is None:
+        return _from_ptq(model)
     recipe = Recipe.coerce(spec)
     todo, records, _heads = driver._plan(model, recipe)
     wrapped = [t for t in todo if isinstance(t[1], (nn.Linear, nn.Conv2d))]
@@ -294,6 +355,7 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
     from . import driver, kernels
     from .primitives import QParams
     from .qweight import QWeight
+    from .sparse import SparseWeight
 
     bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if bns:
@@ -311,7 +373,12 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
         w = q.layer.weight.detach()
         check_finite(w, f"{name}.weight")
         s, z = q.wq.stored()
+        if q.mask is not None:  # removed weights at the code of exact 0, then only the kept ones stored
+            w = (w.reshape(w.shape[0], -1) * q.mask).reshape(w.shape)
         qw = QWeight.from_float(w, q.scheme, QParams(s, z), name=f"{name}.weight")
+        if q.mask is not None:
+            qw = SparseWeight.from_qweight(qw, q.mask)
+            qw.shape = tuple(w.shape)
         act = None
         if q.aq is not None and q.aq.static:
             act = (float(q.aq.step.detach().abs()), int(q.aq.zero))
