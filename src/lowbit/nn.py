@@ -267,9 +267,11 @@ class QuantModule(nn.Module):
             qw = self.qw.to_layout("rows") if self.mask is None else self.sparse_weight()
             if memo is not None:
                 memo[key] = qw
+        new = qw.tensors()
         for name in ("qweight", "scales", "zeros"):
-            destination.pop(prefix + name, None)
-        for name, t in qw.tensors().items():
+            if name not in new:
+                destination.pop(prefix + name, None)
+        for name, t in new.items():  # (keys already there keep their place: the file's tensor order)
             destination[prefix + name] = t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
