@@ -152,8 +152,7 @@ def _with_correction(algo, rank: int, linear: set[str]):
         if name not in linear:  # convolutions and embeddings take no correction
             return q
         err = w.detach().float() - q.dequantize(torch.float32).reshape(w.shape)
-        h = getattr(stats, "hessian", None) if stats is not None else None
-        a, b = lowrank.low_rank(err, h, rank=min(rank, *w.shape), name=name)
+        a, b = lowrank.low_rank(err, getattr(stats, "hessian", None), rank=min(rank, *w.shape), name=name)
         return Corrected(q, a, b)
 
     needs = tuple(dict.fromkeys((*algo.needs, "hessian"))) if algo.uses_calibration else algo.needs

@@ -50,8 +50,8 @@ def export(model: nn.Module, fmt: str, path: str | os.PathLike, **options):
     :func:`lowbit.io.compressed_tensors.export_compressed_tensors` for ``"compressed-tensors"``,
     :func:`lowbit.io.onnx.export_onnx` for ``"onnx"``). Returns the writer's report. Raises
     ``ValueError`` for an unknown format or a model with low-rank corrections (pruned weights
-    export as their dense codes: exact, without the size saving), and whatever the writer raises for models or options it
-    cannot serve."""
+    export as their dense codes: exact, without the size saving), and whatever the writer raises
+    for models or options it cannot serve."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
     from .nn import QuantModule

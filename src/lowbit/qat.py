@@ -219,10 +219,8 @@ def _from_ptq(model: nn.Module) -> nn.Module:
             f.weight.copy_(w)
             if m.bias is not None:
                 f.bias.copy_(m.bias.detach())
-        qp = m.qw.qparams()
         mask = None if m.mask is None else unpack_mask(m.mask, m.qw.cols)
-        new.append((name, QATLayer(f, m.scheme, start=type(qp)(qp.scale.clone(), None if qp.zero is None else qp.zero.clone()),
-                                   mask=mask)))  # fmt: skip
+        new.append((name, QATLayer(f, m.scheme, start=m.qw.qparams(), mask=mask)))  # (the steps are copies)
     records = dict(getattr(model, "lowbit_layers", {}) or {})
     for name, q in new:
         old = model.get_submodule(name)
@@ -378,7 +376,6 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
         qw = QWeight.from_float(w, q.scheme, QParams(s, z), name=f"{name}.weight")
         if q.mask is not None:
             qw = SparseWeight.from_qweight(qw, q.mask)
-            qw.shape = tuple(w.shape)
         act = None
         if q.aq is not None and q.aq.static:
             act = (float(q.aq.step.detach().abs()), int(q.aq.zero))

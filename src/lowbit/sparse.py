@@ -220,7 +220,7 @@ class SparseWeight(WeightShape):
         if scales.shape[1] < ng:  # the last, shorter group kept nothing: any scale, 0 at code 0
             scales = torch.cat([scales, torch.ones(scales.shape[0], ng - scales.shape[1])], 1)
             zeros = None if zeros is None else torch.cat([zeros, torch.zeros(zeros.shape[0], ng - zeros.shape[1])], 1)
-        qp = QParams(scales.to(self.kept.scale.dtype).float(), zeros)
+        qp = QParams(scales, zeros)
         rows = qp.scale.shape[0]
         zero_codes = quantize_codes(torch.zeros(rows, k), qp, self.scheme)  # (R, K): the code of 0 per column
         if bool(dequantize_codes(zero_codes, qp, self.scheme).ne(0).any()):

@@ -96,7 +96,7 @@ def _flat(w: torch.Tensor) -> torch.Tensor:
     return w.detach().reshape(w.shape[0], -1).float()
 
 
-def _reshaped(qw: QWeight, w: torch.Tensor) -> QWeight:
+def _reshaped(qw: QWeight | SparseWeight, w: torch.Tensor) -> QWeight | SparseWeight:
     qw.shape = tuple(w.shape)
     return qw
 
@@ -219,9 +219,7 @@ def _sparsegpt(w, scheme, *, name="weight", stats, sparsity=None, nm=None, damp=
         block = group * max(1, block // group)
     res = pruning.sparsegpt(w2, stats.hessian, sparsity=s or 0.0, nm=pat, scheme=scheme, name=name, damp=damp,
                             block=block, mask_block=group, clip=clip)  # fmt: skip
-    sw = SparseWeight.from_qweight(res.qweight, res.mask)
-    sw.shape = tuple(w.shape)
-    return sw
+    return _reshaped(SparseWeight.from_qweight(res.qweight, res.mask), w)
 
 
 def _sq_smooth(weights, stats, scheme, *, alpha=0.5, **_):

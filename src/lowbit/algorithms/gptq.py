@@ -43,7 +43,7 @@ from ..primitives import (
 from ..qweight import QWeight
 from ..scheme import Scheme
 
-__all__ = ["quantize_weight", "group_qparams", "open_group", "HessianError", "DAMP_STEPS", "CLIP_CHOICES"]
+__all__ = ["quantize_weight", "group_qparams", "group_buffers", "open_group", "HessianError", "DAMP_STEPS", "CLIP_CHOICES"]
 
 # Damping tried in turn (fraction of the mean Hessian diagonal) until H is positive definite.
 DAMP_STEPS = (0.01, 0.1, 1.0)
@@ -87,6 +87,13 @@ def group_qparams(w: torch.Tensor, hdiag: torch.Tensor, scheme: Scheme, clip: st
         d = torch.where(live, d, d[live].mean() if bool(live.any()) else torch.ones(()))
         return mse_clip_search(w, scheme, weight=d)
     raise ValueError(f"clip={clip!r}: choose from {CLIP_CHOICES}")
+
+
+def group_buffers(n: int, k: int, gs: int, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zeroed scales ``(R, ceil(K / gs))`` (``R`` = 1 per tensor, else ``n``) and zero points of the
+    same shape (``None`` for symmetric and codebook schemes), filled as each group is opened."""
+    scale = torch.zeros(n if not scheme.per_tensor else 1, -(-k // gs))
+    return scale, (None if scheme.symmetric or scheme.fmt.kind != "affine" else torch.zeros_like(scale))
 
 
 def open_group(W: torch.Tensor, w1: torch.Tensor, i1: int, i2: int, col: int, gs: int, hdiag: torch.Tensor,
@@ -160,8 +167,7 @@ def quantize_weight(
     hinv = _inverse_cholesky(H, damp, name)
 
     codes = torch.zeros(n, k, dtype=torch.uint8)
-    scale = torch.zeros(n if not scheme.per_tensor else 1, -(-k // gs))
-    zero = None if scheme.symmetric or scheme.fmt.kind != "affine" else torch.zeros_like(scale)
+    scale, zero = group_buffers(n, k, gs, scheme)
     if static is not None:
         scale, zero = static.scale.clone(), (None if static.zero is None else static.zero.clone())
 

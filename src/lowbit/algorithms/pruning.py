@@ -38,7 +38,7 @@ import torch
 from ..primitives import QParams, check_finite, dequantize_values, quantize_values
 from ..qweight import QWeight
 from ..scheme import Scheme
-from .gptq import CLIP_CHOICES, HessianError, _inverse_cholesky, group_qparams, open_group
+from .gptq import CLIP_CHOICES, HessianError, _inverse_cholesky, group_buffers, group_qparams, open_group
 
 __all__ = ["PruningError", "check_sparsity", "check_nm", "magnitude_scores", "wanda_scores", "unstructured_mask",
            "nm_mask", "SparseGPTResult", "sparsegpt"]  # fmt: skip
@@ -163,8 +163,7 @@ def sparsegpt(
     codes = torch.zeros(n_out, k, dtype=torch.uint8) if scheme is not None else None
     scale = zero = None
     if scheme is not None:
-        scale = torch.zeros(n_out if not scheme.per_tensor else 1, -(-k // gs))
-        zero = None if scheme.symmetric or scheme.fmt.kind != "affine" else torch.zeros_like(scale)
+        scale, zero = group_buffers(n_out, k, gs, scheme)
         if scheme.per_tensor:
             qp = group_qparams(W, hdiag, scheme, clip)
             scale, zero = qp.scale.clone(), None if qp.zero is None else qp.zero.clone()
