@@ -311,5 +311,28 @@ def test_qat_restarts_from_a_pruned_ptq_model_and_keeps_its_mask(digits):
     assert q.lowbit_layers["fc1"].method == "sparsegpt+qat"
     with pytest.raises(QATError, match="has none"):
         lowbit.prepare_qat(copy.deepcopy(fp))
-    with pytest.raises(QATError, match="low-rank"):
-        lowbit.prepare_qat(lowbit.quantize(_mlp(), "w4g64", correction_rank=4))
+
+
+def test_qat_trains_a_low_rank_correction_and_converts_it_back():
+    from lowbit.qat import QATLayer, fit
+
+    fp = _mlp()
+    xs = _correlated()
+    q = lowbit.quantize(copy.deepcopy(fp), "w2g64", method="magnitude", sparsity=0.5, correction_rank=4)
+    with torch.no_grad():
+        ptq_out = q(xs[0])
+        before = float((q(xs[0]) - fp(xs[0])).pow(2).mean())
+    start = {n: (m.lowrank_a.clone(), m.lowrank_b.clone()) for n, m in q.named_modules() if isinstance(m, QuantModule)}
+    lowbit.prepare_qat(q)
+    assert isinstance(q[0], QATLayer) and q[0].lowrank_a.shape == (192, 4) and q[0].lowrank_a.requires_grad
+    with torch.no_grad():  # the correction is part of the forward pass from the start
+        assert torch.allclose(q(xs[0]), ptq_out, atol=1e-3, rtol=1e-3)
+    fit(q, xs, steps=60, teacher=fp, lr=1e-3, step_lr=1e-3, loss_fn=None)
+    lowbit.convert(q)
+    for n, (a, _b) in start.items():
+        mod = q.get_submodule(n)
+        assert mod.rank == 4 and mod.lowrank_a.dtype == torch.float16 and not torch.equal(mod.lowrank_a, a)
+        assert mod.sparsity == 0.5
+    with torch.no_grad():
+        after = float((q(xs[0]) - fp(xs[0])).pow(2).mean())
+    assert after < before

@@ -613,6 +613,9 @@ def quantize_checkpoint(
         raise QuantizeError(f"{method} prunes weights, which streaming quantization does not do yet: load the model "
                             "and use lowbit.quantize (or the CLI without --stream)")  # fmt: skip
     recipe = Recipe.coerce(spec)
+    if recipe.has_options:
+        raise QuantizeError("the recipe prunes or corrects layers (+N%, +N:M, +rN), which streaming quantization does "
+                            "not do yet: load the model and use lowbit.quantize (or the CLI without --stream)")  # fmt: skip
     ck = Checkpoint(src)
     if method in ("rtn", "hqq"):  # layer after layer of large buffers, each returned to the OS when freed
         release_large_frees()  # (torch-heavy methods would pay 3-5x in page faults: glibc's defaults there)

@@ -405,11 +405,11 @@ def cmd_inspect(args) -> int:
 
 # ---- sensitivity --------------------------------------------------------------------------------
 def cmd_sensitivity(args) -> int:
-    import lowbit
     from lowbit.algorithms import get_algorithm
     from lowbit.evaluate.table import text_table
     from lowbit.mixed import Sensitivity, allocate, sensitivity
     from lowbit.models.source import load_source
+    from lowbit.recipe import parse_choice
 
     _threads(args)
     budgets = [b for b in (args.target_bpw, args.max_loss) if b is not None]
@@ -420,14 +420,15 @@ def cmd_sensitivity(args) -> int:
     else:
         cands = [c for c in args.candidates.split(",") if c.strip()]
         zm = load_source(args.model)
-        static = any(c.strip().lower() != "skip" and lowbit.parse_scheme(c).act_static for c in cands)
+        static = any(s is not None and s.act_static for s, _ in map(parse_choice, cands))
         calibration = _calibration(args, zm) if get_algorithm(args.method).uses_calibration or static else None
         # the KL is measured on other calibration samples than the ones that set scales
         n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
         batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model,
                                 getattr(args, "calib_domains", None))
         sens = sensitivity(zm.model, cands, batches, calibration=calibration, method=args.method,
-                           observer=args.observer, base=args.base, cost=args.cost, progress=not args.quiet)  # fmt: skip
+                           observer=args.observer, base=args.base, cost=args.cost, progress=not args.quiet,
+                           **({"sparsity": 0.0} if get_algorithm(args.method).prunes else {}))  # fmt: skip
         sens.info["model"] = args.model
     rows = []
     for n in sens.layers:
@@ -456,6 +457,57 @@ def cmd_sensitivity(args) -> int:
         from lowbit.evaluate.plots import sensitivity_plot
 
         sensitivity_plot(sens, args.plot, alloc.choice if alloc else None, title=str(sens.info.get("model", "")))
+        print(f"plot -> {args.plot}")
+    return 0
+
+
+# ---- compress -----------------------------------------------------------------------------------
+def cmd_compress(args) -> int:
+    import lowbit
+    from lowbit.compress import compress
+    from lowbit.models.source import load_source
+
+    _threads(args)
+    if args.target_ratio is None and args.max_loss is None:
+        return _err("give --target-ratio R and/or --max-loss X")
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    fixed = {}
+    for item in (args.fixed or "").split(","):
+        if item.strip():
+            if "=" not in item:
+                return _err(f"--fixed takes PATTERN=CHOICE pairs, e.g. lm_head=w4g64; got {item!r}")
+            pattern, choice = item.split("=", 1)
+            fixed[pattern.strip()] = choice.strip()
+    t0 = time.perf_counter()
+    zm = load_source(args.model)
+    calibration = None if args.method in ("magnitude", "rtn") else _calibration(args, zm)
+    # costs are measured on other calibration samples than the ones that set scales
+    n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
+    batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model, args.calib_domains)
+    distill = None
+    if args.distill_steps:
+        distill = _model_inputs(zm, args.distill_samples, args.seqlen, args.seed + 2, args.calib, args.model,
+                                args.calib_domains)  # fmt: skip
+    result = compress(zm.model, target_ratio=args.target_ratio, max_loss=args.max_loss, batches=batches,
+                      calibration=calibration, candidates=cands, method=args.method, fixed=fixed or None,
+                      base=args.base, channels=args.channels, distill_steps=args.distill_steps,
+                      distill_data=distill, lr=args.lr,
+                      progress=not args.quiet)  # fmt: skip
+    out = lowbit.save(result.model, args.output, tokenizer=zm.tokenizer,
+                      source=getattr(zm.model, "lowbit_source", None) or args.model)  # fmt: skip
+    files = [out] if out.is_file() else [f for f in out.iterdir() if f.is_file()]
+    file_bytes = sum(f.stat().st_size for f in files)
+    print(f"compressed {args.model} in {time.perf_counter() - t0:.1f}s "
+          f"({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())}): {result.summary()}")  # fmt: skip
+    print(f"saved -> {out}: {file_bytes:,} bytes in all, {result.reference_bytes / file_bytes:.2f}x smaller than "
+          f"the FP32 tensors (the file adds {file_bytes - result.nbytes:,} bytes of headers and manifest)")  # fmt: skip
+    if args.recipe_out:
+        result.recipe.save(args.recipe_out)
+        print(f"recipe -> {args.recipe_out}")
+    if args.plot:
+        from lowbit.evaluate.plots import compress_plot
+
+        compress_plot(result, args.plot, title=f"{args.model}: {result.ratio:.1f}x")
         print(f"plot -> {args.plot}")
     return 0
 
@@ -754,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.algorithms import ALGORITHMS
     from lowbit.algorithms.gptq import CLIP_CHOICES as GPTQ_CLIPS
     from lowbit.algorithms.rtn import CLIP_CHOICES
+    from lowbit.compress import DEFAULT_CANDIDATES
     from lowbit.export import EXPORT_FORMATS
     from lowbit.kernels import KERNELS
     from lowbit.models.zoo import ZOO
@@ -840,7 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated schemes to measure per layer ('skip' = keep float); default w3g64,w4g64,int8")
     m.add_argument("--table", help="a sensitivity table saved with -o: allocate and plot without measuring")
     m.add_argument("--base", help="measure around this candidate (every layer quantized with it) instead of FP32")
-    m.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"])
+    m.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq", "magnitude", "wanda", "sparsegpt"],
+                   help="pruning methods (for candidates such as w4g64+50%%) leave the other candidates dense")
     m.add_argument("--cost", default="kl", choices=["kl", "hessian"],
                    help="kl: measure the KL with each layer quantized alone; hessian: predict it from Hessian "
                         "traces and weight error (one backward pass per sample, weights only; not with --base)")
@@ -862,6 +916,39 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int)
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(fn=cmd_sensitivity)
+
+    c = sub.add_parser("compress", help="to a size budget: quantization, pruning and low-rank corrections chosen "
+                       "per layer by measured sensitivity, then optional distillation from FP32")
+    c.add_argument("model", help=f"zoo model ({zoo}) or a transformers model directory")
+    c.add_argument("--target-ratio", type=float, help="FP32 bytes / compressed bytes for the whole model, e.g. 12")
+    c.add_argument("--max-loss", help="the predicted KL bound (nats, or a percentage: 2%% = a 2%% perplexity rise); "
+                   "alone: the smallest model within it")
+    c.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+                   help="choices measured per layer: a scheme, +N%% pruned, +N:M, +rN corrected, or skip "
+                        f"(default {','.join(DEFAULT_CANDIDATES)})")
+    c.add_argument("--method", help="sparsegpt (default), wanda or magnitude (data-free); rtn/hqq/gptq when no "
+                   "candidate prunes")
+    c.add_argument("--fixed", metavar="PATTERN=CHOICE,...",
+                   help="layers outside the search with their choice, e.g. model.embed_tokens=w4g64,lm_head=w4g64")
+    c.add_argument("--channels", type=float, metavar="FRACTION",
+                   help="first remove this share of the channels of every channel group (structured pruning: "
+                        "transformer FFN neurons, chained Linear/Conv2d channels); the config follows")
+    c.add_argument("--base", help="measure costs around this candidate instead of FP32")
+    c.add_argument("--distill-steps", type=int, default=0, help="distillation steps from the FP32 model (default 0)")
+    c.add_argument("--distill-samples", type=int, default=256, help="samples to distil on (default 256)")
+    c.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate of the weights (default 1e-4)")
+    c.add_argument("--samples", type=int, help="samples the KL is measured on (default: 8 texts, 32 crops, 512 digits)")
+    c.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")
+    c.add_argument("--seqlen", type=int, default=256, help="tokens per sample (language models; default 256)")
+    c.add_argument("--calib", help="calibration text file (default: the built-in text domains, mixed)")
+    c.add_argument("--calib-domains", metavar="NAMES", help="built-in text domains to calibrate on (default mixed)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("-o", "--output", required=True, help="where to save the compressed model")
+    c.add_argument("--recipe-out", help="write the chosen recipe as JSON")
+    c.add_argument("--plot", help="write a PNG of size vs KL (the frontier and the result)")
+    c.add_argument("--threads", type=int)
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(fn=cmd_compress)
 
     s = sub.add_parser("estimate", help="weight memory in each format; for a checkpoint directory also the "
                        "output size and peak memory of streamed quantization and of loading")

@@ -140,23 +140,65 @@ class Corrected(NamedTuple):
     b: torch.Tensor
 
 
-def _with_correction(algo, rank: int, linear: set[str]):
-    """``algo`` whose ``quantize_weight`` also fits a rank-``rank`` correction ``A @ B`` to each
-    linear weight's error ``W - deq(Q)`` (:func:`lowbit.algorithms.lowrank.low_rank`), weighted by
-    the calibration inputs' Hessian when the method gathers statistics (EoRA), plain SVD otherwise.
-    ``linear``: the ``<layer>.weight`` names of the linear layers (the only ones corrected)."""
+def _with_layer_options(algo, patterns: dict[str, dict], ranks: dict[str, int]):
+    """``algo`` whose ``quantize_weight`` takes each layer's own pruning pattern (``patterns``:
+    ``<layer>.weight`` -> ``{"sparsity": s}`` or ``{"nm": "2:4"}``, overriding the method's
+    options; a pruning method's layers not listed stay dense) and fits a rank-``ranks[name]``
+    correction ``A @ B`` to the listed weights' error ``W - deq(Q)``
+    (:func:`lowbit.algorithms.lowrank.low_rank`), weighted by the calibration inputs' Hessian when
+    the method gathers statistics (EoRA), plain SVD otherwise."""
     from .algorithms import lowrank
 
     def quantize_weight(w, scheme, *, name="weight", stats=None, **options):
+        if name in patterns:
+            options = {**options, "sparsity": None, "nm": None, **patterns[name]}
+        elif algo.prunes and patterns and options.get("sparsity") is None and options.get("nm") is None:
+            options = {**options, "sparsity": 0.0}  # other layers are pruned by their rules; this one is not
         q = algo.quantize_weight(w, scheme, name=name, stats=stats, **options)
-        if name not in linear:  # convolutions and embeddings take no correction
+        rank = ranks.get(name)
+        if rank is None:  # convolutions, embeddings and layers without a rank take no correction
             return q
         err = w.detach().float() - q.dequantize(torch.float32).reshape(w.shape)
         a, b = lowrank.low_rank(err, getattr(stats, "hessian", None), rank=min(rank, *w.shape), name=name)
         return Corrected(q, a, b)
 
-    needs = tuple(dict.fromkeys((*algo.needs, "hessian"))) if algo.uses_calibration else algo.needs
+    needs = tuple(dict.fromkeys((*algo.needs, "hessian"))) if ranks and algo.uses_calibration else algo.needs
     return dataclasses.replace(algo, quantize_weight=quantize_weight, needs=needs)
+
+
+def _layer_options(todo: list, recipe: Recipe, algo, method: str, correction_rank: int | None):
+    """Each planned layer's pruning pattern and correction rank from its recipe rule (and
+    ``correction_rank`` for every linear layer a rule gives no rank), checked: pruning only under a
+    pruning method, corrections only for linear layers and below the weight's smaller side."""
+    opts = {t[0]: recipe.options(t[0]) for t in todo}
+    patterns = {f"{n}.weight": {k: o[k] for k in ("sparsity", "nm") if k in o} for n, o in opts.items()
+                if "sparsity" in o or "nm" in o}  # fmt: skip
+    embedded = [t[0] for t in todo if t[2] == "embedding" and f"{t[0]}.weight" in patterns]
+    if embedded:
+        raise QuantizeError(f"{embedded[0]}: pruning applies to linear and conv2d layers, not embeddings")
+    if patterns and not algo.prunes:
+        from .algorithms import ALGORITHMS
+
+        raise QuantizeError(f"the recipe prunes {len(patterns)} layer(s) ({next(iter(patterns))[:-7]}, ...) but method "
+                            f"{method!r} does not prune: use one of "
+                            f"{', '.join(n for n, a in ALGORITHMS.items() if a.prunes)}")  # fmt: skip
+    ranks = {}
+    for name, mod, kind, _scheme, _why in todo:
+        rank = opts[name].get("rank", correction_rank)
+        if rank is None:
+            continue
+        if kind != "linear":
+            if "rank" in opts[name]:
+                raise QuantizeError(f"{name}: a low-rank correction applies to linear layers, not {type(mod).__name__}")
+            continue
+        shape = tuple(_float_weight(mod, kind).shape)
+        if rank >= min(shape):
+            raise QuantizeError(f"{name}: correction rank {rank} is not below the smaller side of {shape}: a "
+                                "correction that large costs more than the float weight")  # fmt: skip
+        ranks[f"{name}.weight"] = rank
+    if correction_rank is not None and not ranks:
+        raise QuantizeError("correction_rank applies to linear layers; the plan quantizes none")
+    return patterns, ranks
 
 
 def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | None = None) -> QuantModule:
@@ -168,7 +210,10 @@ def _swap(mod: nn.Module, kind: str, qw, method: str, act: tuple[float, int] | N
     if isinstance(qw, Corrected):
         qw, a["lowrank"] = qw.weight, (qw.a, qw.b)
     if isinstance(qw, SparseWeight):
-        qw, a["mask"] = qw.to_qweight(), qw.mask
+        # a mask that removes nothing (a layer left dense under a pruning method) is pure overhead
+        if qw.sparsity > 0:
+            a["mask"] = qw.mask
+        qw = qw.to_qweight()
     if kind == "linear":
         return QuantLinear(qw, mod.bias, method=method, orig_dtype=dtype, **a)
     if kind == "conv2d":
@@ -417,17 +462,9 @@ def quantize(
         )
     for name, mod, kind, _scheme, _why in todo:  # before any work, so the error names the layer
         check_finite(_float_weight(mod, kind), f"{name}.weight")
-    if correction_rank is not None:
-        linear = {f"{t[0]}.weight" for t in todo if t[2] == "linear"}
-        if not linear:
-            raise QuantizeError("correction_rank applies to linear layers; the plan quantizes none")
-        too_big = [f"{t[0]} {tuple(_float_weight(t[1], t[2]).shape)}" for t in todo
-                   if t[2] == "linear" and correction_rank >= min(_float_weight(t[1], t[2]).shape)]  # fmt: skip
-        if too_big:
-            raise QuantizeError(f"correction_rank {correction_rank} is not below the smaller side of "
-                                f"{', '.join(too_big[:3])}{', ...' if len(too_big) > 3 else ''}: a correction "
-                                "that large costs more than the float weight")  # fmt: skip
-        algo = _with_correction(algo, correction_rank, linear)
+    patterns, ranks = _layer_options(todo, recipe, algo, method, correction_rank)
+    if patterns or ranks:
+        algo = _with_layer_options(algo, patterns, ranks)
     undo_folds = _fold_batchnorms(model, todo, records) if fold_bn else (lambda: None)
     try:
         if algo.uses_calibration or static:

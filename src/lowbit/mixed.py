@@ -53,11 +53,11 @@ import torch
 from torch import nn
 
 from .files import write_text_atomic
-from .recipe import SKIP, Recipe
-from .scheme import parse_scheme
+from .recipe import SKIP, Recipe, format_choice, parse_choice
 
 __all__ = [
     "Sensitivity", "Allocation", "MixedPrecisionError", "sensitivity", "allocate", "parse_max_loss", "hessian_traces",
+    "searchable_layers", "output_kl",
 ]  # fmt: skip
 
 
@@ -143,8 +143,35 @@ def _kl_sum(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | N
 
 
 def _candidate(c: str) -> str:
-    """A candidate's canonical name: ``"skip"`` or the scheme as it prints."""
-    return SKIP if c.strip().lower() == SKIP else str(parse_scheme(c))
+    """A candidate's canonical name: ``"skip"``, or the scheme with its options as it prints
+    (:func:`lowbit.recipe.parse_choice`: ``"w4g64"``, ``"w4g64+50%+r8"``)."""
+    return format_choice(*parse_choice(c))
+
+
+def searchable_layers(model: nn.Module) -> list[str]:
+    """The layers :func:`sensitivity` measures by default: every Linear/Conv2d lowbit can swap,
+    except embeddings and the LM head."""
+    from . import driver, swappable
+
+    heads = driver._head_and_embedding_names(model)
+    blocked = swappable.blocked(model)  # reached other than as a called child: never swapped
+    return [n for n, m in model.named_modules()
+            if n and n not in heads and n not in blocked and driver._kind(m) in ("linear", "conv2d")]  # fmt: skip
+
+
+def output_kl(reference: nn.Module, model: nn.Module, batches: Iterable) -> float:
+    """Mean ``KL(p_reference || p_model)`` (nats per position; padding excluded) of the two
+    models' output distributions over ``batches``."""
+    from . import calibrate
+
+    total = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            ref = torch.log_softmax(_logits(calibrate._call(reference, b)).float(), dim=-1)
+            logits = _logits(calibrate._call(model, b))
+            s, c = _kl_sum(ref, logits, _mask(b, logits))
+            total, count = total + s, count + c
+    return total / count
 
 
 def sensitivity(
@@ -209,12 +236,10 @@ def sensitivity(
     work = copy.deepcopy(model).eval()
     if batchnorm_pairs(work):  # quantize() would fold them; do it once, up front, on the copy
         fold_batchnorm(work)
-    heads = driver._head_and_embedding_names(work)
     mods = dict(work.named_modules())
     blocked = swappable.blocked(work)  # reached other than as a called child: never swapped
     if layers is None:
-        layers = [n for n, m in mods.items()
-                  if n and n not in heads and n not in blocked and driver._kind(m) in ("linear", "conv2d")]  # fmt: skip
+        layers = searchable_layers(work)
     else:
         bad = [n for n in layers if n not in mods or n in blocked or driver._kind(mods[n]) not in ("linear", "conv2d")]
         if bad:
@@ -264,7 +289,7 @@ def sensitivity(
         for n in layers:
             w = mods[n].weight.detach().float()
             loss[n] = {c: 0.0 if c == SKIP else
-                       0.5 * traces[n] / w.numel() * float((quantized[c][n].qw.dequantize().reshape(w.shape) - w).pow(2).sum())
+                       0.5 * traces[n] / w.numel() * float((quantized[c][n].dequantized().reshape(w.shape) - w).pow(2).sum())
                        for c in cands}  # fmt: skip
         return Sensitivity(cands, params, nbytes, loss, "kl", {**info, "base_loss": 0.0, "draws": draws, "traces": traces})
     at = {n: mods[n] if base in (None, SKIP) else quantized[base][n] for n in layers}  # the operating point

@@ -160,16 +160,24 @@ class QATLayer(nn.Module):
     lowbit_qat = True  # the driver's planning skips what is inside (it does not import this file)
 
     def __init__(self, layer: nn.Module, scheme: Scheme, init: str = "minmax", *, start=None,
-                 mask: torch.Tensor | None = None) -> None:  # fmt: skip
+                 mask: torch.Tensor | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
         super().__init__()
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise QATError(f"QAT wraps nn.Linear and nn.Conv2d, not {type(layer).__name__}")
+        if lowrank is not None and not isinstance(layer, nn.Linear):
+            raise QATError("a low-rank correction applies to linear layers only")
         self.layer = layer
         self.scheme = scheme
         self.wq = _WeightQuant(layer.weight.detach().reshape(layer.weight.shape[0], -1), scheme, init, start)
         self.aq = _ActQuant(scheme) if scheme.act_bits else None
         # a pruned layer's kept positions, bool (N, K): fixed; the removed weights stay exactly 0
         self.register_buffer("mask", mask)
+        # a low-rank correction A (N, r) @ B (r, K) beside the quantized weight: trained in float32,
+        # stored as float16 again by convert()
+        self.lowrank_a = self.lowrank_b = None
+        if lowrank is not None:
+            self.lowrank_a = nn.Parameter(lowrank[0].detach().float().clone())
+            self.lowrank_b = nn.Parameter(lowrank[1].detach().float().clone())
 
     def fake_weight(self) -> torch.Tensor:
         w = self.layer.weight
@@ -183,12 +191,16 @@ class QATLayer(nn.Module):
             x = self.aq(x)
         w = self.fake_weight()
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
+            y = F.linear(x, w, self.layer.bias)
+            if self.lowrank_a is not None:
+                y = y + F.linear(F.linear(x, self.lowrank_b), self.lowrank_a)
+            return y
         return self.layer._conv_forward(x, w, self.layer.bias)
 
     def extra_repr(self) -> str:
         kept = "" if self.mask is None else f", sparsity={1 - float(self.mask.float().mean()):.3g}"
-        return f"scheme={self.scheme}{kept}"
+        rank = "" if self.lowrank_a is None else f", rank={self.lowrank_a.shape[1]}"
+        return f"scheme={self.scheme}{kept}{rank}"
 
 
 def _from_ptq(model: nn.Module) -> nn.Module:
@@ -202,14 +214,14 @@ def _from_ptq(model: nn.Module) -> nn.Module:
     if not layers:
         raise QATError("prepare_qat(model) without a scheme trains a quantized model's layers; this one has none "
                        "(give a scheme or recipe to start from float)")  # fmt: skip
-    bad = [f"{n} ({m.scheme}{', rank ' + str(m.rank) if m.rank else ''}, {m.op})" for n, m in layers
-           if m.op not in ("linear", "conv2d") or m.scheme.fmt.kind != "affine" or m.scheme.act_static or m.rank]
+    bad = [f"{n} ({m.scheme}, {m.op})" for n, m in layers
+           if m.op not in ("linear", "conv2d") or m.scheme.fmt.kind != "affine" or m.scheme.act_static]
     if bad:
-        raise QATError("QAT restarts integer weight-only or dynamic-activation linear and conv2d layers without "
-                       f"low-rank corrections; not {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")  # fmt: skip
+        raise QATError("QAT restarts integer weight-only or dynamic-activation linear and conv2d layers; "
+                       f"not {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")  # fmt: skip
     new = []
     for name, m in layers:
-        w = m.qw.dequantize(torch.float32)
+        w = m.qw.dequantize(torch.float32)  # the codes alone: a correction stays beside them
         if m.op == "linear":
             f = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         else:
@@ -220,7 +232,8 @@ def _from_ptq(model: nn.Module) -> nn.Module:
             if m.bias is not None:
                 f.bias.copy_(m.bias.detach())
         mask = None if m.mask is None else unpack_mask(m.mask, m.qw.cols)
-        new.append((name, QATLayer(f, m.scheme, start=m.qw.qparams(), mask=mask)))  # (the steps are copies)
+        lowrank = None if m.lowrank_a is None else (m.lowrank_a, m.lowrank_b)
+        new.append((name, QATLayer(f, m.scheme, start=m.qw.qparams(), mask=mask, lowrank=lowrank)))  # (copies)
     records = dict(getattr(model, "lowbit_layers", {}) or {})
     for name, q in new:
         old = model.get_submodule(name)
@@ -376,6 +389,11 @@ def convert(model: nn.Module, kernel: str = "auto") -> nn.Module:
         qw = QWeight.from_float(w, q.scheme, QParams(s, z), name=f"{name}.weight")
         if q.mask is not None:
             qw = SparseWeight.from_qweight(qw, q.mask)
+        if q.lowrank_a is not None:
+            a, b = (t.detach().to(torch.float16) for t in (q.lowrank_a, q.lowrank_b))
+            check_finite(a, f"{name}.lowrank_a")
+            check_finite(b, f"{name}.lowrank_b")
+            qw = driver.Corrected(qw, a, b)
         act = None
         if q.aq is not None and q.aq.static:
             act = (float(q.aq.step.detach().abs()), int(q.aq.zero))

@@ -8,6 +8,16 @@ N:M ("2:4") keeps ``n`` of every ``m`` consecutive weights along the input dimen
 the pattern sparse tensor cores run (Mishra et al., "Accelerating Sparse Deep Neural Networks",
 2021).
 
+Structured pruning removes whole channels: output rows of the layers that produce a channel and
+the input columns of the layer that reads it (:func:`channel_scores`); the tensors shrink, no
+mask is needed. A channel's score is the output energy its removal takes from the reading layer,
+``sum over its columns j of ||W[:, j]||^2 * E[x_j^2]`` (the Wanda score of the whole column group,
+squared and summed, assuming independent inputs; Sun et al. 2024, and the structured variants
+of An et al., "Fluctuation-based Adaptive Structured Pruning for LLMs" (FLAP), AAAI 2024, which
+also weigh columns by input statistics). Without calibration ``E[x_j^2]`` is replaced by the
+squared norm of the producing rows, ``||W_prod[c, :]||^2``: a channel's input and output weights
+both small.
+
 Scores (higher = kept):
 
 * **magnitude** ``|W_ij|`` (Han et al., "Learning both Weights and Connections", 2015).
@@ -41,7 +51,7 @@ from ..scheme import Scheme
 from .gptq import CLIP_CHOICES, HessianError, _inverse_cholesky, group_buffers, group_qparams, open_group
 
 __all__ = ["PruningError", "check_sparsity", "check_nm", "magnitude_scores", "wanda_scores", "unstructured_mask",
-           "nm_mask", "SparseGPTResult", "sparsegpt"]  # fmt: skip
+           "nm_mask", "SparseGPTResult", "sparsegpt", "channel_scores", "channels_kept"]  # fmt: skip
 
 
 class PruningError(ValueError):
@@ -203,3 +213,30 @@ def sparsegpt(
     W = W * mask
     qw = None if scheme is None else QWeight.from_codes(w.shape, scheme, codes, QParams(scale, zero))
     return SparseGPTResult(W, mask, qw)
+
+
+def channel_scores(w_reader: torch.Tensor, block: int, x_sq: torch.Tensor | None = None,
+                   w_producers: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """Importance of each of the ``C`` channels a reading layer ``w_reader (N, C * block)`` takes
+    as ``block`` consecutive input columns each (``block > 1`` after a flatten of ``(C, H, W)``).
+    ``x_sq (C * block,)``: the mean square of each input column over the calibration data; else
+    the producers' rows ``(C, ...)`` stand in (module docstring). Returns ``(C,)`` float32."""
+    w = w_reader.detach().float().reshape(w_reader.shape[0], -1)
+    if w.shape[1] % block:
+        raise PruningError(f"{w.shape[1]} input columns are not whole channels of {block}")
+    col = w.pow(2).sum(0)  # (C * block,)
+    if x_sq is not None:
+        col = col * x_sq.float()
+        return col.reshape(-1, block).sum(1)
+    score = col.reshape(-1, block).sum(1)
+    if w_producers:
+        prod = sum(p.detach().float().reshape(p.shape[0], -1).pow(2).sum(1) for p in w_producers)
+        score = score * prod
+    return score
+
+
+def channels_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The indices (ascending, int64) of the ``keep`` highest-scoring channels."""
+    if not 0 < keep <= scores.numel():
+        raise PruningError(f"cannot keep {keep} of {scores.numel()} channels")
+    return torch.topk(scores, keep).indices.sort().values

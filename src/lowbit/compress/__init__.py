@@ -1,0 +1,279 @@
+"""Compression to a size budget: quantization, pruning and low-rank corrections chosen per layer,
+then distillation from the FP32 teacher (issue 16).
+
+:func:`compress` runs the pipeline on a copy of the model:
+
+1. **Measure.** Every candidate *choice* (:func:`lowbit.recipe.parse_choice`: a scheme, optionally
+   pruned, ``"w4g64+50%"``, ``"w4g64+2:4"``, and/or corrected, ``"w3g64+r16"``) is tried on every
+   searched layer alone (:func:`lowbit.mixed.sensitivity`): its cost is the KL divergence of the
+   model's output distribution from FP32's, its size the layer's stored bytes, mask and correction
+   included. Pruned candidates are quantized by a pruning method (SparseGPT when calibration data
+   is given, magnitude otherwise), so the same method serves the dense candidates with nothing
+   removed.
+2. **Allocate.** The size budget is ``reference_bytes / target_ratio`` for the whole model: what
+   the layers outside the search store (embeddings, norms, biases, and the layers ``fixed``
+   quantizes) is subtracted, and the rest is shared among the searched layers by the
+   multiple-choice knapsack of :func:`lowbit.mixed.allocate` (least summed KL within the bytes).
+   With ``max_loss`` instead, the smallest model whose predicted KL stays within it; with both,
+   the ratio's allocation is checked against the loss.
+3. **Quantize** the model with the allocation's recipe (plus ``fixed``).
+4. **Distil** (``distill_steps > 0``): :func:`lowbit.prepare_qat` restarts every quantized layer
+   from its post-training result (masks fixed, corrections trained) and :func:`lowbit.qat.fit`
+   matches the FP32 teacher's output distribution (Hinton et al. 2015) on ``distill_data`` -- no
+   labels needed -- before :func:`lowbit.convert` packs it again.
+
+Sizes are stored tensor bytes as :func:`lowbit.size_of` counts them (a saved file adds only its
+header); ``reference_bytes`` counts the model's floating-point tensors at 4 bytes each (FP32).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..mixed import Allocation, MixedPrecisionError, Sensitivity, allocate, output_kl, searchable_layers, sensitivity
+from ..recipe import Recipe, parse_choice
+
+__all__ = ["compress", "Compressed", "CompressError", "DEFAULT_CANDIDATES", "reference_bytes"]
+
+#: Choices measured per layer when none are given: dense 8/4/3/2-bit and pruned 4/3-bit.
+DEFAULT_CANDIDATES = ("w8", "w4g64", "w3g64", "w2g64", "w4g64+50%", "w3g64+50%", "w4g64+75%", "w3g64+75%")
+
+
+class CompressError(ValueError):
+    """A compression request that cannot be served (an unreachable ratio or loss, bad options)."""
+
+
+@dataclass
+class Compressed:
+    """What :func:`compress` made: the model and how it was chosen.
+
+    ``reference_bytes``: the input model's tensors with floats at 4 bytes (FP32); ``nbytes``: the
+    compressed model's stored tensor bytes (:func:`lowbit.size_of`); ``kl``: mean KL (nats per
+    position) of the compressed model's output distribution from the input model's on the
+    measurement batches, ``kl_before_distill`` the same before distillation; ``seconds``: wall
+    time of each stage."""
+
+    model: nn.Module
+    recipe: Recipe
+    allocation: Allocation
+    sensitivity: Sensitivity
+    reference_bytes: int
+    nbytes: int
+    fixed_bytes: int
+    kl: float
+    kl_before_distill: float
+    distill_losses: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    method: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """``reference_bytes / nbytes``: how many times smaller than FP32."""
+        return self.reference_bytes / self.nbytes
+
+    def frontier(self, ratios: Sequence[float]) -> list[tuple[float, float]]:
+        """``(ratio, predicted KL)`` of the best allocation at each ratio that is reachable."""
+        out = []
+        for r in ratios:
+            budget = int(self.reference_bytes / r) - self.fixed_bytes
+            try:
+                a = allocate(self.sensitivity, max_bytes=budget)
+            except MixedPrecisionError:
+                continue
+            out.append((self.reference_bytes / (a.nbytes + self.fixed_bytes), a.loss))
+        return out
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{c} x{k}" for c, k in sorted(self.allocation.counts().items()))
+        distil = (f"; KL {self.kl_before_distill:.4g} -> {self.kl:.4g} nats after {len(self.distill_losses)} "
+                  "distillation steps" if self.distill_losses else f"; KL {self.kl:.4g} nats")  # fmt: skip
+        return (f"{self.ratio:.2f}x smaller than FP32 ({self.nbytes:,} of {self.reference_bytes:,} bytes; "
+                f"{self.method}: {counts}){distil}")  # fmt: skip
+
+
+def reference_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and persistent buffers with every floating-point tensor
+    counted at 4 bytes (FP32), each shared tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for mod in model.modules():
+        tensors = list(mod.parameters(recurse=False))
+        tensors += [b for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set]
+        for t in tensors:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            total += t.numel() * (4 if t.is_floating_point() else t.element_size())
+    return total
+
+
+def _fixed_recipe(fixed) -> Recipe | None:
+    if fixed is None or isinstance(fixed, Recipe):
+        return fixed
+    r = Recipe(default=None)
+    for pattern, choice in dict(fixed).items():
+        r.add(pattern, choice)
+    return r
+
+
+def compress(
+    model: nn.Module,
+    *,
+    target_ratio: float | None = None,
+    max_loss: float | str | None = None,
+    batches: Iterable,
+    calibration: Iterable | None = None,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    method: str | None = None,
+    fixed: Recipe | dict | None = None,
+    base: str | None = None,
+    channels: float | None = None,
+    distill_steps: int = 0,
+    distill_data: Sequence | None = None,
+    lr: float = 1e-4,
+    step_lr: float = 1e-3,
+    progress: bool = False,
+) -> Compressed:
+    """Compress ``model`` to ``target_ratio`` times smaller than FP32 (and/or within ``max_loss``).
+
+    Args:
+        model: a float model returning logits (a tensor or an output with ``.logits``); not changed.
+        target_ratio: FP32 bytes divided by compressed bytes, whole model (e.g. ``12``).
+        max_loss: a bound on the predicted KL (nats summed over layers, or a percentage string:
+            ``"2%"`` = a 2% perplexity rise, :func:`lowbit.mixed.parse_max_loss`).
+        batches: model inputs the costs (and the result's ``kl``) are measured on.
+        calibration: model inputs for calibrated methods; also the default distillation data.
+        candidates: choices to measure per layer (``"skip"`` keeps a layer float).
+        method: ``"sparsegpt"`` (default with calibration), ``"magnitude"`` (default without),
+            ``"wanda"``, or a non-pruning method (rtn, hqq, gptq) when no candidate prunes.
+        fixed: choices for layers outside the search, e.g. ``{"model.embed_tokens": "w4g64",
+            "lm_head": "w4g64"}`` (embeddings and LM heads are otherwise kept float); quantized
+            round-to-nearest or by ``method``, their bytes counted in the budget.
+        base: measure costs around this candidate (every layer quantized with it) instead of
+            FP32 (:func:`lowbit.mixed.sensitivity`).
+        channels: first remove this share of the channels of every channel group (structured
+            pruning, :func:`lowbit.compress.structured.prune_channels`: feed-forward neurons of a
+            transformer, chained Linear/Conv2d channels of other models); the tensors and the
+            config shrink, and the costs are then measured on the smaller model.
+        distill_steps: steps of distillation from the FP32 model after quantization (0: none).
+        distill_data: batches to distil on (default ``calibration``, else ``batches``).
+        lr, step_lr: distillation learning rates of the weights (and corrections) and the steps.
+
+    Returns a :class:`Compressed`. Raises :class:`CompressError` when no allocation of the
+    candidates meets the budget (naming the largest reachable ratio, or the least loss), and for
+    bad arguments; the model is never changed.
+    """
+    from .. import driver, qat
+    from ..algorithms import get_algorithm
+    from ..evaluate.size import size_of
+
+    if target_ratio is None and max_loss is None:
+        raise CompressError("give a budget: target_ratio (e.g. 12) and/or max_loss (e.g. '2%')")
+    if target_ratio is not None and not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio)
+                                         and target_ratio > 1):  # fmt: skip
+        raise CompressError(f"target_ratio must be a number above 1 (FP32 bytes / compressed bytes), got {target_ratio!r}")
+    if not isinstance(distill_steps, int) or distill_steps < 0:
+        raise CompressError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
+    try:
+        parsed = [parse_choice(c) for c in candidates]
+    except ValueError as e:
+        raise CompressError(f"bad candidate: {e}") from None
+    prunes = any("sparsity" in o or "nm" in o for _s, o in parsed)
+    calibration = None if calibration is None else list(calibration)
+    batches = list(batches)
+    if method is None:
+        method = ("sparsegpt" if calibration is not None else "magnitude") if prunes else (
+            "gptq" if calibration is not None else "rtn")
+    algo = get_algorithm(method)
+    if prunes and not algo.prunes:
+        raise CompressError(f"candidates prune weights, but method {method!r} does not prune: use sparsegpt, wanda "
+                            "or magnitude")  # fmt: skip
+    if algo.uses_calibration and calibration is None:
+        raise CompressError(f"method {method!r} needs calibration data")
+    options = {"sparsity": 0.0} if algo.prunes else {}  # a dense candidate under a pruning method
+    fixed_r = _fixed_recipe(fixed)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # 0. structured pruning (on a copy; the original stays the reference and the teacher)
+    teacher, ref_bytes = model, reference_bytes(model)
+    if channels is not None:
+        from .structured import prune_channels
+
+        model = copy.deepcopy(model).eval()
+        prune_channels(model, channels, calibration=calibration)
+        seconds["channels"] = time.perf_counter() - t0
+
+    # 1. measure (on the float model; the layers ``fixed`` names are left out of the search)
+    layers = searchable_layers(model)
+    if fixed_r is not None:
+        layers = [n for n in layers if not any(r.matches(n) for r in fixed_r.rules)]
+    if not layers:
+        raise CompressError("no layers left to search: fixed= names every Linear/Conv2d layer")
+    sens = sensitivity(model, list(candidates), batches, calibration=calibration, method=method, base=base,
+                       layers=layers, progress=progress, **options)  # fmt: skip
+    seconds["measure"] = time.perf_counter() - t0 - seconds.get("channels", 0.0)
+    # what the rest stores: the model with only the fixed layers quantized, less the searched weights
+    rest = copy.deepcopy(model).eval()
+    if fixed_r is not None:
+        driver.quantize(rest, fixed_r, **({"method": "magnitude", "sparsity": 0.0} if fixed_r.has_options else {}))
+    weights = [rest.get_submodule(n).weight for n in layers]
+    fixed_bytes = size_of(rest).total_bytes - sum(w.numel() * w.element_size() for w in weights)
+    del rest
+    # 2. allocate
+    smallest = sum(min(v.values()) for v in sens.nbytes.values())
+    alloc_ratio = alloc_loss = None
+    if target_ratio is not None:
+        budget = int(ref_bytes / target_ratio) - fixed_bytes
+        if budget < smallest:
+            best = ref_bytes / (fixed_bytes + smallest)
+            raise CompressError(
+                f"no choice of {', '.join(sens.candidates)} reaches {target_ratio:g}x: the largest reachable is "
+                f"{best:.2f}x ({fixed_bytes:,} bytes outside the search"
+                + (": quantize the embeddings and LM head with fixed=" if fixed_r is None
+                   and driver._head_and_embedding_names(model) else "") + ")"  # fmt: skip
+            )
+        alloc_ratio = allocate(sens, max_bytes=budget)
+    if max_loss is not None:
+        try:
+            alloc_loss = allocate(sens, max_loss=max_loss)
+        except MixedPrecisionError as e:
+            raise CompressError(str(e)) from None
+    if alloc_ratio is not None and alloc_loss is not None and alloc_ratio.loss > alloc_loss.loss + 1e-12 and (
+            alloc_ratio.nbytes < alloc_loss.nbytes):  # fmt: skip
+        within = ref_bytes / (fixed_bytes + alloc_loss.nbytes)
+        raise CompressError(
+            f"{target_ratio:g}x costs a predicted KL of {alloc_ratio.loss:.4g} nats, above the max loss "
+            f"({alloc_loss.loss:.4g} reachable); the largest ratio within it is {within:.2f}x"
+        )
+    alloc = alloc_ratio if alloc_ratio is not None else alloc_loss
+    recipe = alloc.recipe()
+    if fixed_r is not None:
+        recipe.rules = [*fixed_r.rules, *recipe.rules]
+    seconds["allocate"] = time.perf_counter() - t0 - seconds["measure"] - seconds.get("channels", 0.0)
+
+    # 3. quantize
+    t1 = time.perf_counter()
+    out = driver.quantize(copy.deepcopy(model).eval(), recipe, method=method, calibration=calibration,
+                          progress=progress, **options)  # fmt: skip
+    seconds["quantize"] = time.perf_counter() - t1
+    kl_ptq = output_kl(teacher, out, batches)
+    losses: list[float] = []
+
+    # 4. distil
+    if distill_steps:
+        t2 = time.perf_counter()
+        data = list(distill_data) if distill_data is not None else (calibration or batches)
+        qat.prepare_qat(out)  # every quantized layer restarts from its post-training result
+        losses = qat.fit(out, data, steps=distill_steps, teacher=teacher, lr=lr, step_lr=step_lr)
+        qat.convert(out)
+        seconds["distill"] = time.perf_counter() - t2
+    kl = output_kl(teacher, out, batches) if losses else kl_ptq
+    nbytes = size_of(out).total_bytes
+    return Compressed(out, recipe, alloc, sens, ref_bytes, nbytes, fixed_bytes, kl, kl_ptq, losses, seconds, method)

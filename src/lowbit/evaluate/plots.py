@@ -90,3 +90,33 @@ def tradeoff_plot(rows: list[dict], path: str | os.PathLike, x: str, y: str, xla
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def compress_plot(result, path: str | os.PathLike, ratios: list[float] | None = None, title: str = "") -> Path:
+    """Size vs accuracy of a :class:`lowbit.compress.Compressed`: the predicted KL of the best
+    allocation at each ratio (the candidates' frontier, from the measured per-layer costs) and
+    the KL measured on the result, before and after distillation."""
+    plt = _pyplot()
+    top = max(result.ratio * 1.6, 4.0)
+    ratios = ratios or [1.5 + i * (top - 1.5) / 39 for i in range(40)]
+    front = result.frontier(ratios)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    floor = 1e-5
+    if front:
+        ax.plot([r for r, _ in front], [max(k, floor) for _, k in front], marker=".", lw=1,
+                label="best allocation (predicted: per-layer KL summed)")
+    ax.scatter([result.ratio], [max(result.kl_before_distill, floor)], marker="s", color="C1", zorder=3,
+               label="compressed (measured)")
+    if result.distill_losses:
+        ax.scatter([result.ratio], [max(result.kl, floor)], marker="*", s=120, color="C2", zorder=3,
+                   label=f"after {len(result.distill_losses)} distillation steps (measured)")
+    ax.set_yscale("log")
+    ax.set_xlabel("times smaller than FP32 (stored bytes)")
+    ax.set_ylabel("KL to FP32 (nats per position)")
+    ax.set_title(title or "size vs accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -14,7 +14,9 @@ writer is :mod:`lowbit.io.writer`).
   ``"sparse": "bitmask"`` stores ``<path>.mask`` and only its kept codes
   (:mod:`lowbit.sparse`), and with low-rank corrections: a linear module entry with ``"rank": r``
   stores ``<path>.lowrank_a`` ``(N, r)`` and ``<path>.lowrank_b`` ``(r, K)`` float16 (the layer
-  computes with ``deq(Q) + A @ B``); lowbit writes 3 only when a file has one of these, so other
+  computes with ``deq(Q) + A @ B``), and with structured pruning: ``"resized"`` lists the shape
+  of the layer in the model's original skeleton, which the smaller stored layer replaces (a model
+  without a config still loads into its class as built); lowbit writes 3 only when a file has one of these, so other
   files stay readable by version-2 readers. Version 1 (still read) had one file, ``model.safetensors``, described by
   a ``tensors`` section, whose metadata held the digest of the whole manifest; a version-2 shard's
   metadata holds the digest of the entries of the modules it stores. Either way a manifest edited
@@ -366,7 +368,11 @@ def _build_module(name: str, entry: dict, tensors: dict[str, torch.Tensor], floa
         want_shape = tuple(want.shape[::-1]) if type(float_mod).__name__ == "Conv1D" else tuple(want.shape)
     else:
         want_shape = None
-    if want_shape != shape:
+    resized = entry.get("resized")  # structured pruning made it smaller than the skeleton's (lowbit.compress)
+    if resized is not None and not (isinstance(resized, list) and len(resized) == len(shape) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= s for v, s in zip(resized, shape))):  # fmt: skip
+        raise LowbitFormatError(f"module {name!r}: 'resized' must list the original shape, no smaller than {list(shape)}")
+    if want_shape != shape and (resized is None or tuple(resized) != want_shape):
         raise LowbitFormatError(
             f"module {name!r}: the file's weight is {shape}, the model's is {want_shape}; wrong skeleton?"
         )

@@ -28,7 +28,7 @@ __all__ = ["ModelWriter", "save", "module_entry", "auto_class_name", "FORMAT_VER
            "MANIFEST"]
 
 FORMAT_VERSION = 2
-SPARSE_FORMAT_VERSION = 3  # a file with a pruned weight or a low-rank correction: older readers refuse it
+SPARSE_FORMAT_VERSION = 3  # a file with a pruned, corrected or resized weight: older readers refuse it
 MANIFEST = "lowbit.json"
 
 
@@ -200,7 +200,7 @@ class ModelWriter:
             auto = auto_class_name(model)
             manifest = {
                 "format": "lowbit",
-                "format_version": SPARSE_FORMAT_VERSION if any("sparse" in e or "rank" in e for e in self.modules.values())
+                "format_version": SPARSE_FORMAT_VERSION if any(k in e for e in self.modules.values() for k in ("sparse", "rank", "resized"))
                 else FORMAT_VERSION,
                 "lowbit_version": __version__,
                 "modules": self.modules,
@@ -256,9 +256,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, source: s
                 continue
             by_ptr[key] = name
             tensors[name] = t
+        resized = getattr(model, "lowbit_resized", {}) or {}
         for n, m in model.named_modules():
             if isinstance(m, QuantModule):
                 w.add_module(n, m)
+                if n in resized and tuple(resized[n]) != tuple(m.weight_shape):
+                    w.modules[n]["resized"] = list(resized[n])  # its skeleton's shape (structured pruning)
         for name, t in tensors.items():
             w.add_tensor(name, t)
         records = {n: r.to_dict() for n, r in (getattr(model, "lowbit_layers", {}) or {}).items()}

@@ -1,0 +1,294 @@
+"""Structured pruning: remove whole channels so that the tensors (and the model's config) shrink.
+
+A *channel group* is a set of layers whose output channels (rows) are the input channels of one
+reading layer: a transformer's feed-forward block (Llama-style ``gate_proj``/``up_proj`` ->
+``down_proj``, BERT-style ``intermediate.dense`` -> ``output.dense``; the width is the config's
+``intermediate_size``), or, in a model without a transformers config, a chain found by tracing
+(``torch.fx``) from a Linear/Conv2d through element-wise activations, pooling, dropout and
+BatchNorm (sliced with it), optionally a ``flatten(1)``, to the one Linear/Conv2d that reads it.
+Residual connections and layers used twice end a chain (those channels are shared, not owned).
+
+:func:`prune_channels` scores every channel (:func:`lowbit.algorithms.pruning.channel_scores`:
+the output energy its removal takes from the reading layer, weighted by the calibration inputs'
+mean squares when given), keeps the best ``1 - fraction`` of each group (a multiple of
+``multiple``; the same count in every group a config records, since one ``intermediate_size``
+describes them all) and replaces the layers with smaller ones. The original weight shapes are
+recorded in ``model.lowbit_resized``; the saved file marks those modules ``"resized"`` so that a
+model without a config still loads into its original skeleton.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..algorithms.pruning import PruningError, channel_scores, channels_kept
+
+__all__ = ["ChannelGroup", "channel_groups", "prune_channels"]
+
+
+@dataclass
+class ChannelGroup:
+    """``producers`` (module names) make ``channels`` channels that ``reader`` takes as ``block``
+    consecutive input columns each; ``between``: channel-wise modules (BatchNorm) sliced too;
+    ``config_key``: the config attribute that records the width, if any."""
+
+    producers: tuple[str, ...]
+    reader: str
+    channels: int
+    block: int = 1
+    between: tuple[str, ...] = ()
+    config_key: str | None = None
+    kept: list[int] = field(default_factory=list)
+
+
+_PASS_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.tanh, torch.sigmoid, F.leaky_relu, F.dropout,
+                   torch.max_pool2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.hardswish}  # fmt: skip
+_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish, nn.Dropout,
+                 nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # fmt: skip
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _in_channels(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def _prunable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def _transformer_groups(model: nn.Module) -> list[ChannelGroup]:
+    out = []
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        kids = dict(mod.named_children())
+        if all(isinstance(kids.get(k), nn.Linear) for k in ("gate_proj", "up_proj", "down_proj")):
+            out.append(ChannelGroup((f"{prefix}gate_proj", f"{prefix}up_proj"), f"{prefix}down_proj",
+                                    kids["down_proj"].in_features, config_key="intermediate_size"))  # fmt: skip
+        inter, outp = kids.get("intermediate"), kids.get("output")
+        if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(outp, "dense", None), nn.Linear):
+            if inter.dense.out_features == outp.dense.in_features:
+                out.append(ChannelGroup((f"{prefix}intermediate.dense",), f"{prefix}output.dense",
+                                        outp.dense.in_features, config_key="intermediate_size"))  # fmt: skip
+    return out
+
+
+def _traced_groups(model: nn.Module) -> list[ChannelGroup]:
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: no chains found this way
+        raise PruningError(f"structured pruning traces the model to find its channel chains, and "
+                           f"{type(model).__name__} does not trace ({type(e).__name__}: {e})") from None  # fmt: skip
+    mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not _prunable(mods[node.target]) or calls[node.target] != 1:
+            continue
+        producer = mods[node.target]
+        cur, flat, between = node, False, []
+        while True:
+            users = list(cur.users)
+            if len(users) != 1:
+                break
+            u = users[0]
+            if u.args[:1] != (cur,):  # the channel tensor must be the first argument
+                break
+            if u.op == "call_module":
+                m = mods[u.target]
+                if calls[u.target] != 1:
+                    break
+                if _prunable(m):
+                    c = _out_channels(producer)
+                    if isinstance(m, nn.Conv2d) and not flat and m.in_channels == c:
+                        out.append(ChannelGroup((node.target,), u.target, c, 1, tuple(between)))
+                    elif isinstance(m, nn.Linear) and (flat or isinstance(producer, nn.Linear)) and m.in_features % c == 0:
+                        out.append(ChannelGroup((node.target,), u.target, c, m.in_features // c, tuple(between)))
+                    break
+                if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not flat:
+                    between.append(u.target)
+                elif not isinstance(m, _PASS_MODULES):
+                    break
+            elif u.op == "call_function" and u.target in _PASS_FUNCTIONS:
+                pass
+            elif u.op == "call_method" and u.target in _PASS_METHODS:
+                pass
+            elif (u.op == "call_function" and u.target is torch.flatten) or (u.op == "call_method" and u.target == "flatten"):
+                start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0 if u.op == "call_function" else 0)
+                if start != 1 or flat or isinstance(producer, nn.Linear):
+                    break
+                flat = True
+            elif u.op == "call_function" and u.target is operator.getitem:
+                break
+            else:
+                break
+            cur = u
+    return out
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """The channel groups of ``model`` (module docstring): its transformer feed-forward blocks when
+    it has a config, else the chains a trace finds. Raises :class:`PruningError` when none."""
+    config = getattr(model, "config", None)
+    groups = _transformer_groups(model) if config is not None else _traced_groups(model)
+    if not groups:
+        raise PruningError(f"no channel groups lowbit can prune in this {type(model).__name__}: structured pruning "
+                           "handles transformer feed-forward blocks (Llama, BERT) and, in models without a config, "
+                           "Linear/Conv2d chains through activations, pooling and flatten")  # fmt: skip
+    if config is not None:
+        width = getattr(config, "intermediate_size", None)
+        odd = [g.reader for g in groups if g.config_key and g.channels != width]
+        if odd:
+            raise PruningError(f"{odd[0]} reads {groups[0].channels} channels but config.intermediate_size is {width}: "
+                               "the config cannot express this model's widths")  # fmt: skip
+    return groups
+
+
+def _input_squares(model: nn.Module, readers: dict[str, nn.Module], calibration: list) -> dict[str, torch.Tensor]:
+    """Mean square of each reader's input columns (Linear: the last dimension; Conv2d: per
+    channel over batch and positions) over ``calibration``."""
+    from ..calibrate import _call
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(readers, 0)
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().float()
+            if isinstance(mod, nn.Conv2d):
+                s, n = x.pow(2).sum((0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
+            else:
+                x2 = x.reshape(-1, x.shape[-1])
+                s, n = x2.pow(2).sum(0), x2.shape[0]
+            sums[name] = sums.get(name, 0) + s
+            counts[name] += n
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in readers.items()]
+    try:
+        with torch.no_grad():
+            for b in calibration:
+                _call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in readers if not counts[n]]
+    if missing:
+        raise PruningError(f"the calibration data never reached {missing[0]}")
+    return {n: sums[n] / counts[n] for n in readers}
+
+
+def _rows(m: nn.Module, idx: torch.Tensor) -> nn.Module:
+    w = m.weight.detach()[idx].clone()
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(m.in_features, len(idx), bias=m.bias is not None, device=w.device, dtype=w.dtype)
+    else:
+        new = nn.Conv2d(m.in_channels, len(idx), m.kernel_size, m.stride, m.padding, m.dilation, 1,
+                        m.bias is not None, m.padding_mode, device=w.device, dtype=w.dtype)  # fmt: skip
+    new.weight.data.copy_(w)
+    if m.bias is not None:
+        new.bias.data.copy_(m.bias.detach()[idx])
+    return new.train(m.training)
+
+
+def _cols(m: nn.Module, idx: torch.Tensor, block: int) -> nn.Module:
+    cols = (idx[:, None] * block + torch.arange(block)).reshape(-1)
+    w = m.weight.detach()[:, cols].clone()
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(len(cols), m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+    else:
+        new = nn.Conv2d(len(idx), m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1,
+                        m.bias is not None, m.padding_mode, device=w.device, dtype=w.dtype)  # fmt: skip
+    new.weight.data.copy_(w)
+    if m.bias is not None:
+        new.bias.data.copy_(m.bias.detach())
+    return new.train(m.training)
+
+
+def _bn(m: nn.Module, idx: torch.Tensor) -> nn.Module:
+    new = type(m)(len(idx), m.eps, m.momentum, m.affine, m.track_running_stats)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(m, attr, None)
+            if t is not None:
+                getattr(new, attr).copy_(t.detach()[idx])
+        if m.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+    return new.train(m.training)
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multiple: int = 8) -> list[ChannelGroup]:
+    """Remove ``fraction`` of the channels of every channel group of ``model`` in place.
+
+    Args:
+        model: a float model (not yet quantized).
+        fraction: the share of each group's channels removed, in (0, 1); the kept count is
+            rounded down to a multiple of ``multiple`` (at least ``multiple``, or all if fewer).
+        calibration: model inputs; when given, channels are scored by the calibration inputs of
+            their reading layer, else by the weights alone (:func:`channel_scores`).
+
+    Returns the groups with ``kept`` (the channel indices kept). Raises :class:`PruningError` for a
+    fraction outside (0, 1), a quantized model, or a model with no channel groups; nothing
+    changes then. The model's config (``intermediate_size``) follows; ``model.lowbit_resized``
+    records each changed layer's original weight shape.
+    """
+    from .. import driver
+    from ..nn import quantized_summary
+
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1):
+        raise PruningError(f"the fraction of channels removed must be in (0, 1), got {fraction!r}")
+    done = quantized_summary(model)
+    if done:
+        raise PruningError(f"the model is already quantized ({done}): prune channels of the float model")
+    groups = channel_groups(model)
+    mods = dict(model.named_modules())
+    sq = None
+    if calibration is not None:
+        sq = _input_squares(model, {g.reader: mods[g.reader] for g in groups}, list(calibration))
+
+    def keep_of(c: int) -> int:
+        k = int(c * (1 - fraction)) // multiple * multiple
+        return min(c, max(k, multiple))
+
+    if any(g.config_key for g in groups) and len({keep_of(g.channels) for g in groups}) != 1:
+        raise PruningError("the config records one width for every block, and these blocks differ")  # pragma: no cover
+    resized = dict(getattr(model, "lowbit_resized", {}) or {})
+    plan = []  # (group, kept indices): scored on the original weights, before anything changes
+    for g in groups:
+        reader = mods[g.reader]
+        w_reader = reader.weight  # a convolution's (N, C, kh, kw) as (N * kh * kw, C): one column per channel
+        if isinstance(reader, nn.Conv2d):
+            w_reader = w_reader.permute(0, 2, 3, 1).reshape(-1, reader.in_channels)
+        x_sq = None if sq is None else sq[g.reader]
+        scores = channel_scores(w_reader, g.block, x_sq, [mods[p].weight for p in g.producers])
+        plan.append((g, channels_kept(scores, keep_of(g.channels))))
+    for name, m in mods.items():
+        if any(name in (*g.producers, g.reader) for g in groups):
+            resized.setdefault(name, tuple(m.weight.shape))
+    # a layer may read one group and produce the next: each change applies to the current module
+    for g, idx in plan:
+        g.kept = idx.tolist()
+        for p in g.producers:
+            driver._set_module(model, p, _rows(model.get_submodule(p), idx))
+        for b in g.between:
+            driver._set_module(model, b, _bn(model.get_submodule(b), idx))
+        driver._set_module(model, g.reader, _cols(model.get_submodule(g.reader), idx, g.block))
+    config = getattr(model, "config", None)
+    keys = {g.config_key for g in groups if g.config_key}
+    for key in keys:
+        setattr(config, key, keep_of(groups[0].channels))
+    model.lowbit_resized = resized
+    return groups

@@ -1,0 +1,254 @@
+"""Compression to a budget (issue 16): per-layer choices with pruning and corrections in recipes,
+structured pruning that shrinks tensors and configs, and lowbit.compress / `lowbit compress` end to
+end on the real digits CNN (accuracy on its held-out labelled test images)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.algorithms.pruning import PruningError
+from lowbit.compress import CompressError, compress, reference_bytes
+from lowbit.compress.structured import channel_groups, prune_channels
+from lowbit.driver import QuantizeError
+from lowbit.models.zoo import DigitsCNN
+from lowbit.nn import QuantModule
+from lowbit.recipe import Recipe, RecipeError, format_choice, parse_choice
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 192), nn.GELU(), nn.Linear(192, 64)).eval()
+
+
+def _acc(model, data) -> float:
+    with torch.no_grad():
+        return float((model(data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
+
+
+# ---- choices in recipes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text,scheme,opts", [
+    ("w4g64", "w4g64", {}), ("w4g64+50%", "w4g64", {"sparsity": 0.5}), ("w3g64+2:4", "w3g64", {"nm": "2:4"}),
+    ("w3g64+50%+r8", "w3g64", {"sparsity": 0.5, "rank": 8}), ("int8 + r16", "int8", {"rank": 16}),
+    ("skip", None, {}), ("w4g64+87.5%", "w4g64", {"sparsity": 0.875}),
+])  # fmt: skip
+def test_choices_parse_and_print_back(text, scheme, opts):
+    s, o = parse_choice(text)
+    assert (str(s) if s is not None else None) == scheme and o == opts
+    assert parse_choice(format_choice(s, o)) == (s, o)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("w4g64+150%", "fraction"), ("w4g64+0%", "fraction"), ("w4g64+4:2", "0 < N < M"), ("w4g64+r0", "positive"),
+    ("skip+50%", "float"), ("w4g64+50%+2:4", "not both"), ("w4g64+x", "unknown option"), ("w4g64+r4+r8", "twice"),
+])  # fmt: skip
+def test_bad_choices_are_refused(text, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe(default=None).add("x", text)
+
+
+def test_recipes_with_options_save_as_version_2_and_plain_ones_stay_version_1(tmp_path):
+    r = Recipe(default=None).add("fc1", "w3g64+75%+r4").add("fc2", "w4g64")
+    r.save(tmp_path / "r.json")
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["version"] == 2 and d["rules"][0] == {"pattern": "fc1", "scheme": "w3g64", "sparsity": 0.75, "rank": 4}
+    back = Recipe.load(tmp_path / "r.json")
+    assert [x.choice for x in back.rules] == ["w3g64+75%+r4", "w4g64"] and back.options("fc1") == {"sparsity": 0.75, "rank": 4}
+    assert Recipe(default=None).add("fc2", "w4g64").to_dict()["version"] == 1
+    d["version"] = 1  # a version-1 recipe has no options: refuse rather than drop them
+    with pytest.raises(RecipeError, match="version 1"):
+        Recipe.from_dict(d)
+    d["version"], d["rules"][0]["sparsity"] = 2, 1.5
+    with pytest.raises(RecipeError, match="fraction"):
+        Recipe.from_dict(d)
+
+
+def test_rules_prune_and_correct_layers_one_by_one():
+    q = lowbit.quantize(_mlp(), Recipe(default=None).add("0", "w4g64+50%").add("2", "w4g64+r4"), method="magnitude")
+    assert q[0].sparsity == 0.5 and q[0].rank == 0
+    assert q[2].mask is None and q[2].rank == 4  # no pattern in its rule: dense under a pruning method
+    assert q.lowbit_layers["0"].scheme == "w4g64"
+
+
+def test_rules_that_prune_need_a_pruning_method_and_corrections_need_linear_layers():
+    m = _mlp()
+    with pytest.raises(QuantizeError, match="does not prune"):
+        lowbit.quantize(m, Recipe(default="w4g64").add("0", "w4g64+50%"), method="rtn")
+    assert isinstance(m[0], nn.Linear) and isinstance(m[2], nn.Linear)
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU()).eval()
+    with pytest.raises(QuantizeError, match="linear layers"):
+        lowbit.quantize(conv, Recipe(default=None).add("0", "w4g64+r2"))
+    assert isinstance(conv[0], nn.Conv2d)
+    with pytest.raises(QuantizeError, match="not below the smaller side"):
+        lowbit.quantize(m, Recipe(default=None).add("2", "w4g64+r64"))
+
+
+def test_streaming_refuses_recipes_that_prune(tmp_path):
+    from lowbit.checkpoint import quantize_checkpoint
+
+    with pytest.raises(QuantizeError, match="streaming"):
+        quantize_checkpoint(tmp_path / "nowhere", Recipe(default="w4g64").add("x", "w4g64+50%"), tmp_path / "out")
+
+
+# ---- structured pruning ---------------------------------------------------------------------------
+def _zeroed_twin(model: nn.Module, groups) -> nn.Module:
+    """The original model with every removed channel's producing rows (and biases) set to 0: it
+    must compute what the pruned model computes (the activations here map 0 to 0)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for g in groups:
+            for p in g.producers:
+                mod = twin.get_submodule(p)
+                gone = [i for i in range(mod.weight.shape[0]) if i not in set(g.kept)]
+                mod.weight[gone] = 0
+                if mod.bias is not None:
+                    mod.bias[gone] = 0
+    return twin
+
+
+def test_structured_pruning_of_the_digits_cnn_shrinks_its_layers_and_computes_the_same(digits):
+    zoo, data = digits
+    m = copy.deepcopy(zoo.model)
+    assert [(g.producers, g.reader, g.block) for g in channel_groups(m)] == [
+        (("conv1",), "conv2", 1), (("conv2",), "fc1", 16), (("fc1",), "fc2", 1)]  # fmt: skip
+    groups = prune_channels(m, 0.5, calibration=[data["x_train"][:256]])
+    assert (m.conv1.out_channels, m.conv2.in_channels, m.conv2.out_channels) == (8, 8, 16)
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.in_features) == (256, 32, 32)
+    assert m.lowbit_resized["fc1"] == (64, 512) and sum(p.numel() for p in m.parameters()) < 0.3 * sum(
+        p.numel() for p in zoo.model.parameters())  # fmt: skip
+    with torch.no_grad():
+        x = data["x_test"][:64]
+        assert torch.allclose(m(x), _zeroed_twin(zoo.model, groups)(x), atol=1e-5)
+    # calibrated scores differ from weight-only ones (the inputs' scale matters)
+    data_free = prune_channels(copy.deepcopy(zoo.model), 0.5)
+    assert any(a.kept != b.kept for a, b in zip(groups, data_free))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_structured_pruning_of_transformer_ffns_updates_the_config_and_reloads(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        ffn = "model.layers.1.mlp.down_proj"
+    else:
+        cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=64, hidden_act="relu")  # fmt: skip
+        model = transformers.BertModel(cfg).eval()
+        ffn = "encoder.layer.1.output.dense"
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    m = copy.deepcopy(model)
+    groups = prune_channels(m, 0.5, calibration=[ids])
+    assert len(groups) == 2 and m.config.intermediate_size == 64 and m.get_submodule(ffn).in_features == 64
+    out = lambda mod: mod(ids).logits if family == "llama" else mod(ids).last_hidden_state  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(out(m), out(_zeroed_twin(model, groups)), atol=1e-4)
+    q = lowbit.quantize(m, "w4g32")
+    back = lowbit.load(lowbit.save(q, tmp_path / "m"))  # rebuilt from the saved config
+    with torch.no_grad():
+        assert torch.equal(out(back), out(q))
+    model.config.intermediate_size = 100  # a config that does not describe the model
+    with pytest.raises(PruningError, match="cannot express"):
+        prune_channels(model, 0.5)
+
+
+def test_structured_pruning_refuses_bad_input_and_leaves_the_model_unchanged(digits):
+    zoo, _data = digits
+    m = copy.deepcopy(zoo.model)
+    for bad in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(PruningError, match="fraction"):
+            prune_channels(m, bad)
+    assert m.fc1.out_features == 64
+    with pytest.raises(PruningError, match="already quantized"):
+        prune_channels(lowbit.quantize(copy.deepcopy(zoo.model), "w8"), 0.5)
+
+    class Residual(nn.Module):  # every channel is shared by the residual sum: nothing to own
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)) + x)
+
+    r = Residual()
+    with pytest.raises(PruningError, match="no channel groups"):
+        prune_channels(r, 0.5)
+    assert r.a.out_features == 16
+
+
+# ---- compress end to end --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_compressed(digits):
+    zoo, data = digits
+    x = data["x_train"]
+    before = {k: v.clone() for k, v in zoo.model.state_dict().items()}
+    r = compress(zoo.model, target_ratio=20, channels=0.5, batches=[x[i : i + 64] for i in range(512, 1024, 64)],
+                 calibration=[x[i : i + 64] for i in range(0, 512, 64)], distill_steps=600, lr=1e-3,
+                 distill_data=[x[i : i + 64] for i in range(0, 1280, 64)])  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in zoo.model.state_dict().items())  # the input is not changed
+    return r
+
+
+def test_compress_meets_the_ratio_and_keeps_the_digits_accuracy(digits, digits_compressed, tmp_path):
+    zoo, data = digits
+    r = digits_compressed
+    assert r.ratio >= 20 and r.nbytes == lowbit.size_of(r.model).total_bytes
+    assert r.reference_bytes == reference_bytes(zoo.model) == 4 * sum(p.numel() for p in zoo.model.parameters())
+    assert r.kl < r.kl_before_distill and len(r.distill_losses) == 600
+    assert _acc(r.model, data) >= _acc(zoo.model, data) - 0.01  # held-out labelled images
+    assert all(rec.method.endswith("+qat") for rec in r.model.lowbit_layers.values() if rec.status == "quantized")
+    out = lowbit.save(r.model, tmp_path / "c")
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["modules"]["fc1"]["resized"] == [64, 512]
+    back = lowbit.load(out, model=DigitsCNN())  # the original skeleton: resized layers replace its own
+    with torch.no_grad():
+        assert torch.equal(back(data["x_test"]), r.model(data["x_test"]))
+    pts = r.frontier([2, 5, 10, 20, 1000])
+    assert [round(p[0]) for p in pts][:1] >= [2] and all(b[1] >= a[1] - 1e-12 for a, b in zip(pts, pts[1:]))
+
+
+def test_compress_names_the_largest_reachable_ratio_and_refuses_bad_requests(digits):
+    zoo, data = digits
+    x = data["x_train"]
+    b = [x[:64]]
+    with pytest.raises(CompressError, match=r"largest reachable is \d+\.\d\dx"):
+        compress(zoo.model, target_ratio=500, batches=b, candidates=("w4g64", "w2g64"), method="rtn")
+    with pytest.raises(CompressError, match="above 1"):
+        compress(zoo.model, target_ratio=0.5, batches=b)
+    with pytest.raises(CompressError, match="does not prune"):
+        compress(zoo.model, target_ratio=8, batches=b, candidates=("w4g64+50%",), method="rtn")
+    with pytest.raises(CompressError, match="give a budget"):
+        compress(zoo.model, batches=b)
+    with pytest.raises(CompressError, match="bad candidate"):
+        compress(zoo.model, target_ratio=8, batches=b, candidates=("w4g64+zz",))
+    with pytest.raises(CompressError, match="largest ratio within"):
+        compress(zoo.model, target_ratio=12, max_loss=2e-5, batches=b, candidates=("w8", "w2g64"), method="rtn")
+    with pytest.raises(CompressError, match="least reachable"):
+        compress(zoo.model, max_loss=1e-7, batches=b, candidates=("w8", "w2g64"), method="rtn")
+    r = compress(zoo.model, max_loss=0.05, batches=b, candidates=("w8", "w4g64", "w2g64"), method="rtn")
+    assert r.allocation.loss <= 0.05 and r.ratio > 4 and isinstance(r.model.fc1, QuantModule)
+
+
+def test_cli_compress_writes_a_model_recipe_and_plot(tmp_path):
+    out = tmp_path / "c"
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "16",
+                        "--channels", "0.25", "--candidates", "w8,w4g64,w3g64+50%", "-o", str(out), "--recipe-out", str(tmp_path / "r.json"),
+                        "--plot", str(tmp_path / "p.png"), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "smaller than FP32" in p.stdout and (tmp_path / "p.png").stat().st_size > 1000
+    assert Recipe.load(tmp_path / "r.json").rules
+    back = lowbit.load(out, model=DigitsCNN())
+    assert isinstance(back.fc1, QuantModule) and back.fc1.in_features == 384  # 24 of 32 channels of 4 x 4
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "400",
+                        "--candidates", "w4g64", "-o", str(tmp_path / "x"), "-q"], capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert p.returncode == 2 and "largest reachable" in p.stderr and not (tmp_path / "x").exists()
