@@ -194,7 +194,10 @@ def sensitivity(
 
     Args:
         model: a float model that returns logits (a tensor, or an output with ``.logits``).
-        candidates: scheme strings, and optionally ``"skip"`` (float, cost 0).
+        candidates: choices (:func:`lowbit.recipe.parse_choice`): schemes, optionally pruned
+            (``"w4g64+50%"``, with a pruning ``method``) or corrected (``"w3g64+r8"``), and
+            ``"skip"`` (float, cost 0). A correction applies to linear layers wider than its
+            rank; elsewhere its cost is ``inf`` (never allocated).
         batches: model inputs on which the output distributions are compared.
         calibration: data for methods and static schemes that need it (passed to quantize).
         layers: the layers to measure (default: every Linear/Conv2d except embeddings and the
@@ -272,23 +275,34 @@ def sensitivity(
     # model every time; the modules are the same: a layer's inputs are observed in the float
     # model outside blocks, and after the earlier blocks inside them, as quantize does.)
     quantized: dict[str, dict[str, nn.Module]] = {}
-    recipe_all = lambda c: Recipe(default=None).add("re:(" + "|".join(map(re.escape, layers)) + ")", c)  # noqa: E731
+    recipe_all = lambda c, names: Recipe(default=None).add("re:(" + "|".join(map(re.escape, names)) + ")", c)  # noqa: E731
+
+    def applies(c: str, n: str) -> bool:  # a correction only for a linear layer wider than its rank
+        rank = parse_choice(c)[1].get("rank")
+        return rank is None or (driver._kind(mods[n]) == "linear" and rank < min(mods[n].weight.shape))
+
     for c in cands:
         if c == SKIP:
             continue
-        q = driver.quantize(copy.deepcopy(work), recipe_all(c), method=method, calibration=calibration,
+        names = [n for n in layers if applies(c, n)]
+        if base == c and len(names) < len(layers):
+            raise MixedPrecisionError(f"the base {c} must apply to every layer; not to {next(n for n in layers if n not in names)}")
+        if not names:
+            continue
+        q = driver.quantize(copy.deepcopy(work), recipe_all(c, names), method=method, calibration=calibration,
                             observer=observer, fold_bn=False, progress=progress, **options)  # fmt: skip
-        quantized[c] = {n: q.get_submodule(n) for n in layers}
+        quantized[c] = {n: q.get_submodule(n) for n in names}
     params = {n: mods[n].weight.numel() for n in layers}
-    nbytes = {n: {c: params[n] * mods[n].weight.element_size() if c == SKIP else quantized[c][n].nbytes for c in cands}
-              for n in layers}  # fmt: skip
+    # a candidate that does not apply to a layer costs infinitely much (the float size as bytes)
+    nbytes = {n: {c: quantized[c][n].nbytes if n in quantized.get(c, {}) else params[n] * mods[n].weight.element_size()
+                  for c in cands} for n in layers}  # fmt: skip
     info = {"method": method, "observer": observer, "batches": len(batches), "base": base, "cost": cost}
     if cost == "hessian":
         traces = hessian_traces(work, batches, {n: mods[n] for n in layers}, draws=draws, seed=seed)
         loss = {}
         for n in layers:
             w = mods[n].weight.detach().float()
-            loss[n] = {c: 0.0 if c == SKIP else
+            loss[n] = {c: 0.0 if c == SKIP else math.inf if n not in quantized.get(c, {}) else
                        0.5 * traces[n] / w.numel() * float((quantized[c][n].dequantized().reshape(w.shape) - w).pow(2).sum())
                        for c in cands}  # fmt: skip
         return Sensitivity(cands, params, nbytes, loss, "kl", {**info, "base_loss": 0.0, "draws": draws, "traces": traces})
@@ -309,6 +323,9 @@ def sensitivity(
             for c in cands:
                 if c == base or (base is None and c == SKIP):
                     loss[name][c] = 0.0
+                    continue
+                if c != SKIP and name not in quantized.get(c, {}):
+                    loss[name][c] = math.inf
                     continue
                 driver._set_module(work, name, mods[name] if c == SKIP else quantized[c][name])
                 try:

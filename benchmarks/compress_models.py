@@ -1,0 +1,124 @@
+"""Compression to 10-20x (issue 16): per model, quantization alone, each technique added alone, and
+the combination, through ``lowbit.compress``; sizes as files on disk (FP32 safetensors file vs the
+saved lowbit directory, every file counted), accuracy on held-out data, wall time of each pipeline.
+
+    python benchmarks/compress_models.py --models digits
+
+Results go to benchmarks/results/compress_<model>.json; ``report.py`` renders them into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+DENSE = ("w8", "w4g64", "w3g64", "w2g64")
+PRUNED = ("w4g64+50%", "w3g64+50%", "w4g64+75%", "w3g64+75%")
+CORRECTED = ("w2g64+r2", "w3g64+r2")
+
+# digits-cnn: label -> compress() arguments (every row: the SparseGPT/GPTQ family, mixed calibration)
+DIGITS_ROWS: dict[str, dict] = {
+    "quantization alone": {"target_ratio": 13.5, "candidates": DENSE},
+    "+ unstructured pruning": {"target_ratio": 15, "candidates": DENSE + PRUNED},
+    "+ low-rank corrections": {"target_ratio": 13.5, "candidates": DENSE + CORRECTED},
+    "+ structured pruning (50% channels)": {"target_ratio": 20, "candidates": DENSE, "channels": 0.5},
+    "+ distillation": {"target_ratio": 13.5, "candidates": DENSE, "distill_steps": 800},
+    "combined: channels + pruning + distillation": {"target_ratio": 20, "candidates": DENSE + PRUNED,
+                                                    "channels": 0.5, "distill_steps": 800},
+}
+
+
+def _machine() -> dict:
+    from lowbit.evaluate.kernel_bench import machine_info
+
+    return machine_info()
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _fp32_file_bytes(model) -> int:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+                 for k, v in model.state_dict().items()}  # fmt: skip
+        save_file(state, f"{d}/model.safetensors")
+        return _file_bytes(Path(d))
+
+
+def digits() -> dict:
+    import lowbit
+    from lowbit.compress import compress
+    from lowbit.models.zoo import DigitsCNN, digits_data, load_model
+
+    zoo, data = load_model("digits-cnn"), digits_data()
+    x = data["x_train"]  # calibration, measurement and distillation: training images only
+    cal = [x[i : i + 64] for i in range(0, 512, 64)]
+    meas = [x[i : i + 64] for i in range(512, 1024, 64)]
+    distill = [x[i : i + 64] for i in range(0, 1280, 64)]
+
+    def acc(m) -> float:
+        with torch.no_grad():
+            return float((m(data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
+
+    fp_file = _fp32_file_bytes(zoo.model)
+    rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "accuracy": acc(zoo.model),
+             "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    for label, kw in DIGITS_ROWS.items():
+        t = time.perf_counter()
+        r = compress(zoo.model, batches=meas, calibration=cal, lr=1e-3, distill_data=distill, **kw)
+        seconds = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as d:
+            out = lowbit.save(r.model, Path(d) / "m")
+            size = _file_bytes(out)
+            back = lowbit.load(out, model=DigitsCNN())  # what a user reloads is what was measured
+            reloaded = acc(back)
+        counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
+        rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+                     "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
+                     "accuracy": acc(r.model), "reloaded_accuracy": reloaded, "kl": r.kl,
+                     "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
+                     "method": r.method, "choice": counts})  # fmt: skip
+        print(label, f"{fp_file / size:.2f}x file, {r.ratio:.2f}x tensors, acc {rows[-1]['accuracy']:.3f}, "
+              f"{seconds:.1f}s", flush=True)  # fmt: skip
+    return {"rows": rows, "test_images": len(data["y_test"])}
+
+
+MODELS = {"digits": digits}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    for name in args.models:
+        res = MODELS[name]()
+        import transformers
+
+        res.update({"date": datetime.date.today().isoformat(), "machine": _machine(),
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "python": platform.python_version()},
+                    "command": f"python benchmarks/compress_models.py --models {name}",
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # fmt: skip
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"compress_{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
