@@ -915,9 +915,9 @@ def _compress_digits(res: dict) -> str:
         "correction) measured alone (KL to FP32 on 512 training images), the bytes allocated by the knapsack "
         "of the mixed-precision search; structured pruning removes half of the channels of every "
         "conv/linear chain first (the layers shrink); distillation: 800 steps from the FP32 model on training "
-        "images, no labels. Calibration: 512 training images. **Accuracy on the 500 held-out labelled test "
-        ff"images** ({res['test_images']}, never seen by any step), measured on the model saved and loaded back into the original "
-        "class. *File*: the FP32 safetensors file vs the saved lowbit directory, every byte (manifest and "
+        "images, no labels. Calibration: 512 training images. **Accuracy on the held-out labelled test "
+        f"images** ({res['test_images']}, never seen by any step), measured on the model saved and loaded back "
+        "into the original class. *File*: the FP32 safetensors file vs the saved lowbit directory, every byte (manifest and "
         "headers included: ~3.7 KB here, a quarter of the smallest files); *tensors*: stored tensor bytes "
         "(what `--target-ratio` budgets). Wall time of the whole `compress` call on this machine.", "",
         markdown_table(["pipeline", "choice per layer", "file bytes", "x smaller (file)", "x smaller (tensors)",
