@@ -252,3 +252,48 @@ def test_cli_compress_writes_a_model_recipe_and_plot(tmp_path):
                         "--candidates", "w4g64", "-o", str(tmp_path / "x"), "-q"], capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert p.returncode == 2 and "largest reachable" in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_compress_a_tied_llama_keeps_its_fixed_embedding_and_head_as_one_tensor(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    batch = lambda: {"input_ids": torch.randint(0, 256, (2, 24), generator=g),  # noqa: E731
+                     "attention_mask": torch.ones(2, 24, dtype=torch.long)}  # fmt: skip
+    cal, meas = [batch() for _ in range(2)], [batch()]
+    r = compress(model, target_ratio=7, batches=meas, calibration=cal, fixed={"model.embed_tokens": "w4g32",
+                 "lm_head": "w4g32"}, candidates=("w8", "w4g32", "w4g32+50%"), channels=0.5, distill_steps=3)  # fmt: skip
+    q = r.model
+    assert q.model.embed_tokens.qweight.data_ptr() == q.lm_head.qweight.data_ptr()  # still one tensor
+    assert q.lm_head.method == "rtn" and q.lowbit_layers["model.layers.0.mlp.down_proj"].method.endswith("+qat")
+    assert q.config.intermediate_size == 64 and r.ratio >= 7
+    out = lowbit.save(q, tmp_path / "m")
+    assert "lm_head.qweight" in json.loads((out / "lowbit.json").read_text())["aliases"]
+    back = lowbit.load(out)
+    ids = meas[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q(ids).logits)
+
+
+def test_qat_keeps_steps_storable_as_float16_so_distillation_does_not_grow_the_model():
+    from lowbit.qat import QATLayer
+
+    def converted(lin: nn.Linear, step0: float | None = None) -> QuantModule:
+        m = nn.Sequential(QATLayer(lin, lowbit.parse_scheme("int8")))
+        if step0 is not None:
+            with torch.no_grad():
+                m[0].wq.step[0] = step0  # trained far below float16's normal range
+        return lowbit.convert(m.eval())[0]
+
+    torch.manual_seed(0)
+    q = converted(nn.Linear(64, 8), 1e-7)
+    ptq = lowbit.quantize(nn.Sequential(nn.Linear(64, 8)), "int8")[0]
+    assert q.scales.dtype == torch.float16 and q.nbytes == ptq.nbytes
+    tiny = nn.Linear(64, 8)
+    with torch.no_grad():
+        tiny.weight.mul_(1e-6)  # a weight whose post-training scales need float32 keeps them
+    assert converted(tiny).scales.dtype == torch.float32

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .driver import outside_inference_mode
-from .primitives import check_finite, choose_qparams, grouped, mse_clip_search, round_scale
+from .primitives import _fits, check_finite, choose_qparams, grouped, mse_clip_search, round_scale
 from .recipe import Recipe
 from .scheme import Scheme
 
@@ -82,6 +82,10 @@ class _WeightQuant(nn.Module):
         else:
             qp = mse_clip_search(w2d.detach(), scheme) if init == "mse" else choose_qparams(w2d.detach(), scheme)
         self.step = nn.Parameter(qp.scale.clone())  # (R, ng), R = N or 1 (per tensor)
+        # Steps that start in the storage dtype's normal range stay there (a step trained below it
+        # would store every scale of the weight as float32: twice the bytes the budget counted).
+        sd = fmt.scale_dtype
+        self.floor = torch.finfo(sd).tiny if sd is not None and sd != torch.float32 and _fits(qp.scale, sd) else 0.0
         self.zero = nn.Parameter(qp.zero.clone()) if qp.zero is not None else None  # (R, ng) asym only
         self.group = self.shape[1] if scheme.group_size is None else scheme.group_size
         if scheme.per_tensor:
@@ -92,7 +96,10 @@ class _WeightQuant(nn.Module):
     def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step rounded to its storage dtype and the zero point rounded to a code (no grad)."""
         fmt = self.scheme.fmt
-        s = round_scale(self.step.detach(), fmt)
+        step = self.step.detach()
+        if self.floor:
+            step = torch.where(step == 0, step, torch.copysign(step.abs().clamp_min(self.floor), step))
+        s = round_scale(step, fmt)
         z = None if self.zero is None else self.zero.detach().round().clamp(0, fmt.qmax)
         return s, z
 
@@ -204,13 +211,20 @@ class QATLayer(nn.Module):
 
 
 def _from_ptq(model: nn.Module) -> nn.Module:
-    """Wrap every quantized (and pruned) module of a post-training-quantized model in a
-    :class:`QATLayer` that starts from its weight, scales, zero points and mask."""
+    """Wrap every quantized (and pruned) linear and conv2d module of a post-training-quantized
+    model in a :class:`QATLayer` that starts from its weight, scales, zero points, mask and
+    correction; embeddings and shared (tied) weights stay quantized as they are."""
     from . import driver
     from .nn import QuantModule
     from .sparse import unpack_mask
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    # Embeddings (not trained by QAT) and weights shared by two modules (a tied embedding and LM
+    # head) stay as they are: training one side would untie them.
+    users: dict[int, int] = {}
+    for _n, m in layers:
+        users[m.qweight.data_ptr()] = users.get(m.qweight.data_ptr(), 0) + 1
+    layers = [(n, m) for n, m in layers if m.op != "embedding" and users[m.qweight.data_ptr()] == 1]
     if not layers:
         raise QATError("prepare_qat(model) without a scheme trains a quantized model's layers; this one has none "
                        "(give a scheme or recipe to start from float)")  # fmt: skip

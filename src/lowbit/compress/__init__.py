@@ -16,7 +16,7 @@ then distillation from the FP32 teacher (issue 16).
    multiple-choice knapsack of :func:`lowbit.mixed.allocate` (least summed KL within the bytes).
    With ``max_loss`` instead, the smallest model whose predicted KL stays within it; with both,
    the ratio's allocation is checked against the loss.
-3. **Quantize** the model with the allocation's recipe (plus ``fixed``).
+3. **Quantize** the model with the allocation's recipe (after the ``fixed`` layers).
 4. **Distil** (``distill_steps > 0``): :func:`lowbit.prepare_qat` restarts every quantized layer
    from its post-training result (masks fixed, corrections trained) and :func:`lowbit.qat.fit`
    matches the FP32 teacher's output distribution (Hinton et al. 2015) on ``distill_data`` -- no
@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -153,8 +154,9 @@ def compress(
         method: ``"sparsegpt"`` (default with calibration), ``"magnitude"`` (default without),
             ``"wanda"``, or a non-pruning method (rtn, hqq, gptq) when no candidate prunes.
         fixed: choices for layers outside the search, e.g. ``{"model.embed_tokens": "w4g64",
-            "lm_head": "w4g64"}`` (embeddings and LM heads are otherwise kept float); quantized
-            round-to-nearest or by ``method``, their bytes counted in the budget.
+            "lm_head": "w4g64"}`` (embeddings and LM heads are otherwise kept float); rounded to
+            nearest first (a tied pair given one scheme stays one tensor), their bytes counted in
+            the budget, and left as they are by distillation.
         base: measure costs around this candidate (every layer quantized with it) instead of
             FP32 (:func:`lowbit.mixed.sensitivity`).
         channels: first remove this share of the channels of every channel group (structured
@@ -219,13 +221,13 @@ def compress(
     sens = sensitivity(model, list(candidates), batches, calibration=calibration, method=method, base=base,
                        layers=layers, progress=progress, **options)  # fmt: skip
     seconds["measure"] = time.perf_counter() - t0 - seconds.get("channels", 0.0)
-    # what the rest stores: the model with only the fixed layers quantized, less the searched weights
+    # The fixed layers, rounded to nearest (data-free: a tied embedding and LM head given one scheme
+    # keep sharing one quantized tensor); what the rest stores is this model less the searched weights.
     rest = copy.deepcopy(model).eval()
     if fixed_r is not None:
         driver.quantize(rest, fixed_r, **({"method": "magnitude", "sparsity": 0.0} if fixed_r.has_options else {}))
     weights = [rest.get_submodule(n).weight for n in layers]
     fixed_bytes = size_of(rest).total_bytes - sum(w.numel() * w.element_size() for w in weights)
-    del rest
     # 2. allocate
     smallest = sum(min(v.values()) for v in sens.nbytes.values())
     alloc_ratio = alloc_loss = None
@@ -260,8 +262,8 @@ def compress(
 
     # 3. quantize
     t1 = time.perf_counter()
-    out = driver.quantize(copy.deepcopy(model).eval(), recipe, method=method, calibration=calibration,
-                          progress=progress, **options)  # fmt: skip
+    out = driver.quantize(rest, alloc.recipe(), method=method, calibration=calibration, progress=progress,
+                          **options)  # fmt: skip
     seconds["quantize"] = time.perf_counter() - t1
     kl_ptq = output_kl(teacher, out, batches)
     losses: list[float] = []
@@ -276,4 +278,7 @@ def compress(
         seconds["distill"] = time.perf_counter() - t2
     kl = output_kl(teacher, out, batches) if losses else kl_ptq
     nbytes = size_of(out).total_bytes
+    if target_ratio is not None and ref_bytes / nbytes < target_ratio * (1 - 1e-9):  # a bug, not a user error
+        warnings.warn(f"the compressed model is {ref_bytes / nbytes:.3f}x, short of the {target_ratio:g}x the "
+                      "allocation met: please report it", stacklevel=2)  # fmt: skip
     return Compressed(out, recipe, alloc, sens, ref_bytes, nbytes, fixed_bytes, kl, kl_ptq, losses, seconds, method)
