@@ -23,6 +23,17 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
+def _finish(plt, fig, ax, path: str | os.PathLike, title: str) -> Path:
+    """Title, legend and grid, then the PNG written atomically and the figure closed."""
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def sensitivity_plot(sens, path: str | os.PathLike, choice: dict[str, str] | None = None, title: str = "") -> Path:
     """Per-layer KL (log scale) of each candidate, layers in model order; with ``choice`` (an
     allocation), the chosen candidate of each layer is circled."""
@@ -47,13 +58,7 @@ def sensitivity_plot(sens, path: str | os.PathLike, choice: dict[str, str] | Non
     step = max(1, len(layers) // 40)
     ax.set_xticks(list(xs)[::step])
     ax.set_xticklabels(layers[::step], rotation=90, fontsize=6)
-    ax.set_title(title or "per-layer sensitivity")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="major", alpha=0.3)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, path, title or "per-layer sensitivity")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -113,10 +118,4 @@ def compress_plot(result, path: str | os.PathLike, ratios: list[float] | None = 
     ax.set_yscale("log")
     ax.set_xlabel("times smaller than FP32 (stored bytes)")
     ax.set_ylabel("KL to FP32 (nats per position)")
-    ax.set_title(title or "size vs accuracy")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="major", alpha=0.3)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, path, title or "size vs accuracy")
