@@ -297,3 +297,20 @@ def test_qat_keeps_steps_storable_as_float16_so_distillation_does_not_grow_the_m
     with torch.no_grad():
         tiny.weight.mul_(1e-6)  # a weight whose post-training scales need float32 keeps them
     assert converted(tiny).scales.dtype == torch.float32
+
+
+def test_one_measured_table_serves_other_ratios_and_candidate_subsets(digits):
+    zoo, data = digits
+    x = data["x_train"]
+    b = [x[:128]]
+    first = compress(zoo.model, target_ratio=6, batches=b, candidates=("w8", "w4g64", "w2g64"), method="rtn")
+    again = compress(zoo.model, target_ratio=6, batches=b, candidates=("w8", "w4g64", "w2g64"), method="rtn",
+                     measured=first.sensitivity)  # fmt: skip
+    assert again.allocation.choice == first.allocation.choice and again.sensitivity is first.sensitivity
+    sub = compress(zoo.model, target_ratio=5, batches=b, candidates=("w8", "w4g64"), method="rtn",
+                   measured=first.sensitivity)  # fmt: skip
+    assert set(sub.allocation.choice.values()) <= {"int8", "w4g64"} and sub.ratio >= 5
+    with pytest.raises(CompressError, match="not measured"):
+        compress(zoo.model, target_ratio=5, batches=b, candidates=("w3g64",), method="rtn", measured=first.sensitivity)
+    with pytest.raises(CompressError, match="method"):
+        compress(zoo.model, target_ratio=5, batches=b, candidates=("w8",), method="hqq", measured=first.sensitivity)

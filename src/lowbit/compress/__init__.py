@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..mixed import Allocation, MixedPrecisionError, Sensitivity, allocate, output_kl, searchable_layers, sensitivity
-from ..recipe import Recipe, parse_choice
+from ..recipe import Recipe, format_choice, parse_choice
 
 __all__ = ["compress", "Compressed", "CompressError", "DEFAULT_CANDIDATES", "reference_bytes"]
 
@@ -72,6 +72,7 @@ class Compressed:
     distill_losses: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     method: str = ""
+    candidates: list[str] = field(default_factory=list)  # those allocated among (default: all measured)
 
     @property
     def ratio(self) -> float:
@@ -84,7 +85,7 @@ class Compressed:
         for r in ratios:
             budget = int(self.reference_bytes / r) - self.fixed_bytes
             try:
-                a = allocate(self.sensitivity, max_bytes=budget)
+                a = allocate(self.sensitivity, max_bytes=budget, candidates=self.candidates or None)
             except MixedPrecisionError:
                 continue
             out.append((self.reference_bytes / (a.nbytes + self.fixed_bytes), a.loss))
@@ -135,6 +136,7 @@ def compress(
     fixed: Recipe | dict | None = None,
     base: str | None = None,
     channels: float | None = None,
+    measured: Sensitivity | None = None,
     distill_steps: int = 0,
     distill_data: Sequence | None = None,
     lr: float = 1e-4,
@@ -163,6 +165,10 @@ def compress(
             pruning, :func:`lowbit.compress.structured.prune_channels`: feed-forward neurons of a
             transformer, chained Linear/Conv2d channels of other models); the tensors and the
             config shrink, and the costs are then measured on the smaller model.
+        measured: a :class:`lowbit.mixed.Sensitivity` measured before (by an earlier
+            ``compress``'s ``.sensitivity``, or ``lowbit sensitivity -o``) on the same layers with
+            the same method and every one of ``candidates``: the measurement is skipped, so one
+            table serves many ratios and candidate subsets.
         distill_steps: steps of distillation from the FP32 model after quantization (0: none).
         distill_data: batches to distil on (default ``calibration``, else ``batches``).
         lr, step_lr: distillation learning rates of the weights (and corrections) and the steps.
@@ -218,8 +224,21 @@ def compress(
         layers = [n for n in layers if not any(r.matches(n) for r in fixed_r.rules)]
     if not layers:
         raise CompressError("no layers left to search: fixed= names every Linear/Conv2d layer")
-    sens = sensitivity(model, list(candidates), batches, calibration=calibration, method=method, base=base,
-                       layers=layers, progress=progress, **options)  # fmt: skip
+    if measured is None:
+        sens = sensitivity(model, list(candidates), batches, calibration=calibration, method=method, base=base,
+                           layers=layers, progress=progress, **options)  # fmt: skip
+    else:
+        sens = measured
+        wanted = [format_choice(*c) for c in parsed]
+        missing = [c for c in wanted if c not in sens.candidates]
+        if missing or sens.layers != layers or sens.info.get("method") != method or sens.info.get("base") != base:
+            raise CompressError(
+                "the measured table does not fit this request: "
+                + (f"candidates {', '.join(missing)} not measured" if missing else
+                   f"its method is {sens.info.get('method')!r} (here {method!r}), base {sens.info.get('base')!r} "
+                   f"(here {base!r})" if sens.layers == layers else
+                   f"it covers {len(sens.layers)} layers, this search {len(layers)}")  # fmt: skip
+            )
     seconds["measure"] = time.perf_counter() - t0 - seconds.get("channels", 0.0)
     # The fixed layers, rounded to nearest (data-free: a tied embedding and LM head given one scheme
     # keep sharing one quantized tensor); what the rest stores is this model less the searched weights.
@@ -229,22 +248,23 @@ def compress(
     weights = [rest.get_submodule(n).weight for n in layers]
     fixed_bytes = size_of(rest).total_bytes - sum(w.numel() * w.element_size() for w in weights)
     # 2. allocate
-    smallest = sum(min(v.values()) for v in sens.nbytes.values())
+    cands = [format_choice(*c) for c in parsed]
+    smallest = sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)
     alloc_ratio = alloc_loss = None
     if target_ratio is not None:
         budget = int(ref_bytes / target_ratio) - fixed_bytes
         if budget < smallest:
             best = ref_bytes / (fixed_bytes + smallest)
             raise CompressError(
-                f"no choice of {', '.join(sens.candidates)} reaches {target_ratio:g}x: the largest reachable is "
+                f"no choice of {', '.join(cands)} reaches {target_ratio:g}x: the largest reachable is "
                 f"{best:.2f}x ({fixed_bytes:,} bytes outside the search"
                 + (": quantize the embeddings and LM head with fixed=" if fixed_r is None
                    and driver._head_and_embedding_names(model) else "") + ")"  # fmt: skip
             )
-        alloc_ratio = allocate(sens, max_bytes=budget)
+        alloc_ratio = allocate(sens, max_bytes=budget, candidates=cands)
     if max_loss is not None:
         try:
-            alloc_loss = allocate(sens, max_loss=max_loss)
+            alloc_loss = allocate(sens, max_loss=max_loss, candidates=cands)
         except MixedPrecisionError as e:
             raise CompressError(str(e)) from None
     if alloc_ratio is not None and alloc_loss is not None and alloc_ratio.loss > alloc_loss.loss + 1e-12 and (
@@ -281,4 +301,5 @@ def compress(
     if target_ratio is not None and ref_bytes / nbytes < target_ratio * (1 - 1e-9):  # a bug, not a user error
         warnings.warn(f"the compressed model is {ref_bytes / nbytes:.3f}x, short of the {target_ratio:g}x the "
                       "allocation met: please report it", stacklevel=2)  # fmt: skip
-    return Compressed(out, recipe, alloc, sens, ref_bytes, nbytes, fixed_bytes, kl, kl_ptq, losses, seconds, method)
+    return Compressed(out, recipe, alloc, sens, ref_bytes, nbytes, fixed_bytes, kl, kl_ptq, losses, seconds, method,
+                      cands)
