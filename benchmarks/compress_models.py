@@ -50,12 +50,13 @@ def _file_bytes(path: Path) -> int:
 
 
 def _fp32_file_bytes(model) -> int:
-    from safetensors.torch import save_file
+    """The model saved as one FP32 safetensors file (tied tensors once, as transformers saves them)."""
+    import copy
+
+    from safetensors.torch import save_model
 
     with tempfile.TemporaryDirectory() as d:
-        state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-                 for k, v in model.state_dict().items()}  # fmt: skip
-        save_file(state, f"{d}/model.safetensors")
+        save_model(copy.deepcopy(model).float(), f"{d}/model.safetensors")
         return _file_bytes(Path(d))
 
 
@@ -98,14 +99,17 @@ def digits() -> dict:
 
 
 # SmolLM2-135M: the tied embedding / LM head rounded to nearest once (fixed), the decoder searched.
+# One measurement of every candidate (SparseGPT; dense candidates with nothing removed) serves all
+# rows: each row allocates among its own subset.
 SMOLLM2_FIXED = {"model.embed_tokens": "w3g64", "lm_head": "w3g64"}
+SMOLLM2_DENSE = ("w4g64", "w3g64", "w2g64")
+SMOLLM2_ALL = SMOLLM2_DENSE + ("w4g64+25%", "w4g64+50%", "w2g64+r16", "w3g64+r16")
 SMOLLM2_ROWS: dict[str, dict] = {
-    "quantization alone": {"target_ratio": 10, "candidates": ("w4g64", "w3g64", "w2g64")},
-    "+ unstructured pruning": {"target_ratio": 10, "candidates": ("w4g64", "w3g64", "w2g64", "w4g64+25%",
-                                                                  "w4g64+50%")},
-    "+ low-rank corrections": {"target_ratio": 10, "candidates": ("w4g64", "w3g64", "w2g64", "w2g64+r16",
-                                                                  "w3g64+r16")},
-    "+ distillation": {"target_ratio": 10, "candidates": ("w4g64", "w3g64", "w2g64"), "distill_steps": 200},
+    "quantization alone": {"target_ratio": 10, "candidates": SMOLLM2_DENSE},
+    "+ unstructured pruning": {"target_ratio": 10, "candidates": SMOLLM2_DENSE + ("w4g64+25%", "w4g64+50%")},
+    "+ low-rank corrections": {"target_ratio": 10, "candidates": SMOLLM2_DENSE + ("w2g64+r16", "w3g64+r16")},
+    "all choices": {"target_ratio": 10, "candidates": SMOLLM2_ALL},
+    "all choices + distillation": {"target_ratio": 10, "candidates": SMOLLM2_ALL, "distill_steps": 100},
 }
 
 
@@ -113,6 +117,7 @@ def smollm2() -> dict:
     import lowbit
     from lowbit.compress import compress
     from lowbit.evaluate.domains import calibration_batches, domain_perplexities
+    from lowbit.mixed import searchable_layers, sensitivity
     from lowbit.models.zoo import load_model
 
     zoo = load_model("smollm2-135m")
@@ -131,10 +136,15 @@ def smollm2() -> dict:
     dec_params = sum(zoo.model.get_submodule(n).weight.numel() for n in decoder)
     rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "ppl": ppl(zoo.model),
              "decoder_bpw": 32.0, "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    t = time.perf_counter()
+    layers = [n for n in searchable_layers(zoo.model) if n not in SMOLLM2_FIXED]
+    table = sensitivity(zoo.model, SMOLLM2_ALL, meas, calibration=cal, method="sparsegpt", layers=layers, sparsity=0.0)
+    measure_seconds = time.perf_counter() - t
+    print(f"measured {len(SMOLLM2_ALL)} candidates x {len(layers)} layers in {measure_seconds:.0f}s", flush=True)
     for label, kw in SMOLLM2_ROWS.items():
         t = time.perf_counter()
         r = compress(zoo.model, batches=meas, calibration=cal, fixed=SMOLLM2_FIXED, distill_data=distill,
-                     lr=1e-5, **kw)  # fmt: skip
+                     lr=1e-5, method="sparsegpt", measured=table, **kw)  # fmt: skip
         seconds = time.perf_counter() - t
         dec_bytes = sum(r.model.get_submodule(n).nbytes for n in decoder)
         with tempfile.TemporaryDirectory() as d:
@@ -143,10 +153,12 @@ def smollm2() -> dict:
         rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
                      "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
                      "decoder_bpw": 8 * dec_bytes / dec_params, "ppl": ppl(r.model), "kl": r.kl,
-                     "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
-                     "method": r.method, "choice": counts})  # fmt: skip
-        print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "seconds")}), flush=True)
-    return {"rows": rows, "fixed": SMOLLM2_FIXED}
+                     "kl_before_distill": r.kl_before_distill, "predicted_kl": r.allocation.loss,
+                     "seconds": seconds + measure_seconds, "stages": r.seconds, "method": r.method,
+                     "choice": counts})  # fmt: skip
+        print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "seconds", "choice")}),
+              flush=True)  # fmt: skip
+    return {"rows": rows, "fixed": SMOLLM2_FIXED, "measure_seconds": measure_seconds}
 
 
 MODELS = {"digits": digits, "smollm2": smollm2}

@@ -314,3 +314,29 @@ def test_one_measured_table_serves_other_ratios_and_candidate_subsets(digits):
         compress(zoo.model, target_ratio=5, batches=b, candidates=("w3g64",), method="rtn", measured=first.sensitivity)
     with pytest.raises(CompressError, match="method"):
         compress(zoo.model, target_ratio=5, batches=b, candidates=("w8",), method="hqq", measured=first.sensitivity)
+
+
+def test_a_sentence_encoder_is_measured_and_distilled_by_embedding_direction():
+    transformers = pytest.importorskip("transformers")
+    from lowbit.qat import fit
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    batch = lambda: {"input_ids": torch.randint(0, 128, (4, 16), generator=g),  # noqa: E731
+                     "attention_mask": torch.ones(4, 16, dtype=torch.long)}  # fmt: skip
+    cal, meas = [batch() for _ in range(2)], [batch()]
+    r = compress(model, target_ratio=5, batches=meas, calibration=cal, candidates=("w8", "w4g32", "w2g32"),
+                 fixed={"embeddings.word_embeddings": "w4g32"}, distill_steps=2)  # fmt: skip
+    assert r.sensitivity.metric == "cosine" and r.ratio >= 5 and 0 <= r.kl < 1
+    worst = max(r.sensitivity.loss.values(), key=lambda d: d["w2g32"])
+    assert 0 < worst["int8"] < worst["w2g32"] < 1  # cosine distances, larger for fewer bits
+    q = lowbit.quantize(copy.deepcopy(model), "w2g32")
+    before = lowbit.mixed.output_kl(model, q, cal)
+    lowbit.prepare_qat(q)
+    losses = fit(q, cal, steps=30, teacher=model, lr=1e-3, step_lr=1e-3)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    lowbit.convert(q)
+    assert lowbit.mixed.output_kl(model, q, cal) < before  # on what it trained on: the loss reaches the result

@@ -6,7 +6,10 @@ are calibrated exactly as they will be), the model runs on the sensitivity batch
 is the mean KL divergence ``KL(p_fp32 || p_quantized)`` of the output distributions (softmax over
 the last dimension of the logits; per token for language models, padding excluded; per image for
 classifiers). For a language model, KL equals the expected rise of the cross-entropy when the text
-follows the model, so ``exp(sum KL)`` approximates the perplexity ratio. ``"skip"`` (keep the
+follows the model, so ``exp(sum KL)`` approximates the perplexity ratio. A sentence encoder (an
+output with ``last_hidden_state`` and no logits) is compared by the cosine distance ``1 - cos``
+of its mean-pooled embedding per sentence (``metric="cosine"``; like the KL it is second order in
+a small output error, so per-layer costs add in the same approximation). ``"skip"`` (keep the
 layer in float) costs 0. Work happens on a copy; the caller's model is not changed.
 
 With ``cost="hessian"`` the KL is predicted instead of measured (HAWQ-V2, Dong et al. 2020):
@@ -113,6 +116,38 @@ class Sensitivity:
             raise MixedPrecisionError(f"{path}: not a lowbit sensitivity table ({e})") from None
 
 
+def _embedding(out, batch) -> torch.Tensor | None:
+    """A sentence encoder's (an output with ``last_hidden_state`` and no logits) mean-pooled
+    ``(B, H)`` embedding over real tokens (Reimers & Gurevych 2019), float32; None otherwise."""
+    if getattr(out, "logits", None) is not None or not isinstance(getattr(out, "last_hidden_state", None), torch.Tensor):
+        return None
+    h = out.last_hidden_state.float()
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        m = batch["attention_mask"].to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return h.mean(1)
+
+
+def _reference(out, batch) -> torch.Tensor:
+    """What an output is compared by: log-probabilities (models with logits) or the normalised
+    mean-pooled embedding (sentence encoders)."""
+    e = _embedding(out, batch)
+    if e is not None:
+        return torch.nn.functional.normalize(e, dim=-1)
+    return torch.log_softmax(_logits(out).float(), dim=-1)
+
+
+def _distance_sum(ref: torch.Tensor, out, batch) -> tuple[float, float]:
+    """Summed distance of ``out`` from the reference and the count it is a mean over: the KL per
+    position (padding excluded), or ``1 - cos`` of the pooled embedding per sentence."""
+    e = _embedding(out, batch)
+    if e is not None:
+        cos = (torch.nn.functional.normalize(e, dim=-1) * ref).sum(-1)
+        return float((1 - cos).sum()), float(cos.numel())
+    logits = _logits(out)
+    return _kl_sum(ref, logits, _mask(batch, logits))
+
+
 def _logits(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -122,7 +157,8 @@ def _logits(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise MixedPrecisionError(
-        f"sensitivity compares output distributions: the model must return logits, got {type(out).__name__}"
+        "sensitivity compares output distributions (logits) or sentence embeddings (last_hidden_state); "
+        f"the model returned {type(out).__name__}"
     )
 
 
@@ -161,15 +197,15 @@ def searchable_layers(model: nn.Module) -> list[str]:
 
 def output_kl(reference: nn.Module, model: nn.Module, batches: Iterable) -> float:
     """Mean ``KL(p_reference || p_model)`` (nats per position; padding excluded) of the two
-    models' output distributions over ``batches``."""
+    models' output distributions over ``batches``; for sentence encoders the mean cosine distance
+    ``1 - cos`` of their mean-pooled embeddings (per sentence)."""
     from . import calibrate
 
     total = count = 0.0
     with torch.no_grad():
         for b in batches:
-            ref = torch.log_softmax(_logits(calibrate._call(reference, b)).float(), dim=-1)
-            logits = _logits(calibrate._call(model, b))
-            s, c = _kl_sum(ref, logits, _mask(b, logits))
+            ref = _reference(calibrate._call(reference, b), b)
+            s, c = _distance_sum(ref, calibrate._call(model, b), b)
             total, count = total + s, count + c
     return total / count
 
@@ -253,13 +289,18 @@ def sensitivity(
     if not layers:
         raise MixedPrecisionError("the model has no Linear or Conv2d layers to measure")
     with torch.no_grad():
-        refs = [torch.log_softmax(_logits(calibrate._call(work, b)).float(), dim=-1) for b in batches]
+        outs = [calibrate._call(work, b) for b in batches]
+        refs = [_reference(o, b) for o, b in zip(outs, batches)]
+        metric = "cosine" if _embedding(outs[0], batches[0]) is not None else "kl"
+        del outs
+    if metric == "cosine" and cost == "hessian":
+        raise MixedPrecisionError("cost='hessian' predicts a KL from output distributions; a sentence encoder has "
+                                  "none: measure with cost='kl' (its cosine distance)")  # fmt: skip
 
     def measured() -> float:
         total = count = 0.0
         for b, ref in zip(batches, refs):
-            logits = _logits(calibrate._call(work, b))
-            s, c = _kl_sum(ref, logits, _mask(b, logits))
+            s, c = _distance_sum(ref, calibrate._call(work, b), b)
             total, count = total + s, count + c
         return total / count
 
@@ -334,7 +375,7 @@ def sensitivity(
                     driver._set_module(work, name, at[name])  # back to the operating point
                 # around FP32 a KL is >= 0 (float noise can make a tiny one negative)
                 loss[name][c] = max(0.0, value) if base is None else value
-    return Sensitivity(cands, params, nbytes, loss, "kl", {**info, "base_loss": base_loss})
+    return Sensitivity(cands, params, nbytes, loss, metric, {**info, "base_loss": base_loss})
 
 
 def hessian_traces(

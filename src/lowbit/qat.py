@@ -428,6 +428,20 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return (logq.exp() * (logq - logp)).sum(-1).mean() * (t * t)
 
 
+def embedding_distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Distillation loss of a sentence encoder from its teacher's token states ``(B, T, H)``: the
+    mean cosine distance of the mean-pooled embeddings (what sentence-transformers compares)
+    plus that of every real token's state (an intermediate-feature term, as in Jiao et al.,
+    TinyBERT, 2020, by direction rather than squared error so that scale drift costs nothing).
+    ``mask (B, T)``: 1 for real tokens."""
+    s, t = student.float(), teacher.float()
+    m = torch.ones(s.shape[:2], dtype=s.dtype, device=s.device) if mask is None else mask.to(s.dtype)
+    pooled = lambda h: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # noqa: E731
+    sentence = 1 - F.cosine_similarity(pooled(s), pooled(t), dim=-1).mean()
+    tokens = ((1 - F.cosine_similarity(s, t, dim=-1)) * m).sum() / m.sum().clamp_min(1.0)
+    return sentence + tokens
+
+
 def fit(
     model: nn.Module,
     batches,
@@ -448,11 +462,14 @@ def fit(
     with a decayed rate.
 
     Loss: ``distill_loss(model(b), teacher(b))`` with a ``teacher`` (the FP32 model: no labels
-    needed), else ``loss_fn(model, batch)``. Returns the loss of every step; ``on_step(i, loss)`` is
+    needed; :func:`embedding_distill_loss` for a sentence encoder, whose output has no logits),
+    else ``loss_fn(model, batch)``. With a teacher the student runs in inference mode (no
+    dropout: it learns to match the teacher's deterministic outputs); with ``loss_fn`` in training
+    mode; BatchNorm statistics stay frozen either way. Returns the loss of every step; ``on_step(i, loss)`` is
     called after each (for logging; return ``True`` to stop early).
     """
     from .calibrate import _call
-    from .mixed import _logits
+    from .mixed import _embedding, _logits
 
     if (teacher is None) == (loss_fn is None):
         raise QATError("give exactly one of teacher= (distillation) or loss_fn=")
@@ -470,7 +487,9 @@ def fit(
     t0 = time.perf_counter()
     if teacher is not None:
         teacher.eval()
-    model.train()
+    # Distillation matches the teacher's deterministic outputs: the student runs without dropout
+    # (as the teacher does); training on labels keeps the model's dropout.
+    model.train(teacher is None)
     for mod in model.modules():  # BatchNorms left unfolded keep their statistics frozen
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mod.eval()
@@ -486,8 +505,14 @@ def fit(
             b = get(i)
             if teacher is not None:
                 with torch.no_grad():
-                    t = _logits(_call(teacher, b))
-                loss = distill_loss(_logits(_call(model, b)), t, temperature)
+                    t_out = _call(teacher, b)
+                s_out = _call(model, b)
+                t_emb = _embedding(t_out, b)
+                if t_emb is None:
+                    loss = distill_loss(_logits(s_out), _logits(t_out), temperature)
+                else:  # a sentence encoder: its embeddings and token states, by direction
+                    loss = embedding_distill_loss(s_out.last_hidden_state, t_out.last_hidden_state,
+                                                  b.get("attention_mask") if isinstance(b, dict) else None)  # fmt: skip
             else:
                 loss = loss_fn(model, b)
             opt.zero_grad(set_to_none=True)
