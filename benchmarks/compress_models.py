@@ -161,7 +161,77 @@ def smollm2() -> dict:
     return {"rows": rows, "fixed": SMOLLM2_FIXED, "measure_seconds": measure_seconds}
 
 
-MODELS = {"digits": digits, "smollm2": smollm2}
+# all-MiniLM-L6-v2: the word embedding (half the model) rounded to nearest once (fixed), the encoder
+# searched; costs and distillation compare mean-pooled embeddings by direction.
+MINILM_FIXED = {"embeddings.word_embeddings": "w3g64"}
+MINILM_DENSE = ("w8", "w4g64", "w3g64", "w2g64")
+MINILM_ROWS: dict[str, dict] = {
+    "quantization alone": {"target_ratio": 10, "candidates": MINILM_DENSE},
+    "+ unstructured pruning": {"target_ratio": 10, "candidates": MINILM_DENSE + ("w4g64+50%", "w3g64+50%")},
+    "+ structured pruning (50% FFN neurons)": {"target_ratio": 10, "candidates": MINILM_DENSE, "channels": 0.5},
+    "+ distillation": {"target_ratio": 10, "candidates": MINILM_DENSE, "distill_steps": 300},
+    "combined: FFN neurons + distillation": {"target_ratio": 10, "candidates": MINILM_DENSE, "channels": 0.5,
+                                             "distill_steps": 300},
+}
+
+
+def minilm() -> dict:
+    import lowbit
+    from lowbit.compress import compress
+    from lowbit.evaluate import domains as D
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("minilm")
+    tok = zoo.tokenizer
+
+    def batches(sents: list[str], size: int) -> list[dict]:
+        return [dict(tok(sents[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                for i in range(0, len(sents), size)]  # fmt: skip
+
+    evals = D.available_domains()
+    # calibration, cost measurement and distillation: sentences of the calib splits (seeded draws
+    # per domain); cosine: 128 sentences of every eval split
+    draw = lambda n, seed: [x for d in evals for x in D.domain_sentences(d, "calib", n, seed=seed)]  # noqa: E731
+    cal, meas, distill = batches(draw(64, 0), 32), batches(draw(16, 1), 32), batches(draw(256, 2), 16)
+    held = {d: batches(D.domain_sentences(d, "eval", 128), 64) for d in evals}
+
+    def embed(model, bs) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for b in bs:
+                h = model(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).float()
+                out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(out)
+
+    ref = {d: embed(zoo.model, bs) for d, bs in held.items()}
+
+    def cosines(model) -> dict:
+        return {d: float((ref[d] * embed(model, bs)).sum(-1).mean()) for d, bs in held.items()}
+
+    fp_file = _fp32_file_bytes(zoo.model)
+    rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
+             "cos": dict.fromkeys(evals, 1.0), "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    for label, kw in MINILM_ROWS.items():
+        t = time.perf_counter()
+        r = compress(zoo.model, batches=meas, calibration=cal, fixed=MINILM_FIXED, distill_data=distill, lr=1e-4,
+                     **kw)  # fmt: skip
+        seconds = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as d:
+            out = lowbit.save(r.model, Path(d) / "m", tokenizer=tok)
+            size = _file_bytes(out)
+            back = lowbit.load(out)  # rebuilt from its saved config (intermediate_size follows)
+            cos = cosines(back)
+        counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
+        rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+                     "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio, "cos": cos,
+                     "distance": r.kl, "distance_before_distill": r.kl_before_distill, "seconds": seconds,
+                     "stages": r.seconds, "method": r.method, "choice": counts})  # fmt: skip
+        print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "cos", "seconds", "choice")}), flush=True)
+    return {"rows": rows, "fixed": MINILM_FIXED, "evals": evals, "held_out": "128 sentences of each eval split"}
+
+
+MODELS = {"digits": digits, "smollm2": smollm2, "minilm": minilm}
 
 
 def main(argv=None) -> int:
