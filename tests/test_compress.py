@@ -104,13 +104,45 @@ def _zeroed_twin(model: nn.Module, groups) -> nn.Module:
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for g in groups:
-            for p in g.producers:
+            for p in (*g.producers, *g.between):  # a BatchNorm maps 0 to 0 once its shift and mean are 0
                 mod = twin.get_submodule(p)
                 gone = [i for i in range(mod.weight.shape[0]) if i not in set(g.kept)]
                 mod.weight[gone] = 0
                 if mod.bias is not None:
                     mod.bias[gone] = 0
+                if getattr(mod, "running_mean", None) is not None:
+                    mod.running_mean[gone] = 0
     return twin
+
+
+def _inverted_residual() -> nn.Sequential:
+    """MobileNetV2's block without its residual: expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 -> BN ->
+    ReLU6 -> project 1x1 -> BN."""
+    return nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                         nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                         nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8))  # fmt: skip
+
+
+def test_structured_pruning_passes_through_depthwise_convolutions_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = _inverted_residual().eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4], model[7]):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+    x = torch.randn(4, 8, 6, 6)
+    m = copy.deepcopy(model)
+    (g,) = prune_channels(m, 0.5, calibration=[x])
+    assert g.producers == ("0",) and g.reader == "6" and g.between == ("1", "3", "4")
+    assert (m[0].out_channels, m[3].groups, m[4].num_features, m[6].in_channels) == (16, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(m(x), _zeroed_twin(model, [g])(x), atol=1e-5)
+    q = lowbit.quantize(m, "w8")  # the BatchNorms fold into the convolutions
+    back = lowbit.load(lowbit.save(q, tmp_path / "ir"), model=_inverted_residual().eval())
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
 
 
 def test_structured_pruning_of_the_digits_cnn_shrinks_its_layers_and_computes_the_same(digits):

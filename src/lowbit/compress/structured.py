@@ -4,8 +4,9 @@ A *channel group* is a set of layers whose output channels (rows) are the input 
 reading layer: a transformer's feed-forward block (Llama-style ``gate_proj``/``up_proj`` ->
 ``down_proj``, BERT-style ``intermediate.dense`` -> ``output.dense``; the width is the config's
 ``intermediate_size``), or, in a model without a transformers config, a chain found by tracing
-(``torch.fx``) from a Linear/Conv2d through element-wise activations, pooling, dropout and
-BatchNorm (sliced with it), optionally a ``flatten(1)``, to the one Linear/Conv2d that reads it.
+(``torch.fx``) from a Linear/Conv2d through element-wise activations, pooling, dropout,
+BatchNorm and depthwise convolutions (sliced with it), optionally a ``flatten(1)``, to the one
+Linear/Conv2d that reads it (MobileNetV2's expansion channels: expand -> depthwise -> project).
 Residual connections and layers used twice end a chain (those channels are shared, not owned).
 
 :func:`prune_channels` scores every channel (:func:`lowbit.algorithms.pruning.channel_scores`:
@@ -59,6 +60,10 @@ def _out_channels(m: nn.Module) -> int:
 
 def _in_channels(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def _prunable(m: nn.Module) -> bool:
@@ -117,6 +122,8 @@ def _traced_groups(model: nn.Module) -> list[ChannelGroup]:
                         out.append(ChannelGroup((node.target,), u.target, c, m.in_features // c, tuple(between)))
                     break
                 if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not flat:
+                    between.append(u.target)
+                elif _depthwise(m) and not flat:  # one filter per channel: sliced with it
                     between.append(u.target)
                 elif not isinstance(m, _PASS_MODULES):
                     break
@@ -217,6 +224,20 @@ def _cols(m: nn.Module, idx: torch.Tensor, block: int) -> nn.Module:
     return new.train(m.training)
 
 
+def _channelwise(m: nn.Module, idx: torch.Tensor) -> nn.Module:
+    """A BatchNorm or depthwise convolution restricted to channels ``idx``."""
+    if not _depthwise(m):
+        return _bn(m, idx)
+    c = len(idx)
+    new = nn.Conv2d(c, c, m.kernel_size, m.stride, m.padding, m.dilation, c, m.bias is not None, m.padding_mode,
+                    device=m.weight.device, dtype=m.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(m.weight.detach()[idx])
+        if m.bias is not None:
+            new.bias.copy_(m.bias.detach()[idx])
+    return new.train(m.training)
+
+
 def _bn(m: nn.Module, idx: torch.Tensor) -> nn.Module:
     new = type(m)(len(idx), m.eps, m.momentum, m.affine, m.track_running_stats)
     with torch.no_grad():
@@ -276,7 +297,8 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
         scores = channel_scores(w_reader, g.block, x_sq, [mods[p].weight for p in g.producers])
         plan.append((g, channels_kept(scores, keep_of(g.channels))))
     for name, m in mods.items():
-        if any(name in (*g.producers, g.reader) for g in groups):
+        if any(name in (*g.producers, g.reader, *g.between) for g in groups) and getattr(m, "weight", None) is not None \
+                and m.weight.dim() >= 2:  # fmt: skip
             resized.setdefault(name, tuple(m.weight.shape))
     # a layer may read one group and produce the next: each change applies to the current module
     for g, idx in plan:
@@ -284,7 +306,7 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
         for p in g.producers:
             driver._set_module(model, p, _rows(model.get_submodule(p), idx))
         for b in g.between:
-            driver._set_module(model, b, _bn(model.get_submodule(b), idx))
+            driver._set_module(model, b, _channelwise(model.get_submodule(b), idx))
         driver._set_module(model, g.reader, _cols(model.get_submodule(g.reader), idx, g.block))
     config = getattr(model, "config", None)
     keys = {g.config_key for g in groups if g.config_key}

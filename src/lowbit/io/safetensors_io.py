@@ -330,6 +330,9 @@ def _conv_entry(name: str, entry: dict, float_mod: nn.Module) -> dict:
             "stride": list(float_mod.stride), "padding": float_mod.padding if isinstance(float_mod.padding, str)
             else list(float_mod.padding), "dilation": list(float_mod.dilation), "groups": float_mod.groups}  # fmt: skip
         mine = {k: conv[k] for k in ("stride", "padding", "dilation", "groups")}
+        resized = entry.get("resized")
+        if resized and have["groups"] == resized[0] > 1 and mine["groups"] == entry["shape"][0]:
+            have["groups"] = mine["groups"]  # a depthwise convolution with fewer channels (structured pruning)
         if mine != have:
             raise LowbitFormatError(f"module {name!r}: the file's convolution {mine} differs from the model's {have}")
     return conv
