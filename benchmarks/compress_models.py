@@ -148,7 +148,7 @@ def smollm2() -> dict:
         seconds = time.perf_counter() - t
         dec_bytes = sum(r.model.get_submodule(n).nbytes for n in decoder)
         with tempfile.TemporaryDirectory() as d:
-            size = _file_bytes(lowbit.save(r.model, Path(d) / "m", tokenizer=tok))
+            size = _file_bytes(lowbit.save(r.model, Path(d) / "m"))  # the model only: no tokenizer files
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
         rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
                      "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
@@ -218,7 +218,7 @@ def minilm() -> dict:
                      **kw)  # fmt: skip
         seconds = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as d:
-            out = lowbit.save(r.model, Path(d) / "m", tokenizer=tok)
+            out = lowbit.save(r.model, Path(d) / "m")  # the model only: no tokenizer files
             size = _file_bytes(out)
             back = lowbit.load(out)  # rebuilt from its saved config (intermediate_size follows)
             cos = cosines(back)

@@ -929,6 +929,33 @@ def _compress_digits(res: dict) -> str:
     ])
 
 
+def _compress_minilm(res: dict) -> str:
+    """issue 16: all-MiniLM-L6-v2 compressed; cosine to FP32 sentence embeddings on held-out text."""
+    evals = res["evals"]
+    table = [[r["label"], r["choice"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['file_ratio']:.2f}x",
+              f"{r['tensor_ratio']:.2f}x", *(f"{r['cos'][d]:.3f}" for d in evals),
+              f"{sum(r['cos'].values()) / len(evals):.3f}", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
+    return "\n".join([
+        "## Compression beyond quantization: MiniLM (issue 16)", "",
+        _header(res), "",
+        "all-MiniLM-L6-v2 through `lowbit.compress(model, target_ratio=10, ...)`: the word embedding (half the "
+        f"model) fixed at {res['fixed']['embeddings.word_embeddings']} (rounded to nearest), every encoder "
+        "linear layer choosing among the candidates by its measured cosine distance of mean-pooled embeddings "
+        "(GPTQ; SparseGPT for the pruned `+50%` candidates); structured pruning removes half of every FFN's "
+        "neurons first (config `intermediate_size` 1536 -> 768); distillation: 300 steps from FP32 on "
+        "calibration sentences by embedding and token-state direction. Calibration, costs and distillation: "
+        "sentences of the calib split of every domain; **cosine: mean cosine to FP32 sentence embeddings on "
+        f"{res['held_out']}** (never seen by any step), measured on the saved model loaded back from its "
+        "config. File: the FP32 safetensors file vs the saved lowbit directory (model files, no tokenizer).", "",
+        markdown_table(["pipeline", "choice per layer", "MB", "x smaller (file)", "x smaller (tensors)",
+                        *(f"cos {d}" for d in evals), "mean cos", "seconds"], table),  # fmt: skip
+        "",
+        f"Best mean cosine at these sizes: {max(sum(r['cos'].values()) / len(evals) for r in res['rows'][1:]):.3f}, "
+        "short of the 0.95 that issue 16 asks at 10x: the encoder layers get mostly 2 and 3 bits here, and 300 "
+        "distillation steps recover what the FFN pruning cost but not what the 2-bit layers cost.",
+    ])
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -944,7 +971,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("sym_range", _sym_range), ("domains", _domains),
                          ("domains_minilm", _domains_minilm), ("streaming", _streaming),
                          ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl),
-                         ("compress_digits", _compress_digits)):  # fmt: skip
+                         ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm)):  # fmt: skip
         res = _load(results, name)
         if res is not None:
             if name == "domains":
