@@ -280,6 +280,9 @@ def test_cli_compress_writes_a_model_recipe_and_plot(tmp_path):
     assert Recipe.load(tmp_path / "r.json").rules
     back = lowbit.load(out, model=DigitsCNN())
     assert isinstance(back.fc1, QuantModule) and back.fc1.in_features == 384  # 24 of 32 channels of 4 x 4
+    shown = subprocess.run([sys.executable, "-m", "lowbit.cli", "inspect", str(out)], capture_output=True, text=True,
+                           timeout=300).stdout  # fmt: skip
+    assert "resized from 64x512" in shown and "before 4 were resized by structured pruning" in shown
     p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "400",
                         "--candidates", "w4g64", "-o", str(tmp_path / "x"), "-q"], capture_output=True, text=True,
                        timeout=600)  # fmt: skip

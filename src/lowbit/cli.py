@@ -362,6 +362,9 @@ def cmd_inspect(args) -> int:
             scheme += f" ({sz.sparsity:.0%} pruned)"
         if isinstance(mod, QuantModule) and mod.rank:
             scheme += f" + rank {mod.rank}"
+        resized = manifest["modules"].get(name, {}).get("resized")
+        if resized:
+            scheme += f" (resized from {'x'.join(map(str, resized))})"
         cells = [
             name,
             rec.type,
@@ -395,9 +398,16 @@ def cmd_inspect(args) -> int:
 
     print(f"\n{cpu.summary()}")
     s = lowbit.size_of(model)
+    import math
+
+    shapes = {n: e.get("resized") or e["shape"] for n, e in manifest["modules"].items()}
+    original = 4 * sum(math.prod(v) for v in shapes.values())  # FP32 bytes of the layers as first shaped
+    resized = sum(1 for e in manifest["modules"].values() if e.get("resized"))
+    note = (f" ({original / s.quantized_bytes:.2f}x against their FP32 size before {resized} were resized by "
+            "structured pruning)" if resized and s.quantized_bytes else "")  # fmt: skip
     print(
         f"\n{len(s.quantized)} quantized layers: {s.quantized_bytes:,} bytes, {s.quantized_bits_per_weight:.3f} bits/weight, "
-        f"{s.quantized_compression:.2f}x smaller than FP32; whole model {s.total_bytes:,} bytes; "
+        f"{s.quantized_compression:.2f}x smaller than FP32{note}; whole model {s.total_bytes:,} bytes; "
         f"format_version {manifest['format_version']}, written by lowbit {manifest.get('lowbit_version')}"
     )
     return 0
