@@ -474,6 +474,7 @@ def cmd_sensitivity(args) -> int:
 # ---- compress -----------------------------------------------------------------------------------
 def cmd_compress(args) -> int:
     import lowbit
+    from lowbit.algorithms import get_algorithm
     from lowbit.compress import compress
     from lowbit.models.source import load_source
 
@@ -490,7 +491,8 @@ def cmd_compress(args) -> int:
             fixed[pattern.strip()] = choice.strip()
     t0 = time.perf_counter()
     zm = load_source(args.model)
-    calibration = None if args.method in ("magnitude", "rtn") else _calibration(args, zm)
+    # the default method (SparseGPT or GPTQ) is calibrated; a data-free one given by name needs none
+    calibration = None if args.method and not get_algorithm(args.method).uses_calibration else _calibration(args, zm)
     # costs are measured on other calibration samples than the ones that set scales
     n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
     batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model, args.calib_domains)
@@ -505,8 +507,7 @@ def cmd_compress(args) -> int:
                       progress=not args.quiet)  # fmt: skip
     out = lowbit.save(result.model, args.output, tokenizer=zm.tokenizer,
                       source=getattr(zm.model, "lowbit_source", None) or args.model)  # fmt: skip
-    files = [out] if out.is_file() else [f for f in out.iterdir() if f.is_file()]
-    file_bytes = sum(f.stat().st_size for f in files)
+    file_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())  # a lowbit save is a directory
     print(f"compressed {args.model} in {time.perf_counter() - t0:.1f}s "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())}): {result.summary()}")  # fmt: skip
     print(f"saved -> {out}: {file_bytes:,} bytes in all, {result.reference_bytes / file_bytes:.2f}x smaller than "

@@ -60,7 +60,7 @@ from .recipe import SKIP, Recipe, format_choice, parse_choice
 
 __all__ = [
     "Sensitivity", "Allocation", "MixedPrecisionError", "sensitivity", "allocate", "parse_max_loss", "hessian_traces",
-    "searchable_layers", "output_kl",
+    "searchable_layers", "output_kl", "mean_pool",
 ]  # fmt: skip
 
 
@@ -116,16 +116,26 @@ class Sensitivity:
             raise MixedPrecisionError(f"{path}: not a lowbit sensitivity table ({e})") from None
 
 
+def _is_encoder(out) -> bool:
+    """Whether a model output is a sentence encoder's: ``last_hidden_state`` and no logits."""
+    return getattr(out, "logits", None) is None and isinstance(getattr(out, "last_hidden_state", None), torch.Tensor)
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token states ``(B, T, H)`` averaged over the real tokens of ``mask (B, T)`` (all when
+    None): the sentence embedding of Reimers & Gurevych 2019, ``(B, H)``, float32."""
+    h = h.float()
+    if mask is None:
+        return h.mean(1)
+    m = mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 def _embedding(out, batch) -> torch.Tensor | None:
-    """A sentence encoder's (an output with ``last_hidden_state`` and no logits) mean-pooled
-    ``(B, H)`` embedding over real tokens (Reimers & Gurevych 2019), float32; None otherwise."""
-    if getattr(out, "logits", None) is not None or not isinstance(getattr(out, "last_hidden_state", None), torch.Tensor):
+    """A sentence encoder's mean-pooled ``(B, H)`` embedding over real tokens; None for other outputs."""
+    if not _is_encoder(out):
         return None
-    h = out.last_hidden_state.float()
-    if isinstance(batch, dict) and "attention_mask" in batch:
-        m = batch["attention_mask"].to(h.dtype).unsqueeze(-1)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-    return h.mean(1)
+    return mean_pool(out.last_hidden_state, batch.get("attention_mask") if isinstance(batch, dict) else None)
 
 
 def _reference(out, batch) -> torch.Tensor:
@@ -291,7 +301,7 @@ def sensitivity(
     with torch.no_grad():
         outs = [calibrate._call(work, b) for b in batches]
         refs = [_reference(o, b) for o, b in zip(outs, batches)]
-        metric = "cosine" if _embedding(outs[0], batches[0]) is not None else "kl"
+        metric = "cosine" if _is_encoder(outs[0]) else "kl"
         del outs
     if metric == "cosine" and cost == "hessian":
         raise MixedPrecisionError("cost='hessian' predicts a KL from output distributions; a sentence encoder has "
@@ -318,14 +328,14 @@ def sensitivity(
     quantized: dict[str, dict[str, nn.Module]] = {}
     recipe_all = lambda c, names: Recipe(default=None).add("re:(" + "|".join(map(re.escape, names)) + ")", c)  # noqa: E731
 
-    def applies(c: str, n: str) -> bool:  # a correction only for a linear layer wider than its rank
-        rank = parse_choice(c)[1].get("rank")
+    def applies(rank: int | None, n: str) -> bool:  # a correction only for a linear layer wider than its rank
         return rank is None or (driver._kind(mods[n]) == "linear" and rank < min(mods[n].weight.shape))
 
     for c in cands:
         if c == SKIP:
             continue
-        names = [n for n in layers if applies(c, n)]
+        rank = parse_choice(c)[1].get("rank")
+        names = [n for n in layers if applies(rank, n)]
         if base == c and len(names) < len(layers):
             raise MixedPrecisionError(f"the base {c} must apply to every layer; not to {next(n for n in layers if n not in names)}")
         if not names:

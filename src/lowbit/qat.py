@@ -228,8 +228,7 @@ def _from_ptq(model: nn.Module) -> nn.Module:
     if not layers:
         raise QATError("prepare_qat(model) without a scheme trains a quantized model's layers; this one has none "
                        "(give a scheme or recipe to start from float)")  # fmt: skip
-    bad = [f"{n} ({m.scheme}, {m.op})" for n, m in layers
-           if m.op not in ("linear", "conv2d") or m.scheme.fmt.kind != "affine" or m.scheme.act_static]
+    bad = [f"{n} ({m.scheme}, {m.op})" for n, m in layers if m.scheme.fmt.kind != "affine" or m.scheme.act_static]
     if bad:
         raise QATError("QAT restarts integer weight-only or dynamic-activation linear and conv2d layers; "
                        f"not {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")  # fmt: skip
@@ -434,10 +433,11 @@ def embedding_distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: t
     plus that of every real token's state (an intermediate-feature term, as in Jiao et al.,
     TinyBERT, 2020, by direction rather than squared error so that scale drift costs nothing).
     ``mask (B, T)``: 1 for real tokens."""
+    from .mixed import mean_pool
+
     s, t = student.float(), teacher.float()
+    sentence = 1 - F.cosine_similarity(mean_pool(s, mask), mean_pool(t, mask), dim=-1).mean()
     m = torch.ones(s.shape[:2], dtype=s.dtype, device=s.device) if mask is None else mask.to(s.dtype)
-    pooled = lambda h: (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # noqa: E731
-    sentence = 1 - F.cosine_similarity(pooled(s), pooled(t), dim=-1).mean()
     tokens = ((1 - F.cosine_similarity(s, t, dim=-1)) * m).sum() / m.sum().clamp_min(1.0)
     return sentence + tokens
 
@@ -469,7 +469,7 @@ def fit(
     called after each (for logging; return ``True`` to stop early).
     """
     from .calibrate import _call
-    from .mixed import _embedding, _logits
+    from .mixed import _is_encoder, _logits
 
     if (teacher is None) == (loss_fn is None):
         raise QATError("give exactly one of teacher= (distillation) or loss_fn=")
@@ -507,8 +507,7 @@ def fit(
                 with torch.no_grad():
                     t_out = _call(teacher, b)
                 s_out = _call(model, b)
-                t_emb = _embedding(t_out, b)
-                if t_emb is None:
+                if not _is_encoder(t_out):
                     loss = distill_loss(_logits(s_out), _logits(t_out), temperature)
                 else:  # a sentence encoder: its embeddings and token states, by direction
                     loss = embedding_distill_loss(s_out.last_hidden_state, t_out.last_hidden_state,

@@ -179,12 +179,14 @@ class Recipe:
         self.rules.append(Rule(pattern, s, **opts))
         return self
 
+    def rule_for(self, name: str) -> Rule | None:
+        """The first rule matching module ``name`` (None: the default applies)."""
+        return next((r for r in self.rules if r.matches(name)), None)
+
     def options(self, name: str) -> dict:
         """The pruning and correction of module ``name``'s rule (``{}`` for the default)."""
-        for rule in self.rules:
-            if rule.matches(name):
-                return rule.options
-        return {}
+        rule = self.rule_for(name)
+        return {} if rule is None else rule.options
 
     @property
     def has_options(self) -> bool:
@@ -192,9 +194,9 @@ class Recipe:
 
     def resolve(self, name: str, *, embedding_or_head: bool = False) -> tuple[Scheme | None, str]:
         """The scheme for module ``name`` (``None`` = keep float) and the reason, for inspect."""
-        for rule in self.rules:
-            if rule.matches(name):
-                return rule.scheme, f"rule {rule.pattern!r}"
+        rule = self.rule_for(name)
+        if rule is not None:
+            return rule.scheme, f"rule {rule.pattern!r}"
         if embedding_or_head:
             return None, "embedding/LM head kept by default (name it in a rule to include it)"
         return self.default, "default"

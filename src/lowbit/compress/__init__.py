@@ -192,6 +192,7 @@ def compress(
         parsed = [parse_choice(c) for c in candidates]
     except ValueError as e:
         raise CompressError(f"bad candidate: {e}") from None
+    cands = [format_choice(*c) for c in parsed]  # canonical names, as a measured table holds them
     prunes = any("sparsity" in o or "nm" in o for _s, o in parsed)
     calibration = None if calibration is None else list(calibration)
     batches = list(batches)
@@ -221,7 +222,7 @@ def compress(
     # 1. measure (on the float model; the layers ``fixed`` names are left out of the search)
     layers = searchable_layers(model)
     if fixed_r is not None:
-        layers = [n for n in layers if not any(r.matches(n) for r in fixed_r.rules)]
+        layers = [n for n in layers if fixed_r.rule_for(n) is None]
     if not layers:
         raise CompressError("no layers left to search: fixed= names every Linear/Conv2d layer")
     if measured is None:
@@ -229,8 +230,7 @@ def compress(
                            layers=layers, progress=progress, **options)  # fmt: skip
     else:
         sens = measured
-        wanted = [format_choice(*c) for c in parsed]
-        missing = [c for c in wanted if c not in sens.candidates]
+        missing = [c for c in cands if c not in sens.candidates]
         if missing or sens.layers != layers or sens.info.get("method") != method or sens.info.get("base") != base:
             raise CompressError(
                 "the measured table does not fit this request: "
@@ -248,7 +248,6 @@ def compress(
     weights = [rest.get_submodule(n).weight for n in layers]
     fixed_bytes = size_of(rest).total_bytes - sum(w.numel() * w.element_size() for w in weights)
     # 2. allocate
-    cands = [format_choice(*c) for c in parsed]
     smallest = sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)
     alloc_ratio = alloc_loss = None
     if target_ratio is not None:

@@ -20,7 +20,6 @@ model without a config still loads into its original skeleton.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -56,10 +55,6 @@ _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Le
 
 def _out_channels(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def _in_channels(m: nn.Module) -> int:
-    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 
 
 def _depthwise(m: nn.Module) -> bool:
@@ -132,12 +127,10 @@ def _traced_groups(model: nn.Module) -> list[ChannelGroup]:
             elif u.op == "call_method" and u.target in _PASS_METHODS:
                 pass
             elif (u.op == "call_function" and u.target is torch.flatten) or (u.op == "call_method" and u.target == "flatten"):
-                start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0 if u.op == "call_function" else 0)
+                start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
                 if start != 1 or flat or isinstance(producer, nn.Linear):
                     break
                 flat = True
-            elif u.op == "call_function" and u.target is operator.getitem:
-                break
             else:
                 break
             cur = u
@@ -284,8 +277,6 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
         k = int(c * (1 - fraction)) // multiple * multiple
         return min(c, max(k, multiple))
 
-    if any(g.config_key for g in groups) and len({keep_of(g.channels) for g in groups}) != 1:
-        raise PruningError("the config records one width for every block, and these blocks differ")  # pragma: no cover
     resized = dict(getattr(model, "lowbit_resized", {}) or {})
     plan = []  # (group, kept indices): scored on the original weights, before anything changes
     for g in groups:
@@ -296,10 +287,11 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
         x_sq = None if sq is None else sq[g.reader]
         scores = channel_scores(w_reader, g.block, x_sq, [mods[p].weight for p in g.producers])
         plan.append((g, channels_kept(scores, keep_of(g.channels))))
-    for name, m in mods.items():
-        if any(name in (*g.producers, g.reader, *g.between) for g in groups) and getattr(m, "weight", None) is not None \
-                and m.weight.dim() >= 2:  # fmt: skip
-            resized.setdefault(name, tuple(m.weight.shape))
+    touched = {n for g in groups for n in (*g.producers, g.reader, *g.between)}
+    for name in touched:
+        w = getattr(mods[name], "weight", None)
+        if w is not None and w.dim() >= 2:  # layers, not BatchNorms: their original shapes
+            resized.setdefault(name, tuple(w.shape))
     # a layer may read one group and produce the next: each change applies to the current module
     for g, idx in plan:
         g.kept = idx.tolist()
