@@ -5,7 +5,7 @@ domain (calibration: lowbit's default mixed set, drawn from the calib splits onl
     python benchmarks/compress_table.py                    # every variant not yet measured
     python benchmarks/compress_table.py --only 2:4-sparsegpt-w4g128
 
-Results go to benchmarks/results/compress_smollm2.json (one entry per variant, kept across runs
+Results go to benchmarks/results/sparse_smollm2.json (one entry per variant, kept across runs
 for the same variant definition); ``report.py`` renders them into BENCHMARKS.md.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "compress_smollm2.json"
+RESULTS = Path(__file__).parent / "results" / "sparse_smollm2.json"
 TOKENS = 4096
 CALIB = {"nsamples": 64, "seqlen": 512, "seed": 0}
 DECODER = "model.layers."  # the decoder's linear layers: what "bits per weight" is over
