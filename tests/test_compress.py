@@ -375,3 +375,18 @@ def test_a_sentence_encoder_is_measured_and_distilled_by_embedding_direction():
     assert sum(losses[-3:]) < sum(losses[:3])
     lowbit.convert(q)
     assert lowbit.mixed.output_kl(model, q, cal) < before  # on what it trained on: the loss reaches the result
+
+
+def test_distillation_may_draw_a_fresh_batch_per_step(digits):
+    zoo, data = digits
+    x = data["x_train"]
+    drawn = []
+
+    def draw(i):
+        drawn.append(i)
+        return x[64 * i : 64 * (i + 1)]
+
+    r = compress(zoo.model, target_ratio=6, batches=[x[:128]], candidates=("w8", "w4g64"), method="rtn",
+                 distill_steps=3, distill_data=draw)  # fmt: skip
+    assert drawn == [0, 1, 2] and len(r.distill_losses) == 3 and r.ratio >= 6
+

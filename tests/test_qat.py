@@ -146,3 +146,22 @@ def test_calibration_may_be_a_one_shot_iterator():
     with pytest.raises(CalibrationError, match="empty calibration"):
         lowbit.prepare_qat(net, "w8a8-static", calibration=iter([]))
     assert isinstance(net[0], nn.Conv2d) and isinstance(net[1], nn.BatchNorm2d)  # refused before any change
+
+
+def test_learned_steps_change_relatively_whatever_the_weights_range():
+    # Adam's update ignores the gradient's size: on raw steps every step moved by about step_lr in
+    # absolute terms (a layer with small weights lost its grid within a few updates). Steps are
+    # learned as log|step|, so each update changes a step by about step_lr of itself.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-3)  # steps ~1e-5: an absolute update of 1e-2 would be 1000x them
+    lowbit.prepare_qat(model, "w4g64")
+    before = [m.wq.step.detach().clone() for m in model if isinstance(m, QATLayer)]
+    x, y = torch.randn(32, 64), torch.randn(32, 64)
+    steps, step_lr = 10, 1e-2
+    fit(model, [x], steps=steps, lr=0.0, step_lr=step_lr, loss_fn=lambda m, b: ((m(b) - y) ** 2).mean())
+    for b, m in zip(before, [m for m in model if isinstance(m, QATLayer)]):
+        rel = (m.wq.step.detach() / b - 1).abs()
+        assert 0 < rel.max() <= (1 + step_lr) ** steps - 1 + 1e-3  # moved, by a bounded share of itself
+        assert bool((m.wq.step.detach().sign() == b.sign()).all())

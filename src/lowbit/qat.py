@@ -442,6 +442,24 @@ def embedding_distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: t
     return sentence + tokens
 
 
+def _log_space_grads(scales: list[nn.Parameter], logs: list[nn.Parameter]) -> None:
+    """Move each step's gradient onto ``u = log|step|`` (``dL/du = dL/dstep * step``), ``u`` taken
+    from the step as it is now (an activation step may have been set by its first batch)."""
+    with torch.no_grad():
+        for p, u in zip(scales, logs):
+            u.copy_(p.abs().clamp_min(torch.finfo(p.dtype).tiny).log())
+            u.grad = None if p.grad is None else p.grad * p
+            p.grad = None
+
+
+def _from_log_space(scales: list[nn.Parameter], logs: list[nn.Parameter]) -> None:
+    """Write the updated ``log|step|`` back, keeping each step's sign; a zero step (an all-zero
+    group) stays zero."""
+    with torch.no_grad():
+        for p, u in zip(scales, logs):
+            p.copy_(torch.where(p == 0, p, torch.copysign(u.exp(), p)))
+
+
 def fit(
     model: nn.Module,
     batches,
@@ -455,7 +473,9 @@ def fit(
     temperature: float = 1.0,
     on_step=None,
 ) -> list[float]:
-    """A minimal QAT loop: AdamW over the float weights (``lr``) and the learned steps (``step_lr``),
+    """A minimal QAT loop: AdamW over the float weights (``lr``), the learned steps (``step_lr``,
+    a relative rate: steps are learned as ``log|step|``, so an update changes a step by about that
+    fraction whatever its size) and zero points (``step_lr`` codes per update),
     ``steps`` updates cycling through ``batches`` (a list, or a callable ``i -> batch``), learning
     rates on a cosine from full to 0. With ``seconds``, training also stops at that wall time and
     the cosine follows whichever of steps or time is further along, so a time budget still ends
@@ -478,10 +498,17 @@ def fit(
     qat = [m for m in model.modules() if isinstance(m, QATLayer)]
     if not qat:
         raise QATError("no QAT layers: call prepare_qat() first" + _already(model))
-    steps_p = [p for m in qat for p in (m.wq.step, m.wq.zero, m.aq.step if m.aq is not None else None) if p is not None]
-    ids = {id(p) for p in steps_p}
+    scales = [p for m in qat for p in (m.wq.step, m.aq.step if m.aq is not None else None) if p is not None]
+    zeros = [m.wq.zero for m in qat if m.wq.zero is not None]
+    ids = {id(p) for p in scales + zeros}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": weights, "lr": lr, "weight_decay": 0.0}, {"params": steps_p, "lr": step_lr, "weight_decay": 0.0}]
+    # Steps learn in log space. Adam's update does not depend on the gradient's size, so on a raw
+    # step it moves every step by about step_lr in absolute terms: far too much for a layer whose
+    # steps are small, too little where they are large. On log|step| an update is a relative
+    # change (step_lr = its fraction per update) whatever the layer's weight range.
+    logs = [nn.Parameter(torch.zeros_like(p)) for p in scales]
+    groups = [{"params": weights, "lr": lr, "weight_decay": 0.0}, {"params": logs, "lr": step_lr, "weight_decay": 0.0},
+              {"params": zeros, "lr": step_lr, "weight_decay": 0.0}]  # fmt: skip
     opt = torch.optim.AdamW(groups)
     base = [grp["lr"] for grp in opt.param_groups]
     t0 = time.perf_counter()
@@ -515,8 +542,12 @@ def fit(
             else:
                 loss = loss_fn(model, b)
             opt.zero_grad(set_to_none=True)
+            for u in logs:
+                u.grad = None
             loss.backward()
+            _log_space_grads(scales, logs)
             opt.step()
+            _from_log_space(scales, logs)
             losses.append(loss.item())
             if on_step is not None and on_step(i, losses[-1]):
                 break

@@ -32,7 +32,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -138,7 +138,7 @@ def compress(
     channels: float | None = None,
     measured: Sensitivity | None = None,
     distill_steps: int = 0,
-    distill_data: Sequence | None = None,
+    distill_data: Sequence | Callable | None = None,
     lr: float = 1e-4,
     step_lr: float = 1e-3,
     progress: bool = False,
@@ -170,7 +170,8 @@ def compress(
             the same method and every one of ``candidates``: the measurement is skipped, so one
             table serves many ratios and candidate subsets.
         distill_steps: steps of distillation from the FP32 model after quantization (0: none).
-        distill_data: batches to distil on (default ``calibration``, else ``batches``).
+        distill_data: batches to distil on (default ``calibration``, else ``batches``), cycled, or a
+            callable ``i -> batch`` giving step ``i``'s batch.
         lr, step_lr: distillation learning rates of the weights (and corrections) and the steps.
 
     Returns a :class:`Compressed`. Raises :class:`CompressError` when no allocation of the
@@ -290,7 +291,10 @@ def compress(
     # 4. distil
     if distill_steps:
         t2 = time.perf_counter()
-        data = list(distill_data) if distill_data is not None else (calibration or batches)
+        if distill_data is None:
+            data = calibration or batches
+        else:  # a callable draws fresh batches (``i -> batch``, e.g. new augmented crops per step)
+            data = distill_data if callable(distill_data) else list(distill_data)
         qat.prepare_qat(out)  # every quantized layer restarts from its post-training result
         losses = qat.fit(out, data, steps=distill_steps, teacher=teacher, lr=lr, step_lr=step_lr)
         qat.convert(out)
