@@ -390,3 +390,16 @@ def test_distillation_may_draw_a_fresh_batch_per_step(digits):
                  distill_steps=3, distill_data=draw)  # fmt: skip
     assert drawn == [0, 1, 2] and len(r.distill_losses) == 3 and r.ratio >= 6
 
+
+
+def test_depthwise_convolutions_need_a_fixed_choice_under_a_calibrated_method():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Flatten(),
+                          nn.Linear(64 * 16, 10)).eval()  # fmt: skip
+    x = [torch.randn(8, 3, 4, 4) for _ in range(2)]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CompressError, match=r"^1: grouped/depthwise convolutions cannot be calibrated by 'gptq'"):
+        compress(model, target_ratio=4, batches=x, calibration=x, candidates=("w8", "w4g64"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    r = compress(model, target_ratio=4, batches=x, calibration=x, candidates=("w8", "w4g64"), fixed={"1": "w8"})
+    assert r.ratio >= 4 and r.model[1].scheme.bits == 8 and r.method == "gptq"

@@ -211,6 +211,15 @@ def compress(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    if algo.uses_calibration:  # before any work: calibrated methods need each layer's unfolded input
+        grouped = [n for n in searchable_layers(model) if (fixed_r is None or fixed_r.rule_for(n) is None)
+                   and isinstance(m := model.get_submodule(n), nn.Conv2d) and m.groups > 1]  # fmt: skip
+        if grouped:
+            more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
+            raise CompressError(
+                f"{grouped[0]}{more}: grouped/depthwise convolutions cannot be calibrated by {method!r}; give "
+                "them a fixed choice, rounded to nearest (fixed={name: 'w8'}; CLI --fixed 're:...=w8'), or "
+                "use method 'rtn' or 'hqq'")  # fmt: skip
     # 0. structured pruning (on a copy; the original stays the reference and the teacher)
     teacher, ref_bytes = model, reference_bytes(model)
     if channels is not None:
