@@ -60,6 +60,37 @@ def _fp32_file_bytes(model) -> int:
         return _file_bytes(Path(d))
 
 
+def _args(kw: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+
+
+class _Rows(list):
+    """A model's rows, written to results/compress_<name>.json (marked partial) after each one, so
+    that an interrupted run resumes: a row an earlier partial run measured with the same arguments
+    is reused."""
+
+    def __init__(self, name: str, first: dict) -> None:
+        super().__init__([first])
+        self.path = RESULTS / f"compress_{name}.json"
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        partial = bool(old.get("partial"))
+        self.earlier = {r["label"]: r for r in old.get("rows", [])[1:]} if partial else {}
+        self.extra = old.get("extra", {}) if partial else {}
+
+    def reuse(self, label: str, kw: dict) -> bool:
+        r = self.earlier.get(label)
+        if r is None or r.get("args") != _args(kw):
+            return False
+        self.append({**r, "resumed": True})
+        print(label, "(measured by an earlier, interrupted run)", flush=True)
+        return True
+
+    def add(self, row: dict) -> None:
+        self.append(row)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"rows": list(self), "partial": True, "extra": self.extra}, indent=1) + "\n")
+
+
 def digits() -> dict:
     import lowbit
     from lowbit.compress import compress
@@ -76,9 +107,11 @@ def digits() -> dict:
             return float((m(data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
 
     fp_file = _fp32_file_bytes(zoo.model)
-    rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "accuracy": acc(zoo.model),
-             "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    rows = _Rows("digits", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "accuracy": acc(zoo.model),
+             "seconds": 0.0, "choice": "-"})  # fmt: skip
     for label, kw in DIGITS_ROWS.items():
+        if rows.reuse(label, kw):
+            continue
         t = time.perf_counter()
         r = compress(zoo.model, batches=meas, calibration=cal, lr=1e-3, distill_data=distill, **kw)
         seconds = time.perf_counter() - t
@@ -88,14 +121,14 @@ def digits() -> dict:
             back = lowbit.load(out, model=DigitsCNN())  # what a user reloads is what was measured
             reloaded = acc(back)
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
-        rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        rows.add({"label": label, "args": _args(kw),
                      "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
                      "accuracy": acc(r.model), "reloaded_accuracy": reloaded, "kl": r.kl,
                      "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
                      "method": r.method, "choice": counts})  # fmt: skip
         print(label, f"{fp_file / size:.2f}x file, {r.ratio:.2f}x tensors, acc {rows[-1]['accuracy']:.3f}, "
               f"{seconds:.1f}s", flush=True)  # fmt: skip
-    return {"rows": rows, "test_images": len(data["y_test"])}
+    return {"rows": list(rows), "test_images": len(data["y_test"])}
 
 
 # SmolLM2-135M: the tied embedding / LM head rounded to nearest once (fixed), the decoder searched.
@@ -134,8 +167,8 @@ def smollm2() -> dict:
     fp_file = _fp32_file_bytes(zoo.model)
     decoder = [n for n, m in zoo.model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
     dec_params = sum(zoo.model.get_submodule(n).weight.numel() for n in decoder)
-    rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "ppl": ppl(zoo.model),
-             "decoder_bpw": 32.0, "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    rows = _Rows("smollm2", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "ppl": ppl(zoo.model),
+             "decoder_bpw": 32.0, "seconds": 0.0, "choice": "-"})  # fmt: skip
     # the shared measurement (the slow part) is kept beside the results, so rows can be re-run
     cache = RESULTS / "compress_smollm2_sensitivity.json"
     if cache.exists() and (old := json.loads(cache.read_text()))["candidates"] == list(SMOLLM2_ALL):
@@ -151,6 +184,8 @@ def smollm2() -> dict:
                                      "table": table.to_dict()}) + "\n")  # fmt: skip
     print(f"measured {len(SMOLLM2_ALL)} candidates x {len(layers)} layers in {measure_seconds:.0f}s", flush=True)
     for label, kw in SMOLLM2_ROWS.items():
+        if rows.reuse(label, kw):
+            continue
         t = time.perf_counter()
         r = compress(zoo.model, batches=meas, calibration=cal, fixed=SMOLLM2_FIXED, distill_data=distill,
                      lr=1e-5, step_lr=1e-4, method="sparsegpt", measured=table, **kw)  # fmt: skip
@@ -159,7 +194,7 @@ def smollm2() -> dict:
         with tempfile.TemporaryDirectory() as d:
             size = _file_bytes(lowbit.save(r.model, Path(d) / "m"))  # the model only: no tokenizer files
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
-        rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        rows.add({"label": label, "args": _args(kw),
                      "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
                      "decoder_bpw": 8 * dec_bytes / dec_params, "ppl": ppl(r.model), "kl": r.kl,
                      "kl_before_distill": r.kl_before_distill, "predicted_kl": r.allocation.loss,
@@ -167,7 +202,7 @@ def smollm2() -> dict:
                      "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "seconds", "choice")}),
               flush=True)  # fmt: skip
-    return {"rows": rows, "fixed": SMOLLM2_FIXED, "measure_seconds": measure_seconds}
+    return {"rows": list(rows), "fixed": SMOLLM2_FIXED, "measure_seconds": measure_seconds}
 
 
 # all-MiniLM-L6-v2: the embeddings (the word embedding is half the model) rounded to nearest once
@@ -177,12 +212,14 @@ def smollm2() -> dict:
 MINILM_WORD = ("w3g64", "w3g128", "w2g32")
 MINILM_POSITION = {"embeddings.position_embeddings": "w4g64"}  # 512 x 384: 0.8 MB as float32
 MINILM_DENSE = ("w8", "w4g64", "w3g64", "w2g64")
+# the budget is on tensor bytes; the files add a manifest and headers (~0.5%): aim a little above 10x
+MINILM_TARGET = 10.1
 MINILM_ROWS: dict[str, dict] = {
-    "quantization alone": {"target_ratio": 10, "candidates": MINILM_DENSE},
-    "+ unstructured pruning": {"target_ratio": 10, "candidates": MINILM_DENSE + ("w4g64+50%", "w3g64+50%")},
-    "+ structured pruning (50% FFN neurons)": {"target_ratio": 10, "candidates": MINILM_DENSE, "channels": 0.5},
-    "+ distillation": {"target_ratio": 10, "candidates": MINILM_DENSE, "distill_steps": 300},
-    "combined: FFN neurons + distillation": {"target_ratio": 10, "candidates": MINILM_DENSE, "channels": 0.5,
+    "quantization alone": {"target_ratio": MINILM_TARGET, "candidates": MINILM_DENSE},
+    "+ unstructured pruning": {"target_ratio": MINILM_TARGET, "candidates": MINILM_DENSE + ("w4g64+50%", "w3g64+50%")},
+    "+ structured pruning (50% FFN neurons)": {"target_ratio": MINILM_TARGET, "candidates": MINILM_DENSE, "channels": 0.5},
+    "+ distillation": {"target_ratio": MINILM_TARGET, "candidates": MINILM_DENSE, "distill_steps": 300},
+    "combined: FFN neurons + distillation": {"target_ratio": MINILM_TARGET, "candidates": MINILM_DENSE, "channels": 0.5,
                                              "distill_steps": 300},
 }
 
@@ -222,18 +259,23 @@ def minilm() -> dict:
         return {d: float((ref[d] * embed(model, bs)).sum(-1).mean()) for d, bs in held.items()}
 
     fp_file = _fp32_file_bytes(zoo.model)
-    rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
-             "cos": dict.fromkeys(evals, 1.0), "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    rows = _Rows("minilm", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
+             "cos": dict.fromkeys(evals, 1.0), "seconds": 0.0, "choice": "-"})  # fmt: skip
     alone = {}  # the word embedding's scheme -> (the "quantization alone" result, its seconds)
-    for word in MINILM_WORD:
-        t = time.perf_counter()
-        alone[word] = (compress(zoo.model, batches=meas, calibration=cal, **MINILM_ROWS["quantization alone"],
-                                fixed={"embeddings.word_embeddings": word, **MINILM_POSITION}),
-                       time.perf_counter() - t)  # fmt: skip
-        print("word embedding", word, "distance on the measurement batches", alone[word][0].kl, flush=True)
-    word = min(alone, key=lambda w: alone[w][0].kl)
+    choice = rows.extra.get("word_embedding_choice")  # distances of an interrupted run's choice
+    if choice is None or "quantization alone" not in rows.earlier:
+        for word in MINILM_WORD:
+            t = time.perf_counter()
+            alone[word] = (compress(zoo.model, batches=meas, calibration=cal, **MINILM_ROWS["quantization alone"],
+                                    fixed={"embeddings.word_embeddings": word, **MINILM_POSITION}),
+                           time.perf_counter() - t)  # fmt: skip
+            print("word embedding", word, "distance on the measurement batches", alone[word][0].kl, flush=True)
+        choice = rows.extra["word_embedding_choice"] = {w: r.kl for w, (r, _s) in alone.items()}
+    word = min(choice, key=choice.get)
     fixed = {"embeddings.word_embeddings": word, **MINILM_POSITION}
     for label, kw in MINILM_ROWS.items():
+        if rows.reuse(label, kw):
+            continue
         t = time.perf_counter()
         if label == "quantization alone":
             r, seconds = alone[word]
@@ -246,13 +288,13 @@ def minilm() -> dict:
             back = lowbit.load(out)  # rebuilt from its saved config (intermediate_size follows)
             cos = cosines(back)
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
-        rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        rows.add({"label": label, "args": _args(kw),
                      "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio, "cos": cos,
                      "distance": r.kl, "distance_before_distill": r.kl_before_distill, "seconds": seconds,
                      "stages": r.seconds, "method": r.method, "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "cos", "seconds", "choice")}), flush=True)
-    return {"rows": rows, "fixed": fixed, "evals": evals, "held_out": "128 sentences of each eval split",
-            "word_embedding_choice": {w: r.kl for w, (r, _s) in alone.items()}}  # fmt: skip
+    return {"rows": list(rows), "fixed": fixed, "evals": evals, "held_out": "128 sentences of each eval split",
+            "word_embedding_choice": choice}  # fmt: skip
 
 
 # MobileNetV2: GPTQ/SparseGPT need an unfolded input, which depthwise convolutions do not give, so
@@ -286,9 +328,11 @@ def mobilenet() -> dict:
     calb, measb = [cal[i : i + 16] for i in range(0, 64, 16)], [meas[i : i + 16] for i in range(0, 32, 16)]
     fixed = {n: "w8" for n, m in fp.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
     fp_file = _fp32_file_bytes(fp)
-    rows = [{"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
-             "agreement": confident_agreement(ref, ref), "seconds": 0.0, "choice": "-"}]  # fmt: skip
+    rows = _Rows("mobilenet", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
+             "agreement": confident_agreement(ref, ref), "seconds": 0.0, "choice": "-"})  # fmt: skip
     for label, kw in MOBILENET_ROWS.items():
+        if rows.reuse(label, kw):
+            continue
         t = time.perf_counter()
         r = compress(fp, batches=measb, calibration=calb, fixed=fixed,
                      distill_data=lambda i: photo_crops(16, split="calib", seed=100 + i), **kw)  # fmt: skip
@@ -299,13 +343,13 @@ def mobilenet() -> dict:
             back = lowbit.load(out, model=MobileNetV2())  # resized layers load into the original skeleton
             reloaded = confident_agreement(ref, logits_of(back, ev))
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
-        rows.append({"label": label, "args": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        rows.add({"label": label, "args": _args(kw),
                      "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
                      "agreement": confident_agreement(ref, logits_of(r.model, ev)), "reloaded": reloaded,
                      "kl": r.kl, "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
                      "method": r.method, "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "agreement", "seconds", "choice")}), flush=True)
-    return {"rows": rows, "fixed": "depthwise convolutions at w8", "eval_crops": len(ev)}
+    return {"rows": list(rows), "fixed": "depthwise convolutions at w8", "eval_crops": len(ev)}
 
 
 MODELS = {"digits": digits, "smollm2": smollm2, "minilm": minilm, "mobilenet": mobilenet}

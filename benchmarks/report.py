@@ -932,27 +932,89 @@ def _compress_digits(res: dict) -> str:
 def _compress_minilm(res: dict) -> str:
     """issue 16: all-MiniLM-L6-v2 compressed; cosine to FP32 sentence embeddings on held-out text."""
     evals = res["evals"]
+    mean = lambda r: sum(r["cos"].values()) / len(evals)  # noqa: E731
     table = [[r["label"], r["choice"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['file_ratio']:.2f}x",
               f"{r['tensor_ratio']:.2f}x", *(f"{r['cos'][d]:.3f}" for d in evals),
-              f"{sum(r['cos'].values()) / len(evals):.3f}", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
+              f"{mean(r):.3f}", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
+    fixed = ", ".join(f"`{k}` {v}" for k, v in res["fixed"].items())
+    words = res.get("word_embedding_choice")
+    chosen = "" if not words else (
+        " The word embedding's scheme is the one whose quantization-alone result was closest to FP32 on the "
+        "measurement sentences (calib split), cosine distance "
+        + ", ".join(f"{w} {d:.4f}" for w, d in words.items()) + ".")  # fmt: skip
+    ok = [r for r in res["rows"][1:] if r["file_ratio"] >= 10 and mean(r) >= 0.95]
+    best = max(res["rows"][1:], key=mean)
     return "\n".join([
         "## Compression beyond quantization: MiniLM (issue 16)", "",
         _header(res), "",
-        "all-MiniLM-L6-v2 through `lowbit.compress(model, target_ratio=10, ...)`: the word embedding (half the "
-        f"model) fixed at {res['fixed']['embeddings.word_embeddings']} (rounded to nearest), every encoder "
+        "all-MiniLM-L6-v2 through `lowbit.compress(model, target_ratio=10, ...)`: the embeddings fixed "
+        f"({fixed}; rounded to nearest), every encoder "
         "linear layer choosing among the candidates by its measured cosine distance of mean-pooled embeddings "
         "(GPTQ; SparseGPT for the pruned `+50%` candidates); structured pruning removes half of every FFN's "
         "neurons first (config `intermediate_size` 1536 -> 768); distillation: 300 steps from FP32 on "
         "calibration sentences by embedding and token-state direction. Calibration, costs and distillation: "
         "sentences of the calib split of every domain; **cosine: mean cosine to FP32 sentence embeddings on "
         f"{res['held_out']}** (never seen by any step), measured on the saved model loaded back from its "
-        "config. File: the FP32 safetensors file vs the saved lowbit directory (model files, no tokenizer).", "",
+        f"config. File: the FP32 safetensors file vs the saved lowbit directory (model files, no tokenizer).{chosen}",
+        "",
         markdown_table(["pipeline", "choice per layer", "MB", "x smaller (file)", "x smaller (tensors)",
                         *(f"cos {d}" for d in evals), "mean cos", "seconds"], table),  # fmt: skip
         "",
-        f"Best mean cosine at these sizes: {max(sum(r['cos'].values()) / len(evals) for r in res['rows'][1:]):.3f}, "
-        "short of the 0.95 that issue 16 asks at 10x: the encoder layers get mostly 2 and 3 bits here, and 300 "
-        "distillation steps recover what the FFN pruning cost but not what the 2-bit layers cost.",
+        (f"At >= 10x the file, {len(ok)} of {len(res['rows']) - 1} pipelines keep a mean cosine >= 0.95; the best "
+         f"is {best['label']!r} ({mean(best):.3f}).") if ok else
+        f"No pipeline reaches a mean cosine of 0.95 at 10x; the best is {best['label']!r} ({mean(best):.3f}).",
+    ])  # fmt: skip
+
+
+def _compress_mobilenet(res: dict) -> str:
+    """issue 16: MobileNetV2 compressed; top-1 agreement with FP32 on confident crops."""
+    table = [[r["label"], r["choice"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['file_ratio']:.2f}x",
+              f"{r['tensor_ratio']:.2f}x", f"{100 * r['agreement']['agreement']:.1f}%",
+              f"{100 * r['agreement']['agreement_all']:.1f}%", f"{r['agreement']['mean_kl']:.3f}",
+              f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
+    conf = res["rows"][0]["agreement"]["confident"]
+    return "\n".join([
+        "## Compression beyond quantization: MobileNetV2 (issue 16)", "",
+        _header(res), "",
+        "MobileNetV2 (ImageNet weights) through `lowbit.compress(model, target_ratio=R, ...)`: every "
+        "convolution and the classifier choose among the candidates by their measured KL to FP32 (GPTQ; "
+        "SparseGPT for the pruned `+50%` candidates); the depthwise convolutions, which GPTQ cannot take, are "
+        "fixed at int8 (rounded to nearest, 1.8% of the weights); structured pruning first removes 25% of the "
+        "channels of every expand/depthwise/project chain (the tensors shrink); distillation: 300 steps "
+        "from FP32, 16 fresh random crops of the calib split per step, no labels. Calibration (64 crops) "
+        f"and costs (32 crops): calib split. **Agreement: top-1 agreement with FP32 on the {conf} confident "
+        f"of {res['eval_crops']} eval crops** (FP32 top probability >= 0.5), all crops and mean KL beside it. "
+        "Low-rank corrections apply to linear layers only (here the classifier): no row.", "",
+        markdown_table(["pipeline", "choice per layer", "MB", "x smaller (file)", "x smaller (tensors)",
+                        "agreement (confident)", "agreement (all)", "KL", "seconds"], table),  # fmt: skip
+    ])
+
+
+def _compress_smollm2(res: dict) -> str:
+    """issue 16: SmolLM2-135M compressed; perplexity on the eval split of every text domain."""
+    fp = res["rows"][0]
+    doms = list(fp["ppl"])
+    rel = lambda r: sum(r["ppl"][d] / fp["ppl"][d] for d in doms) / len(doms)  # noqa: E731
+    table = [[r["label"], r["choice"], f"{r['decoder_bpw']:.3f}", f"{32 / r['decoder_bpw']:.2f}x",
+              f"{r['file_bytes'] / 1e6:.1f}", f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms),
+              f"{rel(r):.3f}x", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
+    fixed = ", ".join(f"`{k}` {v}" for k, v in res["fixed"].items())
+    return "\n".join([
+        "## Compression beyond quantization: SmolLM2-135M (issue 16)", "",
+        _header(res), "",
+        "`lowbit.compress(model, target_ratio=R, method=\"sparsegpt\", ...)` per row: the tied embedding / LM "
+        f"head fixed ({fixed}; rounded to nearest), each of the 210 decoder linear layers choosing among the "
+        "row's candidates by its measured KL to FP32 (8 x 256 tokens of the calib split). One measurement of "
+        f"every candidate ({res['measure_seconds'] / 60:.0f} min, counted in every row's seconds) serves all "
+        "rows (`measured=`). `+25%`/`+50%`: SparseGPT-pruned with the quantization, as in its paper; `+r16`: "
+        "a rank-16 float16 correction of the quantization error (EoRA); distillation: from FP32 on 256 x 256 "
+        "tokens of the calib split. Calibration: 64 x 512 tokens of the calib split. **Perplexity on 4096 "
+        "held-out tokens of every domain's eval split**; bits per weight of the decoder layers count codes, "
+        "scales, zero points, masks and corrections; file: the FP32 safetensors file vs the saved lowbit "
+        "directory (model files).", "",
+        markdown_table(["pipeline", "choice per layer", "decoder bits/weight", "decoder x smaller", "MB",
+                        "x smaller (file)", *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"],
+                       table),  # fmt: skip
     ])
 
 
@@ -971,9 +1033,10 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("sym_range", _sym_range), ("domains", _domains),
                          ("domains_minilm", _domains_minilm), ("streaming", _streaming),
                          ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl),
-                         ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm)):  # fmt: skip
+                         ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm),
+                         ("compress_mobilenet", _compress_mobilenet), ("compress_smollm2", _compress_smollm2)):  # fmt: skip
         res = _load(results, name)
-        if res is not None:
+        if res is not None and not res.get("partial"):  # an interrupted run's rows wait for the rest
             if name == "domains":
                 res["peers"] = _load(results, "peer_domains")
             if name == "algorithms":  # peer rows come from their own script's file, read at render time
