@@ -1018,6 +1018,26 @@ def _compress_smollm2(res: dict) -> str:
     ])
 
 
+def _sparse_speed(res: dict) -> str:
+    """issue 16: a 2:4-pruned w4g64 layer vs the dense one, as lowbit runs them."""
+    dense = {tuple(r["shape"]): r for r in res["rows"] if r["variant"] == "w4g64"}
+    table = [["x".join(map(str, r["shape"])), r["variant"], f"{r['sparsity']:.0%}", f"{r['stored_bytes'] / 1e6:.2f}",
+              f"{r['seconds'] * 1e3:.3f}", f"{dense[tuple(r['shape'])]['seconds'] / r['seconds']:.2f}x",
+              f"{dense[tuple(r['shape'])]['stored_bytes'] / r['stored_bytes']:.2f}x"] for r in res["rows"]]  # fmt: skip
+    return "\n".join([
+        "## 2:4 sparse + int4 vs dense int4, layer speed (issue 16)", "",
+        _header(res), "",
+        "One linear layer (M x N x K), w4g64 rounded to nearest, dense vs 2:4-pruned (magnitude), as lowbit "
+        f"runs them: median of {res['reps']} calls each, interleaved, weights cold (rotating copies). A pruned layer "
+        "stores its bitmask and only the kept codes, and runs the dense codes (removed weights as zeros) on the "
+        "same integer kernel: its speed is the dense layer's, and no sparse CPU kernel is built. The bytes "
+        "column bounds what one could win: a GEMV that read only the stored bytes would move that much less "
+        "memory, before the cost of expanding the mask.", "",
+        markdown_table(["M x N x K", "weight", "sparsity", "stored MB", "ms", "speed vs dense", "bytes vs dense"],
+                       table),  # fmt: skip
+    ])
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -1034,7 +1054,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("domains_minilm", _domains_minilm), ("streaming", _streaming),
                          ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl),
                          ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm),
-                         ("compress_mobilenet", _compress_mobilenet), ("compress_smollm2", _compress_smollm2)):  # fmt: skip
+                         ("compress_mobilenet", _compress_mobilenet), ("compress_smollm2", _compress_smollm2),
+                         ("sparse_speed", _sparse_speed)):  # fmt: skip
         res = _load(results, name)
         if res is not None and not res.get("partial"):  # an interrupted run's rows wait for the rest
             if name == "domains":

@@ -1046,7 +1046,45 @@ def section_domains(quick: bool) -> dict:
             "domains": {d: D.DOMAINS[d][0] for d in evals}, "rows": rows}  # fmt: skip
 
 
-SECTIONS = {"kernels": section_kernels, "paths": section_paths, "decode_1b": section_decode_1b, "kv_cache": section_kv_cache, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
+def section_sparse_speed(quick: bool) -> dict:
+    """issue 16: a 2:4-pruned w4g64 layer against the dense w4g64 layer, both as lowbit runs them,
+    batch 1 (GEMV) and batch 16, weights cold (rotating copies), timed interleaved in one run; the
+    bytes each stores beside. A pruned layer keeps its mask and kept codes on disk and runs the
+    dense codes (removed weights as code-valued zeros) on the same integer kernel."""
+    import time
+
+    import lowbit
+    from lowbit.evaluate.kernel_bench import _copies
+
+    torch.manual_seed(0)
+    reps = 15 if quick else 61
+    rows = []
+    for n, k in ((4096, 4096), (11008, 4096))[: 1 if quick else 2]:
+        lin = torch.nn.Linear(k, n, bias=False)
+        variants = {"w4g64": {}, "w4g64 2:4": {"method": "magnitude", "nm": "2:4"}}
+        layers = {}
+        for label, kw in variants.items():
+            first = lowbit.quantize(torch.nn.Sequential(copy.deepcopy(lin)), "w4g64", **kw)[0]
+            layers[label] = [first] + [copy.deepcopy(first) for _ in range(_copies(first.nbytes, 1) - 1)]
+        for m in (1, 16):
+            x = torch.randn(m, k)
+            times = {label: [] for label in variants}
+            with torch.no_grad():
+                for i in range(reps):
+                    for label, mods in layers.items():  # interleaved: drift hits both alike
+                        mod = mods[i % len(mods)]
+                        t = time.perf_counter()
+                        mod(x)
+                        times[label].append(time.perf_counter() - t)
+            for label, mods in layers.items():
+                rows.append({"shape": [m, n, k], "variant": label, "seconds": statistics.median(times[label][2:]),
+                             "stored_bytes": mods[0].nbytes, "kernel": mods[0].kernel,
+                             "sparsity": mods[0].sparsity})  # fmt: skip
+                print("  sparse_speed", rows[-1], file=sys.stderr)
+    return {"command": "python benchmarks/run_all.py --sections sparse_speed", "reps": reps, "rows": rows}
+
+
+SECTIONS = {"kernels": section_kernels, "sparse_speed": section_sparse_speed, "paths": section_paths, "decode_1b": section_decode_1b, "kv_cache": section_kv_cache, "smollm2": section_smollm2, "decode": section_decode, "digits": section_digits,
             "algorithms": section_algorithms, "w8a8": section_w8a8, "sweeps": section_sweeps,
             "mobilenet": section_mobilenet, "mobilenet_speed": section_mobilenet_speed, "mixed": section_mixed, "mixed_base": section_mixed_base,
             "mixed_hessian": section_mixed_hessian,
