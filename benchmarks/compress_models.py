@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.files import write_text_atomic
+
 RESULTS = Path(__file__).parent / "results"
 DENSE = ("w8", "w4g64", "w3g64", "w2g64")
 PRUNED = ("w4g64+50%", "w3g64+50%", "w4g64+75%", "w3g64+75%")
@@ -88,7 +90,8 @@ class _Rows(list):
     def add(self, row: dict) -> None:
         self.append(row)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"rows": list(self), "partial": True, "extra": self.extra}, indent=1) + "\n")
+        write_text_atomic(self.path, json.dumps({"rows": list(self), "partial": True, "extra": self.extra}, indent=1)
+                          + "\n")  # fmt: skip
 
 
 def digits() -> dict:
@@ -107,8 +110,8 @@ def digits() -> dict:
             return float((m(data["x_test"]).argmax(-1) == data["y_test"]).float().mean())
 
     fp_file = _fp32_file_bytes(zoo.model)
-    rows = _Rows("digits", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "accuracy": acc(zoo.model),
-             "seconds": 0.0, "choice": "-"})  # fmt: skip
+    rows = _Rows("digits", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
+                            "accuracy": acc(zoo.model), "seconds": 0.0, "choice": "-"})  # fmt: skip
     for label, kw in DIGITS_ROWS.items():
         if rows.reuse(label, kw):
             continue
@@ -122,10 +125,10 @@ def digits() -> dict:
             reloaded = acc(back)
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
         rows.add({"label": label, "args": _args(kw),
-                     "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
-                     "accuracy": acc(r.model), "reloaded_accuracy": reloaded, "kl": r.kl,
-                     "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
-                     "method": r.method, "choice": counts})  # fmt: skip
+                  "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
+                  "accuracy": acc(r.model), "reloaded_accuracy": reloaded, "kl": r.kl,
+                  "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
+                  "method": r.method, "choice": counts})  # fmt: skip
         print(label, f"{fp_file / size:.2f}x file, {r.ratio:.2f}x tensors, acc {rows[-1]['accuracy']:.3f}, "
               f"{seconds:.1f}s", flush=True)  # fmt: skip
     return {"rows": list(rows), "test_images": len(data["y_test"])}
@@ -167,21 +170,21 @@ def smollm2() -> dict:
     fp_file = _fp32_file_bytes(zoo.model)
     decoder = [n for n, m in zoo.model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
     dec_params = sum(zoo.model.get_submodule(n).weight.numel() for n in decoder)
-    rows = _Rows("smollm2", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0, "ppl": ppl(zoo.model),
-             "decoder_bpw": 32.0, "seconds": 0.0, "choice": "-"})  # fmt: skip
+    rows = _Rows("smollm2", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
+                             "ppl": ppl(zoo.model), "decoder_bpw": 32.0, "seconds": 0.0, "choice": "-"})  # fmt: skip
     # the shared measurement (the slow part) is kept beside the results, so rows can be re-run
     cache = RESULTS / "compress_smollm2_sensitivity.json"
+    layers = [n for n in searchable_layers(zoo.model) if n not in SMOLLM2_FIXED]
     if cache.exists() and (old := json.loads(cache.read_text()))["candidates"] == list(SMOLLM2_ALL):
         table, measure_seconds = Sensitivity.from_dict(old["table"]), old["seconds"]
     else:
         t = time.perf_counter()
-        layers = [n for n in searchable_layers(zoo.model) if n not in SMOLLM2_FIXED]
         table = sensitivity(zoo.model, SMOLLM2_ALL, meas, calibration=cal, method="sparsegpt", layers=layers,
                             sparsity=0.0)  # fmt: skip
         measure_seconds = time.perf_counter() - t
         RESULTS.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"candidates": list(SMOLLM2_ALL), "seconds": measure_seconds,
-                                     "table": table.to_dict()}) + "\n")  # fmt: skip
+        write_text_atomic(cache, json.dumps({"candidates": list(SMOLLM2_ALL), "seconds": measure_seconds,
+                                             "table": table.to_dict()}) + "\n")  # fmt: skip
     print(f"measured {len(SMOLLM2_ALL)} candidates x {len(layers)} layers in {measure_seconds:.0f}s", flush=True)
     for label, kw in SMOLLM2_ROWS.items():
         if rows.reuse(label, kw):
@@ -195,11 +198,11 @@ def smollm2() -> dict:
             size = _file_bytes(lowbit.save(r.model, Path(d) / "m"))  # the model only: no tokenizer files
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
         rows.add({"label": label, "args": _args(kw),
-                     "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
-                     "decoder_bpw": 8 * dec_bytes / dec_params, "ppl": ppl(r.model), "kl": r.kl,
-                     "kl_before_distill": r.kl_before_distill, "predicted_kl": r.allocation.loss,
-                     "seconds": seconds + measure_seconds, "stages": r.seconds, "method": r.method,
-                     "choice": counts})  # fmt: skip
+                  "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
+                  "decoder_bpw": 8 * dec_bytes / dec_params, "ppl": ppl(r.model), "kl": r.kl,
+                  "kl_before_distill": r.kl_before_distill, "predicted_kl": r.allocation.loss,
+                  "seconds": seconds + measure_seconds, "stages": r.seconds, "method": r.method,
+                  "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "seconds", "choice")}),
               flush=True)  # fmt: skip
     return {"rows": list(rows), "fixed": SMOLLM2_FIXED, "measure_seconds": measure_seconds}
@@ -260,7 +263,7 @@ def minilm() -> dict:
 
     fp_file = _fp32_file_bytes(zoo.model)
     rows = _Rows("minilm", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
-             "cos": dict.fromkeys(evals, 1.0), "seconds": 0.0, "choice": "-"})  # fmt: skip
+                            "cos": dict.fromkeys(evals, 1.0), "seconds": 0.0, "choice": "-"})  # fmt: skip
     alone = {}  # the word embedding's scheme -> (the "quantization alone" result, its seconds)
     choice = rows.extra.get("word_embedding_choice")  # distances of an interrupted run's choice
     if choice is None or "quantization alone" not in rows.earlier:
@@ -289,9 +292,9 @@ def minilm() -> dict:
             cos = cosines(back)
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
         rows.add({"label": label, "args": _args(kw),
-                     "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio, "cos": cos,
-                     "distance": r.kl, "distance_before_distill": r.kl_before_distill, "seconds": seconds,
-                     "stages": r.seconds, "method": r.method, "choice": counts})  # fmt: skip
+                  "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio, "cos": cos,
+                  "distance": r.kl, "distance_before_distill": r.kl_before_distill, "seconds": seconds,
+                  "stages": r.seconds, "method": r.method, "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "cos", "seconds", "choice")}), flush=True)
     return {"rows": list(rows), "fixed": fixed, "evals": evals, "held_out": "128 sentences of each eval split",
             "word_embedding_choice": choice}  # fmt: skip
@@ -329,7 +332,7 @@ def mobilenet() -> dict:
     fixed = {n: "w8" for n, m in fp.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
     fp_file = _fp32_file_bytes(fp)
     rows = _Rows("mobilenet", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "tensor_ratio": 1.0,
-             "agreement": confident_agreement(ref, ref), "seconds": 0.0, "choice": "-"})  # fmt: skip
+                               "agreement": confident_agreement(ref, ref), "seconds": 0.0, "choice": "-"})  # fmt: skip
     for label, kw in MOBILENET_ROWS.items():
         if rows.reuse(label, kw):
             continue
@@ -344,10 +347,10 @@ def mobilenet() -> dict:
             reloaded = confident_agreement(ref, logits_of(back, ev))
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
         rows.add({"label": label, "args": _args(kw),
-                     "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
-                     "agreement": confident_agreement(ref, logits_of(r.model, ev)), "reloaded": reloaded,
-                     "kl": r.kl, "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
-                     "method": r.method, "choice": counts})  # fmt: skip
+                  "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
+                  "agreement": confident_agreement(ref, logits_of(r.model, ev)), "reloaded": reloaded,
+                  "kl": r.kl, "kl_before_distill": r.kl_before_distill, "seconds": seconds, "stages": r.seconds,
+                  "method": r.method, "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "agreement", "seconds", "choice")}), flush=True)
     return {"rows": list(rows), "fixed": "depthwise convolutions at w8", "eval_crops": len(ev)}
 

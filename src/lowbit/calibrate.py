@@ -858,10 +858,16 @@ def _in_features(mod: nn.Module) -> int:
     return mod.weight.shape[0]  # transformers Conv1D stores (in, out)
 
 
+def unfoldable(mod: nn.Module) -> bool:
+    """Whether calibrated methods can collect ``mod``'s input statistics: not a grouped or
+    depthwise convolution, whose input does not unfold into its weight's columns."""
+    return not (isinstance(mod, nn.Conv2d) and mod.groups != 1)
+
+
 def _unfold_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as rows matching its flattened weight's columns (convolutions unfolded)."""
     if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1:
+        if not unfoldable(mod):
             raise CalibrationError("calibrated methods take grouped/depthwise convolutions only with rtn or hqq")
         cols = torch.nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, C*kh*kw, L)
         return cols.transpose(1, 2)

@@ -542,8 +542,6 @@ def fit(
             else:
                 loss = loss_fn(model, b)
             opt.zero_grad(set_to_none=True)
-            for u in logs:
-                u.grad = None
             loss.backward()
             _log_space_grads(scales, logs)
             opt.step()

@@ -212,8 +212,10 @@ def compress(
     t0 = time.perf_counter()
 
     if algo.uses_calibration:  # before any work: calibrated methods need each layer's unfolded input
+        from ..calibrate import unfoldable
+
         grouped = [n for n in searchable_layers(model) if (fixed_r is None or fixed_r.rule_for(n) is None)
-                   and isinstance(m := model.get_submodule(n), nn.Conv2d) and m.groups > 1]  # fmt: skip
+                   and not unfoldable(model.get_submodule(n))]  # fmt: skip
         if grouped:
             more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
             raise CompressError(
