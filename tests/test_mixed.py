@@ -134,6 +134,42 @@ def test_sensitivity_around_an_operating_point(digits):
         sensitivity(zoo.model, ["w2g16", "int8"], [x], base="w4g16")
 
 
+@pytest.mark.parametrize("base", [None, "w4g32"])
+def test_blocks_before_the_measured_layer_are_replayed_with_the_same_costs(base, monkeypatch):
+    """A decoder's earlier blocks are recorded once and replayed: the costs equal a full forward
+    pass per measurement, while the first block runs for far fewer measurements."""
+    import transformers
+
+    from lowbit import mixed
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    batches = [torch.randint(0, 96, (2, 24)) for _ in range(3)]
+    calls = []
+    orig = type(model.model.layers[0]).forward
+
+    def counting(self, *a, **k):  # every decoder block's real forward pass
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(type(model.model.layers[0]), "forward", counting)
+    fast = sensitivity(model, ["w4g32", "w2g32"], batches, base=base)
+    fast_calls = len(calls)
+    monkeypatch.setattr(mixed._PrefixReplay, "record", classmethod(lambda cls, m, b, found: cls()))
+    calls.clear()
+    full = sensitivity(model, ["w4g32", "w2g32"], batches, base=base)
+    # 7 layers in each of 3 blocks: a measurement of a layer in block k skips blocks 0..k-1 on each
+    # of 3 batches (0 + 1 + 2 blocks); recording costs one pass and the chain check one batch
+    measured = 1 if base else 2  # candidates measured per layer (the base costs 0 unmeasured)
+    assert len(calls) - fast_calls == 7 * (0 + 1 + 2) * 3 * measured - 3 * 3 - 3, (fast_calls, len(calls))
+    for n in full.layers:
+        for c in full.candidates:
+            assert fast.loss[n][c] == pytest.approx(full.loss[n][c], rel=1e-4, abs=1e-9), (n, c)
+    assert any(full.loss[n]["w2g32"] > 0 for n in full.layers)
+
+
 def test_hessian_traces_match_the_exact_hessian_of_the_kl():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
