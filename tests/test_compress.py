@@ -134,7 +134,7 @@ def test_structured_pruning_passes_through_depthwise_convolutions_and_reloads(tm
             bn.bias.normal_(0, 0.1)
     x = torch.randn(4, 8, 6, 6)
     m = copy.deepcopy(model)
-    (g,) = prune_channels(m, 0.5, calibration=[x])
+    (g,) = prune_channels(m, 0.5, calibration=[x], recalibrate_bn=False)
     assert g.producers == ("0",) and g.reader == "6" and g.between == ("1", "3", "4")
     assert (m[0].out_channels, m[3].groups, m[4].num_features, m[6].in_channels) == (16, 16, 16, 16)
     with torch.no_grad():
@@ -143,6 +143,29 @@ def test_structured_pruning_passes_through_depthwise_convolutions_and_reloads(tm
     back = lowbit.load(lowbit.save(q, tmp_path / "ir"), model=_inverted_residual().eval())
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
+
+
+def test_pruning_with_calibration_re_estimates_the_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = _inverted_residual().eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4], model[7]):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2)
+    batches = [torch.randn(4, 8, 6, 6) + 1 for _ in range(3)]
+    m = copy.deepcopy(model)
+    prune_channels(m, 0.5, calibration=iter(batches))  # an iterator: read for scores and statistics
+    assert not m.training and not any(x.training for x in m.modules())  # modes and momenta restored
+    assert m[1].momentum == model[1].momentum
+    # the first BatchNorm reads the pruned expansion's output: its statistics are those of the batches
+    with torch.no_grad():  # per batch: (channels, values); the running values average the batches'
+        ys = [m[0](b).transpose(0, 1).reshape(m[0].out_channels, -1) for b in batches]
+    assert torch.allclose(m[1].running_mean, torch.stack([y.mean(1) for y in ys]).mean(0), atol=1e-5)
+    assert torch.allclose(m[1].running_var, torch.stack([y.var(1) for y in ys]).mean(0), rtol=1e-4)
+    assert not torch.allclose(m[7].running_mean, model[7].running_mean, atol=1e-3)  # later ones too
+    kept = copy.deepcopy(model)
+    prune_channels(kept, 0.5, calibration=batches, recalibrate_bn=False)
+    assert torch.equal(kept[7].running_mean, model[7].running_mean)
 
 
 def test_structured_pruning_of_the_digits_cnn_shrinks_its_layers_and_computes_the_same(digits):

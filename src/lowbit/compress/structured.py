@@ -28,7 +28,7 @@ from torch import nn
 
 from ..algorithms.pruning import PruningError, channel_scores, channels_kept
 
-__all__ = ["ChannelGroup", "channel_groups", "prune_channels"]
+__all__ = ["ChannelGroup", "channel_groups", "prune_channels", "recalibrate_batchnorm"]
 
 
 @dataclass
@@ -244,7 +244,39 @@ def _bn(m: nn.Module, idx: torch.Tensor) -> nn.Module:
 
 
 @torch.no_grad()
-def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multiple: int = 8) -> list[ChannelGroup]:
+def recalibrate_batchnorm(model: nn.Module, calibration: list) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``calibration`` (model inputs), in
+    place: each BatchNorm averages its batch statistics over all batches (cumulative, not
+    momentum); every other module stays in its mode. Returns the number of BatchNorms updated.
+
+    After channels are removed, a layer's output loses the removed channels' mean contribution, and
+    the running statistics that follow (measured on the unpruned network) no longer centre it: the
+    shift compounds through the network (MobileNetV2 with 25% of its expansion channels removed:
+    1% top-1 agreement with FP32; after re-estimation on 64 calibration crops, 66%). Re-estimating
+    them is "adaptive BatchNorm" (Li et al., EagleEye, ECCV 2020)."""
+    from ..calibrate import _call
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [(m, m.training, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs by its count
+        m.train()
+    try:
+        for b in calibration:
+            _call(model, b)
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+    return len(bns)
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multiple: int = 8,
+                   recalibrate_bn: bool = True) -> list[ChannelGroup]:  # fmt: skip
     """Remove ``fraction`` of the channels of every channel group of ``model`` in place.
 
     Args:
@@ -253,6 +285,9 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
             rounded down to a multiple of ``multiple`` (at least ``multiple``, or all if fewer).
         calibration: model inputs; when given, channels are scored by the calibration inputs of
             their reading layer, else by the weights alone (:func:`channel_scores`).
+        recalibrate_bn: with ``calibration``, re-estimate the BatchNorms' running statistics on
+            it afterwards (:func:`recalibrate_batchnorm`); False keeps them, so the pruned model
+            computes exactly what the original computes with the removed channels zeroed.
 
     Returns the groups with ``kept`` (the channel indices kept). Raises :class:`PruningError` for a
     fraction outside (0, 1), a quantized model, or a model with no channel groups; nothing
@@ -269,9 +304,10 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
         raise PruningError(f"the model is already quantized ({done}): prune channels of the float model")
     groups = channel_groups(model)
     mods = dict(model.named_modules())
+    calibration = None if calibration is None else list(calibration)  # read twice: scores, BatchNorms
     sq = None
     if calibration is not None:
-        sq = _input_squares(model, {g.reader: mods[g.reader] for g in groups}, list(calibration))
+        sq = _input_squares(model, {g.reader: mods[g.reader] for g in groups}, calibration)
 
     def keep_of(c: int) -> int:
         k = int(c * (1 - fraction)) // multiple * multiple
@@ -305,4 +341,6 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
     for key in keys:
         setattr(config, key, keep_of(groups[0].channels))
     model.lowbit_resized = resized
+    if calibration is not None and recalibrate_bn:
+        recalibrate_batchnorm(model, calibration)
     return groups
