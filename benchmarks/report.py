@@ -973,6 +973,11 @@ def _compress_mobilenet(res: dict) -> str:
               f"{100 * r['agreement']['agreement_all']:.1f}%", f"{r['agreement']['mean_kl']:.3f}",
               f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
     conf = res["rows"][0]["agreement"]["confident"]
+    unpruned = [r["label"] for r in res["rows"][1:] if "%" in "".join(r.get("args", {}).get("candidates", []))
+                and "%" not in r["choice"]]  # fmt: skip
+    note = (" In the rows " + " and ".join(f"'{u}'" for u in unpruned) + " the search chose no pruned candidate at this ratio (each costs more KL than "
+            "it saves bytes); the method (SparseGPT at 0% sparsity for the dense layers, instead of GPTQ) is what "
+            "differs." if unpruned else "")  # fmt: skip
     return "\n".join([
         "## Compression beyond quantization: MobileNetV2 (issue 16)", "",
         _header(res), "",
@@ -980,11 +985,12 @@ def _compress_mobilenet(res: dict) -> str:
         "convolution and the classifier choose among the candidates by their measured KL to FP32 (GPTQ; "
         "SparseGPT for the pruned `+50%` candidates); the depthwise convolutions, which GPTQ cannot take, are "
         "fixed at int8 (rounded to nearest, 1.8% of the weights); structured pruning first removes 25% of the "
-        "channels of every expand/depthwise/project chain (the tensors shrink); distillation: 300 steps "
+        "channels of every expand/depthwise/project chain (the tensors shrink), then re-estimates the "
+        "BatchNorm statistics on the calibration crops; distillation: 300 steps "
         "from FP32, 16 fresh random crops of the calib split per step, no labels. Calibration (64 crops) "
         f"and costs (32 crops): calib split. **Agreement: top-1 agreement with FP32 on the {conf} confident "
         f"of {res['eval_crops']} eval crops** (FP32 top probability >= 0.5), all crops and mean KL beside it. "
-        "Low-rank corrections apply to linear layers only (here the classifier): no row.", "",
+        "Low-rank corrections apply to linear layers only (here the classifier): no row." + note, "",
         markdown_table(["pipeline", "choice per layer", "MB", "x smaller (file)", "x smaller (tensors)",
                         "agreement (confident)", "agreement (all)", "KL", "seconds"], table),  # fmt: skip
     ])
