@@ -134,7 +134,7 @@ def test_structured_pruning_passes_through_depthwise_convolutions_and_reloads(tm
             bn.bias.normal_(0, 0.1)
     x = torch.randn(4, 8, 6, 6)
     m = copy.deepcopy(model)
-    (g,) = prune_channels(m, 0.5, calibration=[x], recalibrate_bn=False)
+    (g,) = prune_channels(m, 0.5, calibration=[x], recalibrate=False)
     assert g.producers == ("0",) and g.reader == "6" and g.between == ("1", "3", "4")
     assert (m[0].out_channels, m[3].groups, m[4].num_features, m[6].in_channels) == (16, 16, 16, 16)
     with torch.no_grad():
@@ -164,8 +164,28 @@ def test_pruning_with_calibration_re_estimates_the_batchnorm_statistics():
     assert torch.allclose(m[1].running_var, torch.stack([y.var(1) for y in ys]).mean(0), rtol=1e-4)
     assert not torch.allclose(m[7].running_mean, model[7].running_mean, atol=1e-3)  # later ones too
     kept = copy.deepcopy(model)
-    prune_channels(kept, 0.5, calibration=batches, recalibrate_bn=False)
+    prune_channels(kept, 0.5, calibration=batches, recalibrate=False)
     assert torch.equal(kept[7].running_mean, model[7].running_mean)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_pruning_with_calibration_keeps_the_readers_mean_output(kind):
+    """The removed channels' mean contribution moves into the reading layer's bias: on the
+    calibration data the pruned model's mean output equals the original's."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), torch.randn(64, 8)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 1)).eval(), torch.randn(16, 8, 5, 5)
+    dims = 0 if kind == "linear" else (0, 2, 3)
+    kept, shifted = copy.deepcopy(model), copy.deepcopy(model)
+    half = len(x) // 2
+    prune_channels(kept, 0.5, calibration=[x[:half], x[half:]])
+    prune_channels(shifted, 0.5, calibration=[x[:half], x[half:]], recalibrate=False)
+    with torch.no_grad():
+        want = model(x).mean(dims)
+        assert torch.allclose(kept(x).mean(dims), want, atol=1e-5)
+        assert not torch.allclose(shifted(x).mean(dims), want, atol=1e-2)  # what the bias corrects
 
 
 def test_structured_pruning_of_the_digits_cnn_shrinks_its_layers_and_computes_the_same(digits):
@@ -173,7 +193,7 @@ def test_structured_pruning_of_the_digits_cnn_shrinks_its_layers_and_computes_th
     m = copy.deepcopy(zoo.model)
     assert [(g.producers, g.reader, g.block) for g in channel_groups(m)] == [
         (("conv1",), "conv2", 1), (("conv2",), "fc1", 16), (("fc1",), "fc2", 1)]  # fmt: skip
-    groups = prune_channels(m, 0.5, calibration=[data["x_train"][:256]])
+    groups = prune_channels(m, 0.5, calibration=[data["x_train"][:256]], recalibrate=False)
     assert (m.conv1.out_channels, m.conv2.in_channels, m.conv2.out_channels) == (8, 8, 16)
     assert (m.fc1.in_features, m.fc1.out_features, m.fc2.in_features) == (256, 32, 32)
     assert m.lowbit_resized["fc1"] == (64, 512) and sum(p.numel() for p in m.parameters()) < 0.3 * sum(
@@ -202,7 +222,7 @@ def test_structured_pruning_of_transformer_ffns_updates_the_config_and_reloads(f
         ffn = "encoder.layer.1.output.dense"
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     m = copy.deepcopy(model)
-    groups = prune_channels(m, 0.5, calibration=[ids])
+    groups = prune_channels(m, 0.5, calibration=[ids], recalibrate=False)
     assert len(groups) == 2 and m.config.intermediate_size == 64 and m.get_submodule(ffn).in_features == 64
     out = lambda mod: mod(ids).logits if family == "llama" else mod(ids).last_hidden_state  # noqa: E731
     with torch.no_grad():

@@ -155,24 +155,22 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
-def _input_squares(model: nn.Module, readers: dict[str, nn.Module], calibration: list) -> dict[str, torch.Tensor]:
-    """Mean square of each reader's input columns (Linear: the last dimension; Conv2d: per
+def _input_moments(model: nn.Module, readers: dict[str, nn.Module], calibration: list
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Mean and mean square of each reader's input columns (Linear: the last dimension; Conv2d: per
     channel over batch and positions) over ``calibration``."""
     from ..calibrate import _call
 
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, list] = {}
     counts: dict[str, int] = dict.fromkeys(readers, 0)
 
     def hook(name):
         def fn(mod, args):
             x = args[0].detach().float()
-            if isinstance(mod, nn.Conv2d):
-                s, n = x.pow(2).sum((0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
-            else:
-                x2 = x.reshape(-1, x.shape[-1])
-                s, n = x2.pow(2).sum(0), x2.shape[0]
-            sums[name] = sums.get(name, 0) + s
-            counts[name] += n
+            x2 = x.transpose(0, 1).reshape(x.shape[1], -1).T if isinstance(mod, nn.Conv2d) else x.reshape(-1, x.shape[-1])
+            s = sums.setdefault(name, [0, 0])
+            s[0], s[1] = s[0] + x2.sum(0), s[1] + x2.pow(2).sum(0)
+            counts[name] += x2.shape[0]
 
         return fn
 
@@ -187,7 +185,20 @@ def _input_squares(model: nn.Module, readers: dict[str, nn.Module], calibration:
     missing = [n for n in readers if not counts[n]]
     if missing:
         raise PruningError(f"the calibration data never reached {missing[0]}")
-    return {n: sums[n] / counts[n] for n in readers}
+    return {n: (sums[n][0] / counts[n], sums[n][1] / counts[n]) for n in readers}
+
+
+def _mean_compensated(m: nn.Module, idx: torch.Tensor, block: int, mean: torch.Tensor) -> None:
+    """Add to ``m``'s bias what the input columns outside ``idx`` (channels of ``block`` columns)
+    gave its output on average: ``W[:, removed] @ mean[removed]`` (a convolution's kernel summed
+    over its positions: exact in expectation for 1x1 kernels, away from the padding for others)."""
+    cols = (idx[:, None] * block + torch.arange(block)).reshape(-1)
+    gone = torch.ones(m.weight.shape[1], dtype=torch.bool)
+    gone[cols] = False
+    w = m.weight.detach()[:, gone].float()
+    if w.dim() == 4:
+        w = w.sum((2, 3))
+    m.bias.data += (w @ mean[gone].to(w)).to(m.bias.dtype)
 
 
 def _rows(m: nn.Module, idx: torch.Tensor) -> nn.Module:
@@ -276,7 +287,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration: list) -> int:
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multiple: int = 8,
-                   recalibrate_bn: bool = True) -> list[ChannelGroup]:  # fmt: skip
+                   recalibrate: bool = True) -> list[ChannelGroup]:  # fmt: skip
     """Remove ``fraction`` of the channels of every channel group of ``model`` in place.
 
     Args:
@@ -285,9 +296,12 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
             rounded down to a multiple of ``multiple`` (at least ``multiple``, or all if fewer).
         calibration: model inputs; when given, channels are scored by the calibration inputs of
             their reading layer, else by the weights alone (:func:`channel_scores`).
-        recalibrate_bn: with ``calibration``, re-estimate the BatchNorms' running statistics on
-            it afterwards (:func:`recalibrate_batchnorm`); False keeps them, so the pruned model
-            computes exactly what the original computes with the removed channels zeroed.
+        recalibrate: with ``calibration``, correct for what the removed channels gave on average:
+            a reading layer with a bias takes their mean contribution into it
+            (``W[:, removed] @ E[x_removed]``, the calibration inputs' mean), and the BatchNorms'
+            running statistics are re-estimated on it afterwards (:func:`recalibrate_batchnorm`).
+            False changes nothing else, so the pruned model computes exactly what the original
+            computes with the removed channels zeroed.
 
     Returns the groups with ``kept`` (the channel indices kept). Raises :class:`PruningError` for a
     fraction outside (0, 1), a quantized model, or a model with no channel groups; nothing
@@ -307,7 +321,7 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
     calibration = None if calibration is None else list(calibration)  # read twice: scores, BatchNorms
     sq = None
     if calibration is not None:
-        sq = _input_squares(model, {g.reader: mods[g.reader] for g in groups}, calibration)
+        sq = _input_moments(model, {g.reader: mods[g.reader] for g in groups}, calibration)
 
     def keep_of(c: int) -> int:
         k = int(c * (1 - fraction)) // multiple * multiple
@@ -320,7 +334,7 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
         w_reader = reader.weight  # a convolution's (N, C, kh, kw) as (N * kh * kw, C): one column per channel
         if isinstance(reader, nn.Conv2d):
             w_reader = w_reader.permute(0, 2, 3, 1).reshape(-1, reader.in_channels)
-        x_sq = None if sq is None else sq[g.reader]
+        x_sq = None if sq is None else sq[g.reader][1]
         scores = channel_scores(w_reader, g.block, x_sq, [mods[p].weight for p in g.producers])
         plan.append((g, channels_kept(scores, keep_of(g.channels))))
     touched = {n for g in groups for n in (*g.producers, g.reader, *g.between)}
@@ -335,12 +349,15 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
             driver._set_module(model, p, _rows(model.get_submodule(p), idx))
         for b in g.between:
             driver._set_module(model, b, _channelwise(model.get_submodule(b), idx))
-        driver._set_module(model, g.reader, _cols(model.get_submodule(g.reader), idx, g.block))
+        reader = model.get_submodule(g.reader)
+        if sq is not None and recalibrate and reader.bias is not None:  # the removed inputs' mean: into the bias
+            _mean_compensated(reader, idx, g.block, sq[g.reader][0])
+        driver._set_module(model, g.reader, _cols(reader, idx, g.block))
     config = getattr(model, "config", None)
     keys = {g.config_key for g in groups if g.config_key}
     for key in keys:
         setattr(config, key, keep_of(groups[0].channels))
     model.lowbit_resized = resized
-    if calibration is not None and recalibrate_bn:
+    if calibration is not None and recalibrate:
         recalibrate_batchnorm(model, calibration)
     return groups
