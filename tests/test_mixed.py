@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 import lowbit
 from lowbit.evaluate.classification import accuracy
@@ -161,13 +162,72 @@ def test_blocks_before_the_measured_layer_are_replayed_with_the_same_costs(base,
     calls.clear()
     full = sensitivity(model, ["w4g32", "w2g32"], batches, base=base)
     # 7 layers in each of 3 blocks: a measurement of a layer in block k skips blocks 0..k-1 on each
-    # of 3 batches (0 + 1 + 2 blocks); recording costs one pass and the chain check one batch
+    # of 3 batches (0 + 1 + 2 blocks); recording costs one pass (3 batches x 3 blocks), the chain
+    # check one batch (3 blocks), the check of the replay one batch whole (3) and replayed (1)
     measured = 1 if base else 2  # candidates measured per layer (the base costs 0 unmeasured)
-    assert len(calls) - fast_calls == 7 * (0 + 1 + 2) * 3 * measured - 3 * 3 - 3, (fast_calls, len(calls))
+    assert len(calls) - fast_calls == 7 * (0 + 1 + 2) * 3 * measured - 3 * 3 - 3 - 4, (fast_calls, len(calls))
     for n in full.layers:
         for c in full.candidates:
             assert fast.loss[n][c] == pytest.approx(full.loss[n][c], rel=1e-4, abs=1e-9), (n, c)
     assert any(full.loss[n]["w2g32"] > 0 for n in full.layers)
+
+
+class _Block(nn.Module):
+    """A residual block; ``inplace``: adds into its input (``x += f(x)``); returns ``(x, extra)`` when
+    ``extra`` (a tensor the model reads besides the hidden state)."""
+
+    def __init__(self, inplace: bool = False, extra: bool = False) -> None:
+        super().__init__()
+        self.fc, self.inplace, self.extra, self.kind = nn.Linear(16, 16), inplace, extra, "dense"
+
+    def forward(self, x, bias=None):
+        y = torch.tanh(self.fc(x) + (0 if bias is None else bias))
+        if self.inplace:
+            x += y
+        else:
+            x = x + y
+        return (x, y.mean(-1, keepdim=True)) if self.extra else x
+
+
+class _Stack(nn.Module):
+    """Blocks whose outputs reach the head other than through the next block alone: ``skip`` sums
+    every block's output into the head; ``extra`` feeds each block's second output to the next;
+    ``attribute``: the forward reads an attribute of each block (``kind``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.layers = nn.ModuleList(_Block(inplace=mode == "inplace", extra=mode == "extra") for _ in range(3))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x, skip, bias = x.clone(), 0, None
+        for layer in self.layers:
+            if self.mode == "attribute" and layer.kind != "dense":
+                raise AssertionError("a block without its attributes")
+            out = layer(x, bias=bias)
+            x, bias = out if self.mode == "extra" else (out, None)
+            skip = skip + x
+        return self.head(skip if self.mode == "skip" else x)
+
+
+@pytest.mark.parametrize("mode", ["skip", "inplace", "extra", "attribute"])
+def test_the_replay_gives_the_same_costs_whatever_reads_or_changes_the_block_outputs(mode, monkeypatch):
+    from lowbit import mixed
+
+    torch.manual_seed(0)
+    model = _Stack(mode).eval()
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    from lowbit.calibrate import find_blocks
+
+    work = copy.deepcopy(model)
+    assert mixed._PrefixReplay.record(work, batches, find_blocks(work, outermost=True)).blocks is not None  # engaged
+    fast = sensitivity(model, ["w2g16", "w4g16"], batches)
+    monkeypatch.setattr(mixed._PrefixReplay, "record", classmethod(lambda cls, m, b, found: cls()))
+    full = sensitivity(model, ["w2g16", "w4g16"], batches)
+    for n in full.layers:
+        for c in full.candidates:
+            assert fast.loss[n][c] == pytest.approx(full.loss[n][c], rel=1e-5, abs=1e-12), (mode, n, c)
 
 
 def test_hessian_traces_match_the_exact_hessian_of_the_kl():

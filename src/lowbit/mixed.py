@@ -221,17 +221,53 @@ def output_kl(reference: nn.Module, model: nn.Module, batches: Iterable) -> floa
     return total / count
 
 
+def _clone_tree(x):
+    """A copy of a block's output (tensors cloned, tuples/lists/dicts rebuilt), so that in-place
+    changes by later modules reach neither the recording nor the next replay."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_clone_tree(v) for v in x)
+    if isinstance(x, dict):
+        return type(x)({k: _clone_tree(v) for k, v in x.items()})
+    return x
+
+
+class _Recorded(nn.Module):
+    """A block's stand-in: returns the block's recorded outputs, one per call, in order (copies,
+    whole structure); any other attribute is the original block's (models read e.g. a layer's
+    attention type in their forward)."""
+
+    def __init__(self, block: nn.Module, outputs: list) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: parameters are not duplicated
+        self.outputs, self.calls = outputs, 0
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        return _clone_tree(out)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
 class _PrefixReplay:
     """The blocks before a measured layer's block give the same outputs in every measurement (only
     that layer changes), so they are recorded once, at the operating point, and replayed: each
     measurement runs the model from the layer's own block on. Saves about half the forward work on
-    a transformer (the blocks are most of it); memory: one hidden state per block and batch
-    (``blocks x tokens x hidden`` floats). A model whose blocks are not a chain (a mixture of
-    experts, blocks called twice) is run whole, as is a layer outside the blocks."""
+    a transformer (the blocks are most of it); memory: each block's output per batch but the last
+    (``blocks x tokens x hidden`` floats). Used only where it is exact: the blocks must form a chain
+    (each called once per batch, in order), and the model's output on the first batch with every
+    block but the last replayed must equal its output run whole; otherwise (a mixture of experts,
+    blocks called twice, outputs read in ways a replay cannot give) the model runs whole, as it
+    does for a layer outside the blocks."""
 
-    def __init__(self, prefix: str = "", blocks: nn.ModuleList | None = None, outputs: list | None = None,
-                 as_tuple: list | None = None) -> None:  # fmt: skip
-        self.prefix, self.blocks, self.outputs, self.as_tuple = prefix, blocks, outputs or [], as_tuple or []
+    def __init__(self, prefix: str = "", blocks: nn.ModuleList | None = None, outputs: list | None = None) -> None:
+        self.prefix, self.blocks, self.outputs = prefix, blocks, outputs or []
 
     @classmethod
     def record(cls, model: nn.Module, batches: list, found: tuple[str, nn.ModuleList] | None) -> _PrefixReplay:
@@ -239,17 +275,13 @@ class _PrefixReplay:
         model: blocks of quantized modules hold no ``nn.Linear``), recorded as the model is now."""
         from . import calibrate
 
-        if found is None or not batches or not calibrate._sequential(model, found[1], batches[0]):
+        if found is None or not batches or len(found[1]) < 2 or not calibrate._sequential(model, found[1], batches[0]):
             return cls()
         prefix, blocks = found
-        outputs: list[list] = [[] for _ in blocks]
-        as_tuple = [False] * len(blocks)
-
-        def keep(i: int, out) -> None:
-            as_tuple[i] = isinstance(out, tuple)
-            outputs[i].append(calibrate._block_outputs(out))
-
-        handles = [b.register_forward_hook(lambda m, a, o, i=i: keep(i, o)) for i, b in enumerate(blocks)]
+        last = len(blocks) - 1  # its outputs are never replayed
+        outputs: list[list] = [[] for _ in range(last)]
+        handles = [blocks[i].register_forward_hook(lambda m, a, o, i=i: outputs[i].append(_clone_tree(o)))
+                   for i in range(last)]  # fmt: skip
         try:
             for b in batches:
                 calibrate._call(model, b)
@@ -258,7 +290,14 @@ class _PrefixReplay:
                 h.remove()
         if any(len(o) != len(batches) for o in outputs):  # a block called more or less than once per batch
             return cls()
-        return cls(prefix, blocks, outputs, as_tuple)
+        replay = cls(prefix, blocks, outputs)
+        whole = calibrate._call(model, batches[0])
+        try:
+            with replay.replaying(last):
+                replayed = calibrate._call(model, batches[0])
+        except Exception:  # noqa: BLE001 - a model the replay cannot stand in for: run it whole
+            return cls()
+        return replay if _same_output(whole, replayed) else cls()
 
     def _block(self, name: str) -> int:
         if self.blocks is None or not name.startswith(self.prefix + "."):
@@ -267,20 +306,37 @@ class _PrefixReplay:
         return int(head) if head.isdigit() and int(head) < len(self.blocks) else 0
 
     @contextlib.contextmanager
-    def before(self, name: str):
-        """While open, the blocks before ``name``'s block replay their recorded outputs (the last
-        of them) or hand their input on (the others), one call per batch, in order."""
-        from .calibrate import _Replay
-
-        k = self._block(name)
-        old = [self.blocks[j] for j in range(k)] if k else []
+    def replaying(self, k: int):
+        """While open, blocks ``0..k-1`` return their recorded outputs, one call per batch, in order."""
+        old = [self.blocks[j] for j in range(k)]
         try:
             for j in range(k):
-                self.blocks[j] = _Replay(self.outputs[j] if j == k - 1 else None, self.as_tuple[j])
+                self.blocks[j] = _Recorded(old[j], self.outputs[j])
             yield
         finally:
             for j, m in enumerate(old):
                 self.blocks[j] = m
+
+    def before(self, name: str):
+        """:meth:`replaying` the blocks before ``name``'s block (none for a layer outside them)."""
+        return self.replaying(self._block(name))
+
+
+def _same_output(a, b) -> bool:
+    ta = [x for x in _leaves(a) if isinstance(x, torch.Tensor)]
+    tb = [x for x in _leaves(b) if isinstance(x, torch.Tensor)]
+    return len(ta) == len(tb) > 0 and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def _leaves(x):
+    if isinstance(x, dict) or hasattr(x, "items"):
+        for v in x.values() if isinstance(x, dict) else dict(x.items()).values():
+            yield from _leaves(v)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
 
 
 def sensitivity(
