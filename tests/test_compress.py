@@ -168,6 +168,23 @@ def test_pruning_with_calibration_re_estimates_the_batchnorm_statistics():
     assert torch.equal(kept[7].running_mean, model[7].running_mean)
 
 
+def test_a_batchnorm_that_cannot_be_re_estimated_is_one_clear_error_and_nothing_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    model[1].running_mean.normal_()
+    model.train()  # a model in training mode: the passes run in eval mode, its modes come back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = list(model)
+    ones = [torch.randn(1, 8) for _ in range(4)]  # one sample per batch: no batch statistics
+    with pytest.raises(PruningError, match="BatchNorm1d needs batches of at least 2"):
+        prune_channels(model, 0.5, calibration=ones)
+    assert list(model) == modules and not hasattr(model, "lowbit_resized")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(m.training for m in model) and model[1].momentum == 0.1
+    (g,) = prune_channels(model, 0.5, calibration=ones, recalibrate=False)  # scores need no batch statistics
+    assert model[0].out_features == 16 and torch.equal(model[1].running_mean, before["1.running_mean"][g.kept])
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1x1"])
 def test_pruning_with_calibration_keeps_the_readers_mean_output(kind):
     """The removed channels' mean contribution moves into the reading layer's bias: on the
