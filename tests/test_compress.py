@@ -187,8 +187,8 @@ def test_a_batchnorm_that_cannot_be_re_estimated_is_one_clear_error_and_nothing_
 
 @pytest.mark.parametrize("kind", ["linear", "conv1x1"])
 def test_pruning_with_calibration_keeps_the_readers_mean_output(kind):
-    """The removed channels' mean contribution moves into the reading layer's bias: on the
-    calibration data the pruned model's mean output equals the original's."""
+    """In a model without BatchNorms, the removed channels' mean contribution moves into the reading
+    layer's bias: on the calibration data the pruned model's mean output equals the original's."""
     torch.manual_seed(0)
     if kind == "linear":
         model, x = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), torch.randn(64, 8)

@@ -326,10 +326,14 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
             rounded down to a multiple of ``multiple`` (at least ``multiple``, or all if fewer).
         calibration: model inputs; when given, channels are scored by the calibration inputs of
             their reading layer, else by the weights alone (:func:`channel_scores`).
-        recalibrate: with ``calibration``, correct for what the removed channels gave on average:
-            a reading layer with a bias takes their mean contribution into it
-            (``W[:, removed] @ E[x_removed]``, the calibration inputs' mean), and the BatchNorms'
-            running statistics are re-estimated on it afterwards (:func:`recalibrate_batchnorm`).
+        recalibrate: with ``calibration``, correct for what the removed channels gave on average.
+            A model with BatchNorms has their running statistics re-estimated on it afterwards
+            (:func:`recalibrate_batchnorm`). In a model without, a reading layer with a bias takes
+            the removed channels' mean contribution into it (``W[:, removed] @ E[x_removed]``,
+            the calibration inputs' mean; all-MiniLM-L6-v2 with 25% of its FFN neurons removed:
+            held-out cosine 0.878 -> 0.907). Not both: re-estimated statistics move the kept
+            channels too, so the original means no longer say what was lost (MobileNetV2, 25% of
+            its channels: 65.7% top-1 agreement with re-estimation alone, 59.9% with both).
             False changes nothing else, so the pruned model computes exactly what the original
             computes with the removed channels zeroed.
 
@@ -351,6 +355,8 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
     mods = dict(model.named_modules())
     # a list of batches (read twice: scores, BatchNorms); the passes run in eval mode
     calibration = None if calibration is None else as_batches(calibration, "structured pruning")
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+    compensate = calibration is not None and recalibrate and not has_bn
     sq = None
     if calibration is not None:
         with _evaluating(model):
@@ -384,7 +390,7 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
             driver._set_module(model, b, _channelwise(model.get_submodule(b), idx))
         reader = model.get_submodule(g.reader)
         new = _cols(reader, idx, g.block)
-        if sq is not None and recalibrate and new.bias is not None:  # the removed inputs' mean: into the bias
+        if compensate and new.bias is not None:  # the removed inputs' mean: into the bias
             _mean_compensated(new, reader.weight, idx, g.block, sq[g.reader][0])
         driver._set_module(model, g.reader, new)
     config = getattr(model, "config", None)
