@@ -115,23 +115,26 @@ def _zeroed_twin(model: nn.Module, groups) -> nn.Module:
     return twin
 
 
-def _inverted_residual() -> nn.Sequential:
+def _inverted_residual(trained: bool = False) -> nn.Sequential:
     """MobileNetV2's block without its residual: expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 -> BN ->
-    ReLU6 -> project 1x1 -> BN."""
-    return nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
-                         nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
-                         nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8))  # fmt: skip
+    ReLU6 -> project 1x1 -> BN; ``trained``: BatchNorms with random statistics and affine
+    parameters, as a trained model has (not the identity they start as)."""
+    model = nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                          nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8)).eval()  # fmt: skip
+    if trained:
+        with torch.no_grad():
+            for bn in (model[1], model[4], model[7]):
+                bn.running_mean.normal_(0, 0.1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0, 0.1)
+    return model
 
 
 def test_structured_pruning_passes_through_depthwise_convolutions_and_reloads(tmp_path):
     torch.manual_seed(0)
-    model = _inverted_residual().eval()
-    with torch.no_grad():
-        for bn in (model[1], model[4], model[7]):
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 2)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.1)
+    model = _inverted_residual(trained=True)
     x = torch.randn(4, 8, 6, 6)
     m = copy.deepcopy(model)
     (g,) = prune_channels(m, 0.5, calibration=[x], recalibrate=False)
@@ -147,11 +150,7 @@ def test_structured_pruning_passes_through_depthwise_convolutions_and_reloads(tm
 
 def test_pruning_with_calibration_re_estimates_the_batchnorm_statistics():
     torch.manual_seed(0)
-    model = _inverted_residual().eval()
-    with torch.no_grad():
-        for bn in (model[1], model[4], model[7]):
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 2)
+    model = _inverted_residual(trained=True)
     batches = [torch.randn(4, 8, 6, 6) + 1 for _ in range(3)]
     m = copy.deepcopy(model)
     prune_channels(m, 0.5, calibration=iter(batches))  # an iterator: read for scores and statistics
