@@ -162,10 +162,10 @@ def test_blocks_before_the_measured_layer_are_replayed_with_the_same_costs(base,
     calls.clear()
     full = sensitivity(model, ["w4g32", "w2g32"], batches, base=base)
     # 7 layers in each of 3 blocks: a measurement of a layer in block k skips blocks 0..k-1 on each
-    # of 3 batches (0 + 1 + 2 blocks); recording costs one pass (3 batches x 3 blocks), the chain
-    # check one batch (3 blocks), the check of the replay one batch whole (3) and replayed (1)
+    # of 3 batches (0 + 1 + 2 blocks); recording costs one pass (3 batches x 3 blocks; its first
+    # batch is the check's whole run), the chain check one batch (3 blocks), the check replayed (1)
     measured = 1 if base else 2  # candidates measured per layer (the base costs 0 unmeasured)
-    assert len(calls) - fast_calls == 7 * (0 + 1 + 2) * 3 * measured - 3 * 3 - 3 - 4, (fast_calls, len(calls))
+    assert len(calls) - fast_calls == 7 * (0 + 1 + 2) * 3 * measured - 3 * 3 - 3 - 1, (fast_calls, len(calls))
     for n in full.layers:
         for c in full.candidates:
             assert fast.loss[n][c] == pytest.approx(full.loss[n][c], rel=1e-4, abs=1e-9), (n, c)

@@ -283,7 +283,8 @@ class _PrefixReplay:
         handles = [blocks[i].register_forward_hook(lambda m, a, o, i=i: outputs[i].append(_clone_tree(o)))
                    for i in range(last)]  # fmt: skip
         try:
-            for b in batches:
+            whole = [calibrate._call(model, b) for b in batches[:1]]  # the first batch's output, run whole
+            for b in batches[1:]:
                 calibrate._call(model, b)
         finally:
             for h in handles:
@@ -291,13 +292,12 @@ class _PrefixReplay:
         if any(len(o) != len(batches) for o in outputs):  # a block called more or less than once per batch
             return cls()
         replay = cls(prefix, blocks, outputs)
-        whole = calibrate._call(model, batches[0])
         try:
             with replay.replaying(last):
                 replayed = calibrate._call(model, batches[0])
         except Exception:  # noqa: BLE001 - a model the replay cannot stand in for: run it whole
             return cls()
-        return replay if _same_output(whole, replayed) else cls()
+        return replay if _same_output(whole[0], replayed) else cls()
 
     def _block(self, name: str) -> int:
         if self.blocks is None or not name.startswith(self.prefix + "."):
@@ -329,8 +329,8 @@ def _same_output(a, b) -> bool:
 
 
 def _leaves(x):
-    if isinstance(x, dict) or hasattr(x, "items"):
-        for v in x.values() if isinstance(x, dict) else dict(x.items()).values():
+    if isinstance(x, dict):  # transformers' ModelOutput is an OrderedDict
+        for v in x.values():
             yield from _leaves(v)
     elif isinstance(x, (tuple, list)):
         for v in x:

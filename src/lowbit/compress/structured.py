@@ -273,6 +273,11 @@ def _evaluating(model: nn.Module, batchnorm_train: bool = False):
             m.training = training
 
 
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms that keep running statistics (the ones :func:`recalibrate_batchnorm` updates)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, calibration) -> int:
     """Re-estimate every BatchNorm's running mean and variance on ``calibration`` (model inputs), in
@@ -290,7 +295,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration) -> int:
     them is "adaptive BatchNorm" (Li et al., EagleEye, ECCV 2020)."""
     from ..calibrate import _call, as_batches
 
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _batchnorms(model)
     if not bns:
         return 0
     batches = as_batches(calibration, "BatchNorm re-estimation")
@@ -355,8 +360,7 @@ def prune_channels(model: nn.Module, fraction: float, *, calibration=None, multi
     mods = dict(model.named_modules())
     # a list of batches (read twice: scores, BatchNorms); the passes run in eval mode
     calibration = None if calibration is None else as_batches(calibration, "structured pruning")
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
-    compensate = calibration is not None and recalibrate and not has_bn
+    compensate = calibration is not None and recalibrate and not _batchnorms(model)
     sq = None
     if calibration is not None:
         with _evaluating(model):
