@@ -204,6 +204,33 @@ def test_pruning_with_calibration_keeps_the_readers_mean_output(kind):
         assert not torch.allclose(shifted(x).mean(dims), want, atol=1e-2)  # what the bias corrects
 
 
+class _Tokens(nn.Module):
+    """A token model whose padding positions carry large activations, as real ones can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.up, self.down = nn.Embedding(16, 8), nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return self.down(torch.relu(self.up(self.embed(input_ids))))
+
+
+def test_the_mean_compensation_counts_real_tokens_only():
+    from lowbit.compress.structured import _input_moments
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    with torch.no_grad():
+        model.embed.weight[0] = 50.0  # token 0 is the padding
+    ids = torch.randint(1, 16, (3, 10))
+    mask = torch.ones_like(ids)
+    ids[0, 6:], mask[0, 6:], ids[2, 3:], mask[2, 3:] = 0, 0, 0, 0
+    (mean, square), = _input_moments(model, {"down": model.down}, [{"input_ids": ids, "attention_mask": mask}]).values()
+    with torch.no_grad():
+        real = torch.relu(model.up(model.embed(ids)))[mask.bool()]
+    assert torch.allclose(mean, real.mean(0), atol=1e-5) and torch.allclose(square, real.pow(2).mean(0), rtol=1e-5)
+
+
 def test_structured_pruning_of_the_digits_cnn_shrinks_its_layers_and_computes_the_same(digits):
     zoo, data = digits
     m = copy.deepcopy(zoo.model)

@@ -159,15 +159,19 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
 def _input_moments(model: nn.Module, readers: dict[str, nn.Module], calibration: list
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Mean and mean square of each reader's input columns (Linear: the last dimension; Conv2d: per
-    channel over batch and positions) over ``calibration``."""
-    from ..calibrate import _call
+    channel over batch and positions) over ``calibration``; a tokenizer batch's padding positions
+    (its ``attention_mask``) are left out."""
+    from ..calibrate import _call, _real_tokens, _token_mask
 
     sums: dict[str, list] = {}
     counts: dict[str, int] = dict.fromkeys(readers, 0)
+    mask: list = [None]
 
     def hook(name):
         def fn(mod, args):
             x = args[0].detach().float()
+            if not isinstance(mod, nn.Conv2d):
+                x = _real_tokens(x, mask[0])
             x2 = x.transpose(0, 1).reshape(x.shape[1], -1).T if isinstance(mod, nn.Conv2d) else x.reshape(-1, x.shape[-1])
             s = sums.setdefault(name, [0, 0])
             s[0], s[1] = s[0] + x2.sum(0), s[1] + x2.pow(2).sum(0)
@@ -179,6 +183,7 @@ def _input_moments(model: nn.Module, readers: dict[str, nn.Module], calibration:
     try:
         with torch.no_grad():
             for b in calibration:
+                mask[0] = _token_mask(b)
                 _call(model, b)
     finally:
         for h in handles:
