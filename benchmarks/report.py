@@ -1022,7 +1022,31 @@ def _compress_smollm2(res: dict) -> str:
         markdown_table(["pipeline", "choice per layer", "decoder bits/weight", "decoder x smaller", "MB",
                         "x smaller (file)", *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"],
                        table),  # fmt: skip
+        *_sparse_peers(res.get("peers") or [], fp, doms, rel),
     ])
+
+
+def _sparse_peers(peers: list, fp: dict, doms: list, rel) -> list[str]:
+    """llm-compressor's 2:4 recipes (``benchmarks/peer_sparse.py``) beside lowbit's SmolLM2 rows."""
+    if not peers:
+        return []
+    table = [[f"{r['label']} ({r['recipe']})", f"{100 * r['decoder_sparsity']:.1f}%",
+              f"{r['saved_format']['quantization']} / {r['saved_format']['sparsity']}", f"{r['decoder_bpw']:.3f}",
+              f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}", f"{fp['file_bytes'] / r['file_bytes']:.2f}x",
+              *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x", f"{r['seconds']:.0f}"] for r in peers]  # fmt: skip
+    p = peers[0]
+    return [
+        "", f"Peer: llm-compressor {p['version']} ({p['env']}, {p['threads']} threads), "
+        "`/work/peers/llmc/bin/python benchmarks/peer_sparse.py` (`make peers-llmc`). Its 2:4 recipes "
+        "(weights 4-bit symmetric, group 128 where quantized) on the decoder's 210 linear layers, calibrated "
+        f"on the same windows ({p['calib']}); size: the model as llm-compressor saves it "
+        "(`save_pretrained(save_compressed=True)`, compressed-tensors; every tensor stored for a decoder layer "
+        "counted; file: its safetensors files, embedding in float32 as the FP32 row's); perplexity: its "
+        "effective weights in a float32 model, same held-out tokens. seconds: `oneshot` only.", "",
+        markdown_table(["llm-compressor recipe", "decoder zeros", "saved format (quantization / sparsity)",
+                        "decoder bits/weight", "decoder x smaller", "MB", "x smaller (file)",
+                        *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"], table),  # fmt: skip
+    ]
 
 
 def _sparse_speed(res: dict) -> str:
@@ -1067,6 +1091,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
         if res is not None and not res.get("partial"):  # an interrupted run's rows wait for the rest
             if name == "domains":
                 res["peers"] = _load(results, "peer_domains")
+            if name == "compress_smollm2":
+                res["peers"] = _load(results, "peer_sparse_smollm2")
             if name == "algorithms":  # peer rows come from their own script's file, read at render time
                 res["peers"] = _load(results, "peer_algorithms")
             if name == "mobilenet":
