@@ -72,14 +72,7 @@ def _stored(directory: Path, targets: dict) -> tuple[int, int, dict]:
     files = sorted(directory.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k.rpartition(".")[0] in targets:
-                    t = st.get_slice(k)
-                    n = 1
-                    for s in t.get_shape():
-                        n *= s
-                    dec += n * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                                "BOOL": 1}[t.get_dtype()]  # fmt: skip
+            dec += sum(st.get_tensor(k).nbytes for k in st.keys() if k.rpartition(".")[0] in targets)
     cfg = json.loads((directory / "config.json").read_text()).get("quantization_config", {})
     return dec, sum(f.stat().st_size for f in files), cfg
 
@@ -101,8 +94,9 @@ def run_child(job: dict) -> dict:
     loader = DataLoader([{"input_ids": c} for c in calib], batch_size=1,
                         collate_fn=lambda b: {"input_ids": b[0]["input_ids"][None],
                                               "attention_mask": torch.ones(1, pa.SEQLEN, dtype=torch.long)})
+    recipe = _recipe(job)
     t = time.perf_counter()
-    qmodel = oneshot(model=model, tokenizer=tok, dataset=loader, recipe=_recipe(job),
+    qmodel = oneshot(model=model, tokenizer=tok, dataset=loader, recipe=recipe,
                      num_calibration_samples=CALIB["calib_samples"], max_seq_length=pa.SEQLEN,
                      shuffle_calibration_samples=False) or model  # fmt: skip
     seconds = time.perf_counter() - t
@@ -129,7 +123,7 @@ def run_child(job: dict) -> dict:
     ppl, eval_s = pa._domain_ppl(fresh, tok, 4096)
     fmt = {"quantization": qcfg.get("format"), "sparsity": (qcfg.get("sparsity_config") or {}).get("format")}
     return {"label": job["label"], "peer": "llm-compressor", "version": pa._version("llmcompressor"),
-            "recipe": " + ".join(type(m).__name__ for m in _recipe(job)), "args": JOBS[job["label"]][1],
+            "recipe": " + ".join(type(m).__name__ for m in recipe), "args": JOBS[job["label"]][1],
             "decoder_bpw": 8 * dec_bytes / total, "file_bytes": file_bytes, "saved_format": fmt,
             "decoder_sparsity": zeros / total, "groups_of_4_over_2": broken, "ppl": ppl, "seconds": seconds,
             "eval_seconds": eval_s, "peak_rss_mb": round(peak, 1), "threads": pa.THREADS,

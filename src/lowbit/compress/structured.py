@@ -161,33 +161,26 @@ def _input_moments(model: nn.Module, readers: dict[str, nn.Module], calibration:
     """Mean and mean square of each reader's input columns (Linear: the last dimension; Conv2d: per
     channel over batch and positions) over ``calibration``; a tokenizer batch's padding positions
     (its ``attention_mask``) are left out."""
-    from ..calibrate import _call, _real_tokens, _token_mask
+    from ..calibrate import _call, _hooks, _real_tokens, _token_mask
 
     sums: dict[str, list] = {}
     counts: dict[str, int] = dict.fromkeys(readers, 0)
-    mask: list = [None]
+    current: list = [None]  # the token mask of the batch being run
 
-    def hook(name):
-        def fn(mod, args):
-            x = args[0].detach().float()
-            if not isinstance(mod, nn.Conv2d):
-                x = _real_tokens(x, mask[0])
-            x2 = x.transpose(0, 1).reshape(x.shape[1], -1).T if isinstance(mod, nn.Conv2d) else x.reshape(-1, x.shape[-1])
-            s = sums.setdefault(name, [0, 0])
-            s[0], s[1] = s[0] + x2.sum(0), s[1] + x2.pow(2).sum(0)
-            counts[name] += x2.shape[0]
+    def collect(name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if isinstance(readers[name], nn.Conv2d):
+            x2 = x.transpose(0, 1).reshape(x.shape[1], -1).T
+        else:
+            x2 = _real_tokens(x, current[0]).reshape(-1, x.shape[-1])
+        s = sums.setdefault(name, [0, 0])
+        s[0], s[1] = s[0] + x2.sum(0), s[1] + x2.pow(2).sum(0)
+        counts[name] += x2.shape[0]
 
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in readers.items()]
-    try:
-        with torch.no_grad():
-            for b in calibration:
-                mask[0] = _token_mask(b)
-                _call(model, b)
-    finally:
-        for h in handles:
-            h.remove()
+    with _hooks(readers, collect), torch.no_grad():
+        for b in calibration:
+            current[0] = _token_mask(b)
+            _call(model, b)
     missing = [n for n in readers if not counts[n]]
     if missing:
         raise PruningError(f"the calibration data never reached {missing[0]}")
