@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -373,6 +374,12 @@ def test_cli_compress_writes_a_model_recipe_and_plot(tmp_path):
                         "--candidates", "w4g64", "-o", str(tmp_path / "x"), "-q"], capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert p.returncode == 2 and "largest reachable" in p.stderr and not (tmp_path / "x").exists()
+    # several fixed choices separated by | are searched
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "6",
+                        "--candidates", "w8,w4g64", "--fixed", "fc2=w8|w2g32", "-o", str(tmp_path / "f"), "-q"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "fixed layers int8" in p.stdout and lowbit.load(tmp_path / "f", model=DigitsCNN()).fc2.scheme.format == "int8"
 
 
 def test_compress_a_tied_llama_keeps_its_fixed_embedding_and_head_as_one_tensor(tmp_path):
@@ -489,3 +496,58 @@ def test_depthwise_convolutions_need_a_fixed_choice_under_a_calibrated_method():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     r = compress(model, target_ratio=4, batches=x, calibration=x, candidates=("w8", "w4g64"), fixed={"1": "w8"})
     assert r.ratio >= 4 and r.model[1].scheme.bits == 8 and r.method == "gptq"
+
+
+def _tied_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    batch = lambda: {"input_ids": torch.randint(0, 512, (2, 24), generator=g),  # noqa: E731
+                     "attention_mask": torch.ones(2, 24, dtype=torch.long)}  # fmt: skip
+    return model, [batch() for _ in range(2)], [batch()]
+
+
+EMBED_CHOICES = ("w8", "w4g32", "w2g32")
+
+
+def test_a_searched_embedding_takes_the_choice_the_budget_pays_for():
+    model, cal, meas = _tied_llama()
+    fixed = {"model.embed_tokens": EMBED_CHOICES, "lm_head": EMBED_CHOICES}
+    kw = dict(batches=meas, calibration=cal, fixed=fixed, candidates=("w8", "w4g32", "w2g32"), method="gptq")
+    loose = compress(model, target_ratio=3, **kw)
+    # every choice is measured alone, and costs more the fewer bits it keeps
+    assert list(loose.fixed_costs) == [format_choice(*parse_choice(c)) for c in EMBED_CHOICES]  # canonical names
+    assert loose.fixed_costs["int8"] < loose.fixed_costs["w4g32"] < loose.fixed_costs["w2g32"]
+    assert loose.fixed_choice == "int8"  # room for everything at 8 bits: the least KL wins
+    q = loose.model
+    assert q.model.embed_tokens.qweight.data_ptr() == q.lm_head.qweight.data_ptr()  # still one tensor
+    assert q.lowbit_layers["lm_head"].scheme == "int8"
+    # a ratio none reaches names the furthest any choice gets; just short of it only 2 bits fit
+    with pytest.raises(CompressError, match=r"no fixed choice \(int8, w4g32, w2g32\).*largest reachable") as e:
+        compress(model, target_ratio=40, **kw)
+    furthest = float(re.search(r"largest reachable is ([\d.]+)x", str(e.value)).group(1))
+    tight = compress(model, target_ratio=furthest * 0.995, **kw)
+    assert tight.fixed_choice == "w2g32" and "int8" not in tight.fixed_costs and tight.ratio >= furthest * 0.995
+    assert tight.model.lowbit_layers["lm_head"].scheme == "w2g32"
+    # the max-loss budget alone takes the fewest bytes within it, the fixed layers' KL counted in it
+    assert compress(model, max_loss=100.0, **kw).fixed_choice == "w2g32"
+    limit = loose.fixed_costs["w2g32"] * 0.99  # 2 bits alone already cost more
+    r = compress(model, max_loss=limit, **kw)
+    assert r.fixed_choice in ("int8", "w4g32") and r.allocation.loss + r.fixed_costs[r.fixed_choice] <= limit
+
+
+@pytest.mark.parametrize("fixed, match", [
+    ({"model.embed_tokens": ("w8", "w4g32"), "lm_head": ("w8",)}, "searched together"),
+    ({"model.embed_tokens": (), "lm_head": ()}, "searched together"),
+    ({"model.embed_tokens": ("w8", "w9g7"), "lm_head": ("w8", "w9g7")}, "bad fixed choice"),
+])  # fmt: skip
+def test_bad_searched_fixed_choices_are_one_clear_error(fixed, match):
+    model, cal, meas = _tied_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CompressError, match=match):
+        compress(model, target_ratio=3, batches=meas, calibration=cal, fixed=fixed, candidates=("w8",), method="gptq")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

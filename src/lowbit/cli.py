@@ -488,7 +488,8 @@ def cmd_compress(args) -> int:
             if "=" not in item:
                 return _err(f"--fixed takes PATTERN=CHOICE pairs, e.g. lm_head=w4g64; got {item!r}")
             pattern, choice = item.split("=", 1)
-            fixed[pattern.strip()] = choice.strip()
+            choices = tuple(c.strip() for c in choice.split("|"))  # several: searched together
+            fixed[pattern.strip()] = choices if len(choices) > 1 else choices[0]
     t0 = time.perf_counter()
     zm = load_source(args.model)
     # the default method (SparseGPT or GPTQ) is calibrated; a data-free one given by name needs none
@@ -940,7 +941,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", help="sparsegpt (default), wanda or magnitude (data-free); rtn/hqq/gptq when no "
                    "candidate prunes")
     c.add_argument("--fixed", metavar="PATTERN=CHOICE,...",
-                   help="layers outside the search with their choice, e.g. model.embed_tokens=w4g64,lm_head=w4g64")
+                   help="layers outside the search with their choice, e.g. model.embed_tokens=w4g64,lm_head=w4g64; "
+                        "several choices separated by | are searched together (model.embed_tokens=w8|w4g64|w3g64,"
+                        "lm_head=w8|w4g64|w3g64)")
     c.add_argument("--channels", type=float, metavar="FRACTION",
                    help="first remove this share of the channels of every channel group (structured pruning: "
                         "transformer FFN neurons, chained Linear/Conv2d channels); the config follows")

@@ -37,7 +37,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..mixed import Allocation, MixedPrecisionError, Sensitivity, allocate, output_kl, searchable_layers, sensitivity
+from ..mixed import (
+    Allocation,
+    MixedPrecisionError,
+    Sensitivity,
+    allocate,
+    output_kl,
+    parse_max_loss,
+    searchable_layers,
+    sensitivity,
+)
 from ..recipe import Recipe, format_choice, parse_choice
 
 __all__ = ["compress", "Compressed", "CompressError", "DEFAULT_CANDIDATES", "reference_bytes"]
@@ -73,6 +82,8 @@ class Compressed:
     seconds: dict[str, float] = field(default_factory=dict)
     method: str = ""
     candidates: list[str] = field(default_factory=list)  # those allocated among (default: all measured)
+    fixed_choice: str | None = None  # the choice taken when ``fixed`` offered several
+    fixed_costs: dict[str, float] = field(default_factory=dict)  # KL of each reachable fixed choice alone
 
     @property
     def ratio(self) -> float:
@@ -95,8 +106,9 @@ class Compressed:
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(self.allocation.counts().items()))
         distil = (f"; KL {self.kl_before_distill:.4g} -> {self.kl:.4g} nats after {len(self.distill_losses)} "
                   "distillation steps" if self.distill_losses else f"; KL {self.kl:.4g} nats")  # fmt: skip
+        fixed = f"; fixed layers {self.fixed_choice}" if self.fixed_choice else ""
         return (f"{self.ratio:.2f}x smaller than FP32 ({self.nbytes:,} of {self.reference_bytes:,} bytes; "
-                f"{self.method}: {counts}){distil}")  # fmt: skip
+                f"{self.method}: {counts}{fixed}){distil}")  # fmt: skip
 
 
 def reference_bytes(model: nn.Module) -> int:
@@ -115,6 +127,31 @@ def reference_bytes(model: nn.Module) -> int:
     return total
 
 
+def _fixed_options(fixed) -> list[tuple[str | None, dict | Recipe | None]]:
+    """``fixed`` as a list of ``(option, fixed)`` to try: one ``(None, fixed)`` when every entry
+    names one choice; one per choice when entries give a sequence of choices (searched together,
+    so a tied embedding and LM head stay one tensor)."""
+    if fixed is None or isinstance(fixed, Recipe):
+        return [(None, fixed)]
+    if not isinstance(fixed, dict):
+        raise CompressError(f"fixed is a dict of pattern -> choice (or a sequence of choices), got {type(fixed).__name__}")
+    searched = {p: tuple(v) for p, v in fixed.items() if not isinstance(v, str)}
+    if not searched:
+        return [(None, fixed)]
+    options = set(searched.values())
+    if len(options) > 1 or not all(isinstance(c, str) for c in next(iter(options))) or not next(iter(options)):
+        raise CompressError("fixed entries that give several choices are searched together (a tied embedding and LM "
+                            f"head take one choice): give each the same non-empty sequence of choices, got {searched}")
+    out = []
+    for c in next(iter(options)):
+        try:
+            name = format_choice(*parse_choice(c))
+        except ValueError as e:
+            raise CompressError(f"bad fixed choice: {e}") from None
+        out.append((name, {p: (c if p in searched else v) for p, v in fixed.items()}))
+    return out
+
+
 def _fixed_recipe(fixed) -> Recipe | None:
     if fixed is None or isinstance(fixed, Recipe):
         return fixed
@@ -122,6 +159,52 @@ def _fixed_recipe(fixed) -> Recipe | None:
     for pattern, choice in dict(fixed).items():
         r.add(pattern, choice)
     return r
+
+
+def _round_fixed(model: nn.Module, fixed_r: Recipe | None) -> nn.Module:
+    """A copy of ``model`` with the ``fixed`` layers rounded to nearest (pruned by magnitude when a
+    rule prunes)."""
+    from .. import driver
+
+    rest = copy.deepcopy(model).eval()
+    if fixed_r is not None:
+        driver.quantize(rest, fixed_r, **({"method": "magnitude", "sparsity": 0.0} if fixed_r.has_options else {}))
+    return rest
+
+
+def _allocate(sens: Sensitivity, cands: list[str], ref_bytes: int, fixed_bytes: int, fixed_kl: float,
+              target_ratio: float | None, max_loss, *, hint: bool) -> Allocation:
+    """The searched layers' allocation within ``ref_bytes / target_ratio`` less ``fixed_bytes`` and
+    / or ``max_loss`` less ``fixed_kl``; :class:`CompressError` when none fits."""
+    smallest = sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)
+    alloc_ratio = alloc_loss = None
+    if target_ratio is not None:
+        budget = int(ref_bytes / target_ratio) - fixed_bytes
+        if budget < smallest:
+            best = ref_bytes / (fixed_bytes + smallest)
+            raise CompressError(
+                f"no choice of {', '.join(cands)} reaches {target_ratio:g}x: the largest reachable is "
+                f"{best:.2f}x ({fixed_bytes:,} bytes outside the search"
+                + (": quantize the embeddings and LM head with fixed=" if hint else "") + ")"
+            )
+        alloc_ratio = allocate(sens, max_bytes=budget, candidates=cands)
+    if max_loss is not None:
+        limit = parse_max_loss(max_loss) - fixed_kl
+        if limit <= 0:
+            raise CompressError(f"the fixed layers alone cost a KL of {fixed_kl:.4g} nats, the max loss "
+                                f"{parse_max_loss(max_loss):.4g}")  # fmt: skip
+        try:
+            alloc_loss = allocate(sens, max_loss=limit, candidates=cands)
+        except MixedPrecisionError as e:
+            raise CompressError(str(e)) from None
+    if alloc_ratio is not None and alloc_loss is not None and alloc_ratio.loss > alloc_loss.loss + 1e-12 and (
+            alloc_ratio.nbytes < alloc_loss.nbytes):  # fmt: skip
+        within = ref_bytes / (fixed_bytes + alloc_loss.nbytes)
+        raise CompressError(
+            f"{target_ratio:g}x costs a predicted KL of {alloc_ratio.loss + fixed_kl:.4g} nats, above the max loss "
+            f"({alloc_loss.loss + fixed_kl:.4g} reachable); the largest ratio within it is {within:.2f}x"
+        )
+    return alloc_ratio if alloc_ratio is not None else alloc_loss
 
 
 def compress(
@@ -158,7 +241,11 @@ def compress(
         fixed: choices for layers outside the search, e.g. ``{"model.embed_tokens": "w4g64",
             "lm_head": "w4g64"}`` (embeddings and LM heads are otherwise kept float); rounded to
             nearest first (a tied pair given one scheme stays one tensor), their bytes counted in
-            the budget, and left as they are by distillation.
+            the budget, and left as they are by distillation. An entry may give a sequence of
+            choices, ``("w8", "w4g64", "w3g64")``: every entry that does takes one of them together;
+            each is measured (the KL of those layers rounded alone) and the one whose KL plus the
+            searched layers' least predicted KL within the budget is smallest wins (under
+            ``max_loss`` alone: the fewest bytes); ``fixed_choice`` and ``fixed_costs`` report it.
         base: measure costs around this candidate (every layer quantized with it) instead of
             FP32 (:func:`lowbit.mixed.sensitivity`).
         channels: first remove this share of the channels of every channel group (structured
@@ -207,7 +294,8 @@ def compress(
     if algo.uses_calibration and calibration is None:
         raise CompressError(f"method {method!r} needs calibration data")
     options = {"sparsity": 0.0} if algo.prunes else {}  # a dense candidate under a pruning method
-    fixed_r = _fixed_recipe(fixed)
+    fixed_options = _fixed_options(fixed)
+    fixed_r = _fixed_recipe(fixed_options[0][1])  # the same patterns in every option
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -254,38 +342,34 @@ def compress(
     seconds["measure"] = time.perf_counter() - t0 - seconds.get("channels", 0.0)
     # The fixed layers, rounded to nearest (data-free: a tied embedding and LM head given one scheme
     # keep sharing one quantized tensor); what the rest stores is this model less the searched weights.
-    rest = copy.deepcopy(model).eval()
-    if fixed_r is not None:
-        driver.quantize(rest, fixed_r, **({"method": "magnitude", "sparsity": 0.0} if fixed_r.has_options else {}))
-    weights = [rest.get_submodule(n).weight for n in layers]
-    fixed_bytes = size_of(rest).total_bytes - sum(w.numel() * w.element_size() for w in weights)
-    # 2. allocate
-    smallest = sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)
-    alloc_ratio = alloc_loss = None
-    if target_ratio is not None:
-        budget = int(ref_bytes / target_ratio) - fixed_bytes
-        if budget < smallest:
-            best = ref_bytes / (fixed_bytes + smallest)
-            raise CompressError(
-                f"no choice of {', '.join(cands)} reaches {target_ratio:g}x: the largest reachable is "
-                f"{best:.2f}x ({fixed_bytes:,} bytes outside the search"
-                + (": quantize the embeddings and LM head with fixed=" if fixed_r is None
-                   and driver._head_and_embedding_names(model) else "") + ")"  # fmt: skip
-            )
-        alloc_ratio = allocate(sens, max_bytes=budget, candidates=cands)
-    if max_loss is not None:
+    # When ``fixed`` offers several choices, each is tried: its own KL (only those layers rounded)
+    # is added to the allocation's, and the least total (or, under max_loss alone, the fewest
+    # bytes) wins.
+    plans = []  # (option, fixed recipe, fixed bytes, fixed KL, allocation) per reachable option
+    errors: list[tuple[float, CompressError]] = []
+    for option, fixed_o in fixed_options:
+        fixed_r = _fixed_recipe(fixed_o)
+        rest = _round_fixed(model, fixed_r)
+        weights = [rest.get_submodule(n).weight for n in layers]
+        fixed_bytes = size_of(rest).total_bytes - sum(w.numel() * w.element_size() for w in weights)
+        fixed_kl = 0.0 if option is None else output_kl(teacher, rest, batches)
+        del rest, weights
         try:
-            alloc_loss = allocate(sens, max_loss=max_loss, candidates=cands)
-        except MixedPrecisionError as e:
-            raise CompressError(str(e)) from None
-    if alloc_ratio is not None and alloc_loss is not None and alloc_ratio.loss > alloc_loss.loss + 1e-12 and (
-            alloc_ratio.nbytes < alloc_loss.nbytes):  # fmt: skip
-        within = ref_bytes / (fixed_bytes + alloc_loss.nbytes)
-        raise CompressError(
-            f"{target_ratio:g}x costs a predicted KL of {alloc_ratio.loss:.4g} nats, above the max loss "
-            f"({alloc_loss.loss:.4g} reachable); the largest ratio within it is {within:.2f}x"
-        )
-    alloc = alloc_ratio if alloc_ratio is not None else alloc_loss
+            alloc = _allocate(sens, cands, ref_bytes, fixed_bytes, fixed_kl, target_ratio, max_loss,
+                              hint=fixed_r is None and bool(driver._head_and_embedding_names(model)))  # fmt: skip
+        except CompressError as e:
+            errors.append((ref_bytes / (fixed_bytes + sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)), e))
+            continue
+        plans.append((option, fixed_r, fixed_bytes, fixed_kl, alloc))
+    if not plans:
+        if len(errors) == 1:
+            raise errors[0][1]
+        reach, e = max(errors, key=lambda x: x[0])  # the option that reaches furthest names the limit
+        raise CompressError(f"no fixed choice ({', '.join(o for o, _ in fixed_options)}) meets the budget; the nearest: {e}")
+    key = (lambda p: p[4].loss + p[3]) if target_ratio is not None else (lambda p: p[4].nbytes + p[2])
+    option, fixed_r, fixed_bytes, fixed_kl, alloc = min(plans, key=key)
+    fixed_costs = {p[0]: p[3] for p in plans} if option is not None else {}
+    rest = _round_fixed(model, fixed_r)
     recipe = alloc.recipe()
     if fixed_r is not None:
         recipe.rules = [*fixed_r.rules, *recipe.rules]
@@ -316,4 +400,4 @@ def compress(
         warnings.warn(f"the compressed model is {ref_bytes / nbytes:.3f}x, short of the {target_ratio:g}x the "
                       "allocation met: please report it", stacklevel=2)  # fmt: skip
     return Compressed(out, recipe, alloc, sens, ref_bytes, nbytes, fixed_bytes, kl, kl_ptq, losses, seconds, method,
-                      cands)
+                      cands, option, fixed_costs)
