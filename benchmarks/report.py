@@ -1002,16 +1002,22 @@ def _compress_smollm2(res: dict) -> str:
     fp = res["rows"][0]
     doms = list(fp["ppl"])
     rel = lambda r: sum(r["ppl"][d] / fp["ppl"][d] for d in doms) / len(doms)  # noqa: E731
-    table = [[r["label"], r["choice"], f"{r['decoder_bpw']:.3f}", f"{32 / r['decoder_bpw']:.2f}x",
-              f"{r['file_bytes'] / 1e6:.1f}", f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms),
-              f"{rel(r):.3f}x", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
-    fixed = ", ".join(f"`{k}` {v}" for k, v in res["fixed"].items())
+    table = [[r["label"], r.get("embedding") or "-", r["choice"], f"{r['decoder_bpw']:.3f}",
+              f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}", f"{r['file_ratio']:.2f}x",
+              *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x", f"{r['seconds']:.0f}"]
+             for r in res["rows"]]  # fmt: skip
+    fixed = ", ".join(f"`{k}` {' or '.join(v) if isinstance(v, list) else v}" for k, v in res["fixed"].items())
+    costs = next((r["embedding_kl"] for r in res["rows"] if r.get("embedding_kl")), {})
+    costs = ", ".join(f"{k} {v:.3f}" for k, v in costs.items())
     return "\n".join([
         "## Compression beyond quantization: SmolLM2-135M (issue 16)", "",
         _header(res), "",
         "`lowbit.compress(model, target_ratio=R, method=\"sparsegpt\", ...)` per row: the tied embedding / LM "
-        f"head fixed ({fixed}; rounded to nearest), each of the 210 decoder linear layers choosing among the "
-        "row's candidates by its measured KL to FP32 (8 x 256 tokens of the calib split). One measurement of "
+        f"head outside the per-layer search ({fixed}; rounded to nearest; when several, compress measures each "
+        "alone and takes the one whose KL plus the decoder's least predicted KL within the bytes is smallest"
+        + (f"; KL of the embedding alone: {costs} nats" if costs else "") + "), each of the 210 decoder linear "
+        "layers choosing among the row's candidates by its measured KL to FP32 (8 x 256 tokens of the calib "
+        "split). One measurement of "
         f"every candidate ({res['measure_seconds'] / 60:.0f} min, counted in every row's seconds) serves all "
         "rows (`measured=`). `+25%`/`+50%`: SparseGPT-pruned with the quantization, as in its paper; `+r16`: "
         "a rank-16 float16 correction of the quantization error (EoRA); distillation: from FP32 on 256 x 256 "
@@ -1019,12 +1025,40 @@ def _compress_smollm2(res: dict) -> str:
         "held-out tokens of every domain's eval split**; bits per weight of the decoder layers count codes, "
         "scales, zero points, masks and corrections; file: the FP32 safetensors file vs the saved lowbit "
         "directory (model files).", "",
-        markdown_table(["pipeline", "choice per layer", "decoder bits/weight", "decoder x smaller", "MB",
-                        "x smaller (file)", *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"],
+        markdown_table(["pipeline", "embedding", "choice per layer", "decoder bits/weight", "decoder x smaller",
+                        "MB", "x smaller (file)", *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"],
                        table),  # fmt: skip
         *_sparse_peers(res.get("peers") or [], fp, doms, rel),
     ])
 
+
+
+def _compress_smollm2_decoder(res: dict) -> str:
+    """issue 16: SmolLM2-135M's decoder at <= 3.2 bits per weight, the embedding kept wider."""
+    fp = res["rows"][0]
+    doms = list(fp["ppl"])
+    rel = lambda r: sum(r["ppl"][d] / fp["ppl"][d] for d in doms) / len(doms)  # noqa: E731
+    table = [[r["label"], f"{r['decoder_bpw']:.3f}", f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}",
+              f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
+              f"{r['kl']:.3f}" if "kl" in r else "-", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
+    distil = next((r for r in res["rows"] if r.get("distill_tokens")), None)
+    return "\n".join([
+        "## SmolLM2-135M: the decoder at <= 3.2 bits per weight (issue 16)", "",
+        _header(res), "",
+        f"Every decoder linear layer {res['scheme']} (codes and a float16 scale per group of 128; SmolLM2's rows "
+        "of 576 end in a half group), the tied embedding / LM head at int8 per channel, rounded to nearest "
+        f"(`{res['embedding']}`). Quantized by RTN or AWQ+GPTQ (calibration: 64 x 512 tokens of the calib split), "
+        + (f"then distilled from FP32 (`lowbit.prepare_qat` + `lowbit.qat.fit`: learned steps and weights, "
+           f"{distil['distill_steps']} steps of 2 x 256 tokens cycling over {distil['distill_tokens']:,} tokens of the calib "
+           "split, KL per token "
+           f"{distil['loss_first']:.3f} -> {distil['loss_last']:.3f}). " if distil else "")
+        + "Within 3.2 bits there is no room for a wider layer (w4g64 costs 1.1 bits more than w3g128) or a "
+        "correction (rank 1 of a 576 x 576 layer: 0.06 bits). Perplexity on 4096 held-out tokens of every "
+        "domain's eval split; KL: to FP32 on 8 x 256 calib-split tokens; seconds: quantization (+ distillation) "
+        "on 2 threads.", "",
+        markdown_table(["pipeline", "decoder bits/weight", "decoder x smaller", "MB", "x smaller (file)",
+                        *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "KL", "seconds"], table),  # fmt: skip
+    ])
 
 def _sparse_peers(peers: list, fp: dict, doms: list, rel) -> list[str]:
     """llm-compressor's 2:4 recipes (``benchmarks/peer_sparse.py``) beside lowbit's SmolLM2 rows."""
@@ -1086,7 +1120,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl),
                          ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm),
                          ("compress_mobilenet", _compress_mobilenet), ("compress_smollm2", _compress_smollm2),
-                         ("sparse_speed", _sparse_speed)):  # fmt: skip
+                         ("compress_smollm2_decoder", _compress_smollm2_decoder), ("sparse_speed", _sparse_speed)):  # fmt: skip
         res = _load(results, name)
         if res is not None and not res.get("partial"):  # an interrupted run's rows wait for the rest
             if name == "domains":
