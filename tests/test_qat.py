@@ -9,8 +9,9 @@ from torch import nn
 import lowbit
 from lowbit.calibrate import CalibrationError
 from lowbit.evaluate.classification import accuracy
+from lowbit.mixed import output_kl
 from lowbit.nn import QuantConv2d, QuantLinear
-from lowbit.qat import QATError, QATLayer, distill_loss, fit, lsq_fake_quantize
+from lowbit.qat import QATError, QATLayer, distill_loss, fit, fit_blocks, lsq_fake_quantize
 
 
 def test_lsq_gradients_are_the_papers():
@@ -165,3 +166,68 @@ def test_learned_steps_change_relatively_whatever_the_weights_range():
         rel = (m.wq.step.detach() / b - 1).abs()
         assert 0 < rel.max() <= (1 + step_lr) ** steps - 1 + 1e-3  # moved, by a bounded share of itself
         assert bool((m.wq.step.detach().sign() == b.sign()).all())
+
+
+def test_steps_learn_with_codes_held_where_lsq_has_no_gradient():
+    # weights on the grid (as after post-training quantization): LSQ's step gradient round(v) - v
+    # is 0 there; with the codes held it is the code itself, so the step can still be fitted
+    codes = torch.tensor([3.0, -1.0, -4.0, 2.0])
+    for hold, want in ((False, 0.0), (True, float(codes.sum()))):
+        s = torch.tensor(0.5, requires_grad=True)
+        x = (codes * 0.5).requires_grad_(True)
+        y = lsq_fake_quantize(x, s, 0.0, -4, 3, hold_codes=hold)
+        assert torch.equal(y.detach(), codes * 0.5)
+        y.sum().backward()
+        assert float(s.grad) == pytest.approx(want, abs=1e-6)
+        assert torch.equal(x.grad, torch.ones(4))  # weights: straight through either way
+    z = torch.tensor(2.0, requires_grad=True)  # asymmetric: the zero point's gradient is -step per code
+    s = torch.tensor(0.5, requires_grad=True)
+    lsq_fake_quantize(torch.tensor([1.5, -0.5]), s, z, 0, 7, hold_codes=True).sum().backward()  # codes 5, 1
+    assert float(z.grad) == pytest.approx(-1.0) and float(s.grad) == pytest.approx((5 - 2) + (1 - 2))
+
+
+def _llama_and_batches():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    fp = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [{"input_ids": torch.randint(0, 128, (2, 32), generator=g)} for _ in range(4)]
+    return fp, cal
+
+
+def test_block_distillation_fits_every_block_from_a_gptq_start(tmp_path):
+    fp, cal = _llama_and_batches()
+    q = lowbit.quantize(copy.deepcopy(fp), "w2g32", method="gptq", calibration=cal)
+    kl_ptq = output_kl(fp, q, cal)
+    lowbit.prepare_qat(q)
+    seen = []
+    errors = fit_blocks(q, fp, cal, epochs=8, lr=1e-4, step_lr=1e-2, on_block=lambda i, b, a: seen.append(i))
+    assert seen == [0, 1, 2] and len(errors) == 3
+    for before, after in errors:  # each block reproduces the teacher's block better than it started
+        assert 0 < after < before
+    assert not q.training and not fp.training
+    lowbit.convert(q)
+    assert output_kl(fp, q, cal) < kl_ptq  # and so does the whole model, packed
+    back = lowbit.load(lowbit.save(q, tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(back(**cal[0]).logits, q(**cal[0]).logits)
+
+
+def test_block_distillation_bad_input_is_one_clear_error():
+    fp, cal = _llama_and_batches()
+    with pytest.raises(QATError, match="prepare_qat"):
+        fit_blocks(copy.deepcopy(fp), fp, cal)
+    q = lowbit.prepare_qat(lowbit.quantize(copy.deepcopy(fp), "w4g32"))
+    with pytest.raises(QATError, match="epochs"):
+        fit_blocks(q, fp, cal, epochs=0)
+    with pytest.raises(QATError, match="same chain of repeated blocks"):
+        fit_blocks(q, nn.Sequential(nn.Linear(4, 4)), cal)
+    fewer = copy.deepcopy(fp)
+    fewer.model.layers = fewer.model.layers[:2]
+    fewer.config.num_hidden_layers = 2
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with pytest.raises(QATError, match="found 3 and 2"):
+        fit_blocks(q, fewer, cal)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())  # nothing trained

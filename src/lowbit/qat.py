@@ -41,7 +41,7 @@ from .primitives import _fits, check_finite, choose_qparams, grouped, mse_clip_s
 from .recipe import Recipe
 from .scheme import Scheme
 
-__all__ = ["QATError", "QATLayer", "prepare_qat", "convert", "fit", "distill_loss"]
+__all__ = ["QATError", "QATLayer", "prepare_qat", "convert", "fit", "fit_blocks", "distill_loss"]
 
 
 class QATError(ValueError):
@@ -58,12 +58,22 @@ def _grad_scaled(p: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def lsq_fake_quantize(
-    x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | float, qmin: int, qmax: int
+    x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | float, qmin: int, qmax: int, *, hold_codes: bool = False
 ) -> torch.Tensor:
     """``(clamp(round(x / step + zero), qmin, qmax) - zero) * step``, straight-through rounding;
     ``step`` and ``zero`` broadcast against ``x``; gradients reach ``x`` (inside the range) and
-    ``step`` (LSQ)."""
-    q = torch.clamp(_ste_round(x / step + zero), qmin, qmax)
+    ``step`` (LSQ: ``round(v) - v`` inside the range).
+
+    ``hold_codes``: the step and zero point get the gradient of ``(q - zero) * step`` with the
+    codes ``q`` held (``q - zero`` and ``-step``), as scale fine-tuning does (PEQA, Kim et al.
+    2023; EfficientQAT's E2E-QP). For ``x`` on the grid, as after post-training quantization,
+    LSQ's step gradient ``round(v) - v`` is exactly 0 and an optimizer would move the steps on
+    rounding noise alone."""
+    if hold_codes:
+        z = zero.detach() if isinstance(zero, torch.Tensor) else zero
+        q = torch.clamp(_ste_round(x / step.detach() + z), qmin, qmax)
+    else:
+        q = torch.clamp(_ste_round(x / step + zero), qmin, qmax)
     return (q - zero) * step
 
 
@@ -82,6 +92,9 @@ class _WeightQuant(nn.Module):
         else:
             qp = mse_clip_search(w2d.detach(), scheme) if init == "mse" else choose_qparams(w2d.detach(), scheme)
         self.step = nn.Parameter(qp.scale.clone())  # (R, ng), R = N or 1 (per tensor)
+        # From a post-training quantization every weight sits on its grid, where LSQ's step
+        # gradient vanishes: the steps learn with the codes held instead (lsq_fake_quantize).
+        self.hold_codes = start is not None
         # Steps that start in the storage dtype's normal range stay there (a step trained below it
         # would store every scale of the weight as float32: twice the bytes the budget counted).
         sd = fmt.scale_dtype
@@ -115,7 +128,7 @@ class _WeightQuant(nn.Module):
             zero = _grad_scaled(self.zero + (z_stored - self.zero).detach(), self.grad_scale).unsqueeze(-1)
         flat = w2d.reshape(1, -1) if self.scheme.per_tensor else w2d
         g = grouped(flat, self.group)  # (R, ng, G), zero-padded
-        out = lsq_fake_quantize(g, step.unsqueeze(-1), zero, 0, fmt.qmax)
+        out = lsq_fake_quantize(g, step.unsqueeze(-1), zero, 0, fmt.qmax, hold_codes=self.hold_codes)
         return out.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(self.shape)
 
 
@@ -460,6 +473,24 @@ def _from_log_space(scales: list[nn.Parameter], logs: list[nn.Parameter]) -> Non
             p.copy_(torch.where(p == 0, p, torch.copysign(u.exp(), p)))
 
 
+def _optimizer(scope: nn.Module, qat: list, lr: float, step_lr: float):
+    """AdamW over ``scope``'s trainable float parameters (``lr``), the learned steps of the QAT
+    layers ``qat`` as ``log|step|`` and their zero points (``step_lr``); returns
+    ``(optimizer, steps, log_steps)`` for :func:`_log_space_grads` / :func:`_from_log_space`."""
+    scales = [p for m in qat for p in (m.wq.step, m.aq.step if m.aq is not None else None) if p is not None]
+    zeros = [m.wq.zero for m in qat if m.wq.zero is not None]
+    ids = {id(p) for p in scales + zeros}
+    weights = [p for p in scope.parameters() if p.requires_grad and id(p) not in ids]
+    # Steps learn in log space. Adam's update does not depend on the gradient's size, so on a raw
+    # step it moves every step by about step_lr in absolute terms: far too much for a layer whose
+    # steps are small, too little where they are large. On log|step| an update is a relative
+    # change (step_lr = its fraction per update) whatever the layer's weight range.
+    logs = [nn.Parameter(torch.zeros_like(p)) for p in scales]
+    groups = [{"params": weights, "lr": lr, "weight_decay": 0.0}, {"params": logs, "lr": step_lr, "weight_decay": 0.0},
+              {"params": zeros, "lr": step_lr, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups), scales, logs
+
+
 def fit(
     model: nn.Module,
     batches,
@@ -498,18 +529,7 @@ def fit(
     qat = [m for m in model.modules() if isinstance(m, QATLayer)]
     if not qat:
         raise QATError("no QAT layers: call prepare_qat() first" + _already(model))
-    scales = [p for m in qat for p in (m.wq.step, m.aq.step if m.aq is not None else None) if p is not None]
-    zeros = [m.wq.zero for m in qat if m.wq.zero is not None]
-    ids = {id(p) for p in scales + zeros}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    # Steps learn in log space. Adam's update does not depend on the gradient's size, so on a raw
-    # step it moves every step by about step_lr in absolute terms: far too much for a layer whose
-    # steps are small, too little where they are large. On log|step| an update is a relative
-    # change (step_lr = its fraction per update) whatever the layer's weight range.
-    logs = [nn.Parameter(torch.zeros_like(p)) for p in scales]
-    groups = [{"params": weights, "lr": lr, "weight_decay": 0.0}, {"params": logs, "lr": step_lr, "weight_decay": 0.0},
-              {"params": zeros, "lr": step_lr, "weight_decay": 0.0}]  # fmt: skip
-    opt = torch.optim.AdamW(groups)
+    opt, scales, logs = _optimizer(model, qat, lr, step_lr)
     base = [grp["lr"] for grp in opt.param_groups]
     t0 = time.perf_counter()
     if teacher is not None:
@@ -552,3 +572,122 @@ def fit(
     finally:
         model.eval()
     return losses
+
+
+def _block_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    from .calibrate import _real_tokens
+
+    return F.mse_loss(_real_tokens(out, mask), _real_tokens(target, mask), reduction="sum")
+
+
+def _block_error(block: nn.Module, inputs: list, target: list, masks: list) -> tuple[float, list]:
+    """``block``'s outputs on ``inputs`` and their error relative to ``target``'s,
+    ``sum ||out - target||^2 / sum ||target||^2`` over real tokens."""
+    from .calibrate import _block_outputs
+
+    outs = [_block_outputs(block(*a, **k)) for a, k in inputs]
+    err = sum(float(_block_mse(o, t, m)) for o, t, m in zip(outs, target, masks))
+    norm = sum(float(_block_mse(t, torch.zeros_like(t), m)) for t, m in zip(target, masks))
+    return err / (norm or 1.0), outs
+
+
+@outside_inference_mode
+def fit_blocks(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches,
+    *,
+    epochs: int = 4,
+    lr: float = 1e-5,
+    step_lr: float = 1e-3,
+    seed: int = 0,
+    on_block=None,
+) -> list[tuple[float, float]]:
+    """Block-wise distillation: each repeated block of ``model`` (a decoder's layers) trained in
+    turn, its QAT layers' weights, learned steps and zero points and its other float parameters
+    (norms) by AdamW, to reproduce the output of the same block of ``teacher`` (the FP32 model).
+
+    The block reads what the already trained student blocks before it produce and is fitted to
+    what the teacher's blocks produce from the teacher's own inputs, so it also learns to undo
+    the error that reaches it (the block-wise reconstruction of BRECQ, Li et al. 2021, and of
+    EfficientQAT's Block-AP, Chen et al. 2024, with the LSQ steps of :func:`fit`). Only one
+    block trains at a time, and the LM head never runs: a step costs a block's forward and
+    backward, where :func:`fit` pays the whole model and the teacher's logits.
+
+    Args:
+        model: prepared by :func:`prepare_qat` (e.g. from a GPTQ model), made of a chain of
+            repeated blocks (``calibrate.find_blocks``).
+        teacher: the float model with the same chain of blocks.
+        batches: model inputs (calibration batches); padding tokens (an ``attention_mask``)
+            count in no loss.
+        epochs: passes over ``batches`` per block, one update per batch, in a shuffled order
+            (``seed``); learning rates on a cosine from full to 0 within each block.
+        lr, step_lr: as :func:`fit` (``step_lr`` a relative change of a step per update).
+        on_block: ``on_block(i, before, after)`` after block ``i`` (for logging).
+
+    Returns:
+        For every block, its output error relative to the teacher's,
+        ``sum ||student - teacher||^2 / sum ||teacher||^2`` over ``batches``, before and after
+        its training (both with the trained blocks before it).
+
+    Raises:
+        QATError: no QAT layers, ``epochs < 1``, or a model or teacher without a chain of
+            repeated blocks (or with different numbers of them).
+    """
+    from .calibrate import _block_outputs, _capture, _sequential, _token_mask, _with_hidden, as_batches, find_blocks
+
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise QATError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not any(isinstance(m, QATLayer) for m in model.modules()):
+        raise QATError("no QAT layers: call prepare_qat() first" + _already(model))
+    batches = as_batches(batches, "block-wise distillation")
+    found, tfound = find_blocks(model), find_blocks(teacher)
+    if found is None or tfound is None or len(found[1]) != len(tfound[1]):
+        raise QATError("block-wise distillation needs a model and a teacher made of the same chain of repeated "
+                       f"blocks; found {0 if found is None else len(found[1])} and "
+                       f"{0 if tfound is None else len(tfound[1])}")  # fmt: skip
+    blocks, tblocks = found[1], tfound[1]
+    modes = [(m, m.training) for m in [*model.modules(), *teacher.modules()]]
+    model.eval()  # no dropout: the student matches the teacher's deterministic outputs
+    teacher.eval()
+    masks = [_token_mask(b) for b in batches]
+    gen = torch.Generator().manual_seed(seed)
+    result: list[tuple[float, float]] = []
+    try:
+        with torch.no_grad():
+            if not (_sequential(model, blocks, batches[0]) and _sequential(teacher, tblocks, batches[0])):
+                raise QATError("block-wise distillation needs blocks that run as a chain, each once, in order")
+            s_in, t_in = _capture(model, blocks, batches), _capture(teacher, tblocks, batches)
+        for i, (block, tblock) in enumerate(zip(blocks, tblocks)):
+            with torch.no_grad():
+                target = [_block_outputs(tblock(*a, **k)) for a, k in t_in]
+                before, outs = _block_error(block, s_in, target, masks)
+            layers = [m for m in block.modules() if isinstance(m, QATLayer)]
+            if layers:
+                opt, scales, logs = _optimizer(block, layers, lr, step_lr)
+                base = [grp["lr"] for grp in opt.param_groups]
+                total = epochs * len(s_in)
+                order = torch.cat([torch.randperm(len(s_in), generator=gen) for _ in range(epochs)]).tolist()
+                for step, j in enumerate(order):
+                    for grp, lr0 in zip(opt.param_groups, base):
+                        grp["lr"] = lr0 * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                    args, kwargs = s_in[j]
+                    loss = _block_mse(_block_outputs(block(*args, **kwargs)), target[j], masks[j])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    _log_space_grads(scales, logs)
+                    opt.step()
+                    _from_log_space(scales, logs)
+                with torch.no_grad():
+                    after, outs = _block_error(block, s_in, target, masks)
+            else:
+                after = before
+            result.append((before, after))
+            s_in = [_with_hidden(inp, o) for inp, o in zip(s_in, outs)]
+            t_in = [_with_hidden(inp, t) for inp, t in zip(t_in, target)]
+            if on_block is not None:
+                on_block(i, before, after)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return result
