@@ -383,16 +383,7 @@ def test_cli_compress_writes_a_model_recipe_and_plot(tmp_path):
 
 
 def test_compress_a_tied_llama_keeps_its_fixed_embedding_and_head_as_one_tensor(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(3)
-    batch = lambda: {"input_ids": torch.randint(0, 256, (2, 24), generator=g),  # noqa: E731
-                     "attention_mask": torch.ones(2, 24, dtype=torch.long)}  # fmt: skip
-    cal, meas = [batch() for _ in range(2)], [batch()]
+    model, cal, meas = _tied_llama(vocab=256)
     r = compress(model, target_ratio=7, batches=meas, calibration=cal, fixed={"model.embed_tokens": "w4g32",
                  "lm_head": "w4g32"}, candidates=("w8", "w4g32", "w4g32+50%"), channels=0.5, distill_steps=3)  # fmt: skip
     q = r.model
@@ -498,15 +489,15 @@ def test_depthwise_convolutions_need_a_fixed_choice_under_a_calibrated_method():
     assert r.ratio >= 4 and r.model[1].scheme.bits == 8 and r.method == "gptq"
 
 
-def _tied_llama():
+def _tied_llama(vocab: int = 512):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=True)  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(3)
-    batch = lambda: {"input_ids": torch.randint(0, 512, (2, 24), generator=g),  # noqa: E731
+    batch = lambda: {"input_ids": torch.randint(0, vocab, (2, 24), generator=g),  # noqa: E731
                      "attention_mask": torch.ones(2, 24, dtype=torch.long)}  # fmt: skip
     return model, [batch() for _ in range(2)], [batch()]
 
