@@ -1002,7 +1002,9 @@ def _compress_smollm2(res: dict) -> str:
     fp = res["rows"][0]
     doms = list(fp["ppl"])
     rel = lambda r: sum(r["ppl"][d] / fp["ppl"][d] for d in doms) / len(doms)  # noqa: E731
-    table = [[r["label"], r.get("embedding") or "-", r["choice"], f"{r['decoder_bpw']:.3f}",
+    emb = res["fixed"].get("model.embed_tokens")
+    emb = emb if isinstance(emb, str) else "-"  # rows measured before the embedding's width was searched
+    table = [[r["label"], r.get("embedding") or emb if r["label"] != "FP32" else "-", r["choice"], f"{r['decoder_bpw']:.3f}",
               f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}", f"{r['file_ratio']:.2f}x",
               *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x", f"{r['seconds']:.0f}"]
              for r in res["rows"]]  # fmt: skip
@@ -1033,6 +1035,10 @@ def _compress_smollm2(res: dict) -> str:
 
 
 
+def _mean(xs: list) -> float:
+    return sum(xs) / len(xs)
+
+
 def _compress_smollm2_decoder(res: dict) -> str:
     """issue 16: SmolLM2-135M's decoder at <= 3.2 bits per weight, the embedding kept wider."""
     fp = res["rows"][0]
@@ -1041,24 +1047,26 @@ def _compress_smollm2_decoder(res: dict) -> str:
     table = [[r["label"], f"{r['decoder_bpw']:.3f}", f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
               f"{r['kl']:.3f}" if "kl" in r else "-", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
-    distil = next((r for r in res["rows"] if r.get("distill_tokens")), None)
+    blocks = next((r for r in res["rows"] if r.get("block_epochs")), None)
+    gain = (f" (each layer's output error relative to FP32's: mean {_mean([b for b, _ in blocks['block_error']]):.4f} "
+            f"before, {_mean([a for _, a in blocks['block_error']]):.4f} after)") if blocks else ""
     return "\n".join([
         "## SmolLM2-135M: the decoder at <= 3.2 bits per weight (issue 16)", "",
         _header(res), "",
         f"Every decoder linear layer {res['scheme']} (codes and a float16 scale per group of 128; SmolLM2's rows "
         "of 576 end in a half group), the tied embedding / LM head at int8 per channel, rounded to nearest "
         f"(`{res['embedding']}`). Quantized by RTN or AWQ+GPTQ (calibration: 64 x 512 tokens of the calib split), "
-        + (f"then distilled from FP32 (`lowbit.prepare_qat` + `lowbit.qat.fit`: learned steps and weights, "
-           f"{distil['distill_steps']} steps of 2 x 256 tokens cycling over {distil['distill_tokens']:,} tokens of the calib "
-           "split, KL per token "
-           f"{distil['loss_first']:.3f} -> {distil['loss_last']:.3f}). " if distil else "")
-        + "Within 3.2 bits there is no room for a wider layer (w4g64 costs 1.1 bits more than w3g128) or a "
-        "correction (rank 1 of a 576 x 576 layer: 0.06 bits). Perplexity on 4096 held-out tokens of every "
+        + (f"then distilled block by block from FP32 (`lowbit.prepare_qat` + `lowbit.qat.fit_blocks`: each "
+           "decoder layer's steps (codes held), weights and norms trained to reproduce the FP32 layer's output "
+           f"from what the distilled layers before it give, {blocks['block_epochs']} passes over the calibration "
+           f"windows, lr {blocks['lr']:g}, step_lr {blocks['step_lr']:g}){gain}. " if blocks else "")
+        + "w3g128 is the one uniform scheme within 3.2 bits (w3g64: 3.25). Perplexity on 4096 held-out tokens of every "
         "domain's eval split; KL: to FP32 on 8 x 256 calib-split tokens; seconds: quantization (+ distillation) "
         "on 2 threads.", "",
         markdown_table(["pipeline", "decoder bits/weight", "decoder x smaller", "MB", "x smaller (file)",
                         *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "KL", "seconds"], table),  # fmt: skip
     ])
+
 
 def _sparse_peers(peers: list, fp: dict, doms: list, rel) -> list[str]:
     """llm-compressor's 2:4 recipes (``benchmarks/peer_sparse.py``) beside lowbit's SmolLM2 rows."""
