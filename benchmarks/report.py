@@ -1035,10 +1035,6 @@ def _compress_smollm2(res: dict) -> str:
 
 
 
-def _mean(xs: list) -> float:
-    return sum(xs) / len(xs)
-
-
 def _compress_smollm2_decoder(res: dict) -> str:
     """issue 16: SmolLM2-135M's decoder at <= 3.2 bits per weight, the embedding kept wider."""
     fp = res["rows"][0]
@@ -1048,8 +1044,8 @@ def _compress_smollm2_decoder(res: dict) -> str:
               f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
               f"{r['kl']:.3f}" if "kl" in r else "-", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
     blocks = next((r for r in res["rows"] if r.get("block_epochs")), None)
-    gain = (f" (each layer's output error relative to FP32's: mean {_mean([b for b, _ in blocks['block_error']]):.4f} "
-            f"before, {_mean([a for _, a in blocks['block_error']]):.4f} after)") if blocks else ""
+    gain = (f" (each layer's output error relative to FP32's: mean {statistics.mean(b for b, _ in blocks['block_error']):.4f} "
+            f"before, {statistics.mean(a for _, a in blocks['block_error']):.4f} after)") if blocks else ""
     return "\n".join([
         "## SmolLM2-135M: the decoder at <= 3.2 bits per weight (issue 16)", "",
         _header(res), "",

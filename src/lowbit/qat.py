@@ -473,22 +473,36 @@ def _from_log_space(scales: list[nn.Parameter], logs: list[nn.Parameter]) -> Non
             p.copy_(torch.where(p == 0, p, torch.copysign(u.exp(), p)))
 
 
-def _optimizer(scope: nn.Module, qat: list, lr: float, step_lr: float):
+class _Optimizer:
     """AdamW over ``scope``'s trainable float parameters (``lr``), the learned steps of the QAT
-    layers ``qat`` as ``log|step|`` and their zero points (``step_lr``); returns
-    ``(optimizer, steps, log_steps)`` for :func:`_log_space_grads` / :func:`_from_log_space`."""
-    scales = [p for m in qat for p in (m.wq.step, m.aq.step if m.aq is not None else None) if p is not None]
-    zeros = [m.wq.zero for m in qat if m.wq.zero is not None]
-    ids = {id(p) for p in scales + zeros}
-    weights = [p for p in scope.parameters() if p.requires_grad and id(p) not in ids]
-    # Steps learn in log space. Adam's update does not depend on the gradient's size, so on a raw
-    # step it moves every step by about step_lr in absolute terms: far too much for a layer whose
-    # steps are small, too little where they are large. On log|step| an update is a relative
-    # change (step_lr = its fraction per update) whatever the layer's weight range.
-    logs = [nn.Parameter(torch.zeros_like(p)) for p in scales]
-    groups = [{"params": weights, "lr": lr, "weight_decay": 0.0}, {"params": logs, "lr": step_lr, "weight_decay": 0.0},
-              {"params": zeros, "lr": step_lr, "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups), scales, logs
+    layers ``qat`` as ``log|step|`` and their zero points (``step_lr``), all on one cosine from
+    full to 0."""
+
+    def __init__(self, scope: nn.Module, qat: list, lr: float, step_lr: float) -> None:
+        self.scales = [p for m in qat for p in (m.wq.step, m.aq.step if m.aq is not None else None) if p is not None]
+        zeros = [m.wq.zero for m in qat if m.wq.zero is not None]
+        ids = {id(p) for p in self.scales + zeros}
+        weights = [p for p in scope.parameters() if p.requires_grad and id(p) not in ids]
+        # Steps learn in log space. Adam's update does not depend on the gradient's size, so on a raw
+        # step it moves every step by about step_lr in absolute terms: far too much for a layer whose
+        # steps are small, too little where they are large. On log|step| an update is a relative
+        # change (step_lr = its fraction per update) whatever the layer's weight range.
+        self.logs = [nn.Parameter(torch.zeros_like(p)) for p in self.scales]
+        groups = [{"params": weights, "lr": lr, "weight_decay": 0.0},
+                  {"params": self.logs, "lr": step_lr, "weight_decay": 0.0},
+                  {"params": zeros, "lr": step_lr, "weight_decay": 0.0}]  # fmt: skip
+        self.opt = torch.optim.AdamW(groups)
+        self.base = [grp["lr"] for grp in self.opt.param_groups]
+
+    def update(self, loss: torch.Tensor, done: float) -> None:
+        """One AdamW update on ``loss``'s gradients, rates at the cosine's point ``done`` in [0, 1)."""
+        for grp, lr0 in zip(self.opt.param_groups, self.base):
+            grp["lr"] = lr0 * 0.5 * (1.0 + math.cos(math.pi * done))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _log_space_grads(self.scales, self.logs)
+        self.opt.step()
+        _from_log_space(self.scales, self.logs)
 
 
 def fit(
@@ -529,8 +543,7 @@ def fit(
     qat = [m for m in model.modules() if isinstance(m, QATLayer)]
     if not qat:
         raise QATError("no QAT layers: call prepare_qat() first" + _already(model))
-    opt, scales, logs = _optimizer(model, qat, lr, step_lr)
-    base = [grp["lr"] for grp in opt.param_groups]
+    opt = _Optimizer(model, qat, lr, step_lr)
     t0 = time.perf_counter()
     if teacher is not None:
         teacher.eval()
@@ -547,8 +560,6 @@ def fit(
             done = i / steps if seconds is None else max(i / steps, (time.perf_counter() - t0) / seconds)
             if done >= 1.0:
                 break
-            for grp, lr0 in zip(opt.param_groups, base):
-                grp["lr"] = lr0 * 0.5 * (1.0 + math.cos(math.pi * done))
             b = get(i)
             if teacher is not None:
                 with torch.no_grad():
@@ -561,11 +572,7 @@ def fit(
                                                   b.get("attention_mask") if isinstance(b, dict) else None)  # fmt: skip
             else:
                 loss = loss_fn(model, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _log_space_grads(scales, logs)
-            opt.step()
-            _from_log_space(scales, logs)
+            opt.update(loss, done)
             losses.append(loss.item())
             if on_step is not None and on_step(i, losses[-1]):
                 break
@@ -664,20 +671,12 @@ def fit_blocks(
                 before, outs = _block_error(block, s_in, target, masks)
             layers = [m for m in block.modules() if isinstance(m, QATLayer)]
             if layers:
-                opt, scales, logs = _optimizer(block, layers, lr, step_lr)
-                base = [grp["lr"] for grp in opt.param_groups]
-                total = epochs * len(s_in)
+                opt = _Optimizer(block, layers, lr, step_lr)
                 order = torch.cat([torch.randperm(len(s_in), generator=gen) for _ in range(epochs)]).tolist()
                 for step, j in enumerate(order):
-                    for grp, lr0 in zip(opt.param_groups, base):
-                        grp["lr"] = lr0 * 0.5 * (1.0 + math.cos(math.pi * step / total))
                     args, kwargs = s_in[j]
                     loss = _block_mse(_block_outputs(block(*args, **kwargs)), target[j], masks[j])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    _log_space_grads(scales, logs)
-                    opt.step()
-                    _from_log_space(scales, logs)
+                    opt.update(loss, step / len(order))
                 with torch.no_grad():
                     after, outs = _block_error(block, s_in, target, masks)
             else:
