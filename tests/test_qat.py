@@ -215,6 +215,23 @@ def test_block_distillation_fits_every_block_from_a_gptq_start(tmp_path):
         assert torch.equal(back(**cal[0]).logits, q(**cal[0]).logits)
 
 
+def test_block_loss_weighs_every_token_by_its_own_norm():
+    # a decoder's residual stream puts most of its squared norm on a few tokens (the attention
+    # sink); the block loss is each real token's error relative to that token, so a 1000x larger
+    # token counts like any other and padding counts not at all
+    from lowbit.qat import _token_errors
+
+    target = torch.randn(2, 5, 8)
+    target[0, 0] *= 1000.0
+    out = target * 1.1  # every token 10% off
+    out[1, 4] += 50.0  # a padding position, wildly off
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 4] = False
+    errors = _token_errors(out, target, mask)
+    assert errors.shape == (9,)
+    torch.testing.assert_close(errors, torch.full((9,), 0.01), rtol=1e-4, atol=0)
+
+
 def test_block_distillation_bad_input_is_one_clear_error():
     fp, cal = _llama_and_batches()
     with pytest.raises(QATError, match="prepare_qat"):

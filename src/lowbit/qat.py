@@ -581,21 +581,29 @@ def fit(
     return losses
 
 
-def _block_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _token_errors(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each real token's squared error relative to its target, ``||out_t - target_t||^2 /
+    ||target_t||^2`` (a vector over the real tokens).
+
+    Relative per token because a decoder's residual stream is dominated by a few tokens: in
+    SmolLM2-135M the first token of a window (the attention sink) holds ~97% of a middle layer's
+    summed squared output, so a plain MSE fits that one token and ignores the others; and the
+    next block's RMSNorm divides every token by its own norm anyway."""
     from .calibrate import _real_tokens
 
-    return F.mse_loss(_real_tokens(out, mask), _real_tokens(target, mask), reduction="sum")
+    o, t = _real_tokens(out, mask), _real_tokens(target, mask)
+    o, t = o.reshape(-1, o.shape[-1]).float(), t.reshape(-1, t.shape[-1]).float()
+    return (o - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
 
 
 def _block_error(block: nn.Module, inputs: list, target: list, masks: list) -> tuple[float, list]:
-    """``block``'s outputs on ``inputs`` and their error relative to ``target``'s,
-    ``sum ||out - target||^2 / sum ||target||^2`` over real tokens."""
+    """``block``'s outputs on ``inputs`` and their mean relative error per real token against
+    ``target`` (:func:`_token_errors`)."""
     from .calibrate import _block_outputs
 
     outs = [_block_outputs(block(*a, **k)) for a, k in inputs]
-    err = sum(float(_block_mse(o, t, m)) for o, t, m in zip(outs, target, masks))
-    norm = sum(float(_block_mse(t, torch.zeros_like(t), m)) for t, m in zip(target, masks))
-    return err / (norm or 1.0), outs
+    errs = [_token_errors(o, t, m) for o, t, m in zip(outs, target, masks)]
+    return float(sum(e.sum() for e in errs)) / max(1, sum(e.numel() for e in errs)), outs
 
 
 @outside_inference_mode
@@ -604,15 +612,17 @@ def fit_blocks(
     teacher: nn.Module,
     batches,
     *,
-    epochs: int = 4,
-    lr: float = 1e-5,
-    step_lr: float = 1e-3,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    step_lr: float = 1e-2,
     seed: int = 0,
     on_block=None,
 ) -> list[tuple[float, float]]:
     """Block-wise distillation: each repeated block of ``model`` (a decoder's layers) trained in
     turn, its QAT layers' weights, learned steps and zero points and its other float parameters
-    (norms) by AdamW, to reproduce the output of the same block of ``teacher`` (the FP32 model).
+    (norms) by AdamW, to reproduce the output of the same block of ``teacher`` (the FP32 model),
+    token by token: the loss is each token's squared error relative to its own norm, so the few
+    tokens that carry a decoder's massive activations do not drown the others.
 
     The block reads what the already trained student blocks before it produce and is fitted to
     what the teacher's blocks produce from the teacher's own inputs, so it also learns to undo
@@ -629,13 +639,17 @@ def fit_blocks(
             count in no loss.
         epochs: passes over ``batches`` per block, one update per batch, in a shuffled order
             (``seed``); learning rates on a cosine from full to 0 within each block.
-        lr, step_lr: as :func:`fit` (``step_lr`` a relative change of a step per update).
+        lr, step_lr: as :func:`fit` (``step_lr`` a relative change of a step per update). The
+            defaults were chosen on SmolLM2-135M's calibration text (output KL from an AWQ+GPTQ
+            w3g128 start, 64 windows of 512 tokens: 0.515 before, 0.460 at lr 2e-5 / step_lr 2e-3,
+            0.443 at these); few updates per block (one per batch) need rates above :func:`fit`'s.
         on_block: ``on_block(i, before, after)`` after block ``i`` (for logging).
 
     Returns:
-        For every block, its output error relative to the teacher's,
-        ``sum ||student - teacher||^2 / sum ||teacher||^2`` over ``batches``, before and after
-        its training (both with the trained blocks before it).
+        For every block, its output's error relative to the teacher's, per token
+        ``||student_t - teacher_t||^2 / ||teacher_t||^2`` averaged over the real tokens of
+        ``batches`` (the loss it is trained on), before and after its training (both with the
+        trained blocks before it).
 
     Raises:
         QATError: no QAT layers, ``epochs < 1``, or a model or teacher without a chain of
@@ -675,7 +689,7 @@ def fit_blocks(
                 order = torch.cat([torch.randperm(len(s_in), generator=gen) for _ in range(epochs)]).tolist()
                 for step, j in enumerate(order):
                     args, kwargs = s_in[j]
-                    loss = _block_mse(_block_outputs(block(*args, **kwargs)), target[j], masks[j])
+                    loss = _token_errors(_block_outputs(block(*args, **kwargs)), target[j], masks[j]).mean()
                     opt.update(loss, step / len(order))
                 with torch.no_grad():
                     after, outs = _block_error(block, s_in, target, masks)
