@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -216,20 +217,26 @@ def smollm2() -> dict:
 
 
 # SmolLM2-135M, the decoder at <= 3.2 bits per weight (the issue's first configuration): the tied
-# embedding / LM head kept at 8 bits (rounded to nearest), every decoder linear layer w3g128 (3.14
-# bits per weight on SmolLM2's rows of 576 and 1536: codes and a float16 scale per group), quantized
-# by RTN or AWQ+GPTQ, then distilled from FP32 block by block (qat.fit_blocks: each decoder layer's
-# codes' steps, weights and norms trained to reproduce the FP32 layer's output). w3g128 is the one
-# uniform scheme within 3.2 bpw (w3g64: 3.25).
+# embedding / LM head kept at 8 bits (rounded to nearest), the decoder linear layers either all
+# w3g128 (3.14 bits per weight on SmolLM2's rows of 576 and 1536: codes and a float16 scale per
+# group; the one uniform scheme within 3.2 bpw, w3g64 is 3.25) or mixed: w4g128 / w3g128 / w2g64 per
+# layer at a mean of <= 3.2 bpw, allocated from Hessian-predicted costs (mixed.sensitivity
+# cost="hessian", on the calib split's measurement batches); quantized by RTN or AWQ+GPTQ, then
+# distilled from FP32 block by block (qat.fit_blocks: each decoder layer's code steps, weights and
+# norms trained to reproduce the FP32 layer's output, token by token).
 SMOLLM2_DECODER_SCHEME = "w3g128"
-# block distillation (qat.fit_blocks) on the GPTQ calibration windows; rates chosen on the calib
-# split's KL (a pilot of 2 epochs over 16 and 64 windows), never on the eval splits
-SMOLLM2_BLOCK_LR, SMOLLM2_BLOCK_STEP_LR = 2e-5, 2e-3
+SMOLLM2_DECODER_MIXED = ("w4g128", "w3g128", "w2g64")
+SMOLLM2_DECODER_BPW = 3.2
+# block distillation (qat.fit_blocks, its defaults) on the GPTQ calibration windows; its rates were
+# chosen on the calib split's KL (pilots of 2 epochs: lr 2e-5 / step_lr 2e-3 KL 0.460, 1e-4 / 1e-2
+# 0.443, from 0.515), never on the eval splits
 SMOLLM2_DECODER_EMBEDDING = "w8"
 SMOLLM2_DECODER_ROWS: dict[str, dict] = {
     "RTN": {"method": "rtn"},
     "AWQ+GPTQ (quantization alone)": {"method": "awq+gptq"},
     "AWQ+GPTQ + block distillation": {"method": "awq+gptq", "block_epochs": 2},
+    "mixed w4g128/w3g128/w2g64 + AWQ+GPTQ": {"method": "awq+gptq", "mixed": True},
+    "mixed + AWQ+GPTQ + block distillation": {"method": "awq+gptq", "mixed": True, "block_epochs": 2},
 }
 
 
@@ -239,7 +246,7 @@ def smollm2_decoder() -> dict:
     import lowbit
     from lowbit import qat
     from lowbit.evaluate.domains import calibration_batches, domain_perplexities
-    from lowbit.mixed import output_kl
+    from lowbit.mixed import allocate, output_kl, sensitivity
     from lowbit.models.zoo import load_model
     from lowbit.recipe import Recipe
 
@@ -256,40 +263,58 @@ def smollm2_decoder() -> dict:
     dec_params = sum(fp.get_submodule(n).weight.numel() for n in decoder)
     rows = _Rows("smollm2_decoder", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "ppl": ppl(fp),
                                      "decoder_bpw": 32.0, "seconds": 0.0})  # fmt: skip
-    quantized: dict[str, tuple[torch.nn.Module, float]] = {}  # method -> (model, seconds): distillation starts there
+    uniform = Recipe(default=None).add(r"re:model\.layers\..*", SMOLLM2_DECODER_SCHEME)
+    mixed: tuple | None = None  # (recipe, counts, seconds), measured once
+
+    def mixed_recipe() -> tuple:
+        nonlocal mixed
+        if mixed is None:
+            t = time.perf_counter()
+            sens = sensitivity(fp, SMOLLM2_DECODER_MIXED, meas, layers=decoder, cost="hessian")
+            a = allocate(sens, target_bpw=SMOLLM2_DECODER_BPW)
+            mixed = (a.recipe(), a.counts(), time.perf_counter() - t)
+        return mixed
+
+    quantized: dict[tuple, tuple[torch.nn.Module, float]] = {}  # (method, mixed) -> (model, seconds)
     for label, kw in SMOLLM2_DECODER_ROWS.items():
         if rows.reuse(label, kw):
             continue
-        method, epochs = kw["method"], kw.get("block_epochs", 0)
-        if method not in quantized:
+        method, epochs, mix = kw["method"], kw.get("block_epochs", 0), kw.get("mixed", False)
+        row = {"label": label, "args": _args(kw), "method": method}
+        if (method, mix) not in quantized:
+            recipe, extra = uniform, 0.0
+            if mix:
+                recipe, counts, extra = mixed_recipe()
             t = time.perf_counter()
             m = copy.deepcopy(fp).eval()
             emb = Recipe(default=None)
             emb.add("model.embed_tokens", SMOLLM2_DECODER_EMBEDDING)
             emb.add("lm_head", SMOLLM2_DECODER_EMBEDDING)  # tied: one tensor
             lowbit.quantize(m, emb)
-            dec = Recipe(default=None)
-            dec.add(r"re:model\.layers\..*", SMOLLM2_DECODER_SCHEME)
-            lowbit.quantize(m, dec, method=method, calibration=None if method == "rtn" else cal)
-            quantized[method] = (m, time.perf_counter() - t)
-        m, seconds = quantized[method]
-        row = {"label": label, "args": _args(kw), "method": method}
+            lowbit.quantize(m, recipe, method=method, calibration=None if method == "rtn" else cal)
+            quantized[method, mix] = (m, time.perf_counter() - t + extra)
+        m, seconds = quantized[method, mix]
+        if mix:
+            row["choice"] = ", ".join(f"{c} x{k}" for c, k in sorted(mixed_recipe()[1].items()))
         if epochs:
             t = time.perf_counter()
             m = copy.deepcopy(m)
             qat.prepare_qat(m)  # every decoder layer restarts from its post-training codes and steps
-            errors = qat.fit_blocks(m, fp, cal, epochs=epochs, lr=SMOLLM2_BLOCK_LR, step_lr=SMOLLM2_BLOCK_STEP_LR)
+            errors = qat.fit_blocks(m, fp, cal, epochs=epochs)
             qat.convert(m)
             seconds += time.perf_counter() - t
-            row.update({"block_epochs": epochs, "lr": SMOLLM2_BLOCK_LR, "step_lr": SMOLLM2_BLOCK_STEP_LR,
+            rates = inspect.signature(qat.fit_blocks).parameters  # its defaults, recorded with the row
+            row.update({"block_epochs": epochs, "lr": rates["lr"].default, "step_lr": rates["step_lr"].default,
                         "block_error": errors})  # fmt: skip
         dec_bytes = sum(m.get_submodule(n).nbytes for n in decoder)
         with tempfile.TemporaryDirectory() as d:
             size = _file_bytes(lowbit.save(m, Path(d) / "m"))
         rows.add({**row, "file_bytes": size, "file_ratio": fp_file / size, "decoder_bpw": 8 * dec_bytes / dec_params,
                   "ppl": ppl(m), "kl": output_kl(fp, m, meas), "seconds": seconds})  # fmt: skip
-        print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "seconds")}), flush=True)
-    return {"rows": list(rows), "scheme": SMOLLM2_DECODER_SCHEME, "embedding": SMOLLM2_DECODER_EMBEDDING}
+        print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "kl", "seconds")}),
+              flush=True)  # fmt: skip
+    return {"rows": list(rows), "scheme": SMOLLM2_DECODER_SCHEME, "embedding": SMOLLM2_DECODER_EMBEDDING,
+            "layers": len(decoder), "mixed": {"candidates": list(SMOLLM2_DECODER_MIXED), "bpw": SMOLLM2_DECODER_BPW}}
 
 
 # all-MiniLM-L6-v2: the embeddings (the word embedding is half the model) rounded to nearest once

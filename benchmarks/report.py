@@ -1040,27 +1040,38 @@ def _compress_smollm2_decoder(res: dict) -> str:
     fp = res["rows"][0]
     doms = list(fp["ppl"])
     rel = lambda r: sum(r["ppl"][d] / fp["ppl"][d] for d in doms) / len(doms)  # noqa: E731
-    table = [[r["label"], f"{r['decoder_bpw']:.3f}", f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}",
+    uniform = f"{res['scheme']} x{res.get('layers', 210)}"
+    table = [[r["label"], "-" if r is fp else r.get("choice", uniform), f"{r['decoder_bpw']:.3f}",
+              f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
               f"{r['kl']:.3f}" if "kl" in r else "-", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
     blocks = next((r for r in res["rows"] if r.get("block_epochs")), None)
-    gain = (f" (each layer's output error relative to FP32's: mean {statistics.mean(b for b, _ in blocks['block_error']):.4f} "
-            f"before, {statistics.mean(a for _, a in blocks['block_error']):.4f} after)") if blocks else ""
+    rates = (f"lr {blocks['lr']:g}, step_lr {blocks['step_lr']:g}" if blocks and "lr" in blocks
+             else "fit_blocks' default rates")  # fmt: skip
+    gain = "; ".join(f"{r['label']}: each layer's output error relative to FP32's, per token, mean "
+                     f"{statistics.mean(b for b, _ in r['block_error']):.4f} before, "
+                     f"{statistics.mean(a for _, a in r['block_error']):.4f} after"
+                     for r in res["rows"] if r.get("block_epochs"))  # fmt: skip
+    mixed = res.get("mixed")
     return "\n".join([
         "## SmolLM2-135M: the decoder at <= 3.2 bits per weight (issue 16)", "",
         _header(res), "",
-        f"Every decoder linear layer {res['scheme']} (codes and a float16 scale per group of 128; SmolLM2's rows "
-        "of 576 end in a half group), the tied embedding / LM head at int8 per channel, rounded to nearest "
-        f"(`{res['embedding']}`). Quantized by RTN or AWQ+GPTQ (calibration: 64 x 512 tokens of the calib split), "
+        f"The tied embedding / LM head at int8 per channel, rounded to nearest (`{res['embedding']}`); the decoder "
+        f"linear layers all {res['scheme']} (codes and a float16 scale per group of 128; SmolLM2's rows of 576 end "
+        "in a half group; the one uniform scheme within 3.2 bits, w3g64 is 3.25)"
+        + (f", or mixed: one of {' / '.join(mixed['candidates'])} per layer at <= {mixed['bpw']:g} bits per weight on "
+           "the decoder, allocated from Hessian-predicted costs (`lowbit.mixed.sensitivity(..., cost=\"hessian\")` "
+           "on 8 x 256 calib-split tokens, then `allocate(target_bpw=...)`)" if mixed else "")
+        + ". Quantized by RTN or AWQ+GPTQ (calibration: 64 x 512 tokens of the calib split), "
         + (f"then distilled block by block from FP32 (`lowbit.prepare_qat` + `lowbit.qat.fit_blocks`: each "
-           "decoder layer's steps (codes held), weights and norms trained to reproduce the FP32 layer's output "
-           f"from what the distilled layers before it give, {blocks['block_epochs']} passes over the calibration "
-           f"windows, lr {blocks['lr']:g}, step_lr {blocks['step_lr']:g}){gain}. " if blocks else "")
-        + "w3g128 is the one uniform scheme within 3.2 bits (w3g64: 3.25). Perplexity on 4096 held-out tokens of every "
-        "domain's eval split; KL: to FP32 on 8 x 256 calib-split tokens; seconds: quantization (+ distillation) "
-        "on 2 threads.", "",
-        markdown_table(["pipeline", "decoder bits/weight", "decoder x smaller", "MB", "x smaller (file)",
-                        *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "KL", "seconds"], table),  # fmt: skip
+           "decoder layer's steps (codes held), weights and norms trained to reproduce the FP32 layer's output, "
+           "token by token, from what the distilled layers before it give, "
+           f"{blocks['block_epochs']} passes over the calibration windows, {rates}; {gain}). " if blocks else "")
+        + "Perplexity on 4096 held-out tokens of every domain's eval split; KL: to FP32 on 8 x 256 calib-split "
+        "tokens; seconds: quantization (+ allocation, + distillation) on 2 threads.", "",
+        markdown_table(["pipeline", "decoder layers", "decoder bits/weight", "decoder x smaller", "MB",
+                        "x smaller (file)", *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "KL", "seconds"],
+                       table),  # fmt: skip
     ])
 
 
