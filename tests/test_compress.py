@@ -542,3 +542,36 @@ def test_bad_searched_fixed_choices_are_one_clear_error(fixed, match):
     with pytest.raises(CompressError, match=match):
         compress(model, target_ratio=3, batches=meas, calibration=cal, fixed=fixed, candidates=("w8",), method="gptq")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_block_distillation_inside_compress_lowers_the_kl_and_refuses_models_without_blocks(digits):
+    model, _cal, meas = _tied_llama()
+    g = torch.Generator().manual_seed(5)  # enough tokens that fitting the blocks generalizes to `meas`
+    cal = [{"input_ids": torch.randint(0, 512, (4, 32), generator=g), "attention_mask": torch.ones(4, 32, dtype=torch.long)}
+           for _ in range(16)]  # fmt: skip
+    kw = dict(target_ratio=7, batches=meas, calibration=cal, candidates=("w4g32", "w2g32"), method="gptq",
+              fixed={"model.embed_tokens": "w8", "lm_head": "w8"})  # fmt: skip
+    plain = compress(model, **kw)
+    blocks = compress(model, distill_blocks=2, **kw)
+    assert plain.block_errors == [] and len(blocks.block_errors) == 2  # one (before, after) per decoder layer
+    assert all(after < before for before, after in blocks.block_errors)
+    assert blocks.kl_before_distill == pytest.approx(plain.kl) and blocks.kl < plain.kl
+    assert blocks.allocation.choice == plain.allocation.choice and blocks.nbytes == plain.nbytes
+    assert "block distillation of 2 blocks" in blocks.summary()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CompressError, match="distill_blocks must be"):
+            compress(model, distill_blocks=bad, **kw)
+    with pytest.raises(CompressError, match="not a callable"):
+        compress(model, distill_blocks=1, distill_data=lambda i: cal[0], **kw)
+    zoo, data = digits
+    x = data["x_train"]
+    with pytest.raises(CompressError, match="chain of repeated blocks"):
+        compress(zoo.model, target_ratio=4, batches=[x[:64]], calibration=[x[64:128]], distill_blocks=1)
+
+
+def test_cli_block_distillation_of_a_model_without_blocks_is_one_clear_error(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "6",
+                        "--distill-blocks", "1", "-o", str(tmp_path / "f"), "-q"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode != 0 and "chain of repeated blocks" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "f").exists()

@@ -498,13 +498,13 @@ def cmd_compress(args) -> int:
     n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
     batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model, args.calib_domains)
     distill = None
-    if args.distill_steps:
+    if args.distill_steps or args.distill_blocks:
         distill = _model_inputs(zm, args.distill_samples, args.seqlen, args.seed + 2, args.calib, args.model,
                                 args.calib_domains)  # fmt: skip
     result = compress(zm.model, target_ratio=args.target_ratio, max_loss=args.max_loss, batches=batches,
                       calibration=calibration, candidates=cands, method=args.method, fixed=fixed or None,
                       base=args.base, channels=args.channels, distill_steps=args.distill_steps,
-                      distill_data=distill, lr=args.lr,
+                      distill_blocks=args.distill_blocks, distill_data=distill, lr=args.lr,
                       progress=not args.quiet)  # fmt: skip
     out = lowbit.save(result.model, args.output, tokenizer=zm.tokenizer,
                       source=getattr(zm.model, "lowbit_source", None) or args.model)  # fmt: skip
@@ -949,6 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformer FFN neurons, chained Linear/Conv2d channels); the config follows")
     c.add_argument("--base", help="measure costs around this candidate instead of FP32")
     c.add_argument("--distill-steps", type=int, default=0, help="distillation steps from the FP32 model (default 0)")
+    c.add_argument("--distill-blocks", type=int, default=0, metavar="EPOCHS",
+                   help="passes of block-wise distillation from the FP32 model before --distill-steps "
+                        "(transformers: each layer fitted to the FP32 layer's output; default 0)")
     c.add_argument("--distill-samples", type=int, default=256, help="samples to distil on (default 256)")
     c.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate of the weights (default 1e-4)")
     c.add_argument("--samples", type=int, help="samples the KL is measured on (default: 8 texts, 32 crops, 512 digits)")

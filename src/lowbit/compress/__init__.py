@@ -20,7 +20,8 @@ then distillation from the FP32 teacher (issue 16).
 4. **Distil** (``distill_steps > 0``): :func:`lowbit.prepare_qat` restarts every quantized layer
    from its post-training result (masks fixed, corrections trained) and :func:`lowbit.qat.fit`
    matches the FP32 teacher's output distribution (Hinton et al. 2015) on ``distill_data`` -- no
-   labels needed -- before :func:`lowbit.convert` packs it again.
+   labels needed -- before :func:`lowbit.convert` packs it again. ``distill_blocks > 0`` first
+   fits each repeated block to the FP32 block's output (:func:`lowbit.qat.fit_blocks`).
 
 Sizes are stored tensor bytes as :func:`lowbit.size_of` counts them (a saved file adds only its
 header); ``reference_bytes`` counts the model's floating-point tensors at 4 bytes each (FP32).
@@ -84,6 +85,7 @@ class Compressed:
     candidates: list[str] = field(default_factory=list)  # those allocated among (default: all measured)
     fixed_choice: str | None = None  # the choice taken when ``fixed`` offered several
     fixed_costs: dict[str, float] = field(default_factory=dict)  # KL of each reachable fixed choice alone
+    block_errors: list[tuple[float, float]] = field(default_factory=list)  # per block (before, after): distill_blocks
 
     @property
     def ratio(self) -> float:
@@ -104,8 +106,10 @@ class Compressed:
 
     def summary(self) -> str:
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(self.allocation.counts().items()))
-        distil = (f"; KL {self.kl_before_distill:.4g} -> {self.kl:.4g} nats after {len(self.distill_losses)} "
-                  "distillation steps" if self.distill_losses else f"; KL {self.kl:.4g} nats")  # fmt: skip
+        how = " and ".join(x for x in (f"block distillation of {len(self.block_errors)} blocks" if self.block_errors
+                                       else "", f"{len(self.distill_losses)} distillation steps"
+                                       if self.distill_losses else "") if x)  # fmt: skip
+        distil = f"; KL {self.kl_before_distill:.4g} -> {self.kl:.4g} nats after {how}" if how else f"; KL {self.kl:.4g} nats"
         fixed = f"; fixed layers {self.fixed_choice}" if self.fixed_choice else ""
         return (f"{self.ratio:.2f}x smaller than FP32 ({self.nbytes:,} of {self.reference_bytes:,} bytes; "
                 f"{self.method}: {counts}{fixed}){distil}")  # fmt: skip
@@ -221,6 +225,7 @@ def compress(
     channels: float | None = None,
     measured: Sensitivity | None = None,
     distill_steps: int = 0,
+    distill_blocks: int = 0,
     distill_data: Sequence | Callable | None = None,
     lr: float = 1e-4,
     step_lr: float = 1e-3,
@@ -257,8 +262,12 @@ def compress(
             the same method and every one of ``candidates``: the measurement is skipped, so one
             table serves many ratios and candidate subsets.
         distill_steps: steps of distillation from the FP32 model after quantization (0: none).
+        distill_blocks: passes of block-wise distillation (:func:`lowbit.qat.fit_blocks`, its
+            rates) over the distillation data, after quantization and before ``distill_steps``
+            (0: none): each repeated block (a decoder layer) trained to reproduce the FP32 block's
+            output; for models made of a chain of repeated blocks, and a sequence of batches.
         distill_data: batches to distil on (default ``calibration``, else ``batches``), cycled, or a
-            callable ``i -> batch`` giving step ``i``'s batch.
+            callable ``i -> batch`` giving step ``i``'s batch (``distill_steps`` only).
         lr, step_lr: distillation learning rates of the weights (and corrections) and the steps.
 
     Returns a :class:`Compressed`. Raises :class:`CompressError` when no allocation of the
@@ -276,6 +285,16 @@ def compress(
         raise CompressError(f"target_ratio must be a number above 1 (FP32 bytes / compressed bytes), got {target_ratio!r}")
     if not isinstance(distill_steps, int) or distill_steps < 0:
         raise CompressError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
+    if not isinstance(distill_blocks, int) or isinstance(distill_blocks, bool) or distill_blocks < 0:
+        raise CompressError(f"distill_blocks must be a non-negative integer, got {distill_blocks!r}")
+    if distill_blocks and callable(distill_data):
+        raise CompressError("distill_blocks needs a sequence of batches as distill_data, not a callable")
+    if distill_blocks:
+        from ..calibrate import find_blocks
+
+        if find_blocks(model) is None:
+            raise CompressError("distill_blocks needs a model made of a chain of repeated blocks (a decoder's or "
+                                "an encoder's layers); use distill_steps for this model")  # fmt: skip
     try:
         parsed = [parse_choice(c) for c in candidates]
     except ValueError as e:
@@ -382,22 +401,26 @@ def compress(
     seconds["quantize"] = time.perf_counter() - t1
     kl_ptq = output_kl(teacher, out, batches)
     losses: list[float] = []
+    block_errors: list[tuple[float, float]] = []
 
     # 4. distil
-    if distill_steps:
+    if distill_steps or distill_blocks:
         t2 = time.perf_counter()
         if distill_data is None:
             data = calibration or batches
         else:  # a callable draws fresh batches (``i -> batch``, e.g. new augmented crops per step)
             data = distill_data if callable(distill_data) else list(distill_data)
         qat.prepare_qat(out)  # every quantized layer restarts from its post-training result
-        losses = qat.fit(out, data, steps=distill_steps, teacher=teacher, lr=lr, step_lr=step_lr)
+        if distill_blocks:
+            block_errors = qat.fit_blocks(out, teacher, data, epochs=distill_blocks)
+        if distill_steps:
+            losses = qat.fit(out, data, steps=distill_steps, teacher=teacher, lr=lr, step_lr=step_lr)
         qat.convert(out)
         seconds["distill"] = time.perf_counter() - t2
-    kl = output_kl(teacher, out, batches) if losses else kl_ptq
+    kl = output_kl(teacher, out, batches) if losses or block_errors else kl_ptq
     nbytes = size_of(out).total_bytes
     if target_ratio is not None and ref_bytes / nbytes < target_ratio * (1 - 1e-9):  # a bug, not a user error
         warnings.warn(f"the compressed model is {ref_bytes / nbytes:.3f}x, short of the {target_ratio:g}x the "
                       "allocation met: please report it", stacklevel=2)  # fmt: skip
     return Compressed(out, recipe, alloc, sens, ref_bytes, nbytes, fixed_bytes, kl, kl_ptq, losses, seconds, method,
-                      cands, option, fixed_costs)
+                      cands, option, fixed_costs, block_errors)
