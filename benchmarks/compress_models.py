@@ -264,15 +264,14 @@ def smollm2_decoder() -> dict:
     rows = _Rows("smollm2_decoder", {"label": "FP32", "file_bytes": fp_file, "file_ratio": 1.0, "ppl": ppl(fp),
                                      "decoder_bpw": 32.0, "seconds": 0.0})  # fmt: skip
     uniform = Recipe(default=None).add(r"re:model\.layers\..*", SMOLLM2_DECODER_SCHEME)
-    mixed: tuple | None = None  # (recipe, counts, seconds), measured once
+    mixed = None  # (allocation, seconds), measured once
 
-    def mixed_recipe() -> tuple:
+    def mixed_allocation():
         nonlocal mixed
         if mixed is None:
             t = time.perf_counter()
             sens = sensitivity(fp, SMOLLM2_DECODER_MIXED, meas, layers=decoder, cost="hessian")
-            a = allocate(sens, target_bpw=SMOLLM2_DECODER_BPW)
-            mixed = (a.recipe(), a.counts(), time.perf_counter() - t)
+            mixed = (allocate(sens, target_bpw=SMOLLM2_DECODER_BPW), time.perf_counter() - t)
         return mixed
 
     quantized: dict[tuple, tuple[torch.nn.Module, float]] = {}  # (method, mixed) -> (model, seconds)
@@ -284,7 +283,8 @@ def smollm2_decoder() -> dict:
         if (method, mix) not in quantized:
             recipe, extra = uniform, 0.0
             if mix:
-                recipe, counts, extra = mixed_recipe()
+                alloc, extra = mixed_allocation()
+                recipe = alloc.recipe()
             t = time.perf_counter()
             m = copy.deepcopy(fp).eval()
             emb = Recipe(default=None)
@@ -295,7 +295,7 @@ def smollm2_decoder() -> dict:
             quantized[method, mix] = (m, time.perf_counter() - t + extra)
         m, seconds = quantized[method, mix]
         if mix:
-            row["choice"] = ", ".join(f"{c} x{k}" for c, k in sorted(mixed_recipe()[1].items()))
+            row["choice"] = ", ".join(f"{c} x{k}" for c, k in sorted(mixed_allocation()[0].counts().items()))
         if epochs:
             t = time.perf_counter()
             m = copy.deepcopy(m)

@@ -1040,14 +1040,12 @@ def _compress_smollm2_decoder(res: dict) -> str:
     fp = res["rows"][0]
     doms = list(fp["ppl"])
     rel = lambda r: sum(r["ppl"][d] / fp["ppl"][d] for d in doms) / len(doms)  # noqa: E731
-    uniform = f"{res['scheme']} x{res.get('layers', 210)}"
+    uniform = f"{res['scheme']} x{res['layers']}"
     table = [[r["label"], "-" if r is fp else r.get("choice", uniform), f"{r['decoder_bpw']:.3f}",
               f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
               f"{r['kl']:.3f}" if "kl" in r else "-", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
     blocks = next((r for r in res["rows"] if r.get("block_epochs")), None)
-    rates = (f"lr {blocks['lr']:g}, step_lr {blocks['step_lr']:g}" if blocks and "lr" in blocks
-             else "fit_blocks' default rates")  # fmt: skip
     gain = "; ".join(f"{r['label']}: each layer's output error relative to FP32's, per token, mean "
                      f"{statistics.mean(b for b, _ in r['block_error']):.4f} before, "
                      f"{statistics.mean(a for _, a in r['block_error']):.4f} after"
@@ -1066,7 +1064,8 @@ def _compress_smollm2_decoder(res: dict) -> str:
         + (f"then distilled block by block from FP32 (`lowbit.prepare_qat` + `lowbit.qat.fit_blocks`: each "
            "decoder layer's steps (codes held), weights and norms trained to reproduce the FP32 layer's output, "
            "token by token, from what the distilled layers before it give, "
-           f"{blocks['block_epochs']} passes over the calibration windows, {rates}; {gain}). " if blocks else "")
+           f"{blocks['block_epochs']} passes over the calibration windows, lr {blocks['lr']:g}, step_lr {blocks['step_lr']:g}; "
+           f"{gain}). " if blocks else "")
         + "Perplexity on 4096 held-out tokens of every domain's eval split; KL: to FP32 on 8 x 256 calib-split "
         "tokens; seconds: quantization (+ allocation, + distillation) on 2 threads.", "",
         markdown_table(["pipeline", "decoder layers", "decoder bits/weight", "decoder x smaller", "MB",

@@ -106,10 +106,13 @@ class Compressed:
 
     def summary(self) -> str:
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(self.allocation.counts().items()))
-        how = " and ".join(x for x in (f"block distillation of {len(self.block_errors)} blocks" if self.block_errors
-                                       else "", f"{len(self.distill_losses)} distillation steps"
-                                       if self.distill_losses else "") if x)  # fmt: skip
-        distil = f"; KL {self.kl_before_distill:.4g} -> {self.kl:.4g} nats after {how}" if how else f"; KL {self.kl:.4g} nats"
+        how = []
+        if self.block_errors:
+            how.append(f"block distillation of {len(self.block_errors)} blocks")
+        if self.distill_losses:
+            how.append(f"{len(self.distill_losses)} distillation steps")
+        distil = (f"; KL {self.kl_before_distill:.4g} -> {self.kl:.4g} nats after {' and '.join(how)}" if how
+                  else f"; KL {self.kl:.4g} nats")  # fmt: skip
         fixed = f"; fixed layers {self.fixed_choice}" if self.fixed_choice else ""
         return (f"{self.ratio:.2f}x smaller than FP32 ({self.nbytes:,} of {self.reference_bytes:,} bytes; "
                 f"{self.method}: {counts}{fixed}){distil}")  # fmt: skip
