@@ -575,3 +575,70 @@ def test_cli_block_distillation_of_a_model_without_blocks_is_one_clear_error(tmp
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode != 0 and "chain of repeated blocks" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "f").exists()
+
+
+def test_a_bits_per_weight_budget_with_hessian_costs_quantized_by_awq_gptq():
+    """The decoder recipe of BENCHMARKS.md as one call: costs predicted from Hessian traces (measured
+    with RTN: AWQ moves scales between layers, so no layer is measured alone under it), a budget in
+    bits per weight on the searched layers, the recipe quantized by AWQ+GPTQ."""
+    model, cal, meas = _tied_llama()
+    before = copy.deepcopy(model.state_dict())
+    fixed = {"model.embed_tokens": "w8", "lm_head": "w8"}
+    kw = dict(batches=meas, calibration=cal, candidates=("w4g32", "w3g32", "w2g32"), fixed=fixed)
+    r = compress(model, target_bpw=3.2, method="awq+gptq", cost="hessian", **kw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert r.sensitivity.info["method"] == "rtn" and r.sensitivity.info["cost"] == "hessian"
+    assert r.method == "awq+gptq" and f"{r.searched_bpw:.3f} bits per weight" in r.summary()
+    searched = set(r.sensitivity.layers)
+    recs = r.model.lowbit_layers
+    assert {recs[n].method for n in searched} == {"awq+gptq"} and recs["lm_head"].method == "rtn"
+    assert len(set(r.allocation.choice.values())) >= 2  # 3.2 bits: a mix of 4, 3 and 2 bits
+    rows = [x for x in lowbit.size_of(r.model).layers if x.name in searched]
+    assert len(rows) == len(searched)
+    stored_bpw = 8 * sum(x.bytes for x in rows) / sum(x.numel for x in rows)
+    assert stored_bpw == pytest.approx(r.searched_bpw) and r.searched_bpw <= 3.2
+    # the same layers measured by the calibrated method instead, and KL costs: another table
+    kl = compress(model, target_bpw=3.2, method="awq+gptq", measure_method="gptq", **kw)
+    assert kl.sensitivity.info["method"] == "gptq" and kl.sensitivity.info["cost"] == "kl"
+    with pytest.raises(CompressError, match="cost 'kl' \\(here 'hessian'\\)"):
+        compress(model, target_bpw=3.2, method="awq+gptq", measure_method="gptq", cost="hessian",
+                 measured=kl.sensitivity, **kw)  # fmt: skip
+    # a bits-per-weight budget no choice reaches names the fewest reachable
+    with pytest.raises(CompressError, match=r"reaches 2 bits per weight.*fewest reachable is 2\.5"):
+        compress(model, target_bpw=2, method="rtn", cost="hessian", **kw)
+    least = sum(min(c.values()) for c in r.sensitivity.loss.values())  # every layer at 4 bits
+    with pytest.raises(CompressError, match=r"2\.6 bits per weight costs .* the fewest bits per weight within it is"):
+        compress(model, target_bpw=2.6, max_loss=1.2 * least, method="rtn", measured=r.sensitivity, cost="hessian", **kw)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"target_bpw": 3.0, "target_ratio": 8}, "one size budget"),
+    ({"target_bpw": 0}, "target_bpw must be"),
+    ({"target_bpw": "3"}, "target_bpw must be"),
+    ({"target_bpw": True}, "target_bpw must be"),
+    ({"target_bpw": float("nan")}, "target_bpw must be"),
+    ({"target_ratio": 4, "cost": "fisher"}, "cost must be"),
+    ({"target_ratio": 4, "cost": "hessian", "base": "w4g32"}, "cost='hessian'"),
+    ({"target_ratio": 4, "method": "awq+gptq", "measure_method": "awq"}, "moves scales"),
+    ({"target_ratio": 4, "candidates": ("w4g32+50%",), "method": "sparsegpt", "measure_method": "gptq"},
+     "measure_method 'gptq' does not prune"),
+    ({"target_ratio": 4, "distill_steps": True}, "distill_steps must be"),
+])  # fmt: skip
+def test_bad_budgets_costs_and_measure_methods_are_one_clear_error(bad, match):
+    model, cal, meas = _tied_llama()
+    before = copy.deepcopy(model.state_dict())
+    kw = {"batches": meas, "calibration": cal, "candidates": ("w4g32", "w2g32"), **bad}
+    with pytest.raises(CompressError, match=match):
+        compress(model, **kw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_compress_to_bits_per_weight_with_hessian_costs(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-bpw", "3.5",
+                        "--cost", "hessian", "--candidates", "w8,w4g64,w2g64", "--method", "rtn",
+                        "-o", str(tmp_path / "c"), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    bpw = float(re.search(r"([\d.]+) bits per weight", p.stdout).group(1))
+    assert 2.0 < bpw <= 3.5
+    back = lowbit.load(tmp_path / "c", model=DigitsCNN())
+    assert all(isinstance(back.get_submodule(n), QuantModule) for n in ("conv2", "fc1", "fc2"))

@@ -479,8 +479,8 @@ def cmd_compress(args) -> int:
     from lowbit.models.source import load_source
 
     _threads(args)
-    if args.target_ratio is None and args.max_loss is None:
-        return _err("give --target-ratio R and/or --max-loss X")
+    if args.target_ratio is None and args.target_bpw is None and args.max_loss is None:
+        return _err("give --target-ratio R (or --target-bpw B) and/or --max-loss X")
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
     fixed = {}
     for item in (args.fixed or "").split(","):
@@ -493,7 +493,9 @@ def cmd_compress(args) -> int:
     t0 = time.perf_counter()
     zm = load_source(args.model)
     # the default method (SparseGPT or GPTQ) is calibrated; a data-free one given by name needs none
-    calibration = None if args.method and not get_algorithm(args.method).uses_calibration else _calibration(args, zm)
+    calibrated = [m for m in (args.method, args.measure_method) if m]
+    calibration = (None if calibrated and not any(get_algorithm(m).uses_calibration for m in calibrated)
+                   else _calibration(args, zm))  # fmt: skip
     # costs are measured on other calibration samples than the ones that set scales
     n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
     batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model, args.calib_domains)
@@ -501,8 +503,9 @@ def cmd_compress(args) -> int:
     if args.distill_steps or args.distill_blocks:
         distill = _model_inputs(zm, args.distill_samples, args.seqlen, args.seed + 2, args.calib, args.model,
                                 args.calib_domains)  # fmt: skip
-    result = compress(zm.model, target_ratio=args.target_ratio, max_loss=args.max_loss, batches=batches,
-                      calibration=calibration, candidates=cands, method=args.method, fixed=fixed or None,
+    result = compress(zm.model, target_ratio=args.target_ratio, target_bpw=args.target_bpw, max_loss=args.max_loss,
+                      batches=batches, calibration=calibration, candidates=cands, method=args.method,
+                      measure_method=args.measure_method, cost=args.cost, fixed=fixed or None,
                       base=args.base, channels=args.channels, distill_steps=args.distill_steps,
                       distill_blocks=args.distill_blocks, distill_data=distill, lr=args.lr,
                       progress=not args.quiet)  # fmt: skip
@@ -933,13 +936,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "per layer by measured sensitivity, then optional distillation from FP32")
     c.add_argument("model", help=f"zoo model ({zoo}) or a transformers model directory")
     c.add_argument("--target-ratio", type=float, help="FP32 bytes / compressed bytes for the whole model, e.g. 12")
+    c.add_argument("--target-bpw", type=float, help="instead of --target-ratio: stored bits per weight of the "
+                   "searched layers (masks and corrections included), e.g. 3.2")
     c.add_argument("--max-loss", help="the predicted KL bound (nats, or a percentage: 2%% = a 2%% perplexity rise); "
                    "alone: the smallest model within it")
     c.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
                    help="choices measured per layer: a scheme, +N%% pruned, +N:M, +rN corrected, or skip "
                         f"(default {','.join(DEFAULT_CANDIDATES)})")
-    c.add_argument("--method", help="sparsegpt (default), wanda or magnitude (data-free); rtn/hqq/gptq when no "
-                   "candidate prunes")
+    c.add_argument("--method", help="sparsegpt (default), wanda or magnitude (data-free); rtn/hqq/gptq/awq/awq+gptq "
+                   "when no candidate prunes")
+    c.add_argument("--measure-method", help="the method the costs are measured with (default --method; rtn when "
+                   "--method moves scales between layers: awq, awq+gptq)")
+    c.add_argument("--cost", choices=("kl", "hessian"), default="kl",
+                   help="kl: each layer and candidate measured (default); hessian: predicted from Hessian traces "
+                        "(much faster, coarser)")
     c.add_argument("--fixed", metavar="PATTERN=CHOICE,...",
                    help="layers outside the search with their choice, e.g. model.embed_tokens=w4g64,lm_head=w4g64; "
                         "several choices separated by | are searched together (model.embed_tokens=w8|w4g64|w3g64,"

@@ -10,13 +10,19 @@ then distillation from the FP32 teacher (issue 16).
    included. Pruned candidates are quantized by a pruning method (SparseGPT when calibration data
    is given, magnitude otherwise), so the same method serves the dense candidates with nothing
    removed.
+   With ``cost="hessian"`` the KL is predicted from Hessian traces instead (HAWQ-V2; one
+   backward pass per batch instead of a forward pass per layer and candidate).
 2. **Allocate.** The size budget is ``reference_bytes / target_ratio`` for the whole model: what
    the layers outside the search store (embeddings, norms, biases, and the layers ``fixed``
    quantizes) is subtracted, and the rest is shared among the searched layers by the
    multiple-choice knapsack of :func:`lowbit.mixed.allocate` (least summed KL within the bytes).
-   With ``max_loss`` instead, the smallest model whose predicted KL stays within it; with both,
-   the ratio's allocation is checked against the loss.
-3. **Quantize** the model with the allocation's recipe (after the ``fixed`` layers).
+   ``target_bpw`` budgets the searched layers alone instead (stored bits per weight, masks and
+   corrections included). With ``max_loss`` instead, the smallest model whose predicted KL stays
+   within it; with both, the size budget's allocation is checked against the loss.
+3. **Quantize** the model with the allocation's recipe (after the ``fixed`` layers), by
+   ``method``; a method that moves scales between layers (AWQ, ``"awq+gptq"``) quantizes the
+   recipe while the costs were measured by ``measure_method`` (a layer cannot be measured alone
+   when its scales move).
 4. **Distil** (``distill_steps > 0``): :func:`lowbit.prepare_qat` restarts every quantized layer
    from its post-training result (masks fixed, corrections trained) and :func:`lowbit.qat.fit`
    matches the FP32 teacher's output distribution (Hinton et al. 2015) on ``distill_data`` -- no
@@ -92,6 +98,12 @@ class Compressed:
         """``reference_bytes / nbytes``: how many times smaller than FP32."""
         return self.reference_bytes / self.nbytes
 
+    @property
+    def searched_bpw(self) -> float:
+        """Stored bits per weight of the searched layers (codes, scales, zero points, masks,
+        corrections), as the allocation counts them."""
+        return 8 * self.allocation.nbytes / sum(self.sensitivity.params[n] for n in self.sensitivity.layers)
+
     def frontier(self, ratios: Sequence[float]) -> list[tuple[float, float]]:
         """``(ratio, predicted KL)`` of the best allocation at each ratio that is reachable."""
         out = []
@@ -115,7 +127,7 @@ class Compressed:
                   else f"; KL {self.kl:.4g} nats")  # fmt: skip
         fixed = f"; fixed layers {self.fixed_choice}" if self.fixed_choice else ""
         return (f"{self.ratio:.2f}x smaller than FP32 ({self.nbytes:,} of {self.reference_bytes:,} bytes; "
-                f"{self.method}: {counts}{fixed}){distil}")  # fmt: skip
+                f"{self.method}: {counts}, {self.searched_bpw:.3f} bits per weight{fixed}){distil}")  # fmt: skip
 
 
 def reference_bytes(model: nn.Module) -> int:
@@ -180,10 +192,12 @@ def _round_fixed(model: nn.Module, fixed_r: Recipe | None) -> nn.Module:
 
 
 def _allocate(sens: Sensitivity, cands: list[str], ref_bytes: int, fixed_bytes: int, fixed_kl: float,
-              target_ratio: float | None, max_loss, *, hint: bool) -> Allocation:
-    """The searched layers' allocation within ``ref_bytes / target_ratio`` less ``fixed_bytes`` and
-    / or ``max_loss`` less ``fixed_kl``; :class:`CompressError` when none fits."""
+              target_ratio: float | None, target_bpw: float | None, max_loss, *, hint: bool) -> Allocation:
+    """The searched layers' allocation within ``ref_bytes / target_ratio`` less ``fixed_bytes`` (or
+    ``target_bpw`` bits per searched weight) and / or ``max_loss`` less ``fixed_kl``;
+    :class:`CompressError` when none fits."""
     smallest = sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)
+    weights = sum(sens.params[n] for n in sens.layers)
     alloc_ratio = alloc_loss = None
     if target_ratio is not None:
         budget = int(ref_bytes / target_ratio) - fixed_bytes
@@ -194,6 +208,13 @@ def _allocate(sens: Sensitivity, cands: list[str], ref_bytes: int, fixed_bytes: 
                 f"{best:.2f}x ({fixed_bytes:,} bytes outside the search"
                 + (": quantize the embeddings and LM head with fixed=" if hint else "") + ")"
             )
+        alloc_ratio = allocate(sens, max_bytes=budget, candidates=cands)
+    elif target_bpw is not None:
+        budget = int(target_bpw * weights / 8)
+        if budget < smallest:
+            raise CompressError(f"no choice of {', '.join(cands)} reaches {target_bpw:g} bits per weight on the "
+                                f"{len(sens.layers)} searched layers: the fewest reachable is "
+                                f"{8 * smallest / weights:.3f}")  # fmt: skip
         alloc_ratio = allocate(sens, max_bytes=budget, candidates=cands)
     if max_loss is not None:
         limit = parse_max_loss(max_loss) - fixed_kl
@@ -206,10 +227,14 @@ def _allocate(sens: Sensitivity, cands: list[str], ref_bytes: int, fixed_bytes: 
             raise CompressError(str(e)) from None
     if alloc_ratio is not None and alloc_loss is not None and alloc_ratio.loss > alloc_loss.loss + 1e-12 and (
             alloc_ratio.nbytes < alloc_loss.nbytes):  # fmt: skip
-        within = ref_bytes / (fixed_bytes + alloc_loss.nbytes)
+        want, within = (
+            (f"{target_ratio:g}x", f"the largest ratio within it is {ref_bytes / (fixed_bytes + alloc_loss.nbytes):.2f}x")
+            if target_ratio is not None else
+            (f"{target_bpw:g} bits per weight", f"the fewest bits per weight within it is "
+                                                f"{8 * alloc_loss.nbytes / weights:.3f}"))  # fmt: skip
         raise CompressError(
-            f"{target_ratio:g}x costs a predicted KL of {alloc_ratio.loss + fixed_kl:.4g} nats, above the max loss "
-            f"({alloc_loss.loss + fixed_kl:.4g} reachable); the largest ratio within it is {within:.2f}x"
+            f"{want} costs a predicted KL of {alloc_ratio.loss + fixed_kl:.4g} nats, above the max loss "
+            f"({alloc_loss.loss + fixed_kl:.4g} reachable); {within}"
         )
     return alloc_ratio if alloc_ratio is not None else alloc_loss
 
@@ -218,11 +243,14 @@ def compress(
     model: nn.Module,
     *,
     target_ratio: float | None = None,
+    target_bpw: float | None = None,
     max_loss: float | str | None = None,
     batches: Iterable,
     calibration: Iterable | None = None,
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
     method: str | None = None,
+    measure_method: str | None = None,
+    cost: str = "kl",
     fixed: Recipe | dict | None = None,
     base: str | None = None,
     channels: float | None = None,
@@ -234,18 +262,29 @@ def compress(
     step_lr: float = 1e-3,
     progress: bool = False,
 ) -> Compressed:
-    """Compress ``model`` to ``target_ratio`` times smaller than FP32 (and/or within ``max_loss``).
+    """Compress ``model`` to ``target_ratio`` times smaller than FP32, or ``target_bpw`` bits per
+    weight on the searched layers (and/or within ``max_loss``).
 
     Args:
         model: a float model returning logits (a tensor or an output with ``.logits``); not changed.
         target_ratio: FP32 bytes divided by compressed bytes, whole model (e.g. ``12``).
+        target_bpw: instead of ``target_ratio``: stored bits per weight of the searched layers
+            (codes, scales, zero points, masks and corrections; e.g. ``3.2``); the layers outside
+            the search (``fixed``, embeddings) are not in this budget.
         max_loss: a bound on the predicted KL (nats summed over layers, or a percentage string:
             ``"2%"`` = a 2% perplexity rise, :func:`lowbit.mixed.parse_max_loss`).
         batches: model inputs the costs (and the result's ``kl``) are measured on.
         calibration: model inputs for calibrated methods; also the default distillation data.
         candidates: choices to measure per layer (``"skip"`` keeps a layer float).
         method: ``"sparsegpt"`` (default with calibration), ``"magnitude"`` (default without),
-            ``"wanda"``, or a non-pruning method (rtn, hqq, gptq) when no candidate prunes.
+            ``"wanda"``, or a non-pruning method (rtn, hqq, gptq, awq, awq+gptq) when no candidate
+            prunes.
+        measure_method: the method the costs are measured with (default ``method``; ``"rtn"``
+            when ``method`` moves scales between layers, as AWQ does, which cannot be measured
+            one layer at a time). It must prune when a candidate does.
+        cost: ``"kl"`` (each layer and candidate measured, one forward pass each) or
+            ``"hessian"`` (the KL predicted from Hessian traces, :func:`lowbit.mixed.sensitivity`;
+            much faster, coarser; not with ``base``).
         fixed: choices for layers outside the search, e.g. ``{"model.embed_tokens": "w4g64",
             "lm_head": "w4g64"}`` (embeddings and LM heads are otherwise kept float); rounded to
             nearest first (a tied pair given one scheme stays one tensor), their bytes counted in
@@ -281,12 +320,23 @@ def compress(
     from ..algorithms import get_algorithm
     from ..evaluate.size import size_of
 
-    if target_ratio is None and max_loss is None:
-        raise CompressError("give a budget: target_ratio (e.g. 12) and/or max_loss (e.g. '2%')")
+    if target_ratio is None and target_bpw is None and max_loss is None:
+        raise CompressError("give a budget: target_ratio (e.g. 12) or target_bpw (e.g. 3.2), and/or max_loss "
+                            "(e.g. '2%')")  # fmt: skip
+    if target_ratio is not None and target_bpw is not None:
+        raise CompressError("give one size budget: target_ratio (the whole model) or target_bpw (the searched "
+                            "layers), not both")  # fmt: skip
     if target_ratio is not None and not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio)
                                          and target_ratio > 1):  # fmt: skip
         raise CompressError(f"target_ratio must be a number above 1 (FP32 bytes / compressed bytes), got {target_ratio!r}")
-    if not isinstance(distill_steps, int) or distill_steps < 0:
+    if target_bpw is not None and (isinstance(target_bpw, bool) or not isinstance(target_bpw, (int, float))
+                                   or not math.isfinite(target_bpw) or target_bpw <= 0):  # fmt: skip
+        raise CompressError(f"target_bpw must be a positive number of bits per weight, got {target_bpw!r}")
+    if cost not in ("kl", "hessian"):
+        raise CompressError(f"cost must be 'kl' or 'hessian', got {cost!r}")
+    if cost == "hessian" and base is not None:
+        raise CompressError("cost='hessian' predicts the KL around FP32; measure around base= with cost='kl'")
+    if not isinstance(distill_steps, int) or isinstance(distill_steps, bool) or distill_steps < 0:
         raise CompressError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
     if not isinstance(distill_blocks, int) or isinstance(distill_blocks, bool) or distill_blocks < 0:
         raise CompressError(f"distill_blocks must be a non-negative integer, got {distill_blocks!r}")
@@ -315,13 +365,26 @@ def compress(
                             "or magnitude")  # fmt: skip
     if algo.uses_calibration and calibration is None:
         raise CompressError(f"method {method!r} needs calibration data")
+    if measure_method is None:
+        measure_method = method if algo.smooth is None else "rtn"
+    meas_algo = get_algorithm(measure_method)
+    if meas_algo.smooth is not None:
+        raise CompressError(f"measure_method {measure_method!r} moves scales between layers, so one layer cannot be "
+                            "measured alone: measure with rtn, hqq or gptq (method may still be it)")  # fmt: skip
+    if prunes and not meas_algo.prunes:
+        raise CompressError(f"candidates prune weights, but measure_method {measure_method!r} does not prune: use "
+                            "sparsegpt, wanda or magnitude")  # fmt: skip
+    if meas_algo.uses_calibration and calibration is None:
+        raise CompressError(f"measure_method {measure_method!r} needs calibration data")
     options = {"sparsity": 0.0} if algo.prunes else {}  # a dense candidate under a pruning method
+    meas_options = {"sparsity": 0.0} if meas_algo.prunes else {}
     fixed_options = _fixed_options(fixed)
     fixed_r = _fixed_recipe(fixed_options[0][1])  # the same patterns in every option
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    if algo.uses_calibration:  # before any work: calibrated methods need each layer's unfolded input
+    if algo.uses_calibration or meas_algo.uses_calibration:  # before any work: calibrated methods need each
+        # layer's unfolded input
         from ..calibrate import unfoldable
 
         grouped = [n for n in searchable_layers(model) if (fixed_r is None or fixed_r.rule_for(n) is None)
@@ -329,7 +392,8 @@ def compress(
         if grouped:
             more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
             raise CompressError(
-                f"{grouped[0]}{more}: grouped/depthwise convolutions cannot be calibrated by {method!r}; give "
+                f"{grouped[0]}{more}: grouped/depthwise convolutions cannot be calibrated by "
+                f"{method if algo.uses_calibration else measure_method!r}; give "
                 "them a fixed choice, rounded to nearest (fixed={name: 'w8'}; CLI --fixed 're:...=w8'), or "
                 "use method 'rtn' or 'hqq'")  # fmt: skip
     # 0. structured pruning (on a copy; the original stays the reference and the teacher)
@@ -348,17 +412,18 @@ def compress(
     if not layers:
         raise CompressError("no layers left to search: fixed= names every Linear/Conv2d layer")
     if measured is None:
-        sens = sensitivity(model, list(candidates), batches, calibration=calibration, method=method, base=base,
-                           layers=layers, progress=progress, **options)  # fmt: skip
+        sens = sensitivity(model, list(candidates), batches, calibration=calibration, method=measure_method,
+                           base=base, cost=cost, layers=layers, progress=progress, **meas_options)  # fmt: skip
     else:
         sens = measured
         missing = [c for c in cands if c not in sens.candidates]
-        if missing or sens.layers != layers or sens.info.get("method") != method or sens.info.get("base") != base:
+        how = (sens.info.get("method"), sens.info.get("base"), sens.info.get("cost", "kl"))
+        if missing or sens.layers != layers or how != (measure_method, base, cost):
             raise CompressError(
                 "the measured table does not fit this request: "
                 + (f"candidates {', '.join(missing)} not measured" if missing else
-                   f"its method is {sens.info.get('method')!r} (here {method!r}), base {sens.info.get('base')!r} "
-                   f"(here {base!r})" if sens.layers == layers else
+                   f"its measure method is {how[0]!r} (here {measure_method!r}), base {how[1]!r} (here {base!r}), "
+                   f"cost {how[2]!r} (here {cost!r})" if sens.layers == layers else
                    f"it covers {len(sens.layers)} layers, this search {len(layers)}")  # fmt: skip
             )
     seconds["measure"] = time.perf_counter() - t0 - seconds.get("channels", 0.0)
@@ -377,7 +442,7 @@ def compress(
         fixed_kl = 0.0 if option is None else output_kl(teacher, rest, batches)
         del rest, weights
         try:
-            alloc = _allocate(sens, cands, ref_bytes, fixed_bytes, fixed_kl, target_ratio, max_loss,
+            alloc = _allocate(sens, cands, ref_bytes, fixed_bytes, fixed_kl, target_ratio, target_bpw, max_loss,
                               hint=fixed_r is None and bool(driver._head_and_embedding_names(model)))  # fmt: skip
         except CompressError as e:
             errors.append((ref_bytes / (fixed_bytes + sum(min(sens.nbytes[n][c] for c in cands) for n in sens.layers)), e))
@@ -388,7 +453,8 @@ def compress(
             raise errors[0][1]
         reach, e = max(errors, key=lambda x: x[0])  # the option that reaches furthest names the limit
         raise CompressError(f"no fixed choice ({', '.join(o for o, _ in fixed_options)}) meets the budget; the nearest: {e}")
-    key = (lambda p: p[4].loss + p[3]) if target_ratio is not None else (lambda p: p[4].nbytes + p[2])
+    sized = target_ratio is not None or target_bpw is not None  # a size budget: least loss within it
+    key = (lambda p: p[4].loss + p[3]) if sized else (lambda p: p[4].nbytes + p[2])
     option, fixed_r, fixed_bytes, fixed_kl, alloc = min(plans, key=key)
     fixed_costs = {p[0]: p[3] for p in plans} if option is not None else {}
     rest = _round_fixed(model, fixed_r)
