@@ -64,7 +64,7 @@ def _fp32_file_bytes(model) -> int:
 
 
 def _args(kw: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+    return json.loads(json.dumps(kw))  # tuples as lists, at any depth: as a results file holds them
 
 
 class _Rows(list):
@@ -152,6 +152,16 @@ SMOLLM2_ROWS: dict[str, dict] = {
     "all choices": {"target_ratio": SMOLLM2_TARGET, "candidates": SMOLLM2_ALL},
     "all choices + distillation": {"target_ratio": SMOLLM2_TARGET, "candidates": SMOLLM2_ALL, "distill_steps": 100},
 }
+# The recipe of the decoder table below, for the whole model in one call: costs predicted from
+# Hessian traces (measured with RTN, minutes instead of hours), group-128 candidates, AWQ+GPTQ
+# quantizing the allocation, then block-wise distillation (distill_blocks) on the calibration
+# windows; the embedding's width is searched as above, among group-64 and group-128 choices.
+SMOLLM2_HESSIAN = ("w4g128", "w3g128", "w2g64")
+SMOLLM2_HESSIAN_FIXED = {k: ("w4g64", "w4g128", "w3g64", "w3g128") for k in SMOLLM2_FIXED}
+_HESSIAN_ROW = {"target_ratio": SMOLLM2_TARGET, "candidates": SMOLLM2_HESSIAN, "method": "awq+gptq",
+                "cost": "hessian", "fixed": SMOLLM2_HESSIAN_FIXED}
+SMOLLM2_ROWS["AWQ+GPTQ, Hessian-allocated"] = _HESSIAN_ROW
+SMOLLM2_ROWS["AWQ+GPTQ, Hessian-allocated + block distillation"] = {**_HESSIAN_ROW, "distill_blocks": 2}
 
 
 def smollm2() -> dict:
@@ -191,24 +201,37 @@ def smollm2() -> dict:
         write_text_atomic(cache, json.dumps({"candidates": list(SMOLLM2_ALL), "seconds": measure_seconds,
                                              "table": table.to_dict()}) + "\n")  # fmt: skip
     print(f"measured {len(SMOLLM2_ALL)} candidates x {len(layers)} layers in {measure_seconds:.0f}s", flush=True)
+    predicted: dict[tuple, tuple] = {}  # Hessian-predicted tables, one per candidate set (minutes each)
     for label, kw in SMOLLM2_ROWS.items():
         if rows.reuse(label, kw):
             continue
+        spec, kw = kw, dict(kw)
+        measured, seconds_before = table, measure_seconds
+        if kw.get("cost") == "hessian":
+            key = tuple(kw["candidates"])
+            if key not in predicted:
+                t = time.perf_counter()
+                predicted[key] = (sensitivity(zoo.model, key, meas, layers=layers, cost="hessian"),
+                                  time.perf_counter() - t)  # fmt: skip
+            measured, seconds_before = predicted[key]
+        # steps distil on their own 256 x 256 tokens; blocks on the calibration windows (compress's default)
         t = time.perf_counter()
-        r = compress(zoo.model, batches=meas, calibration=cal, fixed=SMOLLM2_FIXED, distill_data=distill,
-                     lr=1e-5, step_lr=1e-4, method="sparsegpt", measured=table, **kw)  # fmt: skip
+        r = compress(zoo.model, batches=meas, calibration=cal, fixed=kw.pop("fixed", SMOLLM2_FIXED),
+                     distill_data=distill if kw.get("distill_steps") else None, lr=1e-5, step_lr=1e-4,
+                     method=kw.pop("method", "sparsegpt"), measured=measured, **kw)  # fmt: skip
         seconds = time.perf_counter() - t
         dec_bytes = sum(r.model.get_submodule(n).nbytes for n in decoder)
         with tempfile.TemporaryDirectory() as d:
             size = _file_bytes(lowbit.save(r.model, Path(d) / "m"))  # the model only: no tokenizer files
         counts = ", ".join(f"{c} x{k}" for c, k in sorted(r.allocation.counts().items()))
-        rows.add({"label": label, "args": _args(kw),
+        rows.add({"label": label, "args": _args(spec),
                   "file_bytes": size, "file_ratio": fp_file / size, "tensor_ratio": r.ratio,
                   "decoder_bpw": 8 * dec_bytes / dec_params, "ppl": ppl(r.model), "kl": r.kl,
                   "kl_before_distill": r.kl_before_distill,
                   "predicted_kl": r.allocation.loss + r.fixed_costs.get(r.fixed_choice, 0.0),
                   "embedding": r.fixed_choice, "embedding_kl": r.fixed_costs,
-                  "seconds": seconds + measure_seconds, "stages": r.seconds, "method": r.method,
+                  "seconds": seconds + seconds_before, "measure_seconds": seconds_before, "stages": r.seconds,
+                  "method": r.method, "cost": r.sensitivity.info.get("cost", "kl"), "block_error": r.block_errors,
                   "choice": counts})  # fmt: skip
         print(label, json.dumps({k: rows[-1][k] for k in ("file_ratio", "decoder_bpw", "ppl", "embedding", "seconds",
                                                            "choice")}),

@@ -3,7 +3,7 @@ of the decoder's linear layers, whole-model size, and perplexity on the eval spl
 domain (calibration: lowbit's default mixed set, drawn from the calib splits only).
 
     python benchmarks/compress_table.py                    # every variant not yet measured
-    python benchmarks/compress_table.py --only 2:4-sparsegpt-w4g128
+    python benchmarks/compress_table.py --only 2:4-sparsegpt-w4g64
 
 Results go to benchmarks/results/sparse_smollm2.json (one entry per variant, kept across runs
 for the same variant definition); ``report.py`` renders them into BENCHMARKS.md.
@@ -31,8 +31,8 @@ VARIANTS: dict[str, tuple[str | None, str, dict]] = {
     "w4g64-gptq": ("w4g64", "gptq", {}),
     "w3g64-gptq": ("w3g64", "gptq", {}),
     "int8-2:4-sparsegpt": ("int8", "sparsegpt", {"nm": "2:4"}),  # int8 keeps are near-lossless: pruning's own cost
-    "2:4-wanda-w4g128": ("w4g128", "wanda", {"nm": "2:4"}),
-    "2:4-sparsegpt-w4g128": ("w4g128", "sparsegpt", {"nm": "2:4"}),
+    "2:4-wanda-w4g64": ("w4g64", "wanda", {"nm": "2:4"}),
+    "2:4-sparsegpt-w4g64": ("w4g64", "sparsegpt", {"nm": "2:4"}),
     "50%-sparsegpt-w4g128": ("w4g128", "sparsegpt", {"sparsity": 0.5}),
     "25%-sparsegpt-w3g64": ("w3g64", "sparsegpt", {"sparsity": 0.25}),
 }

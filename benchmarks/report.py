@@ -1009,8 +1009,31 @@ def _compress_smollm2(res: dict) -> str:
               *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x", f"{r['seconds']:.0f}"]
              for r in res["rows"]]  # fmt: skip
     fixed = ", ".join(f"`{k}` {' or '.join(v) if isinstance(v, list) else v}" for k, v in res["fixed"].items())
-    costs = next((r["embedding_kl"] for r in res["rows"] if r.get("embedding_kl")), {})
+    kl_rows = [r for r in res["rows"][1:] if r.get("cost", "kl") == "kl"]
+    costs = next((r["embedding_kl"] for r in kl_rows if r.get("embedding_kl")), {})
     costs = ", ".join(f"{k} {v:.3f}" for k, v in costs.items())
+    hess = [r for r in res["rows"] if r.get("cost") == "hessian"]
+    hess_note = []
+    if hess:
+        h = hess[0]["args"]
+        emb = h["fixed"]["model.embed_tokens"]
+        blocks = "; ".join(f"'{r['label']}': each decoder layer's output error relative to FP32's, per token, mean "
+                           f"{statistics.mean(b for b, _ in r['block_error']):.4f} before, "
+                           f"{statistics.mean(a for _, a in r['block_error']):.4f} after"
+                           for r in hess if r.get("block_error"))  # fmt: skip
+        hess_note = [
+            "", f"The rows {', '.join(repr(r['label']) for r in hess)}: the decoder table's recipe for the whole model "
+            f"in one call, `lowbit.compress(model, target_ratio={h['target_ratio']:g}, method=\"{h['method']}\", "
+            f"cost=\"hessian\", candidates=({', '.join(h['candidates'])}), fixed=...)`: each layer's cost predicted "
+            "from Hessian traces (HAWQ-V2; measured with RTN, AWQ moving scales between layers; "
+            f"{hess[0]['measure_seconds']:.0f} s, counted in these rows' seconds instead of the KL measurement), the "
+            f"embedding's width searched among {' / '.join(emb)} (KL of the embedding alone: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in hess[0]["embedding_kl"].items()) + " nats), the allocation "
+            "quantized by AWQ+GPTQ on the same calibration windows"
+            + (f"; block distillation: `distill_blocks={hess[-1]['args'].get('distill_blocks')}` "
+               f"(`lowbit.qat.fit_blocks` on the calibration windows, its default rates; {blocks})" if blocks else "")
+            + ".",
+        ]
     return "\n".join([
         "## Compression beyond quantization: SmolLM2-135M (issue 16)", "",
         _header(res), "",
@@ -1020,8 +1043,8 @@ def _compress_smollm2(res: dict) -> str:
         + (f"; KL of the embedding alone: {costs} nats" if costs else "") + "), each of the 210 decoder linear "
         "layers choosing among the row's candidates by its measured KL to FP32 (8 x 256 tokens of the calib "
         "split). One measurement of "
-        f"every candidate ({res['measure_seconds'] / 60:.0f} min, counted in every row's seconds) serves all "
-        "rows (`measured=`). `+25%`/`+50%`: SparseGPT-pruned with the quantization, as in its paper; `+r16`: "
+        f"every candidate ({res['measure_seconds'] / 60:.0f} min, counted in every such row's seconds) serves all "
+        f"{len(kl_rows)} of those rows (`measured=`). `+25%`/`+50%`: SparseGPT-pruned with the quantization, as in its paper; `+r16`: "
         "a rank-16 float16 correction of the quantization error (EoRA); distillation: from FP32 on 256 x 256 "
         "tokens of the calib split. Calibration: 64 x 512 tokens of the calib split. **Perplexity on 4096 "
         "held-out tokens of every domain's eval split**; bits per weight of the decoder layers count codes, "
@@ -1030,7 +1053,8 @@ def _compress_smollm2(res: dict) -> str:
         markdown_table(["pipeline", "embedding", "choice per layer", "decoder bits/weight", "decoder x smaller",
                         "MB", "x smaller (file)", *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"],
                        table),  # fmt: skip
-        *_sparse_peers(res.get("peers") or [], fp, doms, rel),
+        *hess_note,
+        *_sparse_peers(res.get("peers") or [], res.get("lowbit_sparse") or {}, fp, doms, rel),
     ])
 
 
@@ -1074,25 +1098,35 @@ def _compress_smollm2_decoder(res: dict) -> str:
     ])
 
 
-def _sparse_peers(peers: list, fp: dict, doms: list, rel) -> list[str]:
-    """llm-compressor's 2:4 recipes (``benchmarks/peer_sparse.py``) beside lowbit's SmolLM2 rows."""
+def _sparse_peers(peers: list, ours: dict, fp: dict, doms: list, rel) -> list[str]:
+    """llm-compressor's 2:4 recipes (``benchmarks/peer_sparse.py``) beside lowbit's own 2:4 runs on the
+    same calibration windows (``benchmarks/compress_table.py``)."""
     if not peers:
         return []
-    table = [[f"{r['label']} ({r['recipe']})", f"{100 * r['decoder_sparsity']:.1f}%",
-              f"{r['saved_format']['quantization']} / {r['saved_format']['sparsity']}", f"{r['decoder_bpw']:.3f}",
-              f"{32 / r['decoder_bpw']:.2f}x", f"{r['file_bytes'] / 1e6:.1f}", f"{fp['file_bytes'] / r['file_bytes']:.2f}x",
-              *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x", f"{r['seconds']:.0f}"] for r in peers]  # fmt: skip
+    table = [["llm-compressor", f"{r['label']} ({r['recipe']})", f"{100 * r['decoder_sparsity']:.1f}%",
+              f"{r['saved_format']['quantization'] or 'float'} / {r['saved_format']['sparsity'] or 'dense'}",
+              f"{r['decoder_bpw']:.3f}", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
+              f"{r['seconds']:.0f}"] for r in peers]  # fmt: skip
+    mine = {k: v for k, v in ours.items() if k.startswith("2:4-") or k == "w4g64-gptq"}
+    for label, r in sorted(mine.items(), key=lambda kv: kv[0] != "w4g64-gptq"):
+        nm = r["options"].get("nm")
+        table.append(["lowbit", f"{label} (`quantize(..., method=\"{r['method']}\"" + (f", nm=\"{nm}\"" if nm else "")
+                      + f")`, {r['scheme']})", "50% (2:4)" if nm == "2:4" else "0%", "lowbit (bitmask + kept codes)"
+                      if nm else "lowbit", f"{r['decoder_bits_per_weight']:.3f}", *(f"{r['ppl'][d]:.2f}" for d in doms),
+                      f"{rel(r):.3f}x", f"{r['seconds']:.0f}"])  # fmt: skip
     p = peers[0]
     return [
         "", f"Peer: llm-compressor {p['version']} ({p['env']}, {p['threads']} threads), "
-        "`/work/peers/llmc/bin/python benchmarks/peer_sparse.py` (`make peers-llmc`). Its 2:4 recipes "
-        "(weights 4-bit symmetric, group 128 where quantized) on the decoder's 210 linear layers, calibrated "
-        f"on the same windows ({p['calib']}); size: the model as llm-compressor saves it "
-        "(`save_pretrained(save_compressed=True)`, compressed-tensors; every tensor stored for a decoder layer "
-        "counted; file: its safetensors files, embedding in float32 as the FP32 row's); perplexity: its "
-        "effective weights in a float32 model, same held-out tokens. seconds: `oneshot` only.", "",
-        markdown_table(["llm-compressor recipe", "decoder zeros", "saved format (quantization / sparsity)",
-                        "decoder bits/weight", "decoder x smaller", "MB", "x smaller (file)",
+        "`/work/peers/llmc/bin/python benchmarks/peer_sparse.py` (`make peers-llmc`), beside lowbit's "
+        "`python benchmarks/compress_table.py --only 2:4-sparsegpt-w4g64 2:4-wanda-w4g64` (and its dense w4g64 GPTQ "
+        "row). Both prune and quantize the decoder's 210 linear layers only (embedding in float32), calibrated on "
+        f"the same windows ({p['calib']}). llm-compressor's weights are 4-bit symmetric in groups of 64 (it refuses "
+        "group 128 on SmolLM2's 576 columns), lowbit's w4g64 has a zero point per group. Bits per weight: "
+        "llm-compressor's as it saves the model (`save_pretrained(save_compressed=True)`, compressed-tensors; every "
+        "tensor stored for a decoder layer), lowbit's as `size_of` counts them (codes, scales, zero points, masks); "
+        "perplexity: the same held-out tokens (llm-compressor's effective weights in a float32 model). "
+        "seconds: `oneshot` / `quantize` only.", "",
+        markdown_table(["tool", "recipe", "decoder zeros", "stored as", "decoder bits/weight",
                         *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"], table),  # fmt: skip
     ]
 
@@ -1141,6 +1175,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
                 res["peers"] = _load(results, "peer_domains")
             if name == "compress_smollm2":
                 res["peers"] = _load(results, "peer_sparse_smollm2")
+                res["lowbit_sparse"] = _load(results, "sparse_smollm2")
             if name == "algorithms":  # peer rows come from their own script's file, read at render time
                 res["peers"] = _load(results, "peer_algorithms")
             if name == "mobilenet":
