@@ -1104,6 +1104,7 @@ def _sparse_peers(peers: list, ours: dict, fp: dict, doms: list, rel) -> list[st
     if not peers:
         return []
     table = [["llm-compressor", f"{r['label']} ({r['recipe']})", f"{100 * r['decoder_sparsity']:.1f}%",
+              f"{r['groups_of_4_over_2']:,}",
               f"{r['saved_format']['quantization'] or 'float'} / {r['saved_format']['sparsity'] or 'dense'}",
               f"{r['decoder_bpw']:.3f}", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
               f"{r['seconds']:.0f}"] for r in peers]  # fmt: skip
@@ -1111,7 +1112,8 @@ def _sparse_peers(peers: list, ours: dict, fp: dict, doms: list, rel) -> list[st
     for label, r in sorted(mine.items(), key=lambda kv: kv[0] != "w4g64-gptq"):
         nm = r["options"].get("nm")
         table.append(["lowbit", f"{label} (`quantize(..., method=\"{r['method']}\"" + (f", nm=\"{nm}\"" if nm else "")
-                      + f")`, {r['scheme']})", "50% (2:4)" if nm == "2:4" else "0%", "lowbit (bitmask + kept codes)"
+                      + f")`, {r['scheme']})", "50% (2:4)" if nm == "2:4" else "0%", "0" if nm else "-",
+                      "lowbit (bitmask + kept codes)"
                       if nm else "lowbit", f"{r['decoder_bits_per_weight']:.3f}", *(f"{r['ppl'][d]:.2f}" for d in doms),
                       f"{rel(r):.3f}x", f"{r['seconds']:.0f}"])  # fmt: skip
     p = peers[0]
@@ -1125,8 +1127,9 @@ def _sparse_peers(peers: list, ours: dict, fp: dict, doms: list, rel) -> list[st
         "llm-compressor's as it saves the model (`save_pretrained(save_compressed=True)`, compressed-tensors; every "
         "tensor stored for a decoder layer), lowbit's as `size_of` counts them (codes, scales, zero points, masks); "
         "perplexity: the same held-out tokens (llm-compressor's effective weights in a float32 model). "
-        "seconds: `oneshot` / `quantize` only.", "",
-        markdown_table(["tool", "recipe", "decoder zeros", "stored as", "decoder bits/weight",
+        "seconds: `oneshot` / `quantize` only. *Groups of 4 keeping > 2*: where the result is no longer 2:4 "
+        "(llm-compressor's GPTQ after SparseGPT updates pruned weights; lowbit keeps the mask, by construction).", "",
+        markdown_table(["tool", "recipe", "decoder zeros", "groups of 4 keeping > 2", "stored as", "decoder bits/weight",
                         *(f"ppl {d}" for d in doms), "ppl / FP32 (mean)", "seconds"], table),  # fmt: skip
     ]
 
