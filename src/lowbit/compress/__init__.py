@@ -292,7 +292,8 @@ def compress(
             choices, ``("w8", "w4g64", "w3g64")``: every entry that does takes one of them together;
             each is measured (the KL of those layers rounded alone) and the one whose KL plus the
             searched layers' least predicted KL within the budget is smallest wins (under
-            ``max_loss`` alone: the fewest bytes); ``fixed_choice`` and ``fixed_costs`` report it.
+            ``target_bpw``, whose budget leaves them out: the least KL; under ``max_loss`` alone: the
+            fewest bytes); ``fixed_choice`` and ``fixed_costs`` report it.
         base: measure costs around this candidate (every layer quantized with it) instead of
             FP32 (:func:`lowbit.mixed.sensitivity`).
         channels: first remove this share of the channels of every channel group (structured
@@ -301,7 +302,7 @@ def compress(
             config shrink, and the costs are then measured on the smaller model.
         measured: a :class:`lowbit.mixed.Sensitivity` measured before (by an earlier
             ``compress``'s ``.sensitivity``, or ``lowbit sensitivity -o``) on the same layers with
-            the same method and every one of ``candidates``: the measurement is skipped, so one
+            the same measure method, cost and base, and every one of ``candidates``: the measurement is skipped, so one
             table serves many ratios and candidate subsets.
         distill_steps: steps of distillation from the FP32 model after quantization (0: none).
         distill_blocks: passes of block-wise distillation (:func:`lowbit.qat.fit_blocks`, its
