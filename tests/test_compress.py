@@ -642,3 +642,9 @@ def test_cli_compress_to_bits_per_weight_with_hessian_costs(tmp_path):
     assert 2.0 < bpw <= 3.5
     back = lowbit.load(tmp_path / "c", model=DigitsCNN())
     assert all(isinstance(back.get_submodule(n), QuantModule) for n in ("conv2", "fc1", "fc2"))
+    # a data-free --measure-method alone leaves the default, calibrated method quantizing the recipe
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "6",
+                        "--candidates", "w8,w4g64", "--measure-method", "rtn", "-o", str(tmp_path / "m"), "-q"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "; gptq: " in p.stdout

@@ -492,9 +492,10 @@ def cmd_compress(args) -> int:
             fixed[pattern.strip()] = choices if len(choices) > 1 else choices[0]
     t0 = time.perf_counter()
     zm = load_source(args.model)
-    # the default method (SparseGPT or GPTQ) is calibrated; a data-free one given by name needs none
-    calibrated = [m for m in (args.method, args.measure_method) if m]
-    calibration = (None if calibrated and not any(get_algorithm(m).uses_calibration for m in calibrated)
+    # the default method (SparseGPT or GPTQ) is calibrated; data-free ones given by name need none
+    # (a --measure-method alone leaves the default method, which needs it)
+    named = [m for m in (args.method, args.measure_method) if m]
+    calibration = (None if args.method and not any(get_algorithm(m).uses_calibration for m in named)
                    else _calibration(args, zm))  # fmt: skip
     # costs are measured on other calibration samples than the ones that set scales
     n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
