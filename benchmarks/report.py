@@ -997,6 +997,14 @@ def _compress_mobilenet(res: dict) -> str:
     ])
 
 
+def _block_gains(rows: list) -> str:
+    """What block distillation did in each row that ran it (``qat.fit_blocks``' per-block errors)."""
+    return "; ".join(f"'{r['label']}': each decoder layer's output error relative to FP32's, per token, mean "
+                     f"{statistics.mean(b for b, _ in r['block_error']):.4f} before, "
+                     f"{statistics.mean(a for _, a in r['block_error']):.4f} after"
+                     for r in rows if r.get("block_error"))  # fmt: skip
+
+
 def _compress_smollm2(res: dict) -> str:
     """issue 16: SmolLM2-135M compressed; perplexity on the eval split of every text domain."""
     fp = res["rows"][0]
@@ -1017,10 +1025,7 @@ def _compress_smollm2(res: dict) -> str:
     if hess:
         h = hess[0]["args"]
         emb = h["fixed"]["model.embed_tokens"]
-        blocks = "; ".join(f"'{r['label']}': each decoder layer's output error relative to FP32's, per token, mean "
-                           f"{statistics.mean(b for b, _ in r['block_error']):.4f} before, "
-                           f"{statistics.mean(a for _, a in r['block_error']):.4f} after"
-                           for r in hess if r.get("block_error"))  # fmt: skip
+        blocks = _block_gains(hess)
         hess_note = [
             "", f"The rows {', '.join(repr(r['label']) for r in hess)}: the decoder table's recipe for the whole model "
             f"in one call, `lowbit.compress(model, target_ratio={h['target_ratio']:g}, method=\"{h['method']}\", "
@@ -1070,10 +1075,7 @@ def _compress_smollm2_decoder(res: dict) -> str:
               f"{r['file_ratio']:.2f}x", *(f"{r['ppl'][d]:.2f}" for d in doms), f"{rel(r):.3f}x",
               f"{r['kl']:.3f}" if "kl" in r else "-", f"{r['seconds']:.0f}"] for r in res["rows"]]  # fmt: skip
     blocks = next((r for r in res["rows"] if r.get("block_epochs")), None)
-    gain = "; ".join(f"{r['label']}: each layer's output error relative to FP32's, per token, mean "
-                     f"{statistics.mean(b for b, _ in r['block_error']):.4f} before, "
-                     f"{statistics.mean(a for _, a in r['block_error']):.4f} after"
-                     for r in res["rows"] if r.get("block_epochs"))  # fmt: skip
+    gain = _block_gains(res["rows"])
     mixed = res.get("mixed")
     return "\n".join([
         "## SmolLM2-135M: the decoder at <= 3.2 bits per weight (issue 16)", "",
