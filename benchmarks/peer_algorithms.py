@@ -663,6 +663,25 @@ def _jobs(peer: str, schemes: list[str], calib_samples: int, fp32: bool) -> list
     return jobs
 
 
+def run_in_child(script: str, job: dict, *extra: str) -> tuple[dict | None, int, float]:
+    """Run ``script --child JOB --out TMP *extra`` in a fresh process (its own peak RSS, THREADS threads).
+
+    Returns (the row the child wrote, or None when it wrote nothing; its exit status; wall seconds)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
+               TOKENIZERS_PARALLELISM="false")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        tmp = Path(f.name)
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(job),
+                               "--out", str(tmp), *extra], env=env)  # fmt: skip
+        wall = time.perf_counter() - t
+        row = json.loads(tmp.read_text()) if proc.returncode == 0 and tmp.stat().st_size else None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return row, proc.returncode, wall
+
+
 def _merge(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.is_file() else []
@@ -709,27 +728,17 @@ def main(argv=None) -> int:
     if cross:  # calibrated algorithms only, once per (seed, calibration domain); seed outermost
         jobs = [dict(j, calib_samples=args.calib_samples, calib_domain=c, seed=sd)
                 for sd in args.seeds for j in jobs if "calib_samples" in j for c in args.calib_domains]
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
-               TOKENIZERS_PARALLELISM="false")
     rows = []
     for job in jobs:
         print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']} | {job.get('calib_domain')} {job.get('seed')}",
               flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            tmp = Path(f.name)
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job),
-                               "--tokens", str(args.tokens), "--out", str(tmp)], env=env)
-        wall = time.perf_counter() - t
-        if proc.returncode != 0 or not tmp.stat().st_size:
+        row, rc, wall = run_in_child(__file__, job, "--tokens", str(args.tokens))
+        if row is None:
             row = dict(peer=job["peer"], version=_version(job["dist"]), algorithm=job["algorithm"],
                        peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=args.tokens,
                        quant_seconds=None, peak_rss_mb=None, calib=None, status="error",
-                       notes=f"child process exited with {proc.returncode}; see the console output")
+                       notes=f"child process exited with {rc}; see the console output")
             row.update({k: job[k] for k in ("calib_domain", "seed") if k in job})
-        else:
-            row = json.loads(tmp.read_text())
-        tmp.unlink(missing_ok=True)
         row["run_seconds"] = round(wall, 1)
         print(f"   -> status={row['status']} ppl={row.get('ppl_by_domain', row['ppl'])} quant_s={row['quant_seconds']} "
               f"peak_rss_mb={row['peak_rss_mb']} ({wall:.0f}s)", flush=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -141,18 +140,11 @@ def main(argv=None) -> int:
     if args.child:
         args.out.write_text(json.dumps(run_child(json.loads(args.child))))
         return 0
-    env = dict(os.environ, OMP_NUM_THREADS=str(pa.THREADS), MKL_NUM_THREADS=str(pa.THREADS),
-               TOKENIZERS_PARALLELISM="false")
     for label in args.only or list(JOBS):
         print(f"== llm-compressor | {label}", flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            tmp = Path(f.name)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps({"label": label}),
-                               "--out", str(tmp)], env=env)  # fmt: skip
-        if proc.returncode or not tmp.stat().st_size:
-            raise SystemExit(f"{label}: the child exited with {proc.returncode}")
-        row = json.loads(tmp.read_text())
-        tmp.unlink()
+        row, rc, _ = pa.run_in_child(__file__, {"label": label})
+        if row is None:
+            raise SystemExit(f"{label}: the child exited with {rc}")
         rows = [r for r in (json.loads(args.out.read_text()) if args.out.exists() else []) if r["label"] != label]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows + [row], indent=1) + "\n")

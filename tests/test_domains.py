@@ -85,6 +85,44 @@ def test_calibration_asks_for_more_than_a_domain_holds(smollm2):
         lowbit.calibration_batches(smollm2.tokenizer, "licences", nsamples=200, seqlen=512)
 
 
+@pytest.mark.parametrize("seqlen", [200, 512, 1500])
+def test_max_calibration_samples_is_the_most_that_can_be_drawn(smollm2, seqlen):
+    tok = smollm2.tokenizer
+    for domains in ("mixed", ("quotes", "licences"), "handbook"):
+        if any(D.missing_reason(n) for n in D._resolve(domains, ())):
+            continue
+        n = D.max_calibration_samples(tok, domains, seqlen=seqlen)
+        assert n >= 1
+        assert sum(len(b) for b in lowbit.calibration_batches(tok, domains, nsamples=n, seqlen=seqlen)) == n
+        with pytest.raises(D.DataError, match="need at least"):
+            lowbit.calibration_batches(tok, domains, nsamples=n + 1, seqlen=seqlen)
+    text = "A short text of your own, repeated. " * 300
+    n = D.max_calibration_samples(tok, text=text, seqlen=seqlen // 4)
+    lowbit.calibration_batches(tok, nsamples=n, seqlen=seqlen // 4, text=text)
+    with pytest.raises(D.DataError):
+        lowbit.calibration_batches(tok, nsamples=n + 1, seqlen=seqlen // 4, text=text)
+
+
+def test_cli_distillation_samples_default_to_what_the_calibration_text_holds(smollm2, tmp_path):
+    """``lowbit compress ... --seqlen 512 --distill-blocks 2`` on SmolLM2 (README's example) once
+    asked the licences' calibration split for 64 windows of 512 tokens it does not hold."""
+    import argparse
+
+    from lowbit.cli import _default_distill_samples, _model_inputs
+
+    args = argparse.Namespace(calib=None, calib_domains=None, seqlen=512)
+    n = _default_distill_samples(smollm2, args)
+    assert 1 <= n <= 256 and n == min(256, D.max_calibration_samples(smollm2.tokenizer, seqlen=512))
+    assert sum(len(b) for b in _model_inputs(smollm2, n, 512, 2, None, "smollm2-135m")) == n
+    args.seqlen = 64
+    assert _default_distill_samples(smollm2, args) == 256  # short windows: the full default
+    f = tmp_path / "mine.txt"
+    f.write_text("Text of my own domain, for distillation. " * 200)
+    args.calib, args.seqlen = str(f), 128
+    n = _default_distill_samples(smollm2, args)
+    assert 1 <= n < 256 and sum(len(b) for b in _model_inputs(smollm2, n, 128, 2, str(f), "smollm2-135m")) == n
+
+
 def _contains(ids: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``w`` occurs in ``ids`` at a multiple of its length (windows are aligned)."""
     n = len(w)

@@ -472,6 +472,18 @@ def cmd_sensitivity(args) -> int:
 
 
 # ---- compress -----------------------------------------------------------------------------------
+def _default_distill_samples(zm, args) -> int:
+    """256 samples; for a language model at most the windows of --seqlen tokens that the
+    calibration text (--calib, or the --calib-domains' calibration splits) holds."""
+    if zm.tokenizer is None or zm.task in ("classifier", "image-classifier"):
+        return 256
+    from lowbit.evaluate.domains import max_calibration_samples
+
+    names = tuple(d for d in (args.calib_domains or "mixed").split(",") if d)
+    text = Path(args.calib).read_text() if args.calib else None
+    return max(1, min(256, max_calibration_samples(zm.tokenizer, names, seqlen=args.seqlen, text=text)))
+
+
 def cmd_compress(args) -> int:
     import lowbit
     from lowbit.algorithms import get_algorithm
@@ -502,8 +514,8 @@ def cmd_compress(args) -> int:
     batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model, args.calib_domains)
     distill = None
     if args.distill_steps or args.distill_blocks:
-        distill = _model_inputs(zm, args.distill_samples, args.seqlen, args.seed + 2, args.calib, args.model,
-                                args.calib_domains)  # fmt: skip
+        n = _default_distill_samples(zm, args) if args.distill_samples is None else args.distill_samples
+        distill = _model_inputs(zm, n, args.seqlen, args.seed + 2, args.calib, args.model, args.calib_domains)
     result = compress(zm.model, target_ratio=args.target_ratio, target_bpw=args.target_bpw, max_loss=args.max_loss,
                       batches=batches, calibration=calibration, candidates=cands, method=args.method,
                       measure_method=args.measure_method, cost=args.cost, fixed=fixed or None,
@@ -512,11 +524,16 @@ def cmd_compress(args) -> int:
                       progress=not args.quiet)  # fmt: skip
     out = lowbit.save(result.model, args.output, tokenizer=zm.tokenizer,
                       source=getattr(zm.model, "lowbit_source", None) or args.model)  # fmt: skip
-    file_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())  # a lowbit save is a directory
+    # a lowbit save is a directory: the model is its safetensors files and manifest; the tokenizer
+    # and configuration files beside them are the same whatever the compression
+    files = [f for f in out.iterdir() if f.is_file()]
+    model_bytes = sum(f.stat().st_size for f in files if f.suffix == ".safetensors" or f.name == "lowbit.json")
+    other_bytes = sum(f.stat().st_size for f in files) - model_bytes
     print(f"compressed {args.model} in {time.perf_counter() - t0:.1f}s "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())}): {result.summary()}")  # fmt: skip
-    print(f"saved -> {out}: {file_bytes:,} bytes in all, {result.reference_bytes / file_bytes:.2f}x smaller than "
-          f"the FP32 tensors (the file adds {file_bytes - result.nbytes:,} bytes of headers and manifest)")  # fmt: skip
+    print(f"saved -> {out}: the model files (safetensors and manifest) {model_bytes:,} bytes, "
+          f"{result.reference_bytes / model_bytes:.2f}x smaller than the FP32 tensors (headers and manifest add "
+          f"{model_bytes - result.nbytes:,} bytes); tokenizer and config files {other_bytes:,} bytes")  # fmt: skip
     if args.recipe_out:
         result.recipe.save(args.recipe_out)
         print(f"recipe -> {args.recipe_out}")
@@ -963,7 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill-blocks", type=int, default=0, metavar="EPOCHS",
                    help="passes of block-wise distillation from the FP32 model before --distill-steps "
                         "(transformers: each layer fitted to the FP32 layer's output; default 0)")
-    c.add_argument("--distill-samples", type=int, default=256, help="samples to distil on (default 256)")
+    c.add_argument("--distill-samples", type=int, help="samples to distil on (default 256; language models: as many "
+                   "windows of --seqlen tokens as the calibration text holds, up to 256)")
     c.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate of the weights (default 1e-4)")
     c.add_argument("--samples", type=int, help="samples the KL is measured on (default: 8 texts, 32 crops, 512 digits)")
     c.add_argument("--nsamples", type=int, default=64, help="calibration samples (default 64)")

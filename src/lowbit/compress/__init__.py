@@ -482,7 +482,19 @@ def compress(
             data = distill_data if callable(distill_data) else list(distill_data)
         qat.prepare_qat(out)  # every quantized layer restarts from its post-training result
         if distill_blocks:
-            block_errors = qat.fit_blocks(out, teacher, data, epochs=distill_blocks)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                from ..calibrate import find_blocks
+
+                bar = tqdm(total=len(find_blocks(out)[1]), desc="distil blocks", unit="block")
+            try:
+                block_errors = qat.fit_blocks(out, teacher, data, epochs=distill_blocks,
+                                              on_block=None if bar is None else (lambda i, before, after: bar.update()))
+            finally:
+                if bar is not None:
+                    bar.close()
         if distill_steps:
             losses = qat.fit(out, data, steps=distill_steps, teacher=teacher, lr=lr, step_lr=step_lr)
         qat.convert(out)

@@ -35,7 +35,7 @@ import torch
 from . import data
 
 __all__ = ["DOMAINS", "MIXED", "available_domains", "domain_text", "domain_token_ids", "domain_sentences", "calibration_batches",
-           "domain_perplexities", "missing_reason", "DataError"]  # fmt: skip
+           "max_calibration_samples", "domain_perplexities", "missing_reason", "DataError"]  # fmt: skip
 
 DataError = data.DataError
 MIXED = "mixed"
@@ -227,6 +227,31 @@ def _resolve(domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...
     if not names:
         raise DataError("no text domain left to calibrate on")
     return names
+
+
+def max_calibration_samples(
+    tokenizer,
+    domains: str | tuple[str, ...] | list[str] = MIXED,
+    *,
+    seqlen: int = 512,
+    split: str = "calib",
+    exclude: tuple[str, ...] = (),
+    text: str | None = None,
+) -> int:
+    """The largest ``nsamples`` for which :func:`calibration_batches` with the same arguments can
+    draw its windows of ``seqlen`` tokens without overlap (0 when none fits). Raises
+    :class:`DataError` for unknown or absent domains."""
+    if seqlen < 2:
+        raise DataError(f"seqlen must be >= 2, got {seqlen}")
+    if text is not None:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) // seqlen
+    names = _resolve(domains, tuple(exclude))
+    fits = [len(domain_token_ids(tokenizer, n, split)) // seqlen for n in names]
+    k, low = len(fits), min(fits)
+    # equal shares, the first n % k domains one more: k * low always fits; one more per leading
+    # domain while each of them still holds low + 1 windows
+    extra = next((i for i, f in enumerate(fits) if f <= low), k)
+    return k * low + extra
 
 
 def calibration_batches(
