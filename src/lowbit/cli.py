@@ -533,7 +533,8 @@ def cmd_compress(args) -> int:
           f"({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())}): {result.summary()}")  # fmt: skip
     print(f"saved -> {out}: the model files (safetensors and manifest) {model_bytes:,} bytes, "
           f"{result.reference_bytes / model_bytes:.2f}x smaller than the FP32 tensors (headers and manifest add "
-          f"{model_bytes - result.nbytes:,} bytes); tokenizer and config files {other_bytes:,} bytes")  # fmt: skip
+          f"{model_bytes - result.nbytes:,} bytes)" + (f"; tokenizer and config files {other_bytes:,} bytes"
+                                                      if other_bytes else ""))  # fmt: skip
     if args.recipe_out:
         result.recipe.save(args.recipe_out)
         print(f"recipe -> {args.recipe_out}")
