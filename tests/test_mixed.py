@@ -230,7 +230,13 @@ def test_the_replay_gives_the_same_costs_whatever_reads_or_changes_the_block_out
             assert fast.loss[n][c] == pytest.approx(full.loss[n][c], rel=1e-5, abs=1e-12), (mode, n, c)
 
 
-def test_hessian_traces_match_the_exact_hessian_of_the_kl():
+@pytest.mark.parametrize("micro", [None, 8 * 5])  # the batch whole, or in micro-batches of 8 rows
+def test_hessian_traces_match_the_exact_hessian_of_the_kl(monkeypatch, micro):
+    from lowbit import mixed
+
+    if micro is not None:
+        monkeypatch.setattr(mixed, "_MICRO_ELEMENTS", micro)
+        assert len(mixed._micro_batches(torch.zeros(64, 5))) == 8
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     x = torch.randn(64, 5)
@@ -257,6 +263,25 @@ def test_hessian_traces_match_the_exact_hessian_of_the_kl():
     for i in (0, 2):
         assert got[str(i)] == pytest.approx(exact(i), rel=0.08), (i, got, exact(i))
     assert all(p.requires_grad for p in net.parameters())  # left as it was
+
+
+def test_hessian_micro_batches_split_sequences_one_at_a_time():
+    from lowbit.mixed import _micro_batches
+
+    ids = torch.arange(12).reshape(3, 4)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    parts = _micro_batches({"input_ids": ids, "attention_mask": mask, "use_cache": False, "pos": torch.arange(4)})
+    assert len(parts) == 3
+    for i, part in enumerate(parts):
+        assert torch.equal(part["input_ids"], ids[i : i + 1]) and torch.equal(part["attention_mask"], mask[i : i + 1])
+        assert part["use_cache"] is False and torch.equal(part["pos"], torch.arange(4))  # no batch dimension: kept
+    assert [torch.equal(a, ids[i : i + 1]) for i, a in enumerate(_micro_batches(ids))] == [True] * 3
+    assert [len(t[0]) for t in _micro_batches((ids, mask))] == [1, 1, 1]
+    images = torch.zeros(40, 3, 224, 224)  # 150,528 elements a row: 6 rows per micro-batch
+    assert [len(b) for b in _micro_batches(images)] == [6] * 6 + [4]
+    small = torch.zeros(64, 1, 8, 8)
+    assert _micro_batches(small)[0] is small and len(_micro_batches(small)) == 1
+    assert _micro_batches(ids[:1])[0] is not None and len(_micro_batches(ids[:1])) == 1
 
 
 def test_hessian_cost_predicts_the_measured_kl_on_digits(digits):

@@ -510,13 +510,50 @@ def sensitivity(
     return Sensitivity(cands, params, nbytes, loss, metric, {**info, "base_loss": base_loss})
 
 
+_MICRO_ELEMENTS = 1 << 20  # float input elements per micro-batch in hessian_traces
+
+
+def _micro_batches(batch) -> list:
+    """``batch`` as micro-batches along its first dimension (:func:`hessian_traces`): one row at a
+    time for token ids (an integer tensor, or a dict with ``input_ids``), else as many rows as
+    hold ``_MICRO_ELEMENTS`` input elements. Tensors in a dict or tuple are split when their first
+    dimension is the batch's; anything else is passed to every micro-batch. A batch without a
+    batch dimension (a scalar, an empty tensor) is returned whole."""
+    tensors = (list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (tuple, list))
+               else [batch])  # fmt: skip
+    main = batch.get("input_ids") if isinstance(batch, dict) else None
+    main = main if isinstance(main, torch.Tensor) else next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if main is None or main.dim() == 0 or main.shape[0] <= 1:
+        return [batch]
+    n = main.shape[0]
+    per_row = max(1, main[0].numel())
+    step = 1 if not main.is_floating_point() else max(1, _MICRO_ELEMENTS // per_row)
+    if step >= n:
+        return [batch]
+
+    def cut(t, i):
+        return t[i : i + step] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
+
+    if isinstance(batch, dict):
+        return [{k: cut(v, i) for k, v in batch.items()} for i in range(0, n, step)]
+    if isinstance(batch, (tuple, list)):
+        return [(tuple if isinstance(batch, tuple) else list)(cut(t, i) for t in batch) for i in range(0, n, step)]
+    return [cut(batch, i) for i in range(0, n, step)]
+
+
 def hessian_traces(
     model: nn.Module, batches: list, layers: dict[str, nn.Module], *, draws: int = 4, seed: int = 0
 ) -> dict[str, float]:
     """``tr(H_l)`` for each layer's weight, ``H`` the Hessian of the mean (per position) KL from the
     model's own output distribution at its current weights: the Fisher identity with sampled
     outputs (module docstring). ``layers``: name -> module of ``model`` with a ``.weight``.
-    Gradients flow only into those weights; the model is left as it was."""
+    Gradients flow only into those weights; the model is left as it was.
+
+    Each batch is split into micro-batches (one sequence of token ids; image or feature rows up to
+    2**20 input elements): one backward graph of a whole batch holds every layer's activations and
+    the logits over the vocabulary for all of its positions (SmolLM2, 8 x 512 tokens: ~15 GB), one
+    sequence's a fraction of that. The estimate's expectation is the same (the sampled outputs of
+    different rows are independent with zero-mean score, so the cross terms vanish either way)."""
     from . import calibrate
 
     g = torch.Generator().manual_seed(seed)
@@ -531,7 +568,7 @@ def hessian_traces(
         for w in weights.values():
             w.requires_grad_(True)
         with torch.enable_grad():
-            for b in batches:
+            for b in (mb for batch in batches for mb in _micro_batches(batch)):
                 logits = _logits(calibrate._call(model, b)).float()
                 logp = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
                 mask = _mask(b, logits)
