@@ -623,14 +623,55 @@ def test_a_bits_per_weight_budget_with_hessian_costs_quantized_by_awq_gptq():
     ({"target_ratio": 4, "candidates": ("w4g32+50%",), "method": "sparsegpt", "measure_method": "gptq"},
      "measure_method 'gptq' does not prune"),
     ({"target_ratio": 4, "distill_steps": True}, "distill_steps must be"),
+    ({"target_ratio": 4, "distill_steps": 5, "lr": float("nan")}, "lr must be a positive"),
+    ({"target_ratio": 4, "lr": 0}, "lr must be a positive"),
+    ({"max_loss": "abc"}, "max loss must be a number"),
+    ({"max_loss": -1}, "max loss must be positive"),
+    ({"target_ratio": 4, "distill_steps": 5, "distill_data": []}, "distill_data holds no batches"),
+    ({"target_ratio": 4, "candidates": ("w4g32", "w4g32+r4096")}, "rank 4096 is not below the smaller side"),
 ])  # fmt: skip
 def test_bad_budgets_costs_and_measure_methods_are_one_clear_error(bad, match):
+    from lowbit.mixed import MixedPrecisionError
+
     model, cal, meas = _tied_llama()
     before = copy.deepcopy(model.state_dict())
     kw = {"batches": meas, "calibration": cal, "candidates": ("w4g32", "w2g32"), **bad}
-    with pytest.raises(CompressError, match=match):
+    with pytest.raises((CompressError, MixedPrecisionError), match=match):
         compress(model, **kw)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-ratio", "6", "--distill-steps", "5", "--distill-samples", "0"], "--distill-samples takes a positive"),
+    (["--target-ratio", "6", "--samples", "-1"], "--samples takes a positive"),
+    (["--target-ratio", "6", "--lr", "nan"], "--lr takes a positive"),
+    (["--max-loss", "abc"], "max loss must be a number"),
+    (["--target-ratio", "6", "--fixed", "fc1=w8,fc1=w4g64"], "names 'fc1' twice"),
+    (["--target-ratio", "6", "--candidates", "w4g64+r4096,w8"], "rank 4096 is not below"),
+    (["--target-ratio", "6", "-o", "FILE"], "exists and is not a directory"),
+])  # fmt: skip
+def test_cli_compress_bad_options_fail_before_any_work(tmp_path, args, message):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    args = [str(f) if a == "FILE" else a for a in args]
+    out = [] if "-o" in args else ["-o", str(tmp_path / "out")]
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", *args, *out, "-q"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert f.read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_cli_compress_help_and_an_already_quantized_model(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "+50%" in p.stdout, p.stderr  # the default candidates hold a % sign
+    done = tmp_path / "done"
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", "digits-cnn", "--target-ratio", "6",
+                        "-o", str(done), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "compress", str(done), "--target-ratio", "6",
+                        "-o", str(tmp_path / "again"), "-q"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 2 and "already quantized" in p.stderr and "compress the float model" in p.stderr, p.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_cli_compress_to_bits_per_weight_with_hessian_costs(tmp_path):

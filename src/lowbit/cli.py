@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -501,7 +502,20 @@ def cmd_compress(args) -> int:
                 return _err(f"--fixed takes PATTERN=CHOICE pairs, e.g. lm_head=w4g64; got {item!r}")
             pattern, choice = item.split("=", 1)
             choices = tuple(c.strip() for c in choice.split("|"))  # several: searched together
+            if pattern.strip() in fixed:
+                return _err(f"--fixed names {pattern.strip()!r} twice; give each pattern once")
             fixed[pattern.strip()] = choices if len(choices) > 1 else choices[0]
+    for flag, v in (("--distill-samples", args.distill_samples), ("--samples", args.samples)):
+        if v is not None and v < 1:
+            return _err(f"{flag} takes a positive number of samples, got {v}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return _err(f"--lr takes a positive learning rate, got {args.lr}")
+    if args.max_loss is not None:
+        from lowbit.mixed import parse_max_loss
+
+        parse_max_loss(args.max_loss)  # a bad bound fails now, not after the measurement
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        return _err(f"-o {args.output} exists and is not a directory (a saved model is a directory)")
     t0 = time.perf_counter()
     zm = load_source(args.model)
     # the default method (SparseGPT or GPTQ) is calibrated; data-free ones given by name need none
@@ -510,7 +524,7 @@ def cmd_compress(args) -> int:
     calibration = (None if args.method and not any(get_algorithm(m).uses_calibration for m in named)
                    else _calibration(args, zm))  # fmt: skip
     # costs are measured on other calibration samples than the ones that set scales
-    n = args.samples or {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
+    n = args.samples if args.samples is not None else {"classifier": 512, "image-classifier": 32}.get(zm.task, 8)
     batches = _model_inputs(zm, n, args.seqlen, args.seed + 1, args.calib, args.model, args.calib_domains)
     distill = None
     if args.distill_steps or args.distill_blocks:
@@ -961,7 +975,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "alone: the smallest model within it")
     c.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
                    help="choices measured per layer: a scheme, +N%% pruned, +N:M, +rN corrected, or skip "
-                        f"(default {','.join(DEFAULT_CANDIDATES)})")
+                        f"(default {','.join(DEFAULT_CANDIDATES).replace('%', '%%')})")
     c.add_argument("--method", help="sparsegpt (default), wanda or magnitude (data-free); rtn/hqq/gptq/awq/awq+gptq "
                    "when no candidate prunes")
     c.add_argument("--measure-method", help="the method the costs are measured with (default --method; rtn when "

@@ -450,6 +450,13 @@ def sensitivity(
     def applies(rank: int | None, n: str) -> bool:  # a correction only for a linear layer wider than its rank
         return rank is None or (driver._kind(mods[n]) == "linear" and rank < min(mods[n].weight.shape))
 
+    for c in cands:  # a correction no layer can take is a mistake, not a choice to skip silently
+        rank = None if c == SKIP else parse_choice(c)[1].get("rank")
+        if rank is not None and not any(applies(rank, n) for n in layers):
+            sides = [min(mods[n].weight.shape) for n in layers if driver._kind(mods[n]) == "linear"]
+            raise MixedPrecisionError(
+                f"candidate {c}: rank {rank} is not below the smaller side of any Linear layer searched"
+                + (f" (the largest rank any takes is {max(sides) - 1})" if sides else " (none is a Linear layer)"))
     for c in cands:
         if c == SKIP:
             continue

@@ -341,6 +341,22 @@ def compress(
         raise CompressError(f"distill_steps must be a non-negative integer, got {distill_steps!r}")
     if not isinstance(distill_blocks, int) or isinstance(distill_blocks, bool) or distill_blocks < 0:
         raise CompressError(f"distill_blocks must be a non-negative integer, got {distill_blocks!r}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise CompressError(f"lr must be a positive learning rate, got {lr!r}")
+    if max_loss is not None:
+        try:
+            parse_max_loss(max_loss)
+        except MixedPrecisionError as e:
+            raise CompressError(str(e)) from None
+    if (distill_steps or distill_blocks) and distill_data is not None and not callable(distill_data):
+        distill_data = list(distill_data)
+        if not distill_data:
+            raise CompressError("distill_data holds no batches; give some, or None to distil on the calibration data")
+    from ..nn import quantized_summary
+
+    done = quantized_summary(model)
+    if done:
+        raise CompressError(f"the model is already quantized ({done}): compress the float model")
     if distill_blocks and callable(distill_data):
         raise CompressError("distill_blocks needs a sequence of batches as distill_data, not a callable")
     if distill_blocks:
