@@ -314,8 +314,10 @@ def compress(
         lr, step_lr: distillation learning rates of the weights (and corrections) and the steps.
 
     Returns a :class:`Compressed`. Raises :class:`CompressError` when no allocation of the
-    candidates meets the budget (naming the largest reachable ratio, or the least loss), and for
-    bad arguments; the model is never changed.
+    candidates meets the budget (naming the largest reachable ratio, or the least loss), for an
+    already-quantized model, and for bad arguments (a non-positive ``lr``, an unreadable
+    ``max_loss``, empty ``distill_data``); :class:`~lowbit.mixed.MixedPrecisionError` for a
+    correction rank that no searched layer can take. The model is never changed.
     """
     from .. import driver, qat
     from ..algorithms import get_algorithm
