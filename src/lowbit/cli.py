@@ -85,8 +85,12 @@ def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, na
     from lowbit.evaluate.domains import calibration_batches
 
     text = Path(calib_file).read_text() if calib_file else None
-    names = tuple(d for d in (domains or "mixed").split(",") if d)
-    return calibration_batches(zm.tokenizer, names, nsamples=n, seqlen=seqlen, seed=seed, text=text)
+    return calibration_batches(zm.tokenizer, _domain_names(domains), nsamples=n, seqlen=seqlen, seed=seed, text=text)
+
+
+def _domain_names(domains: str | None) -> tuple[str, ...]:
+    """--calib-domains as the names calibration_batches takes (default: mixed)."""
+    return tuple(d for d in (domains or "mixed").split(",") if d)
 
 
 class CliError(ValueError):
@@ -480,9 +484,9 @@ def _default_distill_samples(zm, args) -> int:
         return 256
     from lowbit.evaluate.domains import max_calibration_samples
 
-    names = tuple(d for d in (args.calib_domains or "mixed").split(",") if d)
     text = Path(args.calib).read_text() if args.calib else None
-    return max(1, min(256, max_calibration_samples(zm.tokenizer, names, seqlen=args.seqlen, text=text)))
+    return max(1, min(256, max_calibration_samples(zm.tokenizer, _domain_names(args.calib_domains),
+                                                   seqlen=args.seqlen, text=text)))
 
 
 def cmd_compress(args) -> int:

@@ -496,8 +496,9 @@ def compress(
         t2 = time.perf_counter()
         if distill_data is None:
             data = calibration or batches
-        else:  # a callable draws fresh batches (``i -> batch``, e.g. new augmented crops per step)
-            data = distill_data if callable(distill_data) else list(distill_data)
+        else:  # a list (made at the checks above), or a callable drawing fresh batches (``i -> batch``,
+            # e.g. new augmented crops per step)
+            data = distill_data
         qat.prepare_qat(out)  # every quantized layer restarts from its post-training result
         if distill_blocks:
             bar = None
