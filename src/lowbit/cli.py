@@ -344,6 +344,14 @@ def cmd_inspect(args) -> int:
     manifest = read_manifest(args.model)
     zm = load_source(args.model)
     model = zm.model
+    if args.device:
+        try:
+            model.to(args.device)
+        except (RuntimeError, ValueError) as e:
+            return _err(f"--device {args.device}: {e}")
+        from lowbit.kernels import use_kernel
+
+        use_kernel(model)
     records = getattr(model, "lowbit_layers", {}) or {}
     size = {r.name: r for r in lowbit.size_of(model).layers}
     ref = None
@@ -937,6 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer table of a saved model")
     i.add_argument("model", help="a lowbit model directory")
     i.add_argument("--error", action="store_true", help="relative weight error vs the zoo original")
+    i.add_argument("--device", default=None, help="show the kernels each layer runs on this device (e.g. cuda)")
     i.set_defaults(fn=cmd_inspect)
 
     m = sub.add_parser("sensitivity", help="per-layer sensitivity; with a budget, a mixed-precision recipe")

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,35 @@ def shared_row_conversion():
         yield
     finally:
         _ROWS_MEMO.reset(token)
+
+
+# The stored tensors of a weight moved to another device, by the id of its (old) qweight, until
+# that tensor is freed: modules sharing one weight (a tied embedding and LM head) that move one
+# after the other keep sharing one copy on the new device.
+_MOVED: dict[int, tuple[weakref.ref, dict]] = {}
+_STORED = ("qweight", "scales", "zeros")
+
+
+def _move_stored(mod: QuantModule, stored: dict, fn) -> dict:
+    """``stored`` (``mod``'s qweight, scales and zeros, in ``mod.layout``) in the row layout on
+    the device ``fn`` moves tensors to, dtypes kept; made once per shared weight."""
+    old = stored["qweight"]
+    hit = _MOVED.get(id(old))
+    if hit is not None and hit[0]() is old:
+        return hit[1]
+    qw = QWeight(mod.scheme, mod.weight_shape, stored["qweight"], stored["scales"], stored["zeros"], mod.layout)
+    rows = qw.to_layout("rows").tensors()
+    moved = {}
+    for n in _STORED:
+        t = rows.get(n)
+        if t is not None:
+            new = fn(t)
+            moved[n] = new if new.dtype == t.dtype else t.to(new.device)
+        else:
+            moved[n] = None
+    _MOVED[id(old)] = (weakref.ref(old), moved)
+    weakref.finalize(old, _MOVED.pop, id(old), None)
+    return moved
 
 
 def _checked_lowrank(lowrank, qw: QWeight, op: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,13 +267,31 @@ class QuantModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() cast every floating buffer; the stored codes, scales and zero
         # points are a format, not a dtype preference, so they keep their dtypes (devices move).
+        # A move to another device brings the stored row layout (the kernels there read their
+        # own layouts), shared by modules that share the weight, and chooses the kernel again on
+        # the next call.
+        device = self.qweight.device
+        moving = fn(torch.empty(0, device=device)).device != device
+        stored = {n: self._buffers[n] for n in _STORED}
+        if moving:  # hidden from Module._apply: moved (once per shared weight) below
+            for n in _STORED:
+                self._buffers[n] = None
         kept = {n: getattr(self, n) for n in ("qweight", "scales", "zeros", "act_scale", "act_zero", "mask", "lowrank_a",
                                              "lowrank_b")}  # fmt: skip
-        super()._apply(fn, recurse)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if moving:
+                self._buffers.update(stored)
         for n, old in kept.items():
             new = getattr(self, n)
             if old is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
+        if moving:
+            self._buffers.update(_move_stored(self, stored, fn))
+            self.layout = "rows"
+            self._kernel_impl = None  # chosen again at the next call (or by lowbit.kernels.use_kernel)
+            self.kernel, self.kernel_note = "unassigned", f"moved to {self.qweight.device}: chosen at the next call"
         self._kernel_state = None
         return self
 

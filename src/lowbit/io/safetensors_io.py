@@ -498,7 +498,7 @@ def _materialize_meta(model: nn.Module) -> dict[str, tuple]:
 @outside_inference_mode
 def load(
     path: str | os.PathLike, model: nn.Module | None = None, *, kernel: str = "auto", verify: bool = True,
-    mmap: bool = False,
+    mmap: bool = False, device: str | torch.device | None = None,
 ) -> nn.Module:
     """Load a model saved by :func:`save`.
 
@@ -516,8 +516,16 @@ def load(
             runs as stored) stay file-backed pages the OS can evict and re-read, so resident
             memory can stay below the file size; the files must not change while the model
             lives. Tensors a kernel converts to its own layout are copied as without ``mmap``.
+        device: where the model runs, e.g. ``"cuda"``: every tensor moves there as stored
+            (quantized weights as their packed codes, scales and zero points, never a float
+            copy; a tied embedding and LM head stay one tensor) before the kernels are chosen,
+            so GPU weights get the GPU kernels (:mod:`lowbit.kernels.triton`) or, where those
+            cannot run, the reference kernel with the reason in ``kernel_note``.
     """
     from ..driver import _set_module
+
+    if device is not None:
+        device = torch.device(device)  # a bad name fails here, before anything is read
 
     d = Path(path)
     manifest = read_manifest(d)
@@ -590,6 +598,8 @@ def load(
     model.lowbit_layers = {n: LayerRecord(**r) for n, r in manifest["layers"].items()}
     model.lowbit_source = manifest["model"].get("source")
     tensors.clear()  # the modules hold what they need: each row layout is freed as its kernel's replaces it
+    if device is not None:
+        model.to(device)
     kernels.use_kernel(model, kernel)
     trim()
     return model.eval()

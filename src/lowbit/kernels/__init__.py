@@ -19,12 +19,18 @@ conv2d         reference   dequantize to float32, ``F.conv2d``
 conv2d         cpu-a8      1x1 convolutions, static int8 activations: a W8A8 GEMM over pixels
 conv2d         cpu-dw-a8   depthwise convolutions, static int8 activations, integer arithmetic
 embedding      reference   dequantize the gathered rows only
+linear         triton      GPU: packed codes decoded in registers, GEMV / tensor-core GEMM
+linear         cuda-a8     GPU: int8 codes x per-token int8 activations, ``torch._int_mm``
 =============  ==========  ==============================================================
 
 The ``cpu*`` kernels exist once per instruction set (AVX-512 VNNI, AVX2, portable C; see
 :mod:`lowbit.kernels.cpu`): one is active per process, the best the CPU runs unless
 ``LOWBIT_ISA`` names another, and ``lowbit inspect`` says which. The former names ``cpu-vnni``
 and ``cpu-vnni-a8`` are accepted for ``cpu`` and ``cpu-a8``.
+
+Each kernel names the devices it runs on: a model moved to a GPU (``model.to("cuda")``) gets
+the GPU kernels (:mod:`lowbit.kernels.triton`) or, where they cannot run (no Triton, an older
+GPU), the reference kernel on the device, with the reason in ``kernel_note``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import cpu, reference
+from . import cpu, reference, triton
 
 __all__ = ["Kernel", "KERNELS", "kernels_for", "assign", "use_kernel", "check_kernel_name", "KernelError"]
 
@@ -47,7 +53,9 @@ class KernelError(ValueError):
 class Kernel:
     """One implementation of an op. ``supports(module)`` is ``None`` or the reason it cannot;
     ``layout`` is the weight layout the kernel reads ("rows" as stored, or "tiled"), and
-    ``None`` means either (the reference kernels dequantize any layout)."""
+    ``None`` means either (the reference kernels dequantize any layout); ``devices`` are the
+    device types its weights may live on (``None``: any). ``interpretable`` GPU kernels also run
+    CPU tensors under Triton's interpreter, when named (never chosen by "auto" there)."""
 
     name: str
     op: str
@@ -55,6 +63,8 @@ class Kernel:
     supports: Callable
     doc: str
     layout: str | None = None
+    devices: tuple[str, ...] | None = ("cpu",)
+    interpretable: bool = False
 
 
 def _always(mod) -> str | None:
@@ -65,22 +75,28 @@ def _cast_only(mod) -> str | None:
     return None if mod.scheme.is_cast else "not a bf16/fp16 cast"
 
 
+_ANY = None  # reference kernels are torch ops: they run wherever the tensors are
+
 KERNELS: tuple[Kernel, ...] = (
-    Kernel("reference", "linear", reference.linear, _always, "dequantize, then float32 F.linear"),
+    Kernel("reference", "linear", reference.linear, _always, "dequantize, then float32 F.linear", devices=_ANY),
     Kernel("cpu", "linear", cpu.linear, cpu.supports, "int2/4/8 codes x int16 activations", "tiled"),
     Kernel("cpu-a8", "linear", cpu.linear_a8, cpu.supports_a8, "int8 codes x per-token int8 activations (W8A8)", "tiled4"),
-    Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype"),
+    Kernel("cast", "linear", reference.linear_cast, _cast_only, "matmul in the stored bf16/fp16 dtype", devices=_ANY),
     Kernel("cpu-any", "linear", cpu.linear_rows, cpu.supports_rows, "any stored format: rows decoded once per call, float dot products / tiled GEMM", "rows"),
     Kernel("float-copy", "linear", reference.linear_cached, reference.supports_cached, "no C kernels here: a float32 copy kept after the first call"),
-    Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d"),
+    Kernel("reference", "conv2d", reference.conv2d, _always, "dequantize, then float32 F.conv2d", devices=_ANY),
     Kernel("float-copy", "conv2d", reference.conv2d_cached, reference.supports_cached, "no C kernels here: a float32 copy kept after the first call"),
     Kernel("cpu-a8", "conv2d", cpu.conv2d_a8, cpu.supports_conv_a8, "1x1 conv, static int8 activations: W8A8 GEMM over pixels", "tiled4"),
     Kernel("cpu-dw-a8", "conv2d", cpu.dwconv2d_a8, cpu.supports_dwconv_a8, "depthwise conv, static int8 activations, int32 sums"),
-    Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows"),
+    Kernel("reference", "embedding", reference.embedding, _always, "dequantize the gathered rows", devices=_ANY),
+    Kernel("triton", "linear", triton.linear, triton.supports, "GPU (Triton): packed codes decoded in registers, GEMV / GEMM",
+           "rows", devices=("cuda",), interpretable=True),
+    Kernel("cuda-a8", "linear", triton.linear_a8, triton.supports_a8,
+           "GPU: int8 codes x per-token int8 activations (torch._int_mm)", "rows", devices=("cuda",), interpretable=True),
 )
 
 # "auto" tries these in order and takes the first that supports the module.
-_AUTO_ORDER = ("cpu", "cpu-a8", "cpu-dw-a8", "cast", "cpu-any", "float-copy", "reference")
+_AUTO_ORDER = ("cuda-a8", "triton", "cpu", "cpu-a8", "cpu-dw-a8", "cast", "cpu-any", "float-copy", "reference")
 # Former names, still accepted wherever a kernel is named.
 ALIASES = {"cpu-vnni": "cpu", "cpu-vnni-a8": "cpu-a8"}
 
@@ -96,6 +112,15 @@ def check_kernel_name(name: str) -> None:
     if name != "auto" and name not in {k.name for k in KERNELS}:
         names = sorted({k.name for k in KERNELS})
         raise KernelError(f"unknown kernel {name!r}; kernels: {', '.join(names)} or 'auto'")
+
+
+def _reason(k: Kernel, mod, named: bool = False) -> str | None:
+    """Why kernel ``k`` cannot run ``mod`` (its weight's device first), or ``None``. A GPU
+    kernel ``named`` for a CPU weight is asked itself (Triton's interpreter may run it)."""
+    dev = mod.qweight.device.type
+    if k.devices is not None and dev not in k.devices and not (named and k.interpretable and dev == "cpu"):
+        return f"the weight is on the {dev} device ({k.name} runs on {', '.join(k.devices)})"
+    return k.supports(mod)
 
 
 def _find(op: str, name: str) -> Kernel:
@@ -134,7 +159,7 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
     mod.kernel_pref = prefer
     if prefer != "auto":
         k = _find(mod.op, prefer)
-        reason = k.supports(mod)
+        reason = _reason(k, mod, named=True)
         if reason is not None:
             raise KernelError(f"kernel {prefer!r} cannot run this {mod.op} ({mod.scheme}): {reason}")
         _bind(mod, k, "", memo)
@@ -145,14 +170,17 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
             k = _find(mod.op, name)
         except KernelError:
             continue
-        reason = k.supports(mod)
+        reason = _reason(k, mod)
         if reason is None:
             if name == "float-copy":
                 notes.append(f"float32 copy of the weight kept in memory ({mod.qw.numel * 4 / 1e6:.1f} MB)")
             _bind(mod, k, "; ".join(notes), memo)
             return
         # the fast paths one would expect
-        relevant = ("cpu-a8", "cpu-dw-a8") if mod.scheme.act_bits else ("cpu",)
+        if mod.qweight.device.type == "cpu":
+            relevant = ("cpu-a8", "cpu-dw-a8") if mod.scheme.act_bits else ("cpu",)
+        else:
+            relevant = ("cuda-a8", "triton") if mod.scheme.act_bits else ("triton",)
         if name in relevant and not mod.scheme.is_cast:
             notes.append(f"{name}: {reason}")
     raise KernelError(f"no kernel for {mod.op}")  # pragma: no cover - reference always supports

@@ -1,0 +1,220 @@
+"""The GPU kernels (lowbit.kernels.triton) against the reference, on odd shapes.
+
+On a machine with a CUDA GPU the tests run there; elsewhere Triton's interpreter (conftest sets
+TRITON_INTERPRET=1 before Triton is imported) runs the same kernels on CPU tensors, so CI checks
+the kernels' math (unpacking, groups, zero points, tables, masking of ragged tiles) without a GPU.
+Triton's interpreter multiplies bfloat16 tiles wrongly (its tl.dot), so bf16 GEMMs run on GPUs only.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton  # noqa: F401  (installed by `make setup`: the tests must not skip for want of it)
+
+import lowbit
+from lowbit import kernels
+from lowbit.kernels import KernelError, reference
+from lowbit.kernels import triton as tk
+from lowbit.nn import QuantLinear
+from lowbit.scheme import parse_scheme
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# every stored format and granularity: one-group blocks (groups a multiple of the block),
+# looked-up groups (g48, int3's g32/g64 in the GEMM), per-channel, per-tensor, zero points
+SCHEMES = ["int8", "w8g128", "w8-asym", "w8-tensor", "w4g32", "w4g128", "w4g64-asym", "w4-asym-tensor", "w4g48",
+           "w3g64", "w3g32-asym", "w3g128", "w2g32-asym", "w2g64", "nf4g64", "nf4g32", "fp8", "w8a8", "w8a8g64"]  # fmt: skip
+SHAPES = [(1, 64, 1), (3, 130, 7), (17, 576, 33), (1, 1000, 13), (20, 96, 5)]  # (rows M, K, N): GEMV and GEMM
+
+
+@pytest.fixture
+def device():
+    """"cuda", or "cpu" with Triton's interpreter (set by conftest)."""
+    assert DEVICE == "cuda" or tk.interpreting(), "conftest sets TRITON_INTERPRET=1 on machines without a GPU"
+    return DEVICE
+
+
+def _layer(scheme: str, k: int, n: int, seed: int, bias: bool = True, **kw) -> QuantLinear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(0.2, 3.0, k))  # uneven columns, as in real layers
+    return QuantLinear.from_float(lin, scheme, **kw)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    err = (got.detach().float() - ref.detach().float()).abs().max()
+    assert float(err) <= rtol * float(ref.detach().float().abs().max()) + 1e-6, float(err)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_matches_reference(scheme, m, k, n, device):
+    s = parse_scheme(scheme)
+    if s.group_size is not None and s.group_size > k:
+        pytest.skip("group wider than the row")
+    mod = _layer(scheme, k, n, seed=m + k + n).to(device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(device) * 2
+    x[:, 0] = 40.0  # an activation outlier channel
+    ref = reference.linear(mod, x)
+    kernels.assign(mod, "triton")
+    assert mod.kernel == "triton" and mod.layout == "rows"
+    _close(mod(x), ref, 2e-6)
+
+
+@pytest.mark.parametrize("scheme", ["w4g64", "w3g64-asym", "nf4g64", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 33])
+def test_half_inputs_multiply_in_their_dtype(scheme, dtype, m, device):
+    """fp16/bf16 activations: the GEMM's tiles are fp16/bf16 (tensor cores), sums float32; the
+    output is rounded to the input dtype, so it is within a few of its ulps of the reference."""
+    if device == "cpu" and dtype == torch.bfloat16 and m >= tk.GEMM_ROWS:
+        pytest.skip("Triton's interpreter multiplies bfloat16 tiles wrongly; bf16 GEMMs are checked on GPUs")
+    mod = _layer(scheme, 256, 40, seed=m).to(device)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(device=device, dtype=dtype)
+    ref = reference.linear(mod, x)
+    kernels.assign(mod, "triton")
+    _close(mod(x), ref, 2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+def test_fractional_zero_points_from_hqq(device):
+    model = torch.nn.Sequential(torch.nn.Linear(192, 48), torch.nn.ReLU(), torch.nn.Linear(48, 24))
+    lowbit.quantize(model, "w4g64-asym", method="hqq", kernel="reference")
+    assert model[0].zeros.dtype == torch.float16  # HQQ's zero points are not integers
+    model.to(device)
+    x = torch.randn(5, 192, device=device)
+    ref = model(x)
+    kernels.use_kernel(model, "triton")
+    assert {model[0].kernel, model[2].kernel} == {"triton"}
+    _close(model(x), ref, 2e-6)
+
+
+@pytest.mark.parametrize("scheme,zero", [("w8a8", 0), ("w8a8-static", 0), ("w8a8-static", -127), ("w8a8-static", 51),
+                                         ("w8a8-tensor", 0)])  # fmt: skip
+@pytest.mark.parametrize("m", [1, 20, 65])
+def test_w8a8_int_mm_matches_reference(scheme, zero, m, device):
+    """cuda-a8: int8 x int8 in int32 through torch._int_mm, the same integers as the reference's
+    float32 sums; up to GEMM_ROWS rows it hands the batch to the weight-only kernel."""
+    static = parse_scheme(scheme).act_static
+    mod = _layer(scheme, 128, 40, seed=m, **({"act_scale": 0.05, "act_zero": zero} if static else {})).to(device)
+    x = (torch.rand(m, 128, generator=torch.Generator().manual_seed(m)) * 10 - 4).to(device)
+    x[:, 0] = 40.0  # clipped by the static scale
+    ref = reference.linear(mod, x)
+    kernels.assign(mod, "cuda-a8")
+    assert mod.kernel == "cuda-a8"
+    _close(mod(x), ref, 2e-6)
+
+
+def test_w8a8_shapes_the_int8_gemm_cannot_take_go_to_triton(device):
+    mod = _layer("w8a8", 100, 37, seed=0).to(device)  # K, N not multiples of 8
+    assert "multiples of 8" in tk.supports_a8(mod)
+    kernels.assign(mod, "auto" if device == "cuda" else "triton")
+    assert mod.kernel == "triton"
+    x = torch.randn(20, 100, device=device)
+    _close(mod(x), reference.linear(mod, x), 2e-6)
+
+
+def test_leading_dims_strides_bias_and_state(device):
+    mod = _layer("w4g32", 96, 24, seed=1).to(device)
+    kernels.assign(mod, "triton")
+    x = torch.randn(2, 96, 9, device=device).transpose(1, 2)  # (2, 9, 96), not contiguous
+    _close(mod(x), reference.linear(mod, x), 2e-6)
+    # a replaced weight is read again (the launch state is keyed on the buffers)
+    before = mod(x[0])
+    mod.set_qweight(_layer("w4g32", 96, 24, seed=2).to(device).qw)
+    after = mod(x[0])
+    _close(after, reference.linear(mod, x[0]), 2e-6)
+    assert not torch.allclose(after, before)
+    mod.bias = None
+    _close(mod(x[0]), reference.linear(mod, x[0]), 2e-6)
+
+
+def test_a_model_runs_triton_end_to_end_after_load(tmp_path, device):
+    """save -> load(device=...) -> the Triton kernel for every Linear (chosen automatically on a
+    GPU, named on the CPU), the output as the reference's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 48), torch.nn.Linear(48, 96), torch.nn.GELU(),
+                                torch.nn.Linear(96, 64))  # fmt: skip
+    lowbit.quantize(model, "w4g16-asym", kernel="reference")
+    ids = torch.randint(0, 64, (2, 7))
+    ref = model(ids)
+    lowbit.save(model, tmp_path / "m")
+    skeleton = torch.nn.Sequential(torch.nn.Embedding(64, 48), torch.nn.Linear(48, 96), torch.nn.GELU(),
+                                   torch.nn.Linear(96, 64))  # fmt: skip
+    loaded = lowbit.load(tmp_path / "m", model=skeleton, device=device, kernel="auto" if device == "cuda" else "triton")
+    assert [loaded[i].kernel for i in (1, 3)] == ["triton", "triton"]
+    assert loaded[1].qweight.device.type == device and loaded[1].qweight.dtype == torch.uint8
+    _close(loaded(ids.to(device)).cpu(), ref, 2e-6)
+
+
+def test_cpu_weights_get_gpu_kernels_only_when_named_under_the_interpreter(monkeypatch):
+    mod = _layer("w4g64", 128, 16, seed=0)
+    kernels.assign(mod)  # auto on the CPU, interpreter or not: the CPU kernels, and no word about GPUs
+    assert mod.kernel in ("cpu", "float-copy") and "triton" not in mod.kernel_note
+    a8 = _layer("w8a8", 128, 16, seed=0)
+    kernels.assign(a8)
+    assert a8.kernel != "cuda-a8" and "cuda" not in a8.kernel_note
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelError, match="not a CUDA GPU"):
+        kernels.assign(mod, "triton")
+    with pytest.raises(KernelError, match="not a CUDA GPU"):
+        kernels.assign(a8, "cuda-a8")
+
+
+def test_a_device_the_kernels_do_not_run_on_gets_the_reference_and_the_reason():
+    """meta stands in for any device without GPU kernels (a GPU without Triton, an old GPU): the
+    reference kernel, which runs wherever torch does, with the reason the GPU kernel gave."""
+    mod = _layer("w4g64", 128, 16, seed=0).to("meta")
+    kernels.assign(mod)
+    assert mod.kernel == "reference"
+    assert "triton: the weight is on the meta device (triton runs on cuda)" in mod.kernel_note
+    with pytest.raises(KernelError, match="cpu runs on cpu"):
+        kernels.assign(mod, "cpu")
+
+
+def test_a_move_keeps_tied_weights_one_tensor_in_the_stored_layout():
+    """model.to(device) moves the packed tensors (never a float copy), comes back to the row
+    layout from a CPU kernel's tiled one, keeps a tied embedding / LM head one tensor there, and
+    chooses kernels again."""
+    emb = torch.nn.Embedding(64, 32)
+    head = torch.nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.Sequential(emb, head)
+    spec = lowbit.Recipe(lowbit.parse_scheme("w4g32"))
+    spec.add("0", "w4g32")
+    spec.add("1", "w4g32")
+    lowbit.quantize(model, spec)
+    model[1](torch.randn(2, 32))  # the CPU kernel (or the float copy) in place
+    assert model[0].qweight is model[1].qweight
+    model.to("meta")
+    assert model[0].qweight is model[1].qweight and model[0].scales is model[1].scales
+    assert model[1].layout == "rows" and model[1].qweight.dtype == torch.uint8
+    assert model[1].kernel == "unassigned" and "meta" in model[1].kernel_note
+
+
+def test_load_refuses_a_bad_device_before_reading(tmp_path):
+    with pytest.raises(RuntimeError, match="device"):
+        lowbit.load(tmp_path / "nothing-here", device="gpu0")
+
+
+@pytest.mark.parametrize("dev,want", [(DEVICE, "triton" if DEVICE == "cuda" else None), ("meta", "reference")])
+def test_inspect_shows_the_kernels_of_a_device(tmp_path, digits, dev, want):
+    """`lowbit inspect --device`: the kernel each layer gets there; where the GPU kernels cannot
+    run (meta stands for any such device), the reference and why."""
+    import copy
+
+    model = lowbit.quantize(copy.deepcopy(digits[0].model), "w4g16")
+    lowbit.save(model, tmp_path / "d", source="digits-cnn")
+    want = want or model.fc2.kernel  # on the CPU: what the CPU gets
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "inspect", str(tmp_path / "d"), "--device", dev],
+                       capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("fc2 "))
+    assert f" {want} " in line
+    if dev == "meta":
+        assert "runs on cuda" in line
