@@ -1156,6 +1156,46 @@ def _sparse_speed(res: dict) -> str:
     ])
 
 
+def _gpu(res: dict | None) -> str:
+    head = ["## GPU kernels (Triton) vs torch bf16", ""]
+    if res is None:
+        return "\n".join(head + [
+            "Not measured yet: no run of `PYTHONPATH=src python benchmarks/gpu.py` on a CUDA GPU has been recorded "
+            "(the machines this project is built on have none). The kernels' results are checked against the "
+            "reference on every CI run through Triton's interpreter (tests/test_triton.py); their speed is unknown "
+            "until that script runs on a GPU and writes benchmarks/results/gpu.json."])  # fmt: skip
+    rows = []
+    base = {(tuple(r["shape"]), r["tokens"]): r["seconds"] for r in res.get("layers", []) if r["variant"] == "torch bf16 F.linear"}
+    for r in res.get("layers", []):
+        key = (tuple(r["shape"]), r["tokens"])
+        if "seconds" not in r:
+            rows.append(["x".join(map(str, r["shape"])), str(r["tokens"]), r["variant"], "-", "-", "-",
+                         "unavailable: " + r["unavailable"]])  # fmt: skip
+            continue
+        mb = f"{r['weight_bytes'] / 2**20:.1f}" if r.get("weight_bytes") else "-"
+        err = f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else ""
+        rows.append(["x".join(map(str, r["shape"])), str(r["tokens"]), r["variant"], f"{r['seconds'] * 1e3:.3f}",
+                     f"{base[key] / r['seconds']:.2f}x", mb, err])  # fmt: skip
+    dec = [[r["model"], r["variant"], f"{r['tokens_per_second']:.1f}", ", ".join(r.get("kernels", []))]
+           for r in res.get("decode", [])]  # fmt: skip
+    return "\n".join(head + [
+        f"Measured {res['date']} on {res.get('gpu', '?')} (compute capability "
+        f"{'.'.join(map(str, res.get('capability', [])))}), torch {res['torch']}, triton {res['triton']}.  ",
+        f"Command: `{res['command']}`",
+        "",
+        "Median time of one `y = x @ W^T` (x bf16) by `triton.testing.do_bench` (L2 emptied before each "
+        "repetition); speed vs torch's bf16 `F.linear` on the same weight in the same run. 'rel. error': the "
+        "kernel's largest deviation from lowbit's reference kernel on the same GPU, over its largest output.",
+        "",
+        markdown_table(["N x K", "tokens", "variant", "ms", "speed vs bf16", "weight MiB", "rel. error"], rows),
+        "",
+        "Greedy decode, batch 1, transformers' `generate` with its KV cache, 16-token prompt, random weights "
+        "in the models' shapes:",
+        "",
+        markdown_table(["model", "variant", "tokens/s", "kernels"], dec),
+    ])  # fmt: skip
+
+
 def write_benchmarks(results: Path, out: Path) -> None:
     parts = [
         "# Benchmarks",
@@ -1192,4 +1232,6 @@ def write_benchmarks(results: Path, out: Path) -> None:
                 res["mobilenet"] = _load(results, "qat_mobilenet")
                 res["digits"] = _load(results, "qat_digits")
             parts += ["", render(res)]
+    gpu = _load(results, "gpu")
+    parts += ["", _gpu(None if gpu is None or gpu.get("smoke") else gpu)]
     out.write_text("\n".join(parts) + "\n")

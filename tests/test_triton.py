@@ -9,6 +9,7 @@ Triton's interpreter multiplies bfloat16 tiles wrongly (its tl.dot), so bf16 GEM
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,9 +32,11 @@ SHAPES = [(1, 64, 1), (3, 130, 7), (17, 576, 33), (1, 1000, 13), (20, 96, 5)]  #
 
 
 @pytest.fixture
-def device():
-    """"cuda", or "cpu" with Triton's interpreter (set by conftest)."""
+def device(monkeypatch):
+    """"cuda" (first configurations only: tuning every shape would compile hundreds of kernels;
+    test_tuning_on_a_gpu tunes), or "cpu" with Triton's interpreter (set by conftest)."""
     assert DEVICE == "cuda" or tk.interpreting(), "conftest sets TRITON_INTERPRET=1 on machines without a GPU"
+    monkeypatch.setenv("LOWBIT_TRITON_TUNE", "0")
     return DEVICE
 
 
@@ -218,3 +221,29 @@ def test_inspect_shows_the_kernels_of_a_device(tmp_path, digits, dev, want):
     assert f" {want} " in line
     if dev == "meta":
         assert "runs on cuda" in line
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tuning times configurations on a GPU")
+def test_tuning_on_a_gpu_keeps_the_fastest_configuration():
+    mod = _layer("w4g128", 4096, 1024, seed=0).cuda()
+    kernels.assign(mod, "triton")
+    for m in (1, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        _close(mod(x), reference.linear(mod, x), 3e-3)
+    assert len(tk._TUNED) >= 2
+
+
+def test_the_gpu_benchmark_script_runs(tmp_path):
+    """benchmarks/gpu.py --smoke: the device run's script, on tiny shapes under the interpreter
+    (its figures mean nothing; this keeps the one-shot GPU run from failing on a script error)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root / "src"), PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--smoke", "--out", str(tmp_path / "g.json")],
+                       capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert {r["variant"] for r in res["layers"]} >= {"lowbit w4g128 (triton)", "lowbit w8a8 (cuda-a8)"}
+    assert all(r["max_rel_error"] < 1e-4 for r in res["layers"] if "max_rel_error" in r)
+    assert [r["kernels"] for r in res["decode"] if "kernels" in r] == [["triton"], ["triton"]]

@@ -19,8 +19,8 @@ Kernels (registered in :mod:`lowbit.kernels`):
 
 Block sizes are chosen per shape: on a GPU, the first call for a (kernel, format, rows
 bucket, N, K, dtype) times a bounded set of configurations (at most eight, with
-``triton.testing.do_bench``) and keeps the fastest for the process; under the interpreter the
-first configuration is taken.
+``triton.testing.do_bench``) and keeps the fastest for the process; under the interpreter, or
+with ``LOWBIT_TRITON_TUNE=0``, the first configuration is taken.
 
 Where they run: CUDA tensors on GPUs of compute capability :data:`MIN_CAPABILITY` or newer, with
 the ``triton`` package installed (``pip install 'lowbit[gpu]'``). ``TRITON_INTERPRET=1`` runs
@@ -159,11 +159,12 @@ def _state(mod) -> dict:
     return st
 
 
-def _block_ks(st: dict, least: int) -> list[tuple[int, bool]]:
-    """K blocks (columns, a multiple of the codes per unit, at least ``least`` units) with
-    whether every block lies in one scale group; largest first, at most three."""
+def _block_ks(st: dict, least: int, most: int) -> list[tuple[int, bool]]:
+    """K blocks (columns, a multiple of the codes per unit, at least ``least`` units, at most
+    ``most`` columns unless ``least`` units need more) with whether every block lies in one scale
+    group; largest first, at most three."""
     per, group, k = st["const"]["PER"], st["group"], st["k"]
-    top = max(least * per, 1 << max(0, (k - 1).bit_length()))  # no block much wider than the row
+    top = max(least * per, min(most, 1 << max(0, (k - 1).bit_length())))  # no block much wider than the row
     out = [(bk, True) for bk in (512, 256, 128, 64, 32, 16, 8)
            if bk % per == 0 and bk // per >= least and bk <= top and (st["ng"] == 1 or group % bk == 0)]  # fmt: skip
     if not out:  # groups smaller than any block (or of odd size): each element's group is looked up
@@ -175,8 +176,10 @@ def _configs(st: dict, rows: int, gemm: bool) -> list[dict]:
     """The bounded set of launch configurations tried for a shape."""
     if not gemm:
         return [{"BLOCK_N": bn, "BLOCK_U": bk // st["const"]["PER"], "ONE_GROUP": one, "num_warps": 4}
-                for bk, one in _block_ks(st, 1)[:2] for bn in (8, 16, 32)][:8]  # fmt: skip
-    bk, one = _block_ks(st, 16)[0]
+                for bk, one in _block_ks(st, 1, 512)[:2] for bn in (8, 16, 32)][:8]  # fmt: skip
+    # GEMM: K blocks of at most 128 columns (fp16 tiles of x and of the decoded weight are staged
+    # in shared memory, num_stages deep), at least 16 units (tl.dot's smallest K)
+    bk, one = _block_ks(st, 16, 128)[0]
     bu = bk // st["const"]["PER"]
     tiles = [(16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8)]
     most = max(16, 1 << (rows - 1).bit_length())
@@ -208,7 +211,7 @@ def _tuned(st: dict, x2: torch.Tensor, y: torch.Tensor, gemm: bool) -> dict:
     shape (timed once per process), or the first under the interpreter."""
     rows = x2.shape[0]
     configs = _configs(st, rows, gemm)
-    if x2.device.type != "cuda" or len(configs) == 1:
+    if x2.device.type != "cuda" or len(configs) == 1 or os.environ.get("LOWBIT_TRITON_TUNE") == "0":
         return configs[0]
     bucket = 1 << (rows - 1).bit_length()
     key = (gemm, bucket, st["n"], st["k"], st["q"].shape[1], st["group"], x2.dtype, tuple(st["const"].items()),
