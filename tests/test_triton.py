@@ -101,7 +101,7 @@ def test_fractional_zero_points_from_hqq(device):
 @pytest.mark.parametrize("m", [1, 20, 65])
 def test_w8a8_int_mm_matches_reference(scheme, zero, m, device):
     """cuda-a8: int8 x int8 in int32 through torch._int_mm, the same integers as the reference's
-    float32 sums; up to GEMM_ROWS rows it hands the batch to the weight-only kernel."""
+    float32 sums; up to INT_MM_ROWS rows it hands the batch to the weight-only kernel."""
     static = parse_scheme(scheme).act_static
     mod = _layer(scheme, 128, 40, seed=m, **({"act_scale": 0.05, "act_zero": zero} if static else {})).to(device)
     x = (torch.rand(m, 128, generator=torch.Generator().manual_seed(m)) * 10 - 4).to(device)
@@ -245,5 +245,5 @@ def test_the_gpu_benchmark_script_runs(tmp_path):
 
     res = json.loads((tmp_path / "g.json").read_text())
     assert {r["variant"] for r in res["layers"]} >= {"lowbit w4g128 (triton)", "lowbit w8a8 (cuda-a8)"}
-    assert all(r["max_rel_error"] < 1e-4 for r in res["layers"] if "max_rel_error" in r)
+    assert all(r["max_rel_error"] < 3e-3 for r in res["layers"] if "max_rel_error" in r)  # fp16 outputs
     assert [r["kernels"] for r in res["decode"] if "kernels" in r] == [["triton"], ["triton"]]

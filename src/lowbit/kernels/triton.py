@@ -3,7 +3,8 @@
 Kernels (registered in :mod:`lowbit.kernels`):
 
 ``triton`` (linear)
-    Weight-only GEMV (decode, fewer than :data:`GEMM_ROWS` input rows) and GEMM (prefill) in
+    Weight-only GEMV (decode: one input row) and GEMM (from :data:`GEMM_ROWS` rows: batched
+    decode, prefill) in
     Triton over the stored row layout (:mod:`lowbit.packing`: nothing is converted, nothing
     dequantized to memory): int2, int3, int4 and int8 codes with per-group, per-channel or
     per-tensor scales, symmetric or with integer or fractional (HQQ) zero points; NF4 and FP8
@@ -15,7 +16,7 @@ Kernels (registered in :mod:`lowbit.kernels`):
 ``cuda-a8`` (linear)
     W8A8: per-channel symmetric int8 weights times per-token dynamic (or static) int8
     activations through ``torch._int_mm`` (cuBLASLt int8 GEMM, int32 sums), rescaled in float32;
-    batches of at most :data:`GEMM_ROWS` rows go to ``triton`` instead.
+    batches of at most :data:`INT_MM_ROWS` rows go to ``triton`` instead.
 
 Block sizes are chosen per shape: on a GPU, the first call for a (kernel, format, rows
 bucket, N, K, dtype) times a bounded set of configurations (at most eight, with
@@ -40,10 +41,13 @@ import torch
 from .. import packing
 from . import reference
 
-__all__ = ["linear", "linear_a8", "supports", "supports_a8", "interpreting", "MIN_CAPABILITY", "GEMM_ROWS"]
+__all__ = ["linear", "linear_a8", "supports", "supports_a8", "interpreting", "MIN_CAPABILITY", "GEMM_ROWS", "INT_MM_ROWS"]
 
 MIN_CAPABILITY = (8, 0)  # Ampere and newer: bf16 tensor-core dots, the GPUs 7B-70B models are served on
-GEMM_ROWS = 16  # input rows from which the tensor-core GEMM runs (tl.dot's smallest tile); fewer: GEMV
+# From 2 input rows the tensor-core GEMM runs (tiles of at least 16 rows, the ragged ones masked):
+# it reads each weight tile once for all rows, where the GEMV would read the weight once per row.
+GEMM_ROWS = 2
+INT_MM_ROWS = 16  # W8A8 batches of at most this many rows run the weight-only kernel (decode)
 
 _TUNED: dict[tuple, tuple] = {}
 
@@ -275,7 +279,7 @@ def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
     n, k = mod.weight_shape[0], math.prod(mod.weight_shape[1:])
     x2 = x.reshape(-1, k).float()
     rows = x2.shape[0]
-    if rows <= GEMM_ROWS and supports(mod) is None:
+    if rows <= INT_MM_ROWS and supports(mod) is None:
         return linear(mod, x)
     if mod.scheme.act_static:
         sx = mod.act_scale.float()
@@ -286,8 +290,8 @@ def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
         z = 0
         q = torch.round(x2 / torch.where(sx == 0, 1.0, sx)).clamp_(-127, 127)
     q = q.to(torch.int8)
-    if rows <= GEMM_ROWS:  # torch._int_mm needs more than 16 rows
-        q = torch.nn.functional.pad(q, (0, 0, 0, 2 * GEMM_ROWS - rows))
+    if rows <= 16:  # torch._int_mm needs more than 16 rows
+        q = torch.nn.functional.pad(q, (0, 0, 0, 17 - rows))
     w = torch.bitwise_xor(mod.qweight.view(torch.int8), -128)  # code - 128: uint8 codes -> int8, exact
     acc = torch._int_mm(q, w.t())[:rows].float()
     if z:
