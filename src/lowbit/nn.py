@@ -51,20 +51,22 @@ def shared_row_conversion():
         _ROWS_MEMO.reset(token)
 
 
-# The stored tensors of a weight moved to another device, by the id of its (old) qweight, until
-# that tensor is freed: modules sharing one weight (a tied embedding and LM head) that move one
-# after the other keep sharing one copy on the new device.
+# The stored tensors of a weight moved to another device, by the id of its (old) qweight, held
+# weakly: modules sharing one weight (a tied embedding and LM head) that move one after the other
+# keep sharing one copy on the new device, and nothing here keeps a moved tensor alive.
 _MOVED: dict[int, tuple[weakref.ref, dict]] = {}
 _STORED = ("qweight", "scales", "zeros")
 
 
-def _move_stored(mod: QuantModule, stored: dict, fn) -> dict:
+def _move_stored(mod: QuantModule, stored: dict, fn, device: torch.device) -> dict:
     """``stored`` (``mod``'s qweight, scales and zeros, in ``mod.layout``) in the row layout on
-    the device ``fn`` moves tensors to, dtypes kept; made once per shared weight."""
+    ``device``, where ``fn`` moves tensors, dtypes kept; made once per shared weight."""
     old = stored["qweight"]
     hit = _MOVED.get(id(old))
     if hit is not None and hit[0]() is old:
-        return hit[1]
+        moved = {n: None if r is None else r() for n, r in hit[1].items()}
+        if all(moved[n] is not None for n, r in hit[1].items() if r is not None) and moved["qweight"].device == device:
+            return moved
     qw = QWeight(mod.scheme, mod.weight_shape, stored["qweight"], stored["scales"], stored["zeros"], mod.layout)
     rows = qw.to_layout("rows").tensors()
     moved = {}
@@ -75,8 +77,9 @@ def _move_stored(mod: QuantModule, stored: dict, fn) -> dict:
             moved[n] = new if new.dtype == t.dtype else t.to(new.device)
         else:
             moved[n] = None
-    _MOVED[id(old)] = (weakref.ref(old), moved)
-    weakref.finalize(old, _MOVED.pop, id(old), None)
+    if id(old) not in _MOVED:
+        weakref.finalize(old, _MOVED.pop, id(old), None)
+    _MOVED[id(old)] = (weakref.ref(old), {n: None if t is None else weakref.ref(t) for n, t in moved.items()})
     return moved
 
 
@@ -271,7 +274,8 @@ class QuantModule(nn.Module):
         # own layouts), shared by modules that share the weight, and chooses the kernel again on
         # the next call.
         device = self.qweight.device
-        moving = fn(torch.empty(0, device=device)).device != device
+        target = fn(torch.empty(0, device=device)).device
+        moving = target != device
         stored = {n: self._buffers[n] for n in _STORED}
         if moving:  # hidden from Module._apply: moved (once per shared weight) below
             for n in _STORED:
@@ -288,7 +292,7 @@ class QuantModule(nn.Module):
             if old is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
         if moving:
-            self._buffers.update(_move_stored(self, stored, fn))
+            self._buffers.update(_move_stored(self, stored, fn, target))
             self.layout = "rows"
             self._kernel_impl = None  # chosen again at the next call (or by lowbit.kernels.use_kernel)
             self.kernel, self.kernel_note = "unassigned", f"moved to {self.qweight.device}: chosen at the next call"
