@@ -247,3 +247,16 @@ def test_the_gpu_benchmark_script_runs(tmp_path):
     assert {r["variant"] for r in res["layers"]} >= {"lowbit w4g128 (triton)", "lowbit w8a8 (cuda-a8)"}
     assert all(r["max_rel_error"] < 3e-3 for r in res["layers"] if "max_rel_error" in r)  # fp16 outputs
     assert [r["kernels"] for r in res["decode"] if "kernels" in r] == [["triton"], ["triton"]]
+
+
+def test_lowbit_generate_runs_on_the_gpu_kernels(device):
+    """lowbit's decoder places its KV cache, rotary tables and masks on the model's device; on
+    the Triton kernels its greedy tokens are transformers' on the same quantized model."""
+    from tests.test_generate import hf_greedy, tiny_llama
+
+    m = lowbit.quantize(tiny_llama(), "w4g32").to(device)
+    kernels.use_kernel(m, "auto" if device == "cuda" else "triton")
+    assert {mod.kernel for mod in m.modules() if isinstance(mod, QuantLinear)} == {"triton"}
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    got = lowbit.generate(m, ids, 12, eos_token_id=[])
+    assert torch.equal(got, hf_greedy(m, ids.to(device), 12).cpu())

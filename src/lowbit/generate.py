@@ -108,6 +108,8 @@ class Decoder:
         if length > a.context:
             raise GenerateError(f"{length} positions exceed the model's context of {a.context}")
         self.model, self.length, self.pos, self.int8 = model, length, 0, kv_cache == "int8"
+        head = model.lm_head
+        dev = self.device = next(iter([*head.buffers(), *head.parameters()])).device  # where the model runs
         inner = model.model
         self.layers = [
             (_norm(b.input_layernorm), _group([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]),
@@ -119,13 +121,13 @@ class Decoder:
         self.head = _group([model.lm_head])
         shape = (a.layers, a.kv_heads, length, a.head_dim)
         dtype = torch.int8 if self.int8 else torch.float32
-        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)
         if self.int8:
-            self.ks, self.vs = torch.zeros(shape[:3] + (1,)), torch.zeros(shape[:3] + (1,))
+            self.ks, self.vs = torch.zeros(shape[:3] + (1,), device=dev), torch.zeros(shape[:3] + (1,), device=dev)
         inv = 1.0 / (a.theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
         freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
         emb = torch.cat((freqs, freqs), -1)
-        self.cos, self.sin = emb.cos(), emb.sin()  # (length, head_dim)
+        self.cos, self.sin = emb.cos().to(dev), emb.sin().to(dev)  # (length, head_dim)
         self.scale = a.head_dim**-0.5
         self.fast = self._fast_layers(inner)
 
@@ -187,7 +189,7 @@ class Decoder:
             raise GenerateError("nothing to feed (an empty prompt)")
         if p0 + t > self.length:
             raise GenerateError(f"position {p0 + t} is beyond the {self.length} this decoder was made for")
-        x = self.model.model.embed_tokens(ids.reshape(1, t)).float()  # (1, T, hidden)
+        x = self.model.model.embed_tokens(ids.reshape(1, t).to(self.device)).float()  # (1, T, hidden)
         if t == 1 and self.fast is not None and not all_logits:
             xv = x.reshape(-1).clone()
             if all(layer(xv, p0) for layer in self.fast):  # else NaN/inf: the float path below, from the start
@@ -223,7 +225,7 @@ class Decoder:
 
     def _mask(self, p0: int, t: int) -> torch.Tensor:
         """Causal mask for ``t`` new positions after ``p0`` cached ones: ``(t, p0 + t)`` bool."""
-        return torch.ones(t, p0 + t, dtype=torch.bool).tril(p0)
+        return torch.ones(t, p0 + t, dtype=torch.bool, device=self.device).tril(p0)
 
 
 def _group(mods: list) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -314,7 +316,7 @@ def stream(
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    z = logits / temperature
+    z = logits.float().cpu() / temperature  # sampled on the CPU, with the CPU generator
     if top_k:
         kth = torch.topk(z, min(top_k, z.numel())).values[-1]
         z = z.masked_fill(z < kth, float("-inf"))
