@@ -13,7 +13,8 @@ reads its weight from HBM):
 * decode: greedy tokens per second of transformers' ``generate`` (its KV cache, batch 1) for
   Llama models of SmolLM2-135M's and TinyLlama-1.1B's shapes with random weights (the speed of
   a decode does not depend on the weights' values; no model hub here): fp16 vs lowbit
-  w4g128 and int8 (embeddings and the head kept fp16, as ``lowbit.quantize`` keeps them).
+  w4g128 and int8 (embeddings and the head kept fp16, as ``lowbit.quantize`` keeps them), and
+  the same quantized models through ``lowbit.generate``.
 
 Before timing, every lowbit output is checked against the reference kernel on the same GPU.
 Writes a JSON file that ``report.py`` renders as the "GPU kernels" section of BENCHMARKS.md.
@@ -178,10 +179,15 @@ def decode(quick: bool) -> list[dict]:
             tps = _decode_tps(q, prompt, new)
             used = sorted({m.kernel for m in q.modules() if isinstance(m, QuantModule)})
             rows.append({"model": label, "variant": f"lowbit {scheme}", "tokens_per_second": tps, "kernels": used})
+            lowbit.generate(q, prompt, 4, eos_token_id=[])  # lowbit's own decoder (float32 activations)
+            t0 = time.perf_counter()
+            lowbit.generate(q, prompt, new, eos_token_id=[])
+            rows.append({"model": label, "variant": f"lowbit {scheme}, lowbit.generate",
+                         "tokens_per_second": new / (time.perf_counter() - t0), "kernels": used})  # fmt: skip
             del q
         if DEV == "cuda":
             torch.cuda.empty_cache()
-        print("  ", rows[-3:], file=sys.stderr, flush=True)
+        print("  ", rows[-5:], file=sys.stderr, flush=True)
     return rows
 
 

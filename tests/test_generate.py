@@ -169,3 +169,14 @@ def test_a_nan_in_the_residual_stream_reaches_the_logits_as_in_the_torch_path(is
     before = xv.clone()
     assert fast.fast[0](xv, 4) is False
     assert torch.equal(xv.nan_to_num(), before.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_to_half_precision_decodes(dtype):
+    """A model cast to fp16/bf16 (its float layers in that dtype, the quantized ones as stored):
+    the decoder hands each float layer its own dtype; greedy tokens as transformers' (peaked
+    distributions: far from ties that half precision could flip)."""
+    m = lowbit.quantize(tiny_llama(), "w4g32").to(dtype)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    got = lowbit.generate(m, ids, 12, eos_token_id=[])
+    assert torch.equal(got, hf_greedy(m, ids, 12))

@@ -246,7 +246,7 @@ def test_the_gpu_benchmark_script_runs(tmp_path):
     res = json.loads((tmp_path / "g.json").read_text())
     assert {r["variant"] for r in res["layers"]} >= {"lowbit w4g128 (triton)", "lowbit w8a8 (cuda-a8)"}
     assert all(r["max_rel_error"] < 3e-3 for r in res["layers"] if "max_rel_error" in r)  # fp16 outputs
-    assert [r["kernels"] for r in res["decode"] if "kernels" in r] == [["triton"], ["triton"]]
+    assert [r["kernels"] for r in res["decode"] if "kernels" in r] == [["triton"]] * 4
 
 
 def test_lowbit_generate_runs_on_the_gpu_kernels(device):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = ["generate", "stream", "Decoder", "GenerateError"]
 
@@ -236,9 +237,19 @@ def _group(mods: list) -> Callable[[torch.Tensor], torch.Tensor]:
     group = LinearGroup.of(mods)
     if group is not None:
         return group
+    mods = [_in_own_dtype(m) for m in mods]
     if len(mods) == 1:
         return mods[0]
     return lambda h: torch.cat([m(h) for m in mods], -1)
+
+
+def _in_own_dtype(mod) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``mod``, or for a float layer stored in half precision (a model cast to fp16/bf16) a call
+    that hands it the decoder's float32 activations in its dtype and returns float32."""
+    w = getattr(mod, "weight", None) if isinstance(mod, nn.Linear) else None
+    if isinstance(w, torch.Tensor) and w.dtype != torch.float32:
+        return lambda h: mod(h.to(w.dtype)).float()
+    return mod
 
 
 def _norm(mod) -> Callable[[torch.Tensor], torch.Tensor]:
