@@ -193,15 +193,47 @@ def test_a_move_keeps_tied_weights_one_tensor_in_the_stored_layout():
     lowbit.quantize(model, spec)
     model[1](torch.randn(2, 32))  # the CPU kernel (or the float copy) in place
     assert model[0].qweight is model[1].qweight
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 64, (2, 5))
+    want = model[1](model[0](x))
     model.to("meta")
     assert model[0].qweight is model[1].qweight and model[0].scales is model[1].scales
     assert model[1].layout == "rows" and model[1].qweight.dtype == torch.uint8
     assert model[1].kernel == "unassigned" and "meta" in model[1].kernel_note
+    # back on the CPU (to_empty, then the values), the pair chooses its kernels together at the
+    # first call: the head's layout conversion is the embedding's too, one tensor still
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    assert model[0].qweight is model[1].qweight
+    torch.testing.assert_close(model[1](model[0](x)), want)
+    assert model[0].qweight is model[1].qweight and model[0].layout == model[1].layout
 
 
-def test_load_refuses_a_bad_device_before_reading(tmp_path):
-    with pytest.raises(RuntimeError, match="device"):
-        lowbit.load(tmp_path / "nothing-here", device="gpu0")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_reference_kernel_builds_nothing_on_the_cpu(scheme):
+    """The fallback on any device (no Triton, an old GPU; an empty batch or a gradient on every
+    device): meta stands for a GPU, where a CPU tensor in the arithmetic is an error. (Static
+    activation schemes read their zero point as a number, which meta tensors cannot give.)"""
+    mod = _layer(scheme, 96, 8, seed=0).to("meta")
+    assert reference.linear(mod, torch.randn(2, 96, device="meta")).shape == (2, 8)
+    if parse_scheme(scheme).act_bits is None:
+        emb = lowbit.nn.QuantEmbedding.from_float(torch.nn.Embedding(10, 96), scheme).to("meta")
+        assert reference.embedding(emb, torch.tensor([[1, 2]], device="meta")).shape == (1, 2, 96)
+
+
+def test_a_kernel_asked_for_that_does_not_run_on_the_new_device_gives_way_to_auto():
+    mod = _layer("w4g32", 64, 16, seed=0)
+    kernels.assign(mod, "cpu-any")
+    mod.to("meta")
+    assert mod.kernel_pref == "auto" and "cpu-any, asked for before, does not run there" in mod.kernel_note
+    kernels.assign_at_first_call(mod)
+    assert mod.kernel == "reference"
+
+
+@pytest.mark.parametrize("dev", ["gpu0", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_load_refuses_a_bad_device_before_reading(tmp_path, dev):
+    with pytest.raises(ValueError, match=f"device '{dev}'"):
+        lowbit.load(tmp_path / "nothing-here", device=dev)  # (no such directory: the device fails first)
 
 
 @pytest.mark.parametrize("dev,want", [(DEVICE, "triton" if DEVICE == "cuda" else None), ("meta", "reference")])

@@ -342,15 +342,17 @@ def cmd_inspect(args) -> int:
     from lowbit.nn import QuantModule
 
     manifest = read_manifest(args.model)
+    if args.device:
+        from lowbit.kernels import check_device, use_kernel
+
+        try:
+            device = check_device(args.device)
+        except ValueError as e:
+            return _err(f"--device: {e}")
     zm = load_source(args.model)
     model = zm.model
     if args.device:
-        try:
-            model.to(args.device)
-        except (RuntimeError, ValueError) as e:
-            return _err(f"--device {args.device}: {e}")
-        from lowbit.kernels import use_kernel
-
+        model.to(device)
         use_kernel(model)
     records = getattr(model, "lowbit_layers", {}) or {}
     size = {r.name: r for r in lowbit.size_of(model).layers}

@@ -54,18 +54,21 @@ def shared_row_conversion():
 # The stored tensors of a weight moved to another device, by the id of its (old) qweight, held
 # weakly: modules sharing one weight (a tied embedding and LM head) that move one after the other
 # keep sharing one copy on the new device, and nothing here keeps a moved tensor alive.
-_MOVED: dict[int, tuple[weakref.ref, dict]] = {}
+_MOVED: dict[int, tuple[weakref.ref, dict, list]] = {}
 _STORED = ("qweight", "scales", "zeros")
 
 
 def _move_stored(mod: QuantModule, stored: dict, fn, device: torch.device) -> dict:
     """``stored`` (``mod``'s qweight, scales and zeros, in ``mod.layout``) in the row layout on
-    ``device``, where ``fn`` moves tensors, dtypes kept; made once per shared weight."""
+    ``device``, where ``fn`` moves tensors, dtypes kept; made once per shared weight. The modules
+    sharing it are listed (weakly) in ``mod._sharers``, so that they choose kernels together."""
     old = stored["qweight"]
     hit = _MOVED.get(id(old))
     if hit is not None and hit[0]() is old:
         moved = {n: None if r is None else r() for n, r in hit[1].items()}
         if all(moved[n] is not None for n, r in hit[1].items() if r is not None) and moved["qweight"].device == device:
+            hit[2].append(weakref.ref(mod))
+            mod._sharers = hit[2]
             return moved
     qw = QWeight(mod.scheme, mod.weight_shape, stored["qweight"], stored["scales"], stored["zeros"], mod.layout)
     rows = qw.to_layout("rows").tensors()
@@ -79,7 +82,9 @@ def _move_stored(mod: QuantModule, stored: dict, fn, device: torch.device) -> di
             moved[n] = None
     if id(old) not in _MOVED:
         weakref.finalize(old, _MOVED.pop, id(old), None)
-    _MOVED[id(old)] = (weakref.ref(old), {n: None if t is None else weakref.ref(t) for n, t in moved.items()})
+    mod._sharers = [weakref.ref(mod)]
+    _MOVED[id(old)] = (weakref.ref(old), {n: None if t is None else weakref.ref(t) for n, t in moved.items()},
+                       mod._sharers)  # fmt: skip
     return moved
 
 
@@ -245,7 +250,7 @@ class QuantModule(nn.Module):
         if self._kernel_impl is None:
             from . import kernels
 
-            kernels.assign(self, self.kernel_pref)
+            kernels.assign_at_first_call(self)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (self.bias is not None and self.bias.requires_grad)
         )
@@ -292,10 +297,15 @@ class QuantModule(nn.Module):
             if old is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
         if moving:
+            from . import kernels
+
             self._buffers.update(_move_stored(self, stored, fn, target))
             self.layout = "rows"
             self._kernel_impl = None  # chosen again at the next call (or by lowbit.kernels.use_kernel)
             self.kernel, self.kernel_note = "unassigned", f"moved to {self.qweight.device}: chosen at the next call"
+            if not kernels.runs_on(self.kernel_pref, self.op, target.type):  # a CPU kernel asked for, on a GPU
+                self.kernel_note += f" ({self.kernel_pref}, asked for before, does not run there: auto)"
+                self.kernel_pref = "auto"
         self._kernel_state = None
         return self
 
@@ -304,6 +314,7 @@ class QuantModule(nn.Module):
         # rebuilt on the next call, never copied
         state = self.__dict__.copy()
         state["_kernel_state"] = None
+        state.pop("_sharers", None)  # weak references to the modules sharing the weight
         return state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -69,9 +69,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for i in range(1, per):
             out |= units[..., i] << (i * bits)
         return out
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
     words = (units.to(torch.int32) << shifts).sum(-1)  # (rows, n/per) int32, 24 bits used
-    byte_shifts = torch.arange(nbytes, dtype=torch.int32) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=codes.device) * 8
     return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(rows, words.shape[1] * nbytes)
 
 
@@ -89,9 +89,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if nbytes == 1:
         words = packed.to(torch.int32)  # (rows, n/per)
     else:
-        byte_shifts = torch.arange(nbytes, dtype=torch.int32) * 8
+        byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=packed.device) * 8
         words = (packed.reshape(rows, packed.shape[1] // nbytes, nbytes).to(torch.int32) << byte_shifts).sum(-1)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, n/per, per)
     return codes.reshape(rows, words.shape[1] * per)[:, :n].to(torch.uint8)
 

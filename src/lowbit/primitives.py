@@ -177,8 +177,8 @@ def choose_qparams(w: torch.Tensor, scheme: Scheme, clip: torch.Tensor | float =
 _TOO_SMALL = torch.finfo(torch.float32).tiny * 512
 
 
-def _codebook(fmt: Format) -> torch.Tensor:
-    return torch.tensor(fmt.codebook, dtype=torch.float32)
+def _codebook(fmt: Format, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(fmt.codebook, dtype=torch.float32, device=device)
 
 
 def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
@@ -190,7 +190,7 @@ def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     fmt = scheme.fmt
     safe = torch.where(scale == 0, 1.0, scale)
     if fmt.kind == "codebook":
-        cb = _codebook(fmt)
+        cb = _codebook(fmt, x.device)
         return torch.bucketize((x / safe).contiguous(), (cb[1:] + cb[:-1]) / 2).to(torch.uint8)
     if fmt.kind != "affine":
         raise TypeError(f"{fmt.name} is not an integer-code format")
@@ -202,7 +202,7 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     """Inverse of :func:`quantize_values`: float32 values of ``codes``."""
     fmt = scheme.fmt
     if fmt.kind == "codebook":
-        return _codebook(fmt)[codes.long()] * scale
+        return _codebook(fmt, codes.device)[codes.long()] * scale
     z = zero if zero is not None else float(fmt.sym_zero)
     return (codes.float() - z) * scale
 

@@ -520,12 +520,13 @@ def load(
             (quantized weights as their packed codes, scales and zero points, never a float
             copy; a tied embedding and LM head stay one tensor) before the kernels are chosen,
             so GPU weights get the GPU kernels (:mod:`lowbit.kernels.triton`) or, where those
-            cannot run, the reference kernel with the reason in ``kernel_note``.
+            cannot run, the reference kernel with the reason in ``kernel_note``. A device torch
+            does not know or does not have raises ``ValueError``.
     """
     from ..driver import _set_module
 
     if device is not None:
-        device = torch.device(device)  # a bad name fails here, before anything is read
+        device = kernels.check_device(device)  # a bad name, or no such GPU, fails before anything is read
 
     d = Path(path)
     manifest = read_manifest(d)

@@ -38,11 +38,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import cpu, reference, triton
 
-__all__ = ["Kernel", "KERNELS", "kernels_for", "assign", "use_kernel", "check_kernel_name", "KernelError"]
+__all__ = ["Kernel", "KERNELS", "kernels_for", "assign", "use_kernel", "check_kernel_name", "KernelError",
+           "assign_at_first_call", "runs_on", "check_device"]
 
 
 class KernelError(ValueError):
@@ -112,6 +114,20 @@ def check_kernel_name(name: str) -> None:
     if name != "auto" and name not in {k.name for k in KERNELS}:
         names = sorted({k.name for k in KERNELS})
         raise KernelError(f"unknown kernel {name!r}; kernels: {', '.join(names)} or 'auto'")
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; a name torch does not know, or a CUDA device where
+    this torch has none, raises ``ValueError`` naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available to this torch ({torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _reason(k: Kernel, mod, named: bool = False) -> str | None:
@@ -186,23 +202,15 @@ def assign(mod, prefer: str = "auto", memo: dict | None = None) -> None:
     raise KernelError(f"no kernel for {mod.op}")  # pragma: no cover - reference always supports
 
 
-def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
-    """(Re)assign kernels for every quantized module of ``model``; returns ``model``.
-
-    Embeddings that share their weight with a module whose kernel changed its layout adopt the
-    converted weight, so the pair stays stored once.
-    """
+def _assign_modules(mods: list, pick: Callable) -> None:
+    """Assign kernel ``pick(mod)`` to each of ``mods``: layers first, converting a weight shared
+    by several of them once (``memo``), then embeddings, which adopt the converted weight of the
+    layer they share theirs with, so the pair stays stored once."""
     from ..memory import trim
-    from ..nn import QuantEmbedding, QuantModule
+    from ..nn import QuantEmbedding
 
-    check_kernel_name(prefer)
-    prefer = ALIASES.get(prefer, prefer)
     memo: dict = {}
-    mods = [m for m in model.modules() if isinstance(m, QuantModule)]
     originals = {id(m): m.qweight.data_ptr() for m in mods}
-    def pick(mod) -> str:  # a named kernel applies to the ops that have it
-        return prefer if any(k.name == prefer for k in kernels_for(mod.op)) else "auto"
-
     for mod in mods:
         if not isinstance(mod, QuantEmbedding):
             layout = mod.layout
@@ -215,4 +223,42 @@ def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
             shared = [qw for (ptr, _), qw in memo.items() if ptr == originals[id(mod)]]
             if shared:
                 mod.set_qweight(shared[0])
+
+
+def use_kernel(model: nn.Module, prefer: str = "auto") -> nn.Module:
+    """(Re)assign kernels for every quantized module of ``model``; returns ``model``.
+
+    Embeddings that share their weight with a module whose kernel changed its layout adopt the
+    converted weight, so the pair stays stored once.
+    """
+    from ..nn import QuantModule
+
+    check_kernel_name(prefer)
+    prefer = ALIASES.get(prefer, prefer)
+    mods = [m for m in model.modules() if isinstance(m, QuantModule)]
+
+    def pick(mod) -> str:  # a named kernel applies to the ops that have it
+        return prefer if any(k.name == prefer for k in kernels_for(mod.op)) else "auto"
+
+    _assign_modules(mods, pick)
     return model
+
+
+def assign_at_first_call(mod) -> None:
+    """The lazy choice a module makes at its first call after a ``load_state_dict`` or a move to
+    another device: its own preference (``mod.kernel_pref``), made together with the modules
+    that moved with it sharing its stored weight (a tied embedding and LM head), as
+    :func:`use_kernel` would."""
+    peers = [m for m in (r() for r in getattr(mod, "_sharers", ())) if m is not None and m is not mod
+             and m.qweight is mod.qweight and m._kernel_impl is None]  # fmt: skip
+    if not peers:
+        assign(mod, mod.kernel_pref)
+        return
+    _assign_modules([mod, *peers], lambda m: m.kernel_pref)
+
+
+def runs_on(name: str, op: str, device_type: str) -> bool:
+    """Whether the kernel ``name`` (or "auto") of ``op`` may run weights on ``device_type``."""
+    name = ALIASES.get(name, name)
+    return name == "auto" or any(k.name == name and (k.devices is None or device_type in k.devices)
+                                 for k in kernels_for(op))  # fmt: skip

@@ -106,7 +106,8 @@ def gemm(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, GROUP_M: tl.constexpr):
     """``y = x @ W^T`` for a ``BLOCK_M x BLOCK_N`` tile (prefill): each code plane is decoded in
     registers to ``x``'s dtype and multiplied on the tensor cores (``tl.dot``, float32 sums;
-    ``IEEE``: float32 inputs multiplied in full float32, not TF32). With ``ONE_GROUP`` the
+    ``IEEE``: tiles widened to float32 and multiplied in full float32, not TF32, for float32
+    inputs and for fp16 ones whose scaled values could leave fp16's range). With ``ONE_GROUP`` the
     plane holds ``code - zero`` (exact in fp16/bf16 for integer zero points) and the tile's sums
     are scaled once per K block. Tiles are visited ``GROUP_M`` row blocks at a time so that
     consecutive programs share weight columns in L2."""
@@ -134,6 +135,8 @@ def gemm(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
             kmask = k < K
             a = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * x_stride + k[None, :],
                         mask=mmask[:, None] & kmask[None, :], other=0)
+            if IEEE:
+                a = a.to(tl.float32)
             v = _values(words, i, offs_n, nmask, k, kmask, s_ptr, s_stride, z_ptr, z_stride, lut_ptr, G, g0,
                         KIND, HAS_ZERO, SYM_ZERO, BITS, ONE_GROUP)
             if IEEE:

@@ -20,8 +20,8 @@ Kernels (registered in :mod:`lowbit.kernels`):
 
 Block sizes are chosen per shape: on a GPU, the first call for a (kernel, format, rows
 bucket, N, K, dtype) times a bounded set of configurations (at most eight, with
-``triton.testing.do_bench``) and keeps the fastest for the process; under the interpreter, or
-with ``LOWBIT_TRITON_TUNE=0``, the first configuration is taken.
+``triton.testing.do_bench``) and keeps the fastest for the process; with
+``LOWBIT_TRITON_TUNE=0`` the first configuration is taken, under the interpreter the largest.
 
 Where they run: CUDA tensors on GPUs of compute capability :data:`MIN_CAPABILITY` or newer, with
 the ``triton`` package installed (``pip install 'lowbit[gpu]'``). ``TRITON_INTERPRET=1`` runs
@@ -33,6 +33,7 @@ to the reference kernel, which dequantizes on the device.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -199,11 +200,15 @@ def _launch(st: dict, x2: torch.Tensor, y: torch.Tensor, cfg: dict, gemm: bool) 
             st["lut"] if st["lut"] is not None else dummy, st["bias"] if st["bias"] is not None else dummy, y)  # fmt: skip
     const = dict(st["const"], HAS_BIAS=st["bias"] is not None, **cfg)
     shape = (st["n"], st["k"], st["q"].shape[1], st["group"], x2.stride(0), y.stride(0), st["s_stride"], st["z_stride"])
-    if gemm:
-        grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(st["n"], cfg["BLOCK_N"]),)
-        jit.gemm[grid](*args, m, *shape, IEEE=x2.dtype == torch.float32, **const)
-    else:
-        jit.gemv[(triton_cdiv(st["n"], cfg["BLOCK_N"]), m)](*args, *shape, **const)
+    # fp16 tiles hold ``code - zero`` exactly when one scale covers the block; scaled values of
+    # far-from-unit weights (float32 scales) would overflow or lose their digits in fp16
+    ieee = x2.dtype == torch.float32 or (x2.dtype == torch.float16 and not cfg["ONE_GROUP"])
+    with torch.cuda.device(x2.device) if x2.device.type == "cuda" else contextlib.nullcontext():  # the weight's GPU
+        if gemm:
+            grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(st["n"], cfg["BLOCK_N"]),)
+            jit.gemm[grid](*args, m, *shape, IEEE=ieee, **const)
+        else:
+            jit.gemv[(triton_cdiv(st["n"], cfg["BLOCK_N"]), m)](*args, *shape, **const)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -215,8 +220,10 @@ def _tuned(st: dict, x2: torch.Tensor, y: torch.Tensor, gemm: bool) -> dict:
     shape (timed once per process), or the first under the interpreter."""
     rows = x2.shape[0]
     configs = _configs(st, rows, gemm)
-    if x2.device.type != "cuda" or len(configs) == 1 or os.environ.get("LOWBIT_TRITON_TUNE") == "0":
-        return configs[0]
+    if x2.device.type != "cuda":  # the interpreter runs programs one after another: fewest programs
+        return max(configs, key=lambda c: (c.get("BLOCK_M", 1) * c["BLOCK_N"], c["BLOCK_U"]))
+    if len(configs) == 1 or os.environ.get("LOWBIT_TRITON_TUNE") == "0" or torch.cuda.is_current_stream_capturing():
+        return configs[0]  # (no timing inside a CUDA graph's capture)
     bucket = 1 << (rows - 1).bit_length()
     key = (gemm, bucket, st["n"], st["k"], st["q"].shape[1], st["group"], x2.dtype, tuple(st["const"].items()),
            st["bias"] is not None, torch.cuda.get_device_name(x2.device))  # fmt: skip
@@ -224,14 +231,14 @@ def _tuned(st: dict, x2: torch.Tensor, y: torch.Tensor, gemm: bool) -> dict:
     if best is None:
         from triton.testing import do_bench
 
-        times = []
+        times, error = [], None
         for cfg in configs:
             try:
                 times.append((do_bench(lambda c=cfg: _launch(st, x2, y, c, gemm), warmup=5, rep=20), cfg))
-            except Exception:  # a configuration this GPU cannot compile (shared memory): not a candidate
-                continue
+            except Exception as e:  # a configuration this GPU cannot compile (shared memory): not a candidate
+                error = e
         if not times:
-            raise RuntimeError(f"no Triton configuration compiled for {st['n']}x{st['k']} on this GPU")
+            raise RuntimeError(f"no Triton configuration compiled for {st['n']}x{st['k']} on this GPU") from error
         best = _TUNED[key] = min(times, key=lambda t: t[0])[1]
     return best
 
@@ -270,6 +277,14 @@ def supports_a8(mod) -> str | None:
     return _device_reason(mod.qweight) or _triton_reason()
 
 
+def _act_zero(mod) -> int:
+    """The static activation zero point as a Python int, read from the GPU once per buffer."""
+    memo = getattr(mod, "_act_zero_read", None)
+    if memo is None or memo[0] is not mod.act_zero:
+        memo = mod._act_zero_read = (mod.act_zero, int(mod.act_zero))
+    return memo[1]
+
+
 def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
     """W8A8 ``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype: the activations quantized per token
     (``s = absmax / 127``) or with the calibrated scale and zero point, ``torch._int_mm`` with
@@ -283,7 +298,7 @@ def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
         return linear(mod, x)
     if mod.scheme.act_static:
         sx = mod.act_scale.float()
-        z = int(mod.act_zero)
+        z = int(mod.act_zero) if mod.act_zero.device.type == "cpu" else _act_zero(mod)
         q = (torch.round(x2 / sx) + z).clamp_(-127, 127)
     else:
         sx = x2.abs().amax(-1, keepdim=True) / 127.0
