@@ -292,3 +292,23 @@ def test_lowbit_generate_runs_on_the_gpu_kernels(device):
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
     got = lowbit.generate(m, ids, 12, eos_token_id=[])
     assert torch.equal(got, hf_greedy(m, ids.to(device), 12).cpu())
+
+
+@pytest.mark.parametrize("scheme", ["w4g48", "w3g64", "w4g32"])
+@pytest.mark.parametrize("magnitude", [1e-6, 1e5])
+def test_fp16_inputs_keep_the_range_of_far_from_unit_weights(scheme, magnitude, device):
+    """Weights whose scales only float32 holds (lowbit stores float32 scales for them): fp16
+    activations must not overflow or flush the decoded values, whichever GEMM path the group
+    size takes (one scale per block: code - zero in fp16, scaled in float32; else float32 tiles)."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(192, 24)
+    with torch.no_grad():
+        lin.weight.mul_(magnitude / lin.weight.abs().max())
+    mod = QuantLinear.from_float(lin, scheme).to(device)
+    x = torch.randn(4, 192, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=torch.float16)
+    x = x * (1e-3 if magnitude > 1 else 1.0)  # outputs inside fp16's range
+    ref = reference.linear(mod, x)
+    kernels.assign(mod, "triton")
+    got = mod(x)
+    assert torch.isfinite(got).all()
+    _close(got, ref, 3e-3)
