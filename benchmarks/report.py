@@ -1156,6 +1156,26 @@ def _sparse_speed(res: dict) -> str:
     ])
 
 
+def _hessian_memory(res: dict) -> str:
+    rows = [[r["graph"], f"{r['sequences']} x {r['seqlen']}", ", ".join(r["candidates"]), str(r["draws"]),
+             f"{r['seconds']:.0f}", f"{r['peak_rss_mb'] / 1024:.2f}", f"{r['rss_before_mb'] / 1024:.2f}"]
+            for r in res["rows"]]  # fmt: skip
+    return "\n".join([
+        "## Memory of the Hessian-trace cost",
+        "",
+        _header(res),
+        "",
+        "`lowbit.mixed.sensitivity(smollm2, candidates, batches, cost=\"hessian\")` on one batch of token "
+        "windows, each in a fresh process: peak RSS of that process (the model's load included; 'before' is "
+        "the peak after loading). 'sequence': one backward graph per sequence, as lowbit runs it; 'batch': one "
+        "graph for the whole batch (the code path before, restored by patching the split out), whose "
+        "activations and logits over the 49,152-token vocabulary for every position are alive at once.",
+        "",
+        markdown_table(["backward graph per", "tokens", "candidates", "draws", "seconds", "peak RSS GB",
+                        "after loading GB"], rows),  # fmt: skip
+    ])
+
+
 def _gpu(res: dict | None) -> str:
     head = ["## GPU kernels (Triton) vs torch bf16", ""]
     if res is None:
@@ -1213,7 +1233,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl),
                          ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm),
                          ("compress_mobilenet", _compress_mobilenet), ("compress_smollm2", _compress_smollm2),
-                         ("compress_smollm2_decoder", _compress_smollm2_decoder), ("sparse_speed", _sparse_speed)):  # fmt: skip
+                         ("compress_smollm2_decoder", _compress_smollm2_decoder), ("sparse_speed", _sparse_speed),
+                         ("hessian_memory", _hessian_memory)):  # fmt: skip
         res = _load(results, name)
         if res is not None and not res.get("partial"):  # an interrupted run's rows wait for the rest
             if name == "domains":

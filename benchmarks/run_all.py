@@ -404,6 +404,43 @@ def _child_quantize(job: dict) -> dict:
             "bits_per_weight": lowbit.size_of(model).quantized_bits_per_weight or 32.0}  # fmt: skip
 
 
+def _child_hessian_memory(job: dict) -> dict:
+    """One Hessian-trace sensitivity measurement in a fresh process: its seconds and peak RSS, with
+    one backward graph per sequence (as shipped) or, for comparison, per batch (as before)."""
+    import resource
+    import time
+
+    from lowbit import mixed
+    from lowbit.evaluate.data import calibration_batches
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    batches = calibration_batches(zoo.tokenizer, nsamples=job["sequences"], seqlen=job["seqlen"], seed=1,
+                                  batch_size=job["sequences"])  # fmt: skip
+    if job["graph"] == "batch":
+        mixed._micro_batches = lambda batch: [batch]  # the former behaviour: one graph for the whole batch
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    sens = mixed.sensitivity(zoo.model, list(job["candidates"]), batches, cost="hessian", draws=job["draws"])
+    seconds = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {**job, "seconds": seconds, "peak_rss_mb": rss, "rss_before_mb": rss0, "layers": len(sens.loss)}
+
+
+def section_hessian_memory(quick: bool) -> dict:
+    """Peak memory of ``sensitivity(cost="hessian")`` on SmolLM2-135M, one batch of 8 x 512 tokens
+    (what `lowbit compress --cost hessian --nsamples 64 --seqlen 512` measures on), each in a fresh
+    process (peak RSS of that process, the model's load included): one backward graph per sequence,
+    as lowbit runs it, beside one graph per batch (the former code path, by patching the split out)."""
+    seqs, seqlen = (2, 128) if quick else (8, 512)
+    rows = []
+    for graph in ("sequence", "batch"):
+        job = {"kind": "hessian_memory", "graph": graph, "sequences": seqs, "seqlen": seqlen,
+               "candidates": ["w4g128", "w3g128", "w2g64"], "draws": 4}  # fmt: skip
+        rows.append(_run_child(job))
+    return {"command": "python benchmarks/run_all.py --sections hessian_memory", "rows": rows}
+
+
 def _source_digest() -> str:
     """SHA-256 of lowbit's Python sources: a cached job result is reused only for the same code."""
     import hashlib
@@ -1090,7 +1127,7 @@ SECTIONS = {"kernels": section_kernels, "sparse_speed": section_sparse_speed, "p
             "mixed_hessian": section_mixed_hessian,
             "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet,
             "sym_range": section_sym_range, "domains": section_domains,
-            "domains_minilm": section_domains_minilm}  # fmt: skip
+            "domains_minilm": section_domains_minilm, "hessian_memory": section_hessian_memory}  # fmt: skip
 
 
 def main() -> None:
@@ -1103,7 +1140,8 @@ def main() -> None:
     if args.child:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(THREADS)
-        print(json.dumps(_child_quantize(json.loads(args.child))))
+        job = json.loads(args.child)
+        print(json.dumps(_child_hessian_memory(job) if job.get("kind") == "hessian_memory" else _child_quantize(job)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
