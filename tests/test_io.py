@@ -288,3 +288,22 @@ def test_sharded_bad_files_name_the_shard(sharded):
         lowbit.load(d, model=Toy())
     mf.write_text(good)
     lowbit.load(d, model=Toy())
+
+
+def test_load_state_dict_keeps_a_tied_quantized_pair_one_tensor():
+    """A tied embedding and head on the CPU kernel's tiled layout come back to the stored rows once,
+    together, and choose their kernels together at the first call: one tensor throughout."""
+    emb = torch.nn.Embedding(64, 32)
+    head = torch.nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    m = torch.nn.Sequential(emb, head)
+    spec = lowbit.Recipe(lowbit.parse_scheme("w4g32"))
+    spec.add("0", "w4g32")
+    spec.add("1", "w4g32")
+    lowbit.quantize(m, spec)
+    x = torch.randint(0, 64, (2, 5))
+    want = m[1](m[0](x))
+    m.load_state_dict(m.state_dict())
+    assert m[0].qweight is m[1].qweight
+    torch.testing.assert_close(m[1](m[0](x)), want)
+    assert m[0].qweight is m[1].qweight and m[0].layout == m[1].layout

@@ -312,3 +312,16 @@ def test_fp16_inputs_keep_the_range_of_far_from_unit_weights(scheme, magnitude, 
     got = mod(x)
     assert torch.isfinite(got).all()
     _close(got, ref, 3e-3)
+
+
+def test_pruning_masks_pack_and_unpack_off_the_cpu():
+    """Pruned layers keep a bit mask, read by repr, sparsity, size and the state dict: its bit
+    table is built on the mask's device (meta stands for a GPU; it cannot sum to a number, so
+    the rest is checked through the shapes)."""
+    from lowbit.sparse import pack_mask, unpack_mask
+
+    mask = torch.rand(6, 21, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_mask(mask.to("meta"))
+    assert packed.device.type == "meta" and packed.shape == (6, 3) and packed.dtype == torch.uint8
+    assert unpack_mask(packed, 21).shape == (6, 21)
+    assert torch.equal(unpack_mask(pack_mask(mask), 21), mask)

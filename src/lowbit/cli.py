@@ -653,9 +653,18 @@ def cmd_generate(args) -> int:
     from lowbit.models.source import load_source
 
     _threads(args)
+    if args.device:
+        from lowbit.kernels import check_device
+
+        try:
+            device = check_device(args.device)
+        except ValueError as e:
+            return _err(f"--device: {e}")
     zm = load_source(args.model)
     if zm.tokenizer is None:
         return _err(f"{args.model} has no tokenizer to encode the prompt with")
+    if args.device:
+        zm.model.to(device)  # packed weights as stored; the kernels there are chosen at the first call
     if not args.prompt:
         return _err("empty prompt: give --prompt TEXT")
     ids = zm.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
@@ -1063,6 +1072,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache", choices=["float32", "int8"], default="float32")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--device", default=None, help="run on this device (e.g. cuda: the GPU kernels)")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a model in a runtime's format (gguf: llama.cpp; compressed-tensors: "

@@ -60,8 +60,9 @@ _STORED = ("qweight", "scales", "zeros")
 
 def _move_stored(mod: QuantModule, stored: dict, fn, device: torch.device) -> dict:
     """``stored`` (``mod``'s qweight, scales and zeros, in ``mod.layout``) in the row layout on
-    ``device``, where ``fn`` moves tensors, dtypes kept; made once per shared weight. The modules
-    sharing it are listed (weakly) in ``mod._sharers``, so that they choose kernels together."""
+    ``device``, where ``fn`` moves tensors (or leaves them: a state dict's load), dtypes kept;
+    made once per shared weight. The modules sharing it are listed (weakly) in
+    ``mod._sharers``, so that they choose kernels together."""
     old = stored["qweight"]
     hit = _MOVED.get(id(old))
     if hit is not None and hit[0]() is old:
@@ -338,10 +339,13 @@ class QuantModule(nn.Module):
             destination[prefix + name] = t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
-        # State dicts (and files) hold the row layout; come back to it, load, and let the kernel
-        # derive its layout again on the next call.
+        # State dicts (and files) hold the row layout; come back to it (once for a weight modules
+        # share: a tied embedding and head stay one tensor), load, and let the kernels derive their
+        # layouts again at the next call, together for the modules sharing the weight.
         if self.layout != "rows":
-            self.set_qweight(self.qw.to_layout("rows"))
+            stored = {n: self._buffers[n] for n in _STORED}
+            self._buffers.update(_move_stored(self, stored, lambda t: t, self.qweight.device))
+            self.layout = "rows"
         self._kernel_impl = None
         self._kernel_state = None
         if self.mask is not None and isinstance(state_dict.get(prefix + "mask"), torch.Tensor):

@@ -40,12 +40,12 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     n, k = mask.shape
     pad = -k % 8
     m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).reshape(n, -1, 8)
-    return (m * _BITS).sum(-1, dtype=torch.uint8)
+    return (m * _BITS.to(m.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, k: int) -> torch.Tensor:
     """uint8 ``(N, ceil(K / 8))`` -> bool ``(N, K)`` (inverse of :func:`pack_mask`)."""
-    bits = (packed.unsqueeze(-1) & _BITS) != 0
+    bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0
     return bits.reshape(packed.shape[0], -1)[:, :k]
 
 

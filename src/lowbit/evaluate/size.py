@@ -99,7 +99,7 @@ def size_of(model: nn.Module) -> SizeReport:
     def once(t) -> bool:
         if t is None:
             return False
-        key = t.data_ptr()
+        key = t.data_ptr() if t.device.type != "meta" else id(t)  # (meta tensors have no storage: all at 0)
         if key in seen and t.numel():
             return False
         seen.add(key)

@@ -117,8 +117,9 @@ def check_kernel_name(name: str) -> None:
 
 
 def check_device(device) -> torch.device:
-    """``device`` as a ``torch.device``; a name torch does not know, or a CUDA device where
-    this torch has none, raises ``ValueError`` naming it."""
+    """``device`` as a ``torch.device``; a name torch does not know, or a device this torch or
+    machine does not have (a CUDA GPU on a CPU build, ``cuda:3`` of two GPUs, ``mps``...),
+    raises ``ValueError`` naming it (tried by placing an empty tensor there)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -127,6 +128,11 @@ def check_device(device) -> torch.device:
         raise ValueError(f"device {device!r}: no CUDA GPU is available to this torch ({torch.__version__})")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "meta", "cuda"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # torch raises RuntimeError or AssertionError, by backend
+            raise ValueError(f"device {device!r}: {str(e).splitlines()[0].split('. ')[0]}") from None
     return dev
 
 

@@ -245,7 +245,8 @@ def _tuned(st: dict, x2: torch.Tensor, y: torch.Tensor, gemm: bool) -> dict:
 
 def linear(mod, x: torch.Tensor) -> torch.Tensor:
     """``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype. float16/bfloat16/float32 inputs are
-    multiplied in their dtype (float32: IEEE, not TF32) with float32 sums; others as float32.
+    multiplied in their dtype (float32: IEEE, not TF32) with float32 sums, except fp16 GEMMs
+    whose groups do not align with the K block (float32 tiles: fp16's range); others as float32.
     Activation-quantized schemes round ``x`` to their grid first (then float32)."""
     st = _state(mod)
     xf = reference.linear_input(mod, x) if mod.scheme.act_bits else x
