@@ -217,7 +217,8 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _tuned(st: dict, x2: torch.Tensor, y: torch.Tensor, gemm: bool) -> dict:
     """The configuration to launch with: the fastest of :func:`_configs` on this GPU for this
-    shape (timed once per process), or the first under the interpreter."""
+    shape (timed once per process); the first with ``LOWBIT_TRITON_TUNE=0`` or while a CUDA graph
+    is captured; under the interpreter the one with the fewest programs."""
     rows = x2.shape[0]
     configs = _configs(st, rows, gemm)
     if x2.device.type != "cuda":  # the interpreter runs programs one after another: fewest programs
@@ -289,8 +290,8 @@ def _act_zero(mod) -> int:
 def linear_a8(mod, x: torch.Tensor) -> torch.Tensor:
     """W8A8 ``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype: the activations quantized per token
     (``s = absmax / 127``) or with the calibrated scale and zero point, ``torch._int_mm`` with
-    the weight's signed codes (``code - 128``, read from the stored bytes each call: no copy
-    kept), then ``y = s_x * s_w * (sum - zero * sum_k w)`` in float32 plus the bias. The same
+    the weight's signed codes (``code - 128``, made from the stored bytes each call: a temporary
+    of the weight's size, no copy kept), then ``y = s_x * s_w * (sum - zero * sum_k w)`` in float32 plus the bias. The same
     integers as :func:`reference.linear`'s float32 sums of the rounded values."""
     n, k = mod.weight_shape[0], math.prod(mod.weight_shape[1:])
     x2 = x.reshape(-1, k).float()
