@@ -629,6 +629,7 @@ def test_a_bits_per_weight_budget_with_hessian_costs_quantized_by_awq_gptq():
     ({"max_loss": -1}, "max loss must be positive"),
     ({"target_ratio": 4, "distill_steps": 5, "distill_data": []}, "distill_data holds no batches"),
     ({"target_ratio": 4, "candidates": ("w4g32", "w4g32+r4096")}, "rank 4096 is not below the smaller side"),
+    ({"target_ratio": 4, "fixed": {"model.embed_tokens": "w8", "lm_haed": "w8"}}, "'lm_haed' match no module"),
 ])  # fmt: skip
 def test_bad_budgets_costs_and_measure_methods_are_one_clear_error(bad, match):
     from lowbit.mixed import MixedPrecisionError
@@ -647,6 +648,7 @@ def test_bad_budgets_costs_and_measure_methods_are_one_clear_error(bad, match):
     (["--target-ratio", "6", "--lr", "nan"], "--lr takes a positive"),
     (["--max-loss", "abc"], "max loss must be a number"),
     (["--target-ratio", "6", "--fixed", "fc1=w8,fc1=w4g64"], "names 'fc1' twice"),
+    (["--target-ratio", "6", "--fixed", "fc9=w8"], "'fc9' match no module"),
     (["--target-ratio", "6", "--candidates", "w4g64+r4096,w8"], "rank 4096 is not below"),
     (["--target-ratio", "6", "-o", "FILE"], "exists and is not a directory"),
 ])  # fmt: skip

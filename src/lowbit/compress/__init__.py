@@ -399,6 +399,14 @@ def compress(
     meas_options = {"sparsity": 0.0} if meas_algo.prunes else {}
     fixed_options = _fixed_options(fixed)
     fixed_r = _fixed_recipe(fixed_options[0][1])  # the same patterns in every option
+    if fixed_r is not None:  # a typo would leave its layer in the search and the budget off: say so now
+        names = [n for n, _ in model.named_modules() if n]
+        unused = [r.pattern for r in fixed_r.rules if not any(r.matches(n) for n in names)]
+        if unused:
+            raise CompressError(
+                f"fixed pattern(s) {', '.join(map(repr, unused))} match no module of this {type(model).__name__} "
+                "(patterns are shell globs over module names; prefix a regular expression with 're:')"
+            )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
