@@ -649,6 +649,7 @@ def test_bad_budgets_costs_and_measure_methods_are_one_clear_error(bad, match):
     (["--max-loss", "abc"], "max loss must be a number"),
     (["--target-ratio", "6", "--fixed", "fc1=w8,fc1=w4g64"], "names 'fc1' twice"),
     (["--target-ratio", "6", "--fixed", "fc9=w8"], "'fc9' match no module"),
+    (["--target-ratio", "6", "--calib-domains", "quotes"], "calibrates on images"),
     (["--target-ratio", "6", "--candidates", "w4g64+r4096,w8"], "rank 4096 is not below"),
     (["--target-ratio", "6", "-o", "FILE"], "exists and is not a directory"),
 ])  # fmt: skip

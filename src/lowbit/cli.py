@@ -69,6 +69,8 @@ def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, na
     from the data ``lowbit eval`` measures on."""
     import torch
 
+    if zm.task in ("classifier", "image-classifier") and (calib_file or domains):
+        raise CliError(f"{name} calibrates on images: --calib and --calib-domains choose text, for language models")
     if zm.task == "classifier":
         from lowbit.models.zoo import digits_data
 
