@@ -75,3 +75,18 @@ def toy():
 def toy_inputs():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 50, (2, 5), generator=g), torch.randn(2, 3, 6, 6, generator=g)
+
+
+def tied_quantized_pair() -> torch.nn.Sequential:
+    """An embedding and an LM head sharing one weight, both quantized w4g32 (one stored tensor),
+    kernels chosen as lowbit.quantize chooses them."""
+    import lowbit
+
+    emb = torch.nn.Embedding(64, 32)
+    head = torch.nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.Sequential(emb, head)
+    spec = lowbit.Recipe(lowbit.parse_scheme("w4g32"))
+    spec.add("0", "w4g32")
+    spec.add("1", "w4g32")
+    return lowbit.quantize(model, spec)

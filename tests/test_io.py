@@ -11,7 +11,7 @@ import lowbit
 from lowbit.io import LowbitFormatError, read_manifest
 from lowbit.recipe import Recipe
 
-from .conftest import Toy
+from .conftest import Toy, tied_quantized_pair
 
 GOLDEN = Path(__file__).parent / "golden" / "toy-v1"
 
@@ -293,14 +293,7 @@ def test_sharded_bad_files_name_the_shard(sharded):
 def test_load_state_dict_keeps_a_tied_quantized_pair_one_tensor():
     """A tied embedding and head on the CPU kernel's tiled layout come back to the stored rows once,
     together, and choose their kernels together at the first call: one tensor throughout."""
-    emb = torch.nn.Embedding(64, 32)
-    head = torch.nn.Linear(32, 64, bias=False)
-    head.weight = emb.weight
-    m = torch.nn.Sequential(emb, head)
-    spec = lowbit.Recipe(lowbit.parse_scheme("w4g32"))
-    spec.add("0", "w4g32")
-    spec.add("1", "w4g32")
-    lowbit.quantize(m, spec)
+    m = tied_quantized_pair()
     x = torch.randint(0, 64, (2, 5))
     want = m[1](m[0](x))
     m.load_state_dict(m.state_dict())

@@ -22,6 +22,8 @@ from lowbit.kernels import triton as tk
 from lowbit.nn import QuantLinear
 from lowbit.scheme import parse_scheme
 
+from .conftest import tied_quantized_pair
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # every stored format and granularity: one-group blocks (groups a multiple of the block),
@@ -183,14 +185,7 @@ def test_a_move_keeps_tied_weights_one_tensor_in_the_stored_layout():
     """model.to(device) moves the packed tensors (never a float copy), comes back to the row
     layout from a CPU kernel's tiled one, keeps a tied embedding / LM head one tensor there, and
     chooses kernels again."""
-    emb = torch.nn.Embedding(64, 32)
-    head = torch.nn.Linear(32, 64, bias=False)
-    head.weight = emb.weight
-    model = torch.nn.Sequential(emb, head)
-    spec = lowbit.Recipe(lowbit.parse_scheme("w4g32"))
-    spec.add("0", "w4g32")
-    spec.add("1", "w4g32")
-    lowbit.quantize(model, spec)
+    model = tied_quantized_pair()
     model[1](torch.randn(2, 32))  # the CPU kernel (or the float copy) in place
     assert model[0].qweight is model[1].qweight
     state = {k: v.clone() for k, v in model.state_dict().items()}
