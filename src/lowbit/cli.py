@@ -99,6 +99,19 @@ class CliError(ValueError):
     """A command-line usage problem."""
 
 
+def _device_option(value: str | None):
+    """``--device`` as a ``torch.device`` (``None`` when not given), checked before any model is
+    read (:func:`lowbit.kernels.check_device`)."""
+    if not value:
+        return None
+    from lowbit.kernels import check_device
+
+    try:
+        return check_device(value)
+    except ValueError as e:
+        raise CliError(f"--device: {e}") from None
+
+
 def cmd_quantize(args) -> int:
     import lowbit
     from lowbit.algorithms import get_algorithm
@@ -344,16 +357,12 @@ def cmd_inspect(args) -> int:
     from lowbit.nn import QuantModule
 
     manifest = read_manifest(args.model)
-    if args.device:
-        from lowbit.kernels import check_device, use_kernel
-
-        try:
-            device = check_device(args.device)
-        except ValueError as e:
-            return _err(f"--device: {e}")
+    device = _device_option(args.device)
     zm = load_source(args.model)
     model = zm.model
-    if args.device:
+    if device is not None:
+        from lowbit.kernels import use_kernel
+
         model.to(device)
         use_kernel(model)
     records = getattr(model, "lowbit_layers", {}) or {}
@@ -655,17 +664,11 @@ def cmd_generate(args) -> int:
     from lowbit.models.source import load_source
 
     _threads(args)
-    if args.device:
-        from lowbit.kernels import check_device
-
-        try:
-            device = check_device(args.device)
-        except ValueError as e:
-            return _err(f"--device: {e}")
+    device = _device_option(args.device)
     zm = load_source(args.model)
     if zm.tokenizer is None:
         return _err(f"{args.model} has no tokenizer to encode the prompt with")
-    if args.device:
+    if device is not None:
         zm.model.to(device)  # packed weights as stored; the kernels there are chosen at the first call
     if not args.prompt:
         return _err("empty prompt: give --prompt TEXT")
