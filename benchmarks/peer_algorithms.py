@@ -107,7 +107,8 @@ eval split of every domain (``lowbit.evaluate.domains.domain_perplexities``): ``
 ``results/peer_domains.json``, which the report puts beside lowbit's cells.
 
 Rows are merged into ``--out`` keyed by (peer, algorithm, scheme[, calibration domain, seed]); a
-rerun replaces its rows.
+rerun replaces its rows, except in cross-domain mode, where a rerun skips the rows already finished
+(status ok), so the hours-long table resumes.
 """
 
 from __future__ import annotations
@@ -682,13 +683,19 @@ def run_in_child(script: str, job: dict, *extra: str) -> tuple[dict | None, int,
     return row, proc.returncode, wall
 
 
+def _key(row: dict) -> tuple:
+    """What makes a result row unique (a rerun of the same job replaces it)."""
+    return row["peer"], row["algorithm"], row["scheme"], row.get("calib_domain"), row.get("seed")
+
+
 def _merge(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.is_file() else []
-    key = lambda r: (r["peer"], r["algorithm"], r["scheme"], r.get("calib_domain"), r.get("seed"))  # noqa: E731
-    new = {key(r): r for r in rows}
-    merged = [new.pop(key(r)) if key(r) in new else r for r in old] + list(new.values())
-    out.write_text(json.dumps(merged, indent=1) + "\n")
+    new = {_key(r): r for r in rows}
+    merged = [new.pop(_key(r)) if _key(r) in new else r for r in old] + list(new.values())
+    tmp = out.with_suffix(".tmp")  # atomic: an interrupted run keeps every finished row
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    tmp.replace(out)
 
 
 def main(argv=None) -> int:
@@ -728,6 +735,9 @@ def main(argv=None) -> int:
     if cross:  # calibrated algorithms only, once per (seed, calibration domain); seed outermost
         jobs = [dict(j, calib_samples=args.calib_samples, calib_domain=c, seed=sd)
                 for sd in args.seeds for j in jobs if "calib_samples" in j for c in args.calib_domains]
+    if cross and args.out.is_file():  # the cross-domain table takes hours: a rerun resumes, finished rows kept
+        done = {_key(r) for r in json.loads(args.out.read_text()) if r.get("status") == "ok"}
+        jobs = [j for j in jobs if _key(dict(j, version=None)) not in done]
     rows = []
     for job in jobs:
         print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']} | {job.get('calib_domain')} {job.get('seed')}",
