@@ -366,6 +366,7 @@ def _domains(res: dict) -> str:
            f"seeds {res['seeds']}. Cell: perplexity, then the fraction of RTN's loss (ppl - FP32) the method keeps (lower is better), "
            "mean over seeds and its range; * = calibrated on the evaluation domain itself. FP32: "
            + ", ".join(f"{d} {fp[d]:.2f}" for d in evals) + "."]  # fmt: skip
+    out += ["", domains_overview(res)]
     for scheme in dict.fromkeys(r["scheme"] for r in rows if r["method"] != "fp32"):
         rtn = next(r for r in rows if r["scheme"] == scheme and r["method"] == "rtn")["ppl"]
         cells: dict = {}
@@ -398,6 +399,43 @@ def _domains(res: dict) -> str:
 
 
 _PEER_NAMES = {"llmc": "llm-compressor", "torchao": "torchao"}
+
+
+def domains_overview(res: dict) -> str:
+    """The headline of the domains section (README copies it): per scheme and method (lowbit's and
+    the peers'), the share of RTN's loss kept on the evaluation domains calibration did not use,
+    averaged over every (calibration, unseen evaluation) pair and seed, and the worst single run."""
+    evals, rows = res["evals"], res["rows"]
+    fp = next(r for r in rows if r["method"] == "fp32")["ppl"]
+    runs: dict = {}  # (scheme, method) -> {(calib, eval): [kept per seed]}
+    rtn = {r["scheme"]: r["ppl"] for r in rows if r["method"] == "rtn"}
+    named = [(r["scheme"], r["method"], r["calib"], r["ppl"]) for r in rows if r["method"] not in ("fp32", "rtn")]
+    for r in res.get("peers") or []:
+        if r.get("status") == "ok" and r.get("ppl_by_domain") and r["scheme"] in rtn:
+            name = f"{_PEER_NAMES.get(r['peer'], r['peer'])} {r['algorithm'].split(' (')[0]}"
+            named.append((r["scheme"], name, r["calib_domain"], r["ppl_by_domain"]))
+    for scheme, method, calib, ppl in named:
+        for d in evals:
+            if d != calib:
+                kept = (ppl[d] - fp[d]) / (rtn[scheme][d] - fp[d])
+                runs.setdefault((scheme, method), {}).setdefault((calib, d), []).append(kept)
+    methods = list(dict.fromkeys(m for _, m in runs))
+    table = []
+    for scheme in rtn:
+        line = [scheme]
+        for m in methods:
+            pairs = runs.get((scheme, m))
+            if not pairs:
+                line.append("-")
+                continue
+            mean = statistics.mean(statistics.mean(v) for v in pairs.values())
+            worst = max(max(v) for v in pairs.values())
+            seeds = max(len(v) for v in pairs.values())
+            line.append(f"{mean:.2f} (worst {worst:.2f}; {seeds} seed{'s' if seeds > 1 else ''})")
+        table.append(line)
+    return ("Overview: the share of RTN's loss (perplexity - FP32) each method keeps on the domains its calibration "
+            "did not use (lower is better; 1 = no better than RTN): mean over every (calibration, unseen domain) "
+            "pair and seed, and the worst single run.\n\n" + markdown_table(["scheme", *methods], table))
 
 
 def _unseen_summary(cells: dict, fp: dict, rtn: dict, evals: list) -> str:
