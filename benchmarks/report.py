@@ -430,8 +430,9 @@ def domains_overview(res: dict) -> str:
                 continue
             mean = statistics.mean(statistics.mean(v) for v in pairs.values())
             worst = max(max(v) for v in pairs.values())
-            seeds = max(len(v) for v in pairs.values())
-            line.append(f"{mean:.2f} (worst {worst:.2f}; {seeds} seed{'s' if seeds > 1 else ''})")
+            lo, hi = min(len(v) for v in pairs.values()), max(len(v) for v in pairs.values())
+            seeds = f"{lo}-{hi} seeds" if lo < hi else f"{lo} seed{'s' if lo > 1 else ''}"
+            line.append(f"{mean:.2f} (worst {worst:.2f}; {seeds})")
         table.append(line)
     return ("Overview: the share of RTN's loss (perplexity - FP32) each method keeps on the domains its calibration "
             "did not use (lower is better; 1 = no better than RTN): mean over every (calibration, unseen domain) "

@@ -1,0 +1,35 @@
+"""The benchmark report's arithmetic (benchmarks/report.py): figures README copies must be right."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+report = pytest.importorskip("report")
+
+
+def _res():
+    fp = {"a": 10.0, "b": 20.0}
+    rows = [{"scheme": "fp32", "method": "fp32", "calib": "-", "seed": 0, "ppl": fp},
+            {"scheme": "w4", "method": "rtn", "calib": "-", "seed": 0, "ppl": {"a": 20.0, "b": 40.0}},
+            # calibrated on a: its unseen domain is b (RTN loss 20) -> kept 0.5 and 0.25 over two seeds
+            {"scheme": "w4", "method": "gptq", "calib": "a", "seed": 0, "ppl": {"a": 11.0, "b": 30.0}},
+            {"scheme": "w4", "method": "gptq", "calib": "a", "seed": 1, "ppl": {"a": 11.0, "b": 25.0}},
+            # calibrated on b: unseen a (RTN loss 10) -> kept 0.9
+            {"scheme": "w4", "method": "gptq", "calib": "b", "seed": 0, "ppl": {"a": 19.0, "b": 21.0}}]
+    peers = [{"peer": "llmc", "algorithm": "GPTQ (GPTQModifier)", "scheme": "w4", "status": "ok",
+              "calib_domain": "a", "seed": 0, "ppl_by_domain": {"a": 12.0, "b": 50.0}},
+             {"peer": "llmc", "algorithm": "AWQ (x)", "scheme": "w4", "status": "error", "calib_domain": "a"}]
+    return {"evals": ["a", "b"], "rows": rows, "peers": peers}
+
+
+def test_domains_overview_means_pairs_then_seeds_and_reports_the_worst_run():
+    text = report.domains_overview(_res())
+    line = next(x for x in text.splitlines() if x.startswith("| w4 "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # gptq: pair (a->b) mean over seeds 0.375, pair (b->a) 0.9 -> 0.64; worst run 0.9
+    assert cells[1] == "0.64 (worst 0.90; 1-2 seeds)"
+    # the peer's one ok row: b kept (50-20)/20 = 1.5, its failed row ignored
+    assert cells[2] == "1.50 (worst 1.50; 1 seed)"
+    assert "llm-compressor GPTQ" in text and "AWQ" not in text.split("\n\n")[1].splitlines()[0]
