@@ -201,12 +201,34 @@ def test_awq_scales_and_clipping_lower_the_output_error(scheme):
     w, x = _problem()
     s = parse_scheme(scheme)
     rtn = QWeight.from_float(w, s).dequantize()
-    scales, alpha = awq.search_scales([w], x[:1024], s)
-    assert scales.shape == (256,) and 0 <= alpha <= 1
+    train, test = x[:1024], x[1024:]  # searched on one half, scored on the other
+    h = train.t() @ train / len(train)
+    scales, alpha = awq.search_scales([w], h, train.abs().mean(0), s)
+    assert scales.shape == (256,) and 0 < alpha <= 1  # the outlier channel makes scaling pay
     ws = w * scales
-    qp = awq.search_clip(ws, x[:512] / scales, s)
+    qp = awq.search_clip(ws, h / scales.outer(scales), s)  # the moment of x / s
     eff = QWeight.from_float(ws, s, qp).dequantize() / scales  # what x sees after folding 1/s
-    assert _out_err(w, eff, x) < _out_err(w, rtn, x)
+    scaled_only = QWeight.from_float(ws, s).dequantize() / scales
+    assert _out_err(w, eff, test) < _out_err(w, scaled_only, test) < _out_err(w, rtn, test)
+
+
+def test_awq_clip_error_is_the_output_error_over_all_tokens():
+    """The moment-based clip score equals sum_t (x_t,g . d_g)^2 computed from the rows themselves."""
+    w, x = _problem(n=8, k=128, t=512)
+    s = parse_scheme("w3g64")
+    h = x.t() @ x
+    got = awq.search_clip(w, h, s)
+    # brute force: for each (row, group) the ratio with the least output error on the rows
+    from lowbit.primitives import choose_qparams, dequantize_codes, grouped, quantize_codes
+
+    errs = []
+    for ratio in awq.CLIP_GRID:
+        qp = choose_qparams(w, s, clip=ratio)
+        d = grouped(dequantize_codes(quantize_codes(w, qp, s), qp, s) - w, 64)  # (N, ng, G)
+        errs.append(torch.einsum("tgk,ngk->ntg", grouped(x, 64), d).pow(2).sum(1))
+    best = torch.stack(errs).argmin(0)  # (N, ng)
+    want = torch.stack([choose_qparams(w, s, clip=r).scale for r in awq.CLIP_GRID])  # (ratios, N, ng)
+    assert torch.equal(got.scale, want.gather(0, best.unsqueeze(0))[0])
 
 
 def test_smoothquant_balances_activation_and_weight_ranges():

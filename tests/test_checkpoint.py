@@ -522,9 +522,9 @@ def test_ray_workers_give_the_same_bytes_as_one_process(tmp_path, ray_cluster):
 @pytest.mark.parametrize("method,options", [("gptq", {}), ("awq", {}), ("awq+gptq", {"sequential": True})])
 def test_ray_workers_split_the_calibration_set(tmp_path, ray_cluster, method, options):
     """Calibrated methods on Ray: each worker holds part of the calibration batches and sends back
-    its sums; the output equals one process's up to float summation order (Hessians): AWQ's scales
-    and sampled rows are exact, and GPTQ's codes may differ only where summation order tips a
-    rounding, by one step, in a tiny fraction of weights."""
+    its sums; the output equals one process's up to float summation order (Hessians, AWQ's mean
+    magnitudes): codes may differ only where summation order tips a rounding, by one step, in a
+    tiny fraction of weights; AWQ's folded scales (in the norms) to float rounding."""
     from safetensors.torch import load_file
 
     src = _checkpoint(tmp_path / "src", tie=False)
@@ -543,8 +543,8 @@ def test_ray_workers_split_the_calibration_set(tmp_path, ray_cluster, method, op
                 changed += int((a != b).sum())
                 total += a.numel()
                 assert int((a.int() - b.int()).abs().max()) <= 1, k
-            elif method == "awq" or not k.endswith(".scales"):  # AWQ's scales and norms: exact
-                assert torch.equal(v, got[k]), k
+            elif not k.endswith(".scales"):  # norms (AWQ's folded scales), embeddings, biases
+                assert torch.allclose(v, got[k], rtol=1e-4, atol=0), k
         assert changed <= 0.002 * total, (n, changed, total)
         x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(9))
         with torch.no_grad():

@@ -7,7 +7,7 @@ layers), the driver
 1. runs the model on the calibration batches only up to the first block, keeping that block's
    inputs (hidden states and keyword arguments such as position embeddings and masks);
 2. for each block: runs it (float) with hooks on its Linear layers that gather what the
-   algorithm needs (input Hessian, a sample of input rows, per-channel maxima); lets the
+   algorithm needs (input Hessian, per-channel mean and largest magnitudes); lets the
    algorithm move per-channel scales between a norm (or the previous linear) and the linears
    that read it (AWQ, SmoothQuant), checking numerically that the block still computes the same
    function; quantizes each layer; swaps the quantized modules in; and runs the *quantized*
@@ -24,10 +24,9 @@ Linear layers that read the same input (q/k/v, gate/up) share their statistics a
 from __future__ import annotations
 
 import contextlib
-import random
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,9 +36,6 @@ from .algorithms import rtn
 from .driver import _float_weight, _set_module, layer_errors
 
 __all__ = ["run", "CalibrationError", "as_batches", "find_blocks", "Stats", "mean_output_error"]
-
-SAMPLE_ROWS = 2048  # input rows kept per layer group for AWQ's searches
-
 
 class CalibrationError(ValueError):
     """Calibration data that cannot serve the method (missing, empty, malformed)."""
@@ -139,12 +135,10 @@ class Stats:
 
     k: int
     need: frozenset
-    seed: int = 0
     tokens: int = 0
     h: torch.Tensor | None = None  # (K, K) sum of x x^T
     absmax: torch.Tensor | None = None  # (K,)
-    sample: list = field(default_factory=list)  # rows (r, K)
-    _rng: random.Random | None = None
+    abssum: torch.Tensor | None = None  # (K,) sum of |x|
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.k).float()
@@ -157,19 +151,14 @@ class Stats:
         if "absmax" in self.need:
             m = x.abs().amax(0)
             self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
-        if "sample" in self.need:
-            if self._rng is None:
-                self._rng = random.Random(self.seed)
-            have = sum(s.shape[0] for s in self.sample)
-            take = min(x.shape[0], max(0, SAMPLE_ROWS - have))
-            if take:
-                idx = sorted(self._rng.sample(range(x.shape[0]), take))
-                self.sample.append(x[idx].clone())
+        if "absmean" in self.need:
+            a = x.abs().sum(0)
+            self.abssum = a if self.abssum is None else self.abssum + a
 
     @property
-    def x(self) -> torch.Tensor:
-        """Sampled input rows ``(r, K)``."""
-        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.k)
+    def mean_abs(self) -> torch.Tensor:
+        """``E|x|`` per input channel ``(K,)``."""
+        return self.abssum / max(self.tokens, 1)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -182,7 +171,8 @@ class Stats:
             self.h = self.h / s.unsqueeze(0) / s.unsqueeze(1)
         if self.absmax is not None:
             self.absmax = self.absmax / s
-        self.sample = [x / s for x in self.sample]
+        if self.abssum is not None:
+            self.abssum = self.abssum / s
 
 
 class _Restore:
@@ -371,7 +361,6 @@ def run(
     # whatever mode it came in; each module's mode is put back afterwards.
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    seed = 0  # AWQ's row sampling; the calibration data itself is the caller's choice
     sequential = bool(options.get("sequential", False))  # (check_options refused it for methods without it)
     try:
         with torch.no_grad():
@@ -420,7 +409,7 @@ def run(
                         stream.load(block)
                     layers = {n: remaining.pop(n) for n in list(remaining) if n.startswith(bname + ".")}
                     if layers:
-                        _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module,
+                        _quantize_block(block, bname, inputs, layers, algo, options, restore, done, make_module,
                                         observer, sequential=sequential, masks=masks, unscaled=unscaled)  # fmt: skip
                     if i + 1 < len(blocks) and _distributed(inputs):
                         inputs.advance(block)
@@ -452,7 +441,7 @@ def run(
                     with stream.outside(model, None):
                         for n in remaining:  # (a layer no batch reaches still needs its weight)
                             stream.load(model.get_submodule(n))
-                        _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done,
+                        _quantize_rest(model, batches, masks, remaining, algo, options, restore, done,
                                        make_module, observer)  # fmt: skip
                         stream.take(done)
                         done.clear()
@@ -460,7 +449,7 @@ def run(
                     for i, b in enumerate(originals):
                         blocks[i] = b
             elif remaining:
-                _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done, make_module, observer)
+                _quantize_rest(model, batches, masks, remaining, algo, options, restore, done, make_module, observer)
             if bias_correction is not False and stream is None:  # (the stream's caller refused it)
                 floats = dict(restore.modules)
                 targets = {
@@ -583,7 +572,7 @@ def _observers(layers: dict, prefix: str, observer: str) -> dict:
     return {full[len(prefix) :]: make_observer(observer) for full, (_m, _k, s) in layers.items() if s.act_static}
 
 
-def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, done, make_module, observer, *,
+def _quantize_block(block, bname, inputs, layers, algo, options, restore, done, make_module, observer, *,
                     sequential: bool = False, masks: list | None = None, unscaled: list | None = None) -> None:  # fmt: skip
     """Quantize ``layers`` of ``block``. By default every layer's statistics come from one float
     pass of the block. ``sequential`` (GPTQ's "true sequential"): each group of layers reading
@@ -595,7 +584,7 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
     local = {n[len(bname) + 1 :]: m for n, m in mods.items()}
     order, producers = _groups(block, inputs, local)
     needs = _needs(algo)
-    stats = {g[0]: Stats(_in_features(local[g[0]]), needs, seed=seed) for g in order}
+    stats = {g[0]: Stats(_in_features(local[g[0]]), needs) for g in order}
     group_of = {n: g[0] for g in order for n in g}
     obs = _observers(layers, bname + ".", observer)
 
@@ -656,9 +645,8 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
         if not todo:
             continue
         first = group[0]
-        # the Hessian gathered again here; AWQ's row sample (for its clip search) stays the one its
-        # scales were searched on, gathered in the first pass
-        st = Stats(_in_features(local[first]), needs - {"sample"}, seed=seed)
+        # the Hessian gathered again here, on inputs that have seen the earlier groups' rounding
+        st = Stats(_in_features(local[first]), needs - {"absmean"})
         if _distributed(inputs):
             inputs.stats(block, [first], {first: st}, stop=first)
         for b, inp in enumerate(inputs if not _distributed(inputs) else []):
@@ -667,7 +655,6 @@ def _quantize_block(block, bname, inputs, layers, algo, options, seed, restore, 
             if x is None or (x := _real_tokens(x, mask)).numel() == 0:
                 continue
             st.add(_unfold_input(local[first], x))
-        st.sample = stats[first].sample
         stats[first] = st
         for full in todo:
             quantize(full)
@@ -745,10 +732,10 @@ def _change(block: nn.Module, inputs: list, ref_out: list) -> float:
     return float((check[0] - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def _quantize_rest(model, batches, masks, remaining, algo, options, seed, restore, done, make_module, observer) -> None:
+def _quantize_rest(model, batches, masks, remaining, algo, options, restore, done, make_module, observer) -> None:
     """Layers outside the blocks (or all layers of a model without blocks): one forward with hooks."""
     mods = {n: model.get_submodule(n) for n in remaining}
-    stats = {n: Stats(_in_features(m), _needs(algo), seed=seed) for n, m in mods.items()}
+    stats = {n: Stats(_in_features(m), _needs(algo)) for n, m in mods.items()}
     obs = _observers(remaining, "", observer)
 
     reached: set[str] = set()

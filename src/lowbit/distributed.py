@@ -115,16 +115,14 @@ class _Shard:
         """Run ``block`` on every input with pre-hooks on the submodules ``hooked``; for each name in
         ``wanted`` (``name -> (K, needs, {batch: sorted row indices})``) sum what
         :class:`lowbit.calibrate.Stats` sums: tokens, ``X^T X`` ("hessian"), the largest ``|x|`` per
-        column ("absmax"), and the rows the driver's sampling picked ("sample", per batch).
+        column ("absmax"), the sum of ``|x|`` per column ("absmean").
         ``stop``: end each pass at that submodule (its input is all that is wanted).
-        Returns ``({name: (tokens, h, absmax, {batch: rows})}, names reached)``."""
+        Returns ``({name: (tokens, h, absmax, abssum)}, names reached)``."""
         import torch
 
         from .calibrate import Stats, _real_tokens, _Stop
 
-        # the sums as the driver's Stats.add makes them; the sampled rows by the driver's picks
-        sums = {n: Stats(k, frozenset(needs) - {"sample"}) for n, (k, needs, _) in wanted.items()}
-        rows: dict[str, dict] = {n: {} for n in wanted}
+        sums = {n: Stats(k, frozenset(needs)) for n, (k, needs) in wanted.items()}  # as the driver's Stats.add
         reached: set[str] = set()
         current = [None, None]  # (batch index, mask) of the pass running
 
@@ -135,14 +133,7 @@ class _Shard:
             if n in wanted:
                 x = _real_tokens(x, current[1])
                 if x.numel():
-                    k, _needs, picks = wanted[n]
                     sums[n].add(x)  # (raises CalibrationError for NaN/Inf)
-                    idx = picks.get(current[0])
-                    if idx:
-                        x = x.detach().reshape(-1, k).float()
-                        if max(idx) >= x.shape[0]:
-                            raise RuntimeError(f"{n}: a batch has fewer input rows than its tokens (not a dense block)")
-                        rows[n][current[0]] = x[idx].clone()
             if n == stop:
                 raise _Stop
 
@@ -159,7 +150,7 @@ class _Shard:
         finally:
             for h in handles:
                 h.remove()
-        return {n: (st.tokens, st.h, st.absmax, rows[n]) for n, st in sums.items()}, reached
+        return {n: (st.tokens, st.h, st.absmax, st.abssum) for n, st in sums.items()}, reached
 
     def advance(self, block) -> None:
         """The block's outputs become the inputs of the next block."""
@@ -195,7 +186,6 @@ class RayInputs:
         self._ray = ray
         self.first = inputs[0]
         self.count = len(inputs)
-        self.rows = [int(m.sum()) if m is not None else _hidden_rows(inp) for inp, m in zip(inputs, masks)]
         self.actors = [actor.remote(list(range(a, b)), inputs[a:b], masks[a:b]) for a, b in zip(bounds, bounds[1:])]
 
     def __len__(self) -> int:
@@ -211,35 +201,21 @@ class RayInputs:
 
     def stats(self, block, hooked: list[str], wanted: dict, stop: str | None = None):
         """Per name in ``wanted`` (``name -> Stats`` to add into, empty), the sums of every batch;
-        returns the names reached. Sampled rows are chosen here, as :meth:`Stats.add` would choose
-        them batch by batch, so the sample equals one process's."""
-        from .calibrate import SAMPLE_ROWS
-
-        spec = {}
-        for n, st in wanted.items():
-            picks = {}
-            if "sample" in st.need:
-                import random
-
-                rng, have = random.Random(st.seed), 0
-                for b, rows in enumerate(self.rows):
-                    take = min(rows, max(0, SAMPLE_ROWS - have))
-                    if rows and take:
-                        picks[b] = sorted(rng.sample(range(rows), take))
-                        have += take
-            spec[n] = (st.k, frozenset(st.need), picks)
+        returns the names reached."""
+        spec = {n: (st.k, frozenset(st.need)) for n, st in wanted.items()}
         block_ref = self._ray.put(block)
         reached: set[str] = set()
         for part, seen in self._all("stats", block_ref, hooked, spec, stop):
             reached |= seen
-            for n, (tokens, h, absmax, rows) in part.items():
+            for n, (tokens, h, absmax, abssum) in part.items():
                 st = wanted[n]
                 st.tokens += tokens
                 if h is not None:
                     st.h = h if st.h is None else st.h + h
                 if absmax is not None:
                     st.absmax = absmax if st.absmax is None else st.absmax.maximum(absmax)
-                st.sample += [rows[b] for b in sorted(rows)]
+                if abssum is not None:
+                    st.abssum = abssum if st.abssum is None else st.abssum + abssum
         return reached
 
     def advance(self, block) -> None:
@@ -260,10 +236,3 @@ class RayInputs:
         for a in self.actors:
             self._ray.kill(a)
         self.actors = []
-
-
-def _hidden_rows(inp: tuple) -> int:
-    from .calibrate import _hidden_in
-
-    h = _hidden_in(*inp)
-    return int(h.shape[0] * h.shape[1]) if h.dim() >= 3 else int(h.shape[0])

@@ -215,15 +215,13 @@ def estimate_checkpoint(path, spec="w4g128", *, max_shard_bytes: int | None = No
     calibration = ""
     if algo.uses_calibration:
         calibration = f"{nsamples} x {seqlen}"
-        schemes = {name: scheme for name, _mod, _kind, scheme, _why in todo}
-        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, schemes, nbytes) + buffer)
+        quantize_peak = max(quantize_peak, _calibrated_peak(model, ck, algo, nsamples, seqlen, nbytes) + buffer)
     return CheckpointEstimate(ck.nbytes, out, planned, quantize_peak, load_peak, name or "-", method, calibration)
 
 
-def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, schemes: dict, nbytes: dict) -> int:
+def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, nbytes: dict) -> int:
     """The block phase of a streamed calibrated run (see :func:`estimate_checkpoint`), bytes."""
-    from .algorithms import CLIP_ROWS
-    from .calibrate import SAMPLE_ROWS, find_blocks
+    from .calibrate import find_blocks
 
     found = find_blocks(model, outermost=True)
     if found is None:
@@ -237,21 +235,18 @@ def _calibrated_peak(model, ck, algo, nsamples: int, seqlen: int, schemes: dict,
         block_f32 = max(block_f32, sum(b * 4 // ck.dtype(n).itemsize for n, b in nbytes.items()
                                        if n.startswith(f"{prefix}.{i}.")))  # fmt: skip
     # each distinct input of the block's linear layers: its width (q/k/v share one, gate/up another)
-    widths, inter, clip = [], 0, 0
-    for n, mod in blocks[0].named_modules():
+    widths, inter, largest = [], 0, 0
+    for _n, mod in blocks[0].named_modules():
         if isinstance(mod, nn.Linear):
             widths.append(mod.in_features)
             inter = max(inter, mod.out_features)
-            scheme = schemes.get(f"{prefix}.0.{n}")
-            if scheme is not None:  # AWQ's clip search: errors (N, CLIP_ROWS, groups) and their squares
-                groups = -(-mod.in_features // (scheme.group_size or mod.in_features))
-                clip = max(clip, 2 * 4 * mod.out_features * CLIP_ROWS * groups)
+            largest = max(largest, mod.in_features * mod.out_features)
     distinct = sorted(set(widths)) + sorted(set(widths))[:1]  # (attention output: another input of width hidden)
     stats = 0
     if "hessian" in algo.needs:
         stats += sum(4 * k * k for k in distinct) + 4 * 4 * max(distinct, default=0) ** 2  # GPTQ's working copies
-    if "sample" in algo.needs:
-        stats += sum(4 * SAMPLE_ROWS * k for k in distinct) + 4 * SAMPLE_ROWS * inter * 3 + clip  # AWQ's searches
+    if "absmean" in algo.needs:  # AWQ's searches: a few float32 copies of the largest weight (errors, products)
+        stats += 4 * 4 * largest
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     forward = 4 * seqlen * (3 * inter + 2 * heads * seqlen)  # one window: MLP activations, attention scores
     acts = 2 * 4 * tokens * hidden + 4 * seqlen * hidden  # inputs and outputs of every window, the reference

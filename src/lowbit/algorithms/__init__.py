@@ -115,33 +115,22 @@ def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=1
     return _reshaped(qw, w)
 
 
-# AWQ's searches use a sample of calibration rows (the paper's clip search uses 512 tokens).
-CLIP_ROWS = 512
-SCALE_ROWS = 1024
-
-
-def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """An evenly strided subset of at most ``n`` rows (the sample is already random)."""
-    step = max(1, x.shape[0] // n)
-    return x[::step][:n]
-
-
 def _awq_quantize(w, scheme, *, name="weight", stats, clip=True, **_):
     from ..primitives import check_finite, choose_qparams
 
     check_finite(w, name)
     w2 = _flat(w)
-    qp = awq.search_clip(w2, _rows(stats.x, CLIP_ROWS), scheme) if clip else choose_qparams(w2, scheme)
+    qp = awq.search_clip(w2, stats.hessian, scheme) if clip else choose_qparams(w2, scheme)
     return QWeight.from_float(w, scheme, qp, name=name, check=False)
 
 
 def _awq_smooth(weights, stats, scheme, **_):
-    s, _alpha = awq.search_scales(weights, _rows(stats.x, SCALE_ROWS), scheme)
+    s, _alpha = awq.search_scales(weights, stats.hessian, stats.mean_abs, scheme)
     return s
 
 
 def _awq_gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", **_):
-    qp = awq.search_clip(_flat(w), _rows(stats.x, CLIP_ROWS), scheme) if clip == "awq" else None
+    qp = awq.search_clip(_flat(w), stats.hessian, scheme) if clip == "awq" else None
     qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp,
                               act_order=act_order, block=block, qparams=qp,
                               clip="hessian" if clip == "awq" else clip)  # fmt: skip
@@ -257,9 +246,9 @@ ALGORITHMS: dict[str, Algorithm] = {
                   doc="half-quadratic optimisation of scales and zeros; data-free"),
         Algorithm("gptq", _gptq, True, _GPTQ_OPTS, needs=("hessian",), serves=_integer_or_codebook,
                   doc="GPTQ with damping, blocked lazy updates, groups, act-order with static groups, Hessian-weighted clip"),
-        Algorithm("awq", _awq_quantize, True, {"clip": _flag}, needs=("sample",), smooth=_awq_smooth,
+        Algorithm("awq", _awq_quantize, True, {"clip": _flag}, needs=("hessian", "absmean"), smooth=_awq_smooth,
                   serves=_integer_or_codebook, doc="AWQ scale search (folded) + output-aware clipping"),
-        Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _choice(*gptq.CLIP_CHOICES, "awq")}, needs=("sample", "hessian"),
+        Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _choice(*gptq.CLIP_CHOICES, "awq")}, needs=("hessian", "absmean"),
                   smooth=_awq_smooth, serves=_integer_or_codebook, doc="AWQ channel scaling, then GPTQ"),
         Algorithm("smoothquant", _rtn, True, {"alpha": _number(0.0, 1.0)}, needs=("absmax",),
                   smooth=_sq_smooth, serves=_activation_scheme, doc="SmoothQuant outlier migration for W8A8"),

@@ -8,10 +8,13 @@ most; scaling them up before quantization (``W' = W diag(s)``) and the activatio
 The scale is ``s = mean|x|^alpha`` (normalised by ``sqrt(max s * min s)``), ``alpha`` chosen on a
 grid to minimise the output error ``||Q(W diag(s)) (x / s) - W x||^2``. A second search shrinks
 each group's range (clipping) to minimise the same output error per output channel and group.
+Both errors are quadratic forms in the weight error, scored through the input's second moment
+``E[x x^T]`` over every calibration token (the paper scores a small sample of rows; the moment
+is the same objective on all of the data, at the cost of one ``K x K`` matrix per input).
 
 Pure math: tensors in, scales or :class:`~lowbit.primitives.QParams` out. Where ``1/s`` is folded
 (a norm's weight, the previous linear's output rows) is the driver's business.
-Shapes: weights ``(N, K)``; activations ``x (T, K)`` (a sample of calibration tokens).
+Shapes: weights ``(N, K)``; ``hessian (K, K)``; ``mean_abs (K,)``.
 """
 
 from __future__ import annotations
@@ -34,32 +37,42 @@ def _rtn(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scales(
-    weights: list[torch.Tensor], x: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = ALPHA_GRID
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    mean_abs: torch.Tensor,
+    scheme: Scheme,
+    grid: tuple[float, ...] = ALPHA_GRID,
 ) -> tuple[torch.Tensor, float]:
-    """Best per-input-channel scales ``s (K,)`` for linears ``weights`` sharing the input ``x``.
+    """Best per-input-channel scales ``s (K,)`` for linears ``weights`` (each ``(N_i, K)``) sharing
+    one input ``x``.
+
+    ``hessian (K, K)``: a positive multiple of ``E[x x^T]`` over every calibration token;
+    ``mean_abs (K,)``: ``E|x|`` per channel. The output error of an effective weight error ``D``
+    is ``E||D x||^2 = sum_n D_n E[x x^T] D_n^T``, so the search scores every token of the
+    calibration set exactly, not a sample of rows (a sample drawn from a few sequences fits those
+    sequences' channel statistics and scores worse on text from other sources).
 
     Returns ``(s, alpha)``; ``alpha = 0`` (``s = 1``) is in the grid, so the result is never
-    worse than plain quantization on ``x``. Channels whose sampled inputs are all zero get
-    ``s = 1``.
+    worse than plain quantization on the calibration inputs. Channels that never saw a non-zero
+    input get ``s = 1``.
     """
-    x = _unit(x.float())  # the search is scale-free; unit range keeps the squares in float32
-    mean_abs = x.abs().mean(0)  # (K,)
+    mean_abs = mean_abs.float()
+    live = mean_abs > 0
     # Channels the calibration never exercised keep s = 1: their inputs are unknown, and a tiny
     # s would shrink their weights to nothing while 1/s blew up their real inputs.
-    live = mean_abs > 0
-    weights = [_unit(w.float()) for w in weights]
-    ref = [x @ w.t() for w in weights]
-    best = (torch.ones_like(mean_abs), float("inf"), 0.0)
     if not bool(live.any()):
-        return best[0], 0.0
+        return torch.ones_like(mean_abs), 0.0
+    h = _unit(hessian.float())  # the search is scale-free; unit range keeps the sums in float32
+    weights = [_unit(w.float()) for w in weights]
+    best = (torch.ones_like(mean_abs), float("inf"), 0.0)
     for alpha in grid:
         s = mean_abs.clamp_min(1e-8).pow(alpha)
         s = s / (s[live].max() * s[live].min()).sqrt()
         s = torch.where(live, s, torch.ones_like(s))
         loss = 0.0
-        for w, r in zip(weights, ref):
-            wq = _rtn(w * s, scheme) / s  # effective weight seen by x
-            loss += float(((x @ wq.t()) - r).pow(2).mean())
+        for w in weights:
+            d = _rtn(w * s, scheme) / s - w  # effective weight error seen by x
+            loss += float(((d @ h) * d).sum())
         if loss < best[1]:
             best = (s, loss, alpha)
     return best[0], best[2]
@@ -67,30 +80,36 @@ def search_scales(
 
 @torch.no_grad()
 def search_clip(
-    w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = CLIP_GRID
+    w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, grid: tuple[float, ...] = CLIP_GRID
 ) -> QParams:
-    """Per (row, group) range shrink from ``grid`` minimising ``sum_t (x_t,g . (q(w)_g - w_g))^2``.
+    """Per (row, group) range shrink from ``grid`` minimising the group's output error
+    ``d_g^T H_gg d_g`` (``d_g``: the group's rounding error, ``H_gg``: the group's diagonal block
+    of ``hessian (K, K)``, a positive multiple of ``E[x x^T]`` over the calibration tokens).
 
     Returns parameters shaped like :func:`lowbit.primitives.choose_qparams` (``(N, ng)``).
     """
     if scheme.per_tensor:
         return choose_qparams(w, scheme)
     w = w.float()
-    n, k = w.shape
+    k = w.shape[1]
     gs = k if scheme.group_size is None else scheme.group_size
-    x = _unit(x.float())
+    h = _unit(hessian.float())
+    # Columns that never saw a non-zero input would count for nothing, and the clip could then
+    # wreck them; they count as a column of average input energy instead.
+    diag = h.diagonal()
+    live = diag > 0
+    fill = float(diag[live].mean()) if bool(live.any()) else 1.0
+    h = h + torch.diag(torch.where(live, 0.0, fill))
+    ng, pad = -(-k // gs), -k % gs
+    if pad:
+        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    idx = torch.arange(ng)
+    blocks = h.reshape(ng, gs, ng, gs)[idx, :, idx, :]  # (ng, G, G) diagonal blocks
     mw = float(w.abs().max()) or 1.0  # errors in units of the weight's range: no float32 underflow
-    xg = grouped(x, gs)  # (T, ng, G)
-    # Columns whose sampled inputs are all zero would count for nothing, and the clip could
-    # then wreck them; they count as a column of average input energy instead.
-    energy = x.pow(2).mean(0)  # (K,)
-    live = energy > 0
-    fill = float(energy[live].mean()) if bool(live.any()) else 1.0
-    dead = grouped(torch.where(live, 0.0, fill * x.shape[0]).unsqueeze(0), gs)  # (1, ng, G)
 
     def error(deq: torch.Tensor) -> torch.Tensor:
         d = grouped((deq - w) / mw, gs)  # (N, ng, G)
-        return torch.einsum("tgk,ngk->ntg", xg, d).pow(2).sum(1) + (d.pow(2) * dead).sum(-1)
+        return torch.einsum("ngi,gij,ngj->ng", d, blocks, d)
 
     return clip_search(w, scheme, grid, error)
 
