@@ -388,7 +388,8 @@ def _domains(res: dict) -> str:
                 line.append(f"{ppl:.2f} ({statistics.mean(kept):.2f}{spread}){' *' if calib == d else ''}")
             table.append(line)
         out += ["", f"**{scheme}**", "", markdown_table(["method", "calibration", *evals], table)]
-        out += ["", _unseen_summary(cells, fp, rtn, evals)]
+        calibrated = {k: v for k, v in cells.items() if k[1] != "-"}  # data-free rows (HQQ) are no claim
+        out += ["", _unseen_summary(calibrated, fp, rtn, evals)]
         if peers:
             out[-1] += " Peers (same calibration windows): " + _unseen_summary(peers, fp, rtn, evals)
     if res.get("peers"):

@@ -1035,7 +1035,7 @@ def section_domains_minilm(quick: bool) -> dict:
 def section_domains(quick: bool) -> dict:
     """Accuracy beyond the calibration text (issue 13): SmolLM2-135M, each calibrated method x
     scheme x calibration domain (python-docs, handbook: each leaves three unseen) x seed, perplexity on
-    the eval split of every domain (lowbit.evaluate.domains); RTN and FP32 beside them. A cell
+    the eval split of every domain (lowbit.evaluate.domains); RTN, data-free HQQ and FP32 beside them. A cell
     whose calibration domain is its evaluation domain is in-domain; the others are the claim."""
     import lowbit
     from lowbit.evaluate import domains as D
@@ -1069,6 +1069,9 @@ def section_domains(quick: bool) -> dict:
 
     rows = [cell("fp32", "fp32", "-", 0, lambda: zoo.model)]
     rows += [cell(s, "rtn", "-", 0, lambda s=s: lowbit.quantize(copy.deepcopy(zoo.model), s)) for s in schemes]
+    # HQQ needs no data: one cell per scheme, every domain unseen (the data-free baseline beside RTN).
+    rows += [cell(s, "hqq", "-", 0, lambda s=s: lowbit.quantize(copy.deepcopy(zoo.model), s, method="hqq"))
+             for s in schemes]  # fmt: skip
     for seed in seeds:  # seed outermost: an interrupted run has every cell once before any twice
         for scheme in schemes:
             for method in methods:

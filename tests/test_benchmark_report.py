@@ -18,7 +18,7 @@ def _res():
             {"scheme": "w4", "method": "gptq", "calib": "a", "seed": 1, "ppl": {"a": 11.0, "b": 25.0}},
             # calibrated on b: unseen a (RTN loss 10) -> kept 0.9
             {"scheme": "w4", "method": "gptq", "calib": "b", "seed": 0, "ppl": {"a": 19.0, "b": 21.0}}]
-    peers = [{"peer": "llmc", "algorithm": "GPTQ (GPTQModifier)", "scheme": "w4", "status": "ok",
+    peers = [{"peer": "llmc", "version": "0.1", "algorithm": "GPTQ (GPTQModifier)", "scheme": "w4", "status": "ok",
               "calib_domain": "a", "seed": 0, "ppl_by_domain": {"a": 12.0, "b": 50.0}},
              {"peer": "llmc", "algorithm": "AWQ (x)", "scheme": "w4", "status": "error", "calib_domain": "a"}]
     return {"evals": ["a", "b"], "rows": rows, "peers": peers}
@@ -33,3 +33,18 @@ def test_domains_overview_means_pairs_then_seeds_and_reports_the_worst_run():
     # the peer's one ok row: b kept (50-20)/20 = 1.5, its failed row ignored
     assert cells[2] == "1.50 (worst 1.50; 1 seed)"
     assert "llm-compressor GPTQ" in text and "AWQ" not in text.split("\n\n")[1].splitlines()[0]
+
+
+def test_data_free_rows_count_every_domain_in_the_overview_but_are_no_claim():
+    res = _res()
+    # HQQ uses no data: both domains are unseen -> kept (15-10)/10 = 0.5 and (38-20)/20 = 0.9
+    res["rows"].append({"scheme": "w4", "method": "hqq", "calib": "-", "seed": 0, "ppl": {"a": 15.0, "b": 38.0}})
+    res.update(tokens=1, domains={"a": "A", "b": "B"}, calibration="c", seeds=[0, 1], date="d", command="c",
+               machine={"cpu": "x", "threads": 2, "torch": "t"}, versions={})
+    line = next(x for x in report.domains_overview(res).splitlines() if x.startswith("| w4 "))
+    assert [c.strip() for c in line.strip("|").split("|")][2] == "0.70 (worst 0.90; 1 seed)"
+    # the per-scheme claim ("the best method keeps at most ...") is over calibrated methods only:
+    # gptq's pairs are a->b 0.375 and b->a 0.9, so the worst best-method pair is 0.90 (gptq), never hqq
+    text = report._domains(res)
+    claim = next(x for x in text.splitlines() if x.startswith("Unseen domains:"))
+    assert "keeps at most 0.90 of RTN's loss (gptq, b → a)" in claim and "hqq" not in claim
