@@ -231,6 +231,120 @@ def test_awq_clip_error_is_the_output_error_over_all_tokens():
     assert torch.equal(got.scale, want.gather(0, best.unsqueeze(0))[0])
 
 
+def test_awq_scale_search_adds_the_linears_errors_in_real_units():
+    """Linears sharing an input (q/k/v) of very different magnitudes: the chosen alpha is the one
+    with the least summed output error ``sum_i tr(D_i H D_i^T)``, found here by brute force (each
+    linear once divided by its own range weighted a small linear's error up by 1/max|W|^2)."""
+    from lowbit.primitives import choose_qparams, dequantize_codes, quantize_codes
+
+    s = parse_scheme("w4g64")
+
+    def rtn(w):
+        qp = choose_qparams(w, s)
+        return dequantize_codes(quantize_codes(w, qp, s), qp, s)
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2048, 128, generator=g)
+        x[:, :4] *= 20.0
+        h, mean_abs = x.t() @ x / len(x), x.abs().mean(0)
+        w1 = torch.randn(64, 128, generator=g) * 0.02
+        w2 = torch.randn(64, 128, generator=g)
+        w2[:, 4:8] *= 8.0
+        _, alpha = awq.search_scales([w1, w2], h, mean_abs, s)
+
+        losses = {}
+        for a in awq.ALPHA_GRID:
+            sc = mean_abs.pow(a)
+            sc = sc / (sc.max() * sc.min()).sqrt()
+            losses[a] = sum(float(((d := rtn(w * sc) / sc - w) @ h * d).sum()) for w in (w1, w2))
+        assert losses[alpha] <= min(losses.values()) * (1 + 1e-5) and losses[alpha] <= losses[0.0]
+
+
+def test_awq_refuses_a_non_finite_moment():
+    w, x = _problem(n=8, k=64, t=64)
+    h = x.t() @ x
+    h[3, 3] = float("inf")
+    with pytest.raises(gptq.HessianError, match="NaN/Inf"):
+        awq.search_scales([w], h, x.abs().mean(0), parse_scheme("w4g64"))
+    with pytest.raises(gptq.HessianError, match="NaN/Inf"):
+        awq.search_clip(w, h, parse_scheme("w4g64"))
+
+
+def test_moment_shrinkage_follows_its_estimator():
+    """Schaefer & Strimmer's intensity toward the diagonal, with Gaussian entry variances:
+    d = sum_{i!=j} (s_ii s_jj + s_ij^2) / (n sum_{i!=j} s_ij^2), clipped to [0, 1]."""
+    from lowbit.algorithms.moments import shrink_to_diagonal
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, generator=g) @ (torch.randn(12, 12, generator=g) * 0.3 + torch.eye(12))
+    s = x.t() @ x / 40
+    off = ~torch.eye(12, dtype=torch.bool)
+    dg = s.diagonal()
+    d = float(((dg.outer(dg) + s**2)[off]).sum() / (40 * (s**2)[off].sum()))
+    assert 0 < d < 1
+    got = shrink_to_diagonal(2 * s, 40)  # any positive multiple of the moment
+    want = 2 * ((1 - d) * s + d * torch.diag(dg))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(shrink_to_diagonal(s, 1), torch.diag(dg))  # one token: the diagonal
+    assert torch.allclose(shrink_to_diagonal(s, 10**9), s, atol=1e-6)  # endless data: the moment
+    diag = torch.diag(torch.rand(5, generator=g))
+    assert torch.equal(shrink_to_diagonal(diag, 3), diag)  # nothing off the diagonal to shrink
+
+
+def test_calibrated_methods_are_no_worse_than_rtn_on_few_tokens():
+    """With fewer calibration tokens than input channels E[x x^T] is singular: searched and
+    error-fed roundings fit the few directions it covers and lose elsewhere (GPTQ 2.7x, AWQ's clip
+    4x RTN's output error on fresh inputs before the moment was shrunk). Two-block toy, mean over
+    three seeds; the plain sample moment (shrink=False) must show the failure the default avoids."""
+    import copy
+    import warnings
+
+    from torch import nn
+
+    import lowbit
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc1, self.fc2 = nn.LayerNorm(64), nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers, self.head = nn.ModuleList([Block(), Block()]), nn.Linear(64, 16)
+
+        def forward(self, x):
+            for b in self.layers:
+                x = b(x)
+            return self.head(x)
+
+    def err(m, ref, x):
+        with torch.no_grad():
+            return float((m(x) - ref(x)).pow(2).mean() / ref(x).pow(2).mean())
+
+    ratios: dict = {}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        base, calib, fresh = Net(), torch.randn(1, 512, 64), torch.randn(4, 64, 64)
+        rtn = err(lowbit.quantize(copy.deepcopy(base), "w4g32"), base, fresh)
+        for n in (2, 8, 32):
+            for method, kw in (("awq", {}), ("gptq", {}), ("awq+gptq", {}), ("gptq", {"shrink": False})):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (the few-tokens warning)
+                    q = lowbit.quantize(copy.deepcopy(base), "w4g32", method=method, calibration=[calib[:, :n]], **kw)
+                key = (method, n, tuple(kw))
+                ratios[key] = ratios.get(key, 0.0) + err(q, base, fresh) / rtn / 3
+    for (method, n, kw), r in ratios.items():
+        if kw:
+            assert r > 1.2, (method, n, r)  # the plain moment: worse than RTN
+        else:
+            assert r < 1.05, (method, n, r)
+
+
 def test_smoothquant_balances_activation_and_weight_ranges():
     w, x = _problem()
     amax = x.abs().amax(0)

@@ -65,6 +65,31 @@ def test_awq_folds_scales_exactly_and_v_to_o_only_without_gqa():
         assert not torch.equal(m.model.layers[0].input_layernorm.weight, norm_before)  # a scale moved
 
 
+def test_awq_folds_scales_in_a_bf16_model():
+    """Storing the scaled weights in bfloat16 moves the block's output by a few 1e-3 (half the
+    dtype's epsilon): that is rounding, not a broken fold, so the scales stay (no warning)."""
+    m = tiny_llama().to(torch.bfloat16)
+    norm_before = m.model.layers[0].input_layernorm.weight.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "got no activation scales"
+        lowbit.quantize(m, "w4g32", method="awq", calibration=batches(t=64))
+    assert not torch.equal(m.model.layers[0].input_layernorm.weight, norm_before)
+
+
+def test_awq_without_blocks_says_it_folds_no_scales():
+    m = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    with pytest.warns(UserWarning, match="no chain of repeated blocks"):
+        lowbit.quantize(m, "w4g32", method="awq", calibration=[torch.randn(4, 64, 64)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # blocks found, head outside them: no warning
+        lowbit.quantize(tiny_llama(), "w4g32", method="awq", calibration=batches(t=64))
+
+
+def test_fewer_calibration_tokens_than_input_channels_warn():
+    with pytest.warns(UserWarning, match="gptq: 8 calibration tokens reached a layer with 64 input channels"):
+        lowbit.quantize(tiny_llama(), "w4g32", method="gptq", calibration=[torch.randint(0, 128, (1, 8))])
+
+
 def test_gptq_beats_rtn_on_the_calibration_objective():
     m = tiny_llama()
     ref = logits(m)

@@ -449,6 +449,11 @@ def run(
                     for i, b in enumerate(originals):
                         blocks[i] = b
             elif remaining:
+                if algo.smooth is not None and found is None:
+                    warnings.warn(
+                        f"{algo.name}: the model has no chain of repeated blocks (a ModuleList of two or more "
+                        "same-type modules holding Linears), where activation scales are searched and folded; "
+                        "its layers are quantized without them", stacklevel=3)  # fmt: skip
                 _quantize_rest(model, batches, masks, remaining, algo, options, restore, done, make_module, observer)
             if bias_correction is not False and stream is None:  # (the stream's caller refused it)
                 floats = dict(restore.modules)
@@ -712,17 +717,25 @@ def _smooth_block(block, inputs, ref_out, order, producers, local, stats, layers
         # does not (the input also feeds a path besides these linears, e.g. a post-norm block's
         # residual, or a norm of another form) is undone and the group quantized unscaled
         err = _change(block, inputs, ref_out)
-        if err > 1e-3:
+        if err > _fold_tolerance(weights[0].dtype):
             restore.rollback(mark)
             unscaled.append(f"{bname}.{group[0]} ({err:.1e})")
             continue
         stats[group[0]].rescale(s)
     err = _change(block, inputs, ref_out)
-    if err > 1e-3:  # pragma: no cover - each fold was checked alone
+    if err > _fold_tolerance(next(block.parameters()).dtype):  # pragma: no cover - each fold was checked alone
         raise CalibrationError(
             f"{bname}: folding activation scales changed the block's output by {err:.2e} (relative); "
             "this architecture's norms or layers do not fold as lowbit assumes"
         )
+
+
+def _fold_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative change of a block's output a scale fold may cause: 1e-3, or, in a
+    16-bit model, twice the dtype's epsilon (storing the scaled weights rounds each to the dtype,
+    which moves bf16 outputs by a few 1e-3; a fold that breaks the function moves them by far more)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-3, 2.0 * eps)
 
 
 def _change(block: nn.Module, inputs: list, ref_out: list) -> float:
@@ -789,6 +802,11 @@ def _quantize_one(mod, name, kind, scheme, st, obs, algo, options, make_module, 
         new = make_module(mod, kind, rtn.quantize_weight(w, scheme, name=f"{name}.weight"), None)
         new.method = "rtn"
         return new
+    if st is not None and st.h is not None and 0 < st.tokens < st.k:
+        warnings.warn(
+            f"{algo.name}: {st.tokens} calibration tokens reached a layer with {st.k} input channels; with fewer "
+            "tokens than channels E[x x^T] is singular and mostly noise, so it is shrunk toward its diagonal "
+            "(close to round to nearest). Calibrate on more tokens (lowbit's default: 64 x 512)", stacklevel=2)  # fmt: skip
     qw = algo.quantize_weight(w, scheme, name=f"{name}.weight", stats=st, **options)
     return make_module(mod, kind, qw, obs.qparams() if obs is not None else None)
 

@@ -37,7 +37,7 @@ import torch
 from ..qweight import QWeight
 from ..scheme import Scheme
 from ..sparse import SparseWeight, group_keep
-from . import awq, gptq, hqq, pruning, rtn, smoothquant
+from . import awq, gptq, hqq, moments, pruning, rtn, smoothquant
 
 __all__ = ["Algorithm", "ALGORITHMS", "get_algorithm"]
 
@@ -109,29 +109,37 @@ def _hqq(w, scheme, *, name="weight", stats=None, importance=None, **_):
     return hqq.quantize_weight(w, scheme, name=name, importance=importance)
 
 
-def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", **_):
-    qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp, act_order=act_order, block=block,
+def _moment(stats, shrink: bool = True):
+    """The second moment the searches score through: shrunk toward its diagonal by the
+    calibration's token count (``moments.shrink_to_diagonal``), or the plain sample moment."""
+    return moments.shrink_to_diagonal(stats.hessian, stats.tokens) if shrink else stats.hessian
+
+
+def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", shrink=True, **_):
+    qw = gptq.quantize_weight(_flat(w), _moment(stats, shrink), scheme, name=name, damp=damp, act_order=act_order, block=block,
                               clip=clip)  # fmt: skip
     return _reshaped(qw, w)
 
 
-def _awq_quantize(w, scheme, *, name="weight", stats, clip=True, **_):
+def _awq_quantize(w, scheme, *, name="weight", stats, clip=True, shrink=True, **_):
     from ..primitives import check_finite, choose_qparams
 
     check_finite(w, name)
     w2 = _flat(w)
-    qp = awq.search_clip(w2, stats.hessian, scheme) if clip else choose_qparams(w2, scheme)
+    qp = awq.search_clip(w2, _moment(stats, shrink), scheme) if clip else choose_qparams(w2, scheme)
     return QWeight.from_float(w, scheme, qp, name=name, check=False)
 
 
-def _awq_smooth(weights, stats, scheme, **_):
-    s, _alpha = awq.search_scales(weights, stats.hessian, stats.mean_abs, scheme)
+def _awq_smooth(weights, stats, scheme, shrink=True, **_):
+    s, _alpha = awq.search_scales(weights, _moment(stats, shrink), stats.mean_abs, scheme)
     return s
 
 
-def _awq_gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", **_):
-    qp = awq.search_clip(_flat(w), stats.hessian, scheme) if clip == "awq" else None
-    qw = gptq.quantize_weight(_flat(w), stats.hessian, scheme, name=name, damp=damp,
+def _awq_gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", shrink=True,
+              **_):  # fmt: skip
+    h = _moment(stats, shrink)
+    qp = awq.search_clip(_flat(w), h, scheme) if clip == "awq" else None
+    qw = gptq.quantize_weight(_flat(w), h, scheme, name=name, damp=damp,
                               act_order=act_order, block=block, qparams=qp,
                               clip="hessian" if clip == "awq" else clip)  # fmt: skip
     return _reshaped(qw, w)
@@ -235,7 +243,7 @@ def _exact_zero(s: Scheme) -> str | None:
 
 _PRUNE_OPTS = {"sparsity": _number(0.0, 0.99), "nm": _nm}
 _GPTQ_OPTS = {"damp": _number(1e-6, 1.0), "act_order": _flag, "block": _int(8, 4096), "sequential": _flag,
-              "clip": _choice(*gptq.CLIP_CHOICES)}
+              "clip": _choice(*gptq.CLIP_CHOICES), "shrink": _flag}
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
@@ -246,7 +254,7 @@ ALGORITHMS: dict[str, Algorithm] = {
                   doc="half-quadratic optimisation of scales and zeros; data-free"),
         Algorithm("gptq", _gptq, True, _GPTQ_OPTS, needs=("hessian",), serves=_integer_or_codebook,
                   doc="GPTQ with damping, blocked lazy updates, groups, act-order with static groups, Hessian-weighted clip"),
-        Algorithm("awq", _awq_quantize, True, {"clip": _flag}, needs=("hessian", "absmean"), smooth=_awq_smooth,
+        Algorithm("awq", _awq_quantize, True, {"clip": _flag, "shrink": _flag}, needs=("hessian", "absmean"), smooth=_awq_smooth,
                   serves=_integer_or_codebook, doc="AWQ scale search (folded) + output-aware clipping"),
         Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _choice(*gptq.CLIP_CHOICES, "awq")}, needs=("hessian", "absmean"),
                   smooth=_awq_smooth, serves=_integer_or_codebook, doc="AWQ channel scaling, then GPTQ"),

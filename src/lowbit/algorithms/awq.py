@@ -23,6 +23,7 @@ import torch
 
 from ..primitives import QParams, choose_qparams, clip_search, dequantize_codes, grouped, quantize_codes
 from ..scheme import Scheme
+from .gptq import HessianError
 
 __all__ = ["search_scales", "search_clip", "ALPHA_GRID", "CLIP_GRID"]
 
@@ -62,8 +63,13 @@ def search_scales(
     # s would shrink their weights to nothing while 1/s blew up their real inputs.
     if not bool(live.any()):
         return torch.ones_like(mean_abs), 0.0
+    if not bool(torch.isfinite(hessian).all()):
+        raise HessianError("the input's second moment E[x x^T] has NaN/Inf (activations too large for float32?)")
     h = _unit(hessian.float())  # the search is scale-free; unit range keeps the sums in float32
-    weights = [_unit(w.float()) for w in weights]
+    # One common unit for every linear: their errors add up in the output's real units (each
+    # divided by its own range would weight a small-valued linear's error up by 1/max|W|^2).
+    unit = max((float(w.abs().max()) for w in weights if w.numel()), default=0.0) or 1.0
+    weights = [w.float() / unit for w in weights]
     best = (torch.ones_like(mean_abs), float("inf"), 0.0)
     for alpha in grid:
         s = mean_abs.clamp_min(1e-8).pow(alpha)
@@ -90,6 +96,8 @@ def search_clip(
     """
     if scheme.per_tensor:
         return choose_qparams(w, scheme)
+    if not bool(torch.isfinite(hessian).all()):
+        raise HessianError("the input's second moment E[x x^T] has NaN/Inf (activations too large for float32?)")
     w = w.float()
     k = w.shape[1]
     gs = k if scheme.group_size is None else scheme.group_size
