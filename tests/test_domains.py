@@ -81,7 +81,10 @@ def test_mixed_calibration_draws_equally_from_every_domain(smollm2):
 
 def test_calibration_asks_for_more_than_a_domain_holds(smollm2):
     _present("licences")
-    with pytest.raises(D.DataError, match="the calib split of licences has"):
+    with pytest.raises(
+        D.DataError,
+        match=r"200 windows of 512 tokens do not fit in the calib split of licences \(windows each holds: licences \d+\)",
+    ):
         lowbit.calibration_batches(smollm2.tokenizer, "licences", nsamples=200, seqlen=512)
 
 
@@ -94,7 +97,7 @@ def test_max_calibration_samples_is_the_most_that_can_be_drawn(smollm2, seqlen):
         n = D.max_calibration_samples(tok, domains, seqlen=seqlen)
         assert n >= 1
         assert sum(len(b) for b in lowbit.calibration_batches(tok, domains, nsamples=n, seqlen=seqlen)) == n
-        with pytest.raises(D.DataError, match="need at least"):
+        with pytest.raises(D.DataError, match="do not fit"):
             lowbit.calibration_batches(tok, domains, nsamples=n + 1, seqlen=seqlen)
     text = "A short text of your own, repeated. " * 300
     n = D.max_calibration_samples(tok, text=text, seqlen=seqlen // 4)
@@ -151,3 +154,94 @@ def test_domain_perplexities_scores_each_domain_on_its_own_eval_tokens(smollm2):
         D.domain_perplexities(model, tok, ["no-such-domain"], max_tokens=256, seqlen=128)
     with pytest.raises(D.DataError, match="fewer than max_tokens"):
         D.domain_perplexities(model, tok, ["licences"], max_tokens=10**8)
+
+
+@pytest.mark.parametrize(
+    "fits, n, want",
+    [
+        ([10, 10, 10], 7, [3, 2, 2]),  # equal shares, the first n % k one more
+        ([1, 10, 10], 7, [1, 3, 3]),  # a short domain gives all it has, the others share the rest
+        ([1, 2, 10], 9, [1, 2, 6]),
+        ([0, 5], 3, [0, 3]),
+        ([3, 4], 7, [3, 4]),  # every window
+        ([3, 4], 8, None),  # more than all of them hold
+    ],
+)
+def test_calibration_shares_fill_short_domains_from_the_others(fits, n, want):
+    got = D._shares(fits, n)
+    assert got == want
+    if got is not None:
+        assert sum(got) == n and all(0 <= g <= f for g, f in zip(got, fits))
+
+
+def test_mixed_calibration_survives_a_short_domain(smollm2, monkeypatch):
+    """Without Debian's python3.11-doc, python-docs is the stdlib's short pydoc_data text (about
+    14 windows of 512): lowbit's default 64 x 512 mixed calibration must still draw, from the other
+    domains, and an impossible request must say what to install."""
+    tok = smollm2.tokenizer
+    names = D.available_domains()
+    if len(names) < 3:
+        pytest.skip("needs three text domains")
+    short = names[1]
+    real = D.domain_token_ids
+    monkeypatch.setattr(
+        D,
+        "domain_token_ids",
+        lambda t, n, split="eval", max_tokens=None: (
+            real(t, n, split, max_tokens)[: 3 * 64] if n == short else real(t, n, split, max_tokens)
+        ),
+    )
+    windows = torch.cat(lowbit.calibration_batches(tok, nsamples=8 * len(names), seqlen=64, seed=1))
+    assert len(windows) == 8 * len(names) and len({tuple(w.tolist()) for w in windows}) == len(windows)
+    from_short = sum(_contains(real(tok, short, "calib")[: 3 * 64], w) for w in windows)
+    assert from_short == 3  # all it holds; the others made up the rest
+    assert D.max_calibration_samples(tok, seqlen=64) == sum(
+        len(D.domain_token_ids(tok, n, "calib")) // 64 for n in names
+    )
+
+
+def test_calibration_arguments_are_checked(smollm2):
+    tok = smollm2.tokenizer
+    for kw, msg in [({"nsamples": 2.0}, "nsamples must be an integer"), ({"nsamples": True}, "nsamples must be an integer"),
+                    ({"seqlen": 2.5}, "seqlen must be an integer"), ({"seed": None}, "seed must be an integer"),
+                    ({"seed": "0"}, "seed must be an integer"), ({"seed": 2**70}, "seed must fit in 64 bits"),
+                    ({"text": "some text " * 50, "domains": "quotes"}, "either text= or domains"),
+                    ({"domains": None}, "domains must be a domain name or a list"),
+                    ({"domains": ["mixed", "quotes"]}, "does not combine"),
+                    ({"domains": "word " * 30}, "pass it as text=")]:  # fmt: skip
+        with pytest.raises(D.DataError, match=msg):
+            lowbit.calibration_batches(tok, **{"nsamples": 2, "seqlen": 16, **kw})
+    # a lone string to exclude is one name; a name given twice is one domain
+    names = D.available_domains()
+    held = torch.cat(lowbit.calibration_batches(tok, nsamples=6, seqlen=32, exclude=names[0]))
+    assert not any(_contains(D.domain_token_ids(tok, names[0], "calib"), w) for w in held)
+    n = D.max_calibration_samples(tok, [names[1], names[1]], seqlen=512)
+    assert n == D.max_calibration_samples(tok, names[1], seqlen=512)
+    w = torch.cat(lowbit.calibration_batches(tok, [names[1], names[1]], nsamples=n, seqlen=512))
+    assert len({tuple(r.tolist()) for r in w}) == n  # every window once
+    with pytest.raises(D.DataError, match="stands for every domain"):
+        D.domain_text("mixed", "eval")
+    for kw in ({"seqlen": 1}, {"max_tokens": 100, "seqlen": 128}, {"max_tokens": 0}):
+        with pytest.raises(D.DataError, match="seqlen <= max_tokens|must be"):
+            D.domain_perplexities(smollm2.model, tok, names[:1], **kw)
+    with pytest.raises(D.DataError, match="no text domain left to score"):
+        D.domain_perplexities(smollm2.model, tok, [])
+    with pytest.raises(D.DataError, match="max_tokens must be a positive integer"):
+        D.domain_token_ids(tok, names[0], "eval", max_tokens=0)
+
+
+def test_cli_calibration_text_options(smollm2, tmp_path):
+    from lowbit.cli import CliError, _domain_names, _model_inputs
+
+    f = tmp_path / "mine.txt"
+    f.write_text("Text of my own domain. " * 200)
+    with pytest.raises(CliError, match="give one"):
+        _model_inputs(smollm2, 2, 16, 0, str(f), "smollm2-135m", "quotes")
+    assert _domain_names(" handbook , quotes,") == ("handbook", "quotes")
+    assert _domain_names(None) == ("mixed",)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\xe9 au lait. ".encode("latin-1") * 100)
+    with pytest.raises(CliError, match=r"latin1.txt: not UTF-8 text"):
+        _model_inputs(smollm2, 2, 16, 0, str(bad), "smollm2-135m")
+    with pytest.raises(CliError, match=r"nothing.txt: No such file"):
+        _model_inputs(smollm2, 2, 16, 0, str(tmp_path / "nothing.txt"), "smollm2-135m")

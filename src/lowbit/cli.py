@@ -86,13 +86,28 @@ def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, na
         raise CliError(f"{name} has no tokenizer to turn calibration text into inputs")
     from lowbit.evaluate.domains import calibration_batches
 
-    text = Path(calib_file).read_text() if calib_file else None
-    return calibration_batches(zm.tokenizer, _domain_names(domains), nsamples=n, seqlen=seqlen, seed=seed, text=text)
+    if calib_file and domains:
+        raise CliError("--calib FILE and --calib-domains both choose the calibration text; give one")
+    text = _calib_text(calib_file) if calib_file else None
+    if text is not None:
+        return calibration_batches(zm.tokenizer, nsamples=n, seqlen=seqlen, seed=seed, text=text)
+    return calibration_batches(zm.tokenizer, _domain_names(domains), nsamples=n, seqlen=seqlen, seed=seed)
+
+
+def _calib_text(path: str) -> str:
+    """The text of --calib FILE (UTF-8), or a CliError naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"--calib {path}: not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+    except OSError as e:
+        raise CliError(f"--calib {path}: {e.strerror or e}") from None
 
 
 def _domain_names(domains: str | None) -> tuple[str, ...]:
-    """--calib-domains as the names calibration_batches takes (default: mixed)."""
-    return tuple(d for d in (domains or "mixed").split(",") if d)
+    """--calib-domains as the names calibration_batches takes (default: mixed); spaces around
+    the commas are ignored."""
+    return tuple(d.strip() for d in (domains or "mixed").split(",") if d.strip())
 
 
 class CliError(ValueError):
@@ -122,6 +137,7 @@ def cmd_quantize(args) -> int:
         return _err("give exactly one of --scheme or --recipe")
     spec = lowbit.Recipe.load(args.recipe) if args.recipe else lowbit.parse_scheme(args.scheme)
     options = {k: v for k, v in (("clip", args.clip), ("damp", args.damp), ("act_order", args.act_order),
+                                 ("shrink", args.shrink),
                                  ("alpha", args.alpha), ("importance", args.importance),
                                  ("sparsity", args.sparsity), ("nm", args.nm)) if v is not None}  # fmt: skip
     if get_algorithm(args.method).prunes and "sparsity" not in options and "nm" not in options:
@@ -505,7 +521,7 @@ def _default_distill_samples(zm, args) -> int:
         return 256
     from lowbit.evaluate.domains import max_calibration_samples
 
-    text = Path(args.calib).read_text() if args.calib else None
+    text = _calib_text(args.calib) if args.calib else None
     return max(1, min(256, max_calibration_samples(zm.tokenizer, _domain_names(args.calib_domains),
                                                    seqlen=args.seqlen, text=text)))
 
@@ -911,6 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, help="gptq: Hessian damping, fraction of its mean diagonal (0.01)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: quantize columns in order of decreasing activation energy (default on)")
+    q.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq, awq, awq+gptq: shrink E[x x^T] toward its diagonal by the calibration's token "
+                        "count (default on; --no-shrink: the plain sample moment, as the papers)")
     q.add_argument("--alpha", type=float, help="smoothquant: migration strength in [0, 1] (0.5)")
     q.add_argument("--observer", default="minmax", choices=list(OBSERVERS),
                    help="static activation schemes (w8a8-static): how input ranges are chosen (minmax)")

@@ -133,7 +133,12 @@ def _paragraphs(name: str) -> tuple[tuple[str, str], ...]:
 
 
 def _known(name: str) -> str:
+    if name == MIXED:
+        raise DataError(f"{MIXED!r} stands for every domain; this takes one domain: {', '.join(DOMAINS)}")
     if name not in DOMAINS:
+        if len(name) > 40 or "\n" in name:  # text passed where a name goes
+            raise DataError(f"unknown text domain {name[:40]!r}... ({len(name)} characters): to calibrate on your "
+                            "own text, pass it as text=")  # fmt: skip
         raise DataError(f"unknown text domain {name!r}; domains: {', '.join(DOMAINS)}, or {MIXED!r}")
     return name
 
@@ -168,7 +173,10 @@ def domain_text(name: str, split: str) -> str:
 
 
 def domain_token_ids(tokenizer, name: str, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids ``(n,)`` long of one split of domain ``name`` (its first ``max_tokens`` if given)."""
+    """Token ids ``(n,)`` long of one split of domain ``name`` (its first ``max_tokens`` if given,
+    a positive integer)."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise DataError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
     return data.cached_token_ids(tokenizer, ("domain", name, split), lambda: domain_text(name, split), max_tokens)
 
 
@@ -202,7 +210,12 @@ def domain_perplexities(model, tokenizer, domains: str | tuple[str, ...] | list[
     scored on the same number of tokens)."""
     from .perplexity import perplexity
 
-    names = available_domains() if domains is None else _resolve(domains, ())
+    for what, v in (("max_tokens", max_tokens), ("seqlen", seqlen)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise DataError(f"{what} must be an integer, got {v!r}")
+    if seqlen < 2 or max_tokens < seqlen:
+        raise DataError(f"need 2 <= seqlen <= max_tokens; got seqlen={seqlen}, max_tokens={max_tokens}")
+    names = available_domains() if domains is None else _resolve(domains, (), "score")
     out = {}
     for d in names:
         have = len(domain_token_ids(tokenizer, d, "eval", max_tokens))
@@ -211,21 +224,32 @@ def domain_perplexities(model, tokenizer, domains: str | tuple[str, ...] | list[
     for d in names:
         # a prefix of the split long enough for max_tokens tokens (English runs ~4 characters a token)
         out[d] = perplexity(model, tokenizer, text=domain_text(d, "eval")[: max_tokens * 8], max_tokens=max_tokens,
-                            seqlen=seqlen, source=d)  # fmt: skip
+                            seqlen=seqlen, source=_source(d))  # fmt: skip
         if out[d].windows < max_tokens // seqlen:  # a split of more than 8 characters a token
             raise DataError(f"the eval split of {d!r}: {max_tokens * 8} characters held fewer than {max_tokens} tokens")
     return out
 
 
-def _resolve(domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...]) -> list[str]:
-    names = [domains] if isinstance(domains, str) else list(domains)
+def _source(name: str) -> str:
+    """The domain's name, and the text standing in for it where that is not its usual one."""
+    if name == "python-docs" and data.text_source() != DOMAINS[name][1]:
+        return f"{name} ({data.text_source()})"
+    return name
+
+
+def _resolve(
+    domains: str | tuple[str, ...] | list[str], exclude: tuple[str, ...], what: str = "calibrate on"
+) -> list[str]:
+    names = list(dict.fromkeys(_names(domains, "domains")))  # a name given twice is one domain
     if names == [MIXED]:
         names = available_domains()
+    elif MIXED in names:
+        raise DataError(f"{MIXED!r} means every domain present here; it does not combine with other names")
     for n in names + list(exclude):
         _known(n)
     names = [n for n in names if n not in exclude]
     if not names:
-        raise DataError("no text domain left to calibrate on")
+        raise DataError(f"no text domain left to {what}")
     return names
 
 
@@ -245,13 +269,39 @@ def max_calibration_samples(
         raise DataError(f"seqlen must be >= 2, got {seqlen}")
     if text is not None:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) // seqlen
-    names = _resolve(domains, tuple(exclude))
-    fits = [len(domain_token_ids(tokenizer, n, split)) // seqlen for n in names]
-    k, low = len(fits), min(fits)
-    # equal shares, the first n % k domains one more: k * low always fits; one more per leading
-    # domain while each of them still holds low + 1 windows
-    extra = next((i for i, f in enumerate(fits) if f <= low), k)
-    return k * low + extra
+    names = _resolve(domains, _names(exclude, "exclude"))
+    return sum(len(domain_token_ids(tokenizer, n, split)) // seqlen for n in names)
+
+
+def _shares(fits: list[int], n: int) -> list[int] | None:
+    """Windows per domain for ``n`` samples from domains holding ``fits`` windows: equal shares
+    (the first ``n % k`` one more); a domain too short for its share gives all it holds and the
+    rest is spread the same way over the others. None when all of them together hold fewer."""
+    if n > sum(fits):
+        return None
+    share, left, open_ = [0] * len(fits), n, list(range(len(fits)))
+    while left:
+        q, r = divmod(left, len(open_))
+        want = {i: q + (1 if j < r else 0) for j, i in enumerate(open_)}
+        short = [i for i in open_ if fits[i] - share[i] < want[i]]
+        if not short:
+            for i in open_:
+                share[i] += want[i]
+            break
+        for i in short:
+            left -= fits[i] - share[i]
+            share[i] = fits[i]
+        open_ = [i for i in open_ if i not in short]
+    return share
+
+
+def _names(v, what: str) -> tuple[str, ...]:
+    """A domain name or a sequence of them, as a tuple (a lone string is one name, not letters)."""
+    if isinstance(v, str):
+        return (v,)
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise DataError(f"{what} must be a domain name or a list of them, got {v!r}")
+    return tuple(v)
 
 
 def calibration_batches(
@@ -268,24 +318,43 @@ def calibration_batches(
 ) -> list[torch.Tensor]:
     """Calibration inputs for a language model: ``nsamples`` windows of ``seqlen`` tokens from the
     ``split`` part of ``domains`` (one name, several, or ``"mixed"``: every domain present here,
-    lowbit's default), minus ``exclude``; equal numbers of windows from each domain (the first
-    ``nsamples % len(domains)`` one more), drawn without overlap by a seeded choice, then shuffled
-    together; as ``(batch_size, seqlen)`` token-id batches (the last may be smaller). ``text``:
-    draw from this text instead (your own domain). Raises :class:`DataError` for unknown or
-    absent domains, or when a domain (or ``text``) holds fewer tokens than its share needs."""
+    lowbit's default; a name given twice counts once), minus ``exclude``; equal numbers of
+    windows from each domain (the first ``nsamples % len(domains)`` one more; a domain too short
+    for its share gives every window it holds and the others make up the rest), drawn without
+    overlap by a seeded choice, then shuffled together; as ``(batch_size, seqlen)`` token-id
+    batches (the last may be smaller). ``text``: draw from this text instead (your own domain;
+    then ``domains`` and ``exclude`` stay unset). Raises :class:`DataError` for unknown or absent
+    domains, non-integer sizes or seeds, both ``text`` and domains, or when the domains together
+    (or ``text``) hold fewer than ``nsamples`` windows."""
+    for what, v in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise DataError(f"{what} must be an integer, got {v!r}")
     if nsamples < 1 or seqlen < 2 or batch_size < 1:
         raise DataError(f"nsamples, batch_size must be >= 1 and seqlen >= 2; got {nsamples}, {batch_size}, {seqlen}")
+    if not -(2**63) <= seed < 2**63:
+        raise DataError(f"seed must fit in 64 bits, got {seed}")
     if text is not None:
+        if domains != MIXED or exclude:
+            raise DataError("give either text= or domains/exclude, not both")
         return data.calibration_batches(tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed,
                                         text=text)  # fmt: skip
-    names = _resolve(domains, tuple(exclude))
+    names = _resolve(domains, _names(exclude, "exclude"))
+    ids = {n: domain_token_ids(tokenizer, n, split) for n in names}
+    shares = _shares([len(ids[n]) // seqlen for n in names], nsamples)
+    if shares is None:
+        have = ", ".join(f"{n} {len(ids[n]) // seqlen}" for n in names)
+        hint = ""
+        if "python-docs" in names and data.text_source() != "python3.11-doc":
+            hint = (f"; python-docs is the stdlib's short pydoc_data text here (apt-get install "
+                    f"{DOMAINS['python-docs'][1]} for the full documentation)")  # fmt: skip
+        raise DataError(f"{nsamples} windows of {seqlen} tokens do not fit in the {split} split of {', '.join(names)} "
+                        f"(windows each holds: {have}){hint}; ask for fewer or shorter samples "
+                        "(max_calibration_samples), or add domains")  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     parts = []
-    for i, name in enumerate(names):
-        want = nsamples // len(names) + (1 if i < nsamples % len(names) else 0)
+    for name, want in zip(names, shares):
         if want == 0:
             continue
-        ids = domain_token_ids(tokenizer, name, split)
-        parts.append(data.windows(ids, want, seqlen, g, f"the {split} split of {name}"))
+        parts.append(data.windows(ids[name], want, seqlen, g, f"the {split} split of {name}"))
     allw = torch.cat(parts)[torch.randperm(nsamples, generator=g)]
     return [allw[i : i + batch_size] for i in range(0, nsamples, batch_size)]
