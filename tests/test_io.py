@@ -104,6 +104,18 @@ def test_interrupted_save_leaves_old_output_intact(tmp_path, monkeypatch, toy_in
     lowbit.load(tmp_path / "out", model=Toy())
 
 
+def test_an_unwritable_destination_is_named_not_its_temporary(monkeypatch, tmp_path):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)  # (root writes anywhere real)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'out'}: Permission denied") as e:
+        lowbit.save(_quantized_toy(), tmp_path / "out")
+    assert ".tmp-" not in str(e.value)
+
+
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

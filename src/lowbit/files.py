@@ -4,6 +4,7 @@ never sees half a file and an interrupted write leaves the old one intact."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,3 +25,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new empty directory beside ``path`` (same file system: it can be renamed into place).
+    Raises OSError naming ``path`` (not the temporary name) when its directory is not writable."""
+    path = Path(path)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None

@@ -31,12 +31,12 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import temp_dir_beside
 from .report import ExportEntry, ExportReport, check_finite, is_tied, refusals, rel_rms_error, requantize_weight
 
 __all__ = ["CTExportError", "ct_mapping", "export_compressed_tensors"]
@@ -319,7 +319,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, exac
                  transform_config={})  # fmt: skip
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    tmp = temp_dir_beside(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})  # fmt: skip

@@ -54,7 +54,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import temp_dir_beside
 from .report import ExportEntry, ExportReport, check_finite, check_output_file, refusals, requantize_weight
 
 __all__ = ["ONNXExportError", "export_onnx", "onnx_mapping", "pack_blocks"]
@@ -655,7 +655,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, exact: bool = Fals
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        tmp = temp_dir_beside(path)
         with contextlib.redirect_stdout(io.StringIO()):
             prog.save(str(tmp / path.name), external_data=big)
         from .writer import _permissions

@@ -13,7 +13,6 @@ import ctypes
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..files import temp_dir_beside
 from ..nn import QuantConv2d, QuantEmbedding, QuantModule, shared_row_conversion
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -162,7 +162,7 @@ class ModelWriter:
         _remove_stale(self.dst)
         self.modules: dict[str, dict] = {}
         self.aliases: dict[str, str] = {}
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-{os.getpid()}-", dir=self.dst.parent))
+        self.tmp = temp_dir_beside(self.dst)
         self.shards = ShardWriter(self.tmp, max_shard_bytes, self.modules)
 
     def __enter__(self) -> ModelWriter:
