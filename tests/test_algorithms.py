@@ -272,8 +272,8 @@ def test_awq_refuses_a_non_finite_moment():
 
 
 def test_moment_shrinkage_follows_its_estimator():
-    """Schaefer & Strimmer's intensity toward the diagonal, with Gaussian entry variances:
-    d = sum_{i!=j} (s_ii s_jj + s_ij^2) / (n sum_{i!=j} s_ij^2), clipped to [0, 1]."""
+    """Schaefer & Strimmer's intensity toward the diagonal on the standardized scale, Gaussian
+    entry variances: d = sum_{i!=j} (1 + r_ij^2) / (n sum_{i!=j} r_ij^2), clipped to [0, 1]."""
     from lowbit.algorithms.moments import shrink_to_diagonal
 
     g = torch.Generator().manual_seed(0)
@@ -281,15 +281,41 @@ def test_moment_shrinkage_follows_its_estimator():
     s = x.t() @ x / 40
     off = ~torch.eye(12, dtype=torch.bool)
     dg = s.diagonal()
-    d = float(((dg.outer(dg) + s**2)[off]).sum() / (40 * (s**2)[off].sum()))
+    r2 = (s / dg.outer(dg).sqrt()) ** 2
+    d = float((1 + r2[off]).sum() / (40 * r2[off].sum()))
     assert 0 < d < 1
     got = shrink_to_diagonal(2 * s, 40)  # any positive multiple of the moment
     want = 2 * ((1 - d) * s + d * torch.diag(dg))
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(shrink_to_diagonal(s, 1), torch.diag(dg))  # one token: the diagonal
+    # the same for every scale of the channels: a loud channel does not decide d
+    loud = torch.ones(12)
+    loud[0] = 1e4
+    assert torch.allclose(shrink_to_diagonal(s * loud.outer(loud), 40), got / 2 * loud.outer(loud), rtol=1e-4)
+    for c in (1e-25, 1e25):  # nor does the overall scale (float32 squares would under/overflow)
+        assert torch.allclose(shrink_to_diagonal(s * c, 40) / c, got / 2, rtol=1e-4)
+    assert torch.equal(shrink_to_diagonal(s, 0), torch.diag(dg))  # no tokens: the diagonal
+    assert torch.allclose(shrink_to_diagonal(s, 1), torch.diag(dg))  # one token: d clips to 1
     assert torch.allclose(shrink_to_diagonal(s, 10**9), s, atol=1e-6)  # endless data: the moment
     diag = torch.diag(torch.rand(5, generator=g))
     assert torch.equal(shrink_to_diagonal(diag, 3), diag)  # nothing off the diagonal to shrink
+    for bad, msg in (((torch.ones(3, 4), 5), "square"), ((s, 2.5), "integer"), ((s, -1), ">= 0"), ((s, None), "integer")):
+        with pytest.raises(ValueError, match=msg):
+            shrink_to_diagonal(*bad)
+
+
+def test_moment_shrinkage_holds_beside_massive_activations():
+    """Two channels far louder than the rest (as LLMs' massive activations) and fewer tokens than
+    channels: the off-diagonal entries are noise and the intensity must still be near 1 (computed
+    on raw entries, the loud channels' squares drowned the rest: d 0.03-0.5 on SmolLM2's layers)."""
+    from lowbit.algorithms.moments import shrink_to_diagonal
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 576, generator=g)
+    x[:, :2] += 30.0
+    s = x.t() @ x / 128
+    got = shrink_to_diagonal(s, 128)
+    d = 1 - float(got[5, 7] / s[5, 7])
+    assert d > 0.85
 
 
 def test_calibrated_methods_are_no_worse_than_rtn_on_few_tokens():

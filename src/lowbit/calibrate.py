@@ -805,8 +805,9 @@ def _quantize_one(mod, name, kind, scheme, st, obs, algo, options, make_module, 
     if st is not None and st.h is not None and 0 < st.tokens < st.k:
         warnings.warn(
             f"{algo.name}: {st.tokens} calibration tokens reached a layer with {st.k} input channels; with fewer "
-            "tokens than channels E[x x^T] is singular and mostly noise, so it is shrunk toward its diagonal "
-            "(close to round to nearest). Calibrate on more tokens (lowbit's default: 64 x 512)", stacklevel=2)  # fmt: skip
+            "tokens than channels E[x x^T] is singular and largely noise, and calibrated rounding can do worse "
+            "than round to nearest (shrink=True, the default, pulls the noisy part toward the diagonal). "
+            "Calibrate on more tokens (lowbit's default: 64 x 512)", stacklevel=2)  # fmt: skip
     qw = algo.quantize_weight(w, scheme, name=f"{name}.weight", stats=st, **options)
     return make_module(mod, kind, qw, obs.qparams() if obs is not None else None)
 

@@ -86,6 +86,8 @@ def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, na
         raise CliError(f"{name} has no tokenizer to turn calibration text into inputs")
     from lowbit.evaluate.domains import calibration_batches
 
+    if calib_file is not None and not calib_file:
+        raise CliError("--calib needs a file name")
     if calib_file and domains:
         raise CliError("--calib FILE and --calib-domains both choose the calibration text; give one")
     text = _calib_text(calib_file) if calib_file else None

@@ -421,7 +421,11 @@ def quantize(
             rtn ``clip="minmax" | "mse"``; gptq and awq+gptq ``damp`` (0.01), ``act_order``
             (True), ``clip="hessian" | "mse" | "minmax"`` (awq+gptq also ``"awq"``),
             ``sequential`` (each group of layers calibrated on the inputs the block's already
-            quantized layers produce: GPTQ's "true sequential").
+            quantized layers produce: GPTQ's "true sequential"); awq ``clip`` (True: the output-aware
+            clip search); gptq, awq and awq+gptq ``shrink`` (True: ``E[x x^T]`` shrunk toward its
+            diagonal by the token count, :func:`lowbit.algorithms.moments.shrink_to_diagonal`;
+            False: the plain sample moment, as the papers); hqq ``importance``; smoothquant
+            ``alpha`` (0.5); magnitude, wanda and sparsegpt ``sparsity`` or ``nm``.
 
     Every weight is quantized before any module is swapped, so an error (NaN weights, an
     unsupported layer named by a rule) leaves the model as it was. ``model.lowbit_layers``

@@ -25,6 +25,7 @@ available domain, equal tokens from each): lowbit's default calibration set.
 from __future__ import annotations
 
 import html.parser
+import operator
 import re
 import zlib
 from functools import lru_cache
@@ -210,9 +211,7 @@ def domain_perplexities(model, tokenizer, domains: str | tuple[str, ...] | list[
     scored on the same number of tokens)."""
     from .perplexity import perplexity
 
-    for what, v in (("max_tokens", max_tokens), ("seqlen", seqlen)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise DataError(f"{what} must be an integer, got {v!r}")
+    max_tokens, seqlen = _ints(max_tokens=max_tokens, seqlen=seqlen).values()
     if seqlen < 2 or max_tokens < seqlen:
         raise DataError(f"need 2 <= seqlen <= max_tokens; got seqlen={seqlen}, max_tokens={max_tokens}")
     names = available_domains() if domains is None else _resolve(domains, (), "score")
@@ -264,13 +263,34 @@ def max_calibration_samples(
 ) -> int:
     """The largest ``nsamples`` for which :func:`calibration_batches` with the same arguments can
     draw its windows of ``seqlen`` tokens without overlap (0 when none fits). Raises
-    :class:`DataError` for unknown or absent domains."""
+    :class:`DataError` for unknown or absent domains, a ``seqlen`` that is not an integer >= 2, or
+    ``text`` together with domains."""
+    seqlen = _ints(seqlen=seqlen)["seqlen"]
     if seqlen < 2:
         raise DataError(f"seqlen must be >= 2, got {seqlen}")
+    _text_or_domains(domains, exclude, text)
     if text is not None:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) // seqlen
     names = _resolve(domains, _names(exclude, "exclude"))
     return sum(len(domain_token_ids(tokenizer, n, split)) // seqlen for n in names)
+
+
+def _ints(**values) -> dict[str, int]:
+    """Each value as a Python int (numpy integers welcome; bools and floats refused)."""
+    out = {}
+    for what, v in values.items():
+        if isinstance(v, bool):
+            raise DataError(f"{what} must be an integer, got {v!r}")
+        try:
+            out[what] = operator.index(v)
+        except TypeError:
+            raise DataError(f"{what} must be an integer, got {v!r}") from None
+    return out
+
+
+def _text_or_domains(domains, exclude, text) -> None:
+    if text is not None and (_names(domains, "domains") not in ((MIXED,), ()) or exclude):
+        raise DataError("give either text= or domains/exclude, not both")
 
 
 def _shares(fits: list[int], n: int) -> list[int] | None:
@@ -326,16 +346,14 @@ def calibration_batches(
     then ``domains`` and ``exclude`` stay unset). Raises :class:`DataError` for unknown or absent
     domains, non-integer sizes or seeds, both ``text`` and domains, or when the domains together
     (or ``text``) hold fewer than ``nsamples`` windows."""
-    for what, v in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise DataError(f"{what} must be an integer, got {v!r}")
+    nsamples, seqlen, batch_size, seed = _ints(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                                               seed=seed).values()  # fmt: skip
     if nsamples < 1 or seqlen < 2 or batch_size < 1:
         raise DataError(f"nsamples, batch_size must be >= 1 and seqlen >= 2; got {nsamples}, {batch_size}, {seqlen}")
-    if not -(2**63) <= seed < 2**63:
-        raise DataError(f"seed must fit in 64 bits, got {seed}")
+    if not -(2**63) <= seed < 2**64:  # torch.Generator.manual_seed's range
+        raise DataError(f"seed must be in [-2**63, 2**64), got {seed}")
+    _text_or_domains(domains, exclude, text)
     if text is not None:
-        if domains != MIXED or exclude:
-            raise DataError("give either text= or domains/exclude, not both")
         return data.calibration_batches(tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed,
                                         text=text)  # fmt: skip
     names = _resolve(domains, _names(exclude, "exclude"))
