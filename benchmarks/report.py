@@ -411,16 +411,19 @@ def domains_overview(res: dict) -> str:
     runs: dict = {}  # (scheme, method) -> {(calib, eval): [kept per seed]}
     rtn = {r["scheme"]: r["ppl"] for r in rows if r["method"] == "rtn"}
     named = [(r["scheme"], r["method"], r["calib"], r["ppl"]) for r in rows if r["method"] not in ("fp32", "rtn")]
+    peer: set = set()
     for r in res.get("peers") or []:
         if r.get("status") == "ok" and r.get("ppl_by_domain") and r["scheme"] in rtn:
             name = f"{_PEER_NAMES.get(r['peer'], r['peer'])} {r['algorithm'].split(' (')[0]}"
             named.append((r["scheme"], name, r["calib_domain"], r["ppl_by_domain"]))
+            peer.add(name)
     for scheme, method, calib, ppl in named:
         for d in evals:
             if d != calib:
                 kept = (ppl[d] - fp[d]) / (rtn[scheme][d] - fp[d])
                 runs.setdefault((scheme, method), {}).setdefault((calib, d), []).append(kept)
-    methods = list(dict.fromkeys(m for _, m in runs))
+    free = {m for _, m, c, _ in named if c == "-"}  # data-free (HQQ): every domain unseen
+    methods = sorted(dict.fromkeys(m for _, m in runs), key=lambda m: (m in peer, m in free))
     table = []
     for scheme in rtn:
         line = [scheme]
@@ -435,9 +438,10 @@ def domains_overview(res: dict) -> str:
             seeds = f"{lo}-{hi} seeds" if lo < hi else f"{lo} seed{'s' if lo > 1 else ''}"
             line.append(f"{mean:.2f} (worst {worst:.2f}; {seeds})")
         table.append(line)
+    heads = [f"{m} (no data)" if m in free else m for m in methods]
     return ("Overview: the share of RTN's loss (perplexity - FP32) each method keeps on the domains its calibration "
             "did not use (lower is better; 1 = no better than RTN): mean over every (calibration, unseen domain) "
-            "pair and seed, and the worst single run.\n\n" + markdown_table(["scheme", *methods], table))
+            "pair and seed, and the worst single run.\n\n" + markdown_table(["scheme", *heads], table))
 
 
 def _unseen_summary(cells: dict, fp: dict, rtn: dict, evals: list) -> str:
