@@ -144,17 +144,22 @@ def _reference(out, batch) -> torch.Tensor:
     mean-pooled embedding (sentence encoders)."""
     e = _embedding(out, batch)
     if e is not None:
-        return torch.nn.functional.normalize(e, dim=-1)
+        return torch.nn.functional.normalize(e.double(), dim=-1)
     return torch.log_softmax(_logits(out).float(), dim=-1)
 
 
 def _distance_sum(ref: torch.Tensor, out, batch) -> tuple[float, float]:
     """Summed distance of ``out`` from the reference and the count it is a mean over: the KL per
-    position (padding excluded), or ``1 - cos`` of the pooled embedding per sentence."""
+    position (padding excluded), or ``1 - cos`` of the pooled embedding per sentence.
+
+    ``1 - cos`` is taken as ``||a - b||^2 / 2`` of the unit vectors, in float64: the form
+    ``1 - a.b`` cancels, and in float32 a small distance (an int8 layer's, ~1e-7) rounds to 0 or
+    below on some ISAs, which would make that layer look free."""
     e = _embedding(out, batch)
     if e is not None:
-        cos = (torch.nn.functional.normalize(e, dim=-1) * ref).sum(-1)
-        return float((1 - cos).sum()), float(cos.numel())
+        d = torch.nn.functional.normalize(e.double(), dim=-1) - ref
+        dist = 0.5 * (d * d).sum(-1)
+        return float(dist.sum()), float(dist.numel())
     logits = _logits(out)
     return _kl_sum(ref, logits, _mask(batch, logits))
 
