@@ -303,6 +303,56 @@ def test_moment_shrinkage_follows_its_estimator():
             shrink_to_diagonal(*bad)
 
 
+def test_moment_shrinkage_estimates_the_entries_variance_from_the_data():
+    """With the pairwise fourth moments, Var(r_ij) is the paper's n/(n-1)^3 sum_k (w_kij - mean)^2
+    of the products w_kij = z_ki z_kj (never below the Gaussian value); heavy tails (Student t,
+    3 degrees of freedom) make it far larger than the Gaussian form says, and 256 evenly spaced
+    channels estimate the all-pairs mean."""
+    from lowbit.algorithms.moments import cokurtosis, fourth_moment_channels, shrink_to_diagonal
+
+    def paper_d(x):
+        n = x.shape[0]
+        z = x.double() / x.double().pow(2).mean(0).sqrt()
+        w = z.unsqueeze(2) * z.unsqueeze(1)  # (n, K, K)
+        off = ~torch.eye(x.shape[1], dtype=torch.bool)
+        var = (n / (n - 1) ** 3 * (w - w.mean(0)).pow(2).sum(0))[off].sum()
+        r2 = w.mean(0)[off].pow(2)
+        return float(max(var, (1 + r2).sum() / n) / r2.sum())
+
+    def lowbit_d(x, channels):
+        n = x.shape[0]
+        s, sq = x.t() @ x / n, x[:, channels].square()
+        got = shrink_to_diagonal(s, n, cokurtosis(sq.t() @ sq / n, sq.mean(0)), channels)
+        off = ~torch.eye(x.shape[1], dtype=torch.bool)
+        return 1 - float((got[off] * s[off]).sum() / s[off].pow(2).sum())
+
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(48, 48, generator=g) * 0.2 + torch.eye(48)
+    gauss = torch.randn(256, 48, generator=g) @ mix
+    chi2 = torch.randn(256, 3, generator=g).pow(2).sum(1, keepdim=True)
+    heavy = torch.randn(256, 48, generator=g) @ mix / (chi2 / 3).sqrt()  # multivariate t, 3 dof
+    everything = torch.arange(48)
+    for x in (gauss, heavy):
+        assert lowbit_d(x, everything) == pytest.approx(paper_d(x), rel=1e-3)
+    plain = 1 - float(shrink_to_diagonal(heavy.t() @ heavy / 256, 256)[0, 1] / (heavy.t() @ heavy / 256)[0, 1])
+    assert lowbit_d(heavy, everything) > 3 * plain  # the Gaussian form under-shrinks heavy tails
+    mix = torch.randn(600, 600, generator=g) * 0.05 + torch.eye(600)
+    chi2 = torch.randn(4096, 3, generator=g).pow(2).sum(1, keepdim=True)
+    wide = torch.randn(4096, 600, generator=g) @ mix / (chi2 / 3).sqrt()
+    ch = fourth_moment_channels(600)
+    assert ch.numel() == 256 and ch.unique().numel() == 256 and int(ch.max()) < 600
+    full = lowbit_d(wide, torch.arange(600))
+    assert 0.3 < full < 0.95 and lowbit_d(wide, ch) == pytest.approx(full, rel=0.1)
+    assert torch.equal(fourth_moment_channels(7), torch.arange(7))
+    s = gauss.t() @ gauss
+    for bad in ((torch.ones(3, 3), None), (None, everything), (torch.ones(4, 4), everything[:3]),
+                (torch.ones(2, 2), torch.tensor([0, 48]))):  # fmt: skip
+        with pytest.raises(ValueError, match="kurtosis"):
+            shrink_to_diagonal(s, 256, *bad)
+    with pytest.raises(ValueError, match="integer"):
+        shrink_to_diagonal(s, True)
+
+
 def test_moment_shrinkage_holds_beside_massive_activations():
     """Two channels far louder than the rest (as LLMs' massive activations) and fewer tokens than
     channels: the off-diagonal entries are noise and the intensity must still be near 1 (computed

@@ -297,3 +297,28 @@ def test_calibration_batches_from_the_text(smollm2_tokenizer=None):
     assert not torch.equal(b[0], other[0])
     with pytest.raises(DataError, match="need at least"):
         calibration_batches(tok, nsamples=100000, seqlen=512)
+
+
+def test_stats_gather_fourth_moments_that_merge_and_rescale():
+    """Stats' pairwise fourth moments (the shrinkage's entry variances): the standardized
+    E[z_i^2 z_j^2] over the sampled channels, equal whether gathered at once or merged from two
+    parts (as Ray workers' are), and unchanged when a scale moves into the weights (AWQ)."""
+    from lowbit.algorithms.moments import cokurtosis
+    from lowbit.calibrate import Stats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 320, generator=g) * torch.rand(300, 1, generator=g) * 3
+    whole, a, b = (Stats(320, frozenset({"hessian", "fourth", "absmean"})) for _ in range(3))
+    whole.add(x)
+    a.add(x[:100])
+    b.add(x[100:])
+    a.merge(b)
+    ch = whole.channels
+    sq = x[:, ch].square()
+    want = cokurtosis(sq.t() @ sq / 300, sq.mean(0))
+    assert ch.numel() == 256 and torch.allclose(whole.kurtosis, want, rtol=1e-4)
+    assert a.tokens == 300 and torch.allclose(a.kurtosis, want, rtol=1e-4) and torch.allclose(a.h, whole.h, rtol=1e-4, atol=1e-3)
+    assert float(want.diagonal().mean()) > 2 and float(want.mean()) > 1.5  # tokens of unequal loudness
+    whole.rescale(torch.rand(320, generator=g) + 0.5)
+    assert torch.allclose(whole.kurtosis, want, rtol=1e-3)
+    assert Stats(320, frozenset({"hessian"})).kurtosis is None

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import rtn
+from .algorithms import moments, rtn
 from .driver import _float_weight, _set_module, layer_errors
 
 __all__ = ["run", "CalibrationError", "as_batches", "find_blocks", "Stats", "mean_output_error"]
@@ -137,6 +137,7 @@ class Stats:
     need: frozenset
     tokens: int = 0
     h: torch.Tensor | None = None  # (K, K) sum of x x^T
+    h4: torch.Tensor | None = None  # (m, m) sum of x_i^2 x_j^2 over moments.fourth_moment_channels(K)
     absmax: torch.Tensor | None = None  # (K,)
     abssum: torch.Tensor | None = None  # (K,) sum of |x|
 
@@ -148,12 +149,40 @@ class Stats:
         if "hessian" in self.need:
             xx = x.t() @ x
             self.h = xx if self.h is None else self.h + xx
+        if "fourth" in self.need:
+            x2 = x[:, self.channels].square()
+            f = x2.t() @ x2
+            self.h4 = f if self.h4 is None else self.h4 + f
         if "absmax" in self.need:
             m = x.abs().amax(0)
             self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
         if "absmean" in self.need:
             a = x.abs().sum(0)
             self.abssum = a if self.abssum is None else self.abssum + a
+
+    def merge(self, other: Stats) -> None:
+        """Add the sums of ``other`` (gathered on other batches, e.g. another Ray worker)."""
+        self.tokens += other.tokens
+        for f in ("h", "h4", "abssum"):
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if theirs is not None:
+                setattr(self, f, theirs if mine is None else mine + theirs)
+        if other.absmax is not None:
+            self.absmax = other.absmax if self.absmax is None else torch.maximum(self.absmax, other.absmax)
+
+    @property
+    def channels(self) -> torch.Tensor:
+        """The channels whose pairwise fourth moments are gathered (``moments.fourth_moment_channels``)."""
+        return moments.fourth_moment_channels(self.k)
+
+    @property
+    def kurtosis(self) -> torch.Tensor | None:
+        """``E[z_i^2 z_j^2]`` of the standardized inputs over :attr:`channels` ``(m, m)``
+        (``moments.cokurtosis``); None when not gathered."""
+        if self.h4 is None or self.h is None:
+            return None
+        n = max(self.tokens, 1)
+        return moments.cokurtosis(self.h4 / n, self.h.diagonal()[self.channels] / n)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -169,6 +198,9 @@ class Stats:
         """Statistics of ``x / s`` (after a scale moved into the weights)."""
         if self.h is not None:
             self.h = self.h / s.unsqueeze(0) / s.unsqueeze(1)
+        if self.h4 is not None:
+            s2 = s[self.channels].square()
+            self.h4 = self.h4 / s2.unsqueeze(0) / s2.unsqueeze(1)
         if self.absmax is not None:
             self.absmax = self.absmax / s
         if self.abssum is not None:
@@ -806,8 +838,10 @@ def _quantize_one(mod, name, kind, scheme, st, obs, algo, options, make_module, 
         warnings.warn(
             f"{algo.name}: {st.tokens} calibration tokens reached a layer with {st.k} input channels; with fewer "
             "tokens than channels E[x x^T] is singular and largely noise, and calibrated rounding can do worse "
-            "than round to nearest (shrink=True, the default, pulls the noisy part toward the diagonal). "
-            "Calibrate on more tokens (lowbit's default: 64 x 512)", stacklevel=2)  # fmt: skip
+            "than round to nearest ("
+            + ("shrink=False: the plain sample moment is used as it is" if options.get("shrink") is False
+               else "the moment is shrunk toward its diagonal, which pulls the noisy part out")
+            + "). Calibrate on more tokens (lowbit's default: 64 x 512)", stacklevel=2)  # fmt: skip
     qw = algo.quantize_weight(w, scheme, name=f"{name}.weight", stats=st, **options)
     return make_module(mod, kind, qw, obs.qparams() if obs is not None else None)
 

@@ -114,10 +114,10 @@ class _Shard:
     def stats(self, block, hooked: list[str], wanted: dict, stop: str | None = None):
         """Run ``block`` on every input with pre-hooks on the submodules ``hooked``; for each name in
         ``wanted`` (``name -> (K, needs, {batch: sorted row indices})``) sum what
-        :class:`lowbit.calibrate.Stats` sums: tokens, ``X^T X`` ("hessian"), the largest ``|x|`` per
-        column ("absmax"), the sum of ``|x|`` per column ("absmean").
+        :class:`lowbit.calibrate.Stats` sums: tokens, ``X^T X`` ("hessian"), pairwise fourth moments
+        ("fourth"), the largest ``|x|`` per column ("absmax"), the sum of ``|x|`` per column ("absmean").
         ``stop``: end each pass at that submodule (its input is all that is wanted).
-        Returns ``({name: (tokens, h, absmax, abssum)}, names reached)``."""
+        Returns ``({name: Stats}, names reached)``: the driver merges them (``Stats.merge``)."""
         import torch
 
         from .calibrate import Stats, _real_tokens, _Stop
@@ -150,7 +150,7 @@ class _Shard:
         finally:
             for h in handles:
                 h.remove()
-        return {n: (st.tokens, st.h, st.absmax, st.abssum) for n, st in sums.items()}, reached
+        return sums, reached
 
     def advance(self, block) -> None:
         """The block's outputs become the inputs of the next block."""
@@ -207,15 +207,8 @@ class RayInputs:
         reached: set[str] = set()
         for part, seen in self._all("stats", block_ref, hooked, spec, stop):
             reached |= seen
-            for n, (tokens, h, absmax, abssum) in part.items():
-                st = wanted[n]
-                st.tokens += tokens
-                if h is not None:
-                    st.h = h if st.h is None else st.h + h
-                if absmax is not None:
-                    st.absmax = absmax if st.absmax is None else st.absmax.maximum(absmax)
-                if abssum is not None:
-                    st.abssum = abssum if st.abssum is None else st.abssum + abssum
+            for n, st in part.items():
+                wanted[n].merge(st)
         return reached
 
     def advance(self, block) -> None:

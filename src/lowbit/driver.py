@@ -423,7 +423,8 @@ def quantize(
             ``sequential`` (each group of layers calibrated on the inputs the block's already
             quantized layers produce: GPTQ's "true sequential"); awq ``clip`` (True: the output-aware
             clip search); gptq, awq and awq+gptq ``shrink`` (True: ``E[x x^T]`` shrunk toward its
-            diagonal by the token count, :func:`lowbit.algorithms.moments.shrink_to_diagonal`;
+            diagonal by the sampling noise the token count and the activations' measured fourth moments
+            imply, :func:`lowbit.algorithms.moments.shrink_to_diagonal`;
             False: the plain sample moment, as the papers); hqq ``importance``; smoothquant
             ``alpha`` (0.5); magnitude, wanda and sparsegpt ``sparsity`` or ``nm``.
 

@@ -112,7 +112,11 @@ def _hqq(w, scheme, *, name="weight", stats=None, importance=None, **_):
 def _moment(stats, shrink: bool = True):
     """The second moment the searches score through: shrunk toward its diagonal by the
     calibration's token count (``moments.shrink_to_diagonal``), or the plain sample moment."""
-    return moments.shrink_to_diagonal(stats.hessian, stats.tokens) if shrink else stats.hessian
+    if not shrink:
+        return stats.hessian
+    kurtosis = stats.kurtosis  # (None: gathered without fourth moments; the Gaussian variance then)
+    channels = stats.channels if kurtosis is not None else None
+    return moments.shrink_to_diagonal(stats.hessian, stats.tokens, kurtosis, channels)
 
 
 def _gptq(w, scheme, *, name="weight", stats, damp=0.01, act_order=True, block=128, clip="hessian", shrink=True, **_):
@@ -252,11 +256,11 @@ ALGORITHMS: dict[str, Algorithm] = {
                   doc="round to nearest; data-free; clip='mse' searches per-group clipping"),
         Algorithm("hqq", _hqq, False, {"importance": _number(0.0, 4.0)}, serves=_grouped_integer,
                   doc="half-quadratic optimisation of scales and zeros; data-free"),
-        Algorithm("gptq", _gptq, True, _GPTQ_OPTS, needs=("hessian",), serves=_integer_or_codebook,
+        Algorithm("gptq", _gptq, True, _GPTQ_OPTS, needs=("hessian", "fourth"), serves=_integer_or_codebook,
                   doc="GPTQ with damping, blocked lazy updates, groups, act-order with static groups, Hessian-weighted clip"),
-        Algorithm("awq", _awq_quantize, True, {"clip": _flag, "shrink": _flag}, needs=("hessian", "absmean"), smooth=_awq_smooth,
+        Algorithm("awq", _awq_quantize, True, {"clip": _flag, "shrink": _flag}, needs=("hessian", "fourth", "absmean"), smooth=_awq_smooth,
                   serves=_integer_or_codebook, doc="AWQ scale search (folded) + output-aware clipping"),
-        Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _choice(*gptq.CLIP_CHOICES, "awq")}, needs=("hessian", "absmean"),
+        Algorithm("awq+gptq", _awq_gptq, True, {**_GPTQ_OPTS, "clip": _choice(*gptq.CLIP_CHOICES, "awq")}, needs=("hessian", "fourth", "absmean"),
                   smooth=_awq_smooth, serves=_integer_or_codebook, doc="AWQ channel scaling, then GPTQ"),
         Algorithm("smoothquant", _rtn, True, {"alpha": _number(0.0, 1.0)}, needs=("absmax",),
                   smooth=_sq_smooth, serves=_activation_scheme, doc="SmoothQuant outlier migration for W8A8"),
