@@ -68,6 +68,10 @@ def test_bench_quick_runs_and_reports_ratios():
         (("estimate",), "give --params"),
         (("quantize", "smollm2-135m", "--scheme", "w4g64", "--method", "gptq", "--calib-domains", "poetry", "-o", "x"),
          "unknown text domain 'poetry'"),
+        (("quantize", "digits-cnn", "--scheme", "w4g16", "--calib-domains", "quotes", "-o", "x"),
+         "--method rtn uses no calibration data"),
+        (("quantize", "digits-cnn", "--scheme", "w4g16", "--method", "hqq", "--calib", "t.txt", "-o", "x"),
+         "--calib given, but --method hqq uses no calibration data"),
     ],
 )
 def test_bad_input_one_clear_error(args, message, tmp_path):

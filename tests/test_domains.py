@@ -236,6 +236,15 @@ def test_calibration_arguments_are_checked(smollm2):
         D.domain_perplexities(smollm2.model, tok, [])
     with pytest.raises(D.DataError, match="max_tokens must be a positive integer"):
         D.domain_token_ids(tok, names[0], "eval", max_tokens=0)
+    assert len(D.domain_token_ids(tok, names[0], "eval", max_tokens=np.int64(5))) == 5
+    with pytest.raises(D.DataError, match="nsamples must be >= 1, got 0"):
+        lowbit.calibration_batches(tok, nsamples=0, seqlen=16)
+    quotes = D.domain_sentences("quotes", n=4, seed=np.int64(3))
+    assert len(quotes) == 4 and quotes == D.domain_sentences("quotes", n=4, seed=3)
+    for kw, msg in (({"n": -3}, "n must be >= 0"), ({"n": 2.5}, "n must be an integer"),
+                    ({"n": 2, "seed": 1.5}, "seed must be an integer"), ({"n": 2, "seed": 2**64}, "seed must be in")):  # fmt: skip
+        with pytest.raises(D.DataError, match=msg):
+            D.domain_sentences("quotes", **kw)
 
 
 def test_cli_calibration_text_options(smollm2, tmp_path):
@@ -255,3 +264,19 @@ def test_cli_calibration_text_options(smollm2, tmp_path):
         _model_inputs(smollm2, 2, 16, 0, str(bad), "smollm2-135m")
     with pytest.raises(CliError, match=r"nothing.txt: No such file"):
         _model_inputs(smollm2, 2, 16, 0, str(tmp_path / "nothing.txt"), "smollm2-135m")
+
+
+def test_token_ids_are_kept_per_tokenizer_not_per_name():
+    """Two tokenizers of one name and vocabulary that split text differently (an option) each get
+    their own ids (the cache once keyed on the name and returned the first one's)."""
+    transformers = pytest.importorskip("transformers")
+    from lowbit.models.zoo import load_model
+
+    t1 = load_model("minilm").tokenizer
+    t2 = transformers.AutoTokenizer.from_pretrained(t1.name_or_path, do_lower_case=False)
+    assert t1.name_or_path == t2.name_or_path and len(t1) == len(t2)
+    a, b = D.domain_token_ids(t1, "quotes", max_tokens=2000), D.domain_token_ids(t2, "quotes", max_tokens=2000)
+    assert not torch.equal(a, b)
+    assert torch.equal(b, t2(D.domain_text("quotes", "eval")[:16000], add_special_tokens=False,
+                             return_tensors="pt")["input_ids"][0][:2000])  # fmt: skip
+    assert D.domain_token_ids(t1, "quotes", max_tokens=2000) is a  # still tokenized once per tokenizer

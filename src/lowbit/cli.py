@@ -146,6 +146,12 @@ def cmd_quantize(args) -> int:
         return _err(f"--method {args.method} prunes: give --sparsity FRACTION or --nm N:M")
     t0 = time.perf_counter()
     static = _has_static(spec)
+    if not (get_algorithm(args.method).uses_calibration or static):
+        given = [f for f, v in (("--calib", args.calib), ("--calib-domains", args.calib_domains)) if v is not None]
+        if given:
+            return _err(f"{' and '.join(given)} given, but --method {args.method} uses no calibration data and "
+                        f"{spec} has no static activations: choose a calibrated method (--method gptq, awq, "
+                        "awq+gptq) or drop the calibration options")  # fmt: skip
     if args.ray is not None:
         args.stream = True
     if args.stream is None:  # a transformers checkpoint directory streams, whatever the method

@@ -12,6 +12,7 @@ joined in sorted-name order with blank lines between them.
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Callable
 from functools import lru_cache
@@ -61,20 +62,27 @@ def text_split(split: str) -> str:
     return "\n\n".join(text for name, text in docs if _split_of(name) == split)
 
 
-_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+# per tokenizer object (weakly held: it goes with the tokenizer), then per text and length. Keyed
+# by the object, not its name: two tokenizers of one name can split text differently (options).
+_TOKEN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached_token_ids(tokenizer, name: tuple, text: Callable[[], str], max_tokens: int | None = None) -> torch.Tensor:
     """Token ids ``(n,)`` long of the text ``text()`` returns (its first ``max_tokens`` tokens if
-    given), kept per tokenizer and ``name`` so each text is tokenized once per process."""
-    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), *name, max_tokens or -1)
-    if key not in _TOKEN_CACHE:
+    given), kept per tokenizer object and ``name`` so each text is tokenized once per tokenizer
+    (a tokenizer that cannot be weakly referenced tokenizes every time)."""
+    key = (*name, max_tokens or -1)
+    try:
+        cache = _TOKEN_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable or not hashable
+        cache = {}
+    if key not in cache:
         t = text()
         if max_tokens:
             t = t[: max_tokens * 8]  # >= 2 characters per token in every text here
         ids = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-        _TOKEN_CACHE[key] = ids[:max_tokens] if max_tokens else ids
-    return _TOKEN_CACHE[key]
+        cache[key] = ids[:max_tokens] if max_tokens else ids
+    return cache[key]
 
 
 def token_ids(tokenizer, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:

@@ -180,8 +180,10 @@ def domain_text(name: str, split: str) -> str:
 def domain_token_ids(tokenizer, name: str, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
     """Token ids ``(n,)`` long of one split of domain ``name`` (its first ``max_tokens`` if given,
     a positive integer)."""
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise DataError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    if max_tokens is not None:
+        max_tokens = _ints(max_tokens=max_tokens)["max_tokens"]
+        if max_tokens < 1:
+            raise DataError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
     return data.cached_token_ids(tokenizer, ("domain", name, split), lambda: domain_text(name, split), max_tokens)
 
 
@@ -190,7 +192,15 @@ def domain_sentences(name: str, split: str = "eval", n: int | None = None, seed:
     """Sentences of one split of domain ``name`` (for sentence encoders): the text's whitespace
     normalised, cut after ``.``, ``!`` or ``?``, kept when ``min_words``..``max_words`` long; the
     first ``n`` in text order, or with ``seed`` ``n`` drawn by a seeded choice. Raises
-    :class:`DataError` as :func:`domain_text` does, or when fewer than ``n`` exist."""
+    :class:`DataError` as :func:`domain_text` does, for ``n`` not a non-negative integer or
+    ``seed`` not an integer, or when fewer than ``n`` exist."""
+    if n is not None:
+        n = _ints(n=n)["n"]
+        if n < 0:
+            raise DataError(f"n must be >= 0, got {n}")
+    if seed is not None:
+        seed = _ints(seed=seed)["seed"]
+        _seed_range(seed)
     text = " ".join(domain_text(name, split).split())
     found = [t for t in re.split(r"(?<=[.!?])\s+", text) if min_words <= len(t.split()) <= max_words]
     if n is None:
@@ -292,6 +302,11 @@ def _ints(**values) -> dict[str, int]:
     return out
 
 
+def _seed_range(seed: int) -> None:
+    if not -(2**63) <= seed < 2**64:  # torch.Generator.manual_seed's range
+        raise DataError(f"seed must be in [-2**63, 2**64), got {seed}")
+
+
 def _text_or_domains(domains, exclude, text) -> None:
     if text is not None and (_names(domains, "domains") not in ((MIXED,), ()) or exclude):
         raise DataError("give either text= or domains/exclude, not both")
@@ -352,10 +367,11 @@ def calibration_batches(
     (or ``text``) hold fewer than ``nsamples`` windows."""
     nsamples, seqlen, batch_size, seed = _ints(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                                                seed=seed).values()  # fmt: skip
-    if nsamples < 1 or seqlen < 2 or batch_size < 1:
-        raise DataError(f"nsamples, batch_size must be >= 1 and seqlen >= 2; got {nsamples}, {batch_size}, {seqlen}")
-    if not -(2**63) <= seed < 2**64:  # torch.Generator.manual_seed's range
-        raise DataError(f"seed must be in [-2**63, 2**64), got {seed}")
+    bad = [f"{what} must be >= {lo}, got {v}" for what, v, lo in
+           (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("batch_size", batch_size, 1)) if v < lo]  # fmt: skip
+    if bad:
+        raise DataError("; ".join(bad))
+    _seed_range(seed)
     _text_or_domains(domains, exclude, text)
     if text is not None:
         return data.calibration_batches(tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, seed=seed,
