@@ -188,3 +188,25 @@ def test_generate_streams_a_decode_and_refuses_bad_requests(tmp_path):
     assert long.returncode == 2 and "exceed the model's context of 8192" in long.stderr
     nodec = run("generate", "digits-cnn", "--prompt", "hi", ok=False)
     assert nodec.returncode == 2 and "lowbit: error:" in nodec.stderr
+
+
+def test_eval_scores_the_text_domains_and_your_own_text(tmp_path, smollm2):
+    """`lowbit eval --domains/--text`: one perplexity column per domain or file, the numbers
+    lowbit.evaluate.domains computes; bad names, empty files and models without text refused
+    before any model is read."""
+    from lowbit.evaluate import domains as D
+
+    own = tmp_path / "notes.txt"
+    own.write_text(D.domain_text("handbook", "eval")[:8000], encoding="utf-8")
+    p = run("eval", "smollm2-135m", "--domains", "quotes", "--text", str(own), "--max-tokens", "512",
+            "--seqlen", "256", "--no-speed", "--json", "-q")  # fmt: skip
+    row = json.loads(p.stdout)[-1]
+    want = D.domain_perplexities(smollm2.model, smollm2.tokenizer, "quotes", max_tokens=512, seqlen=256)["quotes"].ppl
+    assert list(row["texts"]) == ["ppl quotes", "ppl notes.txt"]
+    assert row["texts"]["ppl quotes"] == pytest.approx(want, rel=1e-5)
+    assert 1 < row["texts"]["ppl notes.txt"] < 1000
+    (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
+    for args, msg in ((("--domains", "poetry"), "unknown text domain 'poetry'"),
+                      (("--text", str(tmp_path / "empty.txt")), "holds no text")):  # fmt: skip
+        p = run("eval", "no-such-model", *args, ok=False)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr

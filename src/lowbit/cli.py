@@ -240,6 +240,7 @@ def cmd_eval(args) -> int:
     from lowbit.models.zoo import ZOO, load_model
 
     _threads(args)
+    scored = _eval_texts(args)  # checked before any model is read
     variants = [load_source(m) for m in args.model]
     first = variants[0]
     base_name = args.baseline or _default_baseline(first.source)
@@ -250,12 +251,14 @@ def cmd_eval(args) -> int:
     if base_name and base_name not in args.model:
         base = load_model(base_name) if base_name in ZOO else load_source(base_name)
         rows.append(measure(base.model, base, label=f"{base_name} fp32", **opts))
+        rows[-1].update(_text_perplexities(base, scored, args))
     for name, zm in zip(args.model, variants):
         if base is not None:
             zm.task = zm.task or base.task
             zm.tokenizer = zm.tokenizer or base.tokenizer
         ref = base.model if base is not None else None
         rows.append(measure(zm.model, zm, label=str(name), reference=ref, **opts))
+        rows[-1].update(_text_perplexities(zm, scored, args))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -274,6 +277,51 @@ def cmd_eval(args) -> int:
         path = _write_report(args.report, rows, headers, table)
         print(f"report -> {args.report} (plot {path.name})")
     return 0
+
+
+def _eval_texts(args) -> dict:
+    """``lowbit eval --domains`` / ``--text``: ``{column: domain name or text}`` to score perplexity
+    on besides the default held-out text; {} when neither is given. Raises CliError for unknown
+    domains or an unreadable file."""
+    out: dict = {}
+    if args.domains is not None:
+        from lowbit.evaluate import domains as D
+
+        names = _domain_names(args.domains)
+        try:
+            names = D.available_domains() if names == ("all",) else D._resolve(names, (), "score")
+        except D.DataError as e:
+            raise CliError(f"--domains: {e}") from None
+        out.update({f"ppl {d}": ("domain", d) for d in names})
+    for path in args.text or ():
+        out[f"ppl {Path(path).name}"] = ("text", _calib_text(path).strip() or _empty_text(path))
+    return out
+
+
+def _empty_text(path: str) -> str:
+    raise CliError(f"--text {path}: the file holds no text")
+
+
+def _text_perplexities(zm, scored: dict, args) -> dict:
+    """Perplexity of a language model on each text of :func:`_eval_texts` (its first --max-tokens
+    tokens, windows of --seqlen)."""
+    if not scored:
+        return {}
+    if zm.task != "causal-lm" or zm.tokenizer is None:
+        raise CliError("--domains and --text score language models (perplexity); this model is not one")
+    from lowbit.evaluate import domains as D
+    from lowbit.evaluate.perplexity import perplexity
+
+    out = {}
+    for column, (kind, what) in scored.items():
+        text = D.domain_text(what, "eval") if kind == "domain" else what
+        try:
+            r = perplexity(zm.model, zm.tokenizer, text=text[: args.max_tokens * 8], max_tokens=args.max_tokens,
+                           seqlen=args.seqlen, source=what if kind == "domain" else column[4:])  # fmt: skip
+        except D.DataError as e:
+            raise CliError(f"{column[4:]}: {e}") from None
+        out[column] = r.ppl
+    return {"texts": out}
 
 
 def _default_baseline(source: str | None) -> str | None:
@@ -315,6 +363,7 @@ def _eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             cells += [f"{r['tok_s']:.1f}", f"{r['tok_s'] / ref['tok_s']:.2f}x"]
         if "img_s" in r:
             cells += [f"{r['img_s']:.1f}", f"{r['img_s'] / ref['img_s']:.2f}x"]
+        cells += [f"{v:.3f}" for v in r.get("texts", {}).values()]
         table.append(cells)
     headers = ["variant", "MB", "bits/w", "vs fp32"]
     if "ppl" in ref:
@@ -327,6 +376,7 @@ def _eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         headers += ["decode tok/s", "speed"]
     if "img_s" in ref:
         headers += ["images/s", "speed"]
+    headers += list(ref.get("texts", {}))
     return headers, table
 
 
@@ -978,6 +1028,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens for perplexity")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--images", type=int, default=256, help="eval photo crops for ImageNet models (default 256)")
+    e.add_argument("--domains", metavar="NAMES",
+                   help="language models: perplexity also on the eval split of each built-in text domain "
+                        "(comma-separated: python-docs, licences, handbook, quotes; 'all'), one column each")  # fmt: skip
+    e.add_argument("--text", action="append", metavar="FILE",
+                   help="language models: perplexity also on this UTF-8 text (your own domain; repeatable)")
     e.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
     e.add_argument("--json", action="store_true")
     e.add_argument("--report", help="write a Markdown report (and a size-vs-quality PNG beside it)")
