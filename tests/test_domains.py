@@ -232,6 +232,8 @@ def test_calibration_arguments_are_checked(smollm2):
     for kw in ({"seqlen": 1}, {"max_tokens": 100, "seqlen": 128}, {"max_tokens": 0}):
         with pytest.raises(D.DataError, match="seqlen <= max_tokens|must be"):
             D.domain_perplexities(smollm2.model, tok, names[:1], **kw)
+    with pytest.raises(D.DataError, match="longer than the model's context of 8192"):
+        D.domain_perplexities(smollm2.model, tok, names[:1], max_tokens=9000, seqlen=9000)
     with pytest.raises(D.DataError, match="no text domain left to score"):
         D.domain_perplexities(smollm2.model, tok, [])
     with pytest.raises(D.DataError, match="max_tokens must be a positive integer"):

@@ -48,7 +48,13 @@ def perplexity(
     """Perplexity of ``model`` on ``split`` (see the module docstring), or on ``text`` when given
     (its first ``max_tokens`` tokens; ``source`` names it in the result). ``kv_cache``
     (``"float32"`` or ``"int8"``): run each window through :class:`lowbit.generate.Decoder` with
-    that key/value cache instead of the model's forward (Llama-family models)."""
+    that key/value cache instead of the model's forward (Llama-family models). Raises
+    :class:`DataError` for text shorter than one window, or ``seqlen`` beyond the model's
+    ``config.max_position_embeddings``."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise DataError(f"seqlen {seqlen} is longer than the model's context of {context} positions; "
+                        "perplexity beyond it measures extrapolation, not the model: use seqlen <= context")  # fmt: skip
     if text is not None:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
         split = "given text"
