@@ -234,6 +234,11 @@ def test_calibration_arguments_are_checked(smollm2):
             D.domain_perplexities(smollm2.model, tok, names[:1], **kw)
     with pytest.raises(D.DataError, match="longer than the model's context of 8192"):
         D.domain_perplexities(smollm2.model, tok, names[:1], max_tokens=9000, seqlen=9000)
+    from lowbit.models.zoo import load_model
+
+    minilm = load_model("minilm")
+    with pytest.raises(D.DataError, match="needs a causal language model"):
+        D.domain_perplexities(minilm.model, minilm.tokenizer, "quotes", max_tokens=256, seqlen=128)
     with pytest.raises(D.DataError, match="no text domain left to score"):
         D.domain_perplexities(smollm2.model, tok, [])
     with pytest.raises(D.DataError, match="max_tokens must be a positive integer"):

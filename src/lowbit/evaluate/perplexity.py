@@ -49,8 +49,8 @@ def perplexity(
     (its first ``max_tokens`` tokens; ``source`` names it in the result). ``kv_cache``
     (``"float32"`` or ``"int8"``): run each window through :class:`lowbit.generate.Decoder` with
     that key/value cache instead of the model's forward (Llama-family models). Raises
-    :class:`DataError` for text shorter than one window, or ``seqlen`` beyond the model's
-    ``config.max_position_embeddings``."""
+    :class:`DataError` for text shorter than one window, ``seqlen`` beyond the model's
+    ``config.max_position_embeddings``, or a model whose output has no logits (an encoder)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(context, int) and seqlen > context:
         raise DataError(f"seqlen {seqlen} is longer than the model's context of {context} positions; "
@@ -75,7 +75,11 @@ def perplexity(
     for i in batches:
         x = windows[i : i + batch_size]
         if kv_cache is None:
-            logits = model(input_ids=x, use_cache=False).logits.float()  # (b, seqlen, vocab)
+            out = model(input_ids=x, use_cache=False)
+            if not isinstance(getattr(out, "logits", None), torch.Tensor):
+                raise DataError(f"perplexity needs a causal language model (an output with logits); "
+                                f"{type(model).__name__} returned {type(out).__name__} without them")  # fmt: skip
+            logits = out.logits.float()  # (b, seqlen, vocab)
         else:
             from ..generate import Decoder
 
