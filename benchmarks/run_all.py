@@ -985,6 +985,7 @@ DOMAIN_METHODS = ("gptq", "awq", "awq+gptq")
 DOMAIN_CALIBS = ("python-docs", "handbook")
 DOMAIN_CACHE = RESULTS / "domains_rows.json"  # finished cells: the table takes hours, runs resume
 DOMAIN_SEEDS = [0, 1, 2]  # calibration seeds of the domains section (--seeds: fewer, to render a partial run)
+DOMAIN_CACHED_ONLY = [False]  # --cached-only: render the finished cells, compute none
 MINILM_SCHEMES = ("w4g128", "w4g128-asym", "w3g64")
 
 
@@ -1053,8 +1054,10 @@ def section_domains(quick: bool) -> dict:
     cals = ["python-docs"] if quick else [c for c in DOMAIN_CALIBS if c in evals]
     cache = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
 
-    def cell(scheme: str, method: str, calib: str, seed: int, make) -> dict:
+    def cell(scheme: str, method: str, calib: str, seed: int, make) -> dict | None:
         key = f"{scheme}/{method}/{calib}/{seed}/{tokens}/{nsamples}x{seqlen}"
+        if key not in cache and DOMAIN_CACHED_ONLY[0]:
+            return None
         if key not in cache:
             t0 = time.time()
             model = make()
@@ -1082,6 +1085,7 @@ def section_domains(quick: bool) -> dict:
                         return lowbit.quantize(copy.deepcopy(zoo.model), s, method=m, calibration=batches)
 
                     rows.append(cell(scheme, method, calib, seed, make))
+    rows = [r for r in rows if r is not None]
     return {"command": "python benchmarks/run_all.py --sections domains", "tokens": tokens, "evals": evals,
             "calibration": f"{nsamples} x {seqlen} tokens per cell", "seeds": list(seeds),
             "domains": {d: D.DOMAINS[d][0] for d in evals}, "rows": rows}  # fmt: skip
@@ -1142,10 +1146,13 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
                     help="calibration seeds of the domains section (default 0 1 2; finished cells are cached, "
                          "so a subset renders what an interrupted run has)")  # fmt: skip
+    ap.add_argument("--cached-only", action="store_true",
+                    help="domains section: render the cells already finished, compute no new one")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one quantize-and-evaluate job
     args = ap.parse_args()
     if args.seeds is not None:
         DOMAIN_SEEDS[:] = args.seeds
+    DOMAIN_CACHED_ONLY[0] = args.cached_only
     if args.child:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(THREADS)
