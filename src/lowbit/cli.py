@@ -279,33 +279,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_texts(args) -> dict:
-    """``lowbit eval --domains`` / ``--text``: ``{column: domain name or text}`` to score perplexity
-    on besides the default held-out text; {} when neither is given. Raises CliError for unknown
-    domains or an unreadable file."""
-    out: dict = {}
+def _eval_texts(args) -> tuple[list[str], dict[str, str]]:
+    """``lowbit eval --domains`` / ``--text``: the built-in domains and ``{file name: text}`` to
+    score perplexity on besides the default held-out text (both empty when neither is given),
+    checked before any model is read. Raises CliError for unknown domains or an unreadable or
+    empty file."""
+    names: list[str] = []
     if args.domains is not None:
         from lowbit.evaluate import domains as D
 
-        names = _domain_names(args.domains)
+        given = _domain_names(args.domains)
         try:
-            names = D.available_domains() if names == ("all",) else D._resolve(names, (), "score")
+            names = D.available_domains() if given == ("all",) else D._resolve(given, (), "score")
         except D.DataError as e:
             raise CliError(f"--domains: {e}") from None
-        out.update({f"ppl {d}": ("domain", d) for d in names})
+    texts = {}
     for path in args.text or ():
-        out[f"ppl {Path(path).name}"] = ("text", _calib_text(path).strip() or _empty_text(path))
-    return out
+        text = _calib_text(path).strip()
+        if not text:
+            raise CliError(f"--text {path}: the file holds no text")
+        texts[Path(path).name] = text
+    return names, texts
 
 
-def _empty_text(path: str) -> str:
-    raise CliError(f"--text {path}: the file holds no text")
-
-
-def _text_perplexities(zm, scored: dict, args) -> dict:
-    """Perplexity of a language model on each text of :func:`_eval_texts` (its first --max-tokens
-    tokens, windows of --seqlen)."""
-    if not scored:
+def _text_perplexities(zm, scored: tuple[list[str], dict[str, str]], args) -> dict:
+    """Perplexity of a language model on the domains and texts of :func:`_eval_texts` (the first
+    --max-tokens tokens of each, windows of --seqlen), as ``{"texts": {"ppl NAME": ppl}}``."""
+    names, texts = scored
+    if not names and not texts:
         return {}
     if zm.task != "causal-lm" or zm.tokenizer is None:
         raise CliError("--domains and --text score language models (perplexity); this model is not one")
@@ -313,14 +314,15 @@ def _text_perplexities(zm, scored: dict, args) -> dict:
     from lowbit.evaluate.perplexity import perplexity
 
     out = {}
-    for column, (kind, what) in scored.items():
-        text = D.domain_text(what, "eval") if kind == "domain" else what
-        try:
-            r = perplexity(zm.model, zm.tokenizer, text=text[: args.max_tokens * 8], max_tokens=args.max_tokens,
-                           seqlen=args.seqlen, source=what if kind == "domain" else column[4:])  # fmt: skip
-        except D.DataError as e:
-            raise CliError(f"{column[4:]}: {e}") from None
-        out[column] = r.ppl
+    try:
+        if names:
+            found = D.domain_perplexities(zm.model, zm.tokenizer, names, max_tokens=args.max_tokens, seqlen=args.seqlen)
+            out.update({f"ppl {d}": r.ppl for d, r in found.items()})
+        for label, text in texts.items():
+            out[f"ppl {label}"] = perplexity(zm.model, zm.tokenizer, text=text[: args.max_tokens * 8],
+                                             max_tokens=args.max_tokens, seqlen=args.seqlen, source=label).ppl  # fmt: skip
+    except D.DataError as e:
+        raise CliError(f"--domains/--text: {e}") from None
     return {"texts": out}
 
 

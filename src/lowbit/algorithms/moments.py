@@ -64,7 +64,7 @@ def shrink_to_diagonal(hessian: torch.Tensor, tokens: int, kurtosis: torch.Tenso
     ``kurtosis``: activations with heavy tails or tokens of unequal loudness (LLMs') make the real
     variance larger, while ``n`` tokens cannot show a kurtosis above about ``n``, so with few
     tokens the data's estimate is itself biased low (lowbit's departure from the paper).
-    Two departures from the paper: the moment is not centred (GPTQ's and AWQ's objectives are
+    Two more departures: the moment is not centred (GPTQ's and AWQ's objectives are
     uncentred), and tokens of one sequence are correlated, which neither form counts (``d`` errs
     small). When the off-diagonal entries are mostly sampling noise (few tokens for the channels'
     real correlation), ``d`` goes to 1 and a search scored through the result weighs each channel
