@@ -399,6 +399,16 @@ def _domains(res: dict) -> str:
     return "\n".join(out)
 
 
+def _shrink_intensity(res: dict) -> str:
+    table = [[r["layer"], str(r["k"]), str(r["tokens"]), f"{r['d_data']:.4f}", f"{r['d_gaussian']:.4f}"] for r in res["rows"]]
+    return "\n".join(["## Moment shrinkage intensity: SmolLM2-135M", "", _header(res), "",
+                      "The intensity d with which GPTQ/AWQ's E[x x^T] is shrunk toward its diagonal "
+                      "(`lowbit.algorithms.moments.shrink_to_diagonal`), per sampled linear, from FP32 inputs on "
+                      "mixed calibration text: with each entry's sampling variance estimated from the data (the "
+                      "default) and with the Gaussian form.", "",
+                      markdown_table(["layer", "K", "tokens", "d (data)", "d (Gaussian)"], table)])  # fmt: skip
+
+
 _PEER_NAMES = {"llmc": "llm-compressor", "torchao": "torchao"}
 
 
@@ -1273,7 +1283,8 @@ def write_benchmarks(results: Path, out: Path) -> None:
                          ("algorithms", _algorithms), ("w8a8", _w8a8), ("sweeps", _sweeps),
                          ("mobilenet", _mobilenet), ("mixed", _mixed), ("qat", _qat),
                          ("sym_range", _sym_range), ("domains", _domains),
-                         ("domains_minilm", _domains_minilm), ("streaming", _streaming),
+                         ("domains_minilm", _domains_minilm), ("shrink_intensity", _shrink_intensity),
+                         ("streaming", _streaming),
                          ("gguf_table", _gguf_table), ("onnx_table", _onnx_table), ("ct_ppl", _ct_ppl),
                          ("compress_digits", _compress_digits), ("compress_minilm", _compress_minilm),
                          ("compress_mobilenet", _compress_mobilenet), ("compress_smollm2", _compress_smollm2),

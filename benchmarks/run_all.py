@@ -1091,6 +1091,37 @@ def section_domains(quick: bool) -> dict:
             "domains": {d: D.DOMAINS[d][0] for d in evals}, "rows": rows}  # fmt: skip
 
 
+def section_shrink_intensity(quick: bool) -> dict:
+    """issue 13: the moment-shrinkage intensity d of ``moments.shrink_to_diagonal`` on 16 sampled
+    SmolLM2-135M linears, with the data-estimated entry variances (the default) and the Gaussian
+    form, from FP32 inputs on 32 x 512 tokens of the mixed calibration text (seed 0)."""
+    import lowbit
+    from lowbit.algorithms import moments
+    from lowbit.calibrate import Stats
+    from lowbit.models.zoo import load_model
+
+    zoo = load_model("smollm2-135m")
+    stats: dict = {}
+    for i in (0, 5, 15, 29):
+        for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            mod = zoo.model.get_submodule(f"model.layers.{i}.{n}")
+            st = stats[f"model.layers.{i}.{n}"] = Stats(mod.in_features, frozenset({"hessian", "fourth"}))
+            mod.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0]))
+    with torch.no_grad():
+        for b in lowbit.calibration_batches(zoo.tokenizer, "mixed", nsamples=4 if quick else 32, seqlen=512, seed=0):
+            zoo.model(b)
+
+    def d(st, data: bool) -> float:  # read off the result: 1 - <shrunk, S> / <S, S> off the diagonal
+        h = st.hessian
+        got = moments.shrink_to_diagonal(h, st.tokens, st.kurtosis if data else None, st.channels if data else None)
+        off = ~torch.eye(h.shape[0], dtype=torch.bool)
+        return 1 - float((got[off] * h[off]).sum() / (h[off] * h[off]).sum())
+
+    rows = [{"layer": n, "k": st.k, "tokens": st.tokens, "d_data": round(d(st, True), 5),
+             "d_gaussian": round(d(st, False), 5)} for n, st in stats.items()]  # fmt: skip
+    return {"command": "python benchmarks/run_all.py --sections shrink_intensity", "rows": rows}
+
+
 def section_sparse_speed(quick: bool) -> dict:
     """issue 16: a 2:4-pruned w4g64 layer against the dense w4g64 layer, both as lowbit runs them,
     batch 1 (GEMV) and batch 16, weights cold (rotating copies), timed interleaved in one run; the
@@ -1135,7 +1166,8 @@ SECTIONS = {"kernels": section_kernels, "sparse_speed": section_sparse_speed, "p
             "mixed_hessian": section_mixed_hessian,
             "qat": section_qat, "qat_digits": section_qat_digits, "qat_mobilenet": section_qat_mobilenet,
             "sym_range": section_sym_range, "domains": section_domains,
-            "domains_minilm": section_domains_minilm, "hessian_memory": section_hessian_memory}  # fmt: skip
+            "domains_minilm": section_domains_minilm, "hessian_memory": section_hessian_memory,
+            "shrink_intensity": section_shrink_intensity}  # fmt: skip
 
 
 def main() -> None:
