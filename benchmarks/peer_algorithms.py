@@ -106,6 +106,15 @@ the windows lowbit's own ``domains`` cells use (32 x 512 tokens of that domain's
 eval split of every domain (``lowbit.evaluate.domains.domain_perplexities``): ``ppl_by_domain`` in
 ``results/peer_domains.json``, which the report puts beside lowbit's cells.
 
+Frozen inputs, for a machine without the text packages (an accelerator host):
+``--write-data FILE --calib-domains ... --seeds ...`` writes every calibration window those cells
+use and the eval-split text each domain is scored on (a safetensors file: ``calib.DOMAIN.SEED``
+windows, ``eval.DOMAIN`` the token ids lowbit's tokenizer makes of the text, the text itself in the
+metadata); ``--data FILE`` then runs the cells from it (each child checks that its tokenizer gives
+the same ids, so a row scored on other tokens cannot happen). ``--device cuda`` scores each model
+there (llm-compressor calibrates on the accelerator whenever one is present); ``--parallel N``
+runs N children at once, each with ``--threads`` threads.
+
 Rows are merged into ``--out`` keyed by (peer, algorithm, scheme[, calibration domain, seed]); a
 rerun replaces its rows, except in cross-domain mode, where a rerun skips the rows already finished
 (status ok), so the hours-long table resumes.
@@ -176,6 +185,33 @@ def _targets(model) -> dict:
     return out
 
 
+def _frozen(path: str):
+    """(tensors, metadata) of a ``--write-data`` file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def write_data(path: Path, tokenizer, domains: list[str], seeds: list[int], n: int, tokens: int) -> None:
+    """The inputs of the cross-domain cells, frozen (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from lowbit.evaluate.domains import available_domains, domain_text
+
+    tensors, meta = {}, {"tokens": str(tokens), "seqlen": str(SEQLEN)}
+    for c in domains:
+        for sd in seeds:
+            tensors[f"calib.{c}.{sd}"] = _calib(tokenizer, {"calib_samples": n, "calib_domain": c, "seed": sd})
+    for d in available_domains():
+        text = domain_text(d, "eval")[: tokens * 8]  # the prefix domain_perplexities scores
+        meta[f"text.{d}"] = text
+        tensors[f"eval.{d}"] = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
 def _calib(tokenizer, job: dict, seqlen: int = SEQLEN):
     """(n, seqlen) LongTensor: random windows of the calib split, fixed seed; in the cross-domain
     mode (``job["calib_domain"]``) exactly the windows lowbit's own cells calibrate on:
@@ -183,6 +219,11 @@ def _calib(tokenizer, job: dict, seqlen: int = SEQLEN):
     import torch
 
     n = job["calib_samples"]
+    if job.get("data"):
+        windows = _frozen(job["data"])[0][f"calib.{job['calib_domain']}.{job['seed']}"]
+        if tuple(windows.shape) != (n, seqlen):
+            raise RuntimeError(f"{job['data']}: calib windows {tuple(windows.shape)}, the job wants {(n, seqlen)}")
+        return windows
     if job.get("calib_domain"):
         from lowbit.evaluate.domains import calibration_batches
 
@@ -222,13 +263,27 @@ def _ppl(model, tokenizer, tokens: int):
     return r, time.perf_counter() - t
 
 
-def _domain_ppl(model, tokenizer, tokens: int):
-    """{domain: perplexity} on the eval split of every text domain, as lowbit's domains cells."""
+def _domain_ppl(model, tokenizer, tokens: int, data: str | None = None):
+    """{domain: perplexity} on the eval split of every text domain, as lowbit's domains cells
+    (``data``: the texts of a ``--write-data`` file, scored the same way)."""
     from lowbit.evaluate.domains import domain_perplexities
+    from lowbit.evaluate.perplexity import perplexity
 
     t = time.perf_counter()
-    r = domain_perplexities(model, tokenizer, max_tokens=tokens, seqlen=SEQLEN)
-    return {d: round(x.ppl, 4) for d, x in r.items()}, time.perf_counter() - t
+    if not data:
+        r = domain_perplexities(model, tokenizer, max_tokens=tokens, seqlen=SEQLEN)
+        return {d: round(x.ppl, 4) for d, x in r.items()}, time.perf_counter() - t
+    tensors, meta = _frozen(data)
+    if int(meta["tokens"]) != tokens:
+        raise RuntimeError(f"{data} holds {meta['tokens']}-token eval texts; this run scores {tokens}")
+    out = {}
+    for key in [k for k in meta if k.startswith("text.")]:
+        d, text = key[len("text."):], meta[key]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
+        if not ids.equal(tensors[f"eval.{d}"]):
+            raise RuntimeError(f"this tokenizer splits {d}'s eval text otherwise than the one that wrote {data}")
+        out[d] = round(perplexity(model, tokenizer, text=text, max_tokens=tokens, seqlen=SEQLEN).ppl, 4)
+    return out, time.perf_counter() - t
 
 
 class Unsupported(Exception):
@@ -624,7 +679,8 @@ def run_child(job: dict, tokens: int) -> dict:
                peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=tokens,
                scored_tokens=None, quant_seconds=None, peak_rss_mb=None, rss_after_load_mb=round(rss_load, 1),
                calib=None, notes="", status="ok",
-               env=f"torch {_version('torch')}, transformers {_version('transformers')}, {THREADS} threads")
+               env=f"torch {_version('torch')}, transformers {_version('transformers')}, {THREADS} threads"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     load0 = os.getloadavg()[0]
     try:
         res = globals()[job["fn"]](model, tok, job)
@@ -636,8 +692,10 @@ def run_child(job: dict, tokens: int) -> dict:
         model = res[3]
     row.update(quant_seconds=round(secs, 2), peak_rss_mb=round(_rss_mb(), 1), calib=calib, notes=notes,
                loadavg_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])  # machine shared: see the timings
+    if job.get("device"):
+        model.to(job["device"])
     if job.get("calib_domain"):
-        by_domain, eval_s = _domain_ppl(model, tok, tokens)
+        by_domain, eval_s = _domain_ppl(model, tok, tokens, job.get("data"))
         row.update(ppl_by_domain=by_domain, calib_domain=job["calib_domain"], seed=job["seed"],
                    eval_seconds=round(eval_s, 1))
         return row
@@ -699,6 +757,7 @@ def _merge(out: Path, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peer", choices=["hqq", "torchao", "quanto", "llmc"], required=False)
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
@@ -714,8 +773,16 @@ def main(argv=None) -> int:
                     help="only jobs whose algorithm name starts with one of these (e.g. GPTQ AWQ HQQ)")
     ap.add_argument("--fp32-check", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--write-data", type=Path, default=None, metavar="FILE",
+                    help="with --calib-domains: freeze the cells' calibration windows and eval texts into FILE, run nothing")
+    ap.add_argument("--data", type=Path, default=None, metavar="FILE",
+                    help="with --calib-domains: take calibration windows and eval texts from a --write-data FILE")
+    ap.add_argument("--device", default=None, help="score each quantized model on this torch device (e.g. cuda)")
+    ap.add_argument("--parallel", type=int, default=1, help="children at once (default 1)")
+    ap.add_argument("--threads", type=int, default=THREADS, help=f"torch threads per child (default {THREADS})")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    THREADS = args.threads
 
     cross = bool(args.calib_domains)
     args.tokens = args.tokens or (4096 if cross else 16384)
@@ -727,34 +794,51 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(row))
         return 0
 
+    if (args.write_data or args.data) and not cross:
+        ap.error("--write-data and --data belong to the cross-domain mode (--calib-domains)")
+    if args.write_data:
+        import torch
+
+        torch.set_num_threads(THREADS)
+        write_data(args.write_data, _load()[1], args.calib_domains, args.seeds, args.calib_samples, args.tokens)
+        print(f"wrote {args.write_data}", flush=True)
+        return 0
     if not args.peer:
         ap.error("--peer is required")
     jobs = _jobs(args.peer, args.schemes, args.calib_samples, args.fp32_check)
     if args.algorithms:
         jobs = [j for j in jobs if j["scheme"] == "fp32" or any(j["algorithm"].startswith(a) for a in args.algorithms)]
     if cross:  # calibrated algorithms only, once per (seed, calibration domain); seed outermost
-        jobs = [dict(j, calib_samples=args.calib_samples, calib_domain=c, seed=sd)
+        extra = {k: str(v) for k, v in (("data", args.data and args.data.resolve()), ("device", args.device)) if v}
+        jobs = [dict(j, calib_samples=args.calib_samples, calib_domain=c, seed=sd, **extra)
                 for sd in args.seeds for j in jobs if "calib_samples" in j for c in args.calib_domains]
     if cross and args.out.is_file():  # the cross-domain table takes hours: a rerun resumes, finished rows kept
         done = {_key(r) for r in json.loads(args.out.read_text()) if r.get("status") == "ok"}
         jobs = [j for j in jobs if _key(dict(j, version=None)) not in done]
-    rows = []
-    for job in jobs:
+    def one(job: dict):
         print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']} | {job.get('calib_domain')} {job.get('seed')}",
               flush=True)
-        row, rc, wall = run_in_child(__file__, job, "--tokens", str(args.tokens))
-        if row is None:
-            row = dict(peer=job["peer"], version=_version(job["dist"]), algorithm=job["algorithm"],
-                       peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=args.tokens,
-                       quant_seconds=None, peak_rss_mb=None, calib=None, status="error",
-                       notes=f"child process exited with {rc}; see the console output")
-            row.update({k: job[k] for k in ("calib_domain", "seed") if k in job})
-        row["run_seconds"] = round(wall, 1)
-        print(f"   -> status={row['status']} ppl={row.get('ppl_by_domain', row['ppl'])} quant_s={row['quant_seconds']} "
-              f"peak_rss_mb={row['peak_rss_mb']} ({wall:.0f}s)", flush=True)
-        rows.append(row)
-        _merge(args.out, [row])
+        return job, *run_in_child(__file__, job, "--tokens", str(args.tokens), "--threads", str(THREADS))
+
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # each child is its own process; rows merged here
+        for fut in as_completed([pool.submit(one, j) for j in jobs]):
+            _finish(args, *fut.result())
     return 0
+
+
+def _finish(args, job: dict, row: dict | None, rc: int, wall: float) -> None:
+    if row is None:
+        row = dict(peer=job["peer"], version=_version(job["dist"]), algorithm=job["algorithm"],
+                   peer_scheme=job["peer_scheme"], scheme=job["scheme"], ppl=None, tokens=args.tokens,
+                   quant_seconds=None, peak_rss_mb=None, calib=None, status="error",
+                   notes=f"child process exited with {rc}; see the console output")
+        row.update({k: job[k] for k in ("calib_domain", "seed") if k in job})
+    row["run_seconds"] = round(wall, 1)
+    print(f"   -> status={row['status']} ppl={row.get('ppl_by_domain', row['ppl'])} quant_s={row['quant_seconds']} "
+          f"peak_rss_mb={row['peak_rss_mb']} ({wall:.0f}s)", flush=True)
+    _merge(args.out, [row])
 
 
 if __name__ == "__main__":

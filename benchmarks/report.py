@@ -395,8 +395,36 @@ def _domains(res: dict) -> str:
     if res.get("peers"):
         out += ["", "Peer rows: `benchmarks/peer_algorithms.py --peer llmc|torchao --calib-domains python-docs handbook` "
                 "(each peer calibrated on exactly the windows of lowbit's cells, its weights scored by the same "
-                "perplexity code; see the script's docstring)."]
+                "perplexity code; see the script's docstring)." + _peer_devices(res["peers"], res.get("device_check"))]
     return "\n".join(out)
+
+
+def _peer_devices(peers: list, check: list | None) -> str:
+    """Where the peer rows ran (a row's ``env`` names the GPU when it had one), and the one job
+    run on both, so a reader sees how far a device change alone moves a peer's figures."""
+    where: dict = {}
+    for r in peers:
+        if r.get("status") == "ok" and r.get("ppl_by_domain"):
+            env = r.get("env", "")
+            dev = env.rsplit(", ", 1)[-1] if "threads, " in env else "CPU"
+            where.setdefault(dev, {}).setdefault(f"{_PEER_NAMES.get(r['peer'], r['peer'])} "
+                                                 f"{r['algorithm'].split(' (')[0]}", set()).add(r.get("seed"))
+    if len(where) < 2:
+        return ""
+    text = " Rows ran on: " + "; ".join(
+        f"{dev}: " + ", ".join(f"{name} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, sorted(s)))})"
+                           for name, s in sorted(names.items()))
+        for dev, names in sorted(where.items()))  # fmt: skip
+    for c in check or []:
+        twin = next((r for r in peers if r.get("status") == "ok" and r.get("ppl_by_domain") and
+                     all(r.get(k) == c.get(k) for k in ("peer", "algorithm", "scheme", "calib_domain", "seed"))), None)
+        if twin is None or twin.get("env") == c.get("env"):
+            continue
+        pairs = ", ".join(f"{d} {twin['ppl_by_domain'][d]:.2f} vs {c['ppl_by_domain'][d]:.2f}" for d in c["ppl_by_domain"])
+        text += (f". The same job ({_PEER_NAMES.get(c['peer'], c['peer'])} {c['algorithm'].split(' (')[0]} "
+                 f"{c['scheme']}, {c['calib_domain']} seed {c['seed']}) on both: {pairs} (its table row vs the rerun "
+                 f"on {c['env'].rsplit(', ', 1)[-1]}): the device alone moves its figures by this much")
+    return text + "."
 
 
 def _shrink_intensity(res: dict) -> str:
@@ -1294,6 +1322,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
         if res is not None and not res.get("partial"):  # an interrupted run's rows wait for the rest
             if name == "domains":
                 res["peers"] = _load(results, "peer_domains")
+                res["device_check"] = _load(results, "peer_domains_device_check")
             if name == "compress_smollm2":
                 res["peers"] = _load(results, "peer_sparse_smollm2")
                 res["lowbit_sparse"] = _load(results, "sparse_smollm2")

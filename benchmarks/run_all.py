@@ -1066,7 +1066,11 @@ def section_domains(quick: bool) -> dict:
             cache[key] = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
                           "quantize_seconds": round(seconds, 1)}  # fmt: skip
             print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)
-            tmp = DOMAIN_CACHE.with_suffix(".tmp")  # atomic: an interrupted run keeps every finished cell
+            # atomic, and merged with what is on disk: an interrupted run keeps every finished cell, and
+            # runs of other seeds side by side (--seeds 1 / --seeds 2 --threads 1) keep each other's
+            on_disk = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
+            cache.update({k: v for k, v in on_disk.items() if k not in cache})
+            tmp = DOMAIN_CACHE.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache, indent=1) + "\n")
             tmp.replace(DOMAIN_CACHE)
         return cache[key]
@@ -1171,6 +1175,7 @@ SECTIONS = {"kernels": section_kernels, "sparse_speed": section_sparse_speed, "p
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     # (the default runs every section: about 2 hours on 2 cores, the algorithms table most of it)
@@ -1180,8 +1185,11 @@ def main() -> None:
                          "so a subset renders what an interrupted run has)")  # fmt: skip
     ap.add_argument("--cached-only", action="store_true",
                     help="domains section: render the cells already finished, compute no new one")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch threads (default 2; the accuracy-only sections can run as two 1-thread processes)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one quantize-and-evaluate job
     args = ap.parse_args()
+    THREADS = args.threads
     if args.seeds is not None:
         DOMAIN_SEEDS[:] = args.seeds
     DOMAIN_CACHED_ONLY[0] = args.cached_only

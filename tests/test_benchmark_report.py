@@ -48,3 +48,15 @@ def test_data_free_rows_count_every_domain_in_the_overview_but_are_no_claim():
     text = report._domains(res)
     claim = next(x for x in text.splitlines() if x.startswith("Unseen domains:"))
     assert "keeps at most 0.90 of RTN's loss (gptq, b → a)" in claim and "hqq" not in claim
+
+
+def test_peer_rows_name_their_device_and_the_cross_device_rerun():
+    res = _res()
+    gpu = dict(res["peers"][0], seed=1, env="torch 2.11.0, transformers 5.17.0, 1 threads, NVIDIA H200")
+    res["peers"][0]["env"] = "torch 2.13.0+cpu, transformers 5.17.0, 2 threads"
+    res["peers"].append(gpu)
+    check = [dict(res["peers"][0], env=gpu["env"], ppl_by_domain={"a": 12.5, "b": 48.0})]
+    text = report._peer_devices(res["peers"], check)
+    assert "CPU: llm-compressor GPTQ (seed 0); NVIDIA H200: llm-compressor GPTQ (seed 1)" in text
+    assert "a 12.00 vs 12.50, b 50.00 vs 48.00" in text
+    assert report._peer_devices(res["peers"][:1], None) == ""  # one device: nothing to say

@@ -48,7 +48,8 @@ def perplexity(
     """Perplexity of ``model`` on ``split`` (see the module docstring), or on ``text`` when given
     (its first ``max_tokens`` tokens; ``source`` names it in the result). ``kv_cache``
     (``"float32"`` or ``"int8"``): run each window through :class:`lowbit.generate.Decoder` with
-    that key/value cache instead of the model's forward (Llama-family models). Raises
+    that key/value cache instead of the model's forward (Llama-family models); otherwise the
+    windows go to the device of the model's first parameter. Raises
     :class:`DataError` for text shorter than one window, ``seqlen`` beyond the model's
     ``config.max_position_embeddings``, or a model whose output has no logits (an encoder)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -72,8 +73,10 @@ def perplexity(
 
         batches = tqdm(batches, desc="perplexity", unit="batch")
     model.eval()
+    # the model's device (a model on an accelerator is fed there); a model without parameters: CPU
+    device = next((p.device for p in model.parameters()), torch.device("cpu")) if kv_cache is None else None
     for i in batches:
-        x = windows[i : i + batch_size]
+        x = windows[i : i + batch_size] if device is None else windows[i : i + batch_size].to(device)
         if kv_cache is None:
             out = model(input_ids=x, use_cache=False)
             if not isinstance(getattr(out, "logits", None), torch.Tensor):
