@@ -287,3 +287,39 @@ def test_token_ids_are_kept_per_tokenizer_not_per_name():
     assert torch.equal(b, t2(D.domain_text("quotes", "eval")[:16000], add_special_tokens=False,
                              return_tensors="pt")["input_ids"][0][:2000])  # fmt: skip
     assert D.domain_token_ids(t1, "quotes", max_tokens=2000) is a  # still tokenized once per tokenizer
+
+
+def test_a_saved_model_says_what_it_was_calibrated_on(smollm2, tmp_path, capsys):
+    """calibration_batches' provenance travels through quantize and save into the manifest, back
+    through load and into ``lowbit inspect``; a caller's own iterable is named by its kind only, and
+    a data-free method records none."""
+    transformers = pytest.importorskip("transformers")
+    from lowbit.cli import main
+    from lowbit.io import read_manifest
+
+    names = D.available_domains()[:2]
+    tok = smollm2.tokenizer
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    cal = lowbit.calibration_batches(tok, names, nsamples=3, seqlen=32, batch_size=2, seed=7)
+    assert [b.shape[0] for b in cal] == [2, 1]
+    lowbit.quantize(model, "w4g32", method="gptq", calibration=cal)
+    want = {"domains": {names[0]: 2, names[1]: 1}, "split": "calib", "nsamples": 3, "seqlen": 32, "seed": 7}
+    assert model.lowbit_calibration == want
+    lowbit.save(model, tmp_path / "q", tokenizer=tok)
+    assert read_manifest(tmp_path / "q")["calibration"] == want
+    assert lowbit.load(tmp_path / "q").lowbit_calibration == want
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+    assert f"calibrated on: domains {want['domains']}, split calib, nsamples 3, seqlen 32, seed 7" in capsys.readouterr().out
+
+    text = D.domain_text(names[0], "calib")[:20_000]
+    own = lowbit.calibration_batches(tok, text=text, nsamples=2, seqlen=32)
+    assert own.provenance["text_characters"] == 20_000 and len(own.provenance["text_sha256"]) == 64
+    other = transformers.LlamaForCausalLM(cfg).eval()
+    lowbit.quantize(other, "w4g32", method="gptq", calibration=iter(list(own)))
+    assert other.lowbit_calibration == {"source": "caller's list_iterator"}
+    free = lowbit.quantize(transformers.LlamaForCausalLM(cfg).eval(), "w4g32", method="rtn")
+    lowbit.save(free, tmp_path / "free")
+    assert "calibration" not in read_manifest(tmp_path / "free") and not hasattr(free, "lowbit_calibration")

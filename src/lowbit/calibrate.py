@@ -349,6 +349,15 @@ def _groups(block: nn.Module, inputs: list, names: dict[str, nn.Module]) -> tupl
     return order, {g[0]: src.get(g[0]) for g in order}
 
 
+def provenance(calibration) -> dict:
+    """What a model was calibrated on, for its manifest (``model.lowbit_calibration``): the
+    ``provenance`` of :func:`lowbit.calibration_batches`' list (domains or a text's SHA-256, split,
+    sizes, seed), or only the kind of iterable a caller passed (it may be a one-shot generator, so
+    it is not read again)."""
+    given = getattr(calibration, "provenance", None)
+    return dict(given) if isinstance(given, dict) else {"source": f"caller's {type(calibration).__name__}"}
+
+
 def run(
     model: nn.Module,
     todo: list,

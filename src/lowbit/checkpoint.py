@@ -739,6 +739,7 @@ def _calibrated(ck, model, plan, planned, todo, records, heads, algo, options, m
             for inputs in stream.opened:
                 inputs.close()
         stream.finish()
+        model.lowbit_calibration = calibrate.provenance(calibration)
         if head_quantized and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # as lowbit.quantize does
         return w.finish(model, layers={n: r.to_dict() for n, r in records.items()}, source=str(ck.dir.resolve()),

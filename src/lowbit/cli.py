@@ -512,6 +512,8 @@ def cmd_inspect(args) -> int:
         f"{s.quantized_compression:.2f}x smaller than FP32{note}; whole model {s.total_bytes:,} bytes; "
         f"format_version {manifest['format_version']}, written by lowbit {manifest.get('lowbit_version')}"
     )
+    if manifest.get("calibration"):
+        print("calibrated on: " + ", ".join(f"{k} {v}" for k, v in manifest["calibration"].items()))
     return 0
 
 

@@ -479,6 +479,7 @@ def quantize(
             swaps = calibrate.run(model, todo, algo, calibration, algo_options, progress=progress, method=method,
                                   make_module=lambda mod, kind, qw, act, m=method: _swap(mod, kind, qw, m, act),
                                   observer=observer, bias_correction=bias_correction)  # fmt: skip
+            model.lowbit_calibration = calibrate.provenance(calibration)
             info = {name: (type(mod).__name__, why) for name, mod, _, _, why in todo}
             for name, new in swaps:
                 tname, why = info[name]

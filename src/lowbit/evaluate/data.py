@@ -12,6 +12,7 @@ joined in sorted-name order with blank lines between them.
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 import zlib
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["text_split", "text_source", "token_ids", "cached_token_ids", "windows", "calibration_batches", "SPLITS",
+__all__ = ["text_split", "text_source", "token_ids", "cached_token_ids", "windows", "calibration_batches", "CalibrationBatches", "SPLITS",
            "DataError"]  # fmt: skip
 
 DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
@@ -104,6 +105,17 @@ def windows(ids: torch.Tensor, n: int, seqlen: int, generator: torch.Generator, 
     return ids[: n_windows * seqlen].reshape(n_windows, seqlen)[pick]
 
 
+class CalibrationBatches(list):
+    """The token-id batches of a calibration set (a list of ``(batch, seqlen)`` long tensors), with
+    ``provenance``: what they were drawn from (domains or a text's SHA-256, split, sizes, seed).
+    :func:`lowbit.quantize` records it in ``model.lowbit_calibration`` and :func:`lowbit.save` in
+    the manifest, so a saved model says what it was calibrated on."""
+
+    def __init__(self, batches, provenance: dict) -> None:
+        super().__init__(batches)
+        self.provenance = dict(provenance)
+
+
 def calibration_batches(
     tokenizer,
     *,
@@ -115,7 +127,8 @@ def calibration_batches(
     text: str | None = None,
 ) -> list[torch.Tensor]:
     """``nsamples`` windows of ``seqlen`` tokens drawn (seeded) from the calibration split, or from
-    ``text`` when given, as token-id batches ``(batch_size, seqlen)`` (the last may be smaller).
+    ``text`` when given, as token-id batches ``(batch_size, seqlen)`` (the last may be smaller), in a
+    :class:`CalibrationBatches` list whose ``provenance`` names the source (a text by its SHA-256).
 
     Raises :class:`DataError` when the text holds fewer than ``nsamples * seqlen`` tokens.
     """
@@ -123,8 +136,12 @@ def calibration_batches(
         raise DataError(f"nsamples, batch_size must be >= 1 and seqlen >= 2; got {nsamples}, {batch_size}, {seqlen}")
     if text is None:
         ids, what = token_ids(tokenizer, split), f"the {split} split of {text_source()}"
+        source = {"source": text_source(), "split": split}
     else:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         what = "the calibration text"
+        source = {"text_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+                  "text_characters": len(text)}  # fmt: skip
     w = windows(ids, nsamples, seqlen, torch.Generator().manual_seed(seed), what)
-    return [w[i : i + batch_size] for i in range(0, nsamples, batch_size)]
+    return CalibrationBatches([w[i : i + batch_size] for i in range(0, nsamples, batch_size)],
+                              {**source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed})  # fmt: skip

@@ -361,7 +361,9 @@ def calibration_batches(
     windows from each domain (the first ``nsamples % len(domains)`` one more; a domain too short
     for its share gives every window it holds and the others make up the rest), drawn without
     overlap by a seeded choice, then shuffled together; as ``(batch_size, seqlen)`` token-id
-    batches (the last may be smaller). ``text``: draw from this text instead (your own domain;
+    batches (the last may be smaller) in a :class:`lowbit.evaluate.data.CalibrationBatches` list,
+    whose ``provenance`` (domains with their window counts, split, sizes, seed) :func:`lowbit.save`
+    records. ``text``: draw from this text instead (your own domain;
     then ``domains`` and ``exclude`` stay unset). Raises :class:`DataError` for unknown or absent
     domains, non-integer sizes or seeds, both ``text`` and domains, or when the domains together
     (or ``text``) hold fewer than ``nsamples`` windows."""
@@ -395,4 +397,6 @@ def calibration_batches(
             continue
         parts.append(data.windows(ids[name], want, seqlen, g, f"the {split} split of {name}"))
     allw = torch.cat(parts)[torch.randperm(nsamples, generator=g)]
-    return [allw[i : i + batch_size] for i in range(0, nsamples, batch_size)]
+    prov = {"domains": {n: k for n, k in zip(names, shares) if k}, "split": split, "nsamples": nsamples,
+            "seqlen": seqlen, "seed": seed}  # fmt: skip
+    return data.CalibrationBatches([allw[i : i + batch_size] for i in range(0, nsamples, batch_size)], prov)

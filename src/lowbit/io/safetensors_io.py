@@ -124,6 +124,8 @@ def _manifest_problem(m: dict) -> str | None:
                 return f"layer record {name!r}: {key!r} has the wrong type"
         for key in [k for k in rec if k not in _RECORD_FIELDS]:  # fields of a later minor version
             del rec[key]
+    if m.get("calibration") is not None and not isinstance(m["calibration"], dict):
+        return "'calibration' must be an object"
     model = m["model"]
     for key in ("class", "hf_auto_class", "source"):
         if model.get(key) is not None and not isinstance(model.get(key), str):
@@ -598,6 +600,8 @@ def load(
         keep_half_storage(mod)
     model.lowbit_layers = {n: LayerRecord(**r) for n, r in manifest["layers"].items()}
     model.lowbit_source = manifest["model"].get("source")
+    if manifest.get("calibration") is not None:
+        model.lowbit_calibration = manifest["calibration"]
     tensors.clear()  # the modules hold what they need: each row layout is freed as its kernel's replaces it
     if device is not None:
         model.to(device)

@@ -214,6 +214,9 @@ class ModelWriter:
                 "shards": shards,
                 "weight_map": weight_map,
             }
+            calibration = getattr(model, "lowbit_calibration", None)
+            if calibration is not None:  # what the calibrated methods saw (calibration_batches' provenance)
+                manifest["calibration"] = calibration
             if auto is not None:
                 cfg = model.config
                 if getattr(cfg, "quantization_config", None) is not None:
