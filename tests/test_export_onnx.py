@@ -3,6 +3,8 @@ back bit for bit (an identity matrix as input gives the dequantized weight), and
 compute lowbit's outputs."""
 
 import copy
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,16 @@ def _session(path, optimize=True):
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _u8s8_saturates() -> bool:
+    """ONNX Runtime's fused x86 int8 kernels on a CPU without VNNI multiply u8 x s8 pairs with
+    VPMADDUBSW, whose int16 pair sums saturate (its quantization docs: use reduce_range or U8U8
+    there); numbers from a fused session then say more about that kernel than about the graph."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_vnni" not in flags and "avx_vnni" not in flags
 
 
 def _ref(model, *xs):
@@ -191,7 +203,10 @@ def test_mobilenet_static_w8a8_layers_exact_and_model_agrees(tmp_path):
     ref = _ref(q, ev)
     with torch.no_grad():
         f, fast = fp(ev), q(ev)  # lowbit's int8 kernels
-    y = torch.from_numpy(_session(tmp_path / "mb.onnx").run(None, {"input": ev.numpy()})[0])
+    # without VNNI, the graph as the ONNX spec defines it (DequantizeLinear -> Conv -> QuantizeLinear,
+    # float32 sums) rather than ORT's saturating fused kernel; the fusion itself is counted above
+    fused = not _u8s8_saturates()
+    y = torch.from_numpy(_session(tmp_path / "mb.onnx", optimize=fused).run(None, {"input": ev.numpy()})[0])
     ours, theirs = confident_agreement(f, ref), confident_agreement(f, y)
     # ONNX Runtime runs the convolutions as QLinearConv: its int32 requantization flips an
     # intermediate rounding where lowbit's float32 sum lands near a half step; a couple of the ~50
@@ -218,7 +233,7 @@ def test_mobilenet_static_w8a8_layers_exact_and_model_agrees(tmp_path):
         one = torch.nn.Sequential(m)
         export_onnx(one, tmp_path / "c.onnx", example_inputs=inputs[n], overwrite=True)
         want = _ref(one, inputs[n]).numpy()
-        got = _session(tmp_path / "c.onnx").run(None, {"input": inputs[n].numpy()})[0]
+        got = _session(tmp_path / "c.onnx", optimize=fused).run(None, {"input": inputs[n].numpy()})[0]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), n
 
 
@@ -434,8 +449,9 @@ def test_static_conv_output_rounded_for_qlinearconv(spec, act, tmp_path):
     ref = _ref(q, x).numpy()
     # as written, and fused (ONNX Runtime requantizing the int32 sums itself): lowbit's values,
     # except where a sum lands within float32 error of a half step of the second layer's input
-    # and rounds the other way (the outputs it reaches move by that one step's contribution)
-    for optimize in (False, True):
+    # and rounds the other way (the outputs it reaches move by that one step's contribution). The
+    # fused run only where ORT's int8 kernel does not saturate (_u8s8_saturates: no VNNI on x86)
+    for optimize in (False,) if _u8s8_saturates() else (False, True):
         y = _session(tmp_path / "q.onnx", optimize).run(None, {"input": x.numpy()})[0]
         err = np.abs(y - ref) / np.abs(ref).max()
         assert err.max() <= 5e-3 and err.mean() <= 1e-4, (optimize, err.max(), err.mean())
