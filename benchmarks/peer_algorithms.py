@@ -115,6 +115,12 @@ the same ids, so a row scored on other tokens cannot happen). ``--device cuda`` 
 there (llm-compressor calibrates on the accelerator whenever one is present); ``--parallel N``
 runs N children at once, each with ``--threads`` threads.
 
+``--peer lowbit`` runs lowbit's own calibrated cells (``lowbit.quantize(model, scheme, method=gptq|awq|
+awq+gptq, calibration=...)``, the same call as ``run_all.py --sections domains``) from a ``--data`` file,
+in batches of 8 windows as ``calibration_batches`` gives them: the way to compute those cells on a
+machine without the text packages (their CPU cores). ``run_all.py --import-domain-rows FILE``
+takes such rows into the domains table, each marked with the machine that ran it.
+
 Rows are merged into ``--out`` keyed by (peer, algorithm, scheme[, calibration domain, seed]); a
 rerun replaces its rows, except in cross-domain mode, where a rerun skips the rows already finished
 (status ok), so the hours-long table resumes.
@@ -154,6 +160,19 @@ N_TARGET_LINEARS = 210
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _cpu_model() -> str:
+    """The processor's name (Linux ``/proc/cpuinfo``), or the platform's when there is none."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(dist: str) -> str:
@@ -659,6 +678,25 @@ def _llmc_jobs(schemes, n):
     return jobs
 
 
+# ---- lowbit (its own cells, from frozen inputs) --------------------------------------------
+def _lowbit_job(model, tokenizer, job):
+    import lowbit
+
+    windows = _calib(tokenizer, job)
+    # calibration_batches' shape: (8, 512) batches in the frozen order (the last may be smaller)
+    batches = [windows[i : i + 8] for i in range(0, len(windows), 8)]
+    t = time.perf_counter()
+    q = lowbit.quantize(model, job["scheme"], method=job["algo"], calibration=batches)
+    secs = time.perf_counter() - t
+    return secs, _calib_desc(job), f"lowbit.quantize(model, {job['scheme']!r}, method={job['algo']!r})", q
+
+
+def _lowbit_jobs(schemes, n):
+    return [dict(peer="lowbit", dist="lowbit", algorithm=f"lowbit {algo}", peer_scheme=s, scheme=s,
+                 fn="_lowbit_job", algo=algo, calib_samples=n)
+            for s in schemes for algo in ("gptq", "awq", "awq+gptq")]
+
+
 # ------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------
@@ -697,7 +735,7 @@ def run_child(job: dict, tokens: int) -> dict:
     if job.get("calib_domain"):
         by_domain, eval_s = _domain_ppl(model, tok, tokens, job.get("data"))
         row.update(ppl_by_domain=by_domain, calib_domain=job["calib_domain"], seed=job["seed"],
-                   eval_seconds=round(eval_s, 1))
+                   calib_samples=job["calib_samples"], cpu=_cpu_model(), eval_seconds=round(eval_s, 1))
         return row
     r, eval_s = _ppl(model, tok, tokens)
     row.update(ppl=round(r.ppl, 4), scored_tokens=r.tokens, eval_seconds=round(eval_s, 1))
@@ -713,10 +751,13 @@ def _jobs(peer: str, schemes: list[str], calib_samples: int, fp32: bool) -> list
         jobs = _quanto_jobs(schemes)
     elif peer == "llmc":
         jobs = _llmc_jobs(schemes, calib_samples)
+    elif peer == "lowbit":
+        jobs = _lowbit_jobs(schemes, calib_samples)
     else:
         raise SystemExit(f"unknown peer {peer!r}")
     if fp32:
-        dist = {"hqq": "hqq", "torchao": "torchao", "quanto": "optimum-quanto", "llmc": "llmcompressor"}[peer]
+        dist = {"hqq": "hqq", "torchao": "torchao", "quanto": "optimum-quanto", "llmc": "llmcompressor",
+                "lowbit": "lowbit"}[peer]
         jobs.insert(0, dict(peer=peer, dist=dist, algorithm="FP32 reference (no quantization)",
                             peer_scheme="-", scheme="fp32", fn="_fp32_job"))
     return jobs
@@ -759,7 +800,7 @@ def _merge(out: Path, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     global THREADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--peer", choices=["hqq", "torchao", "quanto", "llmc"], required=False)
+    ap.add_argument("--peer", choices=["hqq", "torchao", "quanto", "llmc", "lowbit"], required=False)
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--tokens", type=int, default=None, help="held-out tokens (default 16384; 4096 per domain "
                     "with --calib-domains)")
@@ -777,6 +818,9 @@ def main(argv=None) -> int:
                     help="with --calib-domains: freeze the cells' calibration windows and eval texts into FILE, run nothing")
     ap.add_argument("--data", type=Path, default=None, metavar="FILE",
                     help="with --calib-domains: take calibration windows and eval texts from a --write-data FILE")
+    ap.add_argument("--skip-done", type=Path, default=None, metavar="FILE",
+                    help="with --calib-domains: skip the cells run_all's domains cache FILE already holds "
+                    "(results/domains_rows.json; --peer lowbit)")
     ap.add_argument("--device", default=None, help="score each quantized model on this torch device (e.g. cuda)")
     ap.add_argument("--parallel", type=int, default=1, help="children at once (default 1)")
     ap.add_argument("--threads", type=int, default=THREADS, help=f"torch threads per child (default {THREADS})")
@@ -815,6 +859,11 @@ def main(argv=None) -> int:
     if cross and args.out.is_file():  # the cross-domain table takes hours: a rerun resumes, finished rows kept
         done = {_key(r) for r in json.loads(args.out.read_text()) if r.get("status") == "ok"}
         jobs = [j for j in jobs if _key(dict(j, version=None)) not in done]
+    if cross and args.skip_done and args.skip_done.is_file():
+        done = json.loads(args.skip_done.read_text())
+        jobs = [j for j in jobs if f"{j['scheme']}/{j.get('algo')}/{j['calib_domain']}/{j['seed']}/{args.tokens}/"
+                f"{args.calib_samples}x{SEQLEN}" not in done]
+
     def one(job: dict):
         print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']} | {job.get('calib_domain')} {job.get('seed')}",
               flush=True)

@@ -396,7 +396,36 @@ def _domains(res: dict) -> str:
         out += ["", "Peer rows: `benchmarks/peer_algorithms.py --peer llmc|torchao --calib-domains python-docs handbook` "
                 "(each peer calibrated on exactly the windows of lowbit's cells, its weights scored by the same "
                 "perplexity code; see the script's docstring)." + _peer_devices(res["peers"], res.get("device_check"))]
+    machines = _cell_machines(rows, res.get("machine_check"))
+    if machines:
+        out += ["", machines]
     return "\n".join(out)
+
+
+def _cell_machines(rows: list, check: dict | None) -> str:
+    """Which of lowbit's cells were computed on another machine (a cell's ``machine``, set by
+    ``run_all.py --import-domain-rows``), and the cells run on both, so the machine's own effect shows."""
+    where: dict = {}
+    for r in rows:
+        if r.get("machine"):
+            where.setdefault(r["machine"], []).append(r)
+    if not where:
+        return ""
+    parts = [f"{len(rs)} on {m} (seed{'s' if len({r['seed'] for r in rs}) > 1 else ''} "
+             f"{', '.join(map(str, sorted({r['seed'] for r in rs})))})" for m, rs in where.items()]
+    text = ("lowbit cells computed on another machine's CPU cores (`benchmarks/peer_algorithms.py --peer lowbit "
+            "--data FROZEN`: the same `lowbit.quantize` call on the same calibration windows and eval texts; taken "
+            "in by `run_all.py --import-domain-rows`): " + "; ".join(parts) + "; the rest on this project's CPU "
+            "machines.")
+    by_key = {f"{r['scheme']}/{r['method']}/{r['calib']}/{r['seed']}": r for r in rows}
+    for key, c in [(k, c) for k, cs in (check or {}).items() for c in cs]:
+        mine = by_key.get(key.rsplit("/", 2)[0])
+        if mine is None:
+            continue
+        pairs = ", ".join(f"{d} {mine['ppl'][d]:.2f} vs {v:.2f}" for d, v in c["ppl"].items())
+        text += (f" The same cell ({key.rsplit('/', 2)[0]}) here and on {c['machine']}: {pairs}: the machine "
+                 "alone moves a cell by this much.")
+    return text
 
 
 def _peer_devices(peers: list, check: list | None) -> str:
@@ -1323,6 +1352,7 @@ def write_benchmarks(results: Path, out: Path) -> None:
             if name == "domains":
                 res["peers"] = _load(results, "peer_domains")
                 res["device_check"] = _load(results, "peer_domains_device_check")
+                res["machine_check"] = _load(results, "domains_machine_check")
             if name == "compress_smollm2":
                 res["peers"] = _load(results, "peer_sparse_smollm2")
                 res["lowbit_sparse"] = _load(results, "sparse_smollm2")

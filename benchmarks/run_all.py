@@ -1034,6 +1034,41 @@ def section_domains_minilm(quick: bool) -> dict:
             "held_out": "128 sentences of each eval split", "rows": rows}  # fmt: skip
 
 
+DOMAIN_MACHINE_CHECK = RESULTS / "domains_machine_check.json"  # cells computed here and on another machine
+
+
+def import_domain_rows(path: Path) -> tuple[int, int]:
+    """Take lowbit's own domain cells computed elsewhere (``peer_algorithms.py --peer lowbit --data
+    FROZEN``: the same ``lowbit.quantize`` call on the same calibration windows and eval texts, on
+    another machine's CPU cores) into the domains cache, each marked with that machine. A cell the
+    cache already holds is kept as it is; the other machine's figures for it go to
+    ``DOMAIN_MACHINE_CHECK`` (the report prints both, so the machine's own effect is visible).
+    Returns (cells added, cells checked)."""
+    rows = [r for r in json.loads(Path(path).read_text())
+            if r.get("peer") == "lowbit" and r.get("status") == "ok" and r.get("ppl_by_domain")]  # fmt: skip
+    cache = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
+    checks = json.loads(DOMAIN_MACHINE_CHECK.read_text()) if DOMAIN_MACHINE_CHECK.exists() else {}
+    added = checked = 0
+    for r in rows:
+        method = r["algorithm"].removeprefix("lowbit ")
+        key = f"{r['scheme']}/{method}/{r['calib_domain']}/{r['seed']}/{r['tokens']}/{r['calib_samples']}x512"
+        # env: "torch X, transformers Y, N threads[, GPU present]"; these cells ran on the CPU cores alone
+        machine = f"{r['cpu']}; {', '.join(r['env'].split(', ')[:3])}"
+        if key in cache and "machine" not in cache[key]:
+            others = [c for c in checks.get(key, []) if c["machine"] != machine]
+            checks[key] = others + [{"ppl": r["ppl_by_domain"], "machine": machine}]
+            checked += 1
+        elif key not in cache:
+            cache[key] = {"scheme": r["scheme"], "method": method, "calib": r["calib_domain"], "seed": r["seed"],
+                          "ppl": r["ppl_by_domain"], "quantize_seconds": r["quant_seconds"], "machine": machine}
+            added += 1
+    for target, data in ((DOMAIN_CACHE, cache), (DOMAIN_MACHINE_CHECK, checks)):
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(target)
+    return added, checked
+
+
 def section_domains(quick: bool) -> dict:
     """Accuracy beyond the calibration text (issue 13): SmolLM2-135M, each calibrated method x
     scheme x calibration domain (python-docs, handbook: each leaves three unseen) x seed, perplexity on
@@ -1058,6 +1093,8 @@ def section_domains(quick: bool) -> dict:
         key = f"{scheme}/{method}/{calib}/{seed}/{tokens}/{nsamples}x{seqlen}"
         if key not in cache and DOMAIN_CACHED_ONLY[0]:
             return None
+        if key not in cache and DOMAIN_CACHE.exists():  # finished meanwhile by a run beside this one, or imported
+            cache.update({k: v for k, v in json.loads(DOMAIN_CACHE.read_text()).items() if k not in cache})
         if key not in cache:
             t0 = time.time()
             model = make()
@@ -1187,12 +1224,19 @@ def main() -> None:
                     help="domains section: render the cells already finished, compute no new one")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="torch threads (default 2; the accuracy-only sections can run as two 1-thread processes)")
+    ap.add_argument("--import-domain-rows", type=Path, default=None, metavar="FILE",
+                    help="take lowbit's domain cells computed on another machine (peer_algorithms.py --peer lowbit "
+                         "--data FROZEN --out FILE) into the domains cache, then exit")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one quantize-and-evaluate job
     args = ap.parse_args()
     THREADS = args.threads
     if args.seeds is not None:
         DOMAIN_SEEDS[:] = args.seeds
     DOMAIN_CACHED_ONLY[0] = args.cached_only
+    if args.import_domain_rows:
+        added, checked = import_domain_rows(args.import_domain_rows)
+        print(f"{added} cells added to {DOMAIN_CACHE.name}; {checked} already there, kept in {DOMAIN_MACHINE_CHECK.name}")
+        return
     if args.child:
         warnings.filterwarnings("ignore")
         torch.set_num_threads(THREADS)

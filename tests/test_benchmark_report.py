@@ -60,3 +60,42 @@ def test_peer_rows_name_their_device_and_the_cross_device_rerun():
     assert "CPU: llm-compressor GPTQ (seed 0); NVIDIA H200: llm-compressor GPTQ (seed 1)" in text
     assert "a 12.00 vs 12.50, b 50.00 vs 48.00" in text
     assert report._peer_devices(res["peers"][:1], None) == ""  # one device: nothing to say
+
+
+def test_cells_from_another_machine_are_named_with_the_same_cell_on_both():
+    rows = _res()["rows"]
+    rows[3] = dict(rows[3], machine="Xeon; torch 2.11.0, 2 threads")  # gptq a seed 1, imported
+    check = {"w4/gptq/a/0/1/2x512": [{"ppl": {"a": 11.5, "b": 29.0}, "machine": "Xeon; torch 2.11.0, 2 threads"}]}
+    text = report._cell_machines(rows, check)
+    assert "1 on Xeon; torch 2.11.0, 2 threads (seed 1)" in text
+    # the check pairs this table's cell (gptq a seed 0: a 11.0, b 30.0) with the other machine's figures
+    assert "(w4/gptq/a/0) here and on Xeon; torch 2.11.0, 2 threads: a 11.00 vs 11.50, b 30.00 vs 29.00" in text
+    assert report._cell_machines(_res()["rows"], check) == ""  # every cell computed here: nothing to say
+
+
+def test_imported_cells_fill_the_cache_and_never_replace_a_cell_computed_here(tmp_path, monkeypatch):
+    run_all = pytest.importorskip("run_all")
+    import json
+
+    monkeypatch.setattr(run_all, "DOMAIN_CACHE", tmp_path / "domains_rows.json")
+    monkeypatch.setattr(run_all, "DOMAIN_MACHINE_CHECK", tmp_path / "check.json")
+    here = {"w4g64/gptq/a/0/4096/32x512": {"scheme": "w4g64", "method": "gptq", "calib": "a", "seed": 0,
+                                           "ppl": {"a": 11.0}}}
+    run_all.DOMAIN_CACHE.write_text(json.dumps(here))
+    row = {"peer": "lowbit", "status": "ok", "algorithm": "lowbit awq+gptq", "scheme": "w4g64", "calib_domain": "a",
+           "seed": 2, "tokens": 4096, "calib_samples": 32, "ppl_by_domain": {"a": 10.5}, "quant_seconds": 9.0,
+           "cpu": "Xeon", "env": "torch 2.11.0, 2 threads"}
+    rows = [row, dict(row, algorithm="lowbit gptq", seed=0, ppl_by_domain={"a": 11.2}),
+            dict(row, seed=1, status="error"), dict(row, peer="llmc", seed=3)]  # neither is taken
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    assert run_all.import_domain_rows(tmp_path / "rows.json") == (1, 1)
+    cache = json.loads(run_all.DOMAIN_CACHE.read_text())
+    assert cache["w4g64/gptq/a/0/4096/32x512"] == here["w4g64/gptq/a/0/4096/32x512"]  # kept as computed here
+    new = cache["w4g64/awq+gptq/a/2/4096/32x512"]
+    assert (new["method"], new["seed"], new["ppl"], new["machine"]) == ("awq+gptq", 2, {"a": 10.5},
+                                                                         "Xeon; torch 2.11.0, 2 threads")
+    check = {"w4g64/gptq/a/0/4096/32x512": [{"ppl": {"a": 11.2}, "machine": "Xeon; torch 2.11.0, 2 threads"}]}
+    assert json.loads(run_all.DOMAIN_MACHINE_CHECK.read_text()) == check
+    run_all.import_domain_rows(tmp_path / "rows.json")  # again: the same machine's figures replace its own
+    assert json.loads(run_all.DOMAIN_MACHINE_CHECK.read_text()) == check
+    assert len(cache) == 2
