@@ -1037,6 +1037,22 @@ def section_domains_minilm(quick: bool) -> dict:
 DOMAIN_MACHINE_CHECK = RESULTS / "domains_machine_check.json"  # cells computed here and on another machine
 
 
+def _update_json(path: Path, update) -> dict:
+    """Read ``path`` (a JSON object; {} when absent), apply ``update(data)`` in place, write it back
+    atomically and return it, under an exclusive lock on ``path.lock``: runs side by side (two
+    seeds, an import) never drop each other's cells."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        update(data)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(path)
+    return data
+
+
 def import_domain_rows(path: Path) -> tuple[int, int]:
     """Take lowbit's own domain cells computed elsewhere (``peer_algorithms.py --peer lowbit --data
     FROZEN``: the same ``lowbit.quantize`` call on the same calibration windows and eval texts, on
@@ -1046,27 +1062,32 @@ def import_domain_rows(path: Path) -> tuple[int, int]:
     Returns (cells added, cells checked)."""
     rows = [r for r in json.loads(Path(path).read_text())
             if r.get("peer") == "lowbit" and r.get("status") == "ok" and r.get("ppl_by_domain")]  # fmt: skip
-    cache = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
-    checks = json.loads(DOMAIN_MACHINE_CHECK.read_text()) if DOMAIN_MACHINE_CHECK.exists() else {}
-    added = checked = 0
+    news, checks, added = {}, {}, []
     for r in rows:
         method = r["algorithm"].removeprefix("lowbit ")
         key = f"{r['scheme']}/{method}/{r['calib_domain']}/{r['seed']}/{r['tokens']}/{r['calib_samples']}x512"
         # env: "torch X, transformers Y, N threads[, GPU present]"; these cells ran on the CPU cores alone
         machine = f"{r['cpu']}; {', '.join(r['env'].split(', ')[:3])}"
-        if key in cache and "machine" not in cache[key]:
-            others = [c for c in checks.get(key, []) if c["machine"] != machine]
-            checks[key] = others + [{"ppl": r["ppl_by_domain"], "machine": machine}]
-            checked += 1
-        elif key not in cache:
-            cache[key] = {"scheme": r["scheme"], "method": method, "calib": r["calib_domain"], "seed": r["seed"],
-                          "ppl": r["ppl_by_domain"], "quantize_seconds": r["quant_seconds"], "machine": machine}
-            added += 1
-    for target, data in ((DOMAIN_CACHE, cache), (DOMAIN_MACHINE_CHECK, checks)):
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(target)
-    return added, checked
+        news[key] = {"scheme": r["scheme"], "method": method, "calib": r["calib_domain"], "seed": r["seed"],
+                     "ppl": r["ppl_by_domain"], "quantize_seconds": r["quant_seconds"], "machine": machine}
+
+    def add(cache: dict) -> None:
+        for key, cell in news.items():
+            if key not in cache:
+                cache[key] = cell
+                added.append(key)
+            elif "machine" not in cache[key]:  # computed here: kept; the other machine's figures beside it
+                checks[key] = cell
+
+    _update_json(DOMAIN_CACHE, add)
+
+    def check(data: dict) -> None:
+        for key, cell in checks.items():
+            data[key] = [c for c in data.get(key, []) if c["machine"] != cell["machine"]] + [
+                {"ppl": cell["ppl"], "machine": cell["machine"]}]
+
+    _update_json(DOMAIN_MACHINE_CHECK, check)
+    return len(added), len(checks)
 
 
 def section_domains(quick: bool) -> dict:
@@ -1103,13 +1124,11 @@ def section_domains(quick: bool) -> dict:
             cache[key] = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
                           "quantize_seconds": round(seconds, 1)}  # fmt: skip
             print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)
-            # atomic, and merged with what is on disk: an interrupted run keeps every finished cell, and
-            # runs of other seeds side by side (--seeds 1 / --seeds 2 --threads 1) keep each other's
-            on_disk = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
-            cache.update({k: v for k, v in on_disk.items() if k not in cache})
-            tmp = DOMAIN_CACHE.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1) + "\n")
-            tmp.replace(DOMAIN_CACHE)
+            # atomic, locked and merged with what is on disk: an interrupted run keeps every finished
+            # cell, and runs of other seeds side by side (--seeds 1 / --seeds 2 --threads 1) keep each other's
+            done = cache[key]
+            cache.update({k: v for k, v in _update_json(DOMAIN_CACHE, lambda d: d.update({key: done})).items()
+                          if k not in cache})  # fmt: skip
         return cache[key]
 
     rows = [cell("fp32", "fp32", "-", 0, lambda: zoo.model)]
