@@ -422,9 +422,9 @@ def _cell_machines(rows: list, check: dict | None) -> str:
         mine = by_key.get(key.rsplit("/", 2)[0])
         if mine is None:
             continue
-        pairs = ", ".join(f"{d} {mine['ppl'][d]:.2f} vs {v:.2f}" for d, v in c["ppl"].items())
-        text += (f" The same cell ({key.rsplit('/', 2)[0]}) here and on {c['machine']}: {pairs}: the machine "
-                 "alone moves a cell by this much.")
+        pairs = ", ".join(f"{d} {v:.2f} vs {c['ppl'][d]:.2f}" for d, v in mine["ppl"].items() if d in c["ppl"])
+        text += (f" The table's cell {key.rsplit('/', 2)[0]} vs the same cell rerun on {c['machine']}: {pairs} "
+                 "(the machine, its thread count and torch build alone move a cell by this much: float sums in another order).")
     return text
 
 

@@ -69,7 +69,7 @@ def test_cells_from_another_machine_are_named_with_the_same_cell_on_both():
     text = report._cell_machines(rows, check)
     assert "1 on Xeon; torch 2.11.0, 2 threads (seed 1)" in text
     # the check pairs this table's cell (gptq a seed 0: a 11.0, b 30.0) with the other machine's figures
-    assert "(w4/gptq/a/0) here and on Xeon; torch 2.11.0, 2 threads: a 11.00 vs 11.50, b 30.00 vs 29.00" in text
+    assert "cell w4/gptq/a/0 vs the same cell rerun on Xeon; torch 2.11.0, 2 threads: a 11.00 vs 11.50, b 30.00 vs 29.00" in text
     assert report._cell_machines(_res()["rows"], check) == ""  # every cell computed here: nothing to say
 
 
