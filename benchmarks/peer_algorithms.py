@@ -859,10 +859,8 @@ def main(argv=None) -> int:
     if cross and args.out.is_file():  # the cross-domain table takes hours: a rerun resumes, finished rows kept
         done = {_key(r) for r in json.loads(args.out.read_text()) if r.get("status") == "ok"}
         jobs = [j for j in jobs if _key(dict(j, version=None)) not in done]
-    if cross and args.skip_done and args.skip_done.is_file():
-        done = json.loads(args.skip_done.read_text())
-        jobs = [j for j in jobs if f"{j['scheme']}/{j.get('algo')}/{j['calib_domain']}/{j['seed']}/{args.tokens}/"
-                f"{args.calib_samples}x{SEQLEN}" not in done]
+    if cross and args.skip_done:
+        jobs = _skip_done(jobs, args.skip_done, args.tokens)
 
     def one(job: dict):
         print(f"== {job['peer']} | {job['algorithm']} | {job['scheme']} | {job.get('calib_domain')} {job.get('seed')}",
@@ -875,6 +873,14 @@ def main(argv=None) -> int:
         for fut in as_completed([pool.submit(one, j) for j in jobs]):
             _finish(args, *fut.result())
     return 0
+
+
+def _skip_done(jobs: list[dict], cache: Path, tokens: int) -> list[dict]:
+    """The cross-domain jobs whose cell ``run_all.py``'s domains cache (its keys:
+    ``scheme/method/calib/seed/tokens/NxSEQLEN``) does not hold yet; all of them without the file."""
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    return [j for j in jobs if f"{j['scheme']}/{j.get('algo')}/{j['calib_domain']}/{j['seed']}/{tokens}/"
+            f"{j['calib_samples']}x{SEQLEN}" not in done]
 
 
 def _finish(args, job: dict, row: dict | None, rc: int, wall: float) -> None:

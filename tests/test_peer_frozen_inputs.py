@@ -55,3 +55,17 @@ def test_a_tokenizer_that_splits_the_text_otherwise_is_refused(smollm2, frozen):
 
     with pytest.raises(RuntimeError, match="splits .* otherwise"):
         peers._domain_ppl(smollm2.model, shifted, 1024, str(path))
+
+
+def test_lowbit_cells_already_in_the_domains_cache_are_skipped(tmp_path):
+    import json
+
+    jobs = [dict(j, calib_domain=c, seed=sd) for j in peers._lowbit_jobs(["w4g64"], 32)
+            for c in ("a", "b") for sd in (0, 1)]  # fmt: skip
+    assert [j["algo"] for j in jobs[::4]] == ["gptq", "awq", "awq+gptq"]
+    cache = tmp_path / "domains_rows.json"
+    assert peers._skip_done(jobs, cache, 4096) == jobs  # no cache yet: every cell runs
+    cache.write_text(json.dumps({"w4g64/awq/b/1/4096/32x512": {}, "w4g64/awq/b/1/2048/32x512": {}}))
+    left = peers._skip_done(jobs, cache, 4096)
+    assert len(left) == 11 and not any(j["algo"] == "awq" and j["calib_domain"] == "b" and j["seed"] == 1
+                                       for j in left)  # fmt: skip
