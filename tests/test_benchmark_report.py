@@ -99,3 +99,16 @@ def test_imported_cells_fill_the_cache_and_never_replace_a_cell_computed_here(tm
     run_all.import_domain_rows(tmp_path / "rows.json")  # again: the same machine's figures replace its own
     assert json.loads(run_all.DOMAIN_MACHINE_CHECK.read_text()) == check
     assert len(cache) == 2
+
+
+def test_minilm_unseen_takes_the_lowest_unseen_pair_never_an_in_domain_cell():
+    rows = [{"scheme": "w4", "method": "rtn", "calib": "-", "seed": 0, "cos": {"a": 0.95, "b": 0.94}},
+            # calibrated on a: its in-domain cell (0.90, lower than every unseen one) is no claim
+            {"scheme": "w4", "method": "gptq", "calib": "a", "seed": 0, "cos": {"a": 0.90, "b": 0.985}},
+            {"scheme": "w4", "method": "gptq", "calib": "a", "seed": 1, "cos": {"a": 0.90, "b": 0.981}},
+            {"scheme": "w4", "method": "gptq", "calib": "b", "seed": 0, "cos": {"a": 0.984, "b": 0.90}},
+            {"scheme": "w4", "method": "gptq", "calib": "b", "seed": 1, "cos": {"a": 0.982, "b": 0.90}}]
+    text = report.minilm_unseen({"rows": rows})
+    # pair means: a -> b 0.983, b -> a 0.983 (ties keep the first); worst run 0.981
+    assert "w4 gptq: mean cosine at least 0.9830" in text and "worst single run 0.9810" in text
+    assert "2 seed(s) per pair; RTN 0.9400-0.9500" in text
