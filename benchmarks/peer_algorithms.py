@@ -162,19 +162,6 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _cpu_model() -> str:
-    """The processor's name (Linux ``/proc/cpuinfo``), or the platform's when there is none."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -709,6 +696,8 @@ def _fp32_job(model, tokenizer, job):
 def run_child(job: dict, tokens: int) -> dict:
     import torch
 
+    from lowbit.evaluate.kernel_bench import machine_info
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(THREADS)
     model, tok = _load()
@@ -735,7 +724,7 @@ def run_child(job: dict, tokens: int) -> dict:
     if job.get("calib_domain"):
         by_domain, eval_s = _domain_ppl(model, tok, tokens, job.get("data"))
         row.update(ppl_by_domain=by_domain, calib_domain=job["calib_domain"], seed=job["seed"],
-                   calib_samples=job["calib_samples"], cpu=_cpu_model(), eval_seconds=round(eval_s, 1))
+                   calib_samples=job["calib_samples"], cpu=machine_info()["cpu"], eval_seconds=round(eval_s, 1))
         return row
     r, eval_s = _ppl(model, tok, tokens)
     row.update(ppl=round(r.ppl, 4), scored_tokens=r.tokens, eval_seconds=round(eval_s, 1))
@@ -878,9 +867,11 @@ def main(argv=None) -> int:
 def _skip_done(jobs: list[dict], cache: Path, tokens: int) -> list[dict]:
     """The cross-domain jobs whose cell ``run_all.py``'s domains cache (its keys:
     ``scheme/method/calib/seed/tokens/NxSEQLEN``) does not hold yet; all of them without the file."""
+    from run_all import domain_cell_key
+
     done = json.loads(cache.read_text()) if cache.is_file() else {}
-    return [j for j in jobs if f"{j['scheme']}/{j.get('algo')}/{j['calib_domain']}/{j['seed']}/{tokens}/"
-            f"{j['calib_samples']}x{SEQLEN}" not in done]
+    return [j for j in jobs if domain_cell_key(j["scheme"], j.get("algo"), j["calib_domain"], j["seed"], tokens,
+                                               j["calib_samples"], SEQLEN) not in done]
 
 
 def _finish(args, job: dict, row: dict | None, rc: int, wall: float) -> None:

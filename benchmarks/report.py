@@ -411,8 +411,9 @@ def _cell_machines(rows: list, check: dict | None) -> str:
             where.setdefault(r["machine"], []).append(r)
     if not where:
         return ""
-    parts = [f"{len(rs)} on {m} (seed{'s' if len({r['seed'] for r in rs}) > 1 else ''} "
-             f"{', '.join(map(str, sorted({r['seed'] for r in rs})))})" for m, rs in where.items()]
+    seeds = {m: sorted({r["seed"] for r in rs}) for m, rs in where.items()}
+    parts = [f"{len(rs)} on {m} (seed{'s' if len(seeds[m]) > 1 else ''} {', '.join(map(str, seeds[m]))})"
+             for m, rs in where.items()]
     text = ("lowbit cells computed on another machine's CPU cores (`benchmarks/peer_algorithms.py --peer lowbit "
             "--data FROZEN`: the same `lowbit.quantize` call on the same calibration windows and eval texts; taken "
             "in by `run_all.py --import-domain-rows`): " + "; ".join(parts) + "; the rest on this project's CPU "

@@ -1037,6 +1037,11 @@ def section_domains_minilm(quick: bool) -> dict:
 DOMAIN_MACHINE_CHECK = RESULTS / "domains_machine_check.json"  # cells computed here and on another machine
 
 
+def domain_cell_key(scheme: str, method: str, calib: str, seed: int, tokens: int, nsamples: int, seqlen: int) -> str:
+    """A domains cell's key in ``DOMAIN_CACHE`` (also how ``peer_algorithms.py --skip-done`` finds it)."""
+    return f"{scheme}/{method}/{calib}/{seed}/{tokens}/{nsamples}x{seqlen}"
+
+
 def _update_json(path: Path, update) -> dict:
     """Read ``path`` (a JSON object; {} when absent), apply ``update(data)`` in place, write it back
     atomically and return it, under an exclusive lock on ``path.lock``: runs side by side (two
@@ -1065,7 +1070,7 @@ def import_domain_rows(path: Path) -> tuple[int, int]:
     news, checks, added = {}, {}, []
     for r in rows:
         method = r["algorithm"].removeprefix("lowbit ")
-        key = f"{r['scheme']}/{method}/{r['calib_domain']}/{r['seed']}/{r['tokens']}/{r['calib_samples']}x512"
+        key = domain_cell_key(r["scheme"], method, r["calib_domain"], r["seed"], r["tokens"], r["calib_samples"], 512)
         # env: "torch X, transformers Y, N threads[, GPU present]"; these cells ran on the CPU cores alone
         machine = f"{r['cpu']}; {', '.join(r['env'].split(', ')[:3])}"
         news[key] = {"scheme": r["scheme"], "method": method, "calib": r["calib_domain"], "seed": r["seed"],
@@ -1111,7 +1116,7 @@ def section_domains(quick: bool) -> dict:
     cache = json.loads(DOMAIN_CACHE.read_text()) if DOMAIN_CACHE.exists() else {}
 
     def cell(scheme: str, method: str, calib: str, seed: int, make) -> dict | None:
-        key = f"{scheme}/{method}/{calib}/{seed}/{tokens}/{nsamples}x{seqlen}"
+        key = domain_cell_key(scheme, method, calib, seed, tokens, nsamples, seqlen)
         if key not in cache and DOMAIN_CACHED_ONLY[0]:
             return None
         if key not in cache and DOMAIN_CACHE.exists():  # finished meanwhile by a run beside this one, or imported
