@@ -1035,6 +1035,7 @@ def section_domains_minilm(quick: bool) -> dict:
 
 
 DOMAIN_MACHINE_CHECK = RESULTS / "domains_machine_check.json"  # cells computed here and on another machine
+DOMAIN_CLAIMS = RESULTS / "domains_claims.json"  # cell key -> pid computing it now (ignored by git)
 
 
 def domain_cell_key(scheme: str, method: str, calib: str, seed: int, tokens: int, nsamples: int, seqlen: int) -> str:
@@ -1056,6 +1057,33 @@ def _update_json(path: Path, update) -> dict:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         tmp.replace(path)
     return data
+
+
+def _claim_cell(key: str) -> bool:
+    """Claim a domains cell for this process (False: a live process on this machine holds it), so
+    runs side by side, even of one seed, split the cells instead of computing one twice. A claim
+    whose process has died is taken over; ``_release_cell`` drops it once the cell is cached."""
+    got = [False]
+
+    def claim(data: dict) -> None:
+        pid = data.get(key)
+        if pid not in (None, os.getpid()):
+            try:
+                os.kill(pid, 0)
+                return
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # alive, another user's
+                return
+        data[key] = os.getpid()
+        got[0] = True
+
+    _update_json(DOMAIN_CLAIMS, claim)
+    return got[0]
+
+
+def _release_cell(key: str) -> None:
+    _update_json(DOMAIN_CLAIMS, lambda d: d.pop(key, None) if d.get(key) == os.getpid() else None)
 
 
 def import_domain_rows(path: Path) -> tuple[int, int]:
@@ -1121,6 +1149,9 @@ def section_domains(quick: bool) -> dict:
             return None
         if key not in cache and DOMAIN_CACHE.exists():  # finished meanwhile by a run beside this one, or imported
             cache.update({k: v for k, v in json.loads(DOMAIN_CACHE.read_text()).items() if k not in cache})
+        if key not in cache and not _claim_cell(key):
+            print("  ", key, "is being computed by another run beside this one", file=sys.stderr, flush=True)
+            return None
         if key not in cache:
             t0 = time.time()
             model = make()
@@ -1134,6 +1165,7 @@ def section_domains(quick: bool) -> dict:
             done = cache[key]
             cache.update({k: v for k, v in _update_json(DOMAIN_CACHE, lambda d: d.update({key: done})).items()
                           if k not in cache})  # fmt: skip
+            _release_cell(key)
         return cache[key]
 
     rows = [cell("fp32", "fp32", "-", 0, lambda: zoo.model)]

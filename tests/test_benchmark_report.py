@@ -1,5 +1,6 @@
 """The benchmark report's arithmetic (benchmarks/report.py): figures README copies must be right."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -112,3 +113,25 @@ def test_minilm_unseen_takes_the_lowest_unseen_pair_never_an_in_domain_cell():
     # pair means: a -> b 0.983, b -> a 0.983 (ties keep the first); worst run 0.981
     assert "w4 gptq: mean cosine at least 0.9830" in text and "worst single run 0.9810" in text
     assert "2 seed(s) per pair; RTN 0.9400-0.9500" in text
+
+
+def test_a_domains_cell_claimed_by_a_live_run_is_left_to_it_and_a_dead_runs_claim_is_taken_over(tmp_path, monkeypatch):
+    run_all = pytest.importorskip("run_all")
+    import json
+    import subprocess
+
+    monkeypatch.setattr(run_all, "DOMAIN_CLAIMS", tmp_path / "claims.json")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        run_all.DOMAIN_CLAIMS.write_text(json.dumps({"k1": live.pid, "k2": dead.pid}))
+        assert not run_all._claim_cell("k1")  # a run beside this one computes it
+        assert run_all._claim_cell("k2") and run_all._claim_cell("k3")
+        assert run_all._claim_cell("k3")  # its own claim again
+        run_all._release_cell("k3")
+        run_all._release_cell("k1")  # not ours: stays
+        assert json.loads(run_all.DOMAIN_CLAIMS.read_text()) == {"k1": live.pid, "k2": os.getpid()}
+    finally:
+        live.kill()
+        live.wait()
