@@ -206,7 +206,13 @@ def test_eval_scores_the_text_domains_and_your_own_text(tmp_path, smollm2):
     assert row["texts"]["ppl quotes"] == pytest.approx(want, rel=1e-5)
     assert 1 < row["texts"]["ppl notes.txt"] < 1000
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
+    (tmp_path / "nul.txt").write_bytes(b"\0" * 1000)
     for args, msg in ((("--domains", "poetry"), "unknown text domain 'poetry'"),
+                      (("--domains", ""), "--domains: no domain names given"),
+                      (("--domains", "all,quotes"), "'all' stands alone"),
+                      (("--text", str(tmp_path / "nul.txt")), "--text " + str(tmp_path / "nul.txt") + ": holds NUL"),
+                      (("--text", str(tmp_path / "none.txt")), "--text " + str(tmp_path / "none.txt") + ": No such"),
+                      (("--text", ""), "--text needs a file name"),
                       (("--text", str(tmp_path / "empty.txt")), "holds no text")):  # fmt: skip
         p = run("eval", "no-such-model", *args, ok=False)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr

@@ -271,6 +271,20 @@ def test_cli_calibration_text_options(smollm2, tmp_path):
         _model_inputs(smollm2, 2, 16, 0, str(bad), "smollm2-135m")
     with pytest.raises(CliError, match=r"nothing.txt: No such file"):
         _model_inputs(smollm2, 2, 16, 0, str(tmp_path / "nothing.txt"), "smollm2-135m")
+    # valid UTF-8 that is no text: NULs (binary, UTF-16 without a mark), or mostly control characters
+    (tmp_path / "u16.txt").write_bytes("Some prose of mine. ".encode("utf-16-le") * 100)
+    (tmp_path / "ctl.txt").write_bytes(bytes(range(1, 9)) * 50 + b"words " * 100)
+    for name, msg in (("u16.txt", "holds NUL characters"), ("ctl.txt", "400 of its 1000 characters are control characters")):
+        with pytest.raises(CliError, match=rf"--calib .*{name}: {msg}"):
+            _model_inputs(smollm2, 2, 16, 0, str(tmp_path / name), "smollm2-135m")
+    # an option given with no name in it is an error, never the default; a text too short names its file
+    for given in ("", " , "):
+        with pytest.raises(CliError, match="--calib-domains: no domain names given"):
+            _model_inputs(smollm2, 2, 16, 0, None, "smollm2-135m", given)
+        with pytest.raises(CliError, match="give one"):
+            _model_inputs(smollm2, 2, 16, 0, str(f), "smollm2-135m", given)
+    with pytest.raises(CliError, match=r"--calib .*mine.txt: the calibration text has 1201 tokens"):
+        _model_inputs(smollm2, 500, 64, 0, str(f), "smollm2-135m")
 
 
 def test_token_ids_are_kept_per_tokenizer_not_per_name():

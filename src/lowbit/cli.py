@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,30 +87,51 @@ def _model_inputs(zm, n: int, seqlen: int, seed: int, calib_file: str | None, na
         raise CliError(f"{name} has no tokenizer to turn calibration text into inputs")
     from lowbit.evaluate.domains import calibration_batches
 
-    if calib_file is not None and not calib_file:
-        raise CliError("--calib needs a file name")
-    if calib_file and domains:
+    if calib_file is not None and domains is not None:
         raise CliError("--calib FILE and --calib-domains both choose the calibration text; give one")
-    text = _calib_text(calib_file) if calib_file else None
-    if text is not None:
-        return calibration_batches(zm.tokenizer, nsamples=n, seqlen=seqlen, seed=seed, text=text)
+    if calib_file is not None:
+        from lowbit.evaluate.data import DataError
+
+        text = _calib_text(calib_file)
+        try:
+            return calibration_batches(zm.tokenizer, nsamples=n, seqlen=seqlen, seed=seed, text=text)
+        except DataError as e:
+            raise CliError(f"--calib {calib_file}: {e}") from None
     return calibration_batches(zm.tokenizer, _domain_names(domains), nsamples=n, seqlen=seqlen, seed=seed)
 
 
-def _calib_text(path: str) -> str:
-    """The text of --calib FILE (UTF-8), or a CliError naming the file."""
+def _calib_text(path: str, option: str = "--calib") -> str:
+    """The text of ``option`` FILE (--calib, or lowbit eval's --text): UTF-8 text, or a CliError
+    naming the option and the file: no file name, unreadable, not UTF-8, or binary (a NUL, as
+    UTF-16 text has, or more than 1% control characters other than tab, newlines and form feed)."""
+    if not path:
+        raise CliError(f"{option} needs a file name")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CliError(f"--calib {path}: not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+        raise CliError(f"{option} {path}: not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
     except OSError as e:
-        raise CliError(f"--calib {path}: {e.strerror or e}") from None
+        raise CliError(f"{option} {path}: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise CliError(f"{option} {path}: holds NUL characters, so it is binary or UTF-16, not UTF-8 text; "
+                       "convert it, e.g. with iconv -f UTF-16")  # fmt: skip
+    control = len(re.findall(r"[\x01-\x08\x0e-\x1f\x7f-\x9f]", text))
+    if control > 0.01 * len(text):
+        raise CliError(f"{option} {path}: {control} of its {len(text)} characters are control characters: "
+                       "binary, not text")  # fmt: skip
+    return text
 
 
-def _domain_names(domains: str | None) -> tuple[str, ...]:
-    """--calib-domains as the names calibration_batches takes (default: mixed); spaces around
-    the commas are ignored."""
-    return tuple(d.strip() for d in (domains or "mixed").split(",") if d.strip())
+def _domain_names(domains: str | None, option: str = "--calib-domains") -> tuple[str, ...]:
+    """``option`` (--calib-domains, or lowbit eval's --domains) as the names calibration_batches
+    takes: None (not given) is the default, mixed; spaces around the commas are ignored. Raises
+    CliError when the option was given but names no domain (``""``, ``","``)."""
+    if domains is None:
+        return ("mixed",)
+    names = tuple(d.strip() for d in domains.split(",") if d.strip())
+    if not names:
+        raise CliError(f"{option}: no domain names given ({domains!r})")
+    return names
 
 
 class CliError(ValueError):
@@ -288,14 +310,16 @@ def _eval_texts(args) -> tuple[list[str], dict[str, str]]:
     if args.domains is not None:
         from lowbit.evaluate import domains as D
 
-        given = _domain_names(args.domains)
+        given = _domain_names(args.domains, "--domains")
+        if "all" in given and len(given) > 1:
+            raise CliError(f"--domains: 'all' stands alone (it scores every installed domain), got {args.domains!r}")
         try:
             names = D.available_domains() if given == ("all",) else D._resolve(given, (), "score")
         except D.DataError as e:
             raise CliError(f"--domains: {e}") from None
     texts = {}
     for path in args.text or ():
-        text = _calib_text(path).strip()
+        text = _calib_text(path, "--text").strip()
         if not text:
             raise CliError(f"--text {path}: the file holds no text")
         texts[Path(path).name] = text
@@ -583,7 +607,7 @@ def _default_distill_samples(zm, args) -> int:
         return 256
     from lowbit.evaluate.domains import max_calibration_samples
 
-    text = _calib_text(args.calib) if args.calib else None
+    text = _calib_text(args.calib) if args.calib is not None else None
     return max(1, min(256, max_calibration_samples(zm.tokenizer, _domain_names(args.calib_domains),
                                                    seqlen=args.seqlen, text=text)))
 
@@ -794,7 +818,7 @@ def _export_checks(args) -> None:
     quantizing = args.scheme is not None or args.recipe is not None
     if not quantizing and not args.llama_quantize:
         given = [f for f, v in (("--method", args.method != "rtn"), ("--calib", args.calib),
-                                ("--calib-domains", args.calib_domains)) if v]  # fmt: skip
+                                ("--calib-domains", args.calib_domains)) if v not in (None, False)]  # fmt: skip
         if given:
             raise CliError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} when the export quantizes (--scheme / --recipe, or "
                            "--llama-quantize's importance matrix)")  # fmt: skip

@@ -217,12 +217,17 @@ def domain_sentences(name: str, split: str = "eval", n: int | None = None, seed:
 def domain_perplexities(model, tokenizer, domains: str | tuple[str, ...] | list[str] | None = None, *,
                         max_tokens: int = 4096, seqlen: int = 512) -> dict:
     """Perplexity of a causal LM on the ``eval`` split of each domain (default: every domain present
-    here), each scored as :func:`lowbit.evaluate.perplexity.perplexity` does (the first
-    ``max_tokens`` tokens of the split, non-overlapping windows of ``seqlen``).
+    here), each scored as :func:`lowbit.evaluate.perplexity.perplexity` does: the first
+    ``max_tokens`` tokens of the split cut into ``max_tokens // seqlen`` non-overlapping windows of
+    ``seqlen`` tokens (a remainder shorter than a window is not scored), every token after a
+    window's first one predicted. The model is left in ``eval()`` mode.
 
-    Returns ``{domain: PerplexityResult}`` in the order given (:data:`DOMAINS` order by default). Raises :class:`DataError` for
-    unknown or absent domains, or a split shorter than ``max_tokens`` tokens (so every domain is
-    scored on the same number of tokens)."""
+    Returns ``{domain: PerplexityResult}`` in the order given (:data:`DOMAINS` order by default):
+    ``ppl`` = exp(``nll``), ``nll`` the mean negative log-likelihood in nats per predicted token,
+    ``tokens`` the predicted tokens scored (``windows * (seqlen - 1)``). Raises :class:`DataError`
+    for unknown or absent domains, a model that is no causal LM, non-integer sizes, ``seqlen < 2``
+    or ``max_tokens < seqlen``, a ``seqlen`` beyond the model's context, or a split shorter than
+    ``max_tokens`` tokens (so every domain is scored on the same number of tokens)."""
     from .perplexity import perplexity
 
     max_tokens, seqlen = _ints(max_tokens=max_tokens, seqlen=seqlen).values()
@@ -360,13 +365,15 @@ def calibration_batches(
     lowbit's default; a name given twice counts once), minus ``exclude``; equal numbers of
     windows from each domain (the first ``nsamples % len(domains)`` one more; a domain too short
     for its share gives every window it holds and the others make up the rest), drawn without
-    overlap by a seeded choice, then shuffled together; as ``(batch_size, seqlen)`` token-id
+    overlap by a seeded choice, then shuffled together; as ``(batch_size, seqlen)`` int64 token-id
     batches (the last may be smaller) in a :class:`lowbit.evaluate.data.CalibrationBatches` list,
     whose ``provenance`` (domains with their window counts, split, sizes, seed) :func:`lowbit.save`
     records. ``text``: draw from this text instead (your own domain;
     then ``domains`` and ``exclude`` stay unset). Raises :class:`DataError` for unknown or absent
-    domains, non-integer sizes or seeds, both ``text`` and domains, or when the domains together
-    (or ``text``) hold fewer than ``nsamples`` windows."""
+    domains or an unknown ``split``, non-integer sizes or seeds, ``nsamples`` or ``batch_size`` < 1,
+    ``seqlen`` < 2, a seed outside [-2**63, 2**64), both ``text`` and domains, or when the domains
+    together (or ``text``) hold fewer than ``nsamples`` windows. A ``seqlen`` beyond the model's
+    context is refused by :func:`lowbit.quantize`, which sees the model."""
     nsamples, seqlen, batch_size, seed = _ints(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                                                seed=seed).values()  # fmt: skip
     bad = [f"{what} must be >= {lo}, got {v}" for what, v, lo in
