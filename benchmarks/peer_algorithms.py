@@ -724,7 +724,8 @@ def run_child(job: dict, tokens: int) -> dict:
     if job.get("calib_domain"):
         by_domain, eval_s = _domain_ppl(model, tok, tokens, job.get("data"))
         row.update(ppl_by_domain=by_domain, calib_domain=job["calib_domain"], seed=job["seed"],
-                   calib_samples=job["calib_samples"], cpu=machine_info()["cpu"], eval_seconds=round(eval_s, 1))
+                   calib_samples=job["calib_samples"], calib_seqlen=SEQLEN, cpu=machine_info()["cpu"],
+                   eval_seconds=round(eval_s, 1))  # fmt: skip
         return row
     r, eval_s = _ppl(model, tok, tokens)
     row.update(ppl=round(r.ppl, 4), scored_tokens=r.tokens, eval_seconds=round(eval_s, 1))

@@ -1098,7 +1098,8 @@ def import_domain_rows(path: Path) -> tuple[int, int]:
     news, checks, added = {}, {}, []
     for r in rows:
         method = r["algorithm"].removeprefix("lowbit ")
-        key = domain_cell_key(r["scheme"], method, r["calib_domain"], r["seed"], r["tokens"], r["calib_samples"], 512)
+        key = domain_cell_key(r["scheme"], method, r["calib_domain"], r["seed"], r["tokens"], r["calib_samples"],
+                              r.get("calib_seqlen", 512))  # rows before calib_seqlen: 512, the script's then-fixed length
         # env: "torch X, transformers Y, N threads[, GPU present]"; these cells ran on the CPU cores alone
         machine = f"{r['cpu']}; {', '.join(r['env'].split(', ')[:3])}"
         news[key] = {"scheme": r["scheme"], "method": method, "calib": r["calib_domain"], "seed": r["seed"],

@@ -87,9 +87,10 @@ def test_imported_cells_fill_the_cache_and_never_replace_a_cell_computed_here(tm
            "seed": 2, "tokens": 4096, "calib_samples": 32, "ppl_by_domain": {"a": 10.5}, "quant_seconds": 9.0,
            "cpu": "Xeon", "env": "torch 2.11.0, 2 threads"}
     rows = [row, dict(row, algorithm="lowbit gptq", seed=0, ppl_by_domain={"a": 11.2}),
-            dict(row, seed=1, status="error"), dict(row, peer="llmc", seed=3)]  # neither is taken
+            dict(row, seed=1, status="error"), dict(row, peer="llmc", seed=3),  # neither is taken
+            dict(row, seed=4, calib_seqlen=256)]  # its windows' length is in its key
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    assert run_all.import_domain_rows(tmp_path / "rows.json") == (1, 1)
+    assert run_all.import_domain_rows(tmp_path / "rows.json") == (2, 1)
     cache = json.loads(run_all.DOMAIN_CACHE.read_text())
     assert cache["w4g64/gptq/a/0/4096/32x512"] == here["w4g64/gptq/a/0/4096/32x512"]  # kept as computed here
     new = cache["w4g64/awq+gptq/a/2/4096/32x512"]
@@ -99,7 +100,7 @@ def test_imported_cells_fill_the_cache_and_never_replace_a_cell_computed_here(tm
     assert json.loads(run_all.DOMAIN_MACHINE_CHECK.read_text()) == check
     run_all.import_domain_rows(tmp_path / "rows.json")  # again: the same machine's figures replace its own
     assert json.loads(run_all.DOMAIN_MACHINE_CHECK.read_text()) == check
-    assert len(cache) == 2
+    assert len(cache) == 3 and cache["w4g64/awq+gptq/a/4/4096/32x256"]["seed"] == 4
 
 
 def test_minilm_unseen_takes_the_lowest_unseen_pair_never_an_in_domain_cell():
