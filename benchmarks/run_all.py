@@ -1146,26 +1146,29 @@ def section_domains(quick: bool) -> dict:
 
     def cell(scheme: str, method: str, calib: str, seed: int, make) -> dict | None:
         key = domain_cell_key(scheme, method, calib, seed, tokens, nsamples, seqlen)
-        if key not in cache and DOMAIN_CACHED_ONLY[0]:
-            return None
-        if key not in cache and DOMAIN_CACHE.exists():  # finished meanwhile by a run beside this one, or imported
-            cache.update({k: v for k, v in json.loads(DOMAIN_CACHE.read_text()).items() if k not in cache})
-        if key not in cache and not _claim_cell(key):
+        if key in cache or DOMAIN_CACHED_ONLY[0]:
+            return cache.get(key)
+        if not _claim_cell(key):
             print("  ", key, "is being computed by another run beside this one", file=sys.stderr, flush=True)
             return None
-        if key not in cache:
-            t0 = time.time()
-            model = make()
-            seconds = time.time() - t0
-            ppl = {d: r.ppl for d, r in D.domain_perplexities(model, tok, evals, max_tokens=tokens, seqlen=512).items()}
-            cache[key] = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
-                          "quantize_seconds": round(seconds, 1)}  # fmt: skip
-            print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)
-            # atomic, locked and merged with what is on disk: an interrupted run keeps every finished
-            # cell, and runs of other seeds side by side (--seeds 1 / --seeds 2 --threads 1) keep each other's
-            done = cache[key]
-            cache.update({k: v for k, v in _update_json(DOMAIN_CACHE, lambda d: d.update({key: done})).items()
-                          if k not in cache})  # fmt: skip
+        try:
+            # read after claiming: a run beside this one caches a cell before it drops its claim, and an
+            # import may have brought it, so a cell finished meanwhile is taken, never computed again
+            if DOMAIN_CACHE.exists():
+                cache.update({k: v for k, v in json.loads(DOMAIN_CACHE.read_text()).items() if k not in cache})
+            if key not in cache:
+                t0 = time.time()
+                model = make()
+                seconds = time.time() - t0
+                ppl = {d: r.ppl for d, r in D.domain_perplexities(model, tok, evals, max_tokens=tokens,
+                                                                  seqlen=512).items()}  # fmt: skip
+                done = {"scheme": scheme, "method": method, "calib": calib, "seed": seed, "ppl": ppl,
+                        "quantize_seconds": round(seconds, 1)}  # fmt: skip
+                print("  ", key, {d: round(v, 3) for d, v in ppl.items()}, file=sys.stderr, flush=True)
+                # atomic, locked and merged with what is on disk: an interrupted run keeps every finished
+                # cell, and runs side by side (--seeds 1 / --seeds 2 --threads 1) keep each other's
+                cache.update(_update_json(DOMAIN_CACHE, lambda d: d.update({key: done})))
+        finally:
             _release_cell(key)
         return cache[key]
 
